@@ -1,0 +1,57 @@
+# Edgeway developer commands. `make run` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+MEMBERS := libs/common services/gateway services/occupancy
+export UV_PYTHON_DOWNLOADS := never
+export UV_NO_PROGRESS := 1
+
+.PHONY: setup run test test-fast lint format bench constraints validate-deploy clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) constraints.txt pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(PY) -c constraints.txt \
+		$(addprefix -e ,$(MEMBERS)) --group dev
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv with every member and the dev tools
+
+run: setup ## start the stack with live demo data on the embedded defaults
+	@deploy/local/ensure-services.sh
+	@$(PY) deploy/local/devstack.py
+
+test: setup lint ## the whole suite, connected tests included (needs RabbitMQ and PostgreSQL)
+	@deploy/local/ensure-services.sh --postgres
+	$(PY) -m pytest
+
+test-fast: setup ## unit tests only
+	$(PY) -m pytest -m "not connected"
+
+lint: setup ## ruff and mypy (strict)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy libs/common/src services/gateway/src services/occupancy/src
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup ## benchmarks: print tables, write JSON under bench/results/
+	@deploy/local/ensure-services.sh --postgres
+	$(PY) -m bench.occupancy_fanout
+
+constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)
+	printf -- '-e %s\n' $(MEMBERS) | $(UV) pip compile - --group pyproject.toml:dev \
+		--python-version 3.11 --no-header --no-annotate --no-emit-index-url \
+		| grep -v '^-e ' > constraints.txt
+
+clean:
+	rm -rf $(VENV) $(TOOLS) var

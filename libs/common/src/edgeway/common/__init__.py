@@ -1,0 +1,1 @@
+"""What Edgeway services share. Importable only: no entry points live here."""

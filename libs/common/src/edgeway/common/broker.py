@@ -1,0 +1,104 @@
+"""The RabbitMQ broker every Edgeway process uses, built the same way everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from faststream.rabbit import Channel, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
+from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from edgeway.common.envelope import JSON, Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.settings import CommonSettings
+from edgeway.common.topology import Topology
+
+# Unacked deliveries per consumer channel: enough to keep a consumer busy across a round trip
+# to the broker without letting one replica hoard the queue (RabbitMQ docs suggest 100-300).
+DEFAULT_PREFETCH = 128
+
+
+def make_broker(
+    settings: CommonSettings,
+    *,
+    service: str,
+    tracer_provider: TracerProvider,
+    registry: CollectorRegistry = REGISTRY,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> RabbitBroker:
+    """A broker with publisher confirms, tracing, metrics and JSON logging."""
+    return RabbitBroker(
+        settings.amqp_url,
+        # A durable-work message that no queue takes must fail its publish, not vanish.
+        default_channel=Channel(
+            prefetch_count=prefetch, publisher_confirms=True, on_return_raises=True
+        ),
+        app_id=f"edgeway-{service}",
+        graceful_timeout=settings.graceful_timeout,
+        middlewares=(
+            RabbitTelemetryMiddleware(tracer_provider=tracer_provider),
+            RabbitPrometheusMiddleware(
+                registry=registry, app_name=service, metrics_prefix="edgeway"
+            ),
+        ),
+        logger=get_logger(f"edgeway.{service}.broker"),
+        # The connection is retried by the robust connection; start-up waits for it (readyz).
+        fail_fast=False,
+        reconnect_interval=2.0,
+    )
+
+
+async def declare_shared(broker: RabbitBroker, topology: Topology) -> None:
+    """Declare what every process relies on, whoever starts first."""
+    await broker.declare_exchange(topology.broadcast)
+    await broker.declare_exchange(topology.dead_letter)
+
+
+async def declare_work(
+    broker: RabbitBroker, topology: Topology, exchange: RabbitExchange, queue: RabbitQueue
+) -> None:
+    """Declare a work exchange, its quorum queue and the queue's dead letters.
+
+    Producers declare this too, so nothing they publish is lost when the consumer has never run.
+    """
+    work_exchange = await broker.declare_exchange(exchange)
+    work_queue = await broker.declare_queue(queue)
+    await work_queue.bind(work_exchange, routing_key=queue.routing())
+    dlx = await broker.declare_exchange(topology.dead_letter)
+    dead = await broker.declare_queue(topology.dead_letter_queue(queue.name))
+    await dead.bind(dlx, routing_key=queue.name)
+
+
+def encode(body: Any) -> bytes:
+    """JSON bodies are encoded with orjson, once."""
+    return orjson.dumps(body)
+
+
+async def publish(
+    broker: RabbitBroker,
+    body: bytes,
+    *,
+    envelope: Envelope,
+    exchange: RabbitExchange,
+    routing_key: str = "",
+    durable: bool,
+) -> None:
+    """Publish one message carrying `envelope`; returns once the broker confirmed it.
+
+    Durable work is persistent and mandatory (an unroutable message raises); live results are
+    transient and may find no listener.
+    """
+    await broker.publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        persist=durable,
+        mandatory=durable,
+        **envelope.publish_kwargs(),
+    )
+
+
+__all__ = ["JSON", "declare_shared", "declare_work", "encode", "make_broker", "publish"]

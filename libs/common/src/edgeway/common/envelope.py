@@ -1,0 +1,102 @@
+"""The message envelope: what every Edgeway message carries besides its body.
+
+The envelope lives in AMQP properties and headers, never in the body, so a body can stay in its
+native format (JSON, protobuf, H.264, JPEG). The W3C `traceparent` header is added by the
+OpenTelemetry middleware of the broker (see `edgeway.common.broker`), not here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import uuid_utils
+
+JSON = "application/json"
+
+HEADER_PRODUCER = "x-producer"
+HEADER_CAPTURED_AT = "x-captured-at"
+HEADER_RECEIVED_AT = "x-received-at"
+# Broadcast channel where a service sends a rejection for this message (see `Channels.producer`).
+HEADER_REPLY_CHANNEL = "x-reply-channel"
+
+
+def new_message_id() -> str:
+    """A UUIDv7: time-ordered, so ids sort by creation and index well."""
+    return str(uuid_utils.uuid7())
+
+
+class IncomingMessage(Protocol):
+    """What the envelope needs of a received message (FastStream's `RabbitMessage` has it)."""
+
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def correlation_id(self) -> str: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def headers(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Identity, type, origin and timing of one message.
+
+    `message_id` is set by the first producer and kept through retries and re-publishes, so
+    consumers can be idempotent on it.
+    """
+
+    type: str  # schema name and version, e.g. "occupancy.observation.v1"
+    producer: str
+    message_id: str = field(default_factory=new_message_id)
+    correlation_id: str | None = None
+    captured_at: float | None = None  # epoch seconds, when the producer captured the data
+    received_at: float = field(default_factory=time.time)  # epoch seconds, at the Edgeway edge
+    reply_channel: str | None = None
+    content_type: str = JSON
+
+    def publish_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `RabbitBroker.publish` that carry this envelope."""
+        headers: dict[str, Any] = {
+            HEADER_PRODUCER: self.producer,
+            HEADER_RECEIVED_AT: self.received_at,
+        }
+        if self.captured_at is not None:
+            headers[HEADER_CAPTURED_AT] = self.captured_at
+        if self.reply_channel:
+            headers[HEADER_REPLY_CHANNEL] = self.reply_channel
+        return {
+            "message_id": self.message_id,
+            "correlation_id": self.correlation_id or self.message_id,
+            "content_type": self.content_type,
+            "message_type": self.type,
+            "headers": headers,
+        }
+
+    def derive(self, *, type: str, producer: str) -> Envelope:
+        """The envelope of a message caused by this one: same correlation, new id."""
+        return Envelope(
+            type=type,
+            producer=producer,
+            correlation_id=self.correlation_id or self.message_id,
+            captured_at=self.captured_at,
+            received_at=self.received_at,
+        )
+
+    @classmethod
+    def from_message(cls, message: IncomingMessage, *, type: str) -> Envelope:
+        headers = message.headers or {}
+        captured = headers.get(HEADER_CAPTURED_AT)
+        received = headers.get(HEADER_RECEIVED_AT)
+        return cls(
+            type=type,
+            producer=str(headers.get(HEADER_PRODUCER, "unknown")),
+            message_id=message.message_id,
+            correlation_id=message.correlation_id or None,
+            captured_at=float(captured) if captured is not None else None,
+            received_at=float(received) if received is not None else time.time(),
+            reply_channel=headers.get(HEADER_REPLY_CHANNEL),
+            content_type=message.content_type or JSON,
+        )

@@ -1,0 +1,1 @@
+"""Message schemas shared by the gateway (edge checks) and the services (processing)."""

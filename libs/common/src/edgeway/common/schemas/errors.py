@@ -1,0 +1,31 @@
+"""The error frame a client or producer gets when what it sent cannot be taken."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorCode(StrEnum):
+    MALFORMED_JSON = "malformed_json"
+    INVALID_SHAPE = "invalid_shape"
+    ZERO_ZONES = "zero_zones"
+    UNKNOWN_CAMERA = "unknown_camera"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+
+
+class ErrorFrame(BaseModel):
+    """`{"type": "error", "code", "reason", "message_id"?}`, on the same socket, which stays open."""
+
+    type: str = "error"
+    code: ErrorCode
+    reason: str
+    message_id: str | None = None
+    details: Any = None
+
+    def encode(self) -> str:
+        return self.model_dump_json(exclude_none=True)

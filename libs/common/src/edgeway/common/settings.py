@@ -1,0 +1,109 @@
+"""Typed settings shared by every Edgeway process.
+
+Every service derives its own settings class from `CommonSettings`; values come from the
+environment with the `EDGEWAY_` prefix (nested fields use `__`, e.g.
+`EDGEWAY_EXCHANGES__BROADCAST`). Settings are built by each entry point through a factory, never
+as a module-level singleton, so tests can build as many as they need.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    STAGING = "staging"
+    PRODUCTION = "production"
+
+
+class ExchangeNames(BaseModel):
+    """Exchange names, overridable one by one (`EDGEWAY_EXCHANGES__<FIELD>`).
+
+    The WorldSystem names are kept as they are so its producers and consumers keep working.
+    """
+
+    broadcast: str = "edgeway.broadcast"
+    dead_letter: str = "edgeway.dead-letter"
+    occupancy_observations: str = "edgeway.occupancy.observations"
+    # WorldSystem ingress exchanges (seed-systems.md §3), used by the video issue.
+    video_frames: str = "video_frames_exchange"
+    video_stream: str = "video_stream_exchange"
+    imu_data: str = "imu_data_exchange"
+    processed_frames: str = "processed_frames_exchange"
+    analysis_mode: str = "analysis_mode_exchange"
+    trajectory_data: str = "trajectory_data_exchange"
+    restart: str = "restart_exchange"
+    ply_fanout: str = "ply_fanout_exchange"
+
+
+class CommonSettings(BaseSettings):
+    """Settings every Edgeway process has."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEWAY_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    exchanges: ExchangeNames = Field(default_factory=ExchangeNames)
+    # Where the embedded defaults (SQLite files, local object store) live.
+    data_dir: Path = Path("var")
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    # Tracing is always on in-process (the context travels in AMQP headers); exporting is opt-in.
+    otel_exporter: Literal["none", "otlp", "jsonl"] = "none"
+    otel_endpoint: str | None = (
+        None  # OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces
+    )
+    otel_file: Path | None = None  # where the jsonl exporter writes one span per line
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Seconds a stopping process gives in-flight work before it exits.
+    graceful_timeout: float = 10.0
+
+    @property
+    def is_development(self) -> bool:
+        return self.environment is Environment.DEVELOPMENT
+
+
+def database_url_field(service: str) -> Any:
+    """A `database_url` field read from `EDGEWAY_<SERVICE>_DATABASE_URL`.
+
+    None means the embedded default: an SQLite file for this service under the data directory.
+    """
+    return Field(
+        default=None,
+        validation_alias=AliasChoices(
+            f"EDGEWAY_{service.upper().replace('-', '_')}_DATABASE_URL", "database_url"
+        ),
+    )
+
+
+def async_database_url(url: str | None, *, service: str, data_dir: Path) -> str:
+    """The SQLAlchemy async URL for a configured URL, or the embedded SQLite default."""
+    if not url:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{(data_dir / f'{service}.sqlite3').resolve()}"
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
+        return "sqlite+aiosqlite://" + url.removeprefix("sqlite://")
+    return url
+
+
+def sync_database_url(async_url: str) -> str:
+    """The synchronous twin of an async URL, for Alembic."""
+    return async_url.replace("sqlite+aiosqlite://", "sqlite://")

@@ -1,0 +1,29 @@
+"""Test fixtures for real brokers, databases and service processes.
+
+Loaded as a pytest plugin by the repository's root `conftest.py`. Every test session gets its
+own RabbitMQ virtual host and its own PostgreSQL databases on the machine's real servers, so runs
+never see each other's messages or rows.
+"""
+
+from __future__ import annotations
+
+from edgeway.common.testing.processes import ServiceProcess, free_port
+from edgeway.common.testing.resources import (
+    AMQP_HOST,
+    POSTGRES_ADMIN_URL,
+    create_postgres_database,
+    create_vhost,
+    drop_postgres_database,
+    drop_vhost,
+)
+
+__all__ = [
+    "AMQP_HOST",
+    "POSTGRES_ADMIN_URL",
+    "ServiceProcess",
+    "create_postgres_database",
+    "create_vhost",
+    "drop_postgres_database",
+    "drop_vhost",
+    "free_port",
+]

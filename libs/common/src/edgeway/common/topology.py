@@ -1,0 +1,127 @@
+"""The whole AMQP topology, declared in one place.
+
+Two kinds of flow (docs/architecture.md, "Messaging"):
+
+- durable work: persistent messages into quorum queues with an explicit delivery limit and a
+  dead-letter exchange; consumers ack only after the effect is committed;
+- live results: the `edgeway.broadcast` topic exchange, whose routing key is the client channel
+  name; each gateway replica reads it through its own exclusive, bounded queue.
+"""
+
+from __future__ import annotations
+
+from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+
+from edgeway.common.settings import ExchangeNames
+
+# A message that fails this many deliveries is dead-lettered instead of looping forever.
+DEFAULT_DELIVERY_LIMIT = 5
+# A gateway that falls this far behind on live results drops the oldest (classic queue drop-head).
+GATEWAY_QUEUE_MAX_LENGTH = 100_000
+
+
+class Channels:
+    """Client channel names: the routing keys of the broadcast exchange."""
+
+    OCCUPANCY_LOCATIONS = "occupancy.location.*"
+
+    @staticmethod
+    def occupancy_location(location_id: int) -> str:
+        return f"occupancy.location.{location_id}"
+
+    @staticmethod
+    def producer(gateway_id: str, connection_id: str) -> str:
+        """Where services answer one producer connection (rejections of what it sent)."""
+        return f"gateway.{gateway_id}.{connection_id}"
+
+    @staticmethod
+    def producers_of(gateway_id: str) -> str:
+        return f"gateway.{gateway_id}.*"
+
+
+class Topology:
+    """Exchanges and queues, named by the settings."""
+
+    def __init__(self, names: ExchangeNames | None = None) -> None:
+        self.names = names or ExchangeNames()
+
+    # --- shared -------------------------------------------------------------------------------
+
+    @property
+    def broadcast(self) -> RabbitExchange:
+        return RabbitExchange(self.names.broadcast, type=ExchangeType.TOPIC, durable=True)
+
+    @property
+    def dead_letter(self) -> RabbitExchange:
+        return RabbitExchange(self.names.dead_letter, type=ExchangeType.TOPIC, durable=True)
+
+    def work_queue(self, name: str, *, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> RabbitQueue:
+        """A quorum queue for durable work, dead-lettering to `<name>` on the DLX."""
+        return RabbitQueue(
+            name,
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            arguments={
+                "x-delivery-limit": delivery_limit,
+                "x-dead-letter-exchange": self.names.dead_letter,
+                "x-dead-letter-routing-key": name,
+            },
+        )
+
+    def dead_letter_queue(self, work_queue: str) -> RabbitQueue:
+        """Where a work queue's rejected messages wait for an operator."""
+        return RabbitQueue(
+            f"{work_queue}.dead",
+            queue_type=QueueType.QUORUM,
+            durable=True,
+            routing_key=work_queue,
+        )
+
+    def gateway_queue(self, gateway_id: str) -> RabbitQueue:
+        """One gateway replica's private view of the broadcast exchange."""
+        return RabbitQueue(
+            f"edgeway.gateway.{gateway_id}",
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            arguments={"x-max-length": GATEWAY_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+        )
+
+    # --- occupancy ----------------------------------------------------------------------------
+
+    @property
+    def occupancy_observations(self) -> RabbitExchange:
+        return RabbitExchange(
+            self.names.occupancy_observations, type=ExchangeType.FANOUT, durable=True
+        )
+
+    @property
+    def occupancy_observations_queue(self) -> RabbitQueue:
+        return self.work_queue("edgeway.occupancy.observations")
+
+    @property
+    def occupancy_requests_queue(self) -> RabbitQueue:
+        """Request/reply queries to the occupancy service (latest state)."""
+        return RabbitQueue(
+            "edgeway.occupancy.requests",
+            durable=False,
+            # A query nobody answers in time is worthless: the asker has given up (504).
+            arguments={"x-message-ttl": 10_000},
+        )
+
+    # --- WorldSystem --------------------------------------------------------------------------
+
+    def worldsystem_exchanges(self) -> list[RabbitExchange]:
+        """The WorldSystem fanout exchanges, durable, with their (overridable) names."""
+        n = self.names
+        names = (
+            n.video_frames,
+            n.video_stream,
+            n.imu_data,
+            n.processed_frames,
+            n.analysis_mode,
+            n.trajectory_data,
+            n.restart,
+            n.ply_fanout,
+        )
+        return [RabbitExchange(name, type=ExchangeType.FANOUT, durable=True) for name in names]
