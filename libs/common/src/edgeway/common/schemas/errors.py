@@ -19,7 +19,7 @@ class ErrorCode(StrEnum):
 
 
 class ErrorFrame(BaseModel):
-    """`{"type": "error", "code", "reason", "message_id"?}`, on the same socket, which stays open."""
+    """`{"type": "error", "code", "reason", "message_id"?}`; the socket stays open."""
 
     type: str = "error"
     code: ErrorCode
