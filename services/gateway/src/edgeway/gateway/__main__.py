@@ -1,0 +1,30 @@
+"""`edgeway-gateway` / `python -m edgeway.gateway`."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from edgeway.common.logging import configure_logging
+from edgeway.gateway.app import create_app
+from edgeway.gateway.settings import GatewaySettings
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging(service="gateway", level=settings.log_level, fmt=settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        loop="uvloop",
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_size,
+        ws_per_message_deflate=False,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.graceful_timeout),
+    )
+
+
+if __name__ == "__main__":
+    main()

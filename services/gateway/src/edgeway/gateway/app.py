@@ -1,0 +1,105 @@
+"""The gateway application: FastAPI for HTTP and WebSocket, FastStream for RabbitMQ."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgeway.common.logging import get_logger
+from edgeway.common.tracing import configure_tracing
+from edgeway.gateway import omega
+from edgeway.gateway.auth import AuthError
+from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.settings import GatewaySettings
+from edgeway.gateway.state import Gateway, GatewayDep
+
+log = get_logger("edgeway.gateway")
+access_log = get_logger("edgeway.gateway.access")
+
+
+class AccessLog:
+    """One line per HTTP request: method, path without its query (tokens live there), status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            access_log.info(
+                "http",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    gateway = Gateway(settings, tracer_provider=configure_tracing(settings, service="gateway"))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.link.start()
+        log.info("gateway started", gateway_id=gateway.link.gateway_id, port=settings.http_port)
+        yield
+        await gateway.link.stop()
+
+    app = FastAPI(title="Edgeway gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+    app.add_middleware(AccessLog)
+    app.include_router(omega.router)
+
+    @app.exception_handler(AuthError)
+    async def auth_error(_: Request, error: AuthError) -> JSONResponse:
+        code = "unauthorized" if error.status == 401 else "forbidden"
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(
+            {"type": "error", "code": code, "reason": error.reason},
+            status_code=error.status,
+            headers=headers,
+        )
+
+    @app.exception_handler(ServiceUnavailableError)
+    async def service_unavailable(_: Request, error: ServiceUnavailableError) -> JSONResponse:
+        return JSONResponse(
+            {"type": "error", "code": "timeout", "reason": str(error)}, status_code=504
+        )
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(gw: GatewayDep) -> JSONResponse:
+        if await gw.link.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse(
+            {"status": "not ready", "failures": {"broker": "not connected"}}, status_code=503
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,119 @@
+"""Who is calling and what they may do: JWT bearer tokens with scopes.
+
+A token comes as `Authorization: Bearer <jwt>` or, for browsers' WebSockets that cannot set
+headers, as a `token` query parameter. Its `scope` claim (space-separated, OAuth style) lists
+what it grants, e.g. `occupancy:publish occupancy:subscribe`. Publishing and subscribing are
+separate scopes. Without a token a connection gets only the configured anonymous scopes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import jwt
+from starlette.requests import HTTPConnection
+
+from edgeway.gateway.settings import GatewaySettings
+
+
+class Scope(StrEnum):
+    OCCUPANCY_PUBLISH = "occupancy:publish"
+    OCCUPANCY_SUBSCRIBE = "occupancy:subscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    subject: str
+    scopes: frozenset[str]
+    anonymous: bool
+
+
+class AuthError(Exception):
+    """A refused caller: 401 when unauthenticated, 403 when not allowed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Verifier:
+    """Verifies tokens with the configured keys (HS256 secret, PEM key, or JWKS file)."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+        self.anonymous_scopes = settings.anonymous_scopes
+        self._secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+        self._public_key = (
+            settings.jwt_public_key_file.read_text() if settings.jwt_public_key_file else None
+        )
+        self._jwks: dict[str, Any] = {}
+        if settings.jwks_file:
+            jwks = jwt.PyJWKSet.from_json(settings.jwks_file.read_text())
+            self._jwks = {key.key_id: key for key in jwks.keys if key.key_id}
+
+    def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        header = jwt.get_unverified_header(token)
+        algorithm = header.get("alg", "")
+        if algorithm.startswith("HS"):
+            if self._secret is None:
+                raise jwt.InvalidTokenError("shared-secret tokens are not accepted here")
+            return self._secret, ["HS256", "HS384", "HS512"]
+        if self._jwks:
+            key = self._jwks.get(header.get("kid", ""))
+            if key is None:
+                raise jwt.InvalidTokenError("unknown key id")
+            return key.key, [key.algorithm_name]
+        if self._public_key is not None:
+            return self._public_key, ["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"]
+        raise jwt.InvalidTokenError("no key accepts this token")
+
+    def verify(self, token: str | None) -> Principal:
+        if not token:
+            return Principal(subject="anonymous", scopes=self.anonymous_scopes, anonymous=True)
+        try:
+            key, algorithms = self._key_for(token)
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthError(401, f"invalid token: {exc}") from None
+        scopes = claims.get("scope", "")
+        if not isinstance(scopes, str):
+            raise AuthError(401, "invalid token: scope must be a space-separated string")
+        return Principal(
+            subject=str(claims["sub"]), scopes=frozenset(scopes.split()), anonymous=False
+        )
+
+
+def token_from(connection: HTTPConnection) -> str | None:
+    header = connection.headers.get("authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return connection.query_params.get("token") or None
+
+
+def authorize(verifier: Verifier, connection: HTTPConnection, scope: Scope) -> Principal:
+    """The caller if it holds `scope`; raises AuthError (401/403) otherwise."""
+    principal = verifier.verify(token_from(connection))
+    if scope not in principal.scopes:
+        if principal.anonymous:
+            raise AuthError(401, f"a token with scope {scope} is required")
+        raise AuthError(403, f"the token lacks scope {scope}")
+    return principal
+
+
+def check_origin(settings: GatewaySettings, connection: HTTPConnection) -> None:
+    """Browsers send Origin on WebSocket upgrades; only allowlisted pages may connect."""
+    origin = connection.headers.get("origin")
+    if origin is None or "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return
+    raise AuthError(403, f"origin {origin} is not allowed")

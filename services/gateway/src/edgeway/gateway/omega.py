@@ -1,0 +1,259 @@
+"""Project Omega compatibility (seed-systems.md §1): camera models in, occupancy clients out.
+
+- `WS /model/ws/connect`: camera models push frame results. Each is checked at the edge and
+  published to the occupancy work exchange; bad input gets an error frame on the same socket,
+  which stays open. What the occupancy service rejects later (an unknown camera) comes back as
+  an error frame too, through this connection's reply channel.
+- `WS /client/ws/connect`: clients get the latest state of every location at once, then every
+  update, in Omega's exact shape.
+- `GET /model/count`, `GET /discover/health`: as Omega answers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
+from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
+from edgeway.common.topology import Channels
+from edgeway.gateway.auth import Principal, Scope
+from edgeway.gateway.fanout import ClientQueue, Message, Policy
+from edgeway.gateway.limits import TokenBucket
+from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
+from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
+
+MODEL_ENDPOINT = "/model/ws/connect"
+CLIENT_ENDPOINT = "/client/ws/connect"
+# Error frames waiting for a producer that does not read them; older ones are dropped.
+REPLY_QUEUE_SIZE = 256
+
+router = APIRouter()
+log = get_logger("edgeway.gateway.omega")
+tracer = trace.get_tracer("edgeway.gateway")
+
+
+def _send_text(websocket: WebSocket):  # type: ignore[no-untyped-def]
+    send = websocket.send
+
+    async def send_text(message: Message) -> None:
+        if isinstance(message, bytes):
+            message = message.decode()
+        await send({"type": "websocket.send", "text": message})
+
+    return send_text
+
+
+def _shape_error(error: ValidationError) -> ErrorFrame:
+    first = error.errors(include_url=False, include_input=False)
+    if first and first[0]["type"] == "json_invalid":
+        return ErrorFrame(code=ErrorCode.MALFORMED_JSON, reason="the message is not valid JSON")
+    reasons = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in first[:5]
+    )
+    return ErrorFrame(code=ErrorCode.INVALID_SHAPE, reason=reasons)
+
+
+class ModelSession:
+    """One camera model's connection: edge checks, confirmed publishes, error frames back."""
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket, principal: Principal) -> None:
+        settings = gateway.settings
+        self.gateway = gateway
+        self.link = gateway.link
+        self.websocket = websocket
+        self.principal = principal
+        self.connection_id = uuid.uuid4().hex[:12]
+        self.reply_channel = self.link.producer_channel(self.connection_id)
+        self.replies = ClientQueue(
+            _send_text(websocket),
+            size=REPLY_QUEUE_SIZE,
+            policy=Policy.DROP_OLDEST,
+            endpoint=MODEL_ENDPOINT,
+        )
+        self.bucket = TokenBucket(settings.producer_rate, settings.producer_burst)
+        self.window = asyncio.Semaphore(settings.publish_window)
+        self.max_bytes = settings.max_message_bytes
+        self.in_flight: set[asyncio.Task[None]] = set()
+
+    def reject(self, frame: ErrorFrame) -> None:
+        REJECTED.labels(MODEL_ENDPOINT, frame.code.value).inc()
+        self.replies.offer(frame.encode())
+
+    async def run(self) -> None:
+        producers = self.gateway.producers.setdefault(MODEL_ENDPOINT, set())
+        producers.add(self)
+        CONNECTIONS.labels(MODEL_ENDPOINT).inc()
+        writer = asyncio.create_task(self.replies.run())
+        log.info("model connected", connection=self.connection_id, subject=self.principal.subject)
+        try:
+            await self.link.hub.subscribe(self.reply_channel, self.replies)
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("text")
+                raw = data.encode() if data is not None else message.get("bytes") or b""
+                await self.take(raw)
+        finally:
+            producers.discard(self)
+            CONNECTIONS.labels(MODEL_ENDPOINT).dec()
+            # What was received is published even if the producer left meanwhile.
+            if self.in_flight:
+                await asyncio.wait(self.in_flight, timeout=self.gateway.settings.graceful_timeout)
+            await self.link.hub.unsubscribe(self.reply_channel, self.replies)
+            self.replies.close()
+            writer.cancel()
+            log.info("model disconnected", connection=self.connection_id)
+
+    async def take(self, raw: bytes) -> None:
+        """Check one message at the edge and start publishing it (bounded in-flight window)."""
+        if len(raw) > self.max_bytes:
+            self.reject(
+                ErrorFrame(
+                    code=ErrorCode.TOO_LARGE,
+                    reason=f"message is {len(raw)} bytes; the limit is {self.max_bytes}",
+                )
+            )
+            return
+        if not self.bucket.take():
+            self.reject(ErrorFrame(code=ErrorCode.RATE_LIMITED, reason="too many messages"))
+            return
+        try:
+            frame = FrameResult.model_validate_json(raw)
+        except ValidationError as error:
+            self.reject(_shape_error(error))
+            return
+        if frame.summary.zones == 0:
+            self.reject(
+                ErrorFrame(
+                    code=ErrorCode.ZERO_ZONES,
+                    reason="summary.free and summary.occupied are both empty: no zones to count",
+                )
+            )
+            return
+        envelope = Envelope(
+            type=OBSERVATION_TYPE,
+            producer=f"omega-model/{self.principal.subject}",
+            captured_at=frame.captured_at().timestamp(),
+            reply_channel=self.reply_channel,
+        )
+        await self.window.acquire()
+        task = asyncio.create_task(self.publish(raw, envelope))
+        self.in_flight.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.discard(task)
+        self.window.release()
+
+    async def publish(self, raw: bytes, envelope: Envelope) -> None:
+        with tracer.start_as_current_span(
+            "receive " + MODEL_ENDPOINT,
+            kind=trace.SpanKind.SERVER,
+            attributes={"messaging.message.id": envelope.message_id},
+        ):
+            try:
+                await self.link.publish_work(
+                    raw, envelope=envelope, exchange=self.link.topology.occupancy_observations
+                )
+            except Exception as exc:  # noqa: BLE001 - any broker failure: tell the producer
+                log.warning("publish failed", error=repr(exc), message_id=envelope.message_id)
+                self.reject(
+                    ErrorFrame(
+                        code=ErrorCode.UNAVAILABLE,
+                        reason="not accepted: the broker did not confirm it; send it again",
+                        message_id=envelope.message_id,
+                    )
+                )
+                return
+        PUBLISHED.labels(MODEL_ENDPOINT).inc()
+
+
+@router.websocket(MODEL_ENDPOINT)
+async def model_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.OCCUPANCY_PUBLISH, endpoint=MODEL_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+    await ModelSession(gateway, websocket, principal).run()
+
+
+async def _latest_updates(gateway: Gateway) -> list[Message]:
+    """Every location's latest state, from the occupancy service (request/reply)."""
+    link = gateway.link
+    updates = await link.request(
+        service="occupancy",
+        queue=link.topology.occupancy_requests_queue,
+        body={"query": "latest"},
+    )
+    return [orjson.dumps(update).decode() for update in updates]
+
+
+@router.websocket(CLIENT_ENDPOINT)
+async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.OCCUPANCY_SUBSCRIBE, endpoint=CLIENT_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+    hub = gateway.link.hub
+    client = ClientQueue(
+        _send_text(websocket),
+        size=gateway.settings.client_queue_size,
+        # Occupancy updates are state: a client far behind is better served fresh than complete.
+        policy=Policy.DROP_OLDEST,
+        endpoint=CLIENT_ENDPOINT,
+    )
+    CONNECTIONS.labels(CLIENT_ENDPOINT).inc()
+    reader = writer = None
+    try:
+        # Watch first, then ask for the snapshot: nothing published in between is missed.
+        await hub.subscribe(Channels.OCCUPANCY_LOCATIONS, client)
+        try:
+            client.push_front(await _latest_updates(gateway))
+        except ServiceUnavailableError as exc:
+            log.warning("no latest state for a new client", reason=str(exc))
+        writer = asyncio.create_task(client.run())
+        reader = asyncio.create_task(_drain(websocket))
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        CONNECTIONS.labels(CLIENT_ENDPOINT).dec()
+        await hub.unsubscribe(Channels.OCCUPANCY_LOCATIONS, client)
+        client.close()
+        for task in (reader, writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+async def _drain(websocket: WebSocket) -> None:
+    """Omega clients send nothing useful; reading only notices when they leave."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+@router.get("/model/count", dependencies=[require(Scope.OCCUPANCY_SUBSCRIBE, "/model/count")])
+async def model_count(gateway: GatewayDep) -> dict[str, int]:
+    return {"count": gateway.producer_count(MODEL_ENDPOINT)}
+
+
+@router.get("/discover/health")
+async def discover_health() -> dict[str, str]:
+    """Omega's fixed liveness reply, kept for its clients (readiness is `/readyz`)."""
+    return {"status": "ok", "message": "Server is running!"}

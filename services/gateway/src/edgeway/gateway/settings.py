@@ -1,0 +1,60 @@
+"""Gateway settings (environment prefix `EDGEWAY_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr, model_validator
+
+from edgeway.common.settings import CommonSettings
+
+# Used only when nothing else is configured in development; refused everywhere else.
+DEVELOPMENT_SECRET = "edgeway-development-only-secret-do-not-deploy"  # noqa: S105
+
+
+class GatewaySettings(CommonSettings):
+    http_port: int = 8000
+
+    # Token verification: an HS256 shared secret (development), or asymmetric keys (production)
+    # as one PEM public key or a JWKS file whose keys are picked by `kid`.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    jwt_audience: str = "edgeway"
+    jwt_issuer: str = "edgeway"
+    # Scopes granted to a connection that sends no token. Empty: every endpoint needs a token.
+    anonymous_scopes: frozenset[str] = frozenset()
+    # Browser origins allowed to open WebSockets ("*" allows any; only sensible in development).
+    allowed_origins: frozenset[str] = frozenset()
+
+    # Edge limits. Omega frame results are ~1 KB; 64 KiB leaves room for many segments.
+    max_message_bytes: int = 64 * 1024
+    # Frames above this are refused by the WebSocket protocol itself (close 1009).
+    ws_max_size: int = 1024 * 1024
+    producer_rate: float = 1000.0  # messages/s per producer connection (token bucket)
+    producer_burst: int = 2000
+    # Messages published but not yet confirmed, per producer connection.
+    publish_window: int = 256
+    # Per client send queue; a client this far behind starts losing its oldest messages.
+    client_queue_size: int = 1024
+    # Request/reply to services (latest state, history).
+    request_timeout: float = 2.0
+
+    @model_validator(mode="after")
+    def _keys_fail_closed(self) -> GatewaySettings:
+        if self.is_development:
+            if not (self.jwt_secret or self.jwt_public_key_file or self.jwks_file):
+                self.jwt_secret = SecretStr(DEVELOPMENT_SECRET)
+            return self
+        if self.jwt_secret and self.jwt_secret.get_secret_value() == DEVELOPMENT_SECRET:
+            raise ValueError("the development JWT secret is refused outside development")
+        if self.jwt_secret and len(self.jwt_secret.get_secret_value()) < 32:
+            raise ValueError("EDGEWAY_JWT_SECRET must be at least 32 characters")
+        if not (self.jwt_secret or self.jwt_public_key_file or self.jwks_file):
+            raise ValueError(
+                "no token keys: set EDGEWAY_JWT_SECRET, EDGEWAY_JWT_PUBLIC_KEY_FILE or "
+                "EDGEWAY_JWKS_FILE (outside development there is no default)"
+            )
+        if "*" in self.allowed_origins:
+            raise ValueError("EDGEWAY_ALLOWED_ORIGINS='*' is refused outside development")
+        return self

@@ -1,0 +1,70 @@
+"""The gateway's process-wide state and the dependencies that hand it to endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, WebSocket
+from fastapi.responses import JSONResponse
+from opentelemetry.sdk.trace import TracerProvider
+from starlette.requests import HTTPConnection
+
+from edgeway.common.logging import get_logger
+from edgeway.gateway.auth import AuthError, Principal, Scope, Verifier, authorize, check_origin
+from edgeway.gateway.link import BrokerLink
+from edgeway.gateway.metrics import AUTH_REFUSED
+from edgeway.gateway.settings import GatewaySettings
+
+log = get_logger("edgeway.gateway")
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, *, tracer_provider: TracerProvider) -> None:
+        self.settings = settings
+        self.verifier = Verifier(settings)
+        self.link = BrokerLink(settings, tracer_provider=tracer_provider)
+        # Open producer connections per endpoint; a connection leaves its set however it ends.
+        self.producers: dict[str, set[object]] = {}
+
+    def producer_count(self, endpoint: str) -> int:
+        return len(self.producers.get(endpoint, ()))
+
+
+def get_gateway(connection: HTTPConnection) -> Gateway:
+    gateway: Gateway = connection.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+def require(scope: Scope, endpoint: str) -> Any:
+    """An HTTP dependency: the caller must hold `scope` (401/403 otherwise)."""
+
+    def dependency(connection: HTTPConnection, gateway: GatewayDep) -> Principal:
+        try:
+            return authorize(gateway.verifier, connection, scope)
+        except AuthError as error:
+            AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
+            raise
+
+    return Depends(dependency)
+
+
+async def admit_websocket(
+    websocket: WebSocket, gateway: Gateway, *, scope: Scope, endpoint: str
+) -> Principal | None:
+    """Check origin and token before the upgrade; refuse with a real HTTP status and reason."""
+    try:
+        check_origin(gateway.settings, websocket)
+        return authorize(gateway.verifier, websocket, scope)
+    except AuthError as error:
+        AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
+        log.info("websocket refused", endpoint=endpoint, status=error.status, reason=error.reason)
+        code = "unauthorized" if error.status == 401 else "forbidden"
+        await websocket.send_denial_response(
+            JSONResponse(
+                {"type": "error", "code": code, "reason": error.reason}, status_code=error.status
+            )
+        )
+        return None
