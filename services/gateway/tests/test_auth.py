@@ -1,0 +1,197 @@
+"""Token verification, scopes and settings that fail closed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
+from starlette.requests import HTTPConnection
+
+from edgeway.gateway.auth import AuthError, Scope, Verifier, authorize, check_origin
+from edgeway.gateway.settings import DEVELOPMENT_SECRET, GatewaySettings
+from edgeway.gateway.tokens import main as token_main
+from edgeway.gateway.tokens import mint, parse_ttl
+
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+
+
+def settings(**overrides: object) -> GatewaySettings:
+    return GatewaySettings(**{"jwt_secret": SECRET, **overrides})  # type: ignore[arg-type]
+
+
+def token(
+    scopes: list[str], *, key: object = SECRET, algorithm: str = "HS256", **kw: object
+) -> str:
+    return mint(
+        subject="tester",
+        scopes=scopes,
+        ttl=int(kw.pop("ttl", 60)),  # type: ignore[call-overload]
+        key=key,
+        algorithm=algorithm,
+        audience=str(kw.pop("audience", "edgeway")),
+        issuer=str(kw.pop("issuer", "edgeway")),
+        kid=kw.pop("kid", None),  # type: ignore[arg-type]
+    )
+
+
+def connection(*, headers: dict[str, str] | None = None, query: str = "") -> HTTPConnection:
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return HTTPConnection({"type": "http", "headers": raw, "query_string": query.encode()})
+
+
+def test_bearer_header_and_query_parameter_both_work() -> None:
+    verifier = Verifier(settings())
+    good = token([Scope.OCCUPANCY_PUBLISH])
+    by_header = authorize(
+        verifier, connection(headers={"Authorization": f"Bearer {good}"}), Scope.OCCUPANCY_PUBLISH
+    )
+    by_query = authorize(verifier, connection(query=f"token={good}"), Scope.OCCUPANCY_PUBLISH)
+    assert by_header.subject == by_query.subject == "tester"
+    assert not by_header.anonymous
+
+
+def test_publish_and_subscribe_are_separate_scopes() -> None:
+    verifier = Verifier(settings())
+    publish_only = connection(query=f"token={token([Scope.OCCUPANCY_PUBLISH])}")
+    with pytest.raises(AuthError) as refused:
+        authorize(verifier, publish_only, Scope.OCCUPANCY_SUBSCRIBE)
+    assert refused.value.status == 403
+    assert "occupancy:subscribe" in refused.value.reason
+
+
+def test_no_token_is_401_unless_the_scope_is_granted_anonymously() -> None:
+    with pytest.raises(AuthError) as refused:
+        authorize(Verifier(settings()), connection(), Scope.OCCUPANCY_PUBLISH)
+    assert refused.value.status == 401
+    open_publish = Verifier(settings(anonymous_scopes={"occupancy:publish"}))
+    principal = authorize(open_publish, connection(), Scope.OCCUPANCY_PUBLISH)
+    assert principal.anonymous
+    with pytest.raises(AuthError):
+        authorize(open_publish, connection(), Scope.OCCUPANCY_SUBSCRIBE)
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (lambda: token(["occupancy:publish"], key="another-secret-that-is-long-enough!!"), "sig"),
+        (lambda: token(["occupancy:publish"], ttl=-10), "expired"),
+        (lambda: token(["occupancy:publish"], audience="someone-else"), "audience"),
+        (lambda: token(["occupancy:publish"], issuer="someone-else"), "issuer"),
+        (lambda: "not-a-jwt", "garbage"),
+    ],
+)
+def test_invalid_tokens_are_401(bad: object, why: str) -> None:
+    with pytest.raises(AuthError) as refused:
+        authorize(
+            Verifier(settings()),
+            connection(query=f"token={bad()}"),
+            Scope.OCCUPANCY_PUBLISH,  # type: ignore[operator]
+        )
+    assert refused.value.status == 401, why
+
+
+def test_alg_none_is_refused() -> None:
+    now = int(time.time())
+    unsigned = jwt.encode(
+        {
+            "sub": "x",
+            "scope": "occupancy:publish",
+            "aud": "edgeway",
+            "iss": "edgeway",
+            "exp": now + 60,
+        },
+        None,
+        algorithm="none",
+    )
+    with pytest.raises(AuthError):
+        authorize(
+            Verifier(settings()), connection(query=f"token={unsigned}"), Scope.OCCUPANCY_PUBLISH
+        )
+
+
+def test_rsa_public_key_file(tmp_path: Path) -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "key.pub").write_bytes(public_pem)
+    verifier = Verifier(
+        GatewaySettings(environment="production", jwt_public_key_file=tmp_path / "key.pub")  # type: ignore[arg-type]
+    )
+    good = token([Scope.OCCUPANCY_SUBSCRIBE], key=private, algorithm="RS256")
+    assert authorize(verifier, connection(query=f"token={good}"), Scope.OCCUPANCY_SUBSCRIBE)
+    # A shared-secret token is not accepted where only the asymmetric key is configured.
+    forged = token([Scope.OCCUPANCY_SUBSCRIBE], key=SECRET, algorithm="HS256")
+    with pytest.raises(AuthError):
+        authorize(verifier, connection(query=f"token={forged}"), Scope.OCCUPANCY_SUBSCRIBE)
+
+
+def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
+    keys = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("k1", "k2")}
+    jwks = {
+        "keys": [
+            {
+                **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(k.public_key())),
+                "kid": kid,
+                "alg": "ES256",
+            }
+            for kid, k in keys.items()
+        ]
+    }
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks))
+    verifier = Verifier(
+        GatewaySettings(environment="production", jwks_file=tmp_path / "jwks.json")  # type: ignore[arg-type]
+    )
+    for kid, key in keys.items():
+        good = token([Scope.OCCUPANCY_PUBLISH], key=key, algorithm="ES256", kid=kid)
+        assert authorize(verifier, connection(query=f"token={good}"), Scope.OCCUPANCY_PUBLISH)
+    wrong_kid = token([Scope.OCCUPANCY_PUBLISH], key=keys["k1"], algorithm="ES256", kid="k2")
+    with pytest.raises(AuthError):
+        authorize(verifier, connection(query=f"token={wrong_kid}"), Scope.OCCUPANCY_PUBLISH)
+
+
+def test_secrets_fail_closed_outside_development() -> None:
+    with pytest.raises(ValidationError, match="no token keys"):
+        GatewaySettings(environment="production")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="development JWT secret"):
+        GatewaySettings(environment="staging", jwt_secret=DEVELOPMENT_SECRET)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="at least 32"):
+        GatewaySettings(environment="production", jwt_secret="short")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="refused outside development"):
+        GatewaySettings(environment="production", jwt_secret=SECRET, allowed_origins={"*"})  # type: ignore[arg-type]
+    development = GatewaySettings()
+    assert development.jwt_secret is not None
+
+
+def test_origin_allowlist() -> None:
+    allowed = settings(allowed_origins={"https://dash.example"})
+    check_origin(allowed, connection(headers={"Origin": "https://dash.example"}))
+    check_origin(allowed, connection())  # not a browser: no Origin, the token decides
+    with pytest.raises(AuthError) as refused:
+        check_origin(allowed, connection(headers={"Origin": "https://evil.example"}))
+    assert refused.value.status == 403
+
+
+def test_token_command_mints_a_verifiable_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EDGEWAY_JWT_SECRET", SECRET)
+    assert token_main(["--subject", "cam-1", "--scope", "occupancy:publish", "--ttl", "2h"]) == 0
+    minted = capsys.readouterr().out.strip()
+    principal = Verifier(settings()).verify(minted)
+    assert principal.subject == "cam-1"
+    assert principal.scopes == {"occupancy:publish"}
+    claims = jwt.decode(minted, options={"verify_signature": False})
+    assert 7100 < claims["exp"] - claims["iat"] <= 7200
+
+
+def test_parse_ttl() -> None:
+    assert parse_ttl("90") == 90
+    assert parse_ttl("15m") == 900
+    assert parse_ttl("30d") == 30 * 86400

@@ -1,0 +1,267 @@
+"""The real gateway process at the edge: auth, origin, shape and size checks, model count.
+
+Connected: a real gateway on a private RabbitMQ virtual host. No occupancy service runs here,
+so accepted observations wait in their quorum queue, where the test reads them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.gateway.tokens import mint
+
+pytestmark = pytest.mark.connected
+
+SECRET = "edge-test-secret-that-is-long-enough-for-hs256"
+QUEUE = "edgeway.occupancy.observations"
+
+
+def make_token(*scopes: str) -> str:
+    return mint(
+        subject="edge-test",
+        scopes=list(scopes),
+        ttl=600,
+        key=SECRET,
+        algorithm="HS256",
+        audience="edgeway",
+        issuer="edgeway",
+    )
+
+
+PUBLISH = make_token("occupancy:publish")
+SUBSCRIBE = make_token("occupancy:subscribe")
+
+
+def frame(camera: str = "Flint_1", **summary: Any) -> dict[str, Any]:
+    return {
+        "event": "frame_result",
+        "camera": camera,
+        "timestamp": time.time(),
+        "summary": {"total_people": 2, "free": ["t1"], "occupied": ["t2"], **summary},
+        "segments": [{"index": 0, "name": "t1", "capacity": 2, "count": 1, "status": "free"}],
+    }
+
+
+@pytest.fixture(scope="module")
+def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        "edgeway.gateway",
+        env={
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_ALLOWED_ORIGINS": '["https://dash.example"]',
+            "EDGEWAY_PRODUCER_RATE": "20",
+            "EDGEWAY_PRODUCER_BURST": "40",
+            "EDGEWAY_REQUEST_TIMEOUT": "0.3",
+        },
+        port=free_port(),
+        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
+    ).start()
+    yield process
+    process.stop()
+
+
+def ws_url(gateway: ServiceProcess, path: str, token: str | None = None) -> str:
+    url = gateway.url.replace("http", "ws") + path
+    return f"{url}?token={token}" if token else url
+
+
+async def expect_error(ws: ClientConnection, code: str) -> dict[str, Any]:
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert reply["type"] == "error"
+    assert reply["code"] == code, reply
+    assert reply["reason"]
+    return dict(reply)
+
+
+async def drain_queue(amqp_url: str, expected: int, wait: float = 10) -> list[Any]:
+    """Read what the gateway published into the (otherwise unconsumed) work queue."""
+    connection = await aio_pika.connect(amqp_url)
+    messages: list[Any] = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(QUEUE, ensure=True)
+        deadline = time.monotonic() + wait
+        while len(messages) < expected and time.monotonic() < deadline:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            await message.ack()
+            messages.append(message)
+    return messages
+
+
+async def test_websockets_refuse_missing_and_wrong_tokens_with_http_status(
+    gateway: ServiceProcess,
+) -> None:
+    cases = [
+        (ws_url(gateway, "/model/ws/connect"), None, 401),
+        (ws_url(gateway, "/model/ws/connect", SUBSCRIBE), None, 403),
+        (ws_url(gateway, "/client/ws/connect", PUBLISH), None, 403),
+        (ws_url(gateway, "/client/ws/connect", "garbage"), None, 401),
+        (ws_url(gateway, "/client/ws/connect", SUBSCRIBE), "https://evil.example", 403),
+    ]
+    for url, origin, status in cases:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(url, origin=origin)  # type: ignore[arg-type]
+        assert refused.value.response.status_code == status, url
+        body = json.loads(refused.value.response.body or b"{}")
+        assert body["type"] == "error"
+        assert body["reason"]
+    # An allowlisted browser page and a bearer header both get in.
+    async with websockets.connect(
+        ws_url(gateway, "/client/ws/connect", SUBSCRIBE),
+        origin="https://dash.example",  # type: ignore[arg-type]
+    ):
+        pass
+    async with websockets.connect(
+        ws_url(gateway, "/model/ws/connect"),
+        additional_headers={"Authorization": f"Bearer {PUBLISH}"},
+    ):
+        pass
+
+
+async def test_http_endpoints_need_their_scope(gateway: ServiceProcess) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        assert (await http.get("/model/count")).status_code == 401
+        assert (await http.get(f"/model/count?token={PUBLISH}")).status_code == 403
+        ok = await http.get("/model/count", headers={"Authorization": f"Bearer {SUBSCRIBE}"})
+        assert ok.status_code == 200
+        assert set(ok.json()) == {"count"}
+        health = await http.get("/discover/health")
+        assert health.json() == {"status": "ok", "message": "Server is running!"}
+
+
+async def test_bad_input_gets_an_error_frame_and_the_stream_continues(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    await drain_queue(amqp_url, expected=10_000, wait=0.5)  # start from an empty queue
+    good = [frame("Flint_1", total_people=n) for n in range(3)]
+    async with websockets.connect(ws_url(gateway, "/model/ws/connect", PUBLISH)) as ws:
+        await ws.send(json.dumps(good[0]))
+        await ws.send("{not json")
+        await expect_error(ws, "malformed_json")
+        await ws.send(json.dumps({"camera": "Flint_1"}))
+        shape = await expect_error(ws, "invalid_shape")
+        assert "summary" in shape["reason"]
+        await ws.send(json.dumps(frame(free=[], occupied=[])))
+        await expect_error(ws, "zero_zones")
+        await ws.send(json.dumps({**frame(), "timestamp": "yesterday"}))
+        await expect_error(ws, "invalid_shape")
+        await ws.send(json.dumps({**frame(), "camera": "../../etc/passwd"}))
+        await expect_error(ws, "invalid_shape")
+        await ws.send(json.dumps(good[1]).encode())  # binary frames carry JSON too
+        await ws.send(json.dumps({**frame(), "padding": "x" * 70_000}))
+        await expect_error(ws, "too_large")
+        await ws.send(json.dumps(good[2]))
+        await asyncio.sleep(0.2)
+    published = await drain_queue(amqp_url, expected=3)
+    assert [json.loads(m.body) for m in published] == good  # exactly what the producer sent
+    for message in published:
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.message_id
+        assert message.type == "occupancy.observation.v1"
+        assert message.headers["x-reply-channel"].startswith("gateway.")
+        assert str(message.headers["traceparent"]).startswith("00-")
+    assert len({m.message_id for m in published}) == 3
+
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(gateway.url + "/metrics")).text
+    for code in ("malformed_json", "invalid_shape", "zero_zones", "too_large"):
+        assert (
+            f'edgeway_gateway_rejected_total{{code="{code}",endpoint="/model/ws/connect"}}'
+            in metrics
+        )
+
+
+async def test_a_frame_beyond_the_protocol_limit_closes_with_1009(gateway: ServiceProcess) -> None:
+    async with websockets.connect(
+        ws_url(gateway, "/model/ws/connect", PUBLISH), max_size=None
+    ) as ws:
+
+        async def send_huge_then_read() -> None:
+            await ws.send("x" * (2 * 1024 * 1024))
+            await asyncio.wait_for(ws.recv(), 5)
+
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await send_huge_then_read()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1009
+
+
+async def test_a_producer_over_its_rate_is_told_and_kept(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    await drain_queue(amqp_url, expected=10_000, wait=0.5)
+    async with websockets.connect(ws_url(gateway, "/model/ws/connect", PUBLISH)) as ws:
+        for _ in range(60):  # burst is 40
+            await ws.send(json.dumps(frame()))
+        await expect_error(ws, "rate_limited")
+        await asyncio.sleep(1.0)  # 20/s refills
+        await ws.send(json.dumps(frame(total_people=99)))
+        await asyncio.sleep(0.3)
+    published = await drain_queue(amqp_url, expected=41)
+    assert 40 <= len(published) <= 45
+    assert json.loads(published[-1].body)["summary"]["total_people"] == 99
+
+
+async def test_model_count_drops_connections_that_die(gateway: ServiceProcess) -> None:
+    async def count() -> int:
+        async with httpx.AsyncClient() as http:
+            reply = await http.get(gateway.url + f"/model/count?token={SUBSCRIBE}")
+            return int(reply.json()["count"])
+
+    base = await count()
+    models = [
+        await websockets.connect(ws_url(gateway, "/model/ws/connect", PUBLISH)) for _ in range(3)
+    ]
+    assert await count() == base + 3
+    await models[0].close()
+    models[1].transport.abort()  # dies without a closing handshake
+    for _ in range(50):
+        if await count() == base + 1:
+            break
+        await asyncio.sleep(0.1)
+    assert await count() == base + 1
+    await models[2].close()
+
+
+async def test_tokens_never_reach_the_logs(gateway: ServiceProcess) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        await http.get(f"/model/count?token={SUBSCRIBE}")
+        await http.get("/model/count", headers={"Authorization": f"Bearer {PUBLISH}"})
+    async with websockets.connect(ws_url(gateway, "/model/ws/connect", PUBLISH)):
+        pass
+    await asyncio.sleep(0.2)
+    log = gateway.log_text()
+    assert "/model/count" in log  # the requests were logged...
+    assert SUBSCRIBE not in log  # ...without their tokens
+    assert PUBLISH not in log
+    assert SECRET not in log
+
+
+def test_readiness_and_liveness(gateway: ServiceProcess) -> None:
+    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(gateway.url + "/readyz").json() == {"status": "ready"}
+
+
+def test_log_lines_are_json(gateway: ServiceProcess) -> None:
+    lines = [line for line in Path(gateway.log_path).read_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        record = json.loads(line)
+        assert record["service"] == "gateway"
+        assert "level" in record

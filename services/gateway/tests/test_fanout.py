@@ -1,0 +1,110 @@
+"""Fan-out: bounded per-client queues, drop and close policies, topic matching, bindings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edgeway.gateway.fanout import ClientQueue, Hub, Message, Policy, _topic_regex
+from edgeway.gateway.metrics import DROPPED
+
+
+class Recorder:
+    def __init__(self, *, block: asyncio.Event | None = None) -> None:
+        self.sent: list[Message] = []
+        self.block = block
+
+    async def __call__(self, message: Message) -> None:
+        if self.block is not None:
+            await self.block.wait()
+        self.sent.append(message)
+
+
+def dropped(endpoint: str, reason: str) -> float:
+    return DROPPED.labels(endpoint, reason)._value.get()
+
+
+async def test_messages_reach_the_socket_in_order() -> None:
+    recorder = Recorder()
+    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-order")
+    writer = asyncio.create_task(client.run())
+    for i in range(5):
+        client.offer(str(i))
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["0", "1", "2", "3", "4"]
+    client.close()
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_a_stalled_client_loses_its_oldest_and_the_loss_is_counted() -> None:
+    gate = asyncio.Event()
+    recorder = Recorder(block=gate)
+    client = ClientQueue(recorder, size=3, policy=Policy.DROP_OLDEST, endpoint="t-drop")
+    writer = asyncio.create_task(client.run())
+    before = dropped("t-drop", "slow_client")
+    client.offer("first")
+    await asyncio.sleep(0.01)  # the writer took "first" and is stuck in the socket
+    for i in range(10):
+        client.offer(str(i))  # never blocks the caller
+    assert len(client) == 3
+    assert dropped("t-drop", "slow_client") - before == 7
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["first", "7", "8", "9"]
+    client.close()
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_a_client_on_a_reliable_channel_is_closed_when_it_overflows() -> None:
+    gate = asyncio.Event()
+    client = ClientQueue(Recorder(block=gate), size=2, policy=Policy.CLOSE, endpoint="t-close")
+    writer = asyncio.create_task(client.run())
+    client.offer("a")
+    await asyncio.sleep(0.01)
+    for i in range(3):
+        client.offer(str(i))
+    gate.set()
+    await asyncio.wait_for(writer, 1)  # run() returns so the caller closes with CLOSE_TOO_SLOW
+    assert client.overflowed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "channel", "matches"),
+    [
+        ("occupancy.location.*", "occupancy.location.3", True),
+        ("occupancy.location.*", "occupancy.location.3.extra", False),
+        ("occupancy.location.*", "occupancy.locations.3", False),
+        ("occupancy.#", "occupancy", True),
+        ("occupancy.#", "occupancy.location.3", True),
+        ("#", "anything.at.all", True),
+        ("gateway.abc.*", "gateway.abc.conn1", True),
+        ("gateway.abc.*", "gateway.abd.conn1", False),
+    ],
+)
+def test_topic_patterns_match_like_amqp(pattern: str, channel: str, matches: bool) -> None:
+    assert bool(_topic_regex(pattern).match(channel)) is matches
+
+
+async def test_hub_binds_a_pattern_once_and_unbinds_after_the_last_watcher() -> None:
+    calls: list[tuple[str, str]] = []
+
+    async def bind(pattern: str) -> None:
+        await asyncio.sleep(0.01)
+        calls.append(("bind", pattern))
+
+    async def unbind(pattern: str) -> None:
+        calls.append(("unbind", pattern))
+
+    hub = Hub(bind=bind, unbind=unbind)
+    a = ClientQueue(Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-hub")
+    b = ClientQueue(Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-hub")
+    await asyncio.gather(hub.subscribe("x.*", a), hub.subscribe("x.*", b))
+    assert calls == [("bind", "x.*")]
+    assert hub.deliver("x.1", "m", kind="x") == 2
+    assert hub.deliver("y.1", "m", kind="y") == 0
+    await hub.unsubscribe("x.*", a)
+    assert calls == [("bind", "x.*")]
+    await hub.unsubscribe("x.*", b)
+    assert calls == [("bind", "x.*"), ("unbind", "x.*")]
+    assert hub.deliver("x.1", "m", kind="x") == 0
