@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -83,11 +83,12 @@ def database_url_field(service: str) -> Any:
 
     None means the embedded default: an SQLite file for this service under the data directory.
     """
+    # One alias only: pydantic-settings reads every alias from the environment, so a bare
+    # `database_url` alias would let an unrelated DATABASE_URL variable configure the service.
+    # `Settings(database_url=...)` still works (populate_by_name).
     return Field(
         default=None,
-        validation_alias=AliasChoices(
-            f"EDGEWAY_{service.upper().replace('-', '_')}_DATABASE_URL", "database_url"
-        ),
+        validation_alias=f"EDGEWAY_{service.upper().replace('-', '_')}_DATABASE_URL",
     )
 
 

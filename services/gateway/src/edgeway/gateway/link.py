@@ -18,7 +18,7 @@ from edgeway.common.broker import declare_shared, declare_work, make_broker, pub
 from edgeway.common.envelope import JSON, Envelope
 from edgeway.common.topology import Channels, Topology
 from edgeway.gateway.fanout import Hub
-from edgeway.gateway.metrics import REQUEST_SECONDS
+from edgeway.gateway.metrics import REJECTED, REQUEST_SECONDS
 from edgeway.gateway.settings import GatewaySettings
 
 
@@ -49,6 +49,8 @@ class BrokerLink:
                 body = raw.body.decode()  # once per message, shared by every client
             routing_key = raw.routing_key or ""
             kind = routing_key.split(".", 1)[0]
+            if kind == "gateway":  # a service refused what a producer of ours sent
+                REJECTED.labels("service", orjson.loads(raw.body).get("code", "unknown")).inc()
             self.hub.deliver(routing_key, body, kind=kind)
 
     async def start(self) -> None:

@@ -1,0 +1,103 @@
+"""The occupancy path as real processes: gateway and occupancy on RabbitMQ and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.gateway.tokens import mint
+
+SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
+CAMERAS = {
+    "OW_1": "One World",
+    "Flint_1": "Flint Loop",
+    "PaulaPlaza_1": "Paula Plaza",
+    "SU_1": "Student Union 1",
+    "SU_2": "Student Union 2",
+    "SU_3": "Student Union 3",
+    "Tims_1": "Tim Hortons",
+}
+
+
+def token(*scopes: str) -> str:
+    return mint(
+        subject="e2e",
+        scopes=list(scopes),
+        ttl=3600,
+        key=SECRET,
+        algorithm="HS256",
+        audience="edgeway",
+        issuer="edgeway",
+    )
+
+
+def frame(
+    camera: str, *, people: int, free: int = 2, occupied: int = 1, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "event": "frame_result",
+        "camera": camera,
+        "timestamp": time.time(),
+        "summary": {
+            "total_people": people,
+            "free": [f"free_{i}" for i in range(free)],
+            "occupied": [f"occupied_{i}" for i in range(occupied)],
+        },
+        "segments": [],
+        **extra,
+    }
+
+
+@dataclass
+class Stack:
+    amqp_url: str
+    database_url: str
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    occupancy: ServiceProcess = field(init=False)
+    gateway: ServiceProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        common = {
+            "EDGEWAY_AMQP_URL": self.amqp_url,
+            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_OCCUPANCY_DATABASE_URL": self.database_url,
+            "EDGEWAY_PRODUCER_RATE": "5000",
+            "EDGEWAY_PRODUCER_BURST": "5000",
+            **self.extra_env,
+        }
+        self.occupancy = ServiceProcess(
+            "edgeway.occupancy",
+            env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "occupancy.spans.jsonl")},
+            port=free_port(),
+            log_path=self.workdir / "occupancy.log",
+        )
+        self.gateway = ServiceProcess(
+            "edgeway.gateway",
+            env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl")},
+            port=free_port(),
+            log_path=self.workdir / "gateway.log",
+        )
+
+    def start(self) -> Stack:
+        self.occupancy.start()
+        self.gateway.start()
+        return self
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.occupancy.stop()
+
+    def ws(self, path: str, *scopes: str) -> str:
+        return self.gateway.url.replace("http", "ws") + f"{path}?token={token(*scopes)}"
+
+    @property
+    def model_url(self) -> str:
+        return self.ws("/model/ws/connect", "occupancy:publish")
+
+    @property
+    def client_url(self) -> str:
+        return self.ws("/client/ws/connect", "occupancy:subscribe")
