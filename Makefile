@@ -10,7 +10,7 @@ MEMBERS := libs/common services/gateway services/occupancy
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup run test test-fast lint format bench constraints validate-deploy clean
+.PHONY: setup run up test test-fast lint format bench constraints clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -27,6 +27,9 @@ setup: $(VENV)/.installed ## create .venv with every member and the dev tools
 run: setup ## start the stack with live demo data on the embedded defaults
 	@deploy/local/ensure-services.sh
 	@$(PY) deploy/local/devstack.py
+
+up: ## the compose stack (needs a Docker engine; this machine has none)
+	docker compose -f deploy/compose/compose.yaml up --build
 
 test: setup lint ## the whole suite, connected tests included (needs RabbitMQ and PostgreSQL)
 	@deploy/local/ensure-services.sh --postgres

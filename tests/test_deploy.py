@@ -1,0 +1,510 @@
+"""The deployment files, checked offline (this machine has no Docker engine and no cluster).
+
+- `deploy/compose/compose.yaml`: the compose specification's JSON schema (check-jsonschema's
+  vendored copy), then what a reviewer looks for: healthchecks, start order, ports, dev secrets.
+- `services/*/Dockerfile` and `.dockerignore`: the recipe's invariants (pinned uv equal to the
+  Makefile's, constraints, non-root user, healthcheck, entry point declared by the package).
+- `deploy/k8s/overlays/*`: `kubectl kustomize` piped into `kubernetes-validate --strict` against a
+  Kubernetes version whose schemas it ships, then probes, resources, hardening, secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edgeway.gateway.settings import DEVELOPMENT_SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "deploy" / "compose" / "compose.yaml"
+OVERLAYS_DIR = ROOT / "deploy" / "k8s" / "overlays"
+OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.yaml").is_file())
+# The tools come from the venv that runs the tests (the root dev dependency group).
+VENV_BIN = Path(sys.executable).parent
+
+# Edgeway's services with their HTTP port (/healthz, /readyz, /metrics; the gateway's API too).
+SERVICES = {"gateway": 8000, "occupancy": 8081}
+# kubernetes-validate ships JSON schemas per Kubernetes minor version; validate against this one.
+KUBERNETES_VERSION = "1.33.0"
+STABLE_API_VERSIONS = {
+    "v1",
+    "apps/v1",
+    "autoscaling/v2",
+    "policy/v1",
+    "networking.k8s.io/v1",
+}
+# Secrets that the prod overlay expects to exist in the cluster, created out of band.
+OUT_OF_BAND_SECRETS = {"edgeway-secrets", "edgeway-gateway-jwks", "edgeway-tls"}
+# Environment variables that hold credentials: never a literal value in a manifest.
+SECRET_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|AMQP_URL|DATABASE_URL")
+# A URL with a password in it (scheme://user:password@host).
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/@:]+:[^\s/@]+@", re.IGNORECASE)
+TMP = "/tmp"  # noqa: S108 - the containers' own scratch mount, not a file of this machine
+
+
+# ---- compose ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def _container_port(spec: str | int | dict[str, Any]) -> int:
+    """The container side of a `ports:` entry (short or long syntax)."""
+    if isinstance(spec, dict):
+        return int(spec["target"])
+    return int(str(spec).rsplit(":", 1)[-1].split("/", 1)[0])
+
+
+def test_compose_matches_the_compose_specification() -> None:
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_every_service_has_a_healthcheck() -> None:
+    services = _compose()["services"]
+    assert set(SERVICES) | {"rabbitmq", "postgres"} <= set(services)
+    for name, service in services.items():
+        healthcheck = service.get("healthcheck")
+        assert healthcheck, f"{name} has no healthcheck"
+        assert not healthcheck.get("disable"), f"{name} disables its healthcheck"
+        assert healthcheck.get("test"), f"{name}'s healthcheck has no test"
+    assert "rabbitmq-diagnostics" in services["rabbitmq"]["healthcheck"]["test"]
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+
+
+@pytest.mark.parametrize(
+    ("service", "needs"),
+    [("gateway", {"rabbitmq"}), ("occupancy", {"rabbitmq", "postgres"})],
+)
+def test_compose_services_wait_for_healthy_dependencies(service: str, needs: set[str]) -> None:
+    depends_on = _compose()["services"][service].get("depends_on")
+    assert isinstance(depends_on, dict), f"{service}: depends_on needs the long form (conditions)"
+    assert needs <= set(depends_on), f"{service} must wait for {needs - set(depends_on)}"
+    for dependency, spec in depends_on.items():
+        assert spec.get("condition") == "service_healthy", f"{service} -> {dependency}"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_compose_builds_and_checks_the_service(service: str) -> None:
+    spec = _compose()["services"][service]
+    port = SERVICES[service]
+    build = spec["build"]
+    assert (COMPOSE_FILE.parent / build["context"]).resolve() == ROOT
+    assert build["dockerfile"] == f"services/{service}/Dockerfile"
+    assert (ROOT / build["dockerfile"]).is_file()
+    env = spec["environment"]
+    assert isinstance(env, dict), "environment as a mapping, please"
+    assert env["EDGEWAY_HTTP_HOST"] == "0.0.0.0"
+    assert str(env["EDGEWAY_HTTP_PORT"]) == str(port)
+    assert env["EDGEWAY_ENVIRONMENT"] == "development"
+    assert env["EDGEWAY_AMQP_URL"].startswith("amqp://")
+    assert "@rabbitmq:" in env["EDGEWAY_AMQP_URL"]
+    # Readiness, on the service's own port.
+    assert f"127.0.0.1:{port}/readyz" in " ".join(spec["healthcheck"]["test"])
+    published = [_container_port(p) for p in spec.get("ports", [])]
+    if service == "gateway":
+        assert published == [8000]
+        assert env["EDGEWAY_JWT_SECRET"] == DEVELOPMENT_SECRET, (
+            "compose's JWT secret must be the gateway's development secret (refused elsewhere)"
+        )
+    else:
+        assert published == [], f"{service}'s port is internal only"
+        assert env["EDGEWAY_OCCUPANCY_DATABASE_URL"].startswith("postgresql://")
+        assert "@postgres:5432/" in env["EDGEWAY_OCCUPANCY_DATABASE_URL"]
+
+
+def test_compose_has_no_host_paths() -> None:
+    compose = _compose()
+    named = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":", 1)[0]
+            assert source in named, f"{name}: {source!r} is not a named volume (host path?)"
+    text = COMPOSE_FILE.read_text()
+    for machine_path in ("/work/", "/root/", "/home/", "/Users/", TMP + "/"):
+        assert machine_path not in text
+
+
+# ---- Dockerfiles -----------------------------------------------------------------------------
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, comments dropped and continuation lines joined."""
+    joined: list[str] = []
+    pending = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):  # comments, also inside continuations
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    assert not pending, f"{dockerfile}: dangling line continuation"
+    pairs = []
+    for line in joined:
+        instruction, _, arguments = line.partition(" ")
+        pairs.append((instruction.upper(), " ".join(arguments.split())))
+    return pairs
+
+
+def _stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instruction, arguments in instructions:
+        if instruction == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction, arguments))
+    return stages
+
+
+def _uv_version() -> str:
+    match = re.search(r"^UV_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, "Makefile: UV_VERSION not found"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_dockerfile_follows_the_uv_recipe(service: str) -> None:
+    dockerfile = ROOT / "services" / service / "Dockerfile"
+    instructions = _instructions(dockerfile)
+    args = dict(
+        arguments.split("=", 1) for instruction, arguments in instructions if instruction == "ARG"
+    )
+    stages = _stages(instructions)
+    assert len(stages) >= 2, "multi-stage: a builder and a slim runtime"
+    for stage in stages:
+        base = stage[0][1].split()[0]
+        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+        assert base.startswith("python:3.11-slim"), f"{service}: FROM {base}"
+
+    builder = [arguments for _, arguments in stages[0]]
+    assert f"--from=ghcr.io/astral-sh/uv:{_uv_version()} /uv /bin/" in builder, (
+        "uv copied from the image whose tag is the Makefile's UV_VERSION"
+    )
+    installs = [a for a in builder if "uv pip install" in a]
+    assert installs, "the builder installs with `uv pip install`"
+    for install in installs:
+        words = shlex.split(install)
+        assert "-c" in words
+        assert words[words.index("-c") + 1] == "constraints.txt"
+        assert "-e" not in words
+        assert "--editable" not in words
+        assert "./libs/common" in words
+        assert f"./services/{service}" in words
+    for instruction, arguments in instructions:
+        if instruction == "COPY" and "--from=" not in arguments:
+            *sources, _destination = arguments.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"{service}: COPY {source}: not in the repository"
+
+    runtime = stages[-1]
+    users = [arguments for instruction, arguments in runtime if instruction == "USER"]
+    assert users, f"{service}: the runtime stage sets a USER"
+    uid = users[-1].split(":", 1)[0]
+    assert uid.isdigit(), "numeric USER, so Kubernetes' runAsNonRoot can verify it"
+    assert int(uid) != 0
+    env_text = " ".join(arguments for instruction, arguments in runtime if instruction == "ENV")
+    assert "EDGEWAY_HTTP_HOST=0.0.0.0" in env_text
+    assert f"EDGEWAY_HTTP_PORT={SERVICES[service]}" in env_text
+    exposed = [arguments for instruction, arguments in runtime if instruction == "EXPOSE"]
+    assert exposed == [str(SERVICES[service])]
+    healthchecks = [arguments for instruction, arguments in runtime if instruction == "HEALTHCHECK"]
+    assert len(healthchecks) == 1
+    assert "python" in healthchecks[0]
+    assert "/healthz" in healthchecks[0]
+    assert str(SERVICES[service]) in healthchecks[0]
+    assert "curl" not in healthchecks[0], "python:3.11-slim has no curl"
+
+    entrypoints = [arguments for instruction, arguments in runtime if instruction == "ENTRYPOINT"]
+    assert len(entrypoints) == 1
+    entrypoint = yaml.safe_load(entrypoints[0])
+    assert entrypoint == [f"edgeway-{service}"], "exec form, the console script (gets SIGTERM)"
+    pyproject = tomllib.loads((ROOT / "services" / service / "pyproject.toml").read_text())
+    assert entrypoint[0] in pyproject["project"]["scripts"]
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for needed in (".git", ".venv", ".tools", "var", "**/__pycache__", ".mypy_cache", ".env"):
+        assert needed in patterns, f".dockerignore: {needed} missing"
+    for kept in ("constraints.txt", "libs", "services", "pyproject.toml"):
+        assert kept not in patterns, f".dockerignore must not exclude {kept}"
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------
+
+
+@functools.cache
+def _kustomize(overlay: str) -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomize overlays")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(OVERLAYS_DIR / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {overlay}:\n{result.stderr}"
+    return result.stdout
+
+
+def _resources(overlay: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(_kustomize(overlay)) if doc]
+
+
+def _of_kind(overlay: str, kind: str) -> dict[str, dict[str, Any]]:
+    return {r["metadata"]["name"]: r for r in _resources(overlay) if r["kind"] == kind}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _secret_values(secret: dict[str, Any]) -> dict[str, str]:
+    values = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    values.update(secret.get("stringData") or {})
+    return values
+
+
+def _effective_env(
+    container: dict[str, Any], configmaps: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """What the container sees: envFrom ConfigMaps in order, then `env` (literal or valueFrom)."""
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source, "envFrom is for ConfigMaps; secrets come key by key"
+        name = source["configMapRef"]["name"]
+        assert name in configmaps, f"envFrom names a ConfigMap that is not rendered: {name}"
+        env.update(configmaps[name].get("data") or {})
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"] if "value" in item else item["valueFrom"]
+    return env
+
+
+def _deployments(overlay: str) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(name, pod spec, container) for every container of every Deployment."""
+    deployments = _of_kind(overlay, "Deployment")
+    assert set(SERVICES) <= set(deployments)
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            yield name, pod, container
+
+
+def test_the_overlays_are_there() -> None:
+    assert {"dev", "prod"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_is_valid_kubernetes(overlay: str) -> None:
+    manifests = _kustomize(overlay)
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "kubernetes-validate"),
+            "--strict",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            "-",
+        ],
+        input=manifests,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # An unknown kind or apiVersion is only a WARN (exit 0) for kubernetes-validate: refuse it.
+    problems = [line for line in output.splitlines() if not line.startswith("INFO")]
+    assert not problems, output
+    passed = [line for line in output.splitlines() if " passed for resource " in line]
+    assert len(passed) == len(_resources(overlay)), output
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_uses_stable_api_versions_in_namespace_edgeway(overlay: str) -> None:
+    for resource in _resources(overlay):
+        assert resource["apiVersion"] in STABLE_API_VERSIONS, (
+            f"{resource['kind']}/{resource['metadata']['name']}: {resource['apiVersion']}"
+        )
+        if resource["kind"] != "Namespace":
+            assert resource["metadata"].get("namespace") == "edgeway"
+    kinds = {r["kind"] for r in _resources(overlay)}
+    assert {"Namespace", "Deployment", "Service", "ConfigMap", "Ingress"} <= kinds
+    assert {"PodDisruptionBudget"} <= kinds
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployments_have_probes_resources_and_hardening(overlay: str) -> None:
+    configmaps = _of_kind(overlay, "ConfigMap")
+    for name, pod, container in _deployments(overlay):
+        where = f"{overlay}: {name}/{container['name']}"
+        port = SERVICES.get(name)
+        for probe, path in (
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("startupProbe", "/healthz"),
+        ):
+            assert probe in container, f"{where}: no {probe}"
+            assert container[probe]["httpGet"]["path"] == path, f"{where}: {probe}"
+        resources = container.get("resources", {})
+        for bound in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert resource in resources.get(bound, {}), f"{where}: no {bound}.{resource}"
+
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, where
+        assert security["allowPrivilegeEscalation"] is False, where
+        assert security["capabilities"]["drop"] == ["ALL"], where
+
+        env = _effective_env(container, configmaps)
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        for writable in (TMP, env.get("EDGEWAY_DATA_DIR")):
+            assert writable in mounts, f"{where}: {writable} is not mounted (read-only root)"
+            assert "emptyDir" in volumes[mounts[writable]], f"{where}: {writable}"
+        assert set(mounts.values()) <= set(volumes), where
+
+        grace = float(env.get("EDGEWAY_GRACEFUL_TIMEOUT", 10))
+        assert pod["terminationGracePeriodSeconds"] > grace, where
+        if port is not None:
+            assert env["EDGEWAY_HTTP_HOST"] == "0.0.0.0", where
+            assert int(env["EDGEWAY_HTTP_PORT"]) == port, where
+            assert [p["containerPort"] for p in container["ports"]] == [port], where
+        for variable, value in env.items():
+            if SECRET_ENV.search(variable):
+                assert isinstance(value, dict), f"{where}: {variable} is a literal value"
+                assert "secretKeyRef" in value, f"{where}: {variable} not from a Secret"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmaps_hold_no_credentials(overlay: str) -> None:
+    for name, configmap in _of_kind(overlay, "ConfigMap").items():
+        for key, value in (configmap.get("data") or {}).items():
+            assert not SECRET_ENV.search(key), f"{overlay}: ConfigMap {name} holds {key}"
+            assert not URL_WITH_PASSWORD.search(value), f"{overlay}: ConfigMap {name}: {key}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_referenced_object_exists(overlay: str) -> None:
+    rendered = {(r["kind"], r["metadata"]["name"]) for r in _resources(overlay)}
+    # Only production relies on Secrets created out of band.
+    external = OUT_OF_BAND_SECRETS if overlay == "prod" else set()
+    secrets = {name for kind, name in rendered if kind == "Secret"} | external
+    for name, pod, container in _deployments(overlay):
+        for source in container.get("envFrom", []):
+            assert ("ConfigMap", source["configMapRef"]["name"]) in rendered, name
+        for item in container.get("env", []):
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] in secrets, f"{overlay}: {name} reads Secret {ref['name']}"
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets, f"{overlay}: {name}"
+    for ingress in _of_kind(overlay, "Ingress").values():
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert ("Service", path["backend"]["service"]["name"]) in rendered
+        for tls in ingress["spec"].get("tls", []):
+            assert tls["secretName"] in secrets
+    for hpa in _of_kind(overlay, "HorizontalPodAutoscaler").values():
+        assert ("Deployment", hpa["spec"]["scaleTargetRef"]["name"]) in rendered
+    for name in _of_kind(overlay, "Deployment"):
+        assert name in _of_kind(overlay, "PodDisruptionBudget"), f"{overlay}: no PDB for {name}"
+        assert name in _of_kind(overlay, "Service"), f"{overlay}: no Service for {name}"
+
+
+def _environment_of(overlay: str) -> set[str]:
+    configmaps = _of_kind(overlay, "ConfigMap")
+    return {
+        _effective_env(container, configmaps).get("EDGEWAY_ENVIRONMENT", "<unset>")
+        for _, _, container in _deployments(overlay)
+    }
+
+
+def test_dev_overlay_is_one_replica_of_development() -> None:
+    assert _environment_of("dev") == {"development"}
+    for name, deployment in _of_kind("dev", "Deployment").items():
+        assert deployment["spec"].get("replicas") == 1, name
+    assert not _of_kind("dev", "HorizontalPodAutoscaler"), "an HPA would hold more replicas"
+    secrets = _of_kind("dev", "Secret")
+    assert secrets, "dev generates its development secrets"
+    for secret in secrets.values():
+        for key, value in _secret_values(secret).items():
+            assert "PLACEHOLDER" not in value, f"dev still has the base placeholder for {key}"
+    jwt = [_secret_values(s).get("jwt-secret") for s in secrets.values()]
+    assert DEVELOPMENT_SECRET in jwt, "dev's JWT secret is the one the gateway refuses elsewhere"
+
+
+def test_prod_overlay_is_production_without_secret_values() -> None:
+    assert _environment_of("prod") == {"production"}
+    resources = _resources("prod")
+    assert not [r for r in resources if r["kind"] == "Secret"], "prod must not carry a Secret"
+    for text in (s for resource in resources for s in _strings(resource)):
+        assert not URL_WITH_PASSWORD.search(text), f"credentials in a URL: {text}"
+        for marker in ("PLACEHOLDER", DEVELOPMENT_SECRET, "dev-only"):
+            assert marker not in text, f"prod contains {marker!r}"
+    configmaps = _of_kind("prod", "ConfigMap")
+    for name, _, container in _deployments("prod"):
+        env = _effective_env(container, configmaps)
+        assert env["EDGEWAY_AMQP_URL"]["secretKeyRef"]["name"] == "edgeway-secrets", name
+        if name == "gateway":
+            assert env["EDGEWAY_ANONYMOUS_SCOPES"] == "[]", "no anonymous access in production"
+            assert "*" not in env["EDGEWAY_ALLOWED_ORIGINS"]
+
+
+def test_prod_overlay_scales_out() -> None:
+    hpa = _of_kind("prod", "HorizontalPodAutoscaler")["gateway"]["spec"]
+    assert hpa["minReplicas"] >= 2
+    assert hpa["maxReplicas"] > hpa["minReplicas"]
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
+    assert "replicas" not in _of_kind("prod", "Deployment")["gateway"]["spec"], "the HPA owns it"
+    assert _of_kind("prod", "Deployment")["occupancy"]["spec"]["replicas"] >= 2
+    ingress = _of_kind("prod", "Ingress")["gateway"]
+    assert ingress["spec"].get("tls"), "production Ingress serves TLS"
+    timeout = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]
+    assert int(timeout) >= 600, "WebSockets need a long proxy read timeout"
