@@ -1,0 +1,1 @@
+"""Edgeway benchmarks: `make bench` (prints tables, writes JSON under bench/results/)."""

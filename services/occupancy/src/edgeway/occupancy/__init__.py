@@ -1,0 +1,1 @@
+"""Edgeway occupancy: camera-model frame results to per-location occupancy, stored and broadcast."""

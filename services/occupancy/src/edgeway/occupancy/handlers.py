@@ -1,0 +1,290 @@
+"""FastStream subscribers of the occupancy service: decode, apply the rules, store, publish.
+
+One observation is one short transaction; its results are published after the commit and the
+delivery is acked after that, so a crash anywhere means a redelivery, which the store ignores
+(idempotent on `message_id`) and which publishes its result again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from faststream import AckPolicy
+from faststream.asgi import AsgiFastStream
+from faststream.message import StreamMessage
+from faststream.rabbit import RabbitResponse
+from faststream.rabbit.annotations import RabbitMessage
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from edgeway.common.broker import (
+    JSON,
+    declare_shared,
+    declare_work,
+    encode,
+    make_broker,
+    publish,
+)
+from edgeway.common.db import make_engine, make_sessionmaker, ping
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, UPDATE_TYPE
+from edgeway.common.service import service_app
+from edgeway.common.settings import async_database_url
+from edgeway.common.topology import Channels, Topology
+from edgeway.occupancy import domain, store
+from edgeway.occupancy.settings import OccupancySettings
+
+SERVICE = "occupancy"
+# The `type` of an error frame sent back to a producer (body: edgeway.common.schemas.errors).
+ERROR_TYPE = "error.v1"
+OUTCOMES = ("stored", "duplicate", "rejected")
+
+# A PostgreSQL restart or fail-over lasts seconds. Riding it out inside the handler keeps those
+# deliveries from counting toward the queue's delivery limit, which is meant for messages that
+# can never succeed. 7.5 s in all: less than the default grace period of a stopping process.
+DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+log = get_logger("edgeway.occupancy")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one observation came to, and what to publish about it once committed."""
+
+    label: str  # the metric's outcome: stored, duplicate or rejected
+    routing_key: str | None  # broadcast channel; None: nobody to tell
+    body: bytes
+    type: str
+    rejection: domain.Rejection | None = None
+
+
+async def raw_body(message: StreamMessage[Any]) -> bytes:
+    """Hand the handler the body as it came: it decides what malformed means, not FastStream."""
+    return message.body
+
+
+async def with_db_retry(work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work`, again after a pause while the database is unreachable or busy."""
+    for delay in DB_RETRY_DELAYS:
+        try:
+            return await work()
+        except (OperationalError, InterfaceError) as exc:
+            log.warning(
+                "database unavailable, retrying", error=str(exc.orig or exc), retry_in=delay
+            )
+            await asyncio.sleep(delay)
+    return await work()
+
+
+async def store_observation(
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    cameras: store.CameraDirectory,
+    envelope: Envelope,
+    body: bytes,
+    reading: domain.Reading | domain.Rejection,
+) -> Outcome:
+    """Store an observation (or why it was rejected) in one transaction."""
+    received_at = _when(envelope.received_at)
+    async with sessions.begin() as session:
+        if isinstance(reading, domain.Reading):
+            camera = reading.frame.camera
+            location = await cameras.lookup(session=session, camera_id=camera)
+            if location is not None:
+                update = domain.client_update(reading, location_name=location.location_name)
+                update_json = encode(update.model_dump())
+                fresh = await store.record_observation(
+                    session=session,
+                    message_id=envelope.message_id,
+                    camera=camera,
+                    location=location,
+                    reading=reading,
+                    received_at=received_at,
+                    timestamp_raw=encode(reading.frame.timestamp).decode(),
+                    client_update=update_json.decode(),
+                )
+                return Outcome(
+                    label="stored" if fresh else "duplicate",
+                    routing_key=Channels.occupancy_location(location.location_id),
+                    body=update_json,
+                    type=UPDATE_TYPE,
+                )
+            reading = domain.unknown_camera(camera)
+        fresh = await store.record_rejection(
+            session=session,
+            message_id=envelope.message_id,
+            code=reading.code.value,
+            reason=reading.reason,
+            payload=body,
+            received_at=received_at,
+        )
+    frame = reading.error_frame(message_id=envelope.message_id)
+    return Outcome(
+        label="rejected" if fresh else "duplicate",
+        routing_key=envelope.reply_channel,
+        body=frame.encode().encode(),
+        type=ERROR_TYPE,
+        rejection=reading,
+    )
+
+
+def _when(epoch: float) -> datetime:
+    """An envelope time as a datetime; now if the header held no usable time."""
+    try:
+        return datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.now(UTC)
+
+
+async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
+    """`{"query": "latest"}` -> the JSON list of every location's latest client message."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return encode({"error": "request is not valid JSON"})
+    if not isinstance(request, dict) or request.get("query") != "latest":
+        return encode({"error": 'unknown query; supported: {"query": "latest"}'})
+    try:
+        async with sessions() as session:
+            updates = await store.latest_updates(session=session)
+    except SQLAlchemyError as exc:
+        log.warning("latest-state query failed", error=str(exc))
+        return encode({"error": "occupancy database unavailable"})
+    # The stored messages are JSON already: joined, not decoded and encoded again.
+    return b"[" + b",".join(update.encode() for update in updates) + b"]"
+
+
+def build_app(
+    settings: OccupancySettings,
+    *,
+    tracer_provider: TracerProvider,
+    registry: CollectorRegistry = REGISTRY,
+) -> AsgiFastStream:
+    """The occupancy service: its subscribers, start-up work and operations endpoints."""
+    topology = Topology(settings.exchanges)
+    broker = make_broker(
+        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    )
+    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    cameras = store.CameraDirectory()
+    observations = Counter(
+        "edgeway_occupancy_observations_total",
+        "Observations taken from the work queue, by outcome (stored, duplicate, rejected)",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in OUTCOMES:
+        observations.labels(outcome)
+    declared = asyncio.Event()
+
+    @broker.subscriber(
+        topology.occupancy_observations_queue,
+        topology.occupancy_observations,
+        # NACK_ON_ERROR: success acks after the commit and the publish; an unexpected exception
+        # (database still down after DB_RETRY_DELAYS, a bug) nacks with requeue, so the message
+        # is tried again and the quorum queue's delivery limit dead-letters one that can never
+        # succeed. The default, REJECT_ON_ERROR, would dead-letter it on the first failure.
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=raw_body,
+        no_reply=True,
+    )
+    async def on_observation(body: bytes, message: RabbitMessage) -> None:
+        envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
+        reading = domain.read_observation(body)
+        outcome = await with_db_retry(
+            lambda: store_observation(
+                sessions=sessions,
+                cameras=cameras,
+                envelope=envelope,
+                body=body,
+                reading=reading,
+            )
+        )
+        observations.labels(outcome.label).inc()
+        if outcome.rejection is not None:
+            log.warning(
+                "observation rejected",
+                code=outcome.rejection.code.value,
+                reason=outcome.rejection.reason,
+                message_id=envelope.message_id,
+                producer=envelope.producer,
+                duplicate=outcome.label == "duplicate",
+            )
+        if outcome.routing_key:
+            await publish(
+                broker,
+                outcome.body,
+                envelope=envelope.derive(type=outcome.type, producer=SERVICE),
+                exchange=topology.broadcast,
+                routing_key=outcome.routing_key,
+                durable=False,
+            )
+
+    # A query is worthless once its asker gave up: acked whatever happens, never retried.
+    @broker.subscriber(
+        topology.occupancy_requests_queue, ack_policy=AckPolicy.ACK, decoder=raw_body
+    )
+    async def on_request(body: bytes) -> RabbitResponse:
+        reply = await answer_query(body, sessions=sessions)
+        # Not mandatory: an asker whose reply queue is gone must not make this handler fail.
+        return RabbitResponse(reply, content_type=JSON, mandatory=False)
+
+    async def prepare_database() -> None:
+        await store.MIGRATIONS.upgrade_async(url)
+        async with sessions.begin() as session:
+            await store.seed_cameras(session=session, cameras=settings.cameras)
+            known = await store.load_cameras(session=session)
+        cameras.replace(known)
+        log.info("database ready", cameras=len(known))
+
+    async def declare_topology() -> None:
+        await declare_shared(broker, topology)
+        await declare_work(
+            broker,
+            topology,
+            topology.occupancy_observations,
+            topology.occupancy_observations_queue,
+        )
+        declared.set()
+
+    async def database_reachable() -> None:
+        await ping(engine)
+
+    async def migrations_at_head() -> None:
+        if not await store.MIGRATIONS.at_head(url):
+            raise RuntimeError("database schema is not at the latest migration")
+
+    async def topology_declared() -> None:
+        if not declared.is_set():
+            raise RuntimeError("queues not declared yet")
+
+    app = service_app(
+        broker,
+        checks={
+            "database": database_reachable,
+            "migrations": migrations_at_head,
+            "topology": topology_declared,
+        },
+        on_startup=[prepare_database],
+        after_startup=[declare_topology],
+        registry=registry,
+    )
+
+    async def close_database() -> None:
+        await engine.dispose()
+
+    # After the broker has drained in-flight messages (on_shutdown hooks run before that).
+    app.after_shutdown(close_database)
+    return app

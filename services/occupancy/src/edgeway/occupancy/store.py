@@ -1,0 +1,392 @@
+"""The occupancy database: locations, cameras, every observation, rejections, latest state.
+
+Functions take the session as a keyword and never open or commit a transaction: the handler
+does, so one message is one short transaction. Inserts are idempotent on `message_id`
+(`INSERT ... ON CONFLICT DO NOTHING`, PostgreSQL and SQLite alike), so a redelivered message is
+never stored twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from edgeway.common.db import Migrations
+from edgeway.occupancy.domain import Reading
+
+MIGRATIONS = Migrations(
+    Path(__file__).with_name("migrations"), version_table="alembic_version_occupancy"
+)
+
+# Identifiers as long as AMQP allows a message id (short string).
+MESSAGE_ID_LENGTH = 255
+CAMERA_ID_LENGTH = 100  # edgeway.common.schemas.occupancy.CameraId
+LOCATION_NAME_LENGTH = 200
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """`timestamptz` on PostgreSQL; on SQLite (no time zones) UTC text, read back as aware UTC.
+
+    Normalising to UTC on the way in keeps SQLite's text comparison in time order.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+# JSONB where there is one (indexable, compact), JSON text on SQLite; None is SQL NULL.
+JSONDocument = JSON(none_as_null=True).with_variant(
+    postgresql.JSONB(none_as_null=True), "postgresql"
+)
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    # Constraint names spelled out, so the migrations name them the same on every database.
+    metadata = MetaData(
+        naming_convention={
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s",
+        }
+    )
+
+
+class Location(Base):
+    """Omega's `locations`: what clients see by name."""
+
+    __tablename__ = "locations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(LOCATION_NAME_LENGTH), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+
+class Camera(Base):
+    """Omega's `cameras`: which location a camera model's `camera` id reports on."""
+
+    __tablename__ = "cameras"
+
+    id: Mapped[str] = mapped_column(String(CAMERA_ID_LENGTH), primary_key=True)
+    location_id: Mapped[int] = mapped_column(ForeignKey("locations.id"))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+
+class Observation(Base):
+    """Every accepted frame result (what Omega's `model_data` was meant to hold)."""
+
+    __tablename__ = "observations"
+    __table_args__ = (Index("ix_observations_location_captured", "location_id", "captured_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_LENGTH), unique=True)
+    camera_id: Mapped[str] = mapped_column(ForeignKey("cameras.id"))
+    location_id: Mapped[int] = mapped_column(ForeignKey("locations.id"))
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    total_people: Mapped[int] = mapped_column(Integer)
+    free_zones: Mapped[int] = mapped_column(Integer)
+    occupied_zones: Mapped[int] = mapped_column(Integer)
+    occupancy_percent: Mapped[float] = mapped_column(Double)
+    # The producer's `timestamp` as JSON text (`1731790000.25` or `"2025-11-16T10:00:00Z"`), so
+    # the client message can be rebuilt exactly.
+    timestamp_raw: Mapped[str] = mapped_column(Text)
+    # The ROI names behind the counts: {"free": [...], "occupied": [...]}.
+    zones: Mapped[Any] = mapped_column(JSONDocument)
+    segments: Mapped[Any | None] = mapped_column(JSONDocument)
+
+
+class RejectedMessage(Base):
+    """What could not be taken, kept with its payload so nothing a producer sent is lost."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_LENGTH), unique=True)
+    code: Mapped[str] = mapped_column(String(50))
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LocationState(Base):
+    """The latest observation of each location, with the exact client message to replay."""
+
+    __tablename__ = "location_state"
+
+    location_id: Mapped[int] = mapped_column(ForeignKey("locations.id"), primary_key=True)
+    camera_id: Mapped[str] = mapped_column(String(CAMERA_ID_LENGTH))
+    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_LENGTH))
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    people_detected: Mapped[int] = mapped_column(Integer)
+    occupancy_percent: Mapped[float] = mapped_column(Double)
+    client_update: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+
+class CameraLocation(NamedTuple):
+    location_id: int
+    location_name: str
+
+
+Insert = postgresql.Insert | sqlite.Insert
+
+
+def _insert(session: AsyncSession, entity: type[Base]) -> Insert:
+    """The dialect's INSERT, which has ON CONFLICT."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(entity)
+    return sqlite.insert(entity)
+
+
+def _table(entity: type[Base]) -> Table:
+    table = entity.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+# What a newer observation replaces in its location's state.
+LATEST_FIELDS = frozenset(
+    (
+        "camera_id",
+        "message_id",
+        "captured_at",
+        "people_detected",
+        "occupancy_percent",
+        "client_update",
+    )
+)
+
+
+class _HotStatements:
+    """The per-message statements, built once per dialect and run with parameters.
+
+    Measured: building `insert().values(...)` per message through the ORM cost about 3 ms of CPU
+    per observation on PostgreSQL; Core statements built once and reused about 1.5 ms.
+    """
+
+    def __init__(self, insert: Callable[[Table], Insert]) -> None:
+        observations, rejections, state = (
+            _table(Observation),
+            _table(RejectedMessage),
+            _table(LocationState),
+        )
+        self.observation = (
+            insert(observations)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(observations.c.id)
+        )
+        self.rejection = (
+            insert(rejections)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(rejections.c.id)
+        )
+        upsert = insert(state)
+        latest = [column.name for column in state.c if column.name in LATEST_FIELDS]
+        self.state = upsert.on_conflict_do_update(
+            index_elements=["location_id"],
+            set_={
+                **{column: upsert.excluded[column] for column in latest},
+                "updated_at": func.now(),
+            },
+            # Forward in capture time only; ties go to the later arrival.
+            where=state.c.captured_at <= upsert.excluded.captured_at,
+        )
+
+
+_HOT = {
+    "postgresql": _HotStatements(postgresql.insert),
+    "sqlite": _HotStatements(sqlite.insert),
+}
+
+
+def _hot(session: AsyncSession) -> _HotStatements:
+    return _HOT[session.get_bind().dialect.name]
+
+
+async def seed_cameras(*, session: AsyncSession, cameras: Mapping[str, str]) -> None:
+    """Create the named locations that are missing and (re)map the given cameras to them."""
+    if not cameras:
+        return
+    names = sorted(set(cameras.values()))
+    await session.execute(
+        _insert(session, Location)
+        .values([{"name": name} for name in names])
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    rows = await session.execute(select(Location.name, Location.id).where(Location.name.in_(names)))
+    ids: dict[str, int] = {name: location_id for name, location_id in rows}
+    upsert = _insert(session, Camera).values(
+        [{"id": camera, "location_id": ids[name]} for camera, name in sorted(cameras.items())]
+    )
+    await session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["id"], set_={"location_id": upsert.excluded.location_id}
+        )
+    )
+
+
+async def load_cameras(*, session: AsyncSession) -> dict[str, CameraLocation]:
+    """Every camera with its location, seeded or added by an operator."""
+    rows = await session.execute(
+        select(Camera.id, Camera.location_id, Location.name).join(
+            Location, Camera.location_id == Location.id
+        )
+    )
+    return {camera: CameraLocation(lid, name) for camera, lid, name in rows}
+
+
+async def find_camera(*, session: AsyncSession, camera_id: str) -> CameraLocation | None:
+    row = (
+        await session.execute(
+            select(Camera.location_id, Location.name)
+            .join(Location, Camera.location_id == Location.id)
+            .where(Camera.id == camera_id)
+        )
+    ).first()
+    return None if row is None else CameraLocation(row[0], row[1])
+
+
+class CameraDirectory:
+    """Camera -> location, held in memory after start; a miss is looked up in the database.
+
+    Saves a round trip per message. A camera an operator adds to the table is found on its first
+    miss; one that is re-mapped or renamed in the table is seen after a restart.
+    """
+
+    def __init__(self, known: Mapping[str, CameraLocation] | None = None) -> None:
+        self._known: dict[str, CameraLocation] = dict(known or {})
+
+    def replace(self, known: Mapping[str, CameraLocation]) -> None:
+        self._known = dict(known)
+
+    async def lookup(self, *, session: AsyncSession, camera_id: str) -> CameraLocation | None:
+        if (hit := self._known.get(camera_id)) is not None:
+            return hit
+        found = await find_camera(session=session, camera_id=camera_id)
+        if found is not None:
+            self._known[camera_id] = found
+        return found
+
+
+async def record_observation(
+    *,
+    session: AsyncSession,
+    message_id: str,
+    camera: str,
+    location: CameraLocation,
+    reading: Reading,
+    received_at: datetime,
+    timestamp_raw: str,
+    client_update: str,
+) -> bool:
+    """Store one observation and advance its location's state; False if already stored.
+
+    The state moves only forward in capture time: a late or redelivered older observation is
+    stored but does not replace a newer state.
+    """
+    frame = reading.frame
+    summary = frame.summary
+    hot = _hot(session)
+    stored = await session.scalar(
+        hot.observation,
+        {
+            "message_id": message_id,
+            "camera_id": camera,
+            "location_id": location.location_id,
+            "captured_at": reading.captured_at,
+            "received_at": received_at,
+            "total_people": summary.total_people,
+            "free_zones": len(summary.free),
+            "occupied_zones": len(summary.occupied),
+            "occupancy_percent": reading.occupancy_percent,
+            "timestamp_raw": timestamp_raw,
+            "zones": {"free": summary.free, "occupied": summary.occupied},
+            "segments": frame.segments,
+        },
+    )
+    if stored is None:
+        return False
+    await session.execute(
+        hot.state,
+        {
+            "location_id": location.location_id,
+            "camera_id": camera,
+            "message_id": message_id,
+            "captured_at": reading.captured_at,
+            "people_detected": summary.total_people,
+            "occupancy_percent": reading.occupancy_percent,
+            "client_update": client_update,
+        },
+    )
+    return True
+
+
+async def record_rejection(
+    *,
+    session: AsyncSession,
+    message_id: str,
+    code: str,
+    reason: str,
+    payload: bytes,
+    received_at: datetime,
+) -> bool:
+    """Keep what could not be taken; False if this message was already rejected."""
+    # PostgreSQL text cannot hold NUL; the payload is kept for people, not for replay byte by byte.
+    text = payload.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    stored = await session.scalar(
+        _hot(session).rejection,
+        {
+            "message_id": message_id,
+            "code": code,
+            "reason": reason,
+            "payload": text,
+            "received_at": received_at,
+        },
+    )
+    return stored is not None
+
+
+async def latest_updates(*, session: AsyncSession) -> list[str]:
+    """The latest client message (JSON text) of every location that has one, by location id."""
+    rows = await session.scalars(
+        select(LocationState.client_update).order_by(LocationState.location_id)
+    )
+    return list(rows)

@@ -1,0 +1,350 @@
+"""The occupancy service as it runs: a real process between the real RabbitMQ and PostgreSQL.
+
+A test plays the camera model's side (publishing frame results the way the gateway does) and
+the gateway's side (listening on the broadcast exchange, asking for the latest state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import orjson
+import psycopg
+import pytest
+from aio_pika import DeliveryMode
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from faststream.rabbit import RabbitBroker, RabbitQueue
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from edgeway.common.broker import publish
+from edgeway.common.db import make_engine
+from edgeway.common.envelope import Envelope, new_message_id
+from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, UPDATE_TYPE
+from edgeway.common.settings import async_database_url
+from edgeway.common.testing import POSTGRES_ADMIN_URL, ServiceProcess, free_port
+from edgeway.common.topology import Channels, Topology
+from edgeway.occupancy.handlers import DB_RETRY_DELAYS
+
+pytestmark = pytest.mark.connected
+
+TOPOLOGY = Topology()
+# Long enough for a broker round trip and a commit on a loaded CI machine; a pass takes far less.
+WAIT = 15.0
+
+
+def frame(camera: str = "Flint_1", **overrides: Any) -> dict[str, Any]:
+    """A frame result as Omega's camera model sends it."""
+    body: dict[str, Any] = {
+        "event": "frame_result",
+        "camera": camera,
+        "timestamp": 1763321200.123456,
+        "summary": {"total_people": 5, "free": ["T1", "T2", "T3"], "occupied": ["T4"]},
+        "segments": [{"index": 0, "name": "T1", "capacity": 2, "count": 0, "status": "free"}],
+    }
+    body.update(overrides)
+    return body
+
+
+class Edge:
+    """The producer and gateway side of the service, on one broker connection."""
+
+    def __init__(self, broker: RabbitBroker, listener: AbstractQueue, reply_channel: str) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.reply_channel = reply_channel
+        self.received: list[AbstractIncomingMessage] = []
+
+    async def send(self, body: dict[str, Any] | bytes, *, message_id: str | None = None) -> str:
+        envelope = Envelope(
+            type=OBSERVATION_TYPE,
+            producer="camera-model",
+            message_id=message_id or new_message_id(),
+            reply_channel=self.reply_channel,
+        )
+        await publish(
+            self.broker,
+            body if isinstance(body, bytes) else orjson.dumps(body),
+            envelope=envelope,
+            exchange=TOPOLOGY.occupancy_observations,
+            durable=True,
+        )
+        return envelope.message_id
+
+    async def result_of(self, message_id: str) -> AbstractIncomingMessage:
+        """The next broadcast caused by `message_id` (its correlation id)."""
+        return await self.wait_for(lambda message: message.correlation_id == message_id)
+
+    async def wait_for(
+        self, matches: Callable[[AbstractIncomingMessage], bool], within: float = WAIT
+    ) -> AbstractIncomingMessage:
+        deadline = time.monotonic() + within
+        while True:
+            for index, message in enumerate(self.received):
+                if matches(message):
+                    return self.received.pop(index)
+            incoming = await self.listener.get(no_ack=True, fail=False)
+            if incoming is not None:
+                self.received.append(incoming)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no matching broadcast in {within}s; got {self.received}")
+            await asyncio.sleep(0.02)
+
+    async def ask(self, body: bytes) -> Any:
+        reply = await self.broker.request(
+            body, queue=TOPOLOGY.occupancy_requests_queue.name, timeout=WAIT
+        )
+        return orjson.loads(reply.body)
+
+
+@pytest.fixture
+def service(amqp_url: str, postgres_url: str, tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        "edgeway.occupancy",
+        env={
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_OCCUPANCY_DATABASE_URL": postgres_url,
+            "EDGEWAY_DATA_DIR": str(tmp_path / "var"),
+        },
+        port=free_port(),
+        log_path=tmp_path / "occupancy.log",
+    )
+    try:
+        yield process.start()
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def edge(amqp_url: str, service: ServiceProcess) -> AsyncIterator[Edge]:
+    reply_channel = Channels.producer(f"test-{uuid.uuid4().hex[:8]}", "conn-1")
+    async with RabbitBroker(amqp_url) as broker:
+        await broker.connect()
+        listener = await broker.declare_queue(
+            RabbitQueue(f"test.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
+        )
+        broadcast = await broker.declare_exchange(TOPOLOGY.broadcast)
+        await listener.bind(broadcast, routing_key=Channels.OCCUPANCY_LOCATIONS)
+        await listener.bind(broadcast, routing_key=reply_channel)
+        yield Edge(broker, listener, reply_channel)
+
+
+@pytest.fixture
+async def db(postgres_url: str, service: ServiceProcess) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(async_database_url(postgres_url, service="occupancy", data_dir=Path()))
+    yield engine
+    await engine.dispose()
+
+
+async def query(db: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with db.connect() as connection:
+        return list((await connection.execute(text(sql), params)).all())
+
+
+async def location_id(db: AsyncEngine, name: str) -> int:
+    rows = await query(db, "SELECT id FROM locations WHERE name = :name", name=name)
+    return int(rows[0][0])
+
+
+def metric(service: ServiceProcess, outcome: str) -> float:
+    line = f'edgeway_occupancy_observations_total{{outcome="{outcome}"}} '
+    for row in httpx.get(service.url + "/metrics").text.splitlines():
+        if row.startswith(line):
+            return float(row.removeprefix(line))
+    raise AssertionError(f"no {line!r} in /metrics")
+
+
+async def test_an_observation_is_stored_and_broadcast_in_omegas_shape(
+    edge: Edge, db: AsyncEngine, service: ServiceProcess
+) -> None:
+    message_id = await edge.send(frame())
+    update = await edge.result_of(message_id)
+
+    assert update.routing_key == Channels.occupancy_location(await location_id(db, "Flint Loop"))
+    assert update.body == (
+        b'{"location_name":"Flint Loop","timestamp":1763321200.123456,'
+        b'"people_detected":5,"occupancy_percent":25.0}'
+    )
+    assert update.type == UPDATE_TYPE
+    assert update.delivery_mode == DeliveryMode.NOT_PERSISTENT
+    rows = await query(
+        db,
+        "SELECT camera_id, total_people, free_zones, occupied_zones, occupancy_percent,"
+        " timestamp_raw FROM observations WHERE message_id = :id",
+        id=message_id,
+    )
+    assert rows == [("Flint_1", 5, 3, 1, 25.0, "1763321200.123456")]
+
+    # A redelivery (the gateway retried, or the service crashed before acking) is broadcast again
+    # but not stored twice.
+    await edge.send(frame(), message_id=message_id)
+    again = await edge.result_of(message_id)
+    assert again.body == update.body
+    assert await query(db, "SELECT count(*) FROM observations") == [(1,)]
+    assert (metric(service, "stored"), metric(service, "duplicate")) == (1.0, 1.0)
+
+
+async def test_rejections_reach_the_producer_are_kept_and_do_not_stop_the_flow(
+    edge: Edge, db: AsyncEngine, service: ServiceProcess
+) -> None:
+    unknown = await edge.send(frame("Nowhere_9"))
+    empty = await edge.send(frame(summary={"total_people": 1, "free": [], "occupied": []}))
+    garbled = await edge.send(b'{"camera": "Flint_1", "timestamp": ')
+    wrong = await edge.send(frame(timestamp="yesterday"))
+
+    expected = {
+        unknown: "unknown_camera",
+        empty: "zero_zones",
+        garbled: "malformed_json",
+        wrong: "invalid_shape",
+    }
+    for message_id, code in expected.items():
+        error = await edge.result_of(message_id)
+        assert error.routing_key == edge.reply_channel
+        sent = orjson.loads(error.body)
+        assert (sent["type"], sent["code"], sent["message_id"]) == ("error", code, message_id)
+        assert sent["reason"]
+    rows = await query(db, "SELECT message_id, code, payload FROM rejections")
+    assert {row[0]: row[1] for row in rows} == expected
+    assert {row[0]: row[2] for row in rows}[garbled] == '{"camera": "Flint_1", "timestamp": '
+    assert await query(db, "SELECT count(*) FROM observations") == [(0,)]
+
+    # The producer goes on; its next good frame is taken as if nothing happened.
+    good = await edge.send(frame("SU_2", timestamp="2025-11-16T21:26:40+02:00"))
+    update = orjson.loads((await edge.result_of(good)).body)
+    assert update == {
+        "location_name": "Student Union 2",
+        "timestamp": "2025-11-16T21:26:40+02:00",
+        "people_detected": 5,
+        "occupancy_percent": 25.0,
+    }
+    assert metric(service, "rejected") == 4.0
+
+
+async def test_latest_state_is_answered_over_request_reply(edge: Edge) -> None:
+    assert await edge.ask(b'{"query": "latest"}') == []
+
+    newer = await edge.send(frame("OW_1", timestamp=1763321300, summary=summary(people=2)))
+    await edge.result_of(newer)
+    # Captured earlier, delivered later: history, not the latest state.
+    older = await edge.send(frame("OW_1", timestamp=1763321200, summary=summary(people=9)))
+    await edge.result_of(older)
+    tims = await edge.send(frame("Tims_1", timestamp=1763321250.5))
+    await edge.result_of(tims)
+
+    latest = await edge.ask(b'{"query": "latest"}')
+    assert sorted(latest, key=lambda update: update["location_name"]) == [
+        {
+            "location_name": "One World",
+            "timestamp": 1763321300,
+            "people_detected": 2,
+            "occupancy_percent": 50.0,
+        },
+        {
+            "location_name": "Tim Hortons",
+            "timestamp": 1763321250.5,
+            "people_detected": 5,
+            "occupancy_percent": 25.0,
+        },
+    ]
+    assert "error" in await edge.ask(b'{"query": "history"}')
+    assert "error" in await edge.ask(b"latest please")
+
+
+def summary(*, people: int) -> dict[str, Any]:
+    return {"total_people": people, "free": ["T1"], "occupied": ["T2"]}
+
+
+async def test_a_camera_an_operator_adds_works_without_a_restart(
+    edge: Edge, db: AsyncEngine
+) -> None:
+    async with db.begin() as connection:
+        library = (
+            await connection.execute(
+                text("INSERT INTO locations (name) VALUES ('Library') RETURNING id")
+            )
+        ).scalar_one()
+        await connection.execute(
+            text("INSERT INTO cameras (id, location_id) VALUES ('Lib_1', :id)"), {"id": library}
+        )
+    message_id = await edge.send(frame("Lib_1"))
+    update = await edge.result_of(message_id)
+    assert update.routing_key == Channels.occupancy_location(library)
+    assert orjson.loads(update.body)["location_name"] == "Library"
+
+
+def admin(statement: sql.SQL | sql.Composed, *params: Any) -> None:
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(statement, params)
+
+
+@pytest.mark.slow
+async def test_a_database_outage_delays_observations_but_loses_none(
+    edge: Edge, db: AsyncEngine, postgres_url: str, service: ServiceProcess
+) -> None:
+    name = postgres_url.rsplit("/", 1)[1]
+    database = sql.Identifier(name)
+    admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+    admin(
+        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"), name
+    )
+    try:
+        message_id = await edge.send(frame())
+        # Longer than the handler rides out (7.5 s): the delivery fails and is requeued.
+        with pytest.raises(TimeoutError):
+            await edge.wait_for(lambda message: message.correlation_id == message_id, within=9)
+    finally:
+        admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+
+    update = await edge.result_of(message_id)
+    assert orjson.loads(update.body)["location_name"] == "Flint Loop"
+    rows = await query(
+        db, "SELECT count(*) FROM observations WHERE message_id = :id", id=message_id
+    )
+    assert rows == [(1,)]
+    # Retried inside the handler, then requeued and retried on the next delivery.
+    retries = service.log_text().count("database unavailable, retrying")
+    assert retries > len(DB_RETRY_DELAYS)
+
+
+async def test_a_message_that_always_fails_is_dead_lettered_after_the_delivery_limit(
+    edge: Edge, db: AsyncEngine, postgres_url: str
+) -> None:
+    async with db.begin() as connection:
+        await connection.execute(text("ALTER TABLE observations RENAME TO observations_away"))
+    try:
+        doomed = await edge.send(frame())
+        dead = await dead_letter(edge, doomed)
+    finally:
+        async with db.begin() as connection:
+            await connection.execute(text("ALTER TABLE observations_away RENAME TO observations"))
+    # Requeued on each failure until the quorum queue's delivery limit, not rejected at once.
+    (death,) = cast(list[dict[str, Any]], dead.headers["x-death"])
+    assert death["reason"] == "delivery_limit"
+    assert dead.body == orjson.dumps(frame())
+
+    # The service is still consuming.
+    fine = await edge.send(frame())
+    assert orjson.loads((await edge.result_of(fine)).body)["location_name"] == "Flint Loop"
+
+
+async def dead_letter(edge: Edge, message_id: str) -> AbstractIncomingMessage:
+    queue = await edge.broker.declare_queue(
+        TOPOLOGY.dead_letter_queue(TOPOLOGY.occupancy_observations_queue.name)
+    )
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.05)
+        elif message.message_id == message_id:
+            return message
+    raise TimeoutError(f"{message_id} was not dead-lettered in {WAIT}s")
