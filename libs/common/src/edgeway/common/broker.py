@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -45,6 +46,9 @@ def make_broker(
             ),
         ),
         logger=get_logger(f"edgeway.{service}.broker"),
+        # FastStream logs "Received" and "Processed" for every message at this level: debug, not
+        # info (two log lines per message cost ~0.65 ms of CPU, measured in the occupancy service).
+        log_level=logging.DEBUG,
         # The connection is retried by the robust connection; start-up waits for it (readyz).
         fail_fast=False,
         reconnect_interval=2.0,

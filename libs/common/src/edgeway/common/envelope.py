@@ -59,12 +59,14 @@ class Envelope:
 
     def publish_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `RabbitBroker.publish` that carry this envelope."""
+        # Times travel as decimal strings: pamqp encodes a Python float header as a 32-bit
+        # float, which is off by up to a minute at today's epoch seconds.
         headers: dict[str, Any] = {
             HEADER_PRODUCER: self.producer,
-            HEADER_RECEIVED_AT: self.received_at,
+            HEADER_RECEIVED_AT: f"{self.received_at:.6f}",
         }
         if self.captured_at is not None:
-            headers[HEADER_CAPTURED_AT] = self.captured_at
+            headers[HEADER_CAPTURED_AT] = f"{self.captured_at:.6f}"
         if self.reply_channel:
             headers[HEADER_REPLY_CHANNEL] = self.reply_channel
         return {

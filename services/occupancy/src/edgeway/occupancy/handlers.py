@@ -8,7 +8,7 @@ delivery is acked after that, so a crash anywhere means a redelivery, which the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.batching import GroupCommit
 from edgeway.common.broker import (
     JSON,
     declare_shared,
@@ -86,48 +87,76 @@ async def with_db_retry(work: Callable[[], Awaitable[T]]) -> T:
     return await work()
 
 
-async def store_observation(
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One observation as it came off the queue, decoded."""
+
+    envelope: Envelope
+    body: bytes
+    reading: domain.Reading | domain.Rejection
+
+
+async def store_observations(
+    deliveries: Sequence[Delivery],
     *,
     sessions: async_sessionmaker[AsyncSession],
+    cameras: store.CameraDirectory,
+) -> list[Outcome]:
+    """Store a group of observations (or why each was rejected) in one transaction, in order."""
+    async with sessions.begin() as session:
+        return [
+            await store_observation(
+                session=session,
+                cameras=cameras,
+                envelope=delivery.envelope,
+                body=delivery.body,
+                reading=delivery.reading,
+            )
+            for delivery in deliveries
+        ]
+
+
+async def store_observation(
+    *,
+    session: AsyncSession,
     cameras: store.CameraDirectory,
     envelope: Envelope,
     body: bytes,
     reading: domain.Reading | domain.Rejection,
 ) -> Outcome:
-    """Store an observation (or why it was rejected) in one transaction."""
+    """Store one observation (or why it was rejected) in the caller's transaction."""
     received_at = _when(envelope.received_at)
-    async with sessions.begin() as session:
-        if isinstance(reading, domain.Reading):
-            camera = reading.frame.camera
-            location = await cameras.lookup(session=session, camera_id=camera)
-            if location is not None:
-                update = domain.client_update(reading, location_name=location.location_name)
-                update_json = encode(update.model_dump())
-                fresh = await store.record_observation(
-                    session=session,
-                    message_id=envelope.message_id,
-                    camera=camera,
-                    location=location,
-                    reading=reading,
-                    received_at=received_at,
-                    timestamp_raw=encode(reading.frame.timestamp).decode(),
-                    client_update=update_json.decode(),
-                )
-                return Outcome(
-                    label="stored" if fresh else "duplicate",
-                    routing_key=Channels.occupancy_location(location.location_id),
-                    body=update_json,
-                    type=UPDATE_TYPE,
-                )
-            reading = domain.unknown_camera(camera)
-        fresh = await store.record_rejection(
-            session=session,
-            message_id=envelope.message_id,
-            code=reading.code.value,
-            reason=reading.reason,
-            payload=body,
-            received_at=received_at,
-        )
+    if isinstance(reading, domain.Reading):
+        camera = reading.frame.camera
+        location = await cameras.lookup(session=session, camera_id=camera)
+        if location is not None:
+            update = domain.client_update(reading, location_name=location.location_name)
+            update_json = encode(update.model_dump())
+            fresh = await store.record_observation(
+                session=session,
+                message_id=envelope.message_id,
+                camera=camera,
+                location=location,
+                reading=reading,
+                received_at=received_at,
+                timestamp_raw=encode(reading.frame.timestamp).decode(),
+                client_update=update_json.decode(),
+            )
+            return Outcome(
+                label="stored" if fresh else "duplicate",
+                routing_key=Channels.occupancy_location(location.location_id),
+                body=update_json,
+                type=UPDATE_TYPE,
+            )
+        reading = domain.unknown_camera(camera)
+    fresh = await store.record_rejection(
+        session=session,
+        message_id=envelope.message_id,
+        code=reading.code.value,
+        reason=reading.reason,
+        payload=body,
+        received_at=received_at,
+    )
     frame = reading.error_frame(message_id=envelope.message_id)
     return Outcome(
         label="rejected" if fresh else "duplicate",
@@ -188,6 +217,15 @@ def build_app(
     for outcome in OUTCOMES:
         observations.labels(outcome)
     declared = asyncio.Event()
+    # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
+    group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
+        lambda deliveries: with_db_retry(
+            lambda: store_observations(deliveries, sessions=sessions, cameras=cameras)
+        ),
+        max_size=settings.commit_group_size,
+        # A database outage fails every item alike; anything else may be one bad observation.
+        isolate=lambda exc: not isinstance(exc, OperationalError | InterfaceError),
+    )
 
     @broker.subscriber(
         topology.occupancy_observations_queue,
@@ -203,15 +241,7 @@ def build_app(
     async def on_observation(body: bytes, message: RabbitMessage) -> None:
         envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
         reading = domain.read_observation(body)
-        outcome = await with_db_retry(
-            lambda: store_observation(
-                sessions=sessions,
-                cameras=cameras,
-                envelope=envelope,
-                body=body,
-                reading=reading,
-            )
-        )
+        outcome = await group_commit.submit(Delivery(envelope, body, reading))
         observations.labels(outcome.label).inc()
         if outcome.rejection is not None:
             log.warning(

@@ -38,3 +38,5 @@ class OccupancySettings(CommonSettings):
         default_factory=lambda: dict(OMEGA_PLACES),
         validation_alias="EDGEWAY_OCCUPANCY_CAMERAS",
     )
+    # Most observations committed in one transaction (group commit; see edgeway.common.batching).
+    commit_group_size: int = Field(default=128, ge=1, le=1000)

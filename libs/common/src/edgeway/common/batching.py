@@ -1,0 +1,75 @@
+"""Group commit: many concurrent handlers, one database transaction.
+
+FastStream on aio-pika handles each delivery in its own task (up to the prefetch). Committing
+each message alone makes the database's WAL flush the limit (measured here: ~8 ms per commit,
+so ~120 messages/s whatever the CPU). A `GroupCommit` lets those handlers hand their work to
+one flusher, which takes everything waiting (up to `max_size`) into one transaction while the
+previous one commits. Every handler still learns its own outcome only after its commit, so it
+acks only what is durable. Items are flushed in the order they were submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    def __init__(
+        self,
+        flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        max_size: int = 128,
+        isolate: Callable[[Exception], bool] = lambda _: True,
+    ) -> None:
+        """`isolate(exc)`: whether a failed group is retried item by item to find the bad one
+        (false for outages, where every item would fail again)."""
+        self._flush = flush
+        self._max_size = max_size
+        self._isolate = isolate
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        """Wait until `item` is committed (with whatever else was waiting) and return its result."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._pending:
+            group = self._pending[: self._max_size]
+            del self._pending[: self._max_size]
+            await self._commit(group)
+
+    async def _commit(self, group: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in group])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting handlers
+            if len(group) == 1 or not self._isolate(exc):
+                for _, future in group:
+                    _settle(future, exc=exc)
+                return
+            # One bad item must not fail its neighbours: try each alone, so only it fails.
+            for entry in group:
+                await self._commit([entry])
+            return
+        for (_, future), result in zip(group, results, strict=True):
+            _settle(future, result=result)
+
+
+def _settle(
+    future: asyncio.Future[R], *, result: R | None = None, exc: Exception | None = None
+) -> None:
+    if future.done():  # the handler was cancelled (shutdown): nothing to tell
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

@@ -1,0 +1,55 @@
+"""Group commit: concurrent submitters share flushes, in order, and a bad item fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from edgeway.common.batching import GroupCommit
+
+
+class Flusher:
+    def __init__(self, *, poison: set[int] | None = None, outage: bool = False) -> None:
+        self.groups: list[list[int]] = []
+        self.poison = poison or set()
+        self.outage = outage
+
+    async def __call__(self, items: Sequence[int]) -> list[int]:
+        self.groups.append(list(items))
+        await asyncio.sleep(0.01)  # a commit takes time; more submitters pile up meanwhile
+        if self.outage:
+            raise ConnectionError("database down")
+        if self.poison & set(items):
+            raise ValueError("bad item")
+        return [item * 10 for item in items]
+
+
+async def test_concurrent_submissions_share_commits_in_order() -> None:
+    flusher = Flusher()
+    batcher: GroupCommit[int, int] = GroupCommit(flusher, max_size=50)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(120)))
+    assert results == [i * 10 for i in range(120)]
+    assert [i for group in flusher.groups for i in group] == list(range(120))
+    assert len(flusher.groups) < 10  # grouped, not one commit per item
+    assert max(len(group) for group in flusher.groups) <= 50
+
+
+async def test_a_bad_item_fails_alone() -> None:
+    batcher: GroupCommit[int, int] = GroupCommit(Flusher(poison={7}))
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(10)), return_exceptions=True)
+    assert isinstance(results[7], ValueError)
+    assert [r for i, r in enumerate(results) if i != 7] == [i * 10 for i in range(10) if i != 7]
+
+
+async def test_an_outage_fails_the_group_without_retrying_each_item() -> None:
+    flusher = Flusher(outage=True)
+    batcher: GroupCommit[int, int] = GroupCommit(
+        flusher, isolate=lambda exc: not isinstance(exc, ConnectionError)
+    )
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert len(flusher.groups) <= 2
+    with pytest.raises(ConnectionError):
+        await batcher.submit(99)
