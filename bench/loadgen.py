@@ -32,19 +32,13 @@ from typing import Any
 
 import orjson
 
+from edgeway.occupancy.settings import OMEGA_PLACES
+
 MODEL_PATH = "/model/ws/connect"
 CLIENT_PATH = "/client/ws/connect"
 
-# Project Omega's hard-coded camera -> location mapping (seed-systems.md §1, `DataHandler.places`).
-PLACES: dict[str, str] = {
-    "OW_1": "One World",
-    "Flint_1": "Flint Loop",
-    "PaulaPlaza_1": "Paula Plaza",
-    "SU_1": "Student Union 1",
-    "SU_2": "Student Union 2",
-    "SU_3": "Student Union 3",
-    "Tims_1": "Tim Hortons",
-}
+# Project Omega's camera -> location mapping, as the occupancy service seeds it.
+PLACES: dict[str, str] = dict(OMEGA_PLACES)
 CAMERAS = tuple(PLACES)
 UPDATE_KEYS = frozenset({"location_name", "timestamp", "people_detected", "occupancy_percent"})
 ZONES = 6  # ROI zones (tables) per camera in the generated frames

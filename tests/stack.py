@@ -9,17 +9,10 @@ from typing import Any
 
 from edgeway.common.testing import ServiceProcess, free_port
 from edgeway.gateway.tokens import mint
+from edgeway.occupancy.settings import OMEGA_PLACES
 
 SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
-CAMERAS = {
-    "OW_1": "One World",
-    "Flint_1": "Flint Loop",
-    "PaulaPlaza_1": "Paula Plaza",
-    "SU_1": "Student Union 1",
-    "SU_2": "Student Union 2",
-    "SU_3": "Student Union 3",
-    "Tims_1": "Tim Hortons",
-}
+CAMERAS = OMEGA_PLACES  # the seed the occupancy service starts with
 
 
 def token(*scopes: str) -> str:
