@@ -49,6 +49,7 @@ format: setup
 
 bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	@deploy/local/ensure-services.sh --postgres
+	$(PY) -m bench.broker_overhead
 	$(PY) -m bench.occupancy_fanout
 
 constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)

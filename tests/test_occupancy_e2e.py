@@ -179,6 +179,7 @@ async def test_one_trace_follows_a_message_from_producer_to_client(stack: Stack)
         websockets.connect(stack.client_url) as client,
         websockets.connect(stack.model_url) as model,
     ):
+        await model.send(json.dumps(frame("SU_1", people=40)))
         await model.send(json.dumps(frame("SU_1", people=41)))
         await receive_until(client, lambda m: m["people_detected"] == 41)
     await asyncio.sleep(0.5)
@@ -189,7 +190,9 @@ async def test_one_trace_follows_a_message_from_producer_to_client(stack: Stack)
 
     gateway_spans, occupancy_spans = spans("gateway"), spans("occupancy")
     receives = [s for s in gateway_spans if s["name"] == "receive /model/ws/connect"]
-    assert receives
+    # Each frame is a trace of its own, linked to its connection's.
+    assert len({s["context"]["trace_id"] for s in receives}) == len(receives) >= 2
+    assert all(s["parent_id"] is None and s["links"] for s in receives)
     trace_id = receives[-1]["context"]["trace_id"]
     in_occupancy = [s for s in occupancy_spans if s["context"]["trace_id"] == trace_id]
     in_gateway = [s for s in gateway_spans if s["context"]["trace_id"] == trace_id]

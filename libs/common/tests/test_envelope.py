@@ -10,6 +10,8 @@ import pytest
 
 from edgeway.common.envelope import Envelope
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
 
 def test_derived_messages_keep_the_correlation_and_get_a_new_id() -> None:
     first = Envelope(type="a.v1", producer="gateway", captured_at=1.5)
@@ -27,6 +29,7 @@ async def test_times_and_ids_survive_the_broker(amqp_url: str) -> None:
         producer="tester",
         captured_at=time.time() - 3.25,
         reply_channel="gateway.g.c",
+        traceparent=TRACEPARENT,
     )
     kwargs = sent.publish_kwargs()
     connection = await aio_pika.connect(amqp_url)
@@ -55,6 +58,8 @@ async def test_times_and_ids_survive_the_broker(amqp_url: str) -> None:
     assert received.message_id == sent.message_id
     assert received.producer == "tester"
     assert received.reply_channel == "gateway.g.c"
+    # Passed on unchanged where no tracing middleware writes its own.
+    assert received.derive(type="next.v1", producer="occupancy").traceparent == TRACEPARENT
     assert sent.captured_at is not None
     assert received.captured_at is not None
     assert abs(received.captured_at - sent.captured_at) < 1e-5

@@ -71,6 +71,20 @@ def reading(
     return result
 
 
+def observation_record(
+    location: store.CameraLocation, observation: domain.Reading, *, message_id: str
+) -> store.ObservationRecord:
+    update = domain.client_update(observation, location_name=location.location_name)
+    return store.ObservationRecord(
+        message_id=message_id,
+        location=location,
+        reading=observation,
+        received_at=CAPTURED + timedelta(seconds=1),
+        timestamp_raw=orjson.dumps(observation.frame.timestamp).decode(),
+        client_update=orjson.dumps(update.model_dump()).decode(),
+    )
+
+
 async def record(
     sessions: async_sessionmaker[AsyncSession],
     location: store.CameraLocation,
@@ -78,18 +92,12 @@ async def record(
     *,
     message_id: str,
 ) -> bool:
-    update = domain.client_update(observation, location_name=location.location_name)
     async with sessions.begin() as session:
-        return await store.record_observation(
+        [fresh] = await store.record_observations(
             session=session,
-            message_id=message_id,
-            camera=observation.frame.camera,
-            location=location,
-            reading=observation,
-            received_at=CAPTURED + timedelta(seconds=1),
-            timestamp_raw=orjson.dumps(observation.frame.timestamp).decode(),
-            client_update=orjson.dumps(update.model_dump()).decode(),
+            records=[observation_record(location, observation, message_id=message_id)],
         )
+    return fresh
 
 
 async def count(sessions: async_sessionmaker[AsyncSession], entity: Any) -> int:
@@ -242,6 +250,28 @@ async def test_state_moves_forward_in_capture_time_only(
         }
     ]
     assert await count(sessions, store.Observation) == 4
+
+
+async def test_a_group_is_stored_at_once_with_the_same_rules_as_one_by_one(
+    seeded: dict[str, store.CameraLocation], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    ow, flint = seeded["OW_1"], seeded["Flint_1"]
+    assert await record(sessions, flint, reading(camera="Flint_1", people=7), message_id="old")
+    group = [
+        observation_record(ow, reading(camera="OW_1", timestamp=3000, people=3), message_id="a"),
+        observation_record(ow, reading(camera="OW_1", timestamp=1000, people=1), message_id="b"),
+        observation_record(ow, reading(camera="OW_1", timestamp=3000, people=4), message_id="c"),
+        observation_record(flint, reading(camera="Flint_1", people=8), message_id="old"),
+        observation_record(ow, reading(camera="OW_1", timestamp=9000, people=9), message_id="a"),
+    ]
+    async with sessions.begin() as session:
+        fresh = await store.record_observations(session=session, records=group)
+    # "old" was stored before; the second "a" repeats the first within the group.
+    assert fresh == [True, True, True, False, False]
+    assert await count(sessions, store.Observation) == 4
+    # Latest capture time wins, ties to the later arrival; repeats change nothing.
+    people = {u["location_name"]: u["people_detected"] for u in await latest(sessions)}
+    assert people == {"One World": 4, "Flint Loop": 7}
 
 
 async def test_latest_lists_every_location_with_state_in_id_order(

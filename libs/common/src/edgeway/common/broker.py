@@ -1,4 +1,13 @@
-"""The RabbitMQ broker every Edgeway process uses, built the same way everywhere."""
+"""The RabbitMQ broker every Edgeway process uses, built the same way everywhere.
+
+Handlers are plain: FastDepends is off (`apply_types=False`) and the `whole_message` decoder
+hands each handler the received message itself (body as it came, headers, properties). Measured
+by `python -m bench.broker_overhead`: injecting `message: RabbitMessage` through FastDepends
+runs a synchronous resolver in a worker thread for every delivery, ~80 µs of CPU per message;
+FastStream's OpenTelemetry middleware costs ~60 µs per consume and ~75 µs per publish even when
+no span is exported, so it is installed only when an exporter is configured. Without it the W3C
+trace context still travels: the envelope passes `traceparent` on unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import logging
 from typing import Any
 
 import orjson
+from faststream.message import StreamMessage
 from faststream.rabbit import Channel, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
@@ -30,7 +40,15 @@ def make_broker(
     registry: CollectorRegistry = REGISTRY,
     prefetch: int = DEFAULT_PREFETCH,
 ) -> RabbitBroker:
-    """A broker with publisher confirms, tracing, metrics and JSON logging."""
+    """A broker with publisher confirms, metrics, JSON logging and tracing when it is exported."""
+    tracing = (
+        (RabbitTelemetryMiddleware(tracer_provider=tracer_provider),)
+        if settings.otel_exporter != "none"
+        else ()
+    )
+    metrics = RabbitPrometheusMiddleware(
+        registry=registry, app_name=service, metrics_prefix="edgeway"
+    )
     return RabbitBroker(
         settings.amqp_url,
         # A durable-work message that no queue takes must fail its publish, not vanish.
@@ -39,12 +57,8 @@ def make_broker(
         ),
         app_id=f"edgeway-{service}",
         graceful_timeout=settings.graceful_timeout,
-        middlewares=(
-            RabbitTelemetryMiddleware(tracer_provider=tracer_provider),
-            RabbitPrometheusMiddleware(
-                registry=registry, app_name=service, metrics_prefix="edgeway"
-            ),
-        ),
+        middlewares=(*tracing, metrics),
+        apply_types=False,
         logger=get_logger(f"edgeway.{service}.broker"),
         # FastStream logs "Received" and "Processed" for every message at this level: debug, not
         # info (two log lines per message cost ~0.65 ms of CPU, measured in the occupancy service).
@@ -76,6 +90,11 @@ async def declare_work(
     await dead.bind(dlx, routing_key=queue.name)
 
 
+async def whole_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
+    """Decoder for `subscriber(decoder=...)`: the handler gets the message, undecoded."""
+    return message
+
+
 def encode(body: Any) -> bytes:
     """JSON bodies are encoded with orjson, once."""
     return orjson.dumps(body)
@@ -105,4 +124,12 @@ async def publish(
     )
 
 
-__all__ = ["JSON", "declare_shared", "declare_work", "encode", "make_broker", "publish"]
+__all__ = [
+    "JSON",
+    "declare_shared",
+    "declare_work",
+    "encode",
+    "make_broker",
+    "publish",
+    "whole_message",
+]

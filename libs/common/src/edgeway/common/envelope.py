@@ -1,8 +1,10 @@
 """The message envelope: what every Edgeway message carries besides its body.
 
 The envelope lives in AMQP properties and headers, never in the body, so a body can stay in its
-native format (JSON, protobuf, H.264, JPEG). The W3C `traceparent` header is added by the
-OpenTelemetry middleware of the broker (see `edgeway.common.broker`), not here.
+native format (JSON, protobuf, H.264, JPEG). Where tracing is exported, the broker's
+OpenTelemetry middleware writes the W3C `traceparent` of its own span (see
+`edgeway.common.broker`); where it is not, the envelope carries the incoming one on unchanged, so
+a trace is not cut by a process that does not record it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ HEADER_CAPTURED_AT = "x-captured-at"
 HEADER_RECEIVED_AT = "x-received-at"
 # Broadcast channel where a service sends a rejection for this message (see `Channels.producer`).
 HEADER_REPLY_CHANNEL = "x-reply-channel"
+HEADER_TRACEPARENT = "traceparent"  # W3C Trace Context
 
 
 def new_message_id() -> str:
@@ -56,6 +59,7 @@ class Envelope:
     received_at: float = field(default_factory=time.time)  # epoch seconds, at the Edgeway edge
     reply_channel: str | None = None
     content_type: str = JSON
+    traceparent: str | None = None
 
     def publish_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `RabbitBroker.publish` that carry this envelope."""
@@ -69,6 +73,8 @@ class Envelope:
             headers[HEADER_CAPTURED_AT] = f"{self.captured_at:.6f}"
         if self.reply_channel:
             headers[HEADER_REPLY_CHANNEL] = self.reply_channel
+        if self.traceparent:
+            headers[HEADER_TRACEPARENT] = self.traceparent
         return {
             "message_id": self.message_id,
             "correlation_id": self.correlation_id or self.message_id,
@@ -85,6 +91,7 @@ class Envelope:
             correlation_id=self.correlation_id or self.message_id,
             captured_at=self.captured_at,
             received_at=self.received_at,
+            traceparent=self.traceparent,
         )
 
     @classmethod
@@ -101,4 +108,5 @@ class Envelope:
             received_at=float(received) if received is not None else time.time(),
             reply_channel=headers.get(HEADER_REPLY_CHANNEL),
             content_type=message.content_type or JSON,
+            traceparent=headers.get(HEADER_TRACEPARENT),
         )

@@ -1,9 +1,11 @@
 """OpenTelemetry tracing.
 
-The tracer provider is always installed, so trace context is created and carried in AMQP
-headers (W3C `traceparent`, injected and extracted by FastStream's telemetry middleware) even
-when nothing is exported. Exporting is opt-in: OTLP/HTTP to a collector, or one JSON span per
-line to a file (what tests read to follow one message across processes).
+Exporting is opt-in: OTLP/HTTP to a collector, or one JSON span per line to a file (what tests
+read to follow one message across processes). With an exporter, FastStream's telemetry
+middleware (installed by `edgeway.common.broker`) records a span per publish and per delivery
+and carries the W3C `traceparent` in AMQP headers. Without one, nothing is recorded (the sampler
+drops every span, so instrumented code costs next to nothing) and the envelope passes an
+incoming `traceparent` on unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from edgeway.common.settings import CommonSettings
 
@@ -29,7 +32,11 @@ def _one_line(span: ReadableSpan) -> str:
 
 def configure_tracing(settings: CommonSettings, *, service: str) -> TracerProvider:
     """Install this process's tracer provider, with the configured exporter if any."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"edgeway-{service}"}))
+    resource = Resource.create({"service.name": f"edgeway-{service}"})
+    if settings.otel_exporter == "none":
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    else:
+        provider = TracerProvider(resource=resource)
     if settings.otel_exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -11,10 +11,16 @@ import aiormq.exceptions
 import orjson
 from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
-from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
 
-from edgeway.common.broker import declare_shared, declare_work, make_broker, publish
+from edgeway.common.broker import (
+    declare_shared,
+    declare_work,
+    make_broker,
+    publish,
+    whole_message,
+)
 from edgeway.common.envelope import JSON, Envelope
 from edgeway.common.topology import Channels, Topology
 from edgeway.gateway.fanout import Hub
@@ -40,7 +46,11 @@ class BrokerLink:
 
         # Live results are lossy by design: ack on receipt, never redeliver a stale frame.
         @self.broker.subscriber(
-            self._queue, self.topology.broadcast, ack_policy=AckPolicy.ACK_FIRST, no_reply=True
+            self._queue,
+            self.topology.broadcast,
+            ack_policy=AckPolicy.ACK_FIRST,
+            decoder=whole_message,
+            no_reply=True,
         )
         async def on_broadcast(message: RabbitMessage) -> None:
             raw = message.raw_message

@@ -18,6 +18,7 @@ import uuid
 import orjson
 from fastapi import APIRouter, WebSocket
 from opentelemetry import trace
+from opentelemetry.context import Context
 from pydantic import ValidationError
 
 from edgeway.common.envelope import Envelope
@@ -84,6 +85,9 @@ class ModelSession:
         self.window = asyncio.Semaphore(settings.publish_window)
         self.max_bytes = settings.max_message_bytes
         self.in_flight: set[asyncio.Task[None]] = set()
+        # Each frame is its own trace, linked to the connection's (a socket lives for days).
+        connection_span = trace.get_current_span().get_span_context()
+        self.trace_links = [trace.Link(connection_span)] if connection_span.is_valid else []
 
     def reject(self, frame: ErrorFrame) -> None:
         REJECTED.labels(MODEL_ENDPOINT, frame.code.value).inc()
@@ -159,7 +163,9 @@ class ModelSession:
     async def publish(self, raw: bytes, envelope: Envelope) -> None:
         with tracer.start_as_current_span(
             "receive " + MODEL_ENDPOINT,
+            context=Context(),
             kind=trace.SpanKind.SERVER,
+            links=self.trace_links,
             attributes={"messaging.message.id": envelope.message_id},
         ):
             try:

@@ -11,14 +11,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
-from faststream.message import StreamMessage
 from faststream.rabbit import RabbitResponse
-from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
@@ -32,6 +31,7 @@ from edgeway.common.broker import (
     encode,
     make_broker,
     publish,
+    whole_message,
 )
 from edgeway.common.db import make_engine, make_sessionmaker, ping
 from edgeway.common.envelope import Envelope
@@ -69,11 +69,6 @@ class Outcome:
     rejection: domain.Rejection | None = None
 
 
-async def raw_body(message: StreamMessage[Any]) -> bytes:
-    """Hand the handler the body as it came: it decides what malformed means, not FastStream."""
-    return message.body
-
-
 async def with_db_retry(work: Callable[[], Awaitable[T]]) -> T:
     """Run `work`, again after a pause while the database is unreachable or busy."""
     for delay in DB_RETRY_DELAYS:
@@ -102,68 +97,69 @@ async def store_observations(
     sessions: async_sessionmaker[AsyncSession],
     cameras: store.CameraDirectory,
 ) -> list[Outcome]:
-    """Store a group of observations (or why each was rejected) in one transaction, in order."""
+    """Store a group of observations (or why each was rejected) in one transaction.
+
+    Outcomes come back in the order of `deliveries`.
+    """
     async with sessions.begin() as session:
-        return [
-            await store_observation(
-                session=session,
-                cameras=cameras,
-                envelope=delivery.envelope,
-                body=delivery.body,
-                reading=delivery.reading,
+        records: list[tuple[int, store.ObservationRecord]] = []
+        outcomes: list[Outcome | None] = []
+        for delivery in deliveries:
+            envelope, reading = delivery.envelope, delivery.reading
+            if isinstance(reading, domain.Reading):
+                camera = reading.frame.camera
+                location = await cameras.lookup(session=session, camera_id=camera)
+                if location is not None:
+                    update = domain.client_update(reading, location_name=location.location_name)
+                    record = store.ObservationRecord(
+                        message_id=envelope.message_id,
+                        location=location,
+                        reading=reading,
+                        received_at=_when(envelope.received_at),
+                        timestamp_raw=encode(reading.frame.timestamp).decode(),
+                        client_update=encode(update.model_dump()).decode(),
+                    )
+                    records.append((len(outcomes), record))
+                    outcomes.append(None)  # known once the group is inserted
+                    continue
+                reading = domain.unknown_camera(camera)
+            outcomes.append(
+                await store_rejection(
+                    session=session, envelope=envelope, body=delivery.body, rejection=reading
+                )
             )
-            for delivery in deliveries
-        ]
-
-
-async def store_observation(
-    *,
-    session: AsyncSession,
-    cameras: store.CameraDirectory,
-    envelope: Envelope,
-    body: bytes,
-    reading: domain.Reading | domain.Rejection,
-) -> Outcome:
-    """Store one observation (or why it was rejected) in the caller's transaction."""
-    received_at = _when(envelope.received_at)
-    if isinstance(reading, domain.Reading):
-        camera = reading.frame.camera
-        location = await cameras.lookup(session=session, camera_id=camera)
-        if location is not None:
-            update = domain.client_update(reading, location_name=location.location_name)
-            update_json = encode(update.model_dump())
-            fresh = await store.record_observation(
-                session=session,
-                message_id=envelope.message_id,
-                camera=camera,
-                location=location,
-                reading=reading,
-                received_at=received_at,
-                timestamp_raw=encode(reading.frame.timestamp).decode(),
-                client_update=update_json.decode(),
-            )
-            return Outcome(
-                label="stored" if fresh else "duplicate",
-                routing_key=Channels.occupancy_location(location.location_id),
-                body=update_json,
+        fresh = await store.record_observations(
+            session=session, records=[record for _, record in records]
+        )
+        for (index, record), new in zip(records, fresh, strict=True):
+            outcomes[index] = Outcome(
+                label="stored" if new else "duplicate",
+                routing_key=Channels.occupancy_location(record.location.location_id),
+                body=record.client_update.encode(),
                 type=UPDATE_TYPE,
             )
-        reading = domain.unknown_camera(camera)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def store_rejection(
+    *, session: AsyncSession, envelope: Envelope, body: bytes, rejection: domain.Rejection
+) -> Outcome:
+    """Keep why an observation was refused; its error frame goes back to the producer."""
     fresh = await store.record_rejection(
         session=session,
         message_id=envelope.message_id,
-        code=reading.code.value,
-        reason=reading.reason,
+        code=rejection.code.value,
+        reason=rejection.reason,
         payload=body,
-        received_at=received_at,
+        received_at=_when(envelope.received_at),
     )
-    frame = reading.error_frame(message_id=envelope.message_id)
+    frame = rejection.error_frame(message_id=envelope.message_id)
     return Outcome(
         label="rejected" if fresh else "duplicate",
         routing_key=envelope.reply_channel,
         body=frame.encode().encode(),
         type=ERROR_TYPE,
-        rejection=reading,
+        rejection=rejection,
     )
 
 
@@ -235,10 +231,12 @@ def build_app(
         # is tried again and the quorum queue's delivery limit dead-letters one that can never
         # succeed. The default, REJECT_ON_ERROR, would dead-letter it on the first failure.
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=raw_body,
+        # The handler decides what malformed means, not FastStream: it gets the body as it came.
+        decoder=whole_message,
         no_reply=True,
     )
-    async def on_observation(body: bytes, message: RabbitMessage) -> None:
+    async def on_observation(message: RabbitMessage) -> None:
+        body: bytes = message.body
         envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
         reading = domain.read_observation(body)
         outcome = await group_commit.submit(Delivery(envelope, body, reading))
@@ -264,10 +262,10 @@ def build_app(
 
     # A query is worthless once its asker gave up: acked whatever happens, never retried.
     @broker.subscriber(
-        topology.occupancy_requests_queue, ack_policy=AckPolicy.ACK, decoder=raw_body
+        topology.occupancy_requests_queue, ack_policy=AckPolicy.ACK, decoder=whole_message
     )
-    async def on_request(body: bytes) -> RabbitResponse:
-        reply = await answer_query(body, sessions=sessions)
+    async def on_request(message: RabbitMessage) -> RabbitResponse:
+        reply = await answer_query(message.body, sessions=sessions)
         # Not mandatory: an asker whose reply queue is gone must not make this handler fail.
         return RabbitResponse(reply, content_type=JSON, mandatory=False)
 
