@@ -31,6 +31,7 @@ class ExchangeNames(BaseModel):
     broadcast: str = "edgeway.broadcast"
     dead_letter: str = "edgeway.dead-letter"
     occupancy_observations: str = "edgeway.occupancy.observations"
+    telemetry_raw: str = "edgeway.telemetry.raw"
     # WorldSystem ingress exchanges (seed-systems.md §3), used by the video issue.
     video_frames: str = "video_frames_exchange"
     video_stream: str = "video_stream_exchange"

@@ -29,6 +29,19 @@ class Channels:
     def occupancy_location(location_id: int) -> str:
         return f"occupancy.location.{location_id}"
 
+    TELEMETRY_VEHICLES = "telemetry.vehicle.*"
+    TELEMETRY_CONTROL = "telemetry.control.*"
+
+    @staticmethod
+    def telemetry_vehicle(vin: str) -> str:
+        """Every reconstructed record of one vehicle, and its compression statistics."""
+        return f"telemetry.vehicle.{vin}"
+
+    @staticmethod
+    def telemetry_control(vin: str | None = None) -> str:
+        """Commands for edge loggers: one vehicle's, or every logger's (`all`)."""
+        return f"telemetry.control.{vin or 'all'}"
+
     @staticmethod
     def producer(gateway_id: str, connection_id: str) -> str:
         """Where services answer one producer connection (rejections of what it sent)."""
@@ -107,6 +120,23 @@ class Topology:
             durable=False,
             # A query nobody answers in time is worthless: the asker has given up (504).
             arguments={"x-message-ttl": 10_000},
+        )
+
+    # --- telemetry ----------------------------------------------------------------------------
+
+    @property
+    def telemetry_raw(self) -> RabbitExchange:
+        return RabbitExchange(self.names.telemetry_raw, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def telemetry_raw_queue(self) -> RabbitQueue:
+        return self.work_queue("edgeway.telemetry.raw")
+
+    @property
+    def telemetry_requests_queue(self) -> RabbitQueue:
+        """Request/reply queries to the telemetry service (history, status, vehicles)."""
+        return RabbitQueue(
+            "edgeway.telemetry.requests", durable=False, arguments={"x-message-ttl": 10_000}
         )
 
     # --- WorldSystem --------------------------------------------------------------------------
