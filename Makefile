@@ -6,7 +6,7 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-MEMBERS := libs/common services/gateway services/occupancy
+MEMBERS := libs/common libs/edge services/gateway services/occupancy services/telemetry
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
@@ -41,7 +41,7 @@ test-fast: setup ## unit tests only
 lint: setup ## ruff and mypy (strict)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src services/gateway/src services/occupancy/src
+	$(VENV)/bin/mypy $(addsuffix /src,$(MEMBERS))
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -46,12 +46,16 @@ def frame(
 
 @dataclass
 class Stack:
+    """The gateway and occupancy, and the telemetry service when it has a database."""
+
     amqp_url: str
     database_url: str
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    telemetry_database_url: str | None = None
     occupancy: ServiceProcess = field(init=False)
     gateway: ServiceProcess = field(init=False)
+    telemetry: ServiceProcess | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         common = {
@@ -68,6 +72,13 @@ class Stack:
             port=free_port(),
             log_path=self.workdir / "occupancy.log",
         )
+        if self.telemetry_database_url is not None:
+            self.telemetry = ServiceProcess(
+                "edgeway.telemetry",
+                env={**common, "EDGEWAY_TELEMETRY_DATABASE_URL": self.telemetry_database_url},
+                port=free_port(),
+                log_path=self.workdir / "telemetry.log",
+            )
         self.gateway = ServiceProcess(
             "edgeway.gateway",
             env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl")},
@@ -77,11 +88,15 @@ class Stack:
 
     def start(self) -> Stack:
         self.occupancy.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
         self.gateway.start()
         return self
 
     def stop(self) -> None:
         self.gateway.stop()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         self.occupancy.stop()
 
     def ws(self, path: str, *scopes: str) -> str:

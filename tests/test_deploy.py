@@ -35,7 +35,7 @@ OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.
 VENV_BIN = Path(sys.executable).parent
 
 # Edgeway's services with their HTTP port (/healthz, /readyz, /metrics; the gateway's API too).
-SERVICES = {"gateway": 8000, "occupancy": 8081}
+SERVICES = {"gateway": 8000, "occupancy": 8081, "telemetry": 8082}
 # kubernetes-validate ships JSON schemas per Kubernetes minor version; validate against this one.
 KUBERNETES_VERSION = "1.33.0"
 STABLE_API_VERSIONS = {
@@ -101,7 +101,11 @@ def test_compose_every_service_has_a_healthcheck() -> None:
 
 @pytest.mark.parametrize(
     ("service", "needs"),
-    [("gateway", {"rabbitmq"}), ("occupancy", {"rabbitmq", "postgres"})],
+    [
+        ("gateway", {"rabbitmq"}),
+        ("occupancy", {"rabbitmq", "postgres"}),
+        ("telemetry", {"rabbitmq", "postgres"}),
+    ],
 )
 def test_compose_services_wait_for_healthy_dependencies(service: str, needs: set[str]) -> None:
     depends_on = _compose()["services"][service].get("depends_on")
@@ -136,8 +140,35 @@ def test_compose_builds_and_checks_the_service(service: str) -> None:
         )
     else:
         assert published == [], f"{service}'s port is internal only"
-        assert env["EDGEWAY_OCCUPANCY_DATABASE_URL"].startswith("postgresql://")
-        assert "@postgres:5432/" in env["EDGEWAY_OCCUPANCY_DATABASE_URL"]
+        database_url = env[f"EDGEWAY_{service.upper()}_DATABASE_URL"]
+        assert database_url.startswith("postgresql://")
+        assert database_url.endswith(f"@postgres:5432/{service}"), "each service its own database"
+
+
+def test_compose_postgres_creates_every_service_database() -> None:
+    """POSTGRES_DB is one database; init scripts mounted as configs create the others."""
+    compose = _compose()
+    postgres = compose["services"]["postgres"]
+    created = {postgres["environment"]["POSTGRES_DB"]}
+    for mount in postgres.get("configs", []):
+        assert isinstance(mount, dict), "postgres configs: long form, with a target"
+        if not mount["target"].startswith("/docker-entrypoint-initdb.d/"):
+            continue
+        assert mount["target"].endswith((".sql", ".sh"))
+        source = COMPOSE_FILE.parent / compose["configs"][mount["source"]]["file"]
+        created |= set(re.findall(r"CREATE DATABASE\s+(\w+)", source.read_text(), re.IGNORECASE))
+    for name, service in compose["services"].items():
+        for variable, value in (service.get("environment") or {}).items():
+            if variable.endswith("_DATABASE_URL") and "@postgres:" in str(value):
+                database = str(value).rsplit("/", 1)[-1]
+                assert database in created, f"{name}: nothing creates database {database!r}"
+
+
+def test_compose_gateway_lets_dashboards_in_without_a_token() -> None:
+    """Development profile: Omega's producers and clients and the telemetry dashboards."""
+    env = _compose()["services"]["gateway"]["environment"]
+    scopes = set(yaml.safe_load(env["EDGEWAY_ANONYMOUS_SCOPES"]))
+    assert scopes == {"occupancy:publish", "occupancy:subscribe", "telemetry:subscribe"}
 
 
 def test_compose_has_no_host_paths() -> None:
@@ -147,6 +178,13 @@ def test_compose_has_no_host_paths() -> None:
         for volume in service.get("volumes", []):
             source = volume["source"] if isinstance(volume, dict) else volume.split(":", 1)[0]
             assert source in named, f"{name}: {source!r} is not a named volume (host path?)"
+    for name, config in (compose.get("configs") or {}).items():
+        if "file" in config:
+            # A file of this repository, next to compose.yaml, named relative to it.
+            assert not Path(config["file"]).is_absolute(), f"config {name}: absolute path"
+            source = (COMPOSE_FILE.parent / config["file"]).resolve()
+            assert source.is_file(), f"config {name}: {config['file']} is missing"
+            assert source.is_relative_to(COMPOSE_FILE.parent), f"config {name}: outside compose/"
     text = COMPOSE_FILE.read_text()
     for machine_path in ("/work/", "/root/", "/home/", "/Users/", TMP + "/"):
         assert machine_path not in text
@@ -422,6 +460,20 @@ def test_deployments_have_probes_resources_and_hardening(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_reads_only_its_own_database(overlay: str) -> None:
+    configmaps = _of_kind(overlay, "ConfigMap")
+    for name, _, container in _deployments(overlay):
+        env = _effective_env(container, configmaps)
+        databases = {variable for variable in env if variable.endswith("_DATABASE_URL")}
+        if name == "gateway":
+            assert not databases, f"{overlay}: the gateway reads no service's database"
+            continue
+        own = f"EDGEWAY_{name.upper()}_DATABASE_URL"
+        assert databases == {own}, f"{overlay}: {name} reads {sorted(databases)}"
+        assert env[own]["secretKeyRef"]["key"] == f"{name}-database-url", f"{overlay}: {name}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_configmaps_hold_no_credentials(overlay: str) -> None:
     for name, configmap in _of_kind(overlay, "ConfigMap").items():
         for key, value in (configmap.get("data") or {}).items():
@@ -435,6 +487,7 @@ def test_every_referenced_object_exists(overlay: str) -> None:
     # Only production relies on Secrets created out of band.
     external = OUT_OF_BAND_SECRETS if overlay == "prod" else set()
     secrets = {name for kind, name in rendered if kind == "Secret"} | external
+    rendered_secrets = _of_kind(overlay, "Secret")
     for name, pod, container in _deployments(overlay):
         for source in container.get("envFrom", []):
             assert ("ConfigMap", source["configMapRef"]["name"]) in rendered, name
@@ -442,6 +495,9 @@ def test_every_referenced_object_exists(overlay: str) -> None:
             ref = item.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 assert ref["name"] in secrets, f"{overlay}: {name} reads Secret {ref['name']}"
+                if ref["name"] in rendered_secrets and not ref.get("optional"):
+                    keys = _secret_values(rendered_secrets[ref["name"]])
+                    assert ref["key"] in keys, f"{overlay}: {name} reads {ref['name']}/{ref['key']}"
         for volume in pod.get("volumes", []):
             if "secret" in volume:
                 assert volume["secret"]["secretName"] in secrets, f"{overlay}: {name}"
@@ -504,6 +560,13 @@ def test_prod_overlay_scales_out() -> None:
     assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
     assert "replicas" not in _of_kind("prod", "Deployment")["gateway"]["spec"], "the HPA owns it"
     assert _of_kind("prod", "Deployment")["occupancy"]["spec"]["replicas"] >= 2
+    # Single active consumer: extra telemetry replicas are hot standbys (one at least), no HPA.
+    assert _of_kind("prod", "Deployment")["telemetry"]["spec"]["replicas"] >= 2
+    autoscaled = {
+        h["spec"]["scaleTargetRef"]["name"]
+        for h in _of_kind("prod", "HorizontalPodAutoscaler").values()
+    }
+    assert "telemetry" not in autoscaled, "an HPA would add standbys, not throughput"
     ingress = _of_kind("prod", "Ingress")["gateway"]
     assert ingress["spec"].get("tls"), "production Ingress serves TLS"
     timeout = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]

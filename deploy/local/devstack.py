@@ -1,13 +1,16 @@
 """`make run`: the whole stack as local processes on the embedded defaults, with demo data.
 
-Starts the occupancy service (SQLite under var/dev), the gateway and a demo camera model, then
-prints where to look. Development profile: legacy producers and clients that cannot send a
-token are let in (anonymous occupancy:publish and occupancy:subscribe); tokens work as well.
+Starts the occupancy and telemetry services (SQLite under var/dev), the gateway, a demo camera
+model and two simulated vehicles (edge telemetry loggers replaying a highway and a city trace),
+then prints where to look. Development profile: legacy producers and clients that cannot send a
+token are let in (anonymous occupancy:publish, occupancy:subscribe and telemetry:subscribe);
+the vehicle loggers use tokens, and logger control needs a telemetry:control token.
 Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +25,9 @@ from edgeway.common.testing import ServiceProcess  # noqa: E402
 
 GATEWAY_PORT = int(os.environ.get("EDGEWAY_GATEWAY_PORT", "8000"))
 OCCUPANCY_PORT = int(os.environ.get("EDGEWAY_OCCUPANCY_PORT", "8081"))
+TELEMETRY_PORT = int(os.environ.get("EDGEWAY_TELEMETRY_PORT", "8082"))
+# The seed's default VIN and a second demo vehicle (both seeded by the telemetry service).
+VEHICLES = (("5YJ3E1EA1KF000001", "highway"), ("5YJ3E1EA1KF000002", "city"))
 DATA = ROOT / "var" / "dev"
 LOGS = DATA / "logs"
 
@@ -35,29 +41,33 @@ def main() -> int:
             "EDGEWAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
         ),
         # Development profile: Omega's producers and apps send no token.
-        "EDGEWAY_ANONYMOUS_SCOPES": '["occupancy:publish", "occupancy:subscribe"]',
+        "EDGEWAY_ANONYMOUS_SCOPES": (
+            '["occupancy:publish", "occupancy:subscribe", "telemetry:subscribe"]'
+        ),
+        "EDGEWAY_TELEMETRY_VEHICLES": json.dumps([vin for vin, _ in VEHICLES]),
     }
     occupancy = ServiceProcess(
         "edgeway.occupancy", env=common, port=OCCUPANCY_PORT, log_path=LOGS / "occupancy.log"
+    )
+    telemetry = ServiceProcess(
+        "edgeway.telemetry", env=common, port=TELEMETRY_PORT, log_path=LOGS / "telemetry.log"
     )
     gateway = ServiceProcess(
         "edgeway.gateway", env=common, port=GATEWAY_PORT, log_path=LOGS / "gateway.log"
     )
     processes: list[ServiceProcess] = []
-    camera: subprocess.Popen[bytes] | None = None
-    try:
-        for process in (occupancy, gateway):
-            process.start(wait=90)
-            processes.append(process)
-        token = subprocess.run(
+    producers: list[subprocess.Popen[bytes]] = []
+
+    def token(subject: str, scope: str) -> str:
+        return subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "edgeway.gateway.tokens",
                 "--subject",
-                "demo-camera",
+                subject,
                 "--scope",
-                "occupancy:publish",
+                scope,
                 "--ttl",
                 "30d",
             ],
@@ -66,19 +76,40 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        camera_log = (LOGS / "demo-camera.log").open("ab")
-        camera = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "deploy/local/demo_camera.py"),
-                "--url",
-                f"ws://127.0.0.1:{GATEWAY_PORT}/model/ws/connect",
-                "--token",
-                token,
-            ],
-            stdout=camera_log,
-            stderr=subprocess.STDOUT,
+
+    def producer(name: str, *args: str) -> None:
+        log = (LOGS / f"{name}.log").open("ab")
+        producers.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log))
+
+    try:
+        for process in (occupancy, telemetry, gateway):
+            process.start(wait=90)
+            processes.append(process)
+        producer(
+            "demo-camera",
+            str(ROOT / "deploy/local/demo_camera.py"),
+            "--url",
+            f"ws://127.0.0.1:{GATEWAY_PORT}/model/ws/connect",
+            "--token",
+            token("demo-camera", "occupancy:publish"),
         )
+        for vin, trace in VEHICLES:
+            producer(
+                f"vehicle-{vin[-6:]}",
+                "-m",
+                "edgeway.edge.telemetry_logger",
+                "--vin",
+                vin,
+                "--gateway",
+                f"http://127.0.0.1:{GATEWAY_PORT}",
+                "--token",
+                token(f"vehicle-{vin}", "telemetry:publish"),
+                "--trace",
+                trace,
+                "--outbox",
+                str(DATA / f"vehicle-{vin}.sqlite"),
+            )
+        operator = token("operator", "telemetry:control")
         gw = f"http://127.0.0.1:{GATEWAY_PORT}"
         print(
             f"""
@@ -87,14 +118,22 @@ Omega producers and clients; every endpoint also takes a token).
 
   live occupancy  {sys.executable} -m websockets ws://127.0.0.1:{GATEWAY_PORT}/client/ws/connect
   model count     {gw}/model/count
+  live telemetry  {sys.executable} -m websockets ws://127.0.0.1:{GATEWAY_PORT}/ws
+  fleet status    {gw}/status
+  dead zone       curl -X POST -H "Authorization: Bearer $EDGEWAY_OPERATOR" {gw}/toggle_offline
+                  (also /logger/stop, /logger/start, /clear_data; ?vin=... for one vehicle)
+  operator token  export EDGEWAY_OPERATOR={operator}
   API docs        {gw}/docs
   gateway         {gw}/readyz   {gw}/metrics
   occupancy       http://127.0.0.1:{OCCUPANCY_PORT}/readyz   http://127.0.0.1:{OCCUPANCY_PORT}/metrics
+  telemetry       http://127.0.0.1:{TELEMETRY_PORT}/readyz   http://127.0.0.1:{TELEMETRY_PORT}/metrics
   data            {DATA} (SQLite; delete it to start over)
   logs            {LOGS}/*.log
   a token         {sys.executable} -m edgeway.gateway.tokens --subject me --scope occupancy:subscribe
 
-A demo camera model sends frame results for Omega's seven cameras. Ctrl-C stops everything.
+A demo camera model sends frame results for Omega's seven cameras; two simulated vehicles
+({VEHICLES[0][0]} on the highway, {VEHICLES[1][0]} in the city) send compressed telemetry every
+300 ms. Ctrl-C stops everything.
 """,
             flush=True,
         )
@@ -108,8 +147,8 @@ A demo camera model sends frame results for Omega's seven cameras. Ctrl-C stops 
     except KeyboardInterrupt:
         return 0
     finally:
-        if camera is not None:
-            camera.terminate()
+        for running in producers:
+            running.terminate()
         for process in reversed(processes):
             process.stop()
 

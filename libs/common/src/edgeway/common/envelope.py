@@ -10,6 +10,7 @@ a trace is not cut by a process that does not record it.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,12 +61,15 @@ class Envelope:
     reply_channel: str | None = None
     content_type: str = JSON
     traceparent: str | None = None
+    # Headers of this kind of message (e.g. `x-vehicle-vin`); the envelope's own take precedence.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def publish_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `RabbitBroker.publish` that carry this envelope."""
         # Times travel as decimal strings: pamqp encodes a Python float header as a 32-bit
         # float, which is off by up to a minute at today's epoch seconds.
         headers: dict[str, Any] = {
+            **self.headers,
             HEADER_PRODUCER: self.producer,
             HEADER_RECEIVED_AT: f"{self.received_at:.6f}",
         }

@@ -11,6 +11,7 @@ Two kinds of flow (docs/architecture.md, "Messaging"):
 from __future__ import annotations
 
 from faststream.rabbit import ExchangeType, QueueType, RabbitExchange, RabbitQueue
+from faststream.rabbit.schemas.queue import QuorumQueueArgs
 
 from edgeway.common.settings import ExchangeNames
 
@@ -31,6 +32,7 @@ class Channels:
 
     TELEMETRY_VEHICLES = "telemetry.vehicle.*"
     TELEMETRY_CONTROL = "telemetry.control.*"
+    TELEMETRY_LOGS = "telemetry.log.*"
 
     @staticmethod
     def telemetry_vehicle(vin: str) -> str:
@@ -41,6 +43,11 @@ class Channels:
     def telemetry_control(vin: str | None = None) -> str:
         """Commands for edge loggers: one vehicle's, or every logger's (`all`)."""
         return f"telemetry.control.{vin or 'all'}"
+
+    @staticmethod
+    def telemetry_log(vin: str) -> str:
+        """Log lines of one vehicle's edge logger, for the dashboards."""
+        return f"telemetry.log.{vin}"
 
     @staticmethod
     def producer(gateway_id: str, connection_id: str) -> str:
@@ -68,18 +75,26 @@ class Topology:
     def dead_letter(self) -> RabbitExchange:
         return RabbitExchange(self.names.dead_letter, type=ExchangeType.TOPIC, durable=True)
 
-    def work_queue(self, name: str, *, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> RabbitQueue:
-        """A quorum queue for durable work, dead-lettering to `<name>` on the DLX."""
-        return RabbitQueue(
-            name,
-            queue_type=QueueType.QUORUM,
-            durable=True,
-            arguments={
-                "x-delivery-limit": delivery_limit,
-                "x-dead-letter-exchange": self.names.dead_letter,
-                "x-dead-letter-routing-key": name,
-            },
-        )
+    def work_queue(
+        self,
+        name: str,
+        *,
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        single_active_consumer: bool = False,
+    ) -> RabbitQueue:
+        """A quorum queue for durable work, dead-lettering to `<name>` on the DLX.
+
+        With `single_active_consumer`, one consumer at a time gets every message, in order, and
+        the others stand by: for work whose order matters (a vehicle's predictor state).
+        """
+        arguments: QuorumQueueArgs = {
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": self.names.dead_letter,
+            "x-dead-letter-routing-key": name,
+        }
+        if single_active_consumer:
+            arguments["x-single-active-consumer"] = True
+        return RabbitQueue(name, queue_type=QueueType.QUORUM, durable=True, arguments=arguments)
 
     def dead_letter_queue(self, work_queue: str) -> RabbitQueue:
         """Where a work queue's rejected messages wait for an operator."""
@@ -130,7 +145,8 @@ class Topology:
 
     @property
     def telemetry_raw_queue(self) -> RabbitQueue:
-        return self.work_queue("edgeway.telemetry.raw")
+        # Packets of one vehicle must be decoded in order: its predictor state depends on it.
+        return self.work_queue("edgeway.telemetry.raw", single_active_consumer=True)
 
     @property
     def telemetry_requests_queue(self) -> RabbitQueue:

@@ -21,6 +21,9 @@ from edgeway.gateway.settings import GatewaySettings
 class Scope(StrEnum):
     OCCUPANCY_PUBLISH = "occupancy:publish"
     OCCUPANCY_SUBSCRIBE = "occupancy:subscribe"
+    TELEMETRY_PUBLISH = "telemetry:publish"  # loggers: upload, control socket
+    TELEMETRY_SUBSCRIBE = "telemetry:subscribe"  # dashboards: /ws, /status
+    TELEMETRY_CONTROL = "telemetry:control"  # operators: start, stop, dead zone, clear
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
+from starlette.websockets import WebSocket
+
 from edgeway.common.logging import get_logger
 from edgeway.gateway.metrics import DELIVERED, DROPPED
 
@@ -86,6 +88,18 @@ class ClientQueue:
             DROPPED.labels(self.endpoint, "disconnected").inc(len(self._queue))
             self._queue.clear()
         self._event.set()
+
+
+def send_text(websocket: WebSocket) -> Send:
+    """A `Send` that writes each message to `websocket` as one text frame."""
+    send = websocket.send
+
+    async def send_text(message: Message) -> None:
+        if isinstance(message, bytes):
+            message = message.decode()
+        await send({"type": "websocket.send", "text": message})
+
+    return send_text
 
 
 def _topic_regex(pattern: str) -> re.Pattern[str]:

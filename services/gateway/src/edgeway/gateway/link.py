@@ -67,12 +67,11 @@ class BrokerLink:
         await self.broker.start()
         await declare_shared(self.broker, self.topology)
         # Producers declare the work they feed, so nothing is lost before a consumer ever ran.
-        await declare_work(
-            self.broker,
-            self.topology,
-            self.topology.occupancy_observations,
-            self.topology.occupancy_observations_queue,
-        )
+        for exchange, queue in (
+            (self.topology.occupancy_observations, self.topology.occupancy_observations_queue),
+            (self.topology.telemetry_raw, self.topology.telemetry_raw_queue),
+        ):
+            await declare_work(self.broker, self.topology, exchange, queue)
 
     async def stop(self) -> None:
         await self.broker.stop()
@@ -98,6 +97,17 @@ class BrokerLink:
     ) -> None:
         """Persistent, mandatory, confirmed: returns only once the broker holds the message."""
         await publish(self.broker, body, envelope=envelope, exchange=exchange, durable=True)
+
+    async def publish_live(self, body: bytes, *, envelope: Envelope, routing_key: str) -> None:
+        """A live message on the broadcast exchange, for whichever replicas' clients watch it."""
+        await publish(
+            self.broker,
+            body,
+            envelope=envelope,
+            exchange=self.topology.broadcast,
+            routing_key=routing_key,
+            durable=False,
+        )
 
     async def request(self, *, service: str, queue: RabbitQueue, body: dict[str, Any]) -> Any:
         """Ask a service; raises ServiceUnavailableError when it does not answer in time."""

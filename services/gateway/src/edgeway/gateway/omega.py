@@ -27,7 +27,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy
+from edgeway.gateway.fanout import ClientQueue, Message, Policy, send_text
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -41,17 +41,6 @@ REPLY_QUEUE_SIZE = 256
 router = APIRouter()
 log = get_logger("edgeway.gateway.omega")
 tracer = trace.get_tracer("edgeway.gateway")
-
-
-def _send_text(websocket: WebSocket):  # type: ignore[no-untyped-def]
-    send = websocket.send
-
-    async def send_text(message: Message) -> None:
-        if isinstance(message, bytes):
-            message = message.decode()
-        await send({"type": "websocket.send", "text": message})
-
-    return send_text
 
 
 def _shape_error(error: ValidationError) -> ErrorFrame:
@@ -76,7 +65,7 @@ class ModelSession:
         self.connection_id = uuid.uuid4().hex[:12]
         self.reply_channel = self.link.producer_channel(self.connection_id)
         self.replies = ClientQueue(
-            _send_text(websocket),
+            send_text(websocket),
             size=REPLY_QUEUE_SIZE,
             policy=Policy.DROP_OLDEST,
             endpoint=MODEL_ENDPOINT,
@@ -217,7 +206,7 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
     await websocket.accept()
     hub = gateway.link.hub
     client = ClientQueue(
-        _send_text(websocket),
+        send_text(websocket),
         size=gateway.settings.client_queue_size,
         # Occupancy updates are state: a client far behind is better served fresh than complete.
         policy=Policy.DROP_OLDEST,

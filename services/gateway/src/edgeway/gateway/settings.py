@@ -31,6 +31,8 @@ class GatewaySettings(CommonSettings):
     max_message_bytes: int = 64 * 1024
     # Frames above this are refused by the WebSocket protocol itself (close 1009).
     ws_max_size: int = 1024 * 1024
+    # Telemetry uploads: a CompressedBatch of 10 000 records is ~300 KB.
+    max_upload_bytes: int = 1024 * 1024
     producer_rate: float = 1000.0  # messages/s per producer connection (token bucket)
     producer_burst: int = 2000
     # Messages published but not yet confirmed, per producer connection.

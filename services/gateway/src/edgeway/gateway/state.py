@@ -14,6 +14,7 @@ from edgeway.gateway.auth import AuthError, Principal, Scope, Verifier, authoriz
 from edgeway.gateway.link import BrokerLink
 from edgeway.gateway.metrics import AUTH_REFUSED
 from edgeway.gateway.settings import GatewaySettings
+from edgeway.gateway.telemetry_state import TelemetryState
 
 log = get_logger("edgeway.gateway")
 
@@ -25,6 +26,7 @@ class Gateway:
         self.link = BrokerLink(settings, tracer_provider=tracer_provider)
         # Open producer connections per endpoint; a connection leaves its set however it ends.
         self.producers: dict[str, set[object]] = {}
+        self.telemetry = TelemetryState()
 
     def producer_count(self, endpoint: str) -> int:
         return len(self.producers.get(endpoint, ()))

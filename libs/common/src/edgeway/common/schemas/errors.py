@@ -16,6 +16,9 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
+    UNKNOWN_VEHICLE = "unknown_vehicle"
+    INVALID_TELEMETRY = "invalid_telemetry"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 class ErrorFrame(BaseModel):

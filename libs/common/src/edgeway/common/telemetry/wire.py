@@ -1,0 +1,259 @@
+"""Telemetry uploads on the wire: protobuf bodies to `Packet`s and back, with the checks for a 400.
+
+Everything a logger can get wrong is refused here with a `WireError` whose `reason` names the
+field and what it may be, so the gateway can answer 400 with it and nothing downstream sees a
+value that would poison a predictor or a database column.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Final, TypeVar
+
+from google.protobuf.message import DecodeError
+
+from edgeway.common.telemetry import telemetry_pb2
+from edgeway.common.telemetry.predictor import (
+    PREDICTOR_VERSION,
+    Packet,
+    Sample,
+    quantize_heading,
+)
+
+MAX_BATCH_RECORDS: Final = 10_000
+
+T = TypeVar("T")
+
+# Record time: 2000-01-01T00:00:00Z <= timestamp < 2100-01-01T00:00:00Z, in ms since the epoch.
+MIN_TIMESTAMP_MS: Final = 946_684_800_000
+MAX_TIMESTAMP_MS: Final = 4_102_444_800_000
+
+# Plausible ranges for a road car (the seed's units), wider than any real reading. Field names are
+# the wire's, as the logger's developer knows them.
+_RANGES: Final = {
+    "vehicle_speed": (0.0, 300.0, "mph"),
+    "battery_level": (0.0, 100.0, "%"),
+    "power_kw": (-1000.0, 1500.0, "kW"),
+    "odometer": (0.0, 2_000_000.0, "miles"),
+}
+
+# ISO 3779: 17 characters, digits and capitals except I, O and Q (confused with 1 and 0).
+VIN_PATTERN: Final = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
+
+
+class WireError(ValueError):
+    """An upload that cannot be accepted; `reason` is the message a 400 can carry."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_vin(vin: str) -> str:
+    """The VIN, trimmed and in capitals, if it is well formed (the check digit is not verified:
+    the seed's default VIN 5YJ3E1EA1KF000001 fails it)."""
+    normalized = vin.strip().upper()
+    if not VIN_PATTERN.fullmatch(normalized):
+        raise WireError(
+            f"VIN {vin!r} is not 17 characters of digits and capitals other than I, O and Q"
+        )
+    return normalized
+
+
+def parse_upload(body: bytes, *, compressed: bool, batch: bool) -> list[Packet]:
+    """The packets in an upload body, in the order sent.
+
+    `compressed`: CompressedVehicleData (else VehicleData); `batch`: CompressedBatch or
+    TelemetryBatch of those (else a single message). An uncompressed reading becomes a resync
+    packet with every field present."""
+    if compressed:
+        compressed_records = _parse_compressed(body, batch=batch)
+        return [
+            _compressed_packet(record, _where(batch, index))
+            for index, record in enumerate(compressed_records)
+        ]
+    plain_records = _parse_plain(body, batch=batch)
+    return [
+        _plain_packet(record, _where(batch, index)) for index, record in enumerate(plain_records)
+    ]
+
+
+def encode_packet(packet: Packet) -> bytes:
+    """`packet` as a CompressedVehicleData body."""
+    return _serialize(_compressed_message(packet))
+
+
+def encode_batch(packets: Sequence[Packet], *, device_id: str = "") -> bytes:
+    """`packets` as a CompressedBatch body."""
+    message = telemetry_pb2.CompressedBatch(
+        records=[_compressed_message(packet) for packet in packets], device_id=device_id
+    )
+    return _serialize(message)
+
+
+def encode_sample(sample: Sample, *, sequence: int | None = None) -> bytes:
+    """`sample` as an uncompressed VehicleData body (what a logger without compression sends)."""
+    message = telemetry_pb2.VehicleData(
+        timestamp=sample.timestamp_ms,
+        vehicle_speed=sample.speed,
+        battery_level=sample.battery,
+        power_kw=sample.power,
+        odometer=sample.odometer,
+        heading=quantize_heading(sample.heading),
+        sequence=sequence,
+    )
+    return _serialize(message)
+
+
+def _serialize(
+    message: telemetry_pb2.VehicleData
+    | telemetry_pb2.CompressedVehicleData
+    | telemetry_pb2.CompressedBatch,
+) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def _parse_compressed(body: bytes, *, batch: bool) -> list[telemetry_pb2.CompressedVehicleData]:
+    if batch:
+        compressed_batch = telemetry_pb2.CompressedBatch()
+        _parse_into(compressed_batch, body)
+        return _checked_count(list(compressed_batch.records), "CompressedBatch")
+    record = telemetry_pb2.CompressedVehicleData()
+    _parse_into(record, body)
+    return [record]
+
+
+def _parse_plain(body: bytes, *, batch: bool) -> list[telemetry_pb2.VehicleData]:
+    if batch:
+        plain_batch = telemetry_pb2.TelemetryBatch()
+        _parse_into(plain_batch, body)
+        return _checked_count(list(plain_batch.records), "TelemetryBatch")
+    record = telemetry_pb2.VehicleData()
+    _parse_into(record, body)
+    return [record]
+
+
+def _parse_into(
+    message: telemetry_pb2.VehicleData
+    | telemetry_pb2.CompressedVehicleData
+    | telemetry_pb2.TelemetryBatch
+    | telemetry_pb2.CompressedBatch,
+    body: bytes,
+) -> None:
+    try:
+        message.ParseFromString(body)
+    except DecodeError:
+        raise WireError(f"body is not a {type(message).__name__} protobuf message") from None
+
+
+def _checked_count(records: list[T], kind: str) -> list[T]:
+    if not records:
+        raise WireError(f"{kind} has no records")
+    if len(records) > MAX_BATCH_RECORDS:
+        raise WireError(
+            f"{kind} has {len(records)} records; at most {MAX_BATCH_RECORDS} are accepted"
+        )
+    return records
+
+
+def _where(batch: bool, index: int) -> str:
+    return f"records[{index}]." if batch else ""
+
+
+def _compressed_message(packet: Packet) -> telemetry_pb2.CompressedVehicleData:
+    return telemetry_pb2.CompressedVehicleData(
+        timestamp=packet.timestamp_ms,
+        vehicle_speed=packet.speed,
+        battery_level=packet.battery,
+        power_kw=packet.power,
+        odometer=packet.odometer,
+        heading=packet.heading,
+        is_resync=packet.is_resync,
+        sequence=packet.sequence,
+        predictor_version=packet.predictor_version,
+    )
+
+
+def _plain_packet(record: telemetry_pb2.VehicleData, where: str) -> Packet:
+    return Packet(
+        timestamp_ms=_timestamp(record.timestamp, where),
+        odometer=_value(record.odometer, "odometer", where),
+        speed=_value(record.vehicle_speed, "vehicle_speed", where),
+        battery=_value(record.battery_level, "battery_level", where),
+        power=_value(record.power_kw, "power_kw", where),
+        heading=_heading(record.heading, where),
+        is_resync=True,
+        sequence=_sequence(record.sequence, where) if record.HasField("sequence") else None,
+        predictor_version=None,
+    )
+
+
+def _compressed_packet(record: telemetry_pb2.CompressedVehicleData, where: str) -> Packet:
+    def optional(name: str) -> float | None:
+        return _value(getattr(record, name), name, where) if record.HasField(name) else None
+
+    if record.is_resync:
+        missing = [
+            name
+            for name in ("vehicle_speed", "battery_level", "power_kw", "heading")
+            if not record.HasField(name)
+        ]
+        if missing:
+            raise WireError(
+                f"{where}is_resync is true but {', '.join(missing)} is missing: "
+                "a resync carries every field"
+            )
+    version = record.predictor_version if record.HasField("predictor_version") else None
+    if version is not None and version != PREDICTOR_VERSION:
+        raise WireError(
+            f"{where}predictor_version = {version} is not supported: this server decodes "
+            f"version {PREDICTOR_VERSION}"
+        )
+    return Packet(
+        timestamp_ms=_timestamp(record.timestamp, where),
+        odometer=_value(record.odometer, "odometer", where),
+        speed=optional("vehicle_speed"),
+        battery=optional("battery_level"),
+        power=optional("power_kw"),
+        heading=_heading(record.heading, where) if record.HasField("heading") else None,
+        is_resync=record.is_resync,
+        sequence=_sequence(record.sequence, where) if record.HasField("sequence") else None,
+        predictor_version=version,
+    )
+
+
+def _timestamp(value: int, where: str) -> int:
+    if not MIN_TIMESTAMP_MS <= value < MAX_TIMESTAMP_MS:
+        raise WireError(
+            f"{where}timestamp = {value} is outside [{MIN_TIMESTAMP_MS}, {MAX_TIMESTAMP_MS}) "
+            "(ms since the epoch, 2000-01-01 to 2100-01-01)"
+        )
+    return value
+
+
+def _value(value: float, name: str, where: str) -> float:
+    low, high, unit = _RANGES[name]
+    if not math.isfinite(value):
+        raise WireError(
+            f"{where}{name} is {value}; it must be a number in [{low:.7g}, {high:.7g}] {unit}"
+        )
+    if not low <= value <= high:
+        raise WireError(f"{where}{name} = {value:.7g} is outside [{low:.7g}, {high:.7g}] {unit}")
+    return value
+
+
+def _heading(value: int, where: str) -> int:
+    if not 0 <= value <= 360:
+        raise WireError(f"{where}heading = {value} is outside [0, 360] degrees")
+    return value % 360  # 360 is north, as 0 is
+
+
+def _sequence(value: int, where: str) -> int:
+    if value < 1:
+        raise WireError(
+            f"{where}sequence = {value} is outside [1, 2^64): packets are numbered from 1"
+        )
+    return value

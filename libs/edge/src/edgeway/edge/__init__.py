@@ -1,0 +1,1 @@
+"""Edgeway on the edge: producers that run on vehicles and devices."""

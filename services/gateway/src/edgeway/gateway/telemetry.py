@@ -1,0 +1,377 @@
+"""Telemetry compatibility (seed-systems.md §4): vehicle loggers in, dashboards out.
+
+- `POST /telemetry`, `POST /api/telemetry`: protobuf uploads (`X-Compressed`, `X-Vehicle-VIN`,
+  and `X-Batch` for many records). Checked here, published unchanged to the telemetry work queue;
+  202 only once the broker confirmed it, real status codes otherwise.
+- `WS /ws`: the seed dashboard protocol: a `log`, the `history` of the last records, a `log`,
+  then every `telemetry` record and the loggers' `log` lines.
+- `GET /status`: the seed's fields; records and statistics come from the telemetry service.
+- Logger control: `POST /logger/start`, `/logger/stop` and the seed's `/start_script`,
+  `/stop_script`, `/toggle_offline`, `/clear_data` need the `telemetry:control` scope and become
+  commands for the edge loggers, which keep `WS /telemetry/control/ws` open. Commands travel on
+  the broadcast exchange, so they reach a logger whichever gateway replica holds its socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Request, WebSocket
+from fastapi.responses import JSONResponse
+
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
+from edgeway.common.telemetry import wire
+from edgeway.common.topology import Channels
+from edgeway.gateway.auth import Principal, Scope
+from edgeway.gateway.fanout import ClientQueue, Message, Policy, send_text
+from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
+from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
+from edgeway.gateway.telemetry_state import LoggerSession
+
+UPLOAD_ENDPOINT = "/telemetry"
+DASHBOARD_ENDPOINT = "/ws"
+CONTROL_ENDPOINT = "/telemetry/control/ws"
+PROTOBUF = "application/x-protobuf"
+ACCEPTED_CONTENT_TYPES = frozenset({PROTOBUF, "application/octet-stream"})
+UPLOAD_TYPE = "telemetry.upload.v1"
+# The seed logger's default when it sends no X-Vehicle-VIN header.
+SEED_VIN = "5YJ3E1EA1KF000001"
+HISTORY_LIMIT = 100  # records a dashboard gets on connect (the seed's)
+
+router = APIRouter()
+log = get_logger("edgeway.gateway.telemetry")
+
+
+def _error(status: int, code: ErrorCode, reason: str) -> JSONResponse:
+    REJECTED.labels(UPLOAD_ENDPOINT, code.value).inc()
+    return JSONResponse(ErrorFrame(code=code, reason=reason).model_dump(exclude_none=True), status)
+
+
+def _flag(value: str | None, header: str) -> bool:
+    """`true`/`false` (any case); absent is false, anything else is refused."""
+    if value is None or value.strip().lower() == "false":
+        return False
+    if value.strip().lower() == "true":
+        return True
+    raise wire.WireError(f"{header} must be true or false, not {value!r}")
+
+
+# --- upload ---------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is longer than `limit` (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+@router.post(UPLOAD_ENDPOINT, status_code=202)
+@router.post("/api/telemetry", status_code=202)  # the seed README's documented path
+async def upload(
+    request: Request,
+    gateway: GatewayDep,
+    principal: Annotated[Principal, require(Scope.TELEMETRY_PUBLISH, UPLOAD_ENDPOINT)],
+    x_compressed: str | None = Header(default=None),
+    x_vehicle_vin: str | None = Header(default=None),
+    x_batch: str | None = Header(default=None),
+) -> JSONResponse:
+    content_type = request.headers.get("content-type", PROTOBUF).split(";")[0].strip().lower()
+    if content_type not in ACCEPTED_CONTENT_TYPES:
+        return _error(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"content type {content_type!r}: send a protobuf body as {PROTOBUF}",
+        )
+    limit = gateway.settings.max_upload_bytes
+    body = await _read_body(request, limit)
+    if body is None:
+        return _error(413, ErrorCode.TOO_LARGE, f"the body is over the {limit}-byte limit")
+    try:
+        vin = wire.check_vin(x_vehicle_vin if x_vehicle_vin is not None else SEED_VIN)
+        compressed = _flag(x_compressed, "X-Compressed")
+        batch = _flag(x_batch, "X-Batch")
+        packets = wire.parse_upload(body, compressed=compressed, batch=batch)
+    except wire.WireError as error:
+        return _error(400, ErrorCode.INVALID_TELEMETRY, error.reason)
+    if not await gateway.telemetry.vehicles.knows(gateway.link, vin):
+        return _error(422, ErrorCode.UNKNOWN_VEHICLE, f"vehicle {vin} is not registered")
+    envelope = Envelope(
+        type=UPLOAD_TYPE,
+        producer=f"telemetry-logger/{principal.subject}",
+        captured_at=packets[0].timestamp_ms / 1000,
+        content_type=PROTOBUF,
+        headers={
+            "x-vehicle-vin": vin,
+            "x-compressed": "true" if compressed else "false",
+            "x-batch": "true" if batch else "false",
+        },
+    )
+    try:
+        await gateway.link.publish_work(
+            body, envelope=envelope, exchange=gateway.link.topology.telemetry_raw
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the logger must send it again
+        log.warning("publish failed", error=repr(exc), vin=vin)
+        return _error(503, ErrorCode.UNAVAILABLE, "not accepted: the broker did not confirm it")
+    PUBLISHED.labels(UPLOAD_ENDPOINT).inc()
+    return JSONResponse(
+        {"status": "accepted", "records": len(packets), "message_id": envelope.message_id}, 202
+    )
+
+
+# --- dashboards -----------------------------------------------------------------------------
+
+
+def _log_line(message: str, log_type: str = "info") -> str:
+    return orjson.dumps({"type": "log", "message": message, "log_type": log_type}).decode()
+
+
+async def _history(gateway: Gateway) -> list[Any]:
+    link = gateway.link
+    answer = await link.request(
+        service="telemetry",
+        queue=link.topology.telemetry_requests_queue,
+        body={"query": "history", "limit": HISTORY_LIMIT},
+    )
+    if not isinstance(answer, list):
+        raise ServiceUnavailableError(f"telemetry answered {answer!r}")
+    return answer
+
+
+@router.websocket(DASHBOARD_ENDPOINT)
+async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.TELEMETRY_SUBSCRIBE, endpoint=DASHBOARD_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+    hub, state = gateway.link.hub, gateway.telemetry
+    client = ClientQueue(
+        send_text(websocket),
+        size=gateway.settings.client_queue_size,
+        policy=Policy.DROP_OLDEST,
+        endpoint=DASHBOARD_ENDPOINT,
+    )
+    CONNECTIONS.labels(DASHBOARD_ENDPOINT).inc()
+    state.dashboards += 1
+    channels = (Channels.TELEMETRY_VEHICLES, Channels.TELEMETRY_LOGS)
+    reader = writer = None
+    try:
+        # Watch first, then ask for the history: nothing published in between is missed.
+        for channel in channels:
+            await hub.subscribe(channel, client)
+        greeting: list[Message] = [_log_line("Connected to telemetry server", "success")]
+        try:
+            history = await _history(gateway)
+        except ServiceUnavailableError as exc:
+            log.warning("no history for a new dashboard", reason=str(exc))
+            history = []
+            greeting.append(
+                _log_line("History unavailable: the telemetry service is down", "warning")
+            )
+        greeting.append(orjson.dumps({"type": "history", "data": history}).decode())
+        greeting.append(_log_line(f"Loaded {len(history)} historical telemetry records"))
+        client.push_front(greeting)
+        writer = asyncio.create_task(client.run())
+        reader = asyncio.create_task(_ignore_input(websocket))
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        CONNECTIONS.labels(DASHBOARD_ENDPOINT).dec()
+        state.dashboards -= 1
+        for channel in channels:
+            await hub.unsubscribe(channel, client)
+        client.close()
+        for task in (reader, writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+async def _ignore_input(websocket: WebSocket) -> None:
+    """The seed ignores what dashboards send; reading only notices when they leave."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+@router.get("/status", dependencies=[require(Scope.TELEMETRY_SUBSCRIBE, "/status")])
+async def status(gateway: GatewayDep) -> dict[str, Any]:
+    """The seed's `/status`; records and statistics from the telemetry service (504 if down).
+
+    `active_websockets` and `script_running` describe this gateway replica's connections.
+    """
+    link, state = gateway.link, gateway.telemetry
+    answer = await link.request(
+        service="telemetry", queue=link.topology.telemetry_requests_queue, body={"query": "status"}
+    )
+    if not isinstance(answer, dict) or "error" in answer:
+        raise ServiceUnavailableError(f"telemetry answered {answer!r}")
+    return {
+        "total_records": answer["total_records"],
+        "active_websockets": state.dashboards,
+        "latest": answer["latest"],
+        "script_running": any(session.running for session in state.loggers),
+        "compression_stats": answer["compression_stats"],
+    }
+
+
+# --- logger control -------------------------------------------------------------------------
+
+COMMANDS = {
+    "/logger/start": "start",
+    "/start_script": "start",
+    "/logger/stop": "stop",
+    "/stop_script": "stop",
+    "/toggle_offline": "toggle_offline",
+    "/clear_data": "clear_data",
+}
+
+
+def _control_endpoint(path: str, command: str) -> None:
+    async def relay(gateway: GatewayDep, vin: str | None = None) -> JSONResponse:
+        """Send the command to the edge loggers (one vehicle with `?vin=`, else all)."""
+        if vin is not None:
+            try:
+                vin = wire.check_vin(vin)
+            except wire.WireError as error:
+                return _error(400, ErrorCode.INVALID_TELEMETRY, error.reason)
+        command_id = uuid.uuid4().hex
+        body = {"type": "command", "command": command, "command_id": command_id}
+        try:
+            await gateway.link.publish_live(
+                orjson.dumps(body),
+                envelope=Envelope(type="telemetry.command.v1", producer="gateway"),
+                routing_key=Channels.telemetry_control(vin),
+            )
+        except Exception as exc:  # noqa: BLE001 - tell the operator, who can try again
+            log.warning("command not published", command=command, error=repr(exc))
+            return _error(503, ErrorCode.UNAVAILABLE, "the broker did not take the command")
+        return JSONResponse(
+            {"status": "accepted", "command": command, "command_id": command_id, "vin": vin},
+            202,
+        )
+
+    router.add_api_route(
+        path,
+        relay,
+        methods=["POST"],
+        status_code=202,
+        dependencies=[require(Scope.TELEMETRY_CONTROL, path)],
+        name=f"control {path}",
+    )
+
+
+for _path, _command in COMMANDS.items():
+    _control_endpoint(_path, _command)
+
+
+@router.websocket(CONTROL_ENDPOINT)
+async def control(websocket: WebSocket, gateway: GatewayDep, vin: str = "") -> None:
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.TELEMETRY_PUBLISH, endpoint=CONTROL_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+    try:
+        vin = wire.check_vin(vin)
+    except wire.WireError as error:
+        frame = ErrorFrame(code=ErrorCode.INVALID_TELEMETRY, reason=f"?vin=: {error.reason}")
+        await websocket.send_text(frame.encode())
+        await websocket.close(1008, "a valid ?vin= is required")
+        return
+    await LoggerLink(gateway, websocket, LoggerSession(vin)).run()
+
+
+class LoggerLink:
+    """One logger's control socket: commands down, status and log lines up."""
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket, session: LoggerSession) -> None:
+        self.gateway = gateway
+        self.websocket = websocket
+        self.session = session
+        self.state = gateway.telemetry
+        self.commands = ClientQueue(
+            send_text(websocket), size=64, policy=Policy.DROP_OLDEST, endpoint=CONTROL_ENDPOINT
+        )
+        self.channels = (Channels.telemetry_control(), Channels.telemetry_control(session.vin))
+
+    async def run(self) -> None:
+        hub = self.gateway.link.hub
+        self.state.loggers.add(self.session)
+        CONNECTIONS.labels(CONTROL_ENDPOINT).inc()
+        writer = asyncio.create_task(self.commands.run())
+        try:
+            for channel in self.channels:
+                await hub.subscribe(channel, self.commands)
+            await self.tell_dashboards("edge logger connected", "success")
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await self.take(message.get("text") or message.get("bytes") or b"")
+        finally:
+            self.state.loggers.discard(self.session)
+            CONNECTIONS.labels(CONTROL_ENDPOINT).dec()
+            for channel in self.channels:
+                await hub.unsubscribe(channel, self.commands)
+            self.commands.close()
+            writer.cancel()
+            with contextlib.suppress(Exception):
+                await self.tell_dashboards("edge logger disconnected", "warning")
+
+    async def take(self, raw: str | bytes) -> None:
+        try:
+            message = orjson.loads(raw)
+            kind = message["type"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.reject('expected a JSON object with a "type"')
+            return
+        if kind in ("status", "ack"):
+            self.session.running = bool(message.get("running", self.session.running))
+            self.session.offline = bool(message.get("offline", self.session.offline))
+            self.session.buffered = int(message.get("buffered", self.session.buffered))
+            if kind == "ack":
+                outcome = f"failed: {message['error']}" if message.get("error") else "done"
+                await self.tell_dashboards(
+                    f"command {message.get('command_id', '?')} {outcome}; running="
+                    f"{self.session.running} offline={self.session.offline} "
+                    f"buffered={self.session.buffered}",
+                    "error" if message.get("error") else "info",
+                )
+        elif kind == "log":
+            await self.tell_dashboards(
+                str(message.get("message", "")), str(message.get("log_type", "info"))
+            )
+        else:
+            self.reject(f"unknown message type {kind!r}: expected status, ack or log")
+
+    def reject(self, reason: str) -> None:
+        REJECTED.labels(CONTROL_ENDPOINT, ErrorCode.INVALID_SHAPE.value).inc()
+        self.commands.offer(ErrorFrame(code=ErrorCode.INVALID_SHAPE, reason=reason).encode())
+
+    async def tell_dashboards(self, message: str, log_type: str) -> None:
+        """A seed `log` line, prefixed with the vehicle, for every dashboard on any replica."""
+        line = _log_line(f"[{self.session.vin[-6:]}] {message}", log_type)
+        await self.gateway.link.publish_live(
+            line.encode(),
+            envelope=Envelope(type="telemetry.log.v1", producer=f"logger/{self.session.vin}"),
+            routing_key=Channels.telemetry_log(self.session.vin),
+        )

@@ -1,0 +1,269 @@
+"""The real gateway process at the telemetry edge: uploads, status codes, logger control.
+
+Connected: a real gateway on a private RabbitMQ virtual host. No telemetry service runs here, so
+accepted uploads wait in their quorum queue, where the test reads them back, and the gateway has
+no vehicle list (it accepts any valid VIN until the service answers; the end-to-end tests cover
+unknown vehicles with the real service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+import websockets
+
+from edgeway.common.telemetry import telemetry_pb2, wire
+from edgeway.common.telemetry.predictor import Encoder, Packet, Sample
+from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.gateway.tokens import mint
+
+pytestmark = pytest.mark.connected
+
+SECRET = "telemetry-edge-secret-that-is-long-enough-for-hs256"
+QUEUE = "edgeway.telemetry.raw"
+VIN = "5YJ3E1EA1KF000042"
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+
+
+def make_token(*scopes: str) -> str:
+    return mint(
+        subject="telemetry-edge",
+        scopes=list(scopes),
+        ttl=600,
+        key=SECRET,
+        algorithm="HS256",
+        audience="edgeway",
+        issuer="edgeway",
+    )
+
+
+LOGGER = {"Authorization": f"Bearer {make_token('telemetry:publish')}"}
+DASHBOARD = make_token("telemetry:subscribe")
+OPERATOR = {"Authorization": f"Bearer {make_token('telemetry:control')}"}
+
+
+def samples(count: int, start_ms: int = 1_763_000_000_000) -> list[Sample]:
+    return [
+        Sample(
+            timestamp_ms=start_ms + 300 * i,
+            speed=60.0 + i * 0.1,
+            battery=80.0 - i * 0.01,
+            power=20.0,
+            odometer=1000.0 + i * 0.005,
+            heading=(355.0 + i) % 360,
+        )
+        for i in range(count)
+    ]
+
+
+def packets(count: int) -> list[Packet]:
+    encoder = Encoder()
+    return [encoder.encode(sample) for sample in samples(count)]
+
+
+@pytest.fixture(scope="module")
+def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        "edgeway.gateway",
+        env={
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_REQUEST_TIMEOUT": "0.3",
+            "EDGEWAY_MAX_UPLOAD_BYTES": "65536",
+        },
+        port=free_port(),
+        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
+    ).start()
+    yield process
+    process.stop()
+
+
+async def drain_queue(amqp_url: str, *, wait: float = 1.0) -> list[Any]:
+    """Everything the gateway published into the (otherwise unconsumed) work queue.
+
+    A consumer, not basic.get: the queue has a single active consumer, which basic.get bypasses.
+    """
+    connection = await aio_pika.connect(amqp_url)
+    messages: list[Any] = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(QUEUE, ensure=True)
+        async with queue.iterator() as incoming:
+            while True:
+                try:
+                    message = await asyncio.wait_for(anext(incoming), wait)
+                except TimeoutError:
+                    return messages
+                await message.ack()
+                messages.append(message)
+
+
+async def test_uploads_are_accepted_once_queued_with_their_headers(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    await drain_queue(amqp_url, wait=0.2)
+    one, batch = packets(1)[0], packets(5)
+    legacy = wire.encode_sample(samples(1)[0])
+    async with httpx.AsyncClient(base_url=gateway.url, headers=LOGGER) as http:
+        first = await http.post(
+            "/telemetry",
+            content=wire.encode_packet(one),
+            headers={**PROTOBUF, "X-Compressed": "true", "X-Vehicle-VIN": VIN},
+        )
+        second = await http.post(
+            "/api/telemetry",  # the seed README's path
+            content=wire.encode_batch(batch),
+            headers={**PROTOBUF, "X-Compressed": "true", "X-Batch": "true", "X-Vehicle-VIN": VIN},
+        )
+        # A seed logger: no X-Compressed, no VIN (the seed's default), no content type.
+        third = await http.post("/telemetry", content=legacy)
+    assert [r.status_code for r in (first, second, third)] == [202, 202, 202]
+    assert [r.json()["records"] for r in (first, second, third)] == [1, 5, 1]
+    assert first.json()["status"] == "accepted"
+    queued = await drain_queue(amqp_url)
+    assert [m.message_id for m in queued] == [
+        r.json()["message_id"] for r in (first, second, third)
+    ]
+    assert [m.body for m in queued] == [
+        wire.encode_packet(one),
+        wire.encode_batch(batch),
+        legacy,
+    ]  # published unchanged
+    headers = [
+        (m.headers["x-vehicle-vin"], m.headers["x-compressed"], m.headers["x-batch"])
+        for m in queued
+    ]
+    assert headers == [
+        (VIN, "true", "false"),
+        (VIN, "true", "true"),
+        ("5YJ3E1EA1KF000001", "false", "false"),
+    ]
+    assert all(m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT for m in queued)
+    assert all(m.content_type == "application/x-protobuf" for m in queued)
+
+
+def _out_of_range() -> bytes:
+    message = telemetry_pb2.CompressedVehicleData(
+        timestamp=1_763_000_000_000,
+        vehicle_speed=50.0,
+        battery_level=140.0,  # percent
+        power_kw=10.0,
+        odometer=10.0,
+        heading=90,
+        is_resync=True,
+    )
+    return message.SerializeToString()
+
+
+async def test_bad_uploads_get_real_status_codes_and_nothing_is_queued(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    await drain_queue(amqp_url, wait=0.2)
+    good = wire.encode_packet(packets(1)[0])
+    compressed = {**PROTOBUF, "X-Compressed": "true", "X-Vehicle-VIN": VIN}
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        (
+            {"content": b"\xff\xff\xff not protobuf", "headers": compressed},
+            400,
+            "invalid_telemetry",
+        ),
+        ({"content": _out_of_range(), "headers": compressed}, 400, "invalid_telemetry"),
+        (
+            {"content": good, "headers": {**compressed, "X-Vehicle-VIN": "not-a-vin"}},
+            400,
+            "invalid_telemetry",
+        ),
+        (
+            {"content": good, "headers": {**compressed, "X-Compressed": "maybe"}},
+            400,
+            "invalid_telemetry",
+        ),
+        (
+            {"content": good, "headers": {**compressed, "Content-Type": "application/json"}},
+            415,
+            "unsupported_media_type",
+        ),
+        ({"content": b"\x08" * 70_000, "headers": compressed}, 413, "too_large"),
+    ]
+    async with httpx.AsyncClient(base_url=gateway.url, headers=LOGGER) as http:
+        for request, status, code in cases:
+            response = await http.post("/telemetry", **request)
+            assert response.status_code == status, (request["headers"], response.text)
+            body = response.json()
+            assert (body["type"], body["code"]) == ("error", code)
+            assert body["reason"]
+        assert "battery" in (await http.post("/telemetry", **cases[1][0])).json()["reason"]
+        no_token = await http.post(
+            "/telemetry", content=good, headers={**compressed, "Authorization": ""}
+        )
+        wrong_scope = await http.post(
+            "/telemetry",
+            content=good,
+            headers={**compressed, "Authorization": f"Bearer {DASHBOARD}"},
+        )
+    assert (no_token.status_code, wrong_scope.status_code) == (401, 403)
+    assert await drain_queue(amqp_url, wait=0.5) == []
+
+
+async def test_control_commands_reach_the_logger_and_its_log_reaches_dashboards(
+    gateway: ServiceProcess,
+) -> None:
+    ws = gateway.url.replace("http", "ws")
+    logger_token = LOGGER["Authorization"].split()[1]
+    async with (
+        websockets.connect(f"{ws}/ws?token={DASHBOARD}") as dashboard,
+        websockets.connect(f"{ws}/telemetry/control/ws?vin={VIN}&token={logger_token}") as logger,
+    ):
+        greeting = [json.loads(await asyncio.wait_for(dashboard.recv(), 5)) for _ in range(4)]
+        assert greeting[0] == {
+            "type": "log",
+            "message": "Connected to telemetry server",
+            "log_type": "success",
+        }
+        # No telemetry service here: the dashboard is told, and gets an empty history.
+        assert (greeting[1]["type"], greeting[1]["log_type"]) == ("log", "warning")
+        assert greeting[2] == {"type": "history", "data": []}
+        assert greeting[3]["message"] == "Loaded 0 historical telemetry records"
+
+        await logger.send(json.dumps({"type": "status", "running": True, "offline": False}))
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            refused = await http.post("/logger/stop", headers=LOGGER)
+            stop = await http.post("/logger/stop", headers=OPERATOR)
+            other_vehicle = await http.post(
+                "/toggle_offline", params={"vin": "5YJ3E1EA1KF000099"}, headers=OPERATOR
+            )
+            this_vehicle = await http.post("/stop_script", params={"vin": VIN}, headers=OPERATOR)
+        assert refused.status_code == 403
+        assert (stop.status_code, other_vehicle.status_code, this_vehicle.status_code) == (
+            202,
+            202,
+            202,
+        )
+        received = [json.loads(await asyncio.wait_for(logger.recv(), 5)) for _ in range(2)]
+        # The command for another vehicle never reached this logger.
+        assert [(m["type"], m["command"], m["command_id"]) for m in received] == [
+            ("command", "stop", stop.json()["command_id"]),
+            ("command", "stop", this_vehicle.json()["command_id"]),
+        ]
+        await logger.send(
+            json.dumps({"type": "ack", "command_id": received[0]["command_id"], "running": False})
+        )
+        await logger.send(json.dumps({"type": "log", "message": "paused", "log_type": "info"}))
+        await logger.send("not json")
+        error = json.loads(await asyncio.wait_for(logger.recv(), 5))
+        assert (error["type"], error["code"]) == ("error", "invalid_shape")
+
+        lines = []
+        while not any(line.get("message", "").endswith("paused") for line in lines):
+            lines.append(json.loads(await asyncio.wait_for(dashboard.recv(), 5)))
+        assert all(line["type"] == "log" for line in lines)
+        assert any(
+            f"[{VIN[-6:]}] command {received[0]['command_id']} done" in line["message"]
+            for line in lines
+        )

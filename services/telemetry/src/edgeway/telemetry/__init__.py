@@ -1,0 +1,1 @@
+"""Edgeway telemetry: vehicle records reconstructed per vehicle, stored with COPY and broadcast."""

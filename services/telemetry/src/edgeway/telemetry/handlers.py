@@ -1,0 +1,326 @@
+"""FastStream subscribers of the telemetry service: read, decode per vehicle, store, broadcast.
+
+Uploads come off a quorum queue with a single active consumer, so one replica at a time sees
+every vehicle's packets in the order the gateway published them. Handlers hand them to a group
+commit without awaiting anything first, so groups keep that order. A group is one transaction:
+records (idempotent on vehicle and timestamp), each vehicle's decoder state, daily statistics,
+offline sessions and rejections. Only after the commit are the records broadcast and the
+deliveries acked, so a crash anywhere means a redelivery, whose packets are then at or before
+their vehicle's stored state: found in the table, counted as duplicates, neither decoded nor
+stored again.
+
+Order is what the predictor needs, so nothing may overtake a failed group: a database outage is
+waited out inside the group, however long, instead of requeueing it behind newer uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from faststream import AckPolicy
+from faststream.asgi import AsgiFastStream
+from faststream.rabbit import RabbitBroker, RabbitResponse
+from faststream.rabbit.message import RabbitMessage
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from edgeway.common.batching import GroupCommit
+from edgeway.common.broker import (
+    JSON,
+    declare_shared,
+    declare_work,
+    encode,
+    make_broker,
+    publish,
+    whole_message,
+)
+from edgeway.common.db import make_engine, make_sessionmaker, ping
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.service import service_app
+from edgeway.common.settings import async_database_url
+from edgeway.common.topology import Topology
+from edgeway.telemetry import domain, store
+from edgeway.telemetry.ingest import DecoderCache, Delivery, Outcome, Pipeline
+from edgeway.telemetry.settings import TelemetrySettings
+
+SERVICE = "telemetry"
+RECORD_OUTCOMES = ("stored", "duplicate", "rejected")
+
+# Pauses between tries while the database is unreachable, the last one repeated until it is
+# back. Unlike the occupancy service, a group is never given up on for an outage: a requeued
+# upload would come back after newer ones of its vehicle, behind its predictor state.
+DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 5.0)
+# Broadcasts awaiting their confirm at once: enough to hide the round trip to the broker.
+PUBLISH_WINDOW = 256
+# Longest wait for a window of broadcasts to be confirmed; the flusher waits on it.
+BROADCAST_TIMEOUT = 10.0
+# The seed's history and status sizes (`WS /ws` sends the last 100; `/status` the last 10).
+HISTORY_LIMIT = 100
+STATUS_LATEST = 10
+
+log = get_logger("edgeway.telemetry")
+
+T = TypeVar("T")
+
+
+async def with_db_retry(work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` until the database answers: again after a pause while it is unreachable."""
+    for attempt in itertools.count():
+        try:
+            return await work()
+        except (OperationalError, InterfaceError) as exc:
+            delay = DB_RETRY_DELAYS[min(attempt, len(DB_RETRY_DELAYS) - 1)]
+            log.warning(
+                "database unavailable, retrying", error=str(exc.orig or exc), retry_in=delay
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def broadcast(
+    broker: RabbitBroker, topology: Topology, outcomes: Sequence[Outcome], failures: Counter
+) -> None:
+    """Publish every stored record's client message, in order, up to PUBLISH_WINDOW at a time.
+
+    Live results are transient: a broadcast that fails is logged and counted, not retried (the
+    records are committed; a redelivery would find them stored and broadcast nothing).
+    """
+    pending: list[asyncio.Task[None]] = []
+    for outcome in outcomes:
+        for message in outcome.broadcasts:
+            # Tasks start in creation order and the channel writes frames in that order.
+            pending.append(
+                asyncio.create_task(
+                    publish(
+                        broker,
+                        message.body,
+                        envelope=outcome.envelope.derive(type=domain.RECORD_TYPE, producer=SERVICE),
+                        exchange=topology.broadcast,
+                        routing_key=message.routing_key,
+                        durable=False,
+                    )
+                )
+            )
+            if len(pending) >= PUBLISH_WINDOW:
+                await _settle(pending, failures)
+    await _settle(pending, failures)
+
+
+async def _settle(pending: list[asyncio.Task[None]], failures: Counter) -> None:
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*pending, return_exceptions=True), BROADCAST_TIMEOUT
+        )
+    except TimeoutError as exc:  # the broker is gone: the next group must not wait for it
+        results = [exc] * len(pending)
+    pending.clear()
+    errors = [result for result in results if isinstance(result, BaseException)]
+    if errors:
+        failures.inc(len(errors))
+        log.warning("broadcast failed", failed=len(errors), error=repr(errors[0]))
+
+
+async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
+    """`history`, `status` and `vehicles` queries (JSON in, JSON out)."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return encode({"error": "request is not valid JSON"})
+    query = request.get("query") if isinstance(request, dict) else None
+    if query not in ("history", "status", "vehicles"):
+        return encode(
+            {"error": 'unknown query; supported: {"query": "history" | "status" | "vehicles"}'}
+        )
+    assert isinstance(request, dict)
+    limit = request.get("limit", HISTORY_LIMIT)
+    if query == "history" and (isinstance(limit, bool) or not isinstance(limit, int)):
+        return encode({"error": "limit must be an integer"})
+    try:
+        async with sessions() as session:
+            answer: Any
+            if query == "history":
+                answer = await _history(session, min(max(limit, 0), HISTORY_LIMIT))
+            elif query == "status":
+                answer = {
+                    "total_records": await store.total_records(session=session),
+                    "latest": await _history(session, STATUS_LATEST),
+                    "compression_stats": (
+                        await store.fleet_stats(session=session, day=datetime.now(UTC).date())
+                    ).client_view(),
+                }
+            else:
+                answer = {"vehicles": await store.vehicle_vins(session=session)}
+    except SQLAlchemyError as exc:
+        log.warning("telemetry query failed", query=query, error=str(exc))
+        return encode({"error": "telemetry database unavailable"})
+    return encode(answer)
+
+
+async def _history(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
+    if limit == 0:
+        return []
+    return [
+        {
+            "timestamp": record.timestamp_ms,
+            "speed": record.speed,
+            "battery": record.battery,
+            "power": record.power,
+            "odometer": record.odometer,
+            "heading": record.heading,
+            "received_at": domain.received_text(record.received_at),
+        }
+        for record in await store.last_records(session=session, limit=limit)
+    ]
+
+
+def build_app(
+    settings: TelemetrySettings,
+    *,
+    tracer_provider: TracerProvider,
+    registry: CollectorRegistry = REGISTRY,
+) -> AsgiFastStream:
+    """The telemetry service: its subscribers, start-up work and operations endpoints."""
+    topology = Topology(settings.exchanges)
+    # A single active consumer (Topology.telemetry_raw_queue): one replica at a time decodes,
+    # so each vehicle's packets meet its predictor state in the order they were published.
+    uploads_queue = topology.telemetry_raw_queue
+    broker = make_broker(
+        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    )
+    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    vehicles = store.VehicleDirectory()
+    pipeline = Pipeline(
+        sessions=sessions,
+        vehicles=vehicles,
+        decoders=DecoderCache(settings.predictor),
+        offline_after_s=settings.offline_after_s,
+    )
+    records = Counter(
+        "edgeway_telemetry_records_total",
+        "Records taken from uploads, by outcome: stored, duplicate (stored before: a replay or "
+        "a redelivery), rejected (in an upload that was refused; unreadable bodies count none)",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in RECORD_OUTCOMES:
+        records.labels(outcome)
+    rejections = Counter(
+        "edgeway_telemetry_rejected_uploads_total",
+        "Uploads refused and kept in the rejections table, by code",
+        ["code"],
+        registry=registry,
+    )
+    for code in domain.RejectCode:
+        rejections.labels(code.value)
+    broadcast_failures = Counter(
+        "edgeway_telemetry_broadcast_failures_total",
+        "Record broadcasts the broker did not take (the records are stored)",
+        registry=registry,
+    )
+    declared = asyncio.Event()
+
+    async def flush(deliveries: Sequence[Delivery]) -> list[Outcome]:
+        outcomes = await with_db_retry(lambda: pipeline.store(deliveries))
+        await broadcast(broker, topology, outcomes, broadcast_failures)
+        return outcomes
+
+    # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
+    group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
+        flush,
+        max_size=settings.commit_group_size,
+        # A database outage fails every item alike; anything else may be one bad upload.
+        isolate=lambda exc: not isinstance(exc, OperationalError | InterfaceError),
+    )
+
+    @broker.subscriber(
+        uploads_queue,
+        topology.telemetry_raw,
+        # Success acks after the commit and the broadcast; an unexpected exception nacks with
+        # requeue, and the quorum queue's delivery limit dead-letters what can never succeed.
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=whole_message,
+        no_reply=True,
+    )
+    async def on_upload(message: RabbitMessage) -> None:
+        # Nothing is awaited before `submit`: uploads reach the group commit in delivery order.
+        body: bytes = message.body
+        envelope = Envelope.from_message(message, type=domain.UPLOAD_TYPE)
+        upload = domain.read_upload(body, message.headers or {})
+        outcome = await group_commit.submit(Delivery(envelope, body, upload))
+        records.labels("stored").inc(outcome.stored)
+        records.labels("duplicate").inc(outcome.duplicates)
+        if outcome.rejection is not None:
+            rejected = outcome.rejection
+            if outcome.new_rejection:
+                rejections.labels(rejected.code.value).inc()
+                records.labels("rejected").inc(rejected.records)
+            log.warning(
+                "upload rejected",
+                code=rejected.code.value,
+                reason=rejected.reason,
+                vin=rejected.vin,
+                message_id=envelope.message_id,
+                duplicate=not outcome.new_rejection,
+            )
+
+    # A query is worthless once its asker gave up: acked whatever happens, never retried.
+    @broker.subscriber(
+        topology.telemetry_requests_queue, ack_policy=AckPolicy.ACK, decoder=whole_message
+    )
+    async def on_request(message: RabbitMessage) -> RabbitResponse:
+        reply = await answer_query(message.body, sessions=sessions)
+        # Not mandatory: an asker whose reply queue is gone must not make this handler fail.
+        return RabbitResponse(reply, content_type=JSON, mandatory=False)
+
+    async def prepare_database() -> None:
+        await store.MIGRATIONS.upgrade_async(url)
+        async with sessions.begin() as session:
+            await store.seed_vehicles(session=session, vins=settings.vehicles)
+            known = await store.load_vehicles(session=session)
+        vehicles.replace(known)
+        log.info("database ready", vehicles=len(known))
+
+    async def declare_topology() -> None:
+        await declare_shared(broker, topology)
+        await declare_work(broker, topology, topology.telemetry_raw, uploads_queue)
+        declared.set()
+
+    async def database_reachable() -> None:
+        await ping(engine)
+
+    async def migrations_at_head() -> None:
+        if not await store.MIGRATIONS.at_head(url):
+            raise RuntimeError("database schema is not at the latest migration")
+
+    async def topology_declared() -> None:
+        if not declared.is_set():
+            raise RuntimeError("queues not declared yet")
+
+    app = service_app(
+        broker,
+        checks={
+            "database": database_reachable,
+            "migrations": migrations_at_head,
+            "topology": topology_declared,
+        },
+        on_startup=[prepare_database],
+        after_startup=[declare_topology],
+        registry=registry,
+    )
+
+    async def close_database() -> None:
+        await engine.dispose()
+
+    # After the broker has drained in-flight messages (on_shutdown hooks run before that).
+    app.after_shutdown(close_database)
+    return app

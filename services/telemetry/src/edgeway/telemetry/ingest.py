@@ -1,0 +1,371 @@
+"""One group of uploads, from what the handlers read to what they broadcast, in one transaction.
+
+Per vehicle, a decoder resumed from its stored state (cached between groups) rebuilds the
+records in order; the records, the decoder states, the day's statistics, offline sessions and
+rejections are written together, and the client messages built from what was stored.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from edgeway.common.broker import encode
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.telemetry.predictor import (
+    Decoded,
+    Decoder,
+    Packet,
+    PredictorConfig,
+    PredictorState,
+)
+from edgeway.common.topology import Channels
+from edgeway.telemetry import domain, store
+
+log = get_logger("edgeway.telemetry")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One upload as it came off the queue, read."""
+
+    envelope: Envelope
+    body: bytes
+    upload: domain.Upload | domain.Rejection
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    routing_key: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one upload came to, and what to broadcast about it once committed."""
+
+    envelope: Envelope
+    stored: int = 0
+    duplicates: int = 0
+    rejection: domain.Rejection | None = None
+    new_rejection: bool = False  # False: this upload was rejected before (a redelivery)
+    broadcasts: list[Broadcast] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class VehicleDecoder:
+    """A vehicle's decoder with what its state row held when it was read."""
+
+    decoder: Decoder
+    revision: int
+    offline_session_id: int | None
+
+
+class DecoderCache:
+    """Each vehicle's decoder, kept between groups to save a read per group.
+
+    The cache is only as good as the last commit: after a failed transaction it is dropped and
+    every state is read again. A cached state that another replica moved on meanwhile (it held
+    the queue while this one was cut off) is caught by the state's revision at the next write.
+    """
+
+    def __init__(self, config: PredictorConfig) -> None:
+        self.config = config
+        self._decoders: dict[int, VehicleDecoder] = {}
+
+    def clear(self) -> None:
+        self._decoders.clear()
+
+    async def load(self, *, session: AsyncSession, vehicle_ids: set[int]) -> None:
+        missing = vehicle_ids - self._decoders.keys()
+        if not missing:
+            return
+        stored = await store.load_states(session=session, vehicle_ids=missing)
+        for vehicle_id in missing:
+            row = stored.get(vehicle_id)
+            if row is None:
+                self._decoders[vehicle_id] = VehicleDecoder(Decoder(self.config), 0, None)
+                continue
+            self._decoders[vehicle_id] = VehicleDecoder(
+                Decoder(self.config, _predictor_state(vehicle_id, row)),
+                row.revision,
+                row.offline_session_id,
+            )
+
+    def __getitem__(self, vehicle_id: int) -> VehicleDecoder:
+        return self._decoders[vehicle_id]
+
+
+def _predictor_state(vehicle_id: int, row: store.StoredState) -> PredictorState:
+    try:
+        return PredictorState.from_json(row.predictor)
+    except ValueError as exc:
+        # Written by another predictor version: start over, but never before the stored records
+        # (the next resync makes the predictions exact again; until then records are uncertain).
+        log.warning("predictor state unreadable, starting over", vehicle=vehicle_id, error=str(exc))
+        return PredictorState(last_timestamp_ms=row.timestamp_ms, last_sequence=row.sequence)
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """A decoded record on its way to the database, with what its broadcast needs."""
+
+    index: int  # of its delivery in the group
+    vin: str
+    decoded: Decoded
+    row: store.RecordRow
+
+
+class Pipeline:
+    """Everything a group of uploads goes through, from the read uploads to the messages to
+    broadcast."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        vehicles: store.VehicleDirectory,
+        decoders: DecoderCache,
+        offline_after_s: float,
+    ) -> None:
+        self.sessions = sessions
+        self.vehicles = vehicles
+        self.decoders = decoders
+        self.offline_after_s = offline_after_s
+
+    async def store(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Store a group in one transaction; outcomes come back in the order of `deliveries`.
+
+        A failed transaction drops the cached decoders (they moved on with it). A stale cached
+        state is read again and the group tried once more.
+        """
+        for attempt in (1, 2):
+            try:
+                return await self._store(deliveries)
+            except store.StaleStateError as exc:
+                self.decoders.clear()
+                if attempt == 2:
+                    raise
+                log.warning("vehicle state changed elsewhere, reading it again", error=str(exc))
+            except BaseException:
+                self.decoders.clear()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _store(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        outcomes = [Outcome(delivery.envelope) for delivery in deliveries]
+        async with self.sessions.begin() as session:
+            accepted: list[tuple[int, int, domain.Upload]] = []
+            for index, delivery in enumerate(deliveries):
+                upload = delivery.upload
+                if isinstance(upload, domain.Upload):
+                    vehicle_id = await self.vehicles.lookup(session=session, vin=upload.vin)
+                    if vehicle_id is not None:
+                        accepted.append((index, vehicle_id, upload))
+                        continue
+                    upload = domain.unknown_vehicle(upload)
+                await self._reject(session, delivery, upload, outcomes[index])
+
+            await self.decoders.load(
+                session=session, vehicle_ids={vehicle_id for _, vehicle_id, _ in accepted}
+            )
+            records: list[_Record] = []
+            behind: list[tuple[int, int, domain.Upload, list[Packet]]] = []
+            for index, vehicle_id, upload in accepted:
+                delivery = deliveries[index]
+                try:
+                    decoded = domain.decode_upload(
+                        self.decoders[vehicle_id].decoder, upload.packets
+                    )
+                except domain.UndecodableError as exc:
+                    rejection = domain.Rejection(
+                        domain.RejectCode.UNDECODABLE, str(exc), upload.vin, len(upload.packets)
+                    )
+                    await self._reject(session, delivery, rejection, outcomes[index])
+                    continue
+                if decoded.behind:
+                    behind.append((index, vehicle_id, upload, decoded.behind))
+                received_at = _when(delivery.envelope.received_at)
+                records.extend(
+                    _Record(
+                        index,
+                        upload.vin,
+                        record.decoded,
+                        _row(
+                            vehicle_id,
+                            record,
+                            compressed=upload.compressed,
+                            received_at=received_at,
+                        ),
+                    )
+                    for record in decoded.records
+                )
+
+            fresh = await store.insert_records(
+                session=session, rows=[record.row for record in records]
+            )
+            stored = [record for record, new in zip(records, fresh, strict=True) if new]
+            for record, new in zip(records, fresh, strict=True):
+                if new:
+                    outcomes[record.index].stored += 1
+                else:  # decoded, but its (vehicle, timestamp) was stored already
+                    outcomes[record.index].duplicates += 1
+            await self._sort_out(session, deliveries, behind, outcomes)
+            running = await self._count(session, stored)
+            await self._advance_vehicles(session, records, fresh)
+
+        for record, stats in zip(stored, running, strict=True):
+            message = domain.client_message(
+                vin=record.vin,
+                decoded=record.decoded,
+                received_at=record.row.received_at,
+                stats=stats,
+            )
+            outcomes[record.index].broadcasts.append(
+                Broadcast(Channels.telemetry_vehicle(record.vin), encode(message))
+            )
+        return outcomes
+
+    async def _reject(
+        self,
+        session: AsyncSession,
+        delivery: Delivery,
+        rejection: domain.Rejection,
+        outcome: Outcome,
+    ) -> None:
+        outcome.rejection = rejection
+        outcome.new_rejection = await store.record_rejection(
+            session=session,
+            message_id=delivery.envelope.message_id,
+            vin=rejection.vin,
+            code=rejection.code.value,
+            reason=rejection.reason,
+            payload=delivery.body,
+            received_at=_when(delivery.envelope.received_at),
+        )
+
+    async def _sort_out(
+        self,
+        session: AsyncSession,
+        deliveries: Sequence[Delivery],
+        behind: Sequence[tuple[int, int, domain.Upload, list[Packet]]],
+        outcomes: list[Outcome],
+    ) -> None:
+        """Duplicates are packets behind their vehicle's state that are stored (this group's
+        records included); the others came too late to decode and are kept as a rejection."""
+        wanted: dict[int, set[int]] = defaultdict(set)
+        for _, vehicle_id, _, packets in behind:
+            wanted[vehicle_id].update(packet.timestamp_ms for packet in packets)
+        stored = {
+            vehicle_id: await store.stored_timestamps(
+                session=session, vehicle_id=vehicle_id, timestamps=timestamps
+            )
+            for vehicle_id, timestamps in wanted.items()
+        }
+        for index, vehicle_id, upload, packets in behind:
+            late = [packet for packet in packets if packet.timestamp_ms not in stored[vehicle_id]]
+            outcomes[index].duplicates += len(packets) - len(late)
+            if late:
+                rejection = domain.out_of_order(upload, late)
+                await self._reject(session, deliveries[index], rejection, outcomes[index])
+                log.error("packets out of order", vin=upload.vin, reason=rejection.reason)
+
+    async def _count(
+        self, session: AsyncSession, stored: Sequence[_Record]
+    ) -> list[domain.StatsCounts]:
+        """Add the stored records to their day's statistics; each record's running totals."""
+        increments: dict[store.StatsKey, domain.StatsCounts] = defaultdict(domain.StatsCounts)
+        keys: list[store.StatsKey] = []
+        for record in stored:
+            key = store.StatsKey(record.row.vehicle_id, domain.record_day(record.row.timestamp_ms))
+            keys.append(key)
+            increments[key] += domain.StatsCounts.of(record.decoded)
+        totals = await store.add_stats(session=session, increments=increments)
+        # Walk back from the totals after the group to each record's own.
+        running: list[domain.StatsCounts] = []
+        for record, key in zip(reversed(stored), reversed(keys), strict=True):
+            running.append(totals[key])
+            totals[key] -= domain.StatsCounts.of(record.decoded)
+        return running[::-1]
+
+    async def _advance_vehicles(
+        self, session: AsyncSession, records: Sequence[_Record], fresh: Sequence[bool]
+    ) -> None:
+        """Offline sessions and the decoder state of every vehicle that decoded something."""
+        by_vehicle: dict[int, list[tuple[_Record, bool]]] = defaultdict(list)
+        for record, new in zip(records, fresh, strict=True):
+            by_vehicle[record.row.vehicle_id].append((record, new))
+        writes: list[store.StateWrite] = []
+        for vehicle_id, mine in by_vehicle.items():
+            cached = self.decoders[vehicle_id]
+            plan = domain.plan_sessions(
+                vehicle_id=vehicle_id,
+                open_session=cached.offline_session_id,
+                records=[
+                    domain.SessionRecord(
+                        timestamp_ms=record.row.timestamp_ms,
+                        late=domain.is_late(
+                            record.row.timestamp_ms,
+                            received_at=record.row.received_at,
+                            offline_after_s=self.offline_after_s,
+                        ),
+                        gap=record.decoded.gap,
+                        stored=new,
+                    )
+                    for record, new in mine
+                ],
+            )
+            if plan.update is not None:
+                await store.update_session(session=session, change=plan.update)
+            opened: int | None = None
+            for new_session in plan.new:
+                opened = await store.add_session(session=session, new=new_session)
+            open_after = (
+                cached.offline_session_id if plan.keeps_open else opened if plan.opens_new else None
+            )
+            writes.append(
+                store.StateWrite(
+                    vehicle_id=vehicle_id,
+                    revision=cached.revision,
+                    predictor=cached.decoder.state.to_json(),
+                    offline_session_id=open_after,
+                    last=mine[-1][0].row,
+                )
+            )
+            cached.revision += 1
+            cached.offline_session_id = open_after
+        await store.save_states(session=session, writes=writes)
+
+
+def _row(
+    vehicle_id: int, record: domain.DecodedPacket, *, compressed: bool, received_at: datetime
+) -> store.RecordRow:
+    sample = record.decoded.sample
+    return store.RecordRow(
+        vehicle_id=vehicle_id,
+        timestamp_ms=sample.timestamp_ms,
+        speed=sample.speed,
+        battery=sample.battery,
+        power=sample.power,
+        odometer=sample.odometer,
+        heading=float(sample.heading),
+        reconstructed=domain.reconstructed_mask(record.decoded.reconstructed),
+        uncertain=record.decoded.uncertain,
+        sequence=record.packet.sequence,
+        predictor_version=record.packet.predictor_version,
+        compressed=compressed,
+        received_at=received_at,
+    )
+
+
+def _when(epoch: float) -> datetime:
+    """An envelope time as a datetime; now if the header held no usable time."""
+    try:
+        return datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.now(UTC)

@@ -1,0 +1,64 @@
+"""Settings of the telemetry service (`EDGEWAY_` environment variables)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from edgeway.common.settings import CommonSettings, database_url_field
+from edgeway.common.telemetry import wire
+from edgeway.common.telemetry.predictor import PredictorConfig
+
+# The seed's logger VIN (its `X-Vehicle-VIN` default, seed-systems.md §4), then two demo cars.
+SEED_VIN = "5YJ3E1EA1KF000001"
+DEMO_VINS = ("5YJ3E1EA1KF000002", "5YJYGDEE5MF000003")
+DEFAULT_PREDICTOR = PredictorConfig()
+
+
+def _vin(value: str) -> str:
+    try:
+        return wire.check_vin(value)
+    except wire.WireError as exc:
+        raise ValueError(exc.reason) from exc
+
+
+Vin = Annotated[str, AfterValidator(_vin)]
+
+
+class TelemetrySettings(CommonSettings):
+    """What the telemetry service reads from its environment."""
+
+    database_url: str | None = database_url_field("telemetry")
+    http_port: int = 8082
+    # Vehicles whose loggers may upload, added to the database at start (never removed).
+    # `EDGEWAY_TELEMETRY_VEHICLES='["5YJ3E1EA1KF000001"]'` (JSON). No bare `vehicles` alias:
+    # pydantic-settings would read an unrelated VEHICLES variable (see OccupancySettings.cameras).
+    vehicles: list[Vin] = Field(
+        default_factory=lambda: [SEED_VIN, *DEMO_VINS],
+        validation_alias="EDGEWAY_TELEMETRY_VEHICLES",
+    )
+    # The predictor's parameters: they must be the loggers' (a decoder with another alpha
+    # reconstructs other values). Defaults: the seed's (predictor.py, seed-systems.md §4).
+    predictor_alpha: float = Field(default=DEFAULT_PREDICTOR.alpha, gt=0, le=1)
+    predictor_speed_band: float = Field(default=DEFAULT_PREDICTOR.speed_band, gt=0)
+    predictor_power_band: float = Field(default=DEFAULT_PREDICTOR.power_band, gt=0)
+    predictor_battery_band: float = Field(default=DEFAULT_PREDICTOR.battery_band, gt=0)
+    predictor_heading_band: float = Field(default=DEFAULT_PREDICTOR.heading_band, gt=0)
+    predictor_resync_interval_ms: int = Field(default=DEFAULT_PREDICTOR.resync_interval_ms, gt=0)
+    # A record that reaches the gateway more than this long after its own timestamp was
+    # buffered by its logger (store-and-forward): a run of them is one offline session.
+    offline_after_s: float = Field(default=5.0, gt=0)
+    # Most uploads committed in one transaction (group commit; see edgeway.common.batching).
+    commit_group_size: int = Field(default=128, ge=1, le=1000)
+
+    @property
+    def predictor(self) -> PredictorConfig:
+        return PredictorConfig(
+            alpha=self.predictor_alpha,
+            speed_band=self.predictor_speed_band,
+            power_band=self.predictor_power_band,
+            battery_band=self.predictor_battery_band,
+            heading_band=self.predictor_heading_band,
+            resync_interval_ms=self.predictor_resync_interval_ms,
+        )

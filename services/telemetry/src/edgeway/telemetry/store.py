@@ -1,0 +1,697 @@
+"""The telemetry database: vehicles, every reconstructed record, predictor state, daily
+compression statistics, offline sessions and rejections.
+
+Functions take the session as a keyword and never open or commit a transaction: the handler
+does, so one group of uploads is one transaction. Records are idempotent on (vehicle,
+timestamp): a replayed or redelivered record is never stored twice. On PostgreSQL a group's
+records go in with COPY into a temporary table and one `INSERT ... SELECT ... ON CONFLICT DO
+NOTHING RETURNING`; on SQLite with multi-row `INSERT ... ON CONFLICT DO NOTHING RETURNING`.
+Both answer the same question: which of these rows are new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    cast,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from edgeway.common.db import Migrations
+from edgeway.telemetry.domain import NewSession, SessionUpdate, StatsCounts
+
+MIGRATIONS = Migrations(
+    Path(__file__).with_name("migrations"), version_table="alembic_version_telemetry"
+)
+
+VIN_LENGTH = 17
+MESSAGE_ID_LENGTH = 255  # what AMQP allows a message id (short string)
+# A rejected upload keeps the VIN header it came with, cut to this length (it may be anything).
+REJECTED_VIN_LENGTH = 64
+
+# offline_sessions.status: replaying (records still arrive late), or a live record came after.
+SESSION_SYNCING = "syncing"
+SESSION_SYNCED = "synced"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """`timestamptz` on PostgreSQL; on SQLite (no time zones) UTC text, read back as aware UTC.
+
+    Normalising to UTC on the way in keeps SQLite's text comparison in time order.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+# JSONB where there is one, JSON text on SQLite.
+JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    # Constraint names spelled out, so the migrations name them the same on every database.
+    metadata = MetaData(
+        naming_convention={
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s",
+        }
+    )
+
+
+class Vehicle(Base):
+    """A vehicle whose logger may upload; seeded from the settings, or added by an operator."""
+
+    __tablename__ = "vehicles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vin: Mapped[str] = mapped_column(String(VIN_LENGTH), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+
+class TelemetryRecord(Base):
+    """One reconstructed record: what the vehicle measured, as far as the decoder knows."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (UniqueConstraint("vehicle_id", "timestamp_ms"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id"))
+    timestamp_ms: Mapped[int] = mapped_column(BigInteger)  # the logger's record time
+    speed: Mapped[float] = mapped_column(Double)
+    battery: Mapped[float] = mapped_column(Double)
+    power: Mapped[float] = mapped_column(Double)
+    odometer: Mapped[float] = mapped_column(Double)
+    heading: Mapped[float] = mapped_column(Double)
+    # Bit i set: FIELDS[i] was not sent but predicted (speed 1, battery 2, power 4, heading 8).
+    reconstructed: Mapped[int] = mapped_column(SmallInteger)
+    # Decoded after a sequence gap and before the next resync: the prediction may have drifted.
+    uncertain: Mapped[bool] = mapped_column(Boolean)
+    sequence: Mapped[int | None] = mapped_column(BigInteger)
+    predictor_version: Mapped[int | None] = mapped_column(Integer)
+    compressed: Mapped[bool] = mapped_column(Boolean)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)  # at the gateway
+
+
+class VehicleState(Base):
+    """Each vehicle's decoder state and last record, moved forward by one writer at a time.
+
+    `revision` goes up by one with every write, and a write only lands on the revision it
+    read (compare and set): a replica whose cached state is stale cannot overwrite a newer one.
+    """
+
+    __tablename__ = "vehicle_state"
+
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id"), primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    predictor: Mapped[Any] = mapped_column(JSONDocument)  # PredictorState.to_json()
+    # The open offline session, if the vehicle is replaying its buffer.
+    offline_session_id: Mapped[int | None] = mapped_column(ForeignKey("offline_sessions.id"))
+    timestamp_ms: Mapped[int] = mapped_column(BigInteger)
+    speed: Mapped[float] = mapped_column(Double)
+    battery: Mapped[float] = mapped_column(Double)
+    power: Mapped[float] = mapped_column(Double)
+    odometer: Mapped[float] = mapped_column(Double)
+    heading: Mapped[float] = mapped_column(Double)
+    sequence: Mapped[int | None] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+
+class CompressionStats(Base):
+    """Per vehicle and UTC day (of the record time): packets and fields sent and skipped."""
+
+    __tablename__ = "compression_stats"
+    __table_args__ = (UniqueConstraint("vehicle_id", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id"))
+    day: Mapped[date] = mapped_column(Date)
+    total_packets: Mapped[int] = mapped_column(BigInteger)
+    transmitted_fields: Mapped[int] = mapped_column(BigInteger)
+    skipped_fields: Mapped[int] = mapped_column(BigInteger)
+    bandwidth_saved_percent: Mapped[float] = mapped_column(Double)  # skipped / all fields * 100
+
+
+class OfflineSession(Base):
+    """A store-and-forward replay: a run of records that arrived late (see domain.plan_sessions)."""
+
+    __tablename__ = "offline_sessions"
+    __table_args__ = (Index("ix_offline_sessions_vehicle_started", "vehicle_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id"))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)  # record time of the first late one
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # record time of the live one
+    # What the logger numbered in the session (stored + missing per sequence gaps).
+    records_buffered: Mapped[int] = mapped_column(BigInteger)
+    records_uploaded: Mapped[int] = mapped_column(BigInteger)  # stored
+    status: Mapped[str] = mapped_column(String(16))
+
+
+class RejectedUpload(Base):
+    """An upload that could not be taken, kept with its bytes so nothing a logger sent is lost."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_LENGTH), unique=True)
+    vehicle_vin: Mapped[str | None] = mapped_column(String(REJECTED_VIN_LENGTH))
+    code: Mapped[str] = mapped_column(String(50))
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+def _table(entity: type[Base]) -> Table:
+    table = entity.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+TELEMETRY = _table(TelemetryRecord)
+STATE = _table(VehicleState)
+STATS = _table(CompressionStats)
+SESSIONS = _table(OfflineSession)
+REJECTIONS = _table(RejectedUpload)
+
+Insert = postgresql.Insert | sqlite.Insert
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+
+class RecordRow(NamedTuple):
+    """One record to store (column order of `telemetry`, without its id)."""
+
+    vehicle_id: int
+    timestamp_ms: int
+    speed: float
+    battery: float
+    power: float
+    odometer: float
+    heading: float
+    reconstructed: int
+    uncertain: bool
+    sequence: int | None
+    predictor_version: int | None
+    compressed: bool
+    received_at: datetime
+
+
+# PostgreSQL types of the COPY columns: an ordinal that keeps arrival order, then RecordRow.
+_COPY_TYPES = (
+    "int4",  # ord
+    "int4",
+    "int8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "int2",
+    "bool",
+    "int8",
+    "int4",
+    "bool",
+    "timestamptz",
+)
+# The COPY target: one per connection, emptied at every commit (and gone on rollback).
+_CREATE_INCOMING = """
+CREATE TEMPORARY TABLE IF NOT EXISTS telemetry_incoming (
+    ord int4, vehicle_id int4, timestamp_ms int8, speed float8, battery float8, power float8,
+    odometer float8, heading float8, reconstructed int2, uncertain bool, sequence int8,
+    predictor_version int4, compressed bool, received_at timestamptz
+) ON COMMIT DELETE ROWS
+"""
+_COPY_INCOMING = """
+COPY telemetry_incoming (
+    ord, vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
+    uncertain, sequence, predictor_version, compressed, received_at
+) FROM STDIN (FORMAT BINARY)
+"""
+_INSERT_INCOMING = """
+INSERT INTO telemetry (
+    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
+    uncertain, sequence, predictor_version, compressed, received_at
+)
+SELECT
+    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
+    uncertain, sequence, predictor_version, compressed, received_at
+FROM telemetry_incoming ORDER BY ord
+ON CONFLICT (vehicle_id, timestamp_ms) DO NOTHING
+RETURNING vehicle_id, timestamp_ms
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """A vehicle's state row as read: what its decoder resumes from."""
+
+    revision: int
+    predictor: dict[str, Any]
+    offline_session_id: int | None
+    timestamp_ms: int  # of the last record
+    sequence: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """A vehicle's state after a group; `revision` is the one read (0: there was no row)."""
+
+    vehicle_id: int
+    revision: int
+    predictor: dict[str, Any]
+    offline_session_id: int | None
+    last: RecordRow
+
+
+class StaleStateError(RuntimeError):
+    """A vehicle's state was moved on by someone else since this process read it."""
+
+
+class StatsKey(NamedTuple):
+    vehicle_id: int
+    day: date
+
+
+# --- the per-group statements, built once per dialect ---------------------------------------------
+
+
+class _HotStatements:
+    """Statements run for every group, built once per dialect and run with parameters."""
+
+    def __init__(self, insert: Callable[[Table], Insert]) -> None:
+        self.records = (
+            insert(TELEMETRY)
+            .on_conflict_do_nothing(index_elements=["vehicle_id", "timestamp_ms"])
+            .returning(TELEMETRY.c.vehicle_id, TELEMETRY.c.timestamp_ms)
+        )
+        state = insert(STATE)
+        self.state = state.on_conflict_do_update(
+            index_elements=["vehicle_id"],
+            set_={
+                **{
+                    column.name: state.excluded[column.name]
+                    for column in STATE.c
+                    if column.name not in ("vehicle_id", "updated_at")
+                },
+                "updated_at": func.now(),
+            },
+            # Compare and set: only on top of the revision this writer read.
+            where=STATE.c.revision == state.excluded.revision - 1,
+        ).returning(STATE.c.vehicle_id)
+        stats = insert(STATS)
+        totals = {
+            name: STATS.c[name] + stats.excluded[name]
+            for name in ("total_packets", "transmitted_fields", "skipped_fields")
+        }
+        fields = totals["transmitted_fields"] + totals["skipped_fields"]
+        self.stats = stats.on_conflict_do_update(
+            index_elements=["vehicle_id", "day"],
+            set_={
+                **totals,
+                "bandwidth_saved_percent": cast(totals["skipped_fields"], Double) * 100 / fields,
+            },
+        ).returning(
+            STATS.c.vehicle_id,
+            STATS.c.day,
+            STATS.c.total_packets,
+            STATS.c.transmitted_fields,
+            STATS.c.skipped_fields,
+        )
+        self.rejection = (
+            insert(REJECTIONS)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(REJECTIONS.c.id)
+        )
+
+
+_HOT = {
+    "postgresql": _HotStatements(postgresql.insert),
+    "sqlite": _HotStatements(sqlite.insert),
+}
+
+
+def _hot(session: AsyncSession) -> _HotStatements:
+    return _HOT[_dialect(session)]
+
+
+# --- vehicles -------------------------------------------------------------------------------------
+
+
+async def seed_vehicles(*, session: AsyncSession, vins: Iterable[str]) -> None:
+    """Add the given vehicles that are missing; existing ones (and their ids) stay."""
+    rows = [{"vin": vin} for vin in dict.fromkeys(vins)]
+    if not rows:
+        return
+    insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
+    await session.execute(
+        insert(Vehicle).values(rows).on_conflict_do_nothing(index_elements=["vin"])
+    )
+
+
+async def load_vehicles(*, session: AsyncSession) -> dict[str, int]:
+    """Every vehicle, VIN -> id."""
+    rows = await session.execute(select(Vehicle.vin, Vehicle.id))
+    return {vin: vehicle_id for vin, vehicle_id in rows}
+
+
+async def vehicle_vins(*, session: AsyncSession) -> list[str]:
+    """Every vehicle's VIN, oldest first."""
+    return list(await session.scalars(select(Vehicle.vin).order_by(Vehicle.id)))
+
+
+class VehicleDirectory:
+    """VIN -> vehicle id, held in memory after start; a miss is looked up in the database, so
+    a vehicle an operator adds to the table is taken without a restart."""
+
+    def __init__(self, known: Mapping[str, int] | None = None) -> None:
+        self._known: dict[str, int] = dict(known or {})
+
+    def replace(self, known: Mapping[str, int]) -> None:
+        self._known = dict(known)
+
+    async def lookup(self, *, session: AsyncSession, vin: str) -> int | None:
+        if (hit := self._known.get(vin)) is not None:
+            return hit
+        found = await session.scalar(select(Vehicle.id).where(Vehicle.vin == vin))
+        if found is not None:
+            self._known[vin] = found
+        return found
+
+
+# --- records --------------------------------------------------------------------------------------
+
+
+async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
+    """Store records in the given order; per row, whether it was new.
+
+    A row whose (vehicle, timestamp) is already stored, or appears earlier in `rows`, is not new.
+    """
+    if not rows:
+        return []
+    if _dialect(session) == "postgresql":
+        inserted = await _copy_records(session, rows)
+    else:
+        result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
+        inserted = {(vehicle_id, timestamp_ms) for vehicle_id, timestamp_ms in result}
+    fresh: list[bool] = []
+    for row in rows:
+        key = (row.vehicle_id, row.timestamp_ms)
+        fresh.append(key in inserted)
+        inserted.discard(key)  # a second copy in the same group is not new
+    return fresh
+
+
+async def _copy_records(session: AsyncSession, rows: Sequence[RecordRow]) -> set[tuple[int, int]]:
+    """COPY into a temporary table, then one INSERT ... SELECT that skips what is stored.
+
+    COPY cannot skip conflicts itself; the temporary table (one per connection, emptied at
+    commit) lets the unique constraint decide. It runs in the session's transaction.
+    """
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection  # psycopg.AsyncConnection
+    async with driver.cursor() as cursor:
+        await cursor.execute(_CREATE_INCOMING)
+        async with cursor.copy(_COPY_INCOMING) as copy:
+            copy.set_types(_COPY_TYPES)
+            for ordinal, row in enumerate(rows):
+                await copy.write_row((ordinal, *row))
+        await cursor.execute(_INSERT_INCOMING)
+        inserted: list[tuple[int, int]] = await cursor.fetchall()
+    return set(inserted)
+
+
+# Timestamps per IN list: well under every driver's limit on bound parameters.
+_IN_CHUNK = 1000
+
+
+async def stored_timestamps(
+    *, session: AsyncSession, vehicle_id: int, timestamps: Iterable[int]
+) -> set[int]:
+    """Which of these record times of a vehicle are stored."""
+    wanted = sorted(set(timestamps))
+    found: set[int] = set()
+    for start in range(0, len(wanted), _IN_CHUNK):
+        found.update(
+            await session.scalars(
+                select(TelemetryRecord.timestamp_ms).where(
+                    TelemetryRecord.vehicle_id == vehicle_id,
+                    TelemetryRecord.timestamp_ms.in_(wanted[start : start + _IN_CHUNK]),
+                )
+            )
+        )
+    return found
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+
+async def load_states(
+    *, session: AsyncSession, vehicle_ids: Iterable[int]
+) -> dict[int, StoredState]:
+    ids = sorted(set(vehicle_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(
+            VehicleState.vehicle_id,
+            VehicleState.revision,
+            VehicleState.predictor,
+            VehicleState.offline_session_id,
+            VehicleState.timestamp_ms,
+            VehicleState.sequence,
+        ).where(VehicleState.vehicle_id.in_(ids))
+    )
+    return {row[0]: StoredState(*row[1:]) for row in rows}
+
+
+async def save_states(*, session: AsyncSession, writes: Sequence[StateWrite]) -> None:
+    """Move each vehicle's state on by one revision; StaleStateError if one moved meanwhile."""
+    if not writes:
+        return
+    result = await session.execute(
+        _hot(session).state,
+        [
+            {
+                "vehicle_id": write.vehicle_id,
+                "revision": write.revision + 1,
+                "predictor": write.predictor,
+                "offline_session_id": write.offline_session_id,
+                "timestamp_ms": write.last.timestamp_ms,
+                "speed": write.last.speed,
+                "battery": write.last.battery,
+                "power": write.last.power,
+                "odometer": write.last.odometer,
+                "heading": write.last.heading,
+                "sequence": write.last.sequence,
+                "received_at": write.last.received_at,
+            }
+            for write in writes
+        ],
+    )
+    written = {vehicle_id for (vehicle_id,) in result}
+    stale = sorted({write.vehicle_id for write in writes} - written)
+    if stale:
+        raise StaleStateError(f"state of vehicles {stale} changed since it was read")
+
+
+# --- compression statistics -----------------------------------------------------------------------
+
+
+async def add_stats(
+    *, session: AsyncSession, increments: Mapping[StatsKey, StatsCounts]
+) -> dict[StatsKey, StatsCounts]:
+    """Add to each (vehicle, day)'s counts; returns the totals after the addition."""
+    if not increments:
+        return {}
+    result = await session.execute(
+        _hot(session).stats,
+        [
+            {
+                "vehicle_id": key.vehicle_id,
+                "day": key.day,
+                "total_packets": counts.packets,
+                "transmitted_fields": counts.transmitted,
+                "skipped_fields": counts.skipped,
+                "bandwidth_saved_percent": counts.saved_percent,
+            }
+            for key, counts in increments.items()
+        ],
+    )
+    return {
+        StatsKey(vehicle_id, day): StatsCounts(packets, transmitted, skipped)
+        for vehicle_id, day, packets, transmitted, skipped in result
+    }
+
+
+async def fleet_stats(*, session: AsyncSession, day: date) -> StatsCounts:
+    """Every vehicle's counts of one day, added up."""
+    row = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(CompressionStats.total_packets), 0),
+                func.coalesce(func.sum(CompressionStats.transmitted_fields), 0),
+                func.coalesce(func.sum(CompressionStats.skipped_fields), 0),
+            ).where(CompressionStats.day == day)
+        )
+    ).one()
+    return StatsCounts(int(row[0]), int(row[1]), int(row[2]))
+
+
+async def total_records(*, session: AsyncSession) -> int:
+    """How many records are stored.
+
+    Read from the daily statistics, which count every stored record in the same transaction:
+    a count(*) of `telemetry` reads the whole table on PostgreSQL.
+    """
+    total = await session.scalar(select(func.coalesce(func.sum(CompressionStats.total_packets), 0)))
+    return int(total or 0)
+
+
+# --- offline sessions -----------------------------------------------------------------------------
+
+
+async def update_session(*, session: AsyncSession, change: SessionUpdate) -> None:
+    values: dict[str, Any] = {
+        "records_buffered": OfflineSession.records_buffered + change.buffered,
+        "records_uploaded": OfflineSession.records_uploaded + change.uploaded,
+    }
+    if change.ended_at is not None:
+        values |= {"ended_at": change.ended_at, "status": SESSION_SYNCED}
+    await session.execute(
+        update(OfflineSession).where(OfflineSession.id == change.id).values(values)
+    )
+
+
+async def add_session(*, session: AsyncSession, new: NewSession) -> int:
+    """Store a session; returns its id."""
+    session_id = await session.scalar(
+        _insert(session, SESSIONS)
+        .values(
+            vehicle_id=new.vehicle_id,
+            started_at=new.started_at,
+            ended_at=new.ended_at,
+            records_buffered=new.buffered,
+            records_uploaded=new.uploaded,
+            status=SESSION_SYNCING if new.ended_at is None else SESSION_SYNCED,
+        )
+        .returning(SESSIONS.c.id)
+    )
+    assert session_id is not None
+    return int(session_id)
+
+
+def _insert(session: AsyncSession, table: Table) -> Insert:
+    if _dialect(session) == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+# --- rejections -----------------------------------------------------------------------------------
+
+
+async def record_rejection(
+    *,
+    session: AsyncSession,
+    message_id: str,
+    vin: str | None,
+    code: str,
+    reason: str,
+    payload: bytes,
+    received_at: datetime,
+) -> bool:
+    """Keep what could not be taken; False if this message was already rejected."""
+    stored = await session.scalar(
+        _hot(session).rejection,
+        {
+            "message_id": message_id,
+            "vehicle_vin": None if vin is None else vin[:REJECTED_VIN_LENGTH],
+            "code": code,
+            "reason": reason,
+            "payload": payload,
+            "received_at": received_at,
+        },
+    )
+    return stored is not None
+
+
+# --- queries --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as the queries give it back."""
+
+    timestamp_ms: int
+    speed: float
+    battery: float
+    power: float
+    odometer: float
+    heading: float
+    received_at: datetime
+
+
+async def last_records(*, session: AsyncSession, limit: int) -> list[StoredRecord]:
+    """The last `limit` records stored, every vehicle, oldest first (in the order they came)."""
+    rows = await session.execute(
+        select(
+            TelemetryRecord.timestamp_ms,
+            TelemetryRecord.speed,
+            TelemetryRecord.battery,
+            TelemetryRecord.power,
+            TelemetryRecord.odometer,
+            TelemetryRecord.heading,
+            TelemetryRecord.received_at,
+        )
+        .order_by(TelemetryRecord.id.desc())
+        .limit(limit)
+    )
+    return [StoredRecord(*row) for row in rows][::-1]

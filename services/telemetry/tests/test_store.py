@@ -1,0 +1,382 @@
+"""The telemetry database, on the embedded SQLite file and on PostgreSQL (COPY) alike."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from edgeway.common.db import make_engine, make_sessionmaker
+from edgeway.common.settings import async_database_url
+from edgeway.telemetry import domain, store
+from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
+
+RECEIVED = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
+T0 = 1_763_726_400_000  # 2025-11-21T12:00:00Z in ms
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.connected)],
+)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database migrated to head: a temporary SQLite file, or a fresh PostgreSQL one."""
+    configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = async_database_url(configured, service="telemetry", data_dir=tmp_path)
+    store.MIGRATIONS.upgrade(url)
+    return url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+async def vehicles(sessions: async_sessionmaker[AsyncSession]) -> dict[str, int]:
+    async with sessions.begin() as session:
+        await store.seed_vehicles(session=session, vins=[SEED_VIN, *DEMO_VINS])
+        return await store.load_vehicles(session=session)
+
+
+def row(
+    vehicle_id: int,
+    offset_ms: int = 0,
+    *,
+    speed: float = 65.5,
+    reconstructed: int = 0,
+    sequence: int | None = 1,
+    uncertain: bool = False,
+) -> store.RecordRow:
+    return store.RecordRow(
+        vehicle_id=vehicle_id,
+        timestamp_ms=T0 + offset_ms,
+        speed=speed,
+        battery=80.25,
+        power=-12.5,
+        odometer=12345.5,
+        heading=359.0,
+        reconstructed=reconstructed,
+        uncertain=uncertain,
+        sequence=sequence,
+        predictor_version=1 if sequence else None,
+        compressed=sequence is not None,
+        received_at=RECEIVED,
+    )
+
+
+async def store_rows(
+    sessions: async_sessionmaker[AsyncSession], rows: list[store.RecordRow]
+) -> list[bool]:
+    async with sessions.begin() as session:
+        return await store.insert_records(session=session, rows=rows)
+
+
+async def count(sessions: async_sessionmaker[AsyncSession], entity: Any) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(entity)) or 0)
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+async def test_migrations_reach_head_in_their_own_version_table(
+    database_url: str, engine: AsyncEngine
+) -> None:
+    assert await store.MIGRATIONS.at_head(database_url)
+    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0001"
+
+    def differences(connection: Connection) -> list[Any]:
+        context = MigrationContext.configure(
+            connection, opts={"version_table": "alembic_version_telemetry"}
+        )
+        return list(compare_metadata(context, store.Base.metadata))
+
+    async with engine.connect() as connection:
+        # The models and the migration describe the same schema.
+        assert await connection.run_sync(differences) == []
+
+
+async def test_migrating_twice_changes_nothing(database_url: str) -> None:
+    store.MIGRATIONS.upgrade(database_url)
+    assert store.MIGRATIONS.current(database_url) == "0001"
+
+
+# --- vehicles -------------------------------------------------------------------------------------
+
+
+async def test_seeding_vehicles_is_idempotent_and_keeps_ids(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    assert set(vehicles) == {SEED_VIN, *DEMO_VINS}
+    async with sessions.begin() as session:
+        await store.seed_vehicles(session=session, vins=[DEMO_VINS[0], "5YJ3E1EA1KF000009"])
+        again = await store.load_vehicles(session=session)
+        vins = await store.vehicle_vins(session=session)
+    assert {vin: again[vin] for vin in vehicles} == vehicles
+    assert vins[-1] == "5YJ3E1EA1KF000009"
+    assert sorted(vins) == sorted([SEED_VIN, *DEMO_VINS, "5YJ3E1EA1KF000009"])
+
+
+async def test_directory_finds_a_vehicle_added_after_start(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    directory = store.VehicleDirectory(vehicles)
+    async with sessions.begin() as session:
+        added = await session.scalar(
+            insert(store.Vehicle).values(vin="1HGCM82633A004352").returning(store.Vehicle.id)
+        )
+    async with sessions() as session:
+        assert await directory.lookup(session=session, vin="1HGCM82633A004352") == added
+        assert await directory.lookup(session=session, vin="1HGCM82633A004353") is None
+        assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+
+
+# --- records --------------------------------------------------------------------------------------
+
+
+async def test_records_are_stored_once_per_vehicle_and_timestamp(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car, other = vehicles[SEED_VIN], vehicles[DEMO_VINS[0]]
+    assert await store_rows(sessions, [row(car, 0), row(car, 300), row(other, 0)]) == [True] * 3
+    # A replay of stored records, the same record twice in one group, and one new record.
+    fresh = await store_rows(
+        sessions, [row(car, 300, speed=1.0), row(car, 600), row(car, 600), row(other, 300)]
+    )
+    assert fresh == [False, True, False, True]
+    assert await count(sessions, store.TelemetryRecord) == 5
+    async with sessions() as session:
+        speed = await session.scalar(
+            select(store.TelemetryRecord.speed).where(
+                store.TelemetryRecord.vehicle_id == car,
+                store.TelemetryRecord.timestamp_ms == T0 + 300,
+            )
+        )
+    assert speed == 65.5  # the first copy stays
+
+
+async def test_a_record_keeps_every_value_exactly(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car = vehicles[SEED_VIN]
+    mask = domain.reconstructed_mask(["speed", "heading"])
+    float32_speed = 65.30000305175781  # 65.3 as a float32 carries it
+    stored = row(car, speed=float32_speed, reconstructed=mask, sequence=2**63 - 1, uncertain=True)
+    legacy = row(car, 300, sequence=None)
+    assert await store_rows(sessions, [stored, legacy]) == [True, True]
+    async with sessions() as session:
+        rows = (
+            await session.scalars(
+                select(store.TelemetryRecord).order_by(store.TelemetryRecord.timestamp_ms)
+            )
+        ).all()
+    first, second = rows
+    assert (first.speed, first.battery, first.power) == (float32_speed, 80.25, -12.5)
+    assert (first.odometer, first.heading) == (12345.5, 359.0)
+    assert first.reconstructed == 9
+    assert domain.reconstructed_fields(first.reconstructed) == ["speed", "heading"]
+    assert (first.uncertain, first.sequence, first.predictor_version) == (True, 2**63 - 1, 1)
+    assert (first.compressed, first.received_at) == (True, RECEIVED)
+    assert (second.sequence, second.predictor_version, second.compressed) == (None, None, False)
+
+
+async def test_a_large_group_keeps_its_order_and_a_rollback_stores_nothing(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car = vehicles[SEED_VIN]
+    rows = [row(car, 300 * i, speed=float(i % 300)) for i in range(3000)]
+
+    async def crash() -> None:
+        async with sessions.begin() as session:
+            await store.insert_records(session=session, rows=rows)
+            raise RuntimeError("crash before commit")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        await crash()
+    assert await count(sessions, store.TelemetryRecord) == 0
+    # Stored in the order given (ids), whatever the group's size; reversed input, reversed ids.
+    assert await store_rows(sessions, rows[::-1]) == [True] * 3000
+    async with sessions() as session:
+        times = list(
+            await session.scalars(
+                select(store.TelemetryRecord.timestamp_ms).order_by(store.TelemetryRecord.id)
+            )
+        )
+    assert times == [r.timestamp_ms for r in rows[::-1]]
+    async with sessions() as session:
+        last = await store.last_records(session=session, limit=3)
+    # The last three stored, oldest first: the last three of the reversed group.
+    assert [r.timestamp_ms for r in last] == [T0 + 600, T0 + 300, T0]
+    assert last[0].received_at == RECEIVED
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+
+def state_write(vehicle_id: int, revision: int, *, offset_ms: int) -> store.StateWrite:
+    return store.StateWrite(
+        vehicle_id=vehicle_id,
+        revision=revision,
+        predictor={"predictions": {"speed": 65.5}, "last_timestamp_ms": T0 + offset_ms},
+        offline_session_id=None,
+        last=row(vehicle_id, offset_ms),
+    )
+
+
+async def test_state_moves_on_only_from_the_revision_that_was_read(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car, other = vehicles[SEED_VIN], vehicles[DEMO_VINS[0]]
+    async with sessions.begin() as session:
+        await store.save_states(
+            session=session,
+            writes=[state_write(car, 0, offset_ms=0), state_write(other, 0, offset_ms=0)],
+        )
+    async with sessions.begin() as session:
+        await store.save_states(session=session, writes=[state_write(car, 1, offset_ms=300)])
+    # A writer that read revision 1 of `car` (now at 2) or thinks `other` is new: refused, whole.
+    for stale in (state_write(car, 1, offset_ms=600), state_write(other, 0, offset_ms=600)):
+        with pytest.raises(store.StaleStateError):
+            async with sessions.begin() as session:
+                await store.save_states(
+                    session=session,
+                    writes=[state_write(vehicles[DEMO_VINS[1]], 0, offset_ms=0), stale],
+                )
+    async with sessions() as session:
+        states = await store.load_states(session=session, vehicle_ids=vehicles.values())
+    assert set(states) == {car, other}
+    assert states[car].revision == 2
+    assert states[car].timestamp_ms == T0 + 300
+    assert states[car].predictor == {"predictions": {"speed": 65.5}, "last_timestamp_ms": T0 + 300}
+    assert (states[other].revision, states[other].sequence) == (1, 1)
+
+
+# --- compression statistics -----------------------------------------------------------------------
+
+
+async def test_stats_add_up_per_vehicle_and_day(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car, other = vehicles[SEED_VIN], vehicles[DEMO_VINS[0]]
+    today, yesterday = date(2025, 11, 21), date(2025, 11, 20)
+    async with sessions.begin() as session:
+        first = await store.add_stats(
+            session=session,
+            increments={
+                store.StatsKey(car, today): domain.StatsCounts(2, 5, 3),
+                store.StatsKey(other, today): domain.StatsCounts(1, 4, 0),
+            },
+        )
+    async with sessions.begin() as session:
+        second = await store.add_stats(
+            session=session,
+            increments={
+                store.StatsKey(car, today): domain.StatsCounts(3, 2, 10),
+                store.StatsKey(car, yesterday): domain.StatsCounts(1, 1, 3),
+            },
+        )
+    assert first[store.StatsKey(car, today)] == domain.StatsCounts(2, 5, 3)
+    assert second == {
+        store.StatsKey(car, today): domain.StatsCounts(5, 7, 13),
+        store.StatsKey(car, yesterday): domain.StatsCounts(1, 1, 3),
+    }
+    async with sessions() as session:
+        rows = {
+            (r.vehicle_id, r.day): r for r in await session.scalars(select(store.CompressionStats))
+        }
+        fleet = await store.fleet_stats(session=session, day=today)
+        nothing = await store.fleet_stats(session=session, day=date(2025, 1, 1))
+        total = await store.total_records(session=session)
+    mine = rows[(car, today)]
+    assert (mine.total_packets, mine.transmitted_fields, mine.skipped_fields) == (5, 7, 13)
+    assert mine.bandwidth_saved_percent == pytest.approx(65.0)
+    assert rows[(car, yesterday)].bandwidth_saved_percent == pytest.approx(75.0)
+    assert rows[(other, today)].bandwidth_saved_percent == 0.0
+    assert fleet == domain.StatsCounts(6, 11, 13)
+    assert nothing == domain.StatsCounts(0, 0, 0)
+    assert total == 7
+
+
+# --- offline sessions -----------------------------------------------------------------------------
+
+
+async def test_an_offline_session_grows_and_is_closed(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car = vehicles[SEED_VIN]
+    started = RECEIVED - timedelta(minutes=5)
+    async with sessions.begin() as session:
+        open_id = await store.add_session(
+            session=session, new=domain.NewSession(car, started, None, 3, 2)
+        )
+        closed_id = await store.add_session(
+            session=session,
+            new=domain.NewSession(car, started - timedelta(hours=1), started, 1, 1),
+        )
+    async with sessions.begin() as session:
+        await store.update_session(
+            session=session, change=domain.SessionUpdate(open_id, 4, 4, None)
+        )
+    async with sessions() as session:
+        opened = await session.get(store.OfflineSession, open_id)
+        assert opened is not None
+        assert (opened.records_buffered, opened.records_uploaded) == (7, 6)
+        assert (opened.started_at, opened.ended_at, opened.status) == (started, None, "syncing")
+        done = await session.get(store.OfflineSession, closed_id)
+        assert done is not None
+        assert (done.ended_at, done.status) == (started, "synced")
+    async with sessions.begin() as session:
+        await store.update_session(
+            session=session, change=domain.SessionUpdate(open_id, 0, 0, RECEIVED)
+        )
+    async with sessions() as session:
+        opened = await session.get(store.OfflineSession, open_id)
+        assert opened is not None
+        assert (opened.records_buffered, opened.ended_at, opened.status) == (7, RECEIVED, "synced")
+
+
+# --- rejections -----------------------------------------------------------------------------------
+
+
+async def test_a_rejection_keeps_the_bytes_once(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    payload = b"\x08\x96\x01\x00\xff garbage"
+
+    async def reject() -> bool:
+        async with sessions.begin() as session:
+            return await store.record_rejection(
+                session=session,
+                message_id="r-1",
+                vin="X" * 100,
+                code="invalid_payload",
+                reason="body is not a VehicleData protobuf message",
+                payload=payload,
+                received_at=RECEIVED,
+            )
+
+    assert await reject()
+    assert not await reject()
+    async with sessions() as session:
+        rejected = (await session.scalars(select(store.RejectedUpload))).one()
+    assert (rejected.message_id, rejected.code, rejected.payload) == (
+        "r-1",
+        "invalid_payload",
+        payload,
+    )
+    assert rejected.vehicle_vin == "X" * 64
+    assert rejected.received_at == RECEIVED

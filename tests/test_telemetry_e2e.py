@@ -1,0 +1,317 @@
+"""Telemetry end to end: the edge logger → gateway → RabbitMQ → telemetry service → PostgreSQL →
+dashboards, all real processes (the logger runs in the test process, as a library).
+
+What a seed user would notice: the dashboard protocol and `/status` in the seed's shapes, every
+record stored once with what was reconstructed, an offline period replayed with no gap and no
+duplicate, a crash of the service losing nothing, bad uploads refused with real status codes,
+and logger control that needs its own scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import websockets
+
+from edgeway.common.telemetry import wire
+from edgeway.common.telemetry.predictor import FIELDS, PredictorConfig, Sample
+from edgeway.common.testing import create_postgres_database, drop_postgres_database
+from edgeway.edge.pacing import Backoff
+from edgeway.edge.telemetry_logger import TelemetryLogger
+from edgeway.edge.traces import city, highway
+from tests.stack import Stack, token
+
+pytestmark = [pytest.mark.connected, pytest.mark.slow]
+
+SEED_VIN = "5YJ3E1EA1KF000001"
+CITY_VIN = "5YJ3E1EA1KF000002"
+VEHICLES = [SEED_VIN, CITY_VIN]
+FAST = Backoff(initial=0.05, maximum=0.2)
+DATA_KEYS = {"timestamp", "speed", "battery", "power", "odometer", "heading", "received_at"}
+STATS_KEYS = {"total_readings", "transmitted_readings", "skipped_readings", "compression_ratio"}
+STATUS_KEYS = {
+    "total_records",
+    "active_websockets",
+    "latest",
+    "script_running",
+    "compression_stats",
+}
+
+
+@pytest.fixture
+def telemetry_database() -> Iterator[str]:
+    url = create_postgres_database("edgeway_telemetry")
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture
+async def stack(
+    amqp_url: str, postgres_url: str, telemetry_database: str, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    running = Stack(
+        amqp_url,
+        postgres_url,
+        tmp_path,
+        telemetry_database_url=telemetry_database,
+        extra_env={
+            "EDGEWAY_TELEMETRY_VEHICLES": json.dumps(VEHICLES),
+            # Records that arrive a second late came from a logger's buffer.
+            "EDGEWAY_OFFLINE_AFTER_S": "1",
+        },
+    ).start()
+    yield running
+    running.stop()
+
+
+def rows(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(database_url) as connection:
+        return connection.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def stored(database_url: str, vin: str) -> list[tuple[Any, ...]]:
+    """(timestamp_ms, sequence, speed, battery, power, heading, reconstructed, uncertain)."""
+    return rows(
+        database_url,
+        "SELECT t.timestamp_ms, t.sequence, t.speed, t.battery, t.power, t.heading,"
+        " t.reconstructed, t.uncertain FROM telemetry t JOIN vehicles v ON v.id = t.vehicle_id"
+        " WHERE v.vin = %s ORDER BY t.timestamp_ms",
+        vin,
+    )
+
+
+def logger(
+    stack: Stack, vin: str, samples: list[Sample], tmp_path: Path, **options: Any
+) -> TelemetryLogger:
+    return TelemetryLogger(
+        vin,
+        stack.gateway.url,
+        token("telemetry:publish"),
+        samples,
+        tmp_path / f"outbox-{vin}.sqlite",
+        period_s=options.pop("period_s", 0.01),
+        backoff=FAST,
+        **options,
+    )
+
+
+def take(trace: Iterator[Sample], count: int) -> list[Sample]:
+    return list(itertools.islice(trace, count))
+
+
+def now_ms() -> int:
+    """Traces start now and advance as fast as the logger records (period_ms = period_s), so a
+    record's timestamp is when it was taken, as on a vehicle."""
+    return int(time.time() * 1000)
+
+
+async def messages(ws: websockets.ClientConnection, count: int, kind: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    while len(found) < count:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        if message["type"] == kind:
+            found.append(message)
+    return found
+
+
+async def eventually(check: Any, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+def within_band(decoded: tuple[Any, ...], true: Sample, config: PredictorConfig) -> None:
+    """Every reconstructed field within its band of the truth; transmitted ones as quantized."""
+    _, _, speed, battery, power, heading, _, _ = decoded
+    values = {"speed": speed, "battery": battery, "power": power, "heading": heading}
+    for name in FIELDS:
+        error = abs(values[name] - getattr(true, name))
+        if name == "heading":
+            error = min(error, 360 - error)
+        assert error <= config.band(name) + 1e-3, (name, values[name], getattr(true, name))
+
+
+async def test_a_logger_streams_to_the_database_and_every_dashboard(
+    stack: Stack, telemetry_database: str, tmp_path: Path
+) -> None:
+    samples = take(highway(7, start_ms=now_ms(), period_ms=10), 40)
+    dashboard_url = stack.ws("/ws", "telemetry:subscribe")
+    async with websockets.connect(dashboard_url) as dashboard:
+        greeting = [json.loads(await asyncio.wait_for(dashboard.recv(), 10)) for _ in range(3)]
+        assert greeting == [
+            {"type": "log", "message": "Connected to telemetry server", "log_type": "success"},
+            {"type": "history", "data": []},
+            {"type": "log", "message": "Loaded 0 historical telemetry records", "log_type": "info"},
+        ]
+        await logger(stack, SEED_VIN, samples, tmp_path, control=False).run()
+        live = await messages(dashboard, 40, "telemetry")
+
+    # The seed's message, with what Edgeway adds (`reconstructed`, `uncertain`) at the top level.
+    for message in live:
+        assert set(message) == {
+            "type",
+            "data",
+            "vehicle_vin",
+            "compression_stats",
+            "reconstructed",
+            "uncertain",
+        }
+        assert set(message["data"]) == DATA_KEYS
+        assert set(message["compression_stats"]) == STATS_KEYS
+        assert message["vehicle_vin"] == SEED_VIN[-6:]
+        assert message["uncertain"] is False
+    assert [m["data"]["timestamp"] for m in live] == [s.timestamp_ms for s in samples]
+    last_stats = live[-1]["compression_stats"]
+    assert last_stats["total_readings"] == 4 * 40
+    assert last_stats["skipped_readings"] > 40  # a steady highway skips most fields
+
+    records = stored(telemetry_database, SEED_VIN)
+    assert [r[0] for r in records] == [s.timestamp_ms for s in samples]
+    assert [r[1] for r in records] == list(range(1, 41))
+    assert any(r[6] for r in records), "nothing was reconstructed"
+    for record, sample in zip(records, samples, strict=True):
+        within_band(record, sample, PredictorConfig())
+
+    async with httpx.AsyncClient(base_url=stack.gateway.url) as http:
+        status = (
+            await http.get(
+                "/status", headers={"Authorization": f"Bearer {token('telemetry:subscribe')}"}
+            )
+        ).json()
+    assert set(status) == STATUS_KEYS
+    assert status["total_records"] == 40
+    assert [d["timestamp"] for d in status["latest"]] == [s.timestamp_ms for s in samples[-10:]]
+    assert status["compression_stats"]["total_readings"] == 160
+
+    # A dashboard that comes later gets the history at once, oldest first.
+    async with websockets.connect(dashboard_url) as late:
+        greeting = [json.loads(await asyncio.wait_for(late.recv(), 10)) for _ in range(3)]
+    assert [d["timestamp"] for d in greeting[1]["data"]] == [s.timestamp_ms for s in samples]
+    assert greeting[2]["message"] == "Loaded 40 historical telemetry records"
+
+
+async def test_an_offline_period_is_replayed_in_order_with_no_gap_and_no_duplicate(
+    stack: Stack, telemetry_database: str, tmp_path: Path
+) -> None:
+    samples = take(city(3, start_ms=now_ms(), period_ms=20), 120)
+    vehicle = logger(stack, CITY_VIN, samples, tmp_path, offline=True, control=False, period_s=0.02)
+    running = asyncio.create_task(vehicle.run())
+    await eventually(lambda: vehicle.buffered >= 80)  # 1.6 s in the dead zone
+    await vehicle.toggle_offline()
+    await asyncio.wait_for(running, 60)
+
+    records = stored(telemetry_database, CITY_VIN)
+    assert [r[0] for r in records] == [s.timestamp_ms for s in samples]  # no gap, no duplicate
+    assert [r[1] for r in records] == list(range(1, 121))
+    assert not any(r[7] for r in records)  # nothing lost in transit: nothing uncertain
+    for record, sample in zip(records, samples, strict=True):
+        within_band(record, sample, PredictorConfig())
+    sessions = rows(
+        telemetry_database,
+        "SELECT records_uploaded, status FROM offline_sessions s JOIN vehicles v"
+        " ON v.id = s.vehicle_id WHERE v.vin = %s",
+        CITY_VIN,
+    )
+    # One session: the records that waited more than a second in the buffer (1.6 s in the dead
+    # zone at 20 ms a record: about 30), closed by the live records after them.
+    assert len(sessions) == 1
+    assert 20 <= sessions[0][0] <= 80
+    assert sessions[0][1] == "synced"
+
+
+async def test_kill_9_of_the_service_mid_stream_loses_and_duplicates_nothing(
+    stack: Stack, telemetry_database: str, tmp_path: Path
+) -> None:
+    assert stack.telemetry is not None
+    samples = take(highway(11, start_ms=now_ms(), period_ms=5), 400)
+    vehicle = logger(stack, SEED_VIN, samples, tmp_path, control=False, period_s=0.005)
+    running = asyncio.create_task(vehicle.run())
+    await eventually(lambda: vehicle.counters.uploaded >= 100)
+    stack.telemetry.kill(signal.SIGKILL)
+    await asyncio.sleep(1.0)  # uploads go on: the broker keeps them
+    stack.telemetry.start()
+    await asyncio.wait_for(running, 90)
+
+    await eventually(lambda: len(stored(telemetry_database, SEED_VIN)) >= 400, within=30)
+    records = stored(telemetry_database, SEED_VIN)
+    assert [r[0] for r in records] == [s.timestamp_ms for s in samples]
+    assert [r[1] for r in records] == list(range(1, 401))
+    for record, sample in zip(records, samples, strict=True):
+        within_band(record, sample, PredictorConfig())
+
+
+async def test_bad_uploads_get_their_status_codes_and_store_nothing(
+    stack: Stack, telemetry_database: str
+) -> None:
+    publish = {"Authorization": f"Bearer {token('telemetry:publish')}"}
+    sample = take(highway(1, start_ms=now_ms()), 1)[0]
+    good = wire.encode_sample(sample)
+    out_of_range = wire.encode_sample(
+        Sample(sample.timestamp_ms, sample.speed, 140.0, sample.power, sample.odometer, 90.0)
+    )
+    async with httpx.AsyncClient(base_url=stack.gateway.url, headers=publish) as http:
+        statuses = [
+            (await http.post("/telemetry", content=good, headers=headers)).status_code
+            for headers in (
+                {"X-Vehicle-VIN": "5YJ3E1EA1KF999999"},  # well formed, not registered
+                {"X-Vehicle-VIN": SEED_VIN, "Content-Type": "text/plain"},
+            )
+        ]
+        battery = await http.post("/telemetry", content=out_of_range)
+        garbage = await http.post("/telemetry", content=b"\x0a\xff\xff", headers={})
+        oversize = await http.post("/telemetry", content=b"\x00" * (2 * 1024 * 1024))
+        anonymous = await http.post("/telemetry", content=good, headers={"Authorization": ""})
+    assert statuses == [422, 415]
+    assert battery.status_code == 400
+    assert "battery" in battery.json()["reason"]
+    assert (garbage.status_code, oversize.status_code, anonymous.status_code) == (400, 413, 401)
+    assert garbage.json()["code"] == "invalid_telemetry"
+    await asyncio.sleep(1.0)
+    assert rows(telemetry_database, "SELECT count(*) FROM telemetry") == [(0,)]
+
+
+async def test_logger_control_needs_its_scope_and_reaches_the_logger(
+    stack: Stack, tmp_path: Path
+) -> None:
+    samples = take(highway(5, start_ms=now_ms(), period_ms=50), 100_000)
+    vehicle = logger(stack, SEED_VIN, samples, tmp_path, period_s=0.05)
+    running = asyncio.create_task(vehicle.run())
+    operator = {"Authorization": f"Bearer {token('telemetry:control')}"}
+    try:
+        async with (
+            websockets.connect(stack.ws("/ws", "telemetry:subscribe")) as dashboard,
+            httpx.AsyncClient(base_url=stack.gateway.url) as http,
+        ):
+            await eventually(lambda: stack_has_logger(stack))
+            refused = await http.post(
+                "/logger/stop", headers={"Authorization": f"Bearer {token('telemetry:publish')}"}
+            )
+            assert refused.status_code == 403
+            assert (await http.post("/stop_script", headers=operator)).status_code == 202
+            await eventually(lambda: not vehicle.running)
+            assert (await http.post("/logger/start", headers=operator)).status_code == 202
+            await eventually(lambda: vehicle.running)
+            assert (await http.post("/toggle_offline", headers=operator)).status_code == 202
+            await eventually(lambda: vehicle.offline)
+            logs = [m["message"] for m in await messages(dashboard, 3, "log")]
+            assert any(SEED_VIN[-6:] in line for line in logs)
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+
+def stack_has_logger(stack: Stack) -> bool:
+    metrics = httpx.get(stack.gateway.url + "/metrics").text
+    return 'edgeway_gateway_connections{endpoint="/telemetry/control/ws"} 1.0' in metrics
