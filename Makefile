@@ -6,7 +6,8 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-MEMBERS := libs/common libs/edge services/gateway services/occupancy services/telemetry
+MEMBERS := libs/common libs/edge services/gateway services/occupancy services/telemetry \
+	services/video-relay
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
@@ -50,6 +51,7 @@ format: setup
 bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	@deploy/local/ensure-services.sh --postgres
 	$(PY) -m bench.broker_overhead
+	$(PY) -m bench.telemetry_ingest
 	$(PY) -m bench.occupancy_fanout
 
 constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeway.common.testing import ServiceProcess, free_port
-from edgeway.gateway.tokens import mint
+from edgeway.gateway.tokens import mint_with_secret
 from edgeway.occupancy.settings import OMEGA_PLACES
 
 SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
@@ -16,15 +16,7 @@ CAMERAS = OMEGA_PLACES  # the seed the occupancy service starts with
 
 
 def token(*scopes: str) -> str:
-    return mint(
-        subject="e2e",
-        scopes=list(scopes),
-        ttl=3600,
-        key=SECRET,
-        algorithm="HS256",
-        audience="edgeway",
-        issuer="edgeway",
-    )
+    return mint_with_secret(SECRET, *scopes, subject="e2e", ttl=3600)
 
 
 def frame(
@@ -53,9 +45,11 @@ class Stack:
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     telemetry_database_url: str | None = None
+    video_relay: bool = False
     occupancy: ServiceProcess = field(init=False)
     gateway: ServiceProcess = field(init=False)
     telemetry: ServiceProcess | None = field(init=False, default=None)
+    relay: ServiceProcess | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         common = {
@@ -64,6 +58,7 @@ class Stack:
             "EDGEWAY_OCCUPANCY_DATABASE_URL": self.database_url,
             "EDGEWAY_PRODUCER_RATE": "5000",
             "EDGEWAY_PRODUCER_BURST": "5000",
+            "EDGEWAY_NTP_SERVERS": "[]",  # no internet here; timesync has its own tests
             **self.extra_env,
         }
         self.occupancy = ServiceProcess(
@@ -79,6 +74,13 @@ class Stack:
                 port=free_port(),
                 log_path=self.workdir / "telemetry.log",
             )
+        if self.video_relay:
+            self.relay = ServiceProcess(
+                "edgeway.video_relay",
+                env=common,
+                port=free_port(),
+                log_path=self.workdir / "video-relay.log",
+            )
         self.gateway = ServiceProcess(
             "edgeway.gateway",
             env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl")},
@@ -86,18 +88,22 @@ class Stack:
             log_path=self.workdir / "gateway.log",
         )
 
+    @property
+    def services(self) -> list[ServiceProcess]:
+        """Everything but the gateway, in start order."""
+        optional = (self.telemetry, self.relay)
+        return [self.occupancy, *(service for service in optional if service is not None)]
+
     def start(self) -> Stack:
-        self.occupancy.start()
-        if self.telemetry is not None:
-            self.telemetry.start()
+        for service in self.services:
+            service.start()
         self.gateway.start()
         return self
 
     def stop(self) -> None:
         self.gateway.stop()
-        if self.telemetry is not None:
-            self.telemetry.stop()
-        self.occupancy.stop()
+        for service in reversed(self.services):
+            service.stop()
 
     def ws(self, path: str, *scopes: str) -> str:
         return self.gateway.url.replace("http", "ws") + f"{path}?token={token(*scopes)}"

@@ -35,7 +35,20 @@ OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.
 VENV_BIN = Path(sys.executable).parent
 
 # Edgeway's services with their HTTP port (/healthz, /readyz, /metrics; the gateway's API too).
-SERVICES = {"gateway": 8000, "occupancy": 8081, "telemetry": 8082}
+SERVICES = {"gateway": 8000, "occupancy": 8081, "telemetry": 8082, "video-relay": 8083}
+# Services without a database of their own (the others each own one, named after the service).
+NO_DATABASE = {"gateway", "video-relay"}
+# Services whose state is in memory and whose queue has one consumer: exactly one replica, ever.
+SINGLETONS = {"video-relay"}
+# The development profile's anonymous scopes (compose and overlays/dev): Omega's producers and
+# clients, the telemetry dashboards, and the seed's phones and viewers send no token.
+DEVELOPMENT_ANONYMOUS_SCOPES = {
+    "occupancy:publish",
+    "occupancy:subscribe",
+    "telemetry:subscribe",
+    "video:publish",
+    "video:subscribe",
+}
 # kubernetes-validate ships JSON schemas per Kubernetes minor version; validate against this one.
 KUBERNETES_VERSION = "1.33.0"
 STABLE_API_VERSIONS = {
@@ -105,12 +118,14 @@ def test_compose_every_service_has_a_healthcheck() -> None:
         ("gateway", {"rabbitmq"}),
         ("occupancy", {"rabbitmq", "postgres"}),
         ("telemetry", {"rabbitmq", "postgres"}),
+        ("video-relay", {"rabbitmq"}),
     ],
 )
 def test_compose_services_wait_for_healthy_dependencies(service: str, needs: set[str]) -> None:
     depends_on = _compose()["services"][service].get("depends_on")
     assert isinstance(depends_on, dict), f"{service}: depends_on needs the long form (conditions)"
     assert needs <= set(depends_on), f"{service} must wait for {needs - set(depends_on)}"
+    assert set(depends_on) <= needs, f"{service} waits for {set(depends_on) - needs} needlessly"
     for dependency, spec in depends_on.items():
         assert spec.get("condition") == "service_healthy", f"{service} -> {dependency}"
 
@@ -140,6 +155,9 @@ def test_compose_builds_and_checks_the_service(service: str) -> None:
         )
     else:
         assert published == [], f"{service}'s port is internal only"
+    if service in NO_DATABASE:
+        assert not [v for v in env if v.endswith("_DATABASE_URL")], f"{service} has no database"
+    else:
         database_url = env[f"EDGEWAY_{service.upper()}_DATABASE_URL"]
         assert database_url.startswith("postgresql://")
         assert database_url.endswith(f"@postgres:5432/{service}"), "each service its own database"
@@ -165,10 +183,17 @@ def test_compose_postgres_creates_every_service_database() -> None:
 
 
 def test_compose_gateway_lets_dashboards_in_without_a_token() -> None:
-    """Development profile: Omega's producers and clients and the telemetry dashboards."""
+    """Development profile: Omega's producers and clients, the telemetry dashboards, phones."""
     env = _compose()["services"]["gateway"]["environment"]
     scopes = set(yaml.safe_load(env["EDGEWAY_ANONYMOUS_SCOPES"]))
-    assert scopes == {"occupancy:publish", "occupancy:subscribe", "telemetry:subscribe"}
+    assert scopes == DEVELOPMENT_ANONYMOUS_SCOPES
+
+
+@pytest.mark.parametrize("service", sorted(SINGLETONS))
+def test_compose_runs_one_of_each_singleton(service: str) -> None:
+    spec = _compose()["services"][service]
+    assert spec.get("deploy", {}).get("replicas") == 1, f"{service}: deploy.replicas must be 1"
+    assert spec.get("scale", 1) == 1, service
 
 
 def test_compose_has_no_host_paths() -> None:
@@ -465,8 +490,8 @@ def test_each_service_reads_only_its_own_database(overlay: str) -> None:
     for name, _, container in _deployments(overlay):
         env = _effective_env(container, configmaps)
         databases = {variable for variable in env if variable.endswith("_DATABASE_URL")}
-        if name == "gateway":
-            assert not databases, f"{overlay}: the gateway reads no service's database"
+        if name in NO_DATABASE:
+            assert not databases, f"{overlay}: {name} reads no service's database"
             continue
         own = f"EDGEWAY_{name.upper()}_DATABASE_URL"
         assert databases == {own}, f"{overlay}: {name} reads {sorted(databases)}"
@@ -534,6 +559,51 @@ def test_dev_overlay_is_one_replica_of_development() -> None:
             assert "PLACEHOLDER" not in value, f"dev still has the base placeholder for {key}"
     jwt = [_secret_values(s).get("jwt-secret") for s in secrets.values()]
     assert DEVELOPMENT_SECRET in jwt, "dev's JWT secret is the one the gateway refuses elsewhere"
+
+
+def test_dev_overlay_lets_dashboards_and_phones_in_without_a_token() -> None:
+    configmaps = _of_kind("dev", "ConfigMap")
+    _, _, container = next(c for c in _deployments("dev") if c[0] == "gateway")
+    scopes = yaml.safe_load(_effective_env(container, configmaps)["EDGEWAY_ANONYMOUS_SCOPES"])
+    assert set(scopes) == DEVELOPMENT_ANONYMOUS_SCOPES
+
+
+def _replicas(overlay: str, name: str) -> int:
+    """A Deployment's replica count: the HPA's floor where one owns it, else spec.replicas."""
+    for hpa in _of_kind(overlay, "HorizontalPodAutoscaler").values():
+        if hpa["spec"]["scaleTargetRef"]["name"] == name:
+            return int(hpa["spec"].get("minReplicas", 1))
+    return int(_of_kind(overlay, "Deployment")[name]["spec"].get("replicas", 1))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_disruption_budgets_let_a_node_drain(overlay: str) -> None:
+    """A budget that allows no eviction at full strength blocks node drains and upgrades."""
+    for name, pdb in _of_kind(overlay, "PodDisruptionBudget").items():
+        spec = pdb["spec"]
+        replicas = _replicas(overlay, name)
+        if "minAvailable" in spec:
+            assert isinstance(spec["minAvailable"], int), f"{overlay}: {name}: use a count"
+            assert spec["minAvailable"] < replicas, f"{overlay}: {name} could never be evicted"
+        else:
+            assert spec["maxUnavailable"] not in (0, "0%"), f"{overlay}: {name}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("service", sorted(SINGLETONS))
+def test_singletons_run_exactly_one_replica_even_during_a_rollout(
+    overlay: str, service: str
+) -> None:
+    """In-memory stream state and one consumer: one replica, no HPA, never two at once."""
+    spec = _of_kind(overlay, "Deployment")[service]["spec"]
+    assert spec.get("replicas") == 1, f"{overlay}: {service} must run exactly one replica"
+    # RollingUpdate would start the new pod before the old one stops.
+    assert spec["strategy"] == {"type": "Recreate"}, f"{overlay}: {service}: Recreate"
+    autoscaled = {
+        h["spec"]["scaleTargetRef"]["name"]
+        for h in _of_kind(overlay, "HorizontalPodAutoscaler").values()
+    }
+    assert service not in autoscaled, f"{overlay}: an HPA would run a second {service}"
 
 
 def test_prod_overlay_is_production_without_secret_values() -> None:

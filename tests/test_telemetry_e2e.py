@@ -132,14 +132,17 @@ async def eventually(check: Any, within: float = 20.0) -> None:
 
 
 def within_band(decoded: tuple[Any, ...], true: Sample, config: PredictorConfig) -> None:
-    """Every reconstructed field within its band of the truth; transmitted ones as quantized."""
+    """Every field within its band of the truth. The band holds against the value as the wire
+    carries it, so heading (whole degrees on the wire) may be another half degree off."""
     _, _, speed, battery, power, heading, _, _ = decoded
     values = {"speed": speed, "battery": battery, "power": power, "heading": heading}
     for name in FIELDS:
         error = abs(values[name] - getattr(true, name))
+        quantization = 1e-3
         if name == "heading":
             error = min(error, 360 - error)
-        assert error <= config.band(name) + 1e-3, (name, values[name], getattr(true, name))
+            quantization = 0.5
+        assert error <= config.band(name) + quantization, (name, values[name], getattr(true, name))
 
 
 async def test_a_logger_streams_to_the_database_and_every_dashboard(

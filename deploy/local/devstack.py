@@ -1,11 +1,12 @@
 """`make run`: the whole stack as local processes on the embedded defaults, with demo data.
 
-Starts the occupancy and telemetry services (SQLite under var/dev), the gateway, a demo camera
-model and two simulated vehicles (edge telemetry loggers replaying a highway and a city trace),
-then prints where to look. Development profile: legacy producers and clients that cannot send a
-token are let in (anonymous occupancy:publish, occupancy:subscribe and telemetry:subscribe);
-the vehicle loggers use tokens, and logger control needs a telemetry:control token.
-Ctrl-C stops everything.
+Starts the occupancy and telemetry services (SQLite under var/dev), the video relay, the
+gateway, a demo camera model, two simulated vehicles (edge telemetry loggers replaying a highway
+and a city trace) and a simulated phone (`edgeway.edge.phone`: H.264 and IMU), then prints where
+to look. Development profile: legacy producers and clients that cannot send a token are let in
+(anonymous occupancy:publish, occupancy:subscribe, telemetry:subscribe, video:publish and
+video:subscribe); the vehicle loggers and the phone use tokens, logger control needs a
+telemetry:control token. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from edgeway.common.testing import ServiceProcess  # noqa: E402
 GATEWAY_PORT = int(os.environ.get("EDGEWAY_GATEWAY_PORT", "8000"))
 OCCUPANCY_PORT = int(os.environ.get("EDGEWAY_OCCUPANCY_PORT", "8081"))
 TELEMETRY_PORT = int(os.environ.get("EDGEWAY_TELEMETRY_PORT", "8082"))
+VIDEO_RELAY_PORT = int(os.environ.get("EDGEWAY_VIDEO_RELAY_PORT", "8083"))
 # The seed's default VIN and a second demo vehicle (both seeded by the telemetry service).
 VEHICLES = (("5YJ3E1EA1KF000001", "highway"), ("5YJ3E1EA1KF000002", "city"))
+PHONE = "phone-1"
 DATA = ROOT / "var" / "dev"
 LOGS = DATA / "logs"
 
@@ -41,8 +44,14 @@ def main() -> int:
             "EDGEWAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
         ),
         # Development profile: Omega's producers and apps send no token.
-        "EDGEWAY_ANONYMOUS_SCOPES": (
-            '["occupancy:publish", "occupancy:subscribe", "telemetry:subscribe"]'
+        "EDGEWAY_ANONYMOUS_SCOPES": json.dumps(
+            [
+                "occupancy:publish",
+                "occupancy:subscribe",
+                "telemetry:subscribe",
+                "video:publish",
+                "video:subscribe",
+            ]
         ),
         "EDGEWAY_TELEMETRY_VEHICLES": json.dumps([vin for vin, _ in VEHICLES]),
     }
@@ -51,6 +60,12 @@ def main() -> int:
     )
     telemetry = ServiceProcess(
         "edgeway.telemetry", env=common, port=TELEMETRY_PORT, log_path=LOGS / "telemetry.log"
+    )
+    video_relay = ServiceProcess(
+        "edgeway.video_relay",
+        env=common,
+        port=VIDEO_RELAY_PORT,
+        log_path=LOGS / "video-relay.log",
     )
     gateway = ServiceProcess(
         "edgeway.gateway", env=common, port=GATEWAY_PORT, log_path=LOGS / "gateway.log"
@@ -82,7 +97,7 @@ def main() -> int:
         producers.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log))
 
     try:
-        for process in (occupancy, telemetry, gateway):
+        for process in (occupancy, telemetry, video_relay, gateway):
             process.start(wait=90)
             processes.append(process)
         producer(
@@ -109,6 +124,18 @@ def main() -> int:
                 "--outbox",
                 str(DATA / f"vehicle-{vin}.sqlite"),
             )
+        producer(
+            PHONE,
+            "-m",
+            "edgeway.edge.phone",
+            "--gateway",
+            f"http://127.0.0.1:{GATEWAY_PORT}",
+            "--device",
+            PHONE,
+            "--token",
+            token(PHONE, "video:publish"),
+            *("--width", "640", "--height", "360", "--fps", "30", "--gop", "2"),
+        )
         operator = token("operator", "telemetry:control")
         gw = f"http://127.0.0.1:{GATEWAY_PORT}"
         print(
@@ -120,6 +147,11 @@ Omega producers and clients; every endpoint also takes a token).
   model count     {gw}/model/count
   live telemetry  {sys.executable} -m websockets ws://127.0.0.1:{GATEWAY_PORT}/ws
   fleet status    {gw}/status
+  live video      ws://127.0.0.1:{GATEWAY_PORT}/ws/video/consume?device={PHONE}
+                  (binary messages of raw H.264, Annex-B: SPS, PPS and the current GOP first)
+  video viewer    ws://127.0.0.1:{GATEWAY_PORT}/ws/viewer (IMU, trajectory, restarts; commands
+                  to phones need a video:control token)
+  video status    {gw}/health/video   {gw}/video/status
   dead zone       curl -X POST -H "Authorization: Bearer $EDGEWAY_OPERATOR" {gw}/toggle_offline
                   (also /logger/stop, /logger/start, /clear_data; ?vin=... for one vehicle)
   operator token  export EDGEWAY_OPERATOR={operator}
@@ -127,13 +159,16 @@ Omega producers and clients; every endpoint also takes a token).
   gateway         {gw}/readyz   {gw}/metrics
   occupancy       http://127.0.0.1:{OCCUPANCY_PORT}/readyz   http://127.0.0.1:{OCCUPANCY_PORT}/metrics
   telemetry       http://127.0.0.1:{TELEMETRY_PORT}/readyz   http://127.0.0.1:{TELEMETRY_PORT}/metrics
+  video relay     http://127.0.0.1:{VIDEO_RELAY_PORT}/readyz   http://127.0.0.1:{VIDEO_RELAY_PORT}/metrics
   data            {DATA} (SQLite; delete it to start over)
   logs            {LOGS}/*.log
   a token         {sys.executable} -m edgeway.gateway.tokens --subject me --scope occupancy:subscribe
 
 A demo camera model sends frame results for Omega's seven cameras; two simulated vehicles
 ({VEHICLES[0][0]} on the highway, {VEHICLES[1][0]} in the city) send compressed telemetry every
-300 ms. Ctrl-C stops everything.
+300 ms; a simulated phone ({PHONE}) streams 640x360 H.264 at 30 fps (a keyframe every 2 s) and
+100 IMU samples a second, and logs the viewer commands it receives ({LOGS}/{PHONE}.log).
+Ctrl-C stops everything.
 """,
             flush=True,
         )

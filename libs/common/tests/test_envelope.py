@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from datetime import UTC, datetime
 
 import aio_pika
 import pytest
@@ -20,6 +22,15 @@ def test_derived_messages_keep_the_correlation_and_get_a_new_id() -> None:
     assert second.correlation_id == first.message_id
     assert second.captured_at == first.captured_at
     assert first.message_id < Envelope(type="a.v1", producer="x").message_id  # UUIDv7 sorts by time
+
+
+def test_received_time_is_an_aware_utc_datetime_or_now_when_unusable() -> None:
+    received = Envelope(type="a.v1", producer="gateway", received_at=1763726400.25)
+    assert received.received_datetime() == datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
+    for unusable in (math.nan, 1e300):
+        before = datetime.now(UTC)
+        when = Envelope(type="a.v1", producer="x", received_at=unusable).received_datetime()
+        assert before <= when <= datetime.now(UTC)
 
 
 @pytest.mark.connected

@@ -20,7 +20,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from edgeway.common.testing import ServiceProcess, free_port
-from edgeway.gateway.tokens import mint
+from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
 
@@ -29,15 +29,7 @@ QUEUE = "edgeway.occupancy.observations"
 
 
 def make_token(*scopes: str) -> str:
-    return mint(
-        subject="edge-test",
-        scopes=list(scopes),
-        ttl=600,
-        key=SECRET,
-        algorithm="HS256",
-        audience="edgeway",
-        issuer="edgeway",
-    )
+    return mint_with_secret(SECRET, *scopes, subject="edge-test", ttl=600)
 
 
 PUBLISH = make_token("occupancy:publish")
@@ -65,6 +57,7 @@ def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "EDGEWAY_PRODUCER_RATE": "20",
             "EDGEWAY_PRODUCER_BURST": "40",
             "EDGEWAY_REQUEST_TIMEOUT": "0.3",
+            "EDGEWAY_WS_MAX_SIZE": str(1024 * 1024),  # the protocol limit tested below
         },
         port=free_port(),
         log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",

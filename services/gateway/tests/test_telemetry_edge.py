@@ -21,7 +21,7 @@ import websockets
 from edgeway.common.telemetry import telemetry_pb2, wire
 from edgeway.common.telemetry.predictor import Encoder, Packet, Sample
 from edgeway.common.testing import ServiceProcess, free_port
-from edgeway.gateway.tokens import mint
+from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
 
@@ -32,15 +32,7 @@ PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
 def make_token(*scopes: str) -> str:
-    return mint(
-        subject="telemetry-edge",
-        scopes=list(scopes),
-        ttl=600,
-        key=SECRET,
-        algorithm="HS256",
-        audience="edgeway",
-        issuer="edgeway",
-    )
+    return mint_with_secret(SECRET, *scopes, subject="telemetry-edge", ttl=600)
 
 
 LOGGER = {"Authorization": f"Bearer {make_token('telemetry:publish')}"}

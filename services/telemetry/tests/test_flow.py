@@ -14,7 +14,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,10 +29,12 @@ from aio_pika import DeliveryMode
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelPreconditionFailed
 from faststream.rabbit import RabbitBroker, RabbitQueue
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from edgeway.common.broker import declare_shared, declare_work
 from edgeway.common.db import make_engine
 from edgeway.common.envelope import Envelope, new_message_id
 from edgeway.common.settings import async_database_url
@@ -165,22 +167,48 @@ class Gateway:
         return orjson.loads(reply.body)
 
 
-@pytest.fixture
-def service(amqp_url: str, postgres_url: str, tmp_path: Path) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
+def telemetry_process(
+    amqp_url: str, postgres_url: str, tmp_path: Path, **env: str
+) -> ServiceProcess:
+    return ServiceProcess(
         "edgeway.telemetry",
         env={
             "EDGEWAY_AMQP_URL": amqp_url,
             "EDGEWAY_TELEMETRY_DATABASE_URL": postgres_url,
             "EDGEWAY_DATA_DIR": str(tmp_path / "var"),
+            **env,
         },
         port=free_port(),
         log_path=tmp_path / "telemetry.log",
     )
+
+
+@pytest.fixture
+def service(amqp_url: str, postgres_url: str, tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = telemetry_process(amqp_url, postgres_url, tmp_path)
     try:
         yield process.start()
     finally:
         process.stop()
+
+
+@pytest.fixture
+def start_service(
+    amqp_url: str, postgres_url: str, tmp_path: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start the service later in the test, with extra settings (uploads may wait for it)."""
+    started: list[ServiceProcess] = []
+
+    def start(**env: str) -> ServiceProcess:
+        process = telemetry_process(amqp_url, postgres_url, tmp_path, **env)
+        started.append(process)
+        return process.start()
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
 
 
 @pytest.fixture
@@ -213,6 +241,18 @@ async def eventually(db: AsyncEngine, sql: str, wanted: Any, **params: Any) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"{sql}: {rows} != {wanted}")
         await asyncio.sleep(0.1)
+
+
+def metric_sum(service: ServiceProcess, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (values: prefixes)."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(service.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(key, "").startswith(value) for key, value in labels.items()
+            ):
+                total += sample.value
+    return total
 
 
 def metric(service: ServiceProcess, name: str, **labels: str) -> float:
@@ -512,6 +552,147 @@ async def test_history_status_and_vehicles_are_answered_over_request_reply(
     assert fleet["compression_ratio"] == round(fleet["skipped_readings"] / 64 * 100, 2)
     assert "error" in await gateway.ask({"query": "latest"})
     assert "error" in await gateway.ask({"query": "history", "limit": "ten"})
+
+
+# --- broadcasts: after the ack, bounded, lossy ----------------------------------------------------
+
+
+class Dashboard:
+    """Every record broadcast, as a consumer of the broadcast exchange receives them."""
+
+    def __init__(self) -> None:
+        self.received: list[AbstractIncomingMessage] = []
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        self.received.append(message)
+
+    async def until(self, count: int, within: float = WAIT) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while len(self.received) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.received)} of {count} broadcasts in {within}s")
+            await asyncio.sleep(0.02)
+        return bodies(self.received)
+
+
+@pytest.fixture
+async def early(amqp_url: str) -> AsyncIterator[tuple[Gateway, Dashboard]]:
+    """The gateway's side before the service runs: the queues declared (uploads wait for the
+    service), a dashboard consuming every vehicle's broadcasts."""
+    async with RabbitBroker(amqp_url) as broker:
+        await broker.connect()
+        await declare_shared(broker, TOPOLOGY)
+        await declare_work(broker, TOPOLOGY, TOPOLOGY.telemetry_raw, TOPOLOGY.telemetry_raw_queue)
+        listener = await broker.declare_queue(
+            RabbitQueue(f"test.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
+        )
+        broadcast = await broker.declare_exchange(TOPOLOGY.broadcast)
+        await listener.bind(broadcast, routing_key=Channels.TELEMETRY_VEHICLES)
+        dashboard = Dashboard()
+        await listener.consume(dashboard.on_message, no_ack=True)
+        yield Gateway(broker, listener), dashboard
+
+
+def broadcast_settled(service: ServiceProcess) -> float:
+    """Records the service is done broadcasting: confirmed, failed or dropped."""
+    return sum(
+        metric(service, f"edgeway_telemetry_broadcast_{outcome}_total")
+        for outcome in ("published", "failures", "dropped")
+    )
+
+
+async def test_uploads_are_acked_once_committed_while_their_broadcasts_still_drain(
+    early: tuple[Gateway, Dashboard], start_service: Callable[..., ServiceProcess]
+) -> None:
+    """A logger fleet's outboxes replayed at once: every upload is committed and acked while
+    most broadcasts still wait in the queue; SIGTERM then drains the queue before the process
+    ends, so every record reaches the dashboard, in order."""
+    gateway, dashboard = early
+    vins = [SEED_VIN, *DEMO_VINS]
+    per_vehicle, batch = 6000, 1000
+    total, uploads = per_vehicle * len(vins), per_vehicle * len(vins) // batch
+    start_ms = now_ms() - per_vehicle * PERIOD_MS - 60_000
+    streams = {
+        vin: encode_all(drive(per_vehicle, start_ms=start_ms, seed=n)) for n, vin in enumerate(vins)
+    }
+    # Waiting before the service starts, so it takes them in one or two groups.
+    for first in range(0, per_vehicle, batch):
+        for vin in vins:
+            body = wire.encode_batch(streams[vin][first : first + batch])
+            await gateway.upload(body, vin=vin, batch=True)
+    service = start_service(EDGEWAY_TELEMETRY_BROADCAST_BACKLOG=str(total))
+
+    deadline = time.monotonic() + WAIT
+    while (
+        metric_sum(
+            service,
+            "edgeway_received_processed_messages_total",
+            handler=TOPOLOGY.telemetry_raw_queue.name,
+            status="acked",
+        )
+        < uploads
+    ):
+        assert time.monotonic() < deadline, "uploads not acked"
+        await asyncio.sleep(0.01)
+    # Read after the last ack: most records are still to be broadcast.
+    settled = broadcast_settled(service)
+    assert settled < total / 2
+    assert metric(service, "edgeway_telemetry_records_total", outcome="stored") == total
+    assert metric(service, "edgeway_telemetry_broadcast_queued") > 0
+
+    await asyncio.to_thread(service.stop)  # SIGTERM, as an orchestrator does
+    sent = await dashboard.until(total)
+    for vin in vins:
+        tag = vin[-6:]
+        assert [m["data"]["timestamp"] for m in sent if m["vehicle_vin"] == tag] == [
+            packet.timestamp_ms for packet in streams[vin]
+        ]
+    assert len(sent) == total
+    assert "broadcast queue drained" in service.log_text()
+
+
+async def test_a_full_broadcast_queue_drops_the_oldest_replayed_records_first(
+    early: tuple[Gateway, Dashboard],
+    start_service: Callable[..., ServiceProcess],
+    postgres_url: str,
+) -> None:
+    """150 records may wait. A live upload (100 records) and a replay (1000, a minute late)
+    committed back to back: the replay's oldest make room, every live record is broadcast, and
+    every record is stored."""
+    gateway, dashboard = early
+    live_vin, replay_vin = DEMO_VINS[0], SEED_VIN
+    now = now_ms()
+    live = encode_all(drive(100, start_ms=now - 1_000, seed=1))
+    replay = encode_all(drive(1000, start_ms=now - 1000 * PERIOD_MS - 60_000, seed=2))
+    # The gateway got both now: the live batch within a second of its first record.
+    await gateway.upload(wire.encode_batch(live), vin=live_vin, batch=True, received_at=now / 1000)
+    await gateway.upload(
+        wire.encode_batch(replay), vin=replay_vin, batch=True, received_at=now / 1000
+    )
+    service = start_service(EDGEWAY_TELEMETRY_BROADCAST_BACKLOG="150")
+
+    deadline = time.monotonic() + WAIT
+    while broadcast_settled(service) < 1100:
+        assert time.monotonic() < deadline, "broadcasts not settled"
+        await asyncio.sleep(0.05)
+    published = int(metric(service, "edgeway_telemetry_broadcast_published_total"))
+    dropped = metric(service, "edgeway_telemetry_broadcast_dropped_total")
+    sent = await dashboard.until(published)
+    await asyncio.sleep(0.2)
+    assert len(dashboard.received) == published
+
+    live_sent = [m["data"]["timestamp"] for m in sent if m["vehicle_vin"] == live_vin[-6:]]
+    replay_sent = [m["data"]["timestamp"] for m in sent if m["vehicle_vin"] == replay_vin[-6:]]
+    assert live_sent == [packet.timestamp_ms for packet in live]
+    assert 0 < len(replay_sent) <= 150  # the newest of the replay, in order
+    assert replay_sent == [packet.timestamp_ms for packet in replay][-len(replay_sent) :]
+    assert dropped == 1000 - len(replay_sent) >= 850
+    assert metric(service, "edgeway_telemetry_records_total", outcome="stored") == 1100
+    db = make_engine(async_database_url(postgres_url, service="telemetry", data_dir=Path()))
+    try:
+        assert await query(db, "SELECT count(*) FROM telemetry") == [(1100,)]
+    finally:
+        await db.dispose()
 
 
 # --- ordering and crashes -------------------------------------------------------------------------

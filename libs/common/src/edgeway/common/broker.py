@@ -12,11 +12,14 @@ trace context still travels: the envelope passes `traceparent` on unchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from faststream import AckPolicy
 from faststream.message import StreamMessage
-from faststream.rabbit import Channel, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit import Channel, RabbitBroker, RabbitExchange, RabbitQueue, RabbitResponse
+from faststream.rabbit.message import RabbitMessage
 from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
 from opentelemetry.sdk.trace import TracerProvider
@@ -95,6 +98,21 @@ async def whole_message(message: StreamMessage[Any]) -> StreamMessage[Any]:
     return message
 
 
+def answer_requests(
+    broker: RabbitBroker, queue: RabbitQueue, answer: Callable[[bytes], Awaitable[bytes]]
+) -> None:
+    """Reply to each request on `queue` (request/reply to its `reply_to`) with `answer(body)`.
+
+    A query is worthless once its asker gave up: acked whatever happens, never retried.
+    """
+
+    @broker.subscriber(queue, ack_policy=AckPolicy.ACK, decoder=whole_message)
+    async def on_request(message: RabbitMessage) -> RabbitResponse:
+        reply = await answer(message.body)
+        # Not mandatory: an asker whose reply queue is gone must not make this handler fail.
+        return RabbitResponse(reply, content_type=JSON, mandatory=False)
+
+
 def encode(body: Any) -> bytes:
     """JSON bodies are encoded with orjson, once."""
     return orjson.dumps(body)
@@ -126,6 +144,7 @@ async def publish(
 
 __all__ = [
     "JSON",
+    "answer_requests",
     "declare_shared",
     "declare_work",
     "encode",

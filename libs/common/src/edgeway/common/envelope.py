@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import uuid_utils
@@ -97,6 +98,13 @@ class Envelope:
             received_at=self.received_at,
             traceparent=self.traceparent,
         )
+
+    def received_datetime(self) -> datetime:
+        """`received_at` as an aware UTC datetime; now if the header held no usable time."""
+        try:
+            return datetime.fromtimestamp(self.received_at, UTC)
+        except (OverflowError, OSError, ValueError):
+            return datetime.now(UTC)
 
     @classmethod
     def from_message(cls, message: IncomingMessage, *, type: str) -> Envelope:

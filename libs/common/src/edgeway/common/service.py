@@ -7,21 +7,39 @@ check the service registered (database reachable, migrations applied, models loa
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import uvicorn
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.types import Scope
 from faststream.rabbit import RabbitBroker
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from edgeway.common.logging import get_logger
+from edgeway.common.db import Migrations, ping
+from edgeway.common.logging import configure_logging, get_logger
 from edgeway.common.settings import CommonSettings
+from edgeway.common.tracing import configure_tracing
 
 # A readiness check raises (any exception) when its dependency is not ready.
 ReadinessCheck = Callable[[], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+SettingsT_contra = TypeVar("SettingsT_contra", bound=CommonSettings, contravariant=True)
+
+
+class AppFactory(Protocol[SettingsT_contra]):
+    """A service's `build_app`: its settings and tracer provider in, its ASGI app out."""
+
+    def __call__(
+        self, settings: SettingsT_contra, /, *, tracer_provider: TracerProvider
+    ) -> AsgiFastStream: ...
+
 
 log = get_logger("edgeway.service")
 
@@ -34,9 +52,9 @@ def service_app(
     broker: RabbitBroker,
     *,
     checks: Mapping[str, ReadinessCheck],
-    on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
-    after_startup: Sequence[Callable[[], Awaitable[None]]] = (),
-    on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_startup: Sequence[Hook] = (),
+    after_startup: Sequence[Hook] = (),
+    on_shutdown: Sequence[Hook] = (),
     registry: CollectorRegistry = REGISTRY,
     broker_timeout: float = 2.0,
 ) -> AsgiFastStream:
@@ -71,6 +89,71 @@ def service_app(
         after_startup=after_startup,
         on_shutdown=on_shutdown,
     )
+
+
+def database_service_app(
+    broker: RabbitBroker,
+    *,
+    engine: AsyncEngine,
+    url: str,
+    migrations: Migrations,
+    prepare: Hook,
+    declare: Hook,
+    registry: CollectorRegistry = REGISTRY,
+) -> AsgiFastStream:
+    """`service_app` for a service that owns a schema and consumes from queues it declares.
+
+    At start, before the broker connects: its migrations, then `prepare` (seed the tables, load
+    what it keeps in memory). Once the broker is connected: `declare` its queues. Ready when the
+    broker is connected, the database answers, the schema is at the latest migration and the
+    queues are declared. The engine is closed after the broker has drained in-flight messages.
+    """
+    declared = asyncio.Event()
+
+    async def prepare_database() -> None:
+        await migrations.upgrade_async(url)
+        await prepare()
+
+    async def declare_topology() -> None:
+        await declare()
+        declared.set()
+
+    async def database_reachable() -> None:
+        await ping(engine)
+
+    async def migrations_at_head() -> None:
+        if not await migrations.at_head(url):
+            raise RuntimeError("database schema is not at the latest migration")
+
+    async def topology_declared() -> None:
+        if not declared.is_set():
+            raise RuntimeError("queues not declared yet")
+
+    app = service_app(
+        broker,
+        checks={
+            "database": database_reachable,
+            "migrations": migrations_at_head,
+            "topology": topology_declared,
+        },
+        on_startup=[prepare_database],
+        after_startup=[declare_topology],
+        registry=registry,
+    )
+
+    async def close_database() -> None:
+        await engine.dispose()
+
+    # After the broker has drained in-flight messages (on_shutdown hooks run before that).
+    app.after_shutdown(close_database)
+    return app
+
+
+def serve(service: str, settings: SettingsT, build_app: AppFactory[SettingsT]) -> None:
+    """A broker service's entry point: logging and tracing set up, then its app until SIGTERM."""
+    configure_logging(service=service, level=settings.log_level, fmt=settings.log_format)
+    tracer_provider = configure_tracing(settings, service=service)
+    run(build_app(settings, tracer_provider=tracer_provider), settings)
 
 
 def run(app: Any, settings: CommonSettings) -> None:

@@ -32,6 +32,7 @@ class ExchangeNames(BaseModel):
     dead_letter: str = "edgeway.dead-letter"
     occupancy_observations: str = "edgeway.occupancy.observations"
     telemetry_raw: str = "edgeway.telemetry.raw"
+    video_imu: str = "edgeway.video.imu"
     # WorldSystem ingress exchanges (seed-systems.md §3), used by the video issue.
     video_frames: str = "video_frames_exchange"
     video_stream: str = "video_stream_exchange"
@@ -73,6 +74,11 @@ class CommonSettings(BaseSettings):
     http_port: int = 8080
     # Seconds a stopping process gives in-flight work before it exits.
     graceful_timeout: float = 10.0
+    # NTP servers for `edgeway.common.timesync.TimeSync`, tried in order (`host` or `host:port`);
+    # an empty list turns synchronisation off. EDGEWAY_NTP_SERVERS='["ntp.local"]' or '[]'.
+    ntp_servers: list[str] = Field(
+        default_factory=lambda: ["pool.ntp.org", "time.cloudflare.com", "time.google.com"]
+    )
 
     @property
     def is_development(self) -> bool:

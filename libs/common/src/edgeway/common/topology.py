@@ -19,6 +19,8 @@ from edgeway.common.settings import ExchangeNames
 DEFAULT_DELIVERY_LIMIT = 5
 # A gateway that falls this far behind on live results drops the oldest (classic queue drop-head).
 GATEWAY_QUEUE_MAX_LENGTH = 100_000
+# Live video and IMU waiting for the relay: about 5 minutes of a 30 fps stream's packets.
+VIDEO_QUEUE_MAX_LENGTH = 10_000
 
 
 class Channels:
@@ -48,6 +50,23 @@ class Channels:
     def telemetry_log(vin: str) -> str:
         """Log lines of one vehicle's edge logger, for the dashboards."""
         return f"telemetry.log.{vin}"
+
+    VIDEO_VIEWER = "video.viewer"  # trajectory updates and restarts for every viewer
+
+    @staticmethod
+    def video_stream(device: str) -> str:
+        """Parsed H.264 packets of one phone's stream."""
+        return f"video.stream.{device}"
+
+    @staticmethod
+    def video_imu(device: str) -> str:
+        """One phone's IMU samples, in order, for viewers."""
+        return f"video.imu.{device}"
+
+    @staticmethod
+    def video_control(device: str | None = None) -> str:
+        """Viewer commands for one phone, or for every phone (`all`)."""
+        return f"video.control.{device or 'all'}"
 
     @staticmethod
     def producer(gateway_id: str, connection_id: str) -> str:
@@ -153,6 +172,44 @@ class Topology:
         """Request/reply queries to the telemetry service (history, status, vehicles)."""
         return RabbitQueue(
             "edgeway.telemetry.requests", durable=False, arguments={"x-message-ttl": 10_000}
+        )
+
+    # --- video and the phone link -------------------------------------------------------------
+
+    def worldsystem(self, name: str) -> RabbitExchange:
+        """A WorldSystem exchange by its field in ExchangeNames (fanout, durable, key "")."""
+        return RabbitExchange(getattr(self.names, name), type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def video_stream_queue(self) -> RabbitQueue:
+        """Raw phone H.264 chunks for the video relay, in order (one consumer).
+
+        Live and lossy: when the relay falls this far behind, the oldest chunks go (its parser
+        resynchronises on the next packet header)."""
+        return RabbitQueue(
+            "edgeway.video.stream",
+            durable=True,
+            arguments={"x-max-length": VIDEO_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+        )
+
+    @property
+    def video_imu(self) -> RabbitExchange:
+        """Raw phone IMU samples, for the video relay to order (Edgeway's own ingress)."""
+        return RabbitExchange(self.names.video_imu, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def video_imu_queue(self) -> RabbitQueue:
+        return RabbitQueue(
+            "edgeway.video.imu",
+            durable=True,
+            arguments={"x-max-length": VIDEO_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+        )
+
+    @property
+    def video_requests_queue(self) -> RabbitQueue:
+        """Request/reply queries to the video relay (GOP for a late joiner, status)."""
+        return RabbitQueue(
+            "edgeway.video.requests", durable=False, arguments={"x-message-ttl": 10_000}
         )
 
     # --- WorldSystem --------------------------------------------------------------------------

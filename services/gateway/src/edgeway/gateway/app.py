@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
-from edgeway.gateway import omega, telemetry
+from edgeway.gateway import omega, telemetry, video
 from edgeway.gateway.auth import AuthError
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.settings import GatewaySettings
@@ -60,16 +60,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        gateway.clock.start()
         await gateway.link.start()
         log.info("gateway started", gateway_id=gateway.link.gateway_id, port=settings.http_port)
         yield
         await gateway.link.stop()
+        await gateway.clock.stop()
 
     app = FastAPI(title="Edgeway gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
     app.add_middleware(AccessLog)
     app.include_router(omega.router)
     app.include_router(telemetry.router)
+    app.include_router(video.router)
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, error: AuthError) -> JSONResponse:

@@ -24,6 +24,9 @@ class Scope(StrEnum):
     TELEMETRY_PUBLISH = "telemetry:publish"  # loggers: upload, control socket
     TELEMETRY_SUBSCRIBE = "telemetry:subscribe"  # dashboards: /ws, /status
     TELEMETRY_CONTROL = "telemetry:control"  # operators: start, stop, dead zone, clear
+    VIDEO_PUBLISH = "video:publish"  # phones: /ws/phone, /ws/video
+    VIDEO_SUBSCRIBE = "video:subscribe"  # consumers and viewers, video status
+    VIDEO_CONTROL = "video:control"  # viewer commands to phones, POST /api/restart
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Each message is encoded once, upstream, and the same object goes to every client. Each client
 has a bounded send queue drained by its own writer task, so a slow or dead client never delays
 the others or the broker consumer. A client that falls a whole queue behind loses its oldest
-messages (lossy channels) or is closed with a clear code (reliable ones); both are counted.
+messages (lossy channels), is closed with a clear code (reliable ones), or, for H.264, skips to
+the next keyframe so what it gets stays decodable; every drop is counted.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 
 from starlette.websockets import WebSocket
@@ -19,7 +21,21 @@ from starlette.websockets import WebSocket
 from edgeway.common.logging import get_logger
 from edgeway.gateway.metrics import DELIVERED, DROPPED
 
-Message = str | bytes
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One H.264 packet off a `video.stream.<device>` channel; the socket gets `payload`.
+
+    `kind` is the `x-packet-type` header ("sps", "pps", "keyframe", "frame"); `seq` is the
+    relay's `x-packet-seq` for that device (0 when unknown: a packet of a GOP reply).
+    """
+
+    payload: bytes
+    kind: str
+    seq: int = 0
+
+
+Message = str | bytes | Packet
 Send = Callable[[Message], Awaitable[None]]
 Binder = Callable[[str], Awaitable[None]]
 
@@ -32,6 +48,11 @@ CLOSE_TOO_SLOW = 1013
 class Policy(StrEnum):
     DROP_OLDEST = "drop-oldest"
     CLOSE = "close"
+    SKIP_TO_KEYFRAME = "skip-to-keyframe"  # H.264 consumers: see VideoQueue
+
+
+# Why a video consumer lost packets (the `reason` label of edgeway_gateway_dropped_total).
+BEHIND_TO_KEYFRAME = "behind_to_keyframe"
 
 
 class ClientQueue:
@@ -90,16 +111,114 @@ class ClientQueue:
         self._event.set()
 
 
+class VideoQueue(ClientQueue):
+    """A video consumer's queue, with the SKIP_TO_KEYFRAME policy.
+
+    Dropping the oldest H.264 packet would leave the decoder with frames that refer to one it
+    never got: garbage until the next keyframe. So when the queue is full, everything queued is
+    dropped and incoming frames too, until the next keyframe, which goes out preceded by the
+    current SPS and PPS: the consumer resumes at a point it can decode. Text (a "pong") is
+    queued whatever the state.
+    """
+
+    __slots__ = ("_floor", "_pps", "_skipping", "_sps")
+
+    def __init__(self, send: Send, *, size: int, endpoint: str) -> None:
+        super().__init__(send, size=size, policy=Policy.SKIP_TO_KEYFRAME, endpoint=endpoint)
+        self._sps: Packet | None = None
+        self._pps: Packet | None = None
+        self._skipping = False
+        # Live packets up to this sequence number were already sent as part of the GOP.
+        self._floor = 0
+
+    @property
+    def skipping(self) -> bool:
+        return self._skipping
+
+    @property
+    def has_sps_pps(self) -> bool:
+        return self._sps is not None and self._pps is not None
+
+    def _remember(self, message: Message) -> None:
+        if isinstance(message, Packet):
+            if message.kind == "sps":
+                self._sps = message
+            elif message.kind == "pps":
+                self._pps = message
+
+    def offer(self, message: Message) -> None:
+        if self.closed:
+            return
+        if isinstance(message, Packet):
+            if message.seq and message.seq <= self._floor:
+                return  # already sent in the GOP
+            self._remember(message)
+        queue = self._queue
+        if len(queue) >= self.size:
+            DROPPED.labels(self.endpoint, BEHIND_TO_KEYFRAME).inc(len(queue))
+            queue.clear()
+            self._skipping = True
+        if self._skipping and isinstance(message, Packet):
+            if message.kind != "keyframe":
+                if message.kind not in ("sps", "pps"):  # SPS and PPS go out before the keyframe
+                    DROPPED.labels(self.endpoint, BEHIND_TO_KEYFRAME).inc()
+                return
+            self._skipping = False
+            queue.extend(p for p in (self._sps, self._pps) if p is not None)
+        queue.append(message)
+        self._event.set()
+
+    def start(self, gop: Iterable[Packet], last_seq: int) -> None:
+        """A late joiner's start: the GOP first, then only live packets newer than its last.
+
+        Live packets queued while the GOP was being fetched stay queued (the consumer watched
+        its channel before asking), minus those the GOP already holds. Without a keyframe in
+        the GOP (no relay, or a stream that has not sent one yet) the consumer starts at the
+        next keyframe instead.
+        """
+        gop = list(gop)
+        live = [m for m in self._queue if not (isinstance(m, Packet) and 0 < m.seq <= last_seq)]
+        self._queue.clear()
+        self._floor = last_seq
+        for packet in gop:
+            self._remember(packet)
+        if any(packet.kind == "keyframe" for packet in gop):
+            self._skipping = False
+            self._queue.extend(gop)
+        else:
+            self._skipping = True
+        for message in live:
+            self.offer(message)
+        self._event.set()
+
+
 def send_text(websocket: WebSocket) -> Send:
     """A `Send` that writes each message to `websocket` as one text frame."""
     send = websocket.send
 
     async def send_text(message: Message) -> None:
+        if isinstance(message, Packet):
+            raise TypeError("H.264 packets go to binary sockets (send_frames)")
         if isinstance(message, bytes):
             message = message.decode()
         await send({"type": "websocket.send", "text": message})
 
     return send_text
+
+
+def send_frames(websocket: WebSocket) -> Send:
+    """A `Send` for video consumers: packets and bytes as binary frames, text as text."""
+    send = websocket.send
+
+    async def send_frames(message: Message) -> None:
+        if isinstance(message, Packet):
+            await send({"type": "websocket.send", "bytes": message.payload})
+        elif isinstance(message, bytes):
+            await send({"type": "websocket.send", "bytes": message})
+        else:
+            await send({"type": "websocket.send", "text": message})
+
+    return send_frames
 
 
 def _topic_regex(pattern: str) -> re.Pattern[str]:

@@ -23,13 +23,28 @@ from edgeway.common.broker import (
 )
 from edgeway.common.envelope import JSON, Envelope
 from edgeway.common.topology import Channels, Topology
-from edgeway.gateway.fanout import Hub
+from edgeway.gateway.fanout import Hub, Message, Packet
 from edgeway.gateway.metrics import REJECTED, REQUEST_SECONDS
 from edgeway.gateway.settings import GatewaySettings
+
+# Headers of an H.264 packet on `video.stream.<device>` (set by the video relay).
+HEADER_PACKET_TYPE = "x-packet-type"
+HEADER_PACKET_SEQ = "x-packet-seq"
 
 
 class ServiceUnavailableError(Exception):
     """A service did not answer a request in time (the HTTP layer turns it into 504)."""
+
+
+def _header_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _header_int(value: Any) -> int:
+    try:
+        return int(_header_text(value))
+    except ValueError:
+        return 0
 
 
 class BrokerLink:
@@ -54,9 +69,16 @@ class BrokerLink:
         )
         async def on_broadcast(message: RabbitMessage) -> None:
             raw = message.raw_message
-            body: str | bytes = raw.body
+            body: Message = raw.body
             if (raw.content_type or JSON) == JSON:
                 body = raw.body.decode()  # once per message, shared by every client
+            elif raw.headers and HEADER_PACKET_TYPE in raw.headers:
+                # An H.264 packet: its kind and sequence drive the consumers' skip policy.
+                body = Packet(
+                    raw.body,
+                    kind=_header_text(raw.headers[HEADER_PACKET_TYPE]),
+                    seq=_header_int(raw.headers.get(HEADER_PACKET_SEQ, 0)),
+                )
             routing_key = raw.routing_key or ""
             kind = routing_key.split(".", 1)[0]
             if kind == "gateway":  # a service refused what a producer of ours sent
@@ -72,6 +94,17 @@ class BrokerLink:
             (self.topology.telemetry_raw, self.topology.telemetry_raw_queue),
         ):
             await declare_work(self.broker, self.topology, exchange, queue)
+        # The WorldSystem exchanges the phone endpoints publish to (seed-systems.md §3) ...
+        for name in ("video_frames", "analysis_mode", "restart"):
+            await self.broker.declare_exchange(self.topology.worldsystem(name))
+        # ... and the live queues the video relay reads, so a phone's stream waits for it.
+        for exchange, queue in (
+            (self.topology.worldsystem("video_stream"), self.topology.video_stream_queue),
+            (self.topology.video_imu, self.topology.video_imu_queue),
+        ):
+            declared_exchange = await self.broker.declare_exchange(exchange)
+            declared_queue = await self.broker.declare_queue(queue)
+            await declared_queue.bind(declared_exchange, routing_key="")
 
     async def stop(self) -> None:
         await self.broker.stop()
@@ -109,8 +142,18 @@ class BrokerLink:
             durable=False,
         )
 
+    async def publish_stream(
+        self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange
+    ) -> None:
+        """A live message (video, IMU, commands) on a fanout exchange: transient, confirmed."""
+        await publish(self.broker, body, envelope=envelope, exchange=exchange, durable=False)
+
     async def request(self, *, service: str, queue: RabbitQueue, body: dict[str, Any]) -> Any:
-        """Ask a service; raises ServiceUnavailableError when it does not answer in time."""
+        """Ask a service for JSON; raises ServiceUnavailableError when it does not answer."""
+        return orjson.loads(await self.request_raw(service=service, queue=queue, body=body))
+
+    async def request_raw(self, *, service: str, queue: RabbitQueue, body: dict[str, Any]) -> bytes:
+        """Ask a service; the reply's body as it came (a binary GOP, say)."""
         started = time.perf_counter()
         try:
             reply = await self.broker.request(
@@ -127,4 +170,5 @@ class BrokerLink:
             REQUEST_SECONDS.labels(service, "no_route").observe(time.perf_counter() - started)
             raise ServiceUnavailableError(f"{service} is not running") from None
         REQUEST_SECONDS.labels(service, "ok").observe(time.perf_counter() - started)
-        return orjson.loads(reply.body)
+        reply_body: bytes = reply.body
+        return reply_body

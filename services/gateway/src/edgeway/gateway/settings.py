@@ -29,8 +29,9 @@ class GatewaySettings(CommonSettings):
 
     # Edge limits. Omega frame results are ~1 KB; 64 KiB leaves room for many segments.
     max_message_bytes: int = 64 * 1024
-    # Frames above this are refused by the WebSocket protocol itself (close 1009).
-    ws_max_size: int = 1024 * 1024
+    # Frames above this are refused by the WebSocket protocol itself (close 1009). Above the
+    # largest endpoint limit (a phone JPEG), so those limits answer with an error frame instead.
+    ws_max_size: int = 16 * 1024 * 1024
     # Telemetry uploads: a CompressedBatch of 10 000 records is ~300 KB.
     max_upload_bytes: int = 1024 * 1024
     producer_rate: float = 1000.0  # messages/s per producer connection (token bucket)
@@ -39,6 +40,14 @@ class GatewaySettings(CommonSettings):
     publish_window: int = 256
     # Per client send queue; a client this far behind starts losing its oldest messages.
     client_queue_size: int = 1024
+    # Phone video: one `/ws/video` message (an Android H.264 packet or a few; a 4K keyframe at
+    # a high bitrate is ~1 MB) and one `/ws/phone` JPEG (a 12 MP photo at high quality is ~6 MB).
+    max_video_message_bytes: int = 4 * 1024 * 1024
+    max_jpeg_bytes: int = 8 * 1024 * 1024
+    # Packets queued per video consumer before it skips to the next keyframe. Must hold a whole
+    # GOP (keyframe interval x frame rate + SPS and PPS) or late joiners skip their GOP: 256 is
+    # ~8 s at 30 fps, against the 1-2 s keyframe interval phones use.
+    video_queue_size: int = 256
     # Request/reply to services (latest state, history).
     request_timeout: float = 2.0
 

@@ -54,6 +54,21 @@ def mint(
     return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
 
 
+def mint_with_secret(secret: str, *scopes: str, subject: str, ttl: int) -> str:
+    """An HS256 token for a gateway that verifies with the shared secret `secret` and the default
+    audience and issuer: how tests and local stacks, started with EDGEWAY_JWT_SECRET, get one."""
+    defaults = GatewaySettings.model_fields
+    return mint(
+        subject=subject,
+        scopes=list(scopes),
+        ttl=ttl,
+        key=secret,
+        algorithm="HS256",
+        audience=defaults["jwt_audience"].default,
+        issuer=defaults["jwt_issuer"].default,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgeway-token", description=__doc__.split("\n")[0])
     parser.add_argument("--subject", required=True, help="who the token is for")

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from edgeway.common.logging import configure_logging
-from edgeway.common.service import run
-from edgeway.common.tracing import configure_tracing
+from edgeway.common.service import serve
 from edgeway.occupancy.handlers import SERVICE, build_app
 from edgeway.occupancy.settings import OccupancySettings
 
 
 def main() -> None:
-    settings = OccupancySettings()
-    configure_logging(service=SERVICE, level=settings.log_level, fmt=settings.log_format)
-    tracer_provider = configure_tracing(settings, service=SERVICE)
-    run(build_app(settings, tracer_provider=tracer_provider), settings)
+    serve(SERVICE, OccupancySettings(), build_app)
 
 
 if __name__ == "__main__":

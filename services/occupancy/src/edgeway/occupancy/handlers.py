@@ -7,25 +7,21 @@ delivery is acked after that, so a crash anywhere means a redelivery, which the 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TypeVar
 
 import orjson
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
-from faststream.rabbit import RabbitResponse
 from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.batching import GroupCommit
 from edgeway.common.broker import (
-    JSON,
+    answer_requests,
     declare_shared,
     declare_work,
     encode,
@@ -33,11 +29,11 @@ from edgeway.common.broker import (
     publish,
     whole_message,
 )
-from edgeway.common.db import make_engine, make_sessionmaker, ping
+from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, UPDATE_TYPE
-from edgeway.common.service import service_app
+from edgeway.common.service import database_service_app
 from edgeway.common.settings import async_database_url
 from edgeway.common.topology import Channels, Topology
 from edgeway.occupancy import domain, store
@@ -51,11 +47,11 @@ OUTCOMES = ("stored", "duplicate", "rejected")
 # A PostgreSQL restart or fail-over lasts seconds. Riding it out inside the handler keeps those
 # deliveries from counting toward the queue's delivery limit, which is meant for messages that
 # can never succeed. 7.5 s in all: less than the default grace period of a stopping process.
+# Then the group is given up on (not `forever`) and its messages are requeued: harmless here,
+# since a location's state only moves forward in capture time whatever order they come back in.
 DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
 log = get_logger("edgeway.occupancy")
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,19 +63,6 @@ class Outcome:
     body: bytes
     type: str
     rejection: domain.Rejection | None = None
-
-
-async def with_db_retry(work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work`, again after a pause while the database is unreachable or busy."""
-    for delay in DB_RETRY_DELAYS:
-        try:
-            return await work()
-        except (OperationalError, InterfaceError) as exc:
-            log.warning(
-                "database unavailable, retrying", error=str(exc.orig or exc), retry_in=delay
-            )
-            await asyncio.sleep(delay)
-    return await work()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +98,7 @@ async def store_observations(
                         message_id=envelope.message_id,
                         location=location,
                         reading=reading,
-                        received_at=_when(envelope.received_at),
+                        received_at=envelope.received_datetime(),
                         timestamp_raw=encode(reading.frame.timestamp).decode(),
                         client_update=encode(update.model_dump()).decode(),
                     )
@@ -151,7 +134,7 @@ async def store_rejection(
         code=rejection.code.value,
         reason=rejection.reason,
         payload=body,
-        received_at=_when(envelope.received_at),
+        received_at=envelope.received_datetime(),
     )
     frame = rejection.error_frame(message_id=envelope.message_id)
     return Outcome(
@@ -161,14 +144,6 @@ async def store_rejection(
         type=ERROR_TYPE,
         rejection=rejection,
     )
-
-
-def _when(epoch: float) -> datetime:
-    """An envelope time as a datetime; now if the header held no usable time."""
-    try:
-        return datetime.fromtimestamp(epoch, UTC)
-    except (OverflowError, OSError, ValueError):
-        return datetime.now(UTC)
 
 
 async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
@@ -212,15 +187,15 @@ def build_app(
     )
     for outcome in OUTCOMES:
         observations.labels(outcome)
-    declared = asyncio.Event()
     # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
     group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
         lambda deliveries: with_db_retry(
-            lambda: store_observations(deliveries, sessions=sessions, cameras=cameras)
+            lambda: store_observations(deliveries, sessions=sessions, cameras=cameras),
+            delays=DB_RETRY_DELAYS,
         ),
         max_size=settings.commit_group_size,
         # A database outage fails every item alike; anything else may be one bad observation.
-        isolate=lambda exc: not isinstance(exc, OperationalError | InterfaceError),
+        isolate=lambda exc: not is_outage(exc),
     )
 
     @broker.subscriber(
@@ -260,17 +235,13 @@ def build_app(
                 durable=False,
             )
 
-    # A query is worthless once its asker gave up: acked whatever happens, never retried.
-    @broker.subscriber(
-        topology.occupancy_requests_queue, ack_policy=AckPolicy.ACK, decoder=whole_message
+    answer_requests(
+        broker,
+        topology.occupancy_requests_queue,
+        lambda body: answer_query(body, sessions=sessions),
     )
-    async def on_request(message: RabbitMessage) -> RabbitResponse:
-        reply = await answer_query(message.body, sessions=sessions)
-        # Not mandatory: an asker whose reply queue is gone must not make this handler fail.
-        return RabbitResponse(reply, content_type=JSON, mandatory=False)
 
-    async def prepare_database() -> None:
-        await store.MIGRATIONS.upgrade_async(url)
+    async def prepare_cameras() -> None:
         async with sessions.begin() as session:
             await store.seed_cameras(session=session, cameras=settings.cameras)
             known = await store.load_cameras(session=session)
@@ -285,34 +256,13 @@ def build_app(
             topology.occupancy_observations,
             topology.occupancy_observations_queue,
         )
-        declared.set()
 
-    async def database_reachable() -> None:
-        await ping(engine)
-
-    async def migrations_at_head() -> None:
-        if not await store.MIGRATIONS.at_head(url):
-            raise RuntimeError("database schema is not at the latest migration")
-
-    async def topology_declared() -> None:
-        if not declared.is_set():
-            raise RuntimeError("queues not declared yet")
-
-    app = service_app(
+    return database_service_app(
         broker,
-        checks={
-            "database": database_reachable,
-            "migrations": migrations_at_head,
-            "topology": topology_declared,
-        },
-        on_startup=[prepare_database],
-        after_startup=[declare_topology],
+        engine=engine,
+        url=url,
+        migrations=store.MIGRATIONS,
+        prepare=prepare_cameras,
+        declare=declare_topology,
         registry=registry,
     )
-
-    async def close_database() -> None:
-        await engine.dispose()
-
-    # After the broker has drained in-flight messages (on_shutdown hooks run before that).
-    app.after_shutdown(close_database)
-    return app

@@ -9,15 +9,11 @@ never stored twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Dialect,
     Double,
     ForeignKey,
     Index,
@@ -29,12 +25,19 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
-from edgeway.common.db import Migrations
+from edgeway.common.db import (
+    BigId,
+    Insert,
+    JSONDocument,
+    Migrations,
+    UTCDateTime,
+    dialect_insert,
+    per_dialect,
+    table_of,
+)
 from edgeway.occupancy.domain import Reading
 
 MIGRATIONS = Migrations(
@@ -45,36 +48,6 @@ MIGRATIONS = Migrations(
 MESSAGE_ID_LENGTH = 255
 CAMERA_ID_LENGTH = 100  # edgeway.common.schemas.occupancy.CameraId
 LOCATION_NAME_LENGTH = 200
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """`timestamptz` on PostgreSQL; on SQLite (no time zones) UTC text, read back as aware UTC.
-
-    Normalising to UTC on the way in keeps SQLite's text comparison in time order.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous; pass an aware one")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
-
-
-# JSONB where there is one (indexable, compact), JSON text on SQLite; None is SQL NULL.
-JSONDocument = JSON(none_as_null=True).with_variant(
-    postgresql.JSONB(none_as_null=True), "postgresql"
-)
-# SQLite only auto-increments an INTEGER PRIMARY KEY.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -166,22 +139,6 @@ class CameraLocation(NamedTuple):
     location_name: str
 
 
-Insert = postgresql.Insert | sqlite.Insert
-
-
-def _insert(session: AsyncSession, entity: type[Base]) -> Insert:
-    """The dialect's INSERT, which has ON CONFLICT."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(entity)
-    return sqlite.insert(entity)
-
-
-def _table(entity: type[Base]) -> Table:
-    table = entity.__table__
-    assert isinstance(table, Table)
-    return table
-
-
 # What a newer observation replaces in its location's state.
 LATEST_FIELDS = frozenset(
     (
@@ -204,9 +161,9 @@ class _HotStatements:
 
     def __init__(self, insert: Callable[[Table], Insert]) -> None:
         observations, rejections, state = (
-            _table(Observation),
-            _table(RejectedMessage),
-            _table(LocationState),
+            table_of(Observation),
+            table_of(RejectedMessage),
+            table_of(LocationState),
         )
         self.observation = (
             insert(observations)
@@ -231,14 +188,7 @@ class _HotStatements:
         )
 
 
-_HOT = {
-    "postgresql": _HotStatements(postgresql.insert),
-    "sqlite": _HotStatements(sqlite.insert),
-}
-
-
-def _hot(session: AsyncSession) -> _HotStatements:
-    return _HOT[session.get_bind().dialect.name]
+_hot = per_dialect(_HotStatements)
 
 
 async def seed_cameras(*, session: AsyncSession, cameras: Mapping[str, str]) -> None:
@@ -247,13 +197,13 @@ async def seed_cameras(*, session: AsyncSession, cameras: Mapping[str, str]) -> 
         return
     names = sorted(set(cameras.values()))
     await session.execute(
-        _insert(session, Location)
+        dialect_insert(session, Location)
         .values([{"name": name} for name in names])
         .on_conflict_do_nothing(index_elements=["name"])
     )
     rows = await session.execute(select(Location.name, Location.id).where(Location.name.in_(names)))
     ids: dict[str, int] = {name: location_id for name, location_id in rows}
-    upsert = _insert(session, Camera).values(
+    upsert = dialect_insert(session, Camera).values(
         [{"id": camera, "location_id": ids[name]} for camera, name in sorted(cameras.items())]
     )
     await session.execute(

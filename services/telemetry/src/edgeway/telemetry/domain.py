@@ -372,10 +372,29 @@ def client_message(
     stats: StatsCounts,
 ) -> dict[str, Any]:
     """The seed's per-record dashboard message, plus `reconstructed` and `uncertain`."""
+    return record_message(
+        decoded, vehicle=vehicle_tag(vin), received=received_text(received_at), stats=stats
+    )
+
+
+def record_message(
+    decoded: Decoded, *, vehicle: str, received: str, stats: StatsCounts
+) -> dict[str, Any]:
+    """`client_message` from what every record of an upload shares, worked out once: the
+    vehicle's tag and the `received_at` text."""
+    sample = decoded.sample
     return {
         "type": "telemetry",
-        "data": data_object(decoded.sample, received_at=received_at),
-        "vehicle_vin": vehicle_tag(vin),
+        "data": {
+            "timestamp": sample.timestamp_ms,
+            "speed": sample.speed,
+            "battery": sample.battery,
+            "power": sample.power,
+            "odometer": sample.odometer,
+            "heading": float(sample.heading),
+            "received_at": received,
+        },
+        "vehicle_vin": vehicle,
         "compression_stats": stats.client_view(),
         "reconstructed": [name for name in FIELDS if name in decoded.reconstructed],
         "uncertain": decoded.uncertain,

@@ -4,10 +4,14 @@ Uploads come off a quorum queue with a single active consumer, so one replica at
 every vehicle's packets in the order the gateway published them. Handlers hand them to a group
 commit without awaiting anything first, so groups keep that order. A group is one transaction:
 records (idempotent on vehicle and timestamp), each vehicle's decoder state, daily statistics,
-offline sessions and rejections. Only after the commit are the records broadcast and the
-deliveries acked, so a crash anywhere means a redelivery, whose packets are then at or before
-their vehicle's stored state: found in the table, counted as duplicates, neither decoded nor
-stored again.
+offline sessions and rejections. Only after the commit are the deliveries acked, so a crash
+anywhere before it means a redelivery, whose packets are then at or before their vehicle's
+stored state: found in the table, counted as duplicates, neither decoded nor stored again.
+
+The stored records' broadcasts are a lossy live stream: after the commit they are handed to the
+process's bounded broadcast queue (`edgeway.telemetry.broadcast`) and the uploads are acked
+without waiting for them; one background task publishes them in order. A crash loses what was
+still queued, never a record.
 
 Order is what the predictor needs, so nothing may overtake a failed group: a database outage is
 waited out inside the group, however long, instead of requeueing it behind newer uploads.
@@ -16,38 +20,37 @@ waited out inside the group, however long, instead of requeueing it behind newer
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
-from faststream.rabbit import RabbitBroker, RabbitResponse
+from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.batching import GroupCommit
 from edgeway.common.broker import (
-    JSON,
+    answer_requests,
     declare_shared,
     declare_work,
     encode,
     make_broker,
-    publish,
     whole_message,
 )
-from edgeway.common.db import make_engine, make_sessionmaker, ping
+from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
-from edgeway.common.service import service_app
+from edgeway.common.service import database_service_app
 from edgeway.common.settings import async_database_url
 from edgeway.common.topology import Topology
 from edgeway.telemetry import domain, store
+from edgeway.telemetry.broadcast import AmqpSender, Broadcaster, BroadcastMetrics
 from edgeway.telemetry.ingest import DecoderCache, Delivery, Outcome, Pipeline
 from edgeway.telemetry.settings import TelemetrySettings
 
@@ -55,77 +58,14 @@ SERVICE = "telemetry"
 RECORD_OUTCOMES = ("stored", "duplicate", "rejected")
 
 # Pauses between tries while the database is unreachable, the last one repeated until it is
-# back. Unlike the occupancy service, a group is never given up on for an outage: a requeued
-# upload would come back after newer ones of its vehicle, behind its predictor state.
+# back (`forever`). Unlike the occupancy service, a group is never given up on for an outage: a
+# requeued upload would come back after newer ones of its vehicle, behind its predictor state.
 DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 5.0)
-# Broadcasts awaiting their confirm at once: enough to hide the round trip to the broker.
-PUBLISH_WINDOW = 256
-# Longest wait for a window of broadcasts to be confirmed; the flusher waits on it.
-BROADCAST_TIMEOUT = 10.0
 # The seed's history and status sizes (`WS /ws` sends the last 100; `/status` the last 10).
 HISTORY_LIMIT = 100
 STATUS_LATEST = 10
 
 log = get_logger("edgeway.telemetry")
-
-T = TypeVar("T")
-
-
-async def with_db_retry(work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work` until the database answers: again after a pause while it is unreachable."""
-    for attempt in itertools.count():
-        try:
-            return await work()
-        except (OperationalError, InterfaceError) as exc:
-            delay = DB_RETRY_DELAYS[min(attempt, len(DB_RETRY_DELAYS) - 1)]
-            log.warning(
-                "database unavailable, retrying", error=str(exc.orig or exc), retry_in=delay
-            )
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-async def broadcast(
-    broker: RabbitBroker, topology: Topology, outcomes: Sequence[Outcome], failures: Counter
-) -> None:
-    """Publish every stored record's client message, in order, up to PUBLISH_WINDOW at a time.
-
-    Live results are transient: a broadcast that fails is logged and counted, not retried (the
-    records are committed; a redelivery would find them stored and broadcast nothing).
-    """
-    pending: list[asyncio.Task[None]] = []
-    for outcome in outcomes:
-        for message in outcome.broadcasts:
-            # Tasks start in creation order and the channel writes frames in that order.
-            pending.append(
-                asyncio.create_task(
-                    publish(
-                        broker,
-                        message.body,
-                        envelope=outcome.envelope.derive(type=domain.RECORD_TYPE, producer=SERVICE),
-                        exchange=topology.broadcast,
-                        routing_key=message.routing_key,
-                        durable=False,
-                    )
-                )
-            )
-            if len(pending) >= PUBLISH_WINDOW:
-                await _settle(pending, failures)
-    await _settle(pending, failures)
-
-
-async def _settle(pending: list[asyncio.Task[None]], failures: Counter) -> None:
-    try:
-        results = await asyncio.wait_for(
-            asyncio.gather(*pending, return_exceptions=True), BROADCAST_TIMEOUT
-        )
-    except TimeoutError as exc:  # the broker is gone: the next group must not wait for it
-        results = [exc] * len(pending)
-    pending.clear()
-    errors = [result for result in results if isinstance(result, BaseException)]
-    if errors:
-        failures.inc(len(errors))
-        log.warning("broadcast failed", failed=len(errors), error=repr(errors[0]))
 
 
 async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
@@ -222,16 +162,14 @@ def build_app(
     )
     for code in domain.RejectCode:
         rejections.labels(code.value)
-    broadcast_failures = Counter(
-        "edgeway_telemetry_broadcast_failures_total",
-        "Record broadcasts the broker did not take (the records are stored)",
-        registry=registry,
-    )
-    declared = asyncio.Event()
+    broadcaster = _broadcaster(settings, broker, topology, registry)
 
     async def flush(deliveries: Sequence[Delivery]) -> list[Outcome]:
-        outcomes = await with_db_retry(lambda: pipeline.store(deliveries))
-        await broadcast(broker, topology, outcomes, broadcast_failures)
+        outcomes = await with_db_retry(
+            lambda: pipeline.store(deliveries), delays=DB_RETRY_DELAYS, forever=True
+        )
+        # Committed: the uploads are acked now; their broadcasts follow from the queue.
+        broadcaster.put(outcomes)
         return outcomes
 
     # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
@@ -239,18 +177,21 @@ def build_app(
         flush,
         max_size=settings.commit_group_size,
         # A database outage fails every item alike; anything else may be one bad upload.
-        isolate=lambda exc: not isinstance(exc, OperationalError | InterfaceError),
+        isolate=lambda exc: not is_outage(exc),
     )
 
-    @broker.subscriber(
+    uploads = broker.subscriber(
         uploads_queue,
         topology.telemetry_raw,
-        # Success acks after the commit and the broadcast; an unexpected exception nacks with
-        # requeue, and the quorum queue's delivery limit dead-letters what can never succeed.
+        # Success acks after the commit (not after the broadcasts); an unexpected exception
+        # nacks with requeue, and the quorum queue's delivery limit dead-letters what can never
+        # succeed.
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=whole_message,
         no_reply=True,
     )
+
+    @uploads
     async def on_upload(message: RabbitMessage) -> None:
         # Nothing is awaited before `submit`: uploads reach the group commit in delivery order.
         body: bytes = message.body
@@ -273,17 +214,13 @@ def build_app(
                 duplicate=not outcome.new_rejection,
             )
 
-    # A query is worthless once its asker gave up: acked whatever happens, never retried.
-    @broker.subscriber(
-        topology.telemetry_requests_queue, ack_policy=AckPolicy.ACK, decoder=whole_message
+    answer_requests(
+        broker,
+        topology.telemetry_requests_queue,
+        lambda body: answer_query(body, sessions=sessions),
     )
-    async def on_request(message: RabbitMessage) -> RabbitResponse:
-        reply = await answer_query(message.body, sessions=sessions)
-        # Not mandatory: an asker whose reply queue is gone must not make this handler fail.
-        return RabbitResponse(reply, content_type=JSON, mandatory=False)
 
-    async def prepare_database() -> None:
-        await store.MIGRATIONS.upgrade_async(url)
+    async def prepare_vehicles() -> None:
         async with sessions.begin() as session:
             await store.seed_vehicles(session=session, vins=settings.vehicles)
             known = await store.load_vehicles(session=session)
@@ -293,34 +230,63 @@ def build_app(
     async def declare_topology() -> None:
         await declare_shared(broker, topology)
         await declare_work(broker, topology, topology.telemetry_raw, uploads_queue)
-        declared.set()
 
-    async def database_reachable() -> None:
-        await ping(engine)
-
-    async def migrations_at_head() -> None:
-        if not await store.MIGRATIONS.at_head(url):
-            raise RuntimeError("database schema is not at the latest migration")
-
-    async def topology_declared() -> None:
-        if not declared.is_set():
-            raise RuntimeError("queues not declared yet")
-
-    app = service_app(
+    app = database_service_app(
         broker,
-        checks={
-            "database": database_reachable,
-            "migrations": migrations_at_head,
-            "topology": topology_declared,
-        },
-        on_startup=[prepare_database],
-        after_startup=[declare_topology],
+        engine=engine,
+        url=url,
+        migrations=store.MIGRATIONS,
+        prepare=prepare_vehicles,
+        declare=declare_topology,
         registry=registry,
     )
 
-    async def close_database() -> None:
-        await engine.dispose()
+    async def start_broadcasting() -> None:
+        broadcaster.start()
 
-    # After the broker has drained in-flight messages (on_shutdown hooks run before that).
-    app.after_shutdown(close_database)
+    async def drain_broadcasts() -> None:
+        # Within the grace period: first the uploads in hand (committed, so their records are
+        # queued), then the broadcast queue, then the broker stops.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.graceful_timeout
+        await uploads.stop()
+        await broadcaster.drain(deadline)
+
+    app.after_startup(start_broadcasting)
+    app.on_shutdown(drain_broadcasts)
     return app
+
+
+def _broadcaster(
+    settings: TelemetrySettings,
+    broker: RabbitBroker,
+    topology: Topology,
+    registry: CollectorRegistry,
+) -> Broadcaster:
+    published = Counter(
+        "edgeway_telemetry_broadcast_published_total",
+        "Record broadcasts the broker confirmed",
+        registry=registry,
+    )
+    failures = Counter(
+        "edgeway_telemetry_broadcast_failures_total",
+        "Record broadcasts the broker did not take (the records are stored)",
+        registry=registry,
+    )
+    dropped = Counter(
+        "edgeway_telemetry_broadcast_dropped_total",
+        "Stored records never broadcast: the oldest waiting when the broadcast queue was full "
+        "(replays first), or still waiting at shutdown",
+        registry=registry,
+    )
+    broadcaster = Broadcaster(
+        AmqpSender(broker, topology.broadcast, app_id=f"edgeway-{SERVICE}", producer=SERVICE),
+        capacity=settings.broadcast_backlog,
+        metrics=BroadcastMetrics(published=published.inc, failed=failures.inc, dropped=dropped.inc),
+    )
+    Gauge(
+        "edgeway_telemetry_broadcast_queued",
+        "Stored records waiting to be broadcast or awaiting their confirm",
+        registry=registry,
+    ).set_function(lambda: broadcaster.waiting + broadcaster.in_flight)
+    return broadcaster

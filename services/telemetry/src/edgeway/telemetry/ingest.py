@@ -2,7 +2,8 @@
 
 Per vehicle, a decoder resumed from its stored state (cached between groups) rebuilds the
 records in order; the records, the decoder states, the day's statistics, offline sessions and
-rejections are written together, and the client messages built from what was stored.
+rejections are written together. What was stored comes back with what its broadcast needs; the
+client messages are built by the publisher (`edgeway.telemetry.broadcast`), off the commit path.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.broker import encode
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.telemetry.predictor import (
@@ -24,7 +24,6 @@ from edgeway.common.telemetry.predictor import (
     PredictorConfig,
     PredictorState,
 )
-from edgeway.common.topology import Channels
 from edgeway.telemetry import domain, store
 
 log = get_logger("edgeway.telemetry")
@@ -40,9 +39,12 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
-class Broadcast:
-    routing_key: str
-    body: bytes
+class StoredRecord:
+    """A record this group stored, with what its broadcast needs."""
+
+    decoded: Decoded
+    stats: domain.StatsCounts  # its vehicle's counts of the record's day, after it
+    late: bool  # part of a store-and-forward replay (older than offline_after_s on arrival)
 
 
 @dataclass(slots=True)
@@ -54,7 +56,8 @@ class Outcome:
     duplicates: int = 0
     rejection: domain.Rejection | None = None
     new_rejection: bool = False  # False: this upload was rejected before (a redelivery)
-    broadcasts: list[Broadcast] = field(default_factory=list)
+    vin: str = ""  # the upload's vehicle, when it stored records
+    broadcasts: list[StoredRecord] = field(default_factory=list)  # in record order
 
 
 @dataclass(slots=True)
@@ -119,6 +122,7 @@ class _Record:
     vin: str
     decoded: Decoded
     row: store.RecordRow
+    late: bool  # reached the gateway more than offline_after_s after its own time
 
 
 class Pipeline:
@@ -190,7 +194,7 @@ class Pipeline:
                     continue
                 if decoded.behind:
                     behind.append((index, vehicle_id, upload, decoded.behind))
-                received_at = _when(delivery.envelope.received_at)
+                received_at = delivery.envelope.received_datetime()
                 records.extend(
                     _Record(
                         index,
@@ -201,6 +205,11 @@ class Pipeline:
                             record,
                             compressed=upload.compressed,
                             received_at=received_at,
+                        ),
+                        domain.is_late(
+                            record.decoded.sample.timestamp_ms,
+                            received_at=received_at,
+                            offline_after_s=self.offline_after_s,
                         ),
                     )
                     for record in decoded.records
@@ -220,15 +229,9 @@ class Pipeline:
             await self._advance_vehicles(session, records, fresh)
 
         for record, stats in zip(stored, running, strict=True):
-            message = domain.client_message(
-                vin=record.vin,
-                decoded=record.decoded,
-                received_at=record.row.received_at,
-                stats=stats,
-            )
-            outcomes[record.index].broadcasts.append(
-                Broadcast(Channels.telemetry_vehicle(record.vin), encode(message))
-            )
+            outcome = outcomes[record.index]
+            outcome.vin = record.vin
+            outcome.broadcasts.append(StoredRecord(record.decoded, stats, record.late))
         return outcomes
 
     async def _reject(
@@ -246,7 +249,7 @@ class Pipeline:
             code=rejection.code.value,
             reason=rejection.reason,
             payload=delivery.body,
-            received_at=_when(delivery.envelope.received_at),
+            received_at=delivery.envelope.received_datetime(),
         )
 
     async def _sort_out(
@@ -309,11 +312,7 @@ class Pipeline:
                 records=[
                     domain.SessionRecord(
                         timestamp_ms=record.row.timestamp_ms,
-                        late=domain.is_late(
-                            record.row.timestamp_ms,
-                            received_at=record.row.received_at,
-                            offline_after_s=self.offline_after_s,
-                        ),
+                        late=record.late,
                         gap=record.decoded.gap,
                         stored=new,
                     )
@@ -361,11 +360,3 @@ def _row(
         compressed=compressed,
         received_at=received_at,
     )
-
-
-def _when(epoch: float) -> datetime:
-    """An envelope time as a datetime; now if the header held no usable time."""
-    try:
-        return datetime.fromtimestamp(epoch, UTC)
-    except (OverflowError, OSError, ValueError):
-        return datetime.now(UTC)

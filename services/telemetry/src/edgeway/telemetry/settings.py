@@ -51,6 +51,11 @@ class TelemetrySettings(CommonSettings):
     offline_after_s: float = Field(default=5.0, gt=0)
     # Most uploads committed in one transaction (group commit; see edgeway.common.batching).
     commit_group_size: int = Field(default=128, ge=1, le=1000)
+    # Most stored records waiting to be broadcast (edgeway.telemetry.broadcast): past it the
+    # oldest waiting ones are dropped, replays first. About a second of broadcasts, ~20 MB.
+    broadcast_backlog: int = Field(
+        default=20_000, ge=1, validation_alias="EDGEWAY_TELEMETRY_BROADCAST_BACKLOG"
+    )
 
     @property
     def predictor(self) -> PredictorConfig:

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Boolean,
     Date,
-    DateTime,
-    Dialect,
     Double,
     ForeignKey,
     Index,
@@ -40,12 +37,20 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
-from edgeway.common.db import Migrations
+from edgeway.common.db import (
+    BigId,
+    Insert,
+    JSONDocument,
+    Migrations,
+    UTCDateTime,
+    dialect_insert,
+    dialect_of,
+    per_dialect,
+    table_of,
+)
 from edgeway.telemetry.domain import NewSession, SessionUpdate, StatsCounts
 
 MIGRATIONS = Migrations(
@@ -60,34 +65,6 @@ REJECTED_VIN_LENGTH = 64
 # offline_sessions.status: replaying (records still arrive late), or a live record came after.
 SESSION_SYNCING = "syncing"
 SESSION_SYNCED = "synced"
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """`timestamptz` on PostgreSQL; on SQLite (no time zones) UTC text, read back as aware UTC.
-
-    Normalising to UTC on the way in keeps SQLite's text comparison in time order.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous; pass an aware one")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
-
-
-# JSONB where there is one, JSON text on SQLite.
-JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
-# SQLite only auto-increments an INTEGER PRIMARY KEY.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -204,23 +181,11 @@ class RejectedUpload(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-def _table(entity: type[Base]) -> Table:
-    table = entity.__table__
-    assert isinstance(table, Table)
-    return table
-
-
-TELEMETRY = _table(TelemetryRecord)
-STATE = _table(VehicleState)
-STATS = _table(CompressionStats)
-SESSIONS = _table(OfflineSession)
-REJECTIONS = _table(RejectedUpload)
-
-Insert = postgresql.Insert | sqlite.Insert
-
-
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name
+TELEMETRY = table_of(TelemetryRecord)
+STATE = table_of(VehicleState)
+STATS = table_of(CompressionStats)
+SESSIONS = table_of(OfflineSession)
+REJECTIONS = table_of(RejectedUpload)
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -372,14 +337,7 @@ class _HotStatements:
         )
 
 
-_HOT = {
-    "postgresql": _HotStatements(postgresql.insert),
-    "sqlite": _HotStatements(sqlite.insert),
-}
-
-
-def _hot(session: AsyncSession) -> _HotStatements:
-    return _HOT[_dialect(session)]
+_hot = per_dialect(_HotStatements)
 
 
 # --- vehicles -------------------------------------------------------------------------------------
@@ -390,9 +348,8 @@ async def seed_vehicles(*, session: AsyncSession, vins: Iterable[str]) -> None:
     rows = [{"vin": vin} for vin in dict.fromkeys(vins)]
     if not rows:
         return
-    insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
     await session.execute(
-        insert(Vehicle).values(rows).on_conflict_do_nothing(index_elements=["vin"])
+        dialect_insert(session, Vehicle).values(rows).on_conflict_do_nothing(index_elements=["vin"])
     )
 
 
@@ -436,7 +393,7 @@ async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) ->
     """
     if not rows:
         return []
-    if _dialect(session) == "postgresql":
+    if dialect_of(session) == "postgresql":
         inserted = await _copy_records(session, rows)
     else:
         result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
@@ -614,7 +571,7 @@ async def update_session(*, session: AsyncSession, change: SessionUpdate) -> Non
 async def add_session(*, session: AsyncSession, new: NewSession) -> int:
     """Store a session; returns its id."""
     session_id = await session.scalar(
-        _insert(session, SESSIONS)
+        dialect_insert(session, SESSIONS)
         .values(
             vehicle_id=new.vehicle_id,
             started_at=new.started_at,
@@ -627,12 +584,6 @@ async def add_session(*, session: AsyncSession, new: NewSession) -> int:
     )
     assert session_id is not None
     return int(session_id)
-
-
-def _insert(session: AsyncSession, table: Table) -> Insert:
-    if _dialect(session) == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 # --- rejections -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from edgeway.common.testing.resources import (
     drop_postgres_database,
     drop_vhost,
 )
+from edgeway.common.testing.schema import schema_differences
 
 __all__ = [
     "AMQP_HOST",
@@ -26,4 +27,5 @@ __all__ = [
     "drop_postgres_database",
     "drop_vhost",
     "free_port",
+    "schema_differences",
 ]

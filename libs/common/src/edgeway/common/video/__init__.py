@@ -1,0 +1,1 @@
+"""Phone video and IMU: the Android H.264 packet format and the per-device IMU orderer."""

@@ -1,0 +1,526 @@
+"""The real gateway process at the phone and video edge (WorldSystem, seed-systems.md §3).
+
+Connected: a real gateway on a private RabbitMQ virtual host, and no video relay. The tests read
+what the gateway publishes from the queues it declares (or from queues of their own bound to
+the WorldSystem exchanges), and publish themselves what the relay would put on the broadcast
+exchange. Where the gateway asks the relay (GOP, status), a small responder in the test stands
+in for it on `edgeway.video.requests`; the relay's own tests cover how it builds the GOP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+import websockets
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from websockets.asyncio.client import ClientConnection
+
+from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.video.packets import PacketType, VideoPacket
+from edgeway.gateway.tokens import mint_with_secret
+
+pytestmark = pytest.mark.connected
+
+SECRET = "video-edge-secret-that-is-long-enough-for-hs256"
+MAX_JPEG = 4096
+MAX_VIDEO_MESSAGE = 8192
+BROADCAST = "edgeway.broadcast"
+JPEG_24X16 = (Path(__file__).parent / "data" / "24x16.jpg").read_bytes()  # see test_jpeg.py
+
+
+def make_token(*scopes: str) -> str:
+    return mint_with_secret(SECRET, *scopes, subject="video-edge", ttl=600)
+
+
+PHONE = make_token("video:publish")
+WATCHER = make_token("video:subscribe")
+PILOT = make_token("video:subscribe", "video:control")
+OPERATOR = make_token("video:control")
+
+
+@pytest.fixture(scope="module")
+def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = ServiceProcess(
+        "edgeway.gateway",
+        env={
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_REQUEST_TIMEOUT": "0.5",
+            "EDGEWAY_NTP_SERVERS": "[]",  # no internet here: the clock is this host's
+            "EDGEWAY_MAX_JPEG_BYTES": str(MAX_JPEG),
+            "EDGEWAY_MAX_VIDEO_MESSAGE_BYTES": str(MAX_VIDEO_MESSAGE),
+        },
+        port=free_port(),
+        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
+    ).start()
+    yield process
+    process.stop()
+
+
+def ws_url(gateway: ServiceProcess, path: str, token: str | None, **query: str) -> str:
+    params = {**({"token": token} if token else {}), **query}
+    url = gateway.url.replace("http", "ws") + path
+    return url + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else "")
+
+
+async def recv_json(ws: ClientConnection) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+
+async def nothing_more(ws: ClientConnection, wait: float = 0.3) -> None:
+    try:
+        message = await asyncio.wait_for(ws.recv(), wait)
+    except TimeoutError:
+        return
+    pytest.fail(f"unexpected message {message!r}")
+
+
+async def synced(ws: ClientConnection) -> None:
+    """Once the gateway answers a message the socket has subscribed to its channels: every
+    endpoint subscribes before it reads. A bad message gets an error frame."""
+    await ws.send("not json")
+    error = await recv_json(ws)
+    assert (error["type"], error["code"]) == ("error", "malformed_json")
+
+
+class Probe:
+    """Messages from a queue: the gateway's own, or a private one bound to an exchange."""
+
+    def __init__(self, queue: aio_pika.abc.AbstractQueue) -> None:
+        self.queue = queue
+        self.messages: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def start(self) -> Probe:
+        await self.queue.consume(self._take, no_ack=True)
+        return self
+
+    async def _take(self, message: AbstractIncomingMessage) -> None:
+        await self.messages.put(message)
+
+    async def get(self) -> AbstractIncomingMessage:
+        return await asyncio.wait_for(self.messages.get(), 5)
+
+    async def none(self, wait: float = 0.3) -> None:
+        await asyncio.sleep(wait)
+        assert self.messages.empty(), self.messages.get_nowait().body
+
+
+@asynccontextmanager
+async def amqp(url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(url)
+    async with connection:
+        yield await connection.channel()
+
+
+async def bound_probe(channel: aio_pika.abc.AbstractChannel, exchange: str) -> Probe:
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key="")
+    return await Probe(queue).start()
+
+
+async def queue_probe(channel: aio_pika.abc.AbstractChannel, name: str) -> Probe:
+    """The gateway's declared queue (the relay's, here nobody else reads it), emptied first."""
+    queue = await channel.get_queue(name, ensure=True)
+    await queue.purge()
+    return await Probe(queue).start()
+
+
+def frame(timestamp_ns: int, jpeg: bytes) -> bytes:
+    return timestamp_ns.to_bytes(8, "big") + jpeg
+
+
+# --- phones ---------------------------------------------------------------------------------
+
+
+async def test_phone_frames_reach_video_frames_exchange_with_the_seed_headers(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    async with amqp(amqp_url) as channel:
+        frames = await bound_probe(channel, "video_frames_exchange")
+        async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-a")) as ws:
+            before_ns = time.time_ns()
+            await ws.send(frame(1_763_000_000_123_456_789, JPEG_24X16))
+            await ws.send(frame(1_763_000_000_200_000_000, b"\x89PNG\r\n\x1a\n not a jpeg"))
+            bad = await recv_json(ws)
+            assert (bad["type"], bad["code"]) == ("error", "invalid_jpeg")
+            assert "SOI" in bad["reason"]
+            await ws.send(frame(1, JPEG_24X16 + bytes(MAX_JPEG)))  # over the limit
+            too_large = await recv_json(ws)
+            assert (too_large["type"], too_large["code"]) == ("error", "too_large")
+            await ws.send(b"\x00\x01")  # shorter than the timestamp
+            assert (await recv_json(ws))["code"] == "invalid_jpeg"
+            # The socket stayed open: the next frame goes through.
+            await ws.send(frame(1_763_000_000_300_000_000, JPEG_24X16))
+            first, second = await frames.get(), await frames.get()
+            after_ns = time.time_ns()
+            await frames.none()
+
+        # Only the two good frames, the JPEG without its timestamp, the seed's header strings.
+        assert first.body == second.body == JPEG_24X16
+        headers = first.headers
+        assert headers["timestamp_ns"] == "1763000000123456789"
+        assert (headers["width"], headers["height"]) == ("24", "16")
+        assert headers["x-device"] == "cam-a"
+        assert headers["ntp_offset"] == "0.0"
+        assert headers["server_received"] == headers["ntp_time"]
+        assert before_ns - 10**6 <= int(str(headers["server_received"])) <= after_ns + 10**6
+        assert second.headers["timestamp_ns"] == "1763000000300000000"
+        assert first.content_type == "application/octet-stream"
+        assert first.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+
+
+async def test_imu_and_analysis_mode_are_published_and_bad_messages_answered(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    imu = {
+        "type": "imu_data",
+        "timestamp": 1_763_000_000_000_000_123,
+        "accelerometer": {"x": 0.1, "y": -9.8, "z": 0.25},
+        "gyroscope": {"x": 0, "y": 0.001, "z": -0.5},
+    }
+    imu_text = json.dumps(imu, indent=1)  # the body goes on exactly as the phone sent it
+    async with amqp(amqp_url) as channel:
+        imu_queue = await queue_probe(channel, "edgeway.video.imu")
+        modes = await bound_probe(channel, "analysis_mode_exchange")
+        async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-b")) as ws:
+            await ws.send(imu_text)
+            await ws.send(json.dumps({"type": "analysis_mode", "data": "YOLO"}))
+            await ws.send(json.dumps({**imu, "timestamp": "yesterday"}))
+            assert (await recv_json(ws))["code"] == "invalid_shape"
+            await ws.send(json.dumps({**imu, "gyroscope": {"x": 1, "y": 2}}))
+            assert "gyroscope" in (await recv_json(ws))["reason"]
+            await ws.send(json.dumps({"type": "analysis_mode", "data": "segment"}))
+            assert (await recv_json(ws))["code"] == "invalid_shape"
+            for kind in ("file_upload", "file_upload_start"):
+                await ws.send(json.dumps({"type": kind, "fileName": "../../etc/passwd"}))
+                assert (await recv_json(ws))["code"] == "unsupported"
+            await ws.send("{not json")
+            assert (await recv_json(ws))["code"] == "malformed_json"
+            await ws.send(json.dumps({"type": "analysis_mode", "data": "none"}))
+
+            sample = await imu_queue.get()
+            assert sample.body == imu_text.encode()
+            assert sample.headers["x-device"] == "cam-b"
+            assert sample.content_type == "application/json"
+            assert [json.loads((await modes.get()).body) for _ in range(2)] == [
+                {"type": "analysis_mode", "data": "yolo", "device": "cam-b"},
+                {"type": "analysis_mode", "data": "none", "device": "cam-b"},
+            ]
+            await imu_queue.none()
+
+
+async def test_video_chunks_reach_the_stream_queue_unchanged_and_numbered(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    chunks = [bytes([i]) * (100 + i) for i in range(1, 6)]
+    async with amqp(amqp_url) as channel:
+        stream = await queue_probe(channel, "edgeway.video.stream")
+        url = ws_url(gateway, "/ws/video", PHONE, device="cam-c")
+        async with websockets.connect(url) as ws:
+            await ws.send(chunks[0])
+            await ws.send(chunks[1])
+            await ws.send(b"x" * (MAX_VIDEO_MESSAGE + 1))  # refused, but it takes number 3
+            assert (await recv_json(ws))["code"] == "too_large"
+            await ws.send(json.dumps({"type": "video_config", "width": 1920}))  # only logged
+            for chunk in chunks[2:]:
+                await ws.send(chunk)
+            received = [await stream.get() for _ in range(5)]
+            await stream.none()
+            await nothing_more(ws)
+        assert [m.body for m in received] == chunks
+        assert [m.headers["x-chunk-seq"] for m in received] == ["1", "2", "4", "5", "6"]
+        assert {m.headers["x-device"] for m in received} == {"cam-c"}
+        assert len({m.headers["x-connection"] for m in received}) == 1
+        assert all(m.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT for m in received)
+
+        # A new connection is a new byte stream: a new id, numbered from 1 again. Another
+        # connection for the same device replaces the older one, which is closed.
+        async with websockets.connect(url) as older:
+            await older.send(b"older")
+            from_older = await stream.get()
+            async with websockets.connect(url) as newer:
+                await asyncio.wait_for(older.wait_closed(), 5)
+                assert older.close_code == 1008
+                await newer.send(b"newer")
+                from_newer = await stream.get()
+        assert from_older.headers["x-chunk-seq"] == from_newer.headers["x-chunk-seq"] == "1"
+        assert from_newer.body == b"newer"
+        connections = {m.headers["x-connection"] for m in (received[0], from_older, from_newer)}
+        assert len(connections) == 3
+
+
+async def test_a_bad_device_id_is_refused_with_a_reason(gateway: ServiceProcess) -> None:
+    for path in ("/ws/phone", "/ws/video", "/ws/video/consume"):
+        token = WATCHER if path.endswith("consume") else PHONE
+        async with websockets.connect(ws_url(gateway, path, token, device="a.b")) as ws:
+            error = await recv_json(ws)
+            assert (error["code"], path) == ("invalid_shape", path)
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == 1008
+
+
+async def test_each_endpoint_needs_its_scope(gateway: ServiceProcess) -> None:
+    cases = [
+        ("/ws/phone", WATCHER),
+        ("/ws/video", WATCHER),
+        ("/ws/video/consume", PHONE),
+        ("/ws/viewer", OPERATOR),
+    ]
+    for path, wrong in cases:
+        for token, status in ((None, 401), (wrong, 403)):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(ws_url(gateway, path, token)):
+                    pass
+            assert (path, refused.value.response.status_code) == (path, status)
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        for path in ("/health/video", "/video/status", "/h264/test"):
+            response = await http.get(path, headers={"Authorization": f"Bearer {PHONE}"})
+            assert (path, response.status_code) == (path, 403)
+        watcher = {"Authorization": f"Bearer {WATCHER}"}
+        assert (await http.post("/api/restart", headers=watcher)).status_code == 403
+        assert (await http.post("/api/restart")).status_code == 401
+
+
+# --- viewers and commands -------------------------------------------------------------------
+
+
+async def publish_broadcast(
+    channel: aio_pika.abc.AbstractChannel,
+    routing_key: str,
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    headers: dict[str, Any] | None = None,
+) -> None:
+    exchange = await channel.get_exchange(BROADCAST)
+    await exchange.publish(
+        aio_pika.Message(body, content_type=content_type, headers=headers or {}),
+        routing_key=routing_key,
+    )
+
+
+async def test_viewer_commands_reach_only_the_addressed_phones(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    async with (
+        amqp(amqp_url) as channel,
+        websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="p1")) as p1,
+        websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="p2")) as p2,
+        websockets.connect(ws_url(gateway, "/ws/viewer", PILOT)) as pilot,
+        websockets.connect(ws_url(gateway, "/ws/viewer", WATCHER)) as watcher,
+    ):
+        for ws in (p1, p2, pilot, watcher):
+            await synced(ws)
+        # Without video:control: an error frame, and nothing reaches a phone.
+        await watcher.send(json.dumps({"type": "joystick", "x": 1}))
+        refused = await recv_json(watcher)
+        assert (refused["code"], "video:control" in refused["reason"]) == ("forbidden", True)
+
+        to_p1 = json.dumps({"type": "joystick", "device": "p1", "x": 0.5, "y": -0.25})
+        to_all = json.dumps({"type": "flightmode", "action": "hover"})
+        await pilot.send(to_p1)
+        await pilot.send(to_all)
+        assert await asyncio.wait_for(p1.recv(), 5) == to_p1  # verbatim
+        assert await asyncio.wait_for(p1.recv(), 5) == to_all
+        assert await asyncio.wait_for(p2.recv(), 5) == to_all
+        await pilot.send(json.dumps({"type": "dance"}))
+        assert (await recv_json(pilot))["code"] == "invalid_shape"
+
+        # Whatever publishes a command for one phone reaches that phone's socket, on any replica.
+        await publish_broadcast(channel, "video.control.p2", b'{"type":"camera","action":"on"}')
+        assert await asyncio.wait_for(p2.recv(), 5) == '{"type":"camera","action":"on"}'
+        await nothing_more(p1)
+        await nothing_more(p2, 0.1)
+
+        # Viewers get the relay's viewer channel and every phone's IMU.
+        await publish_broadcast(channel, "video.viewer", b'{"type":"restart"}')
+        imu = {"type": "imu_data", "imu_data": {"timestamp": 5, "device": "p1"}}
+        await publish_broadcast(channel, "video.imu.p1", json.dumps(imu).encode())
+        for viewer in (pilot, watcher):
+            assert await recv_json(viewer) == {"type": "restart"}
+            assert await recv_json(viewer) == imu
+
+
+async def test_restart_reaches_restart_exchange(gateway: ServiceProcess, amqp_url: str) -> None:
+    async with amqp(amqp_url) as channel, httpx.AsyncClient(base_url=gateway.url) as http:
+        restarts = await bound_probe(channel, "restart_exchange")
+        response = await http.post("/api/restart", headers={"Authorization": f"Bearer {OPERATOR}"})
+        assert response.status_code == 202
+        message = await restarts.get()
+        assert json.loads(message.body) == {"type": "restart"}
+        assert message.message_id == response.json()["message_id"]
+
+
+# --- video consumers ------------------------------------------------------------------------
+
+
+def packet_headers(kind: str, seq: int) -> dict[str, Any]:
+    return {"x-packet-type": kind, "x-packet-seq": seq, "x-timestamp-us": seq * 33_333}
+
+
+def payload(kind: str, seq: int) -> bytes:
+    """Annex-B NAL units, each one recognisable by its kind and sequence number."""
+    nal = {"sps": b"\x67", "pps": b"\x68", "keyframe": b"\x65", "frame": b"\x41"}[kind]
+    return b"\x00\x00\x00\x01" + nal + f"{kind}-{seq}".encode()
+
+
+async def publish_packet(
+    channel: aio_pika.abc.AbstractChannel, device: str, kind: str, seq: int
+) -> None:
+    await publish_broadcast(
+        channel,
+        f"video.stream.{device}",
+        payload(kind, seq),
+        content_type="video/h264",
+        headers=packet_headers(kind, seq),
+    )
+
+
+async def recv_binary(ws: ClientConnection) -> bytes:
+    message = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(message, bytes), message
+    return message
+
+
+async def test_a_consumer_gets_live_packets_from_a_keyframe_and_pong(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    """No relay answers here: the consumer starts at the next keyframe, after SPS and PPS."""
+    url = ws_url(gateway, "/ws/video/consume", WATCHER, device="cam-d")
+    async with amqp(amqp_url) as channel, websockets.connect(url) as consumer:
+        await consumer.send("ping")
+        assert await asyncio.wait_for(consumer.recv(), 5) == "pong"  # subscribed by now
+        for seq, kind in enumerate(["sps", "pps", "frame", "keyframe", "frame", "frame"], 1):
+            await publish_packet(channel, "cam-d", kind, seq)
+        got = [await recv_binary(consumer) for _ in range(5)]
+        # The frame before the keyframe cannot be decoded without its own keyframe: skipped.
+        assert got == [
+            payload("sps", 1),
+            payload("pps", 2),
+            payload("keyframe", 4),
+            payload("frame", 5),
+            payload("frame", 6),
+        ]
+        await publish_packet(channel, "cam-e", "keyframe", 1)  # another device's stream
+        await nothing_more(consumer)
+
+
+RequestHandler = Callable[[dict[str, Any]], Awaitable[tuple[bytes, str]]]
+
+
+@asynccontextmanager
+async def relay_stand_in(url: str, answer: RequestHandler) -> AsyncIterator[list[dict[str, Any]]]:
+    """Answers the gateway's requests on edgeway.video.requests as the relay would."""
+    asked: list[dict[str, Any]] = []
+    async with amqp(url) as channel:
+        queue = await channel.declare_queue(
+            "edgeway.video.requests", durable=False, arguments={"x-message-ttl": 10_000}
+        )
+
+        async def on_request(message: AbstractIncomingMessage) -> None:
+            request = json.loads(message.body)
+            asked.append(request)
+            body, content_type = await answer(request)
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body, content_type=content_type, correlation_id=message.correlation_id
+                ),
+                routing_key=message.reply_to or "",
+            )
+
+        tag = await queue.consume(on_request, no_ack=True)
+        try:
+            yield asked
+        finally:
+            await queue.cancel(tag)
+
+
+RELAY_STATUS = {
+    "streams": {
+        "cam-f": {
+            "has_sps_pps": True,
+            "gop_frames": 3,
+            "bandwidth_mbps": 4.5,
+            "packets": 14,
+            "corrupt": 0,
+            "chunks_lost": 0,
+            "last_packet_at": "2025-11-21T12:00:00+00:00",
+        }
+    },
+    "h264_decoder": True,
+    "pyav": "18.1.0",
+}
+
+
+async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    gop = [
+        VideoPacket(PacketType.SPS, 1, payload("sps", 1)),
+        VideoPacket(PacketType.PPS, 2, payload("pps", 2)),
+        VideoPacket(PacketType.KEYFRAME, 10, payload("keyframe", 10), flags=1),
+        VideoPacket(PacketType.FRAME, 11, payload("frame", 11)),
+        VideoPacket(PacketType.FRAME, 12, payload("frame", 12)),
+    ]
+    async with amqp(amqp_url) as channel:
+
+        async def answer(request: dict[str, Any]) -> tuple[bytes, str]:
+            if request["query"] == "status":
+                return json.dumps(RELAY_STATUS).encode(), "application/json"
+            # Packets 11 to 14 go live while the relay answers: 11 and 12 are in the GOP, so
+            # the consumer must get only 13 and 14 of them, after the GOP.
+            for seq in (11, 12, 13, 14):
+                await publish_packet(channel, "cam-f", "frame", seq)
+            await asyncio.sleep(0.1)
+            body = (12).to_bytes(8, "big") + b"".join(p.encode() for p in gop)
+            return body, "application/octet-stream"
+
+        async with relay_stand_in(amqp_url, answer) as asked:
+            url = ws_url(gateway, "/ws/video/consume", WATCHER, device="cam-f")
+            async with websockets.connect(url) as consumer:
+                got = [await recv_binary(consumer) for _ in range(7)]
+                assert got == [p.payload for p in gop] + [
+                    payload("frame", 13),
+                    payload("frame", 14),
+                ]
+                await publish_packet(channel, "cam-f", "frame", 12)  # a stale duplicate
+                await publish_packet(channel, "cam-f", "frame", 15)
+                assert await recv_binary(consumer) == payload("frame", 15)
+                await nothing_more(consumer)
+                assert asked == [{"query": "gop", "device": "cam-f"}]
+
+                async with httpx.AsyncClient(
+                    base_url=gateway.url, headers={"Authorization": f"Bearer {WATCHER}"}
+                ) as http:
+                    health = (await http.get("/health/video")).json()
+                    status = (await http.get("/video/status")).json()
+                    h264 = (await http.get("/h264/test")).json()
+        assert health == {
+            "active_consumers": 1,
+            "has_sps_pps": True,
+            "video_url": "/ws/video/consume",
+        }
+        assert status == {**RELAY_STATUS, "consumers": {"cam-f": 1}}
+        assert h264 == {"h264_decoder": True, "pyav": "18.1.0"}
+
+        # Without the relay: the health check still answers, the status is a 504.
+        async with httpx.AsyncClient(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {WATCHER}"}
+        ) as http:
+            health = (await http.get("/health/video")).json()
+            status_response = await http.get("/video/status")
+        assert health == {
+            "active_consumers": 0,
+            "has_sps_pps": False,
+            "video_url": "/ws/video/consume",
+        }
+        assert status_response.status_code == 504

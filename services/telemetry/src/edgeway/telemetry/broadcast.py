@@ -1,0 +1,484 @@
+"""Live broadcasts of stored records: a bounded queue per process, drained by one publisher.
+
+An upload is acked as soon as its group is committed. Its stored records are handed to
+`Broadcaster.put`, which never blocks and never awaits, and one background task publishes them
+in the order they were stored, with up to `window` confirms in flight. Live results are
+transient (docs/architecture.md; dashboards get history over request/reply): when `capacity`
+records are waiting, the oldest waiting ones are dropped and counted, records of a
+store-and-forward replay before live ones, so neither the broker nor dashboards ever hold back
+ingestion.
+
+A record's broadcast is made cheap where it can be: the client message is built and encoded
+with orjson once, by the publisher (a dropped record is never encoded), from what its upload's
+records share (routing key, vehicle tag, `received_at` text), worked out once per upload. The
+publish skips FastStream (its publish path costs ~125 µs of CPU per message,
+`bench.broker_overhead`): the publisher has its own confirmed channel on the broker's connection
+(a broadcast that breaks that channel leaves the upload consumer alone) and publishes with
+aiormq. The AMQP properties are those `edgeway.common.broker.publish` sends for the envelope
+derived from the upload's, built and marshalled once per upload; each record's differ only in
+their own message id, which is written into the marshalled bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aio_pika.abc
+import aiormq.abc
+import orjson
+from aio_pika import DeliveryMode
+from faststream.rabbit import RabbitBroker, RabbitExchange
+from pamqp.commands import Basic
+
+from edgeway.common.envelope import Envelope, new_message_id
+from edgeway.common.logging import get_logger
+from edgeway.common.topology import Channels
+from edgeway.telemetry import domain
+from edgeway.telemetry.ingest import Outcome, StoredRecord
+
+# Broadcasts awaiting their confirm at once: enough to hide the round trip to the broker.
+PUBLISH_WINDOW = 256
+# Longest wait for one broadcast's confirm (the broker is gone or blocked): a failure, counted.
+CONFIRM_TIMEOUT = 10.0
+# Pause between checks of the publisher's channel while it is not open; after REOPEN_AFTER
+# seconds with the connection up but the channel still closed, it is replaced.
+RECONNECT_PAUSE = 1.0
+REOPEN_AFTER = 10.0
+
+log = get_logger("edgeway.telemetry")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """What the broadcasts of one upload's records share."""
+
+    envelope: Envelope  # the upload's: each broadcast's envelope is derived from it
+    vin: str
+
+
+# A waiting broadcast: (its place in the order of puts, its upload, the record).
+Entry = tuple[int, Upload, StoredRecord]
+
+
+class BroadcastQueue:
+    """Records waiting to be broadcast, in the order they were put, at most `capacity`.
+
+    Live records and replayed ones wait apart, each in order, and are taken back in the order
+    they were put. When more than `capacity` wait, the oldest replayed records go first (a
+    replay is history that reaches dashboards late anyway), then the oldest live ones.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._live: deque[Entry] = deque()
+        self._replay: deque[Entry] = deque()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._replay)
+
+    def put(self, upload: Upload, records: Sequence[StoredRecord]) -> int:
+        """Queue `records` of `upload`, in order; returns how many waiting ones were dropped."""
+        live, replay = self._live, self._replay
+        place = self._next
+        for record in records:
+            (replay if record.late else live).append((place, upload, record))
+            place += 1
+        self._next = place
+        excess = len(live) + len(replay) - self.capacity
+        if excess <= 0:
+            return 0
+        from_replay = min(excess, len(replay))
+        for _ in range(from_replay):
+            replay.popleft()
+        for _ in range(excess - from_replay):
+            live.popleft()
+        return excess
+
+    def pop(self) -> Entry | None:
+        """The waiting record that was put first, or None."""
+        live, replay = self._live, self._replay
+        if live and (not replay or live[0][0] < replay[0][0]):
+            return live.popleft()
+        if replay:
+            return replay.popleft()
+        return None
+
+    def clear(self) -> int:
+        """Drop every waiting record; returns how many."""
+        dropped = len(self)
+        self._live.clear()
+        self._replay.clear()
+        return dropped
+
+
+class Sender(Protocol):
+    """Where the broadcasts go (`AmqpSender`; tests use their own)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether `send` can be called now."""
+        ...
+
+    async def connect(self) -> None:
+        """Wait until `send` can be called (a channel is open)."""
+        ...
+
+    def send(self, upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
+        """One record's broadcast: everything is ready when this returns; awaiting the
+        coroutine publishes it and waits for its confirm."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastMetrics:
+    """Counts of what became of the records handed to the broadcaster."""
+
+    published: Callable[[], None]
+    failed: Callable[[int], None]
+    dropped: Callable[[int], None]
+
+
+class Broadcaster:
+    """The per-process broadcast queue and the one task that drains it (`run`).
+
+    Order: one task takes the records in order and starts their publishes in that order; each
+    publish queues its frames on the channel before it first waits, so the broker receives
+    them in order with up to `window` awaiting their confirms.
+    """
+
+    def __init__(
+        self,
+        sender: Sender,
+        *,
+        capacity: int,
+        metrics: BroadcastMetrics,
+        window: int = PUBLISH_WINDOW,
+    ) -> None:
+        self.queue = BroadcastQueue(capacity)
+        self._sender = sender
+        self._metrics = metrics
+        self._window = asyncio.Semaphore(window)
+        self._wake = asyncio.Event()  # something was queued
+        self._idle = asyncio.Event()  # nothing queued, nothing awaiting its confirm
+        self._idle.set()
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    @property
+    def waiting(self) -> int:
+        """Records queued, not yet being published."""
+        return len(self.queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Records being published, awaiting their confirm."""
+        return len(self._in_flight)
+
+    def put(self, outcomes: Sequence[Outcome]) -> None:
+        """Queue the stored records of a committed group, in order. Never blocks: when the
+        queue is full the oldest waiting records are dropped (replays first) and counted."""
+        dropped = 0
+        for outcome in outcomes:
+            if outcome.broadcasts:
+                upload = Upload(outcome.envelope, outcome.vin)
+                dropped += self.queue.put(upload, outcome.broadcasts)
+        if dropped:
+            self._metrics.dropped(dropped)
+        if self.queue:
+            self._idle.clear()
+            self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="telemetry-broadcaster")
+            self._task.add_done_callback(_log_crash)
+
+    async def run(self) -> None:
+        """Publish what is queued, in order, for ever (until cancelled)."""
+        try:
+            while True:
+                # A free place in the window first: what waits for one stays in the queue,
+                # where `put` may still drop it.
+                await self._window.acquire()
+                try:
+                    upload, record = await self._next()
+                except BaseException:
+                    self._window.release()
+                    raise
+                try:
+                    publishing = self._sender.send(upload, record)
+                except Exception as exc:  # noqa: BLE001 - this record's, counted; the rest go on
+                    self._window.release()
+                    self._failed(exc)
+                    if not self._in_flight and not self.queue:
+                        self._idle.set()
+                    continue
+                task: asyncio.Task[object] = asyncio.ensure_future(publishing)
+                self._in_flight.add(task)
+                task.add_done_callback(self._settled)
+        finally:
+            for task in self._in_flight:
+                task.cancel()
+
+    async def _next(self) -> tuple[Upload, StoredRecord]:
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self._sender.connected:
+                await self._sender.connect()  # meanwhile `put` goes on dropping the oldest
+                continue
+            entry = self.queue.pop()
+            assert entry is not None
+            return entry[1], entry[2]
+
+    def _settled(self, task: asyncio.Task[object]) -> None:
+        self._in_flight.discard(task)
+        self._window.release()
+        if not self._in_flight and not self.queue:
+            self._idle.set()
+        if task.cancelled():
+            self._metrics.failed(1)
+            return
+        error = task.exception()
+        if error is not None:
+            self._failed(error)
+            return
+        self._metrics.published()
+        if self._failing:
+            log.info("broadcasting again")
+            self._failing = False
+
+    def _failed(self, error: BaseException) -> None:
+        self._metrics.failed(1)
+        if not self._failing:  # once per run of failures, not once per record
+            log.warning("broadcast failed", error=repr(error))
+            self._failing = True
+
+    async def drain(self, deadline: float) -> None:
+        """Until every queued record is published (or failed), or the loop's clock reaches
+        `deadline`; then stop: what still waits is dropped, unconfirmed publishes cancelled."""
+        loop = asyncio.get_running_loop()
+        waited = len(self.queue) + len(self._in_flight)
+        started = loop.time()
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(deadline - started, 0.0))
+        left, unconfirmed = len(self.queue), len(self._in_flight)
+        await self.stop()
+        if waited or left or unconfirmed:
+            log.info(
+                "broadcast queue drained" if not (left or unconfirmed) else "broadcast queue cut",
+                records=waited,
+                dropped=left,
+                unconfirmed=unconfirmed,
+                seconds=round(loop.time() - started, 3),
+            )
+
+    async def stop(self) -> None:
+        """Stop publishing: queued records are dropped, unconfirmed ones cancelled (counted)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        dropped = self.queue.clear()
+        if dropped:
+            self._metrics.dropped(dropped)
+        self._idle.set()
+        await self._sender.close()
+
+
+class RecordProperties(Basic.Properties):
+    """A record's AMQP properties, marshalled from its upload's bytes (`PropertiesTemplate`)."""
+
+    def __init__(self, marshalled: bytes, **fields: Any) -> None:
+        super().__init__(**fields)
+        self._marshalled = marshalled
+
+    def marshal(self) -> bytes:
+        return self._marshalled
+
+
+class PropertiesTemplate:
+    """The properties of one upload's broadcasts, built and marshalled once.
+
+    They are what `edgeway.common.broker.publish` sends for the envelope derived from the
+    upload's (FastStream hands them to `aio_pika.Message`, which fills in priority 0); each
+    record's own message id is written into the marshalled bytes. AMQP marshals properties in a
+    fixed order, so the bytes before the message id and after it are the same for every record.
+    """
+
+    def __init__(self, envelope: Envelope, *, app_id: str, timestamp: datetime) -> None:
+        kwargs = envelope.publish_kwargs()
+        self.fields: dict[str, Any] = {
+            "content_type": kwargs["content_type"],
+            "headers": kwargs["headers"],
+            "delivery_mode": int(DeliveryMode.NOT_PERSISTENT),
+            "priority": 0,
+            "correlation_id": kwargs["correlation_id"],
+            "timestamp": timestamp,
+            "message_type": kwargs["message_type"],
+            "app_id": app_id,
+        }
+        sample_id = new_message_id()
+        whole = Basic.Properties(**self.fields, message_id=sample_id).marshal()
+        # Only a value equal to this fresh id could hold these bytes, and none after it does
+        # (the timestamp, then `message_type` and `app_id`, which are no UUIDs).
+        marked = _short_string(sample_id)
+        at = whole.rfind(marked)
+        if at < 0:  # pragma: no cover - pamqp marshals short strings otherwise
+            raise RuntimeError("message id not found in the marshalled AMQP properties")
+        self._head = whole[:at]
+        self._tail = whole[at + len(marked) :]
+
+    def properties(self, message_id: str) -> Basic.Properties:
+        return RecordProperties(
+            self._head + _short_string(message_id) + self._tail,
+            message_id=message_id,
+            **self.fields,
+        )
+
+
+def _short_string(value: str) -> bytes:
+    raw = value.encode()
+    if len(raw) > 255:
+        raise ValueError("an AMQP short string has at most 255 bytes")
+    return bytes((len(raw),)) + raw
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """One upload's broadcasts, worked out once for all its records."""
+
+    upload: Upload
+    routing_key: str
+    vehicle: str
+    received: str
+    properties: PropertiesTemplate
+
+
+class AmqpSender:
+    """Publishes record broadcasts on a confirmed channel of its own, on the broker's connection.
+
+    Each record's message is what `edgeway.common.broker.publish` sent for it: the client
+    message as JSON, transient, not mandatory, on `exchange` with routing key
+    `telemetry.vehicle.<VIN>`, type `telemetry.record.v1`, correlation id = the upload's message
+    id, the upload's envelope headers, a message id of its own.
+    """
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        exchange: RabbitExchange,
+        *,
+        app_id: str,
+        producer: str,
+        timeout: float = CONFIRM_TIMEOUT,
+    ) -> None:
+        self._broker = broker
+        self._exchange = exchange
+        self._app_id = app_id
+        self._producer = producer
+        self._timeout = timeout
+        self._robust: aio_pika.abc.AbstractChannel | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._prepared: _Prepared | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
+        while True:
+            try:
+                if self._robust is None:
+                    connection = await self._broker.connect()
+                    self._robust = await connection.channel(publisher_confirms=True)
+                    # Declared before the first publish (FastStream declares it once): a
+                    # publish to a missing exchange would close the channel.
+                    await self._broker.declare_exchange(self._exchange)
+                # Waits while the connection is down; the robust connection reopens the channel.
+                channel = await self._robust.get_underlay_channel()
+                if not channel.is_closed:
+                    self._channel = channel
+                    if failing_since is not None:
+                        log.info("broadcast channel open again")
+                    return
+                error = "channel closed"
+            except Exception as exc:  # noqa: BLE001 - retried until the broker is back
+                error = repr(exc)
+            now = loop.time()
+            if failing_since is None:
+                failing_since = now
+                log.warning("broadcast channel unavailable, retrying", error=error)
+            elif now - failing_since > REOPEN_AFTER:
+                # Not reopened with its connection: replace it (closed, so it is not restored).
+                await self.close()
+                failing_since = now
+            await asyncio.sleep(RECONNECT_PAUSE)
+
+    def send(self, upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
+        prepared = self._prepared
+        if prepared is None or prepared.upload is not upload:
+            prepared = self._prepared = self._prepare(upload)
+        body = orjson.dumps(
+            domain.record_message(
+                record.decoded,
+                vehicle=prepared.vehicle,
+                received=prepared.received,
+                stats=record.stats,
+            )
+        )
+        channel = self._channel
+        assert channel is not None  # the broadcaster sends only while connected
+        return channel.basic_publish(
+            body,
+            exchange=self._exchange.name,
+            routing_key=prepared.routing_key,
+            properties=prepared.properties.properties(new_message_id()),
+            timeout=self._timeout,
+        )
+
+    def _prepare(self, upload: Upload) -> _Prepared:
+        envelope = upload.envelope.derive(type=domain.RECORD_TYPE, producer=self._producer)
+        return _Prepared(
+            upload,
+            routing_key=Channels.telemetry_vehicle(upload.vin),
+            vehicle=domain.vehicle_tag(upload.vin),
+            received=domain.received_text(upload.envelope.received_datetime()),
+            properties=PropertiesTemplate(envelope, app_id=self._app_id, timestamp=_now()),
+        )
+
+    async def close(self) -> None:
+        self._prepared = None
+        robust, self._robust, self._channel = self._robust, None, None
+        if robust is not None and not robust.is_closed:
+            with contextlib.suppress(Exception):
+                await robust.close()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("broadcaster stopped", error=repr(task.exception()))

@@ -1,0 +1,305 @@
+"""The broadcast queue and its publisher, without a broker: a sender whose confirms the test
+holds back and releases, so what is acked, dropped and published when is exact."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika import DeliveryMode
+
+from edgeway.common.envelope import Envelope, new_message_id
+from edgeway.common.telemetry.predictor import Decoded, Sample
+from edgeway.telemetry import domain
+from edgeway.telemetry.broadcast import (
+    Broadcaster,
+    BroadcastMetrics,
+    BroadcastQueue,
+    PropertiesTemplate,
+    Upload,
+)
+from edgeway.telemetry.ingest import Outcome, StoredRecord
+from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
+
+T0 = 1_763_726_400_000
+
+
+def record(timestamp_ms: int, *, late: bool = False) -> StoredRecord:
+    sample = Sample(timestamp_ms, 40.0, 80.0, 12.5, 12_000.0, 90.0)
+    return StoredRecord(
+        Decoded(sample, frozenset(), False, None), domain.StatsCounts(1, 4, 0), late
+    )
+
+
+def outcome(vin: str, timestamps: Sequence[int], *, late: bool = False) -> Outcome:
+    result = Outcome(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), vin=vin)
+    result.broadcasts.extend(record(t, late=late) for t in timestamps)
+    result.stored = len(timestamps)
+    return result
+
+
+def times(entries: Sequence[tuple[Upload, StoredRecord]]) -> list[int]:
+    return [entry[1].decoded.sample.timestamp_ms for entry in entries]
+
+
+# --- the queue ------------------------------------------------------------------------------------
+
+
+def drained(queue: BroadcastQueue) -> list[int]:
+    taken = []
+    while (entry := queue.pop()) is not None:
+        taken.append(entry[2].decoded.sample.timestamp_ms)
+    return taken
+
+
+def test_the_queue_gives_records_back_in_the_order_they_were_put() -> None:
+    queue = BroadcastQueue(100)
+    upload = Upload(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
+    assert queue.put(upload, [record(1), record(2, late=True), record(3)]) == 0
+    assert queue.put(upload, [record(4, late=True), record(5)]) == 0
+    assert len(queue) == 5
+    assert drained(queue) == [1, 2, 3, 4, 5]
+
+
+def test_a_full_queue_drops_the_oldest_replayed_records_first_then_the_oldest_live_ones() -> None:
+    queue = BroadcastQueue(4)
+    upload = Upload(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
+    assert queue.put(upload, [record(1), record(2)]) == 0  # live
+    # A replay of six: two of it would fit; the four oldest of it go, the live records stay.
+    assert queue.put(upload, [record(10 + i, late=True) for i in range(6)]) == 4
+    assert len(queue) == 4
+    # Then live records: the rest of the replay goes first, then the oldest live record.
+    assert queue.put(upload, [record(20), record(21), record(22)]) == 3
+    assert drained(queue) == [2, 20, 21, 22]
+    # One put larger than the bound keeps its newest.
+    assert queue.put(upload, [record(30 + i) for i in range(10)]) == 6
+    assert drained(queue) == [36, 37, 38, 39]
+    assert queue.clear() == 0
+
+
+# --- the publisher --------------------------------------------------------------------------------
+
+
+class HeldSender:
+    """Takes each record's broadcast at once; its confirm comes when the test releases it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Upload, StoredRecord]] = []
+        self.confirms: list[asyncio.Future[None]] = []
+        self.connected = True
+        self.closed = False
+
+    async def connect(self) -> None:
+        self.connected = True
+
+    def send(self, upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
+        self.sent.append((upload, record))
+        confirm: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.confirms.append(confirm)
+
+        async def confirmed() -> None:
+            await confirm
+
+        return confirmed()
+
+    def release(self, count: int | None = None, *, error: Exception | None = None) -> None:
+        pending = [confirm for confirm in self.confirms if not confirm.done()]
+        for confirm in pending[:count]:
+            if error is None:
+                confirm.set_result(None)
+            else:
+                confirm.set_exception(error)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.published = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def metrics(self) -> BroadcastMetrics:
+        def published() -> None:
+            self.published += 1
+
+        def failed(count: int) -> None:
+            self.failed += count
+
+        def dropped(count: int) -> None:
+            self.dropped += count
+
+        return BroadcastMetrics(published=published, failed=failed, dropped=dropped)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_put_never_waits_for_the_broker_and_a_full_queue_drops_the_oldest() -> None:
+    sender, counts = HeldSender(), Counts()
+    broadcaster = Broadcaster(sender, capacity=10, metrics=counts.metrics(), window=4)
+    broadcaster.start()
+    broadcaster.put([outcome(SEED_VIN, range(0, 6))])
+    await settle()
+    # Four in flight (the window), two waiting; no confirm has come.
+    assert times(sender.sent) == [0, 1, 2, 3]
+    assert (broadcaster.in_flight, broadcaster.waiting) == (4, 2)
+
+    # The broker confirms nothing more, and groups keep coming: each put returns at once,
+    # the three oldest waiting (4, 5, 6) make room.
+    broadcaster.put([outcome(SEED_VIN, range(6, 12)), outcome(DEMO_VINS[0], range(100, 105))])
+    assert broadcaster.waiting == 10  # the bound
+    assert (counts.dropped, counts.published) == (3, 0)
+
+    for _ in range(3):
+        sender.release()
+        await settle()
+    assert times(sender.sent) == [0, 1, 2, 3, *range(7, 12), *range(100, 105)]
+    assert [upload.vin for upload, _ in sender.sent[-5:]] == [DEMO_VINS[0]] * 5
+    assert counts.published == 12
+    await broadcaster.drain(asyncio.get_running_loop().time() + 1)
+
+
+async def test_broadcasts_go_out_in_order_within_the_window_and_failures_are_counted() -> None:
+    sender, counts = HeldSender(), Counts()
+    broadcaster = Broadcaster(sender, capacity=1000, metrics=counts.metrics(), window=3)
+    broadcaster.start()
+    broadcaster.put([outcome(SEED_VIN, range(10)), outcome(DEMO_VINS[1], range(50, 55))])
+    sent = 0
+    while len(sender.sent) < 15:
+        await settle()
+        assert broadcaster.in_flight <= 3
+        if len(sender.sent) == sent and broadcaster.in_flight:
+            sender.release(1, error=RuntimeError("nack") if sent == 4 else None)
+        sent = len(sender.sent)
+    sender.release()
+    await settle()
+    assert times(sender.sent) == [*range(10), *range(50, 55)]
+    assert [upload.vin for upload, _ in sender.sent] == [SEED_VIN] * 10 + [DEMO_VINS[1]] * 5
+    assert (counts.published, counts.failed, counts.dropped) == (14, 1, 0)
+    await broadcaster.drain(asyncio.get_running_loop().time() + 1)
+    assert sender.closed
+
+
+async def test_drain_publishes_what_waits_within_the_deadline_then_stops() -> None:
+    sender, counts = HeldSender(), Counts()
+    broadcaster = Broadcaster(sender, capacity=1000, metrics=counts.metrics(), window=8)
+    broadcaster.start()
+    broadcaster.put([outcome(SEED_VIN, range(20))])
+
+    async def confirm_all() -> None:
+        while len(sender.sent) < 20 or not all(c.done() for c in sender.confirms):
+            sender.release()
+            await asyncio.sleep(0.01)
+
+    loop = asyncio.get_running_loop()
+    confirming = asyncio.create_task(confirm_all())
+    await broadcaster.drain(loop.time() + 5)
+    await confirming
+    assert (counts.published, counts.failed, counts.dropped) == (20, 0, 0)
+    assert sender.closed
+
+    # A broker that never confirms: drain gives up at the deadline; nothing waits for ever.
+    stuck, counts = HeldSender(), Counts()
+    broadcaster = Broadcaster(stuck, capacity=1000, metrics=counts.metrics(), window=8)
+    broadcaster.start()
+    broadcaster.put([outcome(SEED_VIN, range(20))])
+    started = loop.time()
+    await broadcaster.drain(started + 0.2)
+    assert 0.15 < loop.time() - started < 2
+    # Eight were sent and never confirmed; twelve never left the queue.
+    assert (counts.published, counts.failed, counts.dropped) == (0, 8, 12)
+
+
+async def test_while_the_channel_is_down_records_wait_and_the_oldest_are_dropped() -> None:
+    sender, counts = HeldSender(), Counts()
+    sender.connected = False
+    reconnect = asyncio.Event()
+
+    async def connect() -> None:
+        await reconnect.wait()
+        sender.connected = True
+
+    sender.connect = connect  # type: ignore[method-assign]
+    broadcaster = Broadcaster(sender, capacity=5, metrics=counts.metrics(), window=8)
+    broadcaster.start()
+    broadcaster.put([outcome(SEED_VIN, range(4))])
+    broadcaster.put([outcome(SEED_VIN, range(4, 8))])
+    await settle()
+    assert sender.sent == []
+    assert counts.dropped == 3
+    reconnect.set()
+    await settle()
+    assert times(sender.sent) == [3, 4, 5, 6, 7]
+    sender.release()
+    await broadcaster.drain(asyncio.get_running_loop().time() + 1)
+    assert counts.published == 5
+
+
+# --- the AMQP properties --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "traceparent", [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]
+)
+def test_record_properties_are_marshalled_as_aio_pika_marshals_them(
+    traceparent: str | None,
+) -> None:
+    """What FastStream sends for `edgeway.common.broker.publish` (an `aio_pika.Message` built
+    from the envelope's publish_kwargs), byte for byte, with each record's own message id."""
+    upload = Envelope(
+        type=domain.UPLOAD_TYPE,
+        producer="gateway",
+        captured_at=1_763_726_400.25 if traceparent else None,
+        traceparent=traceparent,
+    )
+    envelope = upload.derive(type=domain.RECORD_TYPE, producer="telemetry")
+    now = datetime.now(UTC)
+    template = PropertiesTemplate(envelope, app_id="edgeway-telemetry", timestamp=now)
+    kwargs = envelope.publish_kwargs()
+    for message_id in (new_message_id(), new_message_id(), "x", "a-much-longer-id-" * 10):
+        expected = aio_pika.Message(
+            b"{}",
+            content_type=kwargs["content_type"],
+            delivery_mode=DeliveryMode.NOT_PERSISTENT,
+            correlation_id=kwargs["correlation_id"],
+            headers=kwargs["headers"],
+            message_id=message_id,
+            timestamp=now,
+            type=kwargs["message_type"],
+            app_id="edgeway-telemetry",
+        ).properties
+        properties = template.properties(message_id)
+        assert properties.marshal() == expected.marshal()
+        assert properties.message_id == message_id
+        assert properties.correlation_id == upload.message_id
+        assert properties.message_type == domain.RECORD_TYPE
+
+
+async def test_a_record_that_cannot_be_sent_is_counted_and_the_rest_go_on() -> None:
+    sender, counts = HeldSender(), Counts()
+    send = sender.send
+
+    def refusing(upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
+        if record.decoded.sample.timestamp_ms == 2:
+            raise ValueError("cannot encode")
+        return send(upload, record)
+
+    sender.send = refusing  # type: ignore[method-assign]
+    broadcaster = Broadcaster(sender, capacity=100, metrics=counts.metrics(), window=2)
+    broadcaster.start()
+    broadcaster.put([outcome(SEED_VIN, range(5))])
+    while len(sender.sent) < 4:
+        sender.release()
+        await settle()
+    sender.release()
+    await broadcaster.drain(asyncio.get_running_loop().time() + 1)
+    assert times(sender.sent) == [0, 1, 3, 4]
+    assert (counts.published, counts.failed, counts.dropped) == (4, 1, 0)

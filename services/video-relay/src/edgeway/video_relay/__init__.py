@@ -1,0 +1,1 @@
+"""Edgeway video relay."""
