@@ -53,6 +53,7 @@ bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	$(PY) -m bench.broker_overhead
 	$(PY) -m bench.telemetry_ingest
 	$(PY) -m bench.occupancy_fanout
+	$(PY) -m bench.video_fanout
 
 constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)
 	printf -- '-e %s\n' $(MEMBERS) | $(UV) pip compile - --group pyproject.toml:dev \

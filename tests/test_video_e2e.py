@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import av
 import httpx
 import pytest
 import websockets
 
+from edgeway.common.topology import Topology
 from edgeway.edge.phone import Chunking, frame_number, imu_samples, stream_to, synthetic_stream
 from tests.stack import Stack, token
 
@@ -221,3 +223,26 @@ async def test_imu_reaches_viewers_in_order_and_controls_reach_the_phone(stack: 
     assert [s["timestamp"] for s in received] == [s["timestamp"] for s in samples]
     assert got["type"] == "joystick"
     assert (got["x"], got["y"]) == (0.5, -0.25)
+
+
+async def test_every_worldsystem_exchange_exists_under_its_name(
+    stack: Stack, amqp_url: str
+) -> None:
+    topology = Topology()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        for exchange in topology.worldsystem_exchanges():
+            channel = await connection.channel()
+            # Passive: fails (channel error) unless the running services declared it.
+            declared = await channel.declare_exchange(exchange.name, passive=True)
+            assert declared.name == exchange.name
+    assert {e.name for e in topology.worldsystem_exchanges()} == {
+        "video_frames_exchange",
+        "video_stream_exchange",
+        "imu_data_exchange",
+        "processed_frames_exchange",
+        "analysis_mode_exchange",
+        "trajectory_data_exchange",
+        "restart_exchange",
+        "ply_fanout_exchange",
+    }

@@ -168,6 +168,10 @@ def build_app(
 
     async def declare_topology() -> None:
         await declare_shared(broker, topology)
+        # Every WorldSystem exchange exists under its (overridable) name, also those that only
+        # outside WorldSystem services use (processed_frames, ply_fanout from analysis and SLAM).
+        for exchange in topology.worldsystem_exchanges():
+            await broker.declare_exchange(exchange)
         await publisher.declare()
         declared.set()
         background.append(asyncio.create_task(relay.run_housekeeping(), name="housekeeping"))
