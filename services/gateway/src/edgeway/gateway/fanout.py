@@ -10,11 +10,13 @@ the next keyframe so what it gets stays decodable; every drop is counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from starlette.websockets import WebSocket
 
@@ -288,3 +290,46 @@ class Hub:
 
     def watchers(self, pattern: str) -> int:
         return len(self._watchers.get(pattern, ()))
+
+    async def serve(
+        self,
+        client: ClientQueue,
+        channels: Sequence[str],
+        *,
+        catch_up: Callable[[], Awaitable[None]],
+        read: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Serve one client until it leaves (`read` returns) or its queue gives up.
+
+        Watch `channels` first, then `catch_up()` (queue what the client missed: a snapshot, a
+        history, a GOP): nothing published while that is fetched is lost.
+        """
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for channel in channels:
+                await self.subscribe(channel, client)
+            await catch_up()
+            tasks = [asyncio.create_task(client.run()), asyncio.create_task(read())]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for channel in channels:
+                await self.unsubscribe(channel, client)
+            client.close()
+            await stop_tasks(*tasks)
+
+
+async def stop_tasks(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel and await tasks, whatever they ended with (the connection is going away)."""
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def read_until_gone(websocket: WebSocket) -> None:
+    """For clients whose messages mean nothing (the seeds ignore them): notice when they leave."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import orjson
@@ -27,7 +26,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy, send_text
+from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone, send_text
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -213,34 +212,22 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
         endpoint=CLIENT_ENDPOINT,
     )
     CONNECTIONS.labels(CLIENT_ENDPOINT).inc()
-    reader = writer = None
-    try:
-        # Watch first, then ask for the snapshot: nothing published in between is missed.
-        await hub.subscribe(Channels.OCCUPANCY_LOCATIONS, client)
+
+    async def latest_first() -> None:
         try:
             client.push_front(await _latest_updates(gateway))
         except ServiceUnavailableError as exc:
             log.warning("no latest state for a new client", reason=str(exc))
-        writer = asyncio.create_task(client.run())
-        reader = asyncio.create_task(_drain(websocket))
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+
+    try:
+        await hub.serve(
+            client,
+            (Channels.OCCUPANCY_LOCATIONS,),
+            catch_up=latest_first,
+            read=lambda: read_until_gone(websocket),
+        )
     finally:
         CONNECTIONS.labels(CLIENT_ENDPOINT).dec()
-        await hub.unsubscribe(Channels.OCCUPANCY_LOCATIONS, client)
-        client.close()
-        for task in (reader, writer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-
-async def _drain(websocket: WebSocket) -> None:
-    """Omega clients send nothing useful; reading only notices when they leave."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
 
 
 @router.get("/model/count", dependencies=[require(Scope.OCCUPANCY_SUBSCRIBE, "/model/count")])

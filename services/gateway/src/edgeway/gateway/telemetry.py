@@ -29,7 +29,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.telemetry import wire
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy, send_text
+from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone, send_text
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
@@ -169,12 +169,8 @@ async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
     )
     CONNECTIONS.labels(DASHBOARD_ENDPOINT).inc()
     state.dashboards += 1
-    channels = (Channels.TELEMETRY_VEHICLES, Channels.TELEMETRY_LOGS)
-    reader = writer = None
-    try:
-        # Watch first, then ask for the history: nothing published in between is missed.
-        for channel in channels:
-            await hub.subscribe(channel, client)
+
+    async def history_first() -> None:
         greeting: list[Message] = [_log_line("Connected to telemetry server", "success")]
         try:
             history = await _history(gateway)
@@ -187,28 +183,17 @@ async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
         greeting.append(orjson.dumps({"type": "history", "data": history}).decode())
         greeting.append(_log_line(f"Loaded {len(history)} historical telemetry records"))
         client.push_front(greeting)
-        writer = asyncio.create_task(client.run())
-        reader = asyncio.create_task(_ignore_input(websocket))
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+
+    try:
+        await hub.serve(
+            client,
+            (Channels.TELEMETRY_VEHICLES, Channels.TELEMETRY_LOGS),
+            catch_up=history_first,
+            read=lambda: read_until_gone(websocket),  # the seed ignores what dashboards send
+        )
     finally:
         CONNECTIONS.labels(DASHBOARD_ENDPOINT).dec()
         state.dashboards -= 1
-        for channel in channels:
-            await hub.unsubscribe(channel, client)
-        client.close()
-        for task in (reader, writer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-
-async def _ignore_input(websocket: WebSocket) -> None:
-    """The seed ignores what dashboards send; reading only notices when they leave."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
 
 
 @router.get("/status", dependencies=[require(Scope.TELEMETRY_SUBSCRIBE, "/status")])

@@ -17,7 +17,6 @@ phone). Whatever a phone sends that cannot be taken gets an error frame; the soc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import uuid
 from collections.abc import Coroutine
@@ -40,6 +39,7 @@ from edgeway.gateway.fanout import (
     VideoQueue,
     send_frames,
     send_text,
+    stop_tasks,
 )
 from edgeway.gateway.jpeg import JpegError, jpeg_size
 from edgeway.gateway.limits import TokenBucket
@@ -133,14 +133,6 @@ async def _read(websocket: WebSocket) -> str | bytes | None:
         return text
     data: bytes = message.get("bytes") or b""
     return data
-
-
-async def _stop(*tasks: asyncio.Task[None] | None) -> None:
-    for task in tasks:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
 
 
 async def _admit_device(websocket: WebSocket, device: str) -> bool:
@@ -242,7 +234,7 @@ class PhoneSession(PhoneLink):
             for channel in self.channels:
                 await hub.unsubscribe(channel, self.outbox)
             self.outbox.close()
-            await _stop(writer)
+            await stop_tasks(writer)
             log.info("phone disconnected", device=self.device, connection=self.connection_id)
 
     async def take_frame(self, data: bytes) -> None:
@@ -372,7 +364,7 @@ class StreamSession(PhoneLink):
             CONNECTIONS.labels(self.endpoint).dec()
             await self.drain()
             self.outbox.close()
-            await _stop(writer)
+            await stop_tasks(writer)
             log.info(
                 "video stream disconnected",
                 device=self.device,
@@ -480,25 +472,24 @@ async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAU
     client = VideoQueue(
         send_frames(websocket), size=gateway.settings.video_queue_size, endpoint=CONSUME_ENDPOINT
     )
-    channel = Channels.video_stream(device)
     state.consumers[device] += 1
     CONNECTIONS.labels(CONSUME_ENDPOINT).inc()
-    reader = writer = None
-    try:
-        # Watch first, then ask for the GOP: nothing published in between is missed, and what
-        # the GOP already holds is dropped from the live packets by sequence number.
-        await hub.subscribe(channel, client)
+
+    async def gop_first() -> None:
+        # What the GOP already holds is dropped from the live packets by sequence number.
         gop, last_seq = await _gop(gateway, device)
         client.start(gop, last_seq)
-        writer = asyncio.create_task(client.run())
-        reader = asyncio.create_task(_answer_pings(websocket, client))
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+
+    try:
+        await hub.serve(
+            client,
+            (Channels.video_stream(device),),
+            catch_up=gop_first,
+            read=lambda: _answer_pings(websocket, client),
+        )
     finally:
         state.consumer_left(device)
         CONNECTIONS.labels(CONSUME_ENDPOINT).dec()
-        await hub.unsubscribe(channel, client)
-        client.close()
-        await _stop(reader, writer)
 
 
 async def _answer_pings(websocket: WebSocket, client: ClientQueue) -> None:
@@ -546,7 +537,7 @@ class ViewerSession:
             for channel in self.channels:
                 await hub.unsubscribe(channel, self.outbox)
             self.outbox.close()
-            await _stop(writer)
+            await stop_tasks(writer)
 
     async def take(self, data: str | bytes) -> None:
         if isinstance(data, bytes):
