@@ -6,8 +6,8 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-MEMBERS := libs/common libs/edge services/gateway services/occupancy services/telemetry \
-	services/video-relay
+MEMBERS := libs/common libs/edge services/gateway services/ingestion services/occupancy \
+	services/telemetry services/video-relay
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
@@ -34,6 +34,7 @@ up: ## the compose stack (needs a Docker engine; this machine has none)
 
 test: setup lint ## the whole suite, connected tests included (needs RabbitMQ and PostgreSQL)
 	@deploy/local/ensure-services.sh --postgres
+	@deploy/local/ensure-test-tools.sh
 	$(PY) -m pytest
 
 test-fast: setup ## unit tests only
@@ -54,6 +55,7 @@ bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	$(PY) -m bench.telemetry_ingest
 	$(PY) -m bench.occupancy_fanout
 	$(PY) -m bench.video_fanout
+	$(PY) -m bench.ingest_upload
 
 constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)
 	printf -- '-e %s\n' $(MEMBERS) | $(UV) pip compile - --group pyproject.toml:dev \

@@ -1,4 +1,5 @@
-"""The occupancy path as real processes: gateway and occupancy on RabbitMQ and PostgreSQL."""
+"""The suite as real processes on RabbitMQ and PostgreSQL: the gateway, occupancy, and the
+telemetry, video-relay and ingestion services when a test asks for them."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def frame(
 
 @dataclass
 class Stack:
-    """The gateway and occupancy, and the telemetry service when it has a database."""
+    """The gateway and occupancy, and whichever other services the test configures."""
 
     amqp_url: str
     database_url: str
@@ -46,10 +47,13 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     telemetry_database_url: str | None = None
     video_relay: bool = False
+    # The ingestion service's own settings (database, storage, limits); None: not started.
+    ingestion_env: dict[str, str] | None = None
     occupancy: ServiceProcess = field(init=False)
     gateway: ServiceProcess = field(init=False)
     telemetry: ServiceProcess | None = field(init=False, default=None)
     relay: ServiceProcess | None = field(init=False, default=None)
+    ingestion: ServiceProcess | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         common = {
@@ -81,6 +85,13 @@ class Stack:
                 port=free_port(),
                 log_path=self.workdir / "video-relay.log",
             )
+        if self.ingestion_env is not None:
+            self.ingestion = ServiceProcess(
+                "edgeway.ingestion",
+                env={**common, "EDGEWAY_DATA_DIR": str(self.workdir), **self.ingestion_env},
+                port=free_port(),
+                log_path=self.workdir / "ingestion.log",
+            )
         self.gateway = ServiceProcess(
             "edgeway.gateway",
             env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl")},
@@ -91,7 +102,7 @@ class Stack:
     @property
     def services(self) -> list[ServiceProcess]:
         """Everything but the gateway, in start order."""
-        optional = (self.telemetry, self.relay)
+        optional = (self.telemetry, self.relay, self.ingestion)
         return [self.occupancy, *(service for service in optional if service is not None)]
 
     def start(self) -> Stack:

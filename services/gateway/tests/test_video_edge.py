@@ -33,6 +33,7 @@ pytestmark = pytest.mark.connected
 SECRET = "video-edge-secret-that-is-long-enough-for-hs256"
 MAX_JPEG = 4096
 MAX_VIDEO_MESSAGE = 8192
+MAX_PHONE_FILE = 100_000
 BROADCAST = "edgeway.broadcast"
 JPEG_24X16 = (Path(__file__).parent / "data" / "24x16.jpg").read_bytes()  # see test_jpeg.py
 
@@ -58,6 +59,8 @@ def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "EDGEWAY_NTP_SERVERS": "[]",  # no internet here: the clock is this host's
             "EDGEWAY_MAX_JPEG_BYTES": str(MAX_JPEG),
             "EDGEWAY_MAX_VIDEO_MESSAGE_BYTES": str(MAX_VIDEO_MESSAGE),
+            "EDGEWAY_MAX_PHONE_FILE_BYTES": str(MAX_PHONE_FILE),
+            "EDGEWAY_MAX_PHONE_UPLOADS": "2",
         },
         port=free_port(),
         log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
@@ -200,9 +203,9 @@ async def test_imu_and_analysis_mode_are_published_and_bad_messages_answered(
             assert "gyroscope" in (await recv_json(ws))["reason"]
             await ws.send(json.dumps({"type": "analysis_mode", "data": "segment"}))
             assert (await recv_json(ws))["code"] == "invalid_shape"
-            for kind in ("file_upload", "file_upload_start"):
-                await ws.send(json.dumps({"type": kind, "fileName": "../../etc/passwd"}))
-                assert (await recv_json(ws))["code"] == "unsupported"
+            # A file upload without its text (uploads themselves: test_ingest_edge.py).
+            await ws.send(json.dumps({"type": "file_upload", "fileName": "../../etc/passwd"}))
+            assert "fileContent" in (await recv_json(ws))["reason"]
             await ws.send("{not json")
             assert (await recv_json(ws))["code"] == "malformed_json"
             await ws.send(json.dumps({"type": "analysis_mode", "data": "none"}))
@@ -216,6 +219,66 @@ async def test_imu_and_analysis_mode_are_published_and_bad_messages_answered(
                 {"type": "analysis_mode", "data": "none", "device": "cam-b"},
             ]
             await imu_queue.none()
+
+
+async def test_phone_csv_files_go_to_ingestion_whole_or_chunked_and_bounded(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    csv_text = "t,ax,ay\n1,0.1,9.8\n2,0.2,9.7\n"
+    async with amqp(amqp_url) as channel:
+        files = await queue_probe(channel, "edgeway.ingest.uploads")
+        async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-f")) as ws:
+            # One piece, with a path for a name: kept as a label only.
+            await ws.send(
+                json.dumps(
+                    {"type": "file_upload", "fileName": "../../etc/passwd", "fileContent": csv_text}
+                )
+            )
+            ack = await recv_json(ws)
+            assert (ack["type"], ack["fileName"], ack["bytes"]) == (
+                "file_upload_ack",
+                "../../etc/passwd",
+                len(csv_text),
+            )
+            whole = await files.get()
+            assert whole.body == csv_text.encode()
+            assert whole.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+            assert whole.headers["x-file-kind"] == "csv"
+            assert whole.headers["x-device"] == "cam-f"
+            assert whole.headers["x-file-id"] == ack["file_id"]
+
+            # Chunked, in order.
+            await ws.send(json.dumps({"type": "file_upload_start", "fileName": "imu.csv"}))
+            for index, part in enumerate(("t,x\n", "1,2\n", "3,4\n")):
+                chunk = {"fileName": "imu.csv", "chunkIndex": index, "chunk": part}
+                await ws.send(json.dumps({"type": "file_upload_chunk", **chunk}))
+            await ws.send(json.dumps({"type": "file_upload_complete", "fileName": "imu.csv"}))
+            assert (await recv_json(ws))["fileName"] == "imu.csv"
+            assert (await files.get()).body == b"t,x\n1,2\n3,4\n"
+
+            # Refusals, each with its reason, and nothing published.
+            start = {"type": "file_upload_start", "fileName": "gap.csv"}
+            await ws.send(json.dumps(start))
+            chunk = {"type": "file_upload_chunk", "fileName": "gap.csv", "chunk": "a"}
+            await ws.send(json.dumps({**chunk, "chunkIndex": 1}))
+            assert "out of order" in (await recv_json(ws))["reason"]
+            await ws.send(json.dumps({**chunk, "chunkIndex": 0}))  # dropped with the gap
+            assert "no upload" in (await recv_json(ws))["reason"]
+            binary = {"type": "file_upload", "fileName": "x.csv", "fileContent": "a,b\n\x00\x01"}
+            await ws.send(json.dumps(binary))
+            refused = await recv_json(ws)
+            assert refused["code"] == "not_text", refused
+            big = {"type": "file_upload", "fileName": "big.csv", "fileContent": "a" * 150_000}
+            await ws.send(json.dumps(big))
+            assert "limit" in (await recv_json(ws))["reason"]
+            for name in ("a.csv", "b.csv", "c.csv"):
+                await ws.send(json.dumps({"type": "file_upload_start", "fileName": name}))
+            assert "at most 2" in (await recv_json(ws))["reason"]
+            await files.none()
+        # The phone left with two uploads open: they are gone, not leaked.
+        async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-f")) as ws:
+            await ws.send(json.dumps({"type": "file_upload_complete", "fileName": "a.csv"}))
+            assert "no upload" in (await recv_json(ws))["reason"]
 
 
 async def test_video_chunks_reach_the_stream_queue_unchanged_and_numbered(

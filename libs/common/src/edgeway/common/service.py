@@ -99,6 +99,7 @@ def database_service_app(
     migrations: Migrations,
     prepare: Hook,
     declare: Hook,
+    checks: Mapping[str, ReadinessCheck] | None = None,
     registry: CollectorRegistry = REGISTRY,
 ) -> AsgiFastStream:
     """`service_app` for a service that owns a schema and consumes from queues it declares.
@@ -106,7 +107,8 @@ def database_service_app(
     At start, before the broker connects: its migrations, then `prepare` (seed the tables, load
     what it keeps in memory). Once the broker is connected: `declare` its queues. Ready when the
     broker is connected, the database answers, the schema is at the latest migration and the
-    queues are declared. The engine is closed after the broker has drained in-flight messages.
+    queues are declared, and each of `checks` passes. The engine is closed after the broker has
+    drained in-flight messages.
     """
     declared = asyncio.Event()
 
@@ -135,6 +137,7 @@ def database_service_app(
             "database": database_reachable,
             "migrations": migrations_at_head,
             "topology": topology_declared,
+            **(checks or {}),
         },
         on_startup=[prepare_database],
         after_startup=[declare_topology],

@@ -33,6 +33,9 @@ class ExchangeNames(BaseModel):
     occupancy_observations: str = "edgeway.occupancy.observations"
     telemetry_raw: str = "edgeway.telemetry.raw"
     video_imu: str = "edgeway.video.imu"
+    ingest_uploads: str = "edgeway.ingest.uploads"
+    ingest_frames: str = "edgeway.ingest.frames"
+    ingest_control: str = "edgeway.ingest.control"
     # WorldSystem ingress exchanges (seed-systems.md §3), used by the video issue.
     video_frames: str = "video_frames_exchange"
     video_stream: str = "video_stream_exchange"

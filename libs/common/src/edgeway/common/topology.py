@@ -68,6 +68,13 @@ class Channels:
         """Viewer commands for one phone, or for every phone (`all`)."""
         return f"video.control.{device or 'all'}"
 
+    INGEST_REQUESTS = "ingest.request.*"
+
+    @staticmethod
+    def ingest_request(request_id: str) -> str:
+        """Progress and completion of one ingestion request (upload or RTSP capture)."""
+        return f"ingest.request.{request_id}"
+
     @staticmethod
     def producer(gateway_id: str, connection_id: str) -> str:
         """Where services answer one producer connection (rejections of what it sent)."""
@@ -210,6 +217,39 @@ class Topology:
         """Request/reply queries to the video relay (GOP for a late joiner, status)."""
         return RabbitQueue(
             "edgeway.video.requests", durable=False, arguments={"x-message-ttl": 10_000}
+        )
+
+    # --- ingestion ----------------------------------------------------------------------------
+
+    @property
+    def ingest_uploads(self) -> RabbitExchange:
+        """Files accepted at the edge (images, phone CSV files), one message per file."""
+        return RabbitExchange(self.names.ingest_uploads, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def ingest_uploads_queue(self) -> RabbitQueue:
+        return self.work_queue("edgeway.ingest.uploads")
+
+    @property
+    def ingest_frames(self) -> RabbitExchange:
+        """Every stored frame, announced once committed: the tracker binds its own queue."""
+        return RabbitExchange(self.names.ingest_frames, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def ingest_control(self) -> RabbitExchange:
+        """Cancellations for every ingestion replica: the one running the capture stops it."""
+        return RabbitExchange(self.names.ingest_control, type=ExchangeType.FANOUT, durable=True)
+
+    def ingest_control_queue(self, replica_id: str) -> RabbitQueue:
+        return RabbitQueue(
+            f"edgeway.ingest.control.{replica_id}", exclusive=True, auto_delete=True, durable=False
+        )
+
+    @property
+    def ingest_requests_queue(self) -> RabbitQueue:
+        """Request/reply to the ingestion service: create uploads, start, cancel, status."""
+        return RabbitQueue(
+            "edgeway.ingest.requests", durable=False, arguments={"x-message-ttl": 10_000}
         )
 
     # --- WorldSystem --------------------------------------------------------------------------

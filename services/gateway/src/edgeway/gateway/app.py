@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
-from edgeway.gateway import omega, telemetry, video
+from edgeway.gateway import ingest, omega, telemetry, video
 from edgeway.gateway.auth import AuthError
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.settings import GatewaySettings
@@ -73,6 +73,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(omega.router)
     app.include_router(telemetry.router)
     app.include_router(video.router)
+    app.include_router(ingest.router)
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, error: AuthError) -> JSONResponse:

@@ -27,6 +27,8 @@ class Scope(StrEnum):
     VIDEO_PUBLISH = "video:publish"  # phones: /ws/phone, /ws/video
     VIDEO_SUBSCRIBE = "video:subscribe"  # consumers and viewers, video status
     VIDEO_CONTROL = "video:control"  # viewer commands to phones, POST /api/restart
+    INGEST_WRITE = "ingest:write"  # uploads, RTSP captures and their cancellation
+    INGEST_READ = "ingest:read"  # request status, progress sockets
 
 
 @dataclass(frozen=True, slots=True)

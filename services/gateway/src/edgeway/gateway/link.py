@@ -92,6 +92,7 @@ class BrokerLink:
         for exchange, queue in (
             (self.topology.occupancy_observations, self.topology.occupancy_observations_queue),
             (self.topology.telemetry_raw, self.topology.telemetry_raw_queue),
+            (self.topology.ingest_uploads, self.topology.ingest_uploads_queue),
         ):
             await declare_work(self.broker, self.topology, exchange, queue)
         # The WorldSystem exchanges the phone endpoints publish to (seed-systems.md §3) ...

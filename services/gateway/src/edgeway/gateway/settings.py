@@ -48,6 +48,16 @@ class GatewaySettings(CommonSettings):
     # GOP (keyframe interval x frame rate + SPS and PPS) or late joiners skip their GOP: 256 is
     # ~8 s at 30 fps, against the 1-2 s keyframe interval phones use.
     video_queue_size: int = 256
+    # Ingestion (the seed's 50 MiB per file and 10 files per batch). The whole upload body is
+    # held in memory while it is checked, so it has its own, smaller cap.
+    ingest_max_file_bytes: int = 50 * 1024 * 1024
+    ingest_max_files: int = 10
+    ingest_max_body_bytes: int = 128 * 1024 * 1024
+    # An image declaring more pixels than this is a decompression bomb (checked from its header).
+    ingest_max_pixels: int = 40_000_000
+    # A phone's CSV file (`file_upload` on /ws/phone), whole or chunked; uploads open at once.
+    max_phone_file_bytes: int = 10 * 1024 * 1024
+    max_phone_uploads: int = 4
     # Request/reply to services (latest state, history).
     request_timeout: float = 2.0
 

@@ -17,7 +17,6 @@ phone). Whatever a phone sends that cannot be taken gets an error frame; the soc
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from collections.abc import Coroutine
 from typing import Annotated, Any
@@ -28,8 +27,18 @@ from fastapi.responses import JSONResponse
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
+from edgeway.common.media import MediaRejected, check_csv
 from edgeway.common.schemas.errors import ErrorCode
+from edgeway.common.schemas.ingest import (
+    HEADER_DEVICE,
+    HEADER_FILE_ID,
+    HEADER_FILE_NAME,
+    HEADER_KIND,
+    UPLOAD_FILE_TYPE,
+    FileKind,
+)
 from edgeway.common.topology import Channels
+from edgeway.common.video import check_device
 from edgeway.common.video.packets import PacketParser, PacketType
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.fanout import (
@@ -45,6 +54,7 @@ from edgeway.gateway.jpeg import JpegError, jpeg_size
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
+from edgeway.gateway.phone_files import PhoneUploads, UploadRefused
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
 PHONE_ENDPOINT = "/ws/phone"
@@ -53,7 +63,6 @@ CONSUME_ENDPOINT = "/ws/video/consume"
 VIEWER_ENDPOINT = "/ws/viewer"
 RELAY = "video-relay"
 OCTET_STREAM = "application/octet-stream"  # the seed's content type for JPEG frames
-DEVICE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_DEVICE = "phone"
 TIMESTAMP_BYTES = 8  # the big-endian ns timestamp before a phone's JPEG
 GOP_SEQ_BYTES = 8  # the big-endian last_seq before the packets of a GOP reply
@@ -68,12 +77,13 @@ PACKET_KINDS = {
     PacketType.KEYFRAME: "keyframe",
     PacketType.FRAME: "frame",
 }
+# Room for the JSON around a whole `file_upload`'s text.
+UPLOAD_OVERHEAD = 4096
 # Commands and error frames waiting for a phone or viewer that does not read; older ones go.
 OUTBOX_SIZE = 256
 
 # Error codes of the video endpoints beyond the shared ErrorCode set; same frame shape.
 INVALID_JPEG = "invalid_jpeg"
-UNSUPPORTED = "unsupported"
 FORBIDDEN = "forbidden"
 
 router = APIRouter()
@@ -83,13 +93,6 @@ log = get_logger("edgeway.gateway.video")
 def error_frame(code: str, reason: str) -> str:
     """`{"type": "error", "code", "reason"}`, as `ErrorFrame` writes it."""
     return orjson.dumps({"type": "error", "code": code, "reason": reason}).decode()
-
-
-def check_device(device: str) -> str | None:
-    """The reason `device` is not a usable device id, or None."""
-    if DEVICE.fullmatch(device):
-        return None
-    return "?device= must be 1 to 64 letters, digits, '_' or '-'"
 
 
 def check_imu(message: dict[str, Any]) -> str | None:
@@ -214,6 +217,10 @@ class PhoneSession(PhoneLink):
         super().__init__(gateway, websocket, device)
         self.channels = (Channels.video_control(), Channels.video_control(device))
         self.producer = f"phone/{device}"
+        settings = gateway.settings
+        self.uploads = PhoneUploads(
+            max_bytes=settings.max_phone_file_bytes, max_open=settings.max_phone_uploads
+        )
 
     async def run(self) -> None:
         hub = self.link.hub
@@ -230,6 +237,7 @@ class PhoneSession(PhoneLink):
                     await self.take_text(data)
         finally:
             CONNECTIONS.labels(self.endpoint).dec()
+            self.uploads.close()
             await self.drain()
             for channel in self.channels:
                 await hub.unsubscribe(channel, self.outbox)
@@ -284,10 +292,16 @@ class PhoneSession(PhoneLink):
         )
 
     async def take_text(self, text: str) -> None:
-        if len(text) > self.gateway.settings.max_message_bytes:
+        settings = self.gateway.settings
+        # A whole `file_upload` may be as large as a file; anything else is a small message.
+        limit = max(settings.max_message_bytes, settings.max_phone_file_bytes + UPLOAD_OVERHEAD)
+        if len(text) > limit or (
+            len(text) > settings.max_message_bytes and '"file_upload"' not in text[:256]
+        ):
             self.reject(
                 ErrorCode.TOO_LARGE.value,
-                f"text messages are limited to {self.gateway.settings.max_message_bytes} bytes",
+                f"text messages are limited to {settings.max_message_bytes} bytes "
+                f"({settings.max_phone_file_bytes} for a whole file_upload)",
             )
             return
         if not self.bucket.take():
@@ -329,12 +343,68 @@ class PhoneSession(PhoneLink):
             )
             await self.spawn(self.confirmed(publish, what="analysis_mode"))
         elif kind in UPLOADS:
-            self.reject(UNSUPPORTED, f"{kind}: file uploads over /ws/phone are not supported yet")
+            assert isinstance(message, dict)
+            await self.take_upload(kind, message)
         else:
             self.reject(
                 ErrorCode.INVALID_SHAPE.value,
                 f"unknown message type {kind!r}: expected imu_data or analysis_mode",
             )
+
+    async def take_upload(self, kind: str, message: dict[str, Any]) -> None:
+        """A CSV file, whole or in chunks, checked here and stored by the ingestion service."""
+        try:
+            if kind == "file_upload_start":
+                self.uploads.start(message)
+                return
+            if kind == "file_upload_chunk":
+                self.uploads.chunk(message)
+                return
+            file = self.uploads.whole(message) if kind == "file_upload" else None
+            file = file or self.uploads.complete(message)
+            check_csv(file.content)
+        except UploadRefused as refused:
+            self.reject(ErrorCode.INVALID_SHAPE.value, f"{kind}: {refused.reason}")
+            return
+        except MediaRejected as refused:
+            self.reject(refused.code, f"{kind}: {refused.reason}")
+            return
+        file_id = str(uuid.uuid4())
+        envelope = Envelope(
+            type=UPLOAD_FILE_TYPE,
+            producer=self.producer,
+            content_type="text/csv",
+            headers={
+                HEADER_KIND: FileKind.CSV.value,
+                HEADER_FILE_ID: file_id,
+                HEADER_FILE_NAME: file.name,
+                HEADER_DEVICE: self.device,
+            },
+        )
+        await self.spawn(self.file_confirmed(file.name, file_id, file.content, envelope))
+
+    async def file_confirmed(
+        self, name: str, file_id: str, content: bytes, envelope: Envelope
+    ) -> None:
+        """Publish a file durably; the phone hears `file_upload_ack` once the broker has it."""
+        try:
+            await self.link.publish_work(
+                content, envelope=envelope, exchange=self.link.topology.ingest_uploads
+            )
+        except Exception as exc:  # noqa: BLE001 - any broker failure: tell the phone
+            log.warning("file publish failed", device=self.device, error=repr(exc))
+            self.reject(
+                ErrorCode.UNAVAILABLE.value, f"{name}: not accepted, the broker is unavailable"
+            )
+            return
+        PUBLISHED.labels(self.endpoint).inc()
+        ack = {
+            "type": "file_upload_ack",
+            "fileName": name,
+            "file_id": file_id,
+            "bytes": len(content),
+        }
+        self.outbox.offer(orjson.dumps(ack).decode())
 
 
 class StreamSession(PhoneLink):

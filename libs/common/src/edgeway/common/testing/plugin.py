@@ -12,6 +12,9 @@ from edgeway.common.testing.resources import (
     drop_postgres_database,
     drop_vhost,
 )
+from edgeway.common.testing.s3 import s3_server
+
+__all__ = ["amqp_url", "postgres_url", "s3_server"]
 
 
 @pytest.fixture(scope="session")

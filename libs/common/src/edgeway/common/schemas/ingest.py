@@ -1,0 +1,211 @@
+"""The ingestion API's shapes (TrackShift's, seed-systems.md §5) and the gateway-service requests.
+
+The gateway checks a request with these models at the edge; the ingestion service checks it again
+with the same models when the request reaches it, so neither trusts the other's input.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# The seed allowed any 1-100 characters and put them into file paths and object keys. Edgeway
+# allows letters, digits, '_', '-' and '.', starting with a letter or digit, never '..': no
+# separator and no parent step can reach a key (the service generates keys anyway).
+CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+RTSP_SCHEMES = ("rtsp", "rtsps")
+MAX_URL_LENGTH = 2048
+
+# Message types on `ingest.request.<id>` and the frames exchange.
+PROGRESS_TYPE = "ingest.progress.v1"
+FRAME_STORED_TYPE = "ingest.frame.stored.v1"
+UPLOAD_FILE_TYPE = "ingest.upload.file.v1"
+
+# Headers of a file message on the uploads exchange: the gateway sets them, the service checks.
+HEADER_KIND = "x-file-kind"  # a FileKind
+HEADER_FILE_ID = "x-file-id"  # a UUID the gateway gave the file
+HEADER_FILE_NAME = "x-file-name"  # the client's name for it: display only, never a path
+HEADER_REQUEST_ID = "x-request-id"  # images: the upload request
+HEADER_CAMERA_ID = "x-camera-id"  # images
+HEADER_DEVICE = "x-device"  # phone CSV files: the phone's device id
+MAX_FILE_NAME = 255
+
+
+def check_camera_id(value: str) -> str:
+    if not CAMERA_ID.fullmatch(value) or ".." in value:
+        raise ValueError(
+            "camera_id must be 1 to 100 letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit, without '..'"
+        )
+    return value
+
+
+def check_rtsp_url(value: str) -> str:
+    if len(value) > MAX_URL_LENGTH:
+        raise ValueError(f"rtsp_url is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a malformed port
+    except ValueError:
+        raise ValueError("rtsp_url is not a valid URL") from None
+    if parts.scheme.lower() not in RTSP_SCHEMES:
+        raise ValueError("rtsp_url must start with rtsp:// or rtsps://")
+    if not parts.hostname:
+        raise ValueError("rtsp_url has no host")
+    if port == 0:
+        raise ValueError("rtsp_url has port 0")
+    return value
+
+
+CameraId = Annotated[str, AfterValidator(check_camera_id)]
+RtspUrl = Annotated[str, AfterValidator(check_rtsp_url)]
+
+
+class FileKind(StrEnum):
+    IMAGE = "image"  # a file of `POST /api/v1/ingest/upload`
+    CSV = "csv"  # a phone's `file_upload` on `/ws/phone`
+
+
+class CaptureMode(StrEnum):
+    SINGLE_FRAME = "single_frame"
+    CONTINUOUS = "continuous"
+    # Frames kept only when the scene changed beyond a threshold (the seed's was continuous).
+    EVENT_DRIVEN = "event_driven"
+
+
+class RequestStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.CANCELLED)
+
+
+class SourceType(StrEnum):
+    UPLOAD = "upload"
+    RTSP = "rtsp"
+
+
+class FrameMetadata(BaseModel):
+    """The seed's `meta`; other keys are kept as they came (a producer's own annotations)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    session: str | None = None
+    timestamp_ref: str | None = None
+    location: str | None = None
+    camera_angle: str | None = None
+    exposure: float | None = Field(default=None, ge=0)
+    sensor_info: dict[str, Any] | None = None
+
+
+class RtspIngestionRequest(BaseModel):
+    """`POST /api/v1/ingest/rtsp`: the seed's `RTSPIngestionRequest`, with its bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rtsp_url: RtspUrl
+    camera_id: CameraId
+    capture_mode: CaptureMode = CaptureMode.SINGLE_FRAME
+    # When the first frame was taken, if the caller knows better than the service's clock.
+    frame_timestamp: datetime | None = None
+    capture_duration: float | None = Field(default=None, ge=1, le=3600)
+    fps: float | None = Field(default=None, gt=0, le=30)
+    meta: FrameMetadata | None = None
+
+
+class RejectedFile(BaseModel):
+    """A file of an upload that was not stored, and why."""
+
+    filename: str
+    code: str
+    reason: str
+
+
+class FrameInfo(BaseModel):
+    frame_id: str
+    storage_path: str
+    # Presigned when read (valid `presign_expiry_s`); None on the embedded local store.
+    storage_url: str | None
+    timestamp: datetime
+    width: int
+    height: int
+    size_bytes: int
+    format: str
+
+
+class IngestionResponse(BaseModel):
+    """The seed's `IngestionResponse`, plus what was refused and how far the request got."""
+
+    request_id: str
+    status: RequestStatus
+    camera_id: str
+    source_type: SourceType
+    frames: list[FrameInfo] = Field(default_factory=list)
+    message: str | None = None
+    created_at: datetime
+    completed_at: datetime | None = None
+    capture_mode: CaptureMode | None = None
+    files_expected: int | None = None
+    rejected: list[RejectedFile] = Field(default_factory=list)
+
+
+# --- gateway -> ingestion service (request/reply on Topology.ingest_requests_queue) -------------
+
+
+class AcceptedFile(BaseModel):
+    file_id: str
+    filename: str
+    size_bytes: int
+
+
+class CreateUpload(BaseModel):
+    """Open an upload request before its files are published, so its status exists at once."""
+
+    op: Literal["create_upload"] = "create_upload"
+    request_id: str
+    camera_id: CameraId
+    meta: FrameMetadata | None = None
+    files: list[AcceptedFile]
+    rejected: list[RejectedFile] = Field(default_factory=list)
+
+
+class StartCapture(BaseModel):
+    """Admit an RTSP capture (or refuse it: the stream cap) and start it."""
+
+    op: Literal["start_capture"] = "start_capture"
+    request_id: str
+    request: RtspIngestionRequest
+
+
+class GetStatus(BaseModel):
+    op: Literal["status"] = "status"
+    request_id: str
+
+
+class CancelRequest(BaseModel):
+    op: Literal["cancel"] = "cancel"
+    request_id: str
+
+
+IngestCommand = Annotated[
+    CreateUpload | StartCapture | GetStatus | CancelRequest, Field(discriminator="op")
+]
+
+
+class IngestReply(BaseModel):
+    """The service's answer: the request as it stands, or why it was refused."""
+
+    ok: bool
+    response: IngestionResponse | None = None
+    error: str | None = None  # a code: not_found, stream_limit, invalid, conflict
+    message: str | None = None

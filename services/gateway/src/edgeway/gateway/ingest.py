@@ -1,0 +1,382 @@
+"""Ingestion compatibility (TrackShift, seed-systems.md §5): uploads and RTSP captures as jobs.
+
+- `POST /api/v1/ingest/upload`: multipart `camera_id`, `files`, `meta`. The body is read as it
+  streams, under a cap; each file is held to the per-file cap and the batch count, and its type is
+  decided by its bytes (header only: the ingestion service decodes it in full). The request is
+  opened at the ingestion service (request/reply), each accepted file published as its own
+  durable message, and 202 comes once the broker confirmed them all.
+- `POST /api/v1/ingest/rtsp`: the seed's JSON body; the service admits the capture (or refuses
+  it at the stream cap: 429) and runs it in the background. 202 at once.
+- `GET /api/v1/ingest/status/{request_id}`: the seed's `IngestionResponse`, from the service.
+- `POST /api/v1/ingest/rtsp/{request_id}/cancel`: stops a capture.
+- `WS /ws/ingest/{request_id}`: the status now, then each `ingest.request.<id>` event.
+
+Errors have the seed's `ErrorResponse` shape: `{error, message, details, request_id, timestamp}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.media import MediaRejected, inspect_image
+from edgeway.common.schemas.ingest import (
+    HEADER_CAMERA_ID,
+    HEADER_FILE_ID,
+    HEADER_FILE_NAME,
+    HEADER_KIND,
+    HEADER_REQUEST_ID,
+    MAX_FILE_NAME,
+    UPLOAD_FILE_TYPE,
+    AcceptedFile,
+    CancelRequest,
+    CreateUpload,
+    FileKind,
+    FrameMetadata,
+    GetStatus,
+    IngestReply,
+    RejectedFile,
+    RtspIngestionRequest,
+    StartCapture,
+    check_camera_id,
+)
+from edgeway.common.topology import Channels
+from edgeway.gateway.auth import Principal, Scope
+from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone, send_text
+from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
+from edgeway.gateway.multipart import FormError, UploadLimits, read_form
+from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
+
+UPLOAD_ENDPOINT = "/api/v1/ingest/upload"
+RTSP_ENDPOINT = "/api/v1/ingest/rtsp"
+STATUS_ENDPOINT = "/api/v1/ingest/status/{request_id}"
+CANCEL_ENDPOINT = "/api/v1/ingest/rtsp/{request_id}/cancel"
+PROGRESS_ENDPOINT = "/ws/ingest/{request_id}"
+SERVICE = "ingestion"
+MAX_JSON_BYTES = 64 * 1024  # an RTSP request body (a URL and a small `meta`)
+# The service's refusals, as HTTP statuses.
+REPLY_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "stream_limit": 429}
+
+router = APIRouter()
+log = get_logger("edgeway.gateway.ingest")
+
+
+def error_response(
+    status: int,
+    error: str,
+    message: str,
+    *,
+    endpoint: str,
+    details: Any = None,
+    request_id: str | None = None,
+) -> JSONResponse:
+    """The seed's `ErrorResponse`, counted by endpoint template and code."""
+    REJECTED.labels(endpoint, error).inc()
+    body = {
+        "error": error,
+        "message": message,
+        "details": details,
+        "request_id": request_id,
+        "timestamp": datetime.now(UTC).isoformat(),
+    }
+    return JSONResponse(body, status)
+
+
+async def ask(gateway: Gateway, command: Any) -> IngestReply:
+    """One request to the ingestion service (ServiceUnavailableError when it does not answer)."""
+    link = gateway.link
+    body = command.model_dump(mode="json", exclude_none=True)
+    raw = await link.request_raw(
+        service=SERVICE, queue=link.topology.ingest_requests_queue, body=body
+    )
+    return IngestReply.model_validate_json(raw)
+
+
+def _reply_error(reply: IngestReply, *, endpoint: str, request_id: str) -> JSONResponse:
+    return error_response(
+        REPLY_STATUS.get(reply.error or "", 502),
+        reply.error or "failed",
+        reply.message or "the ingestion service refused the request",
+        endpoint=endpoint,
+        request_id=request_id,
+    )
+
+
+def _accepted(reply: IngestReply, request_id: str, **extra: Any) -> JSONResponse:
+    assert reply.response is not None
+    body = reply.response.model_dump(mode="json")
+    body["status_url"] = STATUS_ENDPOINT.format(request_id=request_id)
+    body["websocket_url"] = PROGRESS_ENDPOINT.format(request_id=request_id)
+    body.update(extra)
+    return JSONResponse(body, 202)
+
+
+def _unavailable(exc: Exception, *, endpoint: str, request_id: str | None = None) -> JSONResponse:
+    return error_response(504, "unavailable", str(exc), endpoint=endpoint, request_id=request_id)
+
+
+def _request_id(value: str, *, endpoint: str) -> str | JSONResponse:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return error_response(404, "not_found", f"{value!r} is not a request id", endpoint=endpoint)
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+
+@router.post(UPLOAD_ENDPOINT, status_code=202)
+async def upload(
+    request: Request,
+    gateway: GatewayDep,
+    principal: Annotated[Principal, require(Scope.INGEST_WRITE, UPLOAD_ENDPOINT)],
+) -> JSONResponse:
+    settings = gateway.settings
+    limits = UploadLimits(
+        max_body_bytes=settings.ingest_max_body_bytes,
+        max_file_bytes=settings.ingest_max_file_bytes,
+        max_files=settings.ingest_max_files,
+    )
+    try:
+        form = await read_form(request, limits)
+    except FormError as exc:
+        code = {413: "too_large", 415: "unsupported_media_type"}.get(exc.status, "invalid_form")
+        return error_response(exc.status, code, exc.reason, endpoint=UPLOAD_ENDPOINT)
+    try:
+        camera_id = check_camera_id(form.fields.get("camera_id", ""))
+        meta_text = form.fields.get("meta")
+        meta = FrameMetadata.model_validate_json(meta_text) if meta_text else None
+    except ValidationError as exc:
+        return error_response(
+            400, "invalid_meta", _first_error(exc, "meta"), endpoint=UPLOAD_ENDPOINT
+        )
+    except ValueError as exc:
+        return error_response(400, "invalid_camera_id", str(exc), endpoint=UPLOAD_ENDPOINT)
+
+    rejected = [
+        RejectedFile(filename=item.filename, code=item.code, reason=item.reason)
+        for item in form.rejected
+    ]
+    accepted: list[tuple[AcceptedFile, bytes, str]] = []
+    for file in form.files:
+        try:
+            header = inspect_image(file.data, max_pixels=settings.ingest_max_pixels)
+        except MediaRejected as refused:
+            rejected.append(
+                RejectedFile(filename=file.filename, code=refused.code, reason=refused.reason)
+            )
+            continue
+        described = AcceptedFile(
+            file_id=str(uuid.uuid4()),
+            filename=file.filename[:MAX_FILE_NAME],
+            size_bytes=len(file.data),
+        )
+        accepted.append((described, file.data, header.format.content_type))
+    if not accepted:
+        return error_response(
+            422 if rejected else 400,
+            "no_file_accepted",
+            "no file could be accepted" if rejected else "the form has no `files` part",
+            endpoint=UPLOAD_ENDPOINT,
+            details={"rejected": [item.model_dump() for item in rejected]},
+        )
+
+    request_id = str(uuid.uuid4())
+    command = CreateUpload(
+        request_id=request_id,
+        camera_id=camera_id,
+        meta=meta,
+        files=[described for described, _, _ in accepted],
+        rejected=rejected,
+    )
+    try:
+        reply = await ask(gateway, command)
+    except ServiceUnavailableError as exc:
+        return _unavailable(exc, endpoint=UPLOAD_ENDPOINT)
+    if not reply.ok:
+        return _reply_error(reply, endpoint=UPLOAD_ENDPOINT, request_id=request_id)
+
+    link = gateway.link
+    producer = f"uploader/{principal.subject}"
+
+    async def publish(described: AcceptedFile, data: bytes, content_type: str) -> None:
+        envelope = Envelope(
+            type=UPLOAD_FILE_TYPE,
+            producer=producer,
+            content_type=content_type,
+            headers={
+                HEADER_KIND: FileKind.IMAGE.value,
+                HEADER_FILE_ID: described.file_id,
+                HEADER_FILE_NAME: described.filename,
+                HEADER_REQUEST_ID: request_id,
+                HEADER_CAMERA_ID: camera_id,
+            },
+        )
+        await link.publish_work(data, envelope=envelope, exchange=link.topology.ingest_uploads)
+
+    try:
+        await asyncio.gather(*(publish(*item) for item in accepted))
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the client must send it again
+        log.warning("upload publish failed", request_id=request_id, error=repr(exc))
+        return error_response(
+            503,
+            "unavailable",
+            "not accepted: the broker did not confirm every file (the request will be failed)",
+            endpoint=UPLOAD_ENDPOINT,
+            request_id=request_id,
+        )
+    PUBLISHED.labels(UPLOAD_ENDPOINT).inc(len(accepted))
+    return _accepted(reply, request_id)
+
+
+# --- RTSP captures --------------------------------------------------------------------------
+
+
+async def _read_json(request: Request) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            return None
+    return bytes(body)
+
+
+@router.post(RTSP_ENDPOINT, status_code=202)
+async def rtsp(
+    request: Request,
+    gateway: GatewayDep,
+    principal: Annotated[Principal, require(Scope.INGEST_WRITE, RTSP_ENDPOINT)],
+) -> JSONResponse:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return error_response(
+            415,
+            "unsupported_media_type",
+            f"content type {content_type or 'none'!r}: send the request as application/json",
+            endpoint=RTSP_ENDPOINT,
+        )
+    body = await _read_json(request)
+    if body is None:
+        return error_response(
+            413, "too_large", f"the body is over {MAX_JSON_BYTES} bytes", endpoint=RTSP_ENDPOINT
+        )
+    try:
+        capture = RtspIngestionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        # The seed's mapping: a validation error is 400 (not FastAPI's 422).
+        return error_response(400, "validation_error", _first_error(exc), endpoint=RTSP_ENDPOINT)
+    request_id = str(uuid.uuid4())
+    try:
+        reply = await ask(gateway, StartCapture(request_id=request_id, request=capture))
+    except ServiceUnavailableError as exc:
+        return _unavailable(exc, endpoint=RTSP_ENDPOINT)
+    if not reply.ok:
+        return _reply_error(reply, endpoint=RTSP_ENDPOINT, request_id=request_id)
+    PUBLISHED.labels(RTSP_ENDPOINT).inc()
+    return _accepted(reply, request_id)
+
+
+@router.post(CANCEL_ENDPOINT)
+async def cancel(
+    request_id: str,
+    gateway: GatewayDep,
+    principal: Annotated[Principal, require(Scope.INGEST_WRITE, CANCEL_ENDPOINT)],
+) -> JSONResponse:
+    checked = _request_id(request_id, endpoint=CANCEL_ENDPOINT)
+    if isinstance(checked, JSONResponse):
+        return checked
+    try:
+        reply = await ask(gateway, CancelRequest(request_id=checked))
+    except ServiceUnavailableError as exc:
+        return _unavailable(exc, endpoint=CANCEL_ENDPOINT, request_id=checked)
+    if not reply.ok or reply.response is None:
+        return _reply_error(reply, endpoint=CANCEL_ENDPOINT, request_id=checked)
+    return JSONResponse(reply.response.model_dump(mode="json"))
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@router.get(STATUS_ENDPOINT, dependencies=[require(Scope.INGEST_READ, STATUS_ENDPOINT)])
+async def status(request_id: str, gateway: GatewayDep) -> JSONResponse:
+    checked = _request_id(request_id, endpoint=STATUS_ENDPOINT)
+    if isinstance(checked, JSONResponse):
+        return checked
+    try:
+        reply = await ask(gateway, GetStatus(request_id=checked))
+    except ServiceUnavailableError as exc:
+        return _unavailable(exc, endpoint=STATUS_ENDPOINT, request_id=checked)
+    if not reply.ok or reply.response is None:
+        return _reply_error(reply, endpoint=STATUS_ENDPOINT, request_id=checked)
+    return JSONResponse(reply.response.model_dump(mode="json"))
+
+
+@router.websocket(PROGRESS_ENDPOINT)
+async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -> None:
+    """The request's status at once, then every progress event until the client leaves."""
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.INGEST_READ, endpoint=PROGRESS_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+    try:
+        checked = str(uuid.UUID(request_id))
+    except ValueError:
+        await websocket.send_text(
+            orjson.dumps(
+                {"type": "error", "code": "not_found", "reason": "not a request id"}
+            ).decode()
+        )
+        await websocket.close(1008, "not a request id")
+        return
+    client = ClientQueue(
+        send_text(websocket),
+        size=gateway.settings.client_queue_size,
+        policy=Policy.DROP_OLDEST,
+        endpoint=PROGRESS_ENDPOINT,
+    )
+    CONNECTIONS.labels(PROGRESS_ENDPOINT).inc()
+
+    async def status_first() -> None:
+        first: dict[str, Any]
+        try:
+            reply = await ask(gateway, GetStatus(request_id=checked))
+        except ServiceUnavailableError as exc:
+            first = {"type": "error", "code": "unavailable", "reason": str(exc)}
+        else:
+            if reply.response is None:
+                first = {"type": "error", "code": reply.error, "reason": reply.message}
+            else:
+                first = {"type": "ingest_status", **reply.response.model_dump(mode="json")}
+        client.push_front([orjson.dumps(first).decode()])
+
+    try:
+        await gateway.link.hub.serve(
+            client,
+            (Channels.ingest_request(checked),),
+            catch_up=status_first,
+            read=lambda: read_until_gone(websocket),
+        )
+    finally:
+        CONNECTIONS.labels(PROGRESS_ENDPOINT).dec()
+
+
+def _first_error(exc: ValidationError, prefix: str | None = None) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in (prefix, *error.get("loc", ())) if part)
+    message = str(error.get("msg", "invalid"))
+    return f"{where}: {message}" if where else message

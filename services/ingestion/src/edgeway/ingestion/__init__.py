@@ -1,0 +1,1 @@
+"""Edgeway ingestion: image uploads and RTSP captures into object storage."""

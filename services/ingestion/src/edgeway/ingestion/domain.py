@@ -1,0 +1,93 @@
+"""Pure rules of the ingestion service: object keys, file messages, events. No I/O."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from edgeway.common.schemas.ingest import (
+    HEADER_CAMERA_ID,
+    HEADER_DEVICE,
+    HEADER_FILE_ID,
+    HEADER_FILE_NAME,
+    HEADER_KIND,
+    HEADER_REQUEST_ID,
+    MAX_FILE_NAME,
+    FileKind,
+    check_camera_id,
+)
+from edgeway.common.video import check_device
+
+# The seed's key layout: frames/YYYY/MM/DD/<camera_id>/<frame_id>.<ext>. Phone CSV files sit
+# beside them under files/ with the phone's device id.
+FRAMES_PREFIX = "frames/"
+FILES_PREFIX = "files/"
+
+
+class BadFileMessageError(ValueError):
+    """A file message the gateway should never have sent: dead-lettered, not retried."""
+
+
+@dataclass(frozen=True)
+class FileMessage:
+    kind: FileKind
+    file_id: str
+    filename: str
+    request_id: str | None  # images: the upload they belong to
+    owner: str  # images: the camera id; CSV files: the phone's device id
+
+
+def _text(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return None if value is None else str(value)
+
+
+def _uuid(value: str | None, name: str) -> str:
+    try:
+        return str(uuid.UUID(value or ""))
+    except ValueError:
+        raise BadFileMessageError(f"{name} is not a UUID: {value!r}") from None
+
+
+def read_file_message(headers: Mapping[str, Any]) -> FileMessage:
+    """The file's identity from its headers, checked again here (the gateway checked first)."""
+    try:
+        kind = FileKind(_text(headers, HEADER_KIND) or "")
+    except ValueError:
+        raise BadFileMessageError(f"unknown {HEADER_KIND}") from None
+    file_id = _uuid(_text(headers, HEADER_FILE_ID), HEADER_FILE_ID)
+    filename = (_text(headers, HEADER_FILE_NAME) or "")[:MAX_FILE_NAME]
+    if kind is FileKind.IMAGE:
+        request_id = _uuid(_text(headers, HEADER_REQUEST_ID), HEADER_REQUEST_ID)
+        try:
+            owner = check_camera_id(_text(headers, HEADER_CAMERA_ID) or "")
+        except ValueError as exc:
+            raise BadFileMessageError(str(exc)) from None
+        return FileMessage(kind, file_id, filename, request_id, owner)
+    device = _text(headers, HEADER_DEVICE) or ""
+    reason = check_device(device)
+    if reason is not None:
+        raise BadFileMessageError(reason)
+    return FileMessage(kind, file_id, filename, None, device)
+
+
+def object_key(prefix: str, when: datetime, owner: str, object_id: str, extension: str) -> str:
+    """`<prefix>YYYY/MM/DD/<owner>/<object_id>.<extension>`, from checked parts only."""
+    return f"{prefix}{when:%Y/%m/%d}/{owner}/{object_id}.{extension}"
+
+
+def frame_key(when: datetime, camera_id: str, frame_id: str, extension: str) -> str:
+    return object_key(FRAMES_PREFIX, when, check_camera_id(camera_id), frame_id, extension)
+
+
+def file_key(when: datetime, device: str, file_id: str) -> str:
+    return object_key(FILES_PREFIX, when, device, file_id, "csv")
+
+
+def new_frame_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,618 @@
+"""Ingestion end to end: clients → gateway → RabbitMQ → ingestion service → S3 and PostgreSQL,
+with a real S3-protocol server (moto, its own process) and a real RTSP camera (GStreamer).
+
+What a TrackShift user would notice: the seed's API shapes, uploads and captures that are real
+jobs (202, then status and progress), hostile files refused with reasons and nothing stored,
+captures that honour their duration and mode, survive a camera restart, stop at the stream cap
+and on cancel, and a service crash that leaves neither a half-written request nor an orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import httpx
+import psycopg
+import pytest
+import websockets
+from minio import Minio
+from PIL import Image
+
+from edgeway.common.testing import create_postgres_database, drop_postgres_database
+from edgeway.common.testing.rtsp import RtspServer
+from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
+from tests.stack import Stack, token
+
+pytestmark = [pytest.mark.connected, pytest.mark.slow]
+
+BUCKET = "e2e-frames"
+MAX_FILE = 400_000
+MAX_FILES = 3
+MAX_BODY = 2_000_000
+STREAM_CAP = 2
+LEASE_S = 1.5
+RTSP_USER, RTSP_PASSWORD = "operator", "s3cret-pa55"
+FINAL = {"completed", "failed", "cancelled"}
+WRITER = {"Authorization": f"Bearer {token('ingest:write', 'ingest:read')}"}
+READER = {"Authorization": f"Bearer {token('ingest:read')}"}
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def camera() -> Iterator[RtspServer]:
+    with RtspServer(user=RTSP_USER, password=RTSP_PASSWORD, fps=10) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(amqp_url: str, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    occupancy_db = create_postgres_database()
+    ingestion_db = create_postgres_database("edgeway_ingestion")
+    stack = Stack(
+        amqp_url,
+        occupancy_db,
+        tmp_path_factory.mktemp("ingest-stack"),
+        extra_env={
+            "EDGEWAY_INGEST_MAX_FILE_BYTES": str(MAX_FILE),
+            "EDGEWAY_INGEST_MAX_FILES": str(MAX_FILES),
+            "EDGEWAY_INGEST_MAX_BODY_BYTES": str(MAX_BODY),
+            "EDGEWAY_INGEST_MAX_PIXELS": "25000000",
+        },
+        ingestion_env={
+            **s3.env,
+            "EDGEWAY_INGESTION_DATABASE_URL": ingestion_db,
+            "EDGEWAY_STORAGE_BUCKET": BUCKET,
+            "EDGEWAY_MAX_CONCURRENT_STREAMS": str(STREAM_CAP),
+            "EDGEWAY_JOB_LEASE_S": str(LEASE_S),
+            "EDGEWAY_SWEEP_INTERVAL_S": "0.5",
+            "EDGEWAY_ORPHAN_GRACE_S": "3",
+            "EDGEWAY_BACKOFF_INITIAL_S": "0.3",
+            "EDGEWAY_STALL_TIMEOUT_S": "2",
+            "EDGEWAY_OPEN_TIMEOUT_S": "3",
+        },
+    ).start()
+    stack.ingestion_db = ingestion_db  # type: ignore[attr-defined]
+    yield stack
+    stack.stop()
+    drop_postgres_database(ingestion_db)
+    drop_postgres_database(occupancy_db)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: S3Server, stack: Stack) -> Minio:
+    return Minio(s3.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def jpeg(width: int = 320, height: int = 240, *, noise: bool = False, exif: bool = False) -> bytes:
+    image = Image.effect_noise((width, height), 80).convert("RGB") if noise else None
+    image = image or Image.new("RGB", (width, height), (30, 120, 200))
+    out = io.BytesIO()
+    if exif:
+        tags = Image.Exif()
+        tags[0x010F] = "SpyCam Inc."  # Make
+        tags.get_ifd(0x8825)[2] = (51.0, 30.0, 0.0)  # GPSLatitude
+        image.save(out, "JPEG", exif=tags.tobytes(), comment=b"secret comment")
+    else:
+        image.save(out, "JPEG")
+    return out.getvalue()
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGBA", (width, height), (0, 200, 0, 128)).save(out, "PNG")
+    return out.getvalue()
+
+
+def gif() -> bytes:
+    out = io.BytesIO()
+    Image.new("P", (8, 8)).save(out, "GIF")
+    return out.getvalue()
+
+
+def png_bomb(side: int = 30_000) -> bytes:
+    """A small PNG declaring side x side 1-bit pixels (~112 MB once inflated)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])
+    row = b"\x00" + bytes(side // 8)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * 200, 9))  # the rest is "missing": never decoded
+        + chunk(b"IEND", b"")
+    )
+
+
+def upload(
+    stack: Stack,
+    files: list[tuple[str, bytes]],
+    *,
+    camera_id: str = "cam-1",
+    meta: dict[str, Any] | None = None,
+) -> httpx.Response:
+    return httpx.post(
+        stack.gateway.url + "/api/v1/ingest/upload",
+        data={"camera_id": camera_id, **({"meta": json.dumps(meta)} if meta else {})},
+        files=[("files", (name, content, "image/jpeg")) for name, content in files],
+        headers=WRITER,
+        timeout=30,
+    )
+
+
+def status(stack: Stack, request_id: str) -> dict[str, Any]:
+    response = httpx.get(
+        stack.gateway.url + f"/api/v1/ingest/status/{request_id}", headers=READER, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def wait_final(stack: Stack, request_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = status(stack, request_id)
+        if body["status"] in FINAL or time.monotonic() > deadline:
+            return body
+        time.sleep(0.2)
+
+
+def capture(stack: Stack, url: str, **fields: Any) -> httpx.Response:
+    return httpx.post(
+        stack.gateway.url + "/api/v1/ingest/rtsp",
+        json={"rtsp_url": url, "camera_id": "rtsp-cam", **fields},
+        headers=WRITER,
+        timeout=10,
+    )
+
+
+def database(stack: Stack, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(stack.ingestion_db) as connection:  # type: ignore[attr-defined]
+        return connection.execute(query, args).fetchall()
+
+
+def objects(bucket: Minio, prefix: str = "") -> set[str]:
+    return {
+        item.object_name
+        for item in bucket.list_objects(BUCKET, prefix=prefix, recursive=True)
+        if item.object_name
+    }
+
+
+def counts(stack: Stack, bucket: Minio) -> tuple[int, int, int]:
+    requests = database(stack, "SELECT count(*) FROM ingestion_requests")[0][0]
+    frames = database(stack, "SELECT count(*) FROM frames")[0][0]
+    return requests, frames, len(objects(bucket))
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+
+async def test_an_upload_is_a_job_whose_frames_are_stored_reencoded_and_announced(
+    stack: Stack, bucket: Minio, amqp_url: str
+) -> None:
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        announcements = await channel.declare_queue(exclusive=True)
+        await announcements.bind("edgeway.ingest.frames", routing_key="")
+
+        original = jpeg(exif=True)
+        response = await asyncio.to_thread(
+            upload,
+            stack,
+            [("holiday.jpg", original), ("../../etc/passwd", png()), ("clip.gif", gif())],
+            meta={"session": "s-1", "location": "pit lane", "exposure": 0.01},
+        )
+        assert response.status_code == 202, response.text
+        accepted = response.json()
+        request_id = accepted["request_id"]
+        assert accepted["status"] == "in_progress"
+        assert accepted["files_expected"] == 2
+        assert accepted["status_url"] == f"/api/v1/ingest/status/{request_id}"
+        assert [(item["filename"], item["code"]) for item in accepted["rejected"]] == [
+            ("clip.gif", "wrong_type")
+        ]
+
+        # The progress socket: the status now, then events until the upload completes.
+        ws_url = stack.ws(f"/ws/ingest/{request_id}", "ingest:read")
+        async with websockets.connect(ws_url) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert first["type"] == "ingest_status"
+            assert first["request_id"] == request_id
+            seen = first["status"]
+            while seen != "completed":
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert event["request_id"] == request_id
+                seen = event["status"]
+
+        final = await asyncio.to_thread(status, stack, request_id)
+        assert final["status"] == "completed"
+        assert final["source_type"] == "upload"
+        assert final["completed_at"] is not None
+        frames = final["frames"]
+        assert sorted(frame["format"] for frame in frames) == ["jpeg", "png"]
+        today = datetime.now(UTC)
+        for frame in frames:
+            extension = "jpg" if frame["format"] == "jpeg" else "png"
+            key = f"frames/{today:%Y/%m/%d}/cam-1/{frame['frame_id']}.{extension}"
+            assert frame["storage_path"] == key
+            # The presigned URL is made now and works.
+            stored = await asyncio.to_thread(httpx.get, frame["storage_url"], timeout=10)
+            assert stored.status_code == 200
+            assert len(stored.content) == frame["size_bytes"]
+            reread = Image.open(io.BytesIO(stored.content))
+            assert (reread.width, reread.height) == (frame["width"], frame["height"])
+            if frame["format"] == "jpeg":
+                # Re-encoded from pixels: no EXIF (GPS, maker) and no comment survive.
+                assert not reread.getexif()
+                assert b"SpyCam" not in stored.content
+                assert b"secret comment" not in stored.content
+        assert {frame["storage_path"] for frame in frames} <= objects(bucket)
+        stored_meta = database(
+            stack, "SELECT meta_info, exposure FROM frames WHERE request_id = %s", request_id
+        )
+        assert {(row[0]["location"], row[1]) for row in stored_meta} == {("pit lane", 0.01)}
+
+        announced = []
+        for _ in frames:
+            message = await announcements.get(timeout=5, fail=False)
+            for _ in range(50):
+                if message is not None:
+                    break
+                await asyncio.sleep(0.1)
+                message = await announcements.get(timeout=5, fail=False)
+            assert message is not None
+            announced.append(json.loads(message.body))
+        assert {item["frame_id"] for item in announced} == {f["frame_id"] for f in frames}
+        assert all(item["storage_bucket"] == BUCKET for item in announced)
+
+
+def test_hostile_uploads_are_refused_with_a_reason_and_nothing_is_stored(
+    stack: Stack, bucket: Minio
+) -> None:
+    before = counts(stack, bucket)
+    cases = {
+        "too_large": [("big.jpg", jpeg(1200, 900, noise=True))],
+        "wrong_type": [("photo.jpg", b"<html><script>alert(1)</script></html>")],
+        "decompression_bomb": [("bomb.png", png_bomb())],
+    }
+    assert len(cases["too_large"][0][1]) > MAX_FILE
+    for code, files in cases.items():
+        response = upload(stack, files)
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["error"] == "no_file_accepted"
+        assert [item["code"] for item in body["details"]["rejected"]] == [code]
+        assert body["details"]["rejected"][0]["reason"]
+
+    for camera_id in ("../etc", "a/b", "..", "cam\\x", "", "x" * 101):
+        response = upload(stack, [("a.jpg", jpeg())], camera_id=camera_id)
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_camera_id")
+
+    over = httpx.post(
+        stack.gateway.url + "/api/v1/ingest/upload",
+        data={"camera_id": "cam-1"},
+        files=[("files", ("huge.jpg", b"\xff\xd8\xff" + bytes(MAX_BODY), "image/jpeg"))],
+        headers=WRITER,
+        timeout=30,
+    )
+    assert (over.status_code, over.json()["error"]) == (413, "too_large")
+
+    # A client that stops halfway through its body.
+    boundary = "edgeway-truncated"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="camera_id"\r\n\r\ncam-1\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode() + jpeg()[:500]
+    response = httpx.post(
+        stack.gateway.url + "/api/v1/ingest/upload",
+        content=head,
+        headers={**WRITER, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout=10,
+    )
+    assert (response.status_code, response.json()["message"]) == (400, "truncated multipart body")
+
+    assert counts(stack, bucket) == before
+
+
+def test_too_many_files_keeps_the_first_and_a_file_that_fails_to_decode_is_reported(
+    stack: Stack, bucket: Minio
+) -> None:
+    truncated = jpeg(640, 480, noise=True)[:3000]  # a valid header, then nothing
+    files = [
+        ("ok-1.jpg", jpeg()),
+        ("cut.jpg", truncated),
+        ("ok-2.jpg", png()),
+        ("late.jpg", jpeg()),
+    ]
+    response = upload(stack, files)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["files_expected"] == MAX_FILES
+    assert [(item["filename"], item["code"]) for item in body["rejected"]] == [
+        ("late.jpg", "batch_limit")
+    ]
+    final = wait_final(stack, body["request_id"])
+    assert final["status"] == "completed"
+    assert len(final["frames"]) == 2
+    refused = {item["filename"]: item["code"] for item in final["rejected"]}
+    assert refused == {"late.jpg": "batch_limit", "cut.jpg": "corrupt"}
+    # The refused file left no object behind.
+    assert objects(bucket, f"frames/{datetime.now(UTC):%Y/%m/%d}/cam-1/") >= {
+        frame["storage_path"] for frame in final["frames"]
+    }
+    rows = database(stack, "SELECT count(*) FROM frames WHERE request_id = %s", body["request_id"])
+    assert rows == [(2,)]
+
+
+def test_status_of_unknown_requests_and_scopes(stack: Stack) -> None:
+    missing = httpx.get(
+        stack.gateway.url + f"/api/v1/ingest/status/{uuid.uuid4()}", headers=READER, timeout=10
+    )
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    garbage = httpx.get(stack.gateway.url + "/api/v1/ingest/status/../../x", headers=READER)
+    assert garbage.status_code == 404
+    refused = httpx.post(
+        stack.gateway.url + "/api/v1/ingest/upload",
+        files=[("files", ("a.jpg", jpeg(), "image/jpeg"))],
+        data={"camera_id": "cam-1"},
+        headers=READER,
+    )
+    assert refused.status_code == 403
+    anonymous = httpx.get(stack.gateway.url + f"/api/v1/ingest/status/{uuid.uuid4()}")
+    assert anonymous.status_code == 401
+
+
+async def test_a_phone_csv_file_is_stored_through_the_ingestion_service(
+    stack: Stack, bucket: Minio
+) -> None:
+    text = "t,ax,ay,az\n1,0.1,9.8,0.2\n2,0.1,9.7,0.3\n"
+    url = stack.ws("/ws/phone", "video:publish") + "&device=phone-7"
+    async with websockets.connect(url) as ws:
+        await ws.send(
+            json.dumps({"type": "file_upload", "fileName": "../imu.csv", "fileContent": text})
+        )
+        ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert ack["type"] == "file_upload_ack"
+    for _ in range(50):
+        rows = database(
+            stack,
+            "SELECT storage_path, original_name, size_bytes FROM phone_files WHERE id = %s",
+            ack["file_id"],
+        )
+        if rows:
+            break
+        await asyncio.sleep(0.1)
+    key, name, size = rows[0]
+    assert key == f"files/{datetime.now(UTC):%Y/%m/%d}/phone-7/{ack['file_id']}.csv"
+    assert (name, size) == ("../imu.csv", len(text))
+    response = bucket.get_object(BUCKET, key)
+    assert response.read() == text.encode()
+    response.close()
+
+
+# --- RTSP captures --------------------------------------------------------------------------
+
+
+def test_single_frame_capture(stack: Stack, camera: RtspServer) -> None:
+    response = capture(stack, camera.url("moving"))
+    assert response.status_code == 202, response.text
+    started = response.json()
+    assert (started["source_type"], started["capture_mode"]) == ("rtsp", "single_frame")
+    final = wait_final(stack, started["request_id"])
+    assert final["status"] == "completed", final
+    assert len(final["frames"]) == 1
+    assert (final["frames"][0]["width"], final["frames"][0]["height"]) == (320, 240)
+
+
+def test_continuous_capture_honours_fps_and_a_duration_past_the_seeds_5_s_cut(
+    stack: Stack, camera: RtspServer
+) -> None:
+    response = capture(
+        stack, camera.url("moving"), capture_mode="continuous", fps=2, capture_duration=6
+    )
+    assert response.status_code == 202, response.text
+    final = wait_final(stack, response.json()["request_id"])
+    assert final["status"] == "completed", final
+    stamps = [datetime.fromisoformat(frame["timestamp"]) for frame in final["frames"]]
+    assert 11 <= len(stamps) <= 13  # 6 s at 2 fps
+    span = (stamps[-1] - stamps[0]).total_seconds()
+    assert 5.0 <= span <= 6.5, span
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
+    assert all(0.3 <= gap <= 0.8 for gap in gaps), gaps
+
+
+def test_event_driven_keeps_only_frames_whose_scene_changed(
+    stack: Stack, camera: RtspServer
+) -> None:
+    fields = {"capture_mode": "event_driven", "fps": 4, "capture_duration": 3}
+    static = capture(stack, camera.url("static"), **fields)
+    moving = capture(stack, camera.url("moving"), **fields)
+    assert (static.status_code, moving.status_code) == (202, 202)
+    still = wait_final(stack, static.json()["request_id"])
+    busy = wait_final(stack, moving.json()["request_id"])
+    assert len(still["frames"]) == 1  # the first frame, then nothing changed
+    assert len(busy["frames"]) >= 8  # nearly every examined frame (4 fps for 3 s)
+    scores = database(
+        stack,
+        "SELECT change_score FROM frames WHERE request_id = %s AND change_score IS NOT NULL",
+        moving.json()["request_id"],
+    )
+    assert scores
+    assert all(score >= 0.08 for (score,) in scores)
+
+
+def test_rtsp_credentials_are_masked_and_sealed_at_rest(stack: Stack, camera: RtspServer) -> None:
+    response = capture(stack, camera.url("static"))
+    request_id = response.json()["request_id"]
+    wait_final(stack, request_id)
+    ((masked, sealed),) = database(
+        stack, "SELECT rtsp_url, rtsp_url_sealed FROM ingestion_requests WHERE id = %s", request_id
+    )
+    assert masked == f"rtsp://***@127.0.0.1:{camera.port}/static"
+    assert RTSP_PASSWORD not in sealed
+    assert RTSP_USER not in sealed
+    for log in (stack.gateway.log_text(), stack.ingestion.log_text()):  # type: ignore[union-attr]
+        assert RTSP_PASSWORD not in log
+
+    wrong = capture(stack, camera.url("static").replace(RTSP_PASSWORD, "wrong"))
+    failed = wait_final(stack, wrong.json()["request_id"])
+    assert failed["status"] == "failed"
+    assert "wrong" not in failed["message"]
+    assert "***@" in failed["message"]
+
+
+def test_invalid_capture_requests_get_400_with_a_reason(stack: Stack) -> None:
+    cases = [
+        {"rtsp_url": "http://example/x", "camera_id": "c"},
+        {"rtsp_url": "rtsp://h/x", "camera_id": "../c"},
+        {"rtsp_url": "rtsp://h/x", "camera_id": "c", "fps": 31},
+        {"rtsp_url": "rtsp://h/x", "camera_id": "c", "capture_duration": 3601},
+        {"rtsp_url": "rtsp://h/x", "camera_id": "c", "capture_mode": "forever"},
+    ]
+    for body in cases:
+        response = httpx.post(
+            stack.gateway.url + "/api/v1/ingest/rtsp", json=body, headers=WRITER, timeout=10
+        )
+        assert (response.status_code, response.json()["error"]) == (400, "validation_error")
+        assert response.json()["message"]
+
+
+def test_a_camera_that_restarts_is_reconnected_and_the_capture_ends_on_time(
+    stack: Stack,
+) -> None:
+    with RtspServer(user=RTSP_USER, password=RTSP_PASSWORD) as flaky:
+        response = capture(
+            stack, flaky.url("moving"), capture_mode="continuous", fps=2, capture_duration=8
+        )
+        request_id = response.json()["request_id"]
+        time.sleep(2.5)
+        flaky.kill()
+        down_at = datetime.now(UTC)
+        time.sleep(1.0)
+        flaky.restart()
+        final = wait_final(stack, request_id)
+    assert final["status"] == "completed", final
+    stamps = [datetime.fromisoformat(frame["timestamp"]) for frame in final["frames"]]
+    assert any(stamp < down_at for stamp in stamps)
+    assert any(stamp > down_at for stamp in stamps)  # frames again after the restart
+    created = datetime.fromisoformat(final["created_at"])
+    assert (datetime.fromisoformat(final["completed_at"]) - created).total_seconds() < 14
+
+
+def test_the_stream_cap_refuses_with_a_reason_and_cancel_frees_a_slot(
+    stack: Stack, camera: RtspServer
+) -> None:
+    long = {"capture_mode": "continuous", "fps": 1, "capture_duration": 120}
+    first, second = (capture(stack, camera.url("static"), **long) for _ in range(STREAM_CAP))
+    assert (first.status_code, second.status_code) == (202, 202)
+    third = capture(stack, camera.url("static"), **long)
+    assert third.status_code == 429
+    assert third.json()["error"] == "stream_limit"
+    assert f"limit is {STREAM_CAP}" in third.json()["message"]
+
+    started = time.monotonic()
+    cancelled = httpx.post(
+        stack.gateway.url + f"/api/v1/ingest/rtsp/{first.json()['request_id']}/cancel",
+        headers=WRITER,
+        timeout=10,
+    )
+    assert (cancelled.status_code, cancelled.json()["status"]) == (200, "cancelled")
+    again = capture(stack, camera.url("static"), **long)
+    assert again.status_code == 202, again.text
+    for response in (second, again):
+        httpx.post(
+            stack.gateway.url + f"/api/v1/ingest/rtsp/{response.json()['request_id']}/cancel",
+            headers=WRITER,
+            timeout=10,
+        )
+    # The captures really stopped: no frame is added after the cancellation settles.
+    time.sleep(1.5)
+    stopped = [status(stack, r.json()["request_id"]) for r in (first, second, again)]
+    assert [s["status"] for s in stopped] == ["cancelled"] * 3
+    frames = [len(s["frames"]) for s in stopped]
+    time.sleep(1.5)
+    assert [
+        len(status(stack, r.json()["request_id"])["frames"]) for r in (first, second, again)
+    ] == frames
+    assert time.monotonic() - started < 10
+
+
+def test_a_crash_mid_capture_leaves_no_half_written_request_and_no_orphan(
+    stack: Stack, camera: RtspServer, bucket: Minio
+) -> None:
+    assert stack.ingestion is not None
+    response = capture(
+        stack, camera.url("moving"), capture_mode="continuous", fps=5, capture_duration=60
+    )
+    request_id = response.json()["request_id"]
+    time.sleep(2.5)
+    stack.ingestion.kill()  # SIGKILL: no shutdown, no cleanup, the lease just stops
+    # An object whose row never came (a crash between put and commit).
+    orphan = f"frames/{datetime.now(UTC):%Y/%m/%d}/rtsp-cam/{uuid.uuid4()}.jpg"
+    bucket.put_object(BUCKET, orphan, io.BytesIO(b"x"), 1, content_type="image/jpeg")
+    stack.ingestion.start()
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        final = status(stack, request_id)
+        if final["status"] in FINAL and orphan not in objects(bucket):
+            break
+        time.sleep(0.3)
+    assert final["status"] == "failed"
+    assert "stopped" in final["message"]
+    assert final["frames"], "frames stored before the crash are kept"
+    keys = {key for (key,) in database(stack, "SELECT storage_path FROM frames")}
+    stored = objects(bucket, "frames/")
+    assert keys <= stored, "every row's object exists"
+    assert stored <= keys, f"orphans left: {stored - keys}"
+    active = database(
+        stack, "SELECT count(*) FROM ingestion_requests WHERE status IN ('pending', 'in_progress')"
+    )
+    assert active == [(0,)]
+
+
+def test_a_crash_while_files_are_stored_loses_and_duplicates_nothing(
+    stack: Stack, bucket: Minio
+) -> None:
+    assert stack.ingestion is not None
+    response = upload(stack, [(f"{i}.jpg", jpeg(800, 600, noise=True)) for i in range(3)])
+    assert response.status_code == 202, response.text
+    request_id = response.json()["request_id"]
+    # Killed while the files are being checked and stored: whatever was not acked comes back.
+    stack.ingestion.kill()
+    stack.ingestion.start()
+    final = wait_final(stack, request_id)
+    assert final["status"] == "completed", final
+    assert len(final["frames"]) == 3
+    assert len({frame["storage_path"] for frame in final["frames"]}) == 3
+    assert database(stack, "SELECT count(*) FROM frames WHERE request_id = %s", request_id) == [
+        (3,)
+    ]
