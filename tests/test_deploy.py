@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from edgeway.gateway.settings import DEVELOPMENT_SECRET
+from edgeway.gateway.auth import Scope
+from edgeway.gateway.settings import DEVELOPMENT_SECRET, GatewaySettings
+from edgeway.ingestion.credentials import CredentialCipher
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "deploy" / "compose" / "compose.yaml"
@@ -35,13 +37,20 @@ OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.
 VENV_BIN = Path(sys.executable).parent
 
 # Edgeway's services with their HTTP port (/healthz, /readyz, /metrics; the gateway's API too).
-SERVICES = {"gateway": 8000, "occupancy": 8081, "telemetry": 8082, "video-relay": 8083}
+SERVICES = {
+    "gateway": 8000,
+    "occupancy": 8081,
+    "telemetry": 8082,
+    "video-relay": 8083,
+    "ingestion": 8084,
+}
 # Services without a database of their own (the others each own one, named after the service).
 NO_DATABASE = {"gateway", "video-relay"}
 # Services whose state is in memory and whose queue has one consumer: exactly one replica, ever.
 SINGLETONS = {"video-relay"}
 # The development profile's anonymous scopes (compose and overlays/dev): Omega's producers and
-# clients, the telemetry dashboards, and the seed's phones and viewers send no token.
+# clients, the telemetry dashboards, the seed's phones and viewers send no token. Ingestion always
+# needs one: ingest:write makes the service open any RTSP URL it is given.
 DEVELOPMENT_ANONYMOUS_SCOPES = {
     "occupancy:publish",
     "occupancy:subscribe",
@@ -49,6 +58,12 @@ DEVELOPMENT_ANONYMOUS_SCOPES = {
     "video:publish",
     "video:subscribe",
 }
+# Backing services that compose runs beside Edgeway's own (Kubernetes expects them outside).
+INFRASTRUCTURE = {"rabbitmq", "postgres", "minio"}
+# Compose variables that hold credentials (RABBITMQ_DEFAULT_PASS, MINIO_ROOT_PASSWORD, ...).
+COMPOSE_CREDENTIAL = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|AMQP_URL|DATABASE_URL")
+# What marks a value as a well-known development one (never to be reused elsewhere).
+DEVELOPMENT_MARKERS = ("dev-only", "development-only")
 # kubernetes-validate ships JSON schemas per Kubernetes minor version; validate against this one.
 KUBERNETES_VERSION = "1.33.0"
 STABLE_API_VERSIONS = {
@@ -102,7 +117,7 @@ def test_compose_matches_the_compose_specification() -> None:
 
 def test_compose_every_service_has_a_healthcheck() -> None:
     services = _compose()["services"]
-    assert set(SERVICES) | {"rabbitmq", "postgres"} <= set(services)
+    assert set(SERVICES) | INFRASTRUCTURE <= set(services)
     for name, service in services.items():
         healthcheck = service.get("healthcheck")
         assert healthcheck, f"{name} has no healthcheck"
@@ -110,6 +125,8 @@ def test_compose_every_service_has_a_healthcheck() -> None:
         assert healthcheck.get("test"), f"{name}'s healthcheck has no test"
     assert "rabbitmq-diagnostics" in services["rabbitmq"]["healthcheck"]["test"]
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    # The minio image has no curl (minio/minio#18389): a curl check would never turn healthy.
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
 
 
 @pytest.mark.parametrize(
@@ -119,6 +136,7 @@ def test_compose_every_service_has_a_healthcheck() -> None:
         ("occupancy", {"rabbitmq", "postgres"}),
         ("telemetry", {"rabbitmq", "postgres"}),
         ("video-relay", {"rabbitmq"}),
+        ("ingestion", {"rabbitmq", "postgres", "minio"}),
     ],
 )
 def test_compose_services_wait_for_healthy_dependencies(service: str, needs: set[str]) -> None:
@@ -189,6 +207,11 @@ def test_compose_gateway_lets_dashboards_in_without_a_token() -> None:
     assert scopes == DEVELOPMENT_ANONYMOUS_SCOPES
 
 
+def test_development_anonymous_scopes_are_the_gateways_own() -> None:
+    """A misspelt scope in a profile would grant nothing, and the clients would get 403."""
+    assert {scope.value for scope in Scope} >= DEVELOPMENT_ANONYMOUS_SCOPES
+
+
 @pytest.mark.parametrize("service", sorted(SINGLETONS))
 def test_compose_runs_one_of_each_singleton(service: str) -> None:
     spec = _compose()["services"][service]
@@ -213,6 +236,87 @@ def test_compose_has_no_host_paths() -> None:
     text = COMPOSE_FILE.read_text()
     for machine_path in ("/work/", "/root/", "/home/", "/Users/", TMP + "/"):
         assert machine_path not in text
+
+
+def test_compose_images_are_pinned() -> None:
+    """A moving tag (or none) would change what `up` runs from one day to the next."""
+    for name, service in _compose()["services"].items():
+        image = service["image"]
+        if "build" in service:
+            assert image == f"edgeway/{name}:dev", f"{name}: the dev overlay runs this tag"
+            continue
+        repository, _, tag = image.rpartition(":")
+        assert repository, f"{name}: {image} has no tag"
+        assert "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image}"
+    # MinIO tags no minor versions, only `latest` and dated releases: one release.
+    minio = _compose()["services"]["minio"]["image"]
+    assert re.fullmatch(r"minio/minio:RELEASE\.\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z", minio)
+
+
+def test_compose_publishes_only_the_gateway_beyond_loopback() -> None:
+    for name, service in _compose()["services"].items():
+        if name == "gateway":
+            continue
+        for spec in service.get("ports", []):
+            host_ip = spec.get("host_ip") if isinstance(spec, dict) else str(spec).split(":", 1)[0]
+            assert host_ip == "127.0.0.1", f"{name} publishes {spec} beyond this host's loopback"
+
+
+def test_compose_minio_publishes_its_console_and_keeps_its_data() -> None:
+    compose = _compose()
+    minio = compose["services"]["minio"]
+    command = minio["command"]
+    words = shlex.split(command) if isinstance(command, str) else command
+    assert words[:2] == ["server", "/data"]
+    assert words[words.index("--console-address") + 1] == ":9001"
+    published = [_container_port(p) for p in minio.get("ports", [])]
+    assert published == [9001], "the console only: the S3 API stays on the compose network"
+    mounts = {}
+    for volume in minio["volumes"]:
+        if isinstance(volume, dict):
+            mounts[volume["target"]] = volume["source"]
+        else:
+            source, target = volume.split(":")[:2]
+            mounts[target] = source
+    assert mounts.get("/data") in (compose.get("volumes") or {}), "objects in a named volume"
+
+
+def test_compose_ingestion_can_reach_minio_and_seal_rtsp_urls() -> None:
+    services = _compose()["services"]
+    env = services["ingestion"]["environment"]
+    minio = services["minio"]["environment"]
+    # No endpoint would mean the embedded store, in a tmpfs: frames lost at every restart.
+    assert env["EDGEWAY_STORAGE_ENDPOINT"] == "minio:9000"
+    assert str(env.get("EDGEWAY_STORAGE_SECURE", "false")).lower() == "false", "plain HTTP here"
+    assert env["EDGEWAY_STORAGE_ACCESS_KEY"] == minio["MINIO_ROOT_USER"]
+    assert env["EDGEWAY_STORAGE_SECRET_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    # A malformed key stops the service at start; this one must seal and open.
+    cipher = CredentialCipher(env["EDGEWAY_CREDENTIALS_KEY"].encode())
+    url = "rtsp://camera:secret@192.0.2.10:554/stream"
+    assert cipher.open(cipher.seal(url)) == url
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_compose_services_are_hardened_with_writable_scratch(service: str) -> None:
+    spec = _compose()["services"][service]
+    assert spec.get("read_only") is True, f"{service}: read-only root filesystem"
+    assert spec.get("cap_drop") == ["ALL"], service
+    assert "no-new-privileges:true" in spec.get("security_opt", []), service
+    writable = set(spec.get("tmpfs", []))
+    for volume in spec.get("volumes", []):
+        writable.add(volume["target"] if isinstance(volume, dict) else volume.split(":")[1])
+    for path in (TMP, spec["environment"]["EDGEWAY_DATA_DIR"]):
+        assert path in writable, f"{service}: {path} is not writable (read-only root)"
+
+
+def test_compose_credentials_are_marked_development_only() -> None:
+    for name, service in _compose()["services"].items():
+        for variable, value in (service.get("environment") or {}).items():
+            if COMPOSE_CREDENTIAL.search(variable):
+                assert any(marker in str(value) for marker in DEVELOPMENT_MARKERS), (
+                    f"{name}: {variable} does not say it is a development-only value"
+                )
 
 
 # ---- Dockerfiles -----------------------------------------------------------------------------
@@ -612,7 +716,7 @@ def test_prod_overlay_is_production_without_secret_values() -> None:
     assert not [r for r in resources if r["kind"] == "Secret"], "prod must not carry a Secret"
     for text in (s for resource in resources for s in _strings(resource)):
         assert not URL_WITH_PASSWORD.search(text), f"credentials in a URL: {text}"
-        for marker in ("PLACEHOLDER", DEVELOPMENT_SECRET, "dev-only"):
+        for marker in ("PLACEHOLDER", DEVELOPMENT_SECRET, *DEVELOPMENT_MARKERS):
             assert marker not in text, f"prod contains {marker!r}"
     configmaps = _of_kind("prod", "ConfigMap")
     for name, _, container in _deployments("prod"):
@@ -641,3 +745,87 @@ def test_prod_overlay_scales_out() -> None:
     assert ingress["spec"].get("tls"), "production Ingress serves TLS"
     timeout = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]
     assert int(timeout) >= 600, "WebSockets need a long proxy read timeout"
+
+
+def _nginx_size(value: str) -> int:
+    """An nginx size ("512k", "128m", "1g") in bytes; its units are powers of 1024."""
+    match = re.fullmatch(r"(\d+)([kmg]?)", value.strip().lower())
+    assert match, f"not an nginx size: {value!r}"
+    unit = {"": 1, "k": 1024, "m": 1024 * 1024, "g": 1024 * 1024 * 1024}[match.group(2)]
+    return int(match.group(1)) * unit
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_takes_the_largest_upload(overlay: str) -> None:
+    """Above its body size ingress-nginx answers 413 itself, before the gateway sees a byte."""
+    annotations = _of_kind(overlay, "Ingress")["gateway"]["metadata"].get("annotations", {})
+    # ingress-nginx's default when the annotation is absent (nginx's client_max_body_size).
+    limit = _nginx_size(annotations.get("nginx.ingress.kubernetes.io/proxy-body-size", "1m"))
+    assert limit > 0, "bounded at the edge too (0 would be no limit)"
+    fields = GatewaySettings.model_fields
+    largest = max(fields["ingest_max_body_bytes"].default, fields["max_upload_bytes"].default)
+    assert limit >= largest, f"{overlay}: uploads up to {largest} bytes would get 413"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingestion_uses_external_object_storage_and_one_key(overlay: str) -> None:
+    configmaps = _of_kind(overlay, "ConfigMap")
+    _, _, container = next(c for c in _deployments(overlay) if c[0] == "ingestion")
+    env = _effective_env(container, configmaps)
+    # No endpoint would mean the embedded store in the pod's emptyDir: frames lost with the
+    # pod, and each replica seeing only its own.
+    endpoint = env.get("EDGEWAY_STORAGE_ENDPOINT")
+    assert isinstance(endpoint, str), f"{overlay}: EDGEWAY_STORAGE_ENDPOINT from the ConfigMap"
+    assert re.fullmatch(r"[a-z0-9.-]+:\d+", endpoint), f"{overlay}: host:port, not {endpoint!r}"
+    assert not endpoint.split(":")[0].endswith(".invalid"), f"{overlay}: the base's placeholder"
+    # Every replica reads the same storage credentials and the same key (a capture's URL is
+    # sealed by the replica that admits it, opened by the one that runs it).
+    for variable, key in (
+        ("EDGEWAY_STORAGE_ACCESS_KEY", "storage-access-key"),
+        ("EDGEWAY_STORAGE_SECRET_KEY", "storage-secret-key"),
+        ("EDGEWAY_CREDENTIALS_KEY", "credentials-key"),
+    ):
+        ref = env[variable]["secretKeyRef"]
+        assert ref["key"] == key, f"{overlay}: {variable}"
+        assert not ref.get("optional"), f"{overlay}: {variable} is required"
+    if overlay == "prod":
+        assert env["EDGEWAY_STORAGE_SECURE"] == "true", "production object storage over TLS"
+
+
+def test_dev_overlay_ingestion_key_seals_and_opens() -> None:
+    """Development sets a fixed key: the pods' own would differ and die with their emptyDir."""
+    keys = [_secret_values(s).get("credentials-key") for s in _of_kind("dev", "Secret").values()]
+    [key] = [k for k in keys if k is not None]
+    cipher = CredentialCipher(key.encode())
+    url = "rtsp://camera:secret@192.0.2.10:554/stream"
+    assert cipher.open(cipher.seal(url)) == url
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_pins_every_image(overlay: str) -> None:
+    registries = set()
+    for name, _, container in _deployments(overlay):
+        repository, _, tag = container["image"].rpartition(":")
+        assert repository, f"{overlay}: {name} runs {container['image']} (no tag)"
+        assert "/" not in tag, f"{overlay}: {name} runs {container['image']} (no tag)"
+        assert tag != "latest", f"{overlay}: {name}"
+        if overlay == "dev":
+            # What compose builds: `docker compose build`, then load the images into the cluster.
+            assert container["image"] == f"edgeway/{name}:dev", f"dev: {name}"
+        else:
+            registry, _, image = repository.rpartition("/edgeway/")
+            assert image == name, f"{overlay}: {name} runs {container['image']}"
+            registries.add(registry)
+    assert len(registries) <= 1, f"{overlay}: images from several registries: {registries}"
+
+
+def test_prod_runs_two_of_every_service_that_can_run_two() -> None:
+    """One replica would mean an outage at every rollout and node drain (their PDBs allow one)."""
+    for name, deployment in _of_kind("prod", "Deployment").items():
+        if name in SINGLETONS:
+            continue
+        assert _replicas("prod", name) >= 2, f"prod: {name}"
+        # A new pod ready before an old one goes.
+        strategy = deployment["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate", f"prod: {name}"
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0, f"prod: {name}"

@@ -18,6 +18,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -616,3 +617,24 @@ def test_a_crash_while_files_are_stored_loses_and_duplicates_nothing(
     assert database(stack, "SELECT count(*) FROM frames WHERE request_id = %s", request_id) == [
         (3,)
     ]
+
+
+def test_the_embedded_defaults_store_frames_in_a_local_directory(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """`make run`'s profile: SQLite and a local object directory, no S3 server, no URL."""
+    occupancy_db = create_postgres_database()
+    stack = Stack(amqp_url, occupancy_db, tmp_path, ingestion_env={}).start()
+    try:
+        response = upload(stack, [("local.jpg", jpeg())], camera_id="local-cam")
+        assert response.status_code == 202, response.text
+        final = wait_final(stack, response.json()["request_id"])
+    finally:
+        stack.stop()
+        drop_postgres_database(occupancy_db)
+    assert final["status"] == "completed", final
+    (frame,) = final["frames"]
+    assert frame["storage_url"] is None  # nothing to presign on a local directory
+    stored = tmp_path / "objects" / "trackshift-frames" / frame["storage_path"]
+    assert Image.open(stored).size == (320, 240)
+    assert (tmp_path / "ingestion.sqlite3").exists()

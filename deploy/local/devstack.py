@@ -1,7 +1,7 @@
 """`make run`: the whole stack as local processes on the embedded defaults, with demo data.
 
-Starts the occupancy and telemetry services (SQLite under var/dev), the video relay, the
-gateway, a demo camera model, two simulated vehicles (edge telemetry loggers replaying a highway
+Starts the occupancy, telemetry and ingestion services (SQLite and local objects under var/dev),
+the video relay, the gateway, a demo camera model, two simulated vehicles (edge telemetry loggers replaying a highway
 and a city trace) and a simulated phone (`edgeway.edge.phone`: H.264 and IMU), then prints where
 to look. Development profile: legacy producers and clients that cannot send a token are let in
 (anonymous occupancy:publish, occupancy:subscribe, telemetry:subscribe, video:publish and
@@ -28,11 +28,35 @@ GATEWAY_PORT = int(os.environ.get("EDGEWAY_GATEWAY_PORT", "8000"))
 OCCUPANCY_PORT = int(os.environ.get("EDGEWAY_OCCUPANCY_PORT", "8081"))
 TELEMETRY_PORT = int(os.environ.get("EDGEWAY_TELEMETRY_PORT", "8082"))
 VIDEO_RELAY_PORT = int(os.environ.get("EDGEWAY_VIDEO_RELAY_PORT", "8083"))
+INGESTION_PORT = int(os.environ.get("EDGEWAY_INGESTION_PORT", "8084"))
 # The seed's default VIN and a second demo vehicle (both seeded by the telemetry service).
 VEHICLES = (("5YJ3E1EA1KF000001", "highway"), ("5YJ3E1EA1KF000002", "city"))
 PHONE = "phone-1"
 DATA = ROOT / "var" / "dev"
 LOGS = DATA / "logs"
+
+
+def upload_demo_image(gateway: str, operator: str) -> str:
+    """Upload one generated photo so the ingestion status has something to show; its URL path."""
+    import io
+
+    import httpx
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 360), (24, 64, 110))
+    ImageDraw.Draw(image).text((40, 160), "Edgeway demo upload", fill=(255, 255, 255))
+    photo = io.BytesIO()
+    image.save(photo, "JPEG")
+    response = httpx.post(
+        f"{gateway}/api/v1/ingest/upload",
+        data={"camera_id": "demo-cam", "meta": json.dumps({"session": "make-run"})},
+        files=[("files", ("demo.jpg", photo.getvalue(), "image/jpeg"))],
+        headers={"Authorization": f"Bearer {operator}"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    status_url: str = response.json()["status_url"]
+    return f"{status_url}  (read it with the operator token)"
 
 
 def main() -> int:
@@ -67,13 +91,17 @@ def main() -> int:
         port=VIDEO_RELAY_PORT,
         log_path=LOGS / "video-relay.log",
     )
+    # Embedded defaults: SQLite and a local object directory under var/dev (no S3 server here).
+    ingestion = ServiceProcess(
+        "edgeway.ingestion", env=common, port=INGESTION_PORT, log_path=LOGS / "ingestion.log"
+    )
     gateway = ServiceProcess(
         "edgeway.gateway", env=common, port=GATEWAY_PORT, log_path=LOGS / "gateway.log"
     )
     processes: list[ServiceProcess] = []
     producers: list[subprocess.Popen[bytes]] = []
 
-    def token(subject: str, scope: str) -> str:
+    def token(subject: str, *scopes: str) -> str:
         return subprocess.run(
             [
                 sys.executable,
@@ -81,8 +109,7 @@ def main() -> int:
                 "edgeway.gateway.tokens",
                 "--subject",
                 subject,
-                "--scope",
-                scope,
+                *(part for scope in scopes for part in ("--scope", scope)),
                 "--ttl",
                 "30d",
             ],
@@ -97,7 +124,7 @@ def main() -> int:
         producers.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log))
 
     try:
-        for process in (occupancy, telemetry, video_relay, gateway):
+        for process in (occupancy, telemetry, video_relay, ingestion, gateway):
             process.start(wait=90)
             processes.append(process)
         producer(
@@ -136,8 +163,9 @@ def main() -> int:
             token(PHONE, "video:publish"),
             *("--width", "640", "--height", "360", "--fps", "30", "--gop", "2"),
         )
-        operator = token("operator", "telemetry:control")
+        operator = token("operator", "telemetry:control", "ingest:write", "ingest:read")
         gw = f"http://127.0.0.1:{GATEWAY_PORT}"
+        demo_upload = upload_demo_image(gw, operator)
         print(
             f"""
 Edgeway is running (development profile: anonymous publish/subscribe allowed for legacy
@@ -154,12 +182,19 @@ Omega producers and clients; every endpoint also takes a token).
   video status    {gw}/health/video   {gw}/video/status
   dead zone       curl -X POST -H "Authorization: Bearer $EDGEWAY_OPERATOR" {gw}/toggle_offline
                   (also /logger/stop, /logger/start, /clear_data; ?vin=... for one vehicle)
+  uploads         curl -H "Authorization: Bearer $EDGEWAY_OPERATOR" -F camera_id=cam-1 \\
+                       -F files=@photo.jpg {gw}/api/v1/ingest/upload
+                  a demo upload: {gw}{demo_upload}
+                  RTSP: POST {gw}/api/v1/ingest/rtsp {{"rtsp_url": "rtsp://...", "camera_id": "cam-1",
+                  "capture_mode": "continuous", "fps": 1, "capture_duration": 30}}
+                  (frames land in {DATA}/objects; the status is also on ws://.../ws/ingest/<id>)
   operator token  export EDGEWAY_OPERATOR={operator}
   API docs        {gw}/docs
   gateway         {gw}/readyz   {gw}/metrics
   occupancy       http://127.0.0.1:{OCCUPANCY_PORT}/readyz   http://127.0.0.1:{OCCUPANCY_PORT}/metrics
   telemetry       http://127.0.0.1:{TELEMETRY_PORT}/readyz   http://127.0.0.1:{TELEMETRY_PORT}/metrics
   video relay     http://127.0.0.1:{VIDEO_RELAY_PORT}/readyz   http://127.0.0.1:{VIDEO_RELAY_PORT}/metrics
+  ingestion       http://127.0.0.1:{INGESTION_PORT}/readyz   http://127.0.0.1:{INGESTION_PORT}/metrics
   data            {DATA} (SQLite; delete it to start over)
   logs            {LOGS}/*.log
   a token         {sys.executable} -m edgeway.gateway.tokens --subject me --scope occupancy:subscribe

@@ -99,7 +99,14 @@ async def ask(gateway: Gateway, command: Any) -> IngestReply:
     raw = await link.request_raw(
         service=SERVICE, queue=link.topology.ingest_requests_queue, body=body
     )
-    return IngestReply.model_validate_json(raw)
+    try:
+        return IngestReply.model_validate_json(raw)
+    except ValidationError:
+        # A service of another version: the client gets a clear 504, the log the details.
+        log.exception("unreadable reply from the ingestion service")
+        raise ServiceUnavailableError(
+            "the ingestion service answered something unreadable"
+        ) from None
 
 
 def _reply_error(reply: IngestReply, *, endpoint: str, request_id: str) -> JSONResponse:

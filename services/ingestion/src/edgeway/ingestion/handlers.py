@@ -177,7 +177,7 @@ def build_app(
             command = COMMANDS.validate_json(body)
         except ValidationError as exc:
             reply = IngestReply(ok=False, error="invalid", message=_first_error(exc))
-            return reply.model_dump_json(exclude_none=True).encode()
+            return reply.model_dump_json().encode()
         if isinstance(command, CreateUpload):
             refused = await uploads.open(command)
             reply = refused or await respond(command.request_id)
@@ -194,7 +194,7 @@ def build_app(
                 )
         else:
             reply = await respond(command.request_id)
-        return reply.model_dump_json(exclude_none=True).encode()
+        return reply.model_dump_json().encode()
 
     answer_requests(broker, topology.ingest_requests_queue, answer)
 

@@ -135,7 +135,7 @@ class FrameInfo(BaseModel):
     frame_id: str
     storage_path: str
     # Presigned when read (valid `presign_expiry_s`); None on the embedded local store.
-    storage_url: str | None
+    storage_url: str | None = None
     timestamp: datetime
     width: int
     height: int
