@@ -8,7 +8,9 @@ encrypted (AES-128-CBC + HMAC-SHA256, cryptography's Fernet) for the worker that
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -44,14 +46,27 @@ def load_cipher(settings: IngestionSettings) -> CredentialCipher:
 
 def _development_key(path: Path) -> bytes:
     if path.exists():
-        return path.read_bytes().strip()
+        return _read_key(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = Fernet.generate_key()
-    # Readable by this user only; created exclusively so two starting replicas cannot disagree.
+    # Written whole beside it (readable by this user only), then linked into place: the link
+    # fails if another starting replica got there first, and nobody ever reads a partial key.
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".key-")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as file:
-        file.write(key)
+        with os.fdopen(fd, "wb") as file:
+            file.write(Fernet.generate_key())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes().strip()
+    try:
+        Fernet(key)
+    except ValueError:
+        raise ValueError(
+            f"{path} does not hold a Fernet key; delete it to make a new one"
+        ) from None
     return key

@@ -282,7 +282,9 @@ class CaptureJobs:
         image = await self._sanitizer.encode_frame(frame.image)
         frame_id = domain.new_frame_id()
         camera_id = running.camera_id
-        key = domain.frame_key(taken, camera_id, frame_id, image.extension)
+        # Keyed by when it was really captured (the caller's `frame_timestamp` may be any date):
+        # the sweeper looks for orphans under today's and yesterday's prefixes only.
+        key = domain.frame_key(frame.captured_at, camera_id, frame_id, image.extension)
         await self._objects.put(
             key,
             image.data,

@@ -3,7 +3,8 @@
 Functions take the session as a keyword and never commit: the caller's transaction holds an
 object's row and its outbox events together. Every change to a request locks its row first
 (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite writes one transaction at a time), so two files of
-one upload finishing at once both count, and exactly one of them completes it.
+one upload finishing at once both count, and exactly one of them completes it (on SQLite, by
+taking its write lock first: `lock_request`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from edgeway.common.db import BigId, JSONDocument, Migrations, UTCDateTime, dialect_insert
+from edgeway.common.db import (
+    BigId,
+    JSONDocument,
+    Migrations,
+    UTCDateTime,
+    dialect_insert,
+    dialect_of,
+)
 from edgeway.common.schemas.ingest import (
     FRAME_STORED_TYPE,
     PROGRESS_TYPE,
@@ -202,7 +210,18 @@ class NewFrame:
 
 
 async def lock_request(*, session: AsyncSession, request_id: str) -> IngestionRequest | None:
-    """The request's row, locked until the transaction ends."""
+    """The request's row, locked until the transaction ends. Must come first in a transaction.
+
+    PostgreSQL locks the row (`FOR UPDATE`). SQLite ignores that and begins transactions lazily,
+    so two transactions could both read the same counts and both write theirs back: a write
+    comes first instead, which takes SQLite's single write lock before anything is read.
+    """
+    if dialect_of(session) == "sqlite":
+        await session.execute(
+            update(IngestionRequest)
+            .where(IngestionRequest.id == request_id)
+            .values(id=IngestionRequest.id)
+        )
     statement = select(IngestionRequest).where(IngestionRequest.id == request_id).with_for_update()
     return (await session.execute(statement)).scalar_one_or_none()
 
@@ -445,13 +464,14 @@ async def expired_captures(*, session: AsyncSession, now: datetime) -> Sequence[
 
 
 async def stale_uploads(*, session: AsyncSession, before: datetime) -> Sequence[IngestionRequest]:
-    """Uploads still waiting for files opened before `before`: some files never arrived."""
+    """Uploads still waiting for files, with no progress since `before`: some never arrived."""
     statement = (
         select(IngestionRequest)
         .where(
             IngestionRequest.source_type == SourceType.UPLOAD.value,
             IngestionRequest.status.in_(ACTIVE),
-            IngestionRequest.created_at < before,
+            # Progress, not age: a long queue backlog is not a lost file.
+            IngestionRequest.updated_at < before,
         )
         .with_for_update(skip_locked=True)
     )

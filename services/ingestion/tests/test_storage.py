@@ -1,0 +1,192 @@
+"""Object storage: the same behaviour from the local directory store and from a real S3 server
+(moto's, spoken to by the `minio` client as MinIO would be)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from minio import Minio
+
+from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
+from edgeway.ingestion.settings import IngestionSettings
+from edgeway.ingestion.storage import LocalStore, ObjectStore, S3Store, make_store
+
+JPEG = "image/jpeg"
+DAY = "frames/2025/11/21/"
+# Clocks of the test and the store (a file's mtime, the S3 server's Last-Modified, which has
+# whole seconds) may differ by this much.
+CLOCK_SLACK = timedelta(seconds=2)
+
+
+def settings_for(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path, env: dict[str, str]
+) -> IngestionSettings:
+    """Settings as the service reads them: from its environment variables."""
+    monkeypatch.setenv("EDGEWAY_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("EDGEWAY_STORAGE_BUCKET", f"frames-{uuid.uuid4().hex[:12]}")
+    for name in ("EDGEWAY_STORAGE_ENDPOINT", "EDGEWAY_ENVIRONMENT", "EDGEWAY_CREDENTIALS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return IngestionSettings()
+
+
+@pytest.fixture(params=["local", "s3"])
+async def objects(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> ObjectStore:
+    """An empty store with its bucket made: a directory, or a fresh bucket on the S3 server."""
+    env = {} if request.param == "local" else request.getfixturevalue("s3_server").env
+    store = make_store(settings_for(monkeypatch, tmp_path, env))
+    await store.ensure_bucket()
+    return store
+
+
+def files_under(root: Path) -> list[str]:
+    return [path.name for path in root.rglob("*") if path.is_file()]
+
+
+async def put(objects: ObjectStore, key: str, data: bytes) -> None:
+    await objects.put(key, data, content_type=JPEG, metadata={"camera_id": "cam-1"})
+
+
+# --- the same behaviour from both ---------------------------------------------------------------
+
+
+def test_the_settings_pick_the_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    local = make_store(settings_for(monkeypatch, tmp_path, {}))
+    assert isinstance(local, LocalStore)
+    assert local.root == tmp_path / "objects" / local.bucket
+    remote = make_store(
+        settings_for(monkeypatch, tmp_path, {"EDGEWAY_STORAGE_ENDPOINT": "s3:9000"})
+    )
+    assert isinstance(remote, S3Store)
+
+
+async def test_making_the_bucket_twice_is_fine(objects: ObjectStore) -> None:
+    await objects.ensure_bucket()
+    await put(objects, f"{DAY}cam-1/a.jpg", b"kept")
+    await objects.ensure_bucket()
+    assert await objects.get(f"{DAY}cam-1/a.jpg") == b"kept"
+
+
+async def test_an_object_is_put_read_and_deleted(objects: ObjectStore) -> None:
+    key = f"{DAY}cam-1/{uuid.uuid4()}.jpg"
+    assert not await objects.exists(key)
+    await put(objects, key, b"\xff\xd8 first")
+    assert await objects.exists(key)
+    assert await objects.get(key) == b"\xff\xd8 first"
+    # A redelivered file has the same key: the second put replaces the first.
+    await put(objects, key, b"\xff\xd8 second")
+    assert await objects.get(key) == b"\xff\xd8 second"
+    await objects.delete(key)
+    assert not await objects.exists(key)
+    await objects.delete(key)  # gone already: not an error
+    await objects.delete(f"{DAY}cam-1/never-there.jpg")
+
+
+async def test_puts_of_many_objects_at_once_all_land(objects: ObjectStore) -> None:
+    keys = [f"{DAY}cam-{n % 3}/{n}.jpg" for n in range(24)]
+    await asyncio.gather(*(put(objects, key, key.encode()) for key in keys))
+    assert sorted(item.key for item in await objects.list(DAY)) == sorted(keys)
+    assert [await objects.get(key) for key in keys] == [key.encode() for key in keys]
+
+
+async def test_listing_returns_only_the_prefix_with_its_time(objects: ObjectStore) -> None:
+    before = datetime.now(UTC)
+    wanted = [f"{DAY}cam-a/1.jpg", f"{DAY}cam-b/deeper/2.jpg"]
+    for key in [*wanted, "frames/2025/11/22/cam-a/3.jpg", "files/2025/11/21/phone/4.csv"]:
+        await put(objects, key, b"x")
+    after = datetime.now(UTC)
+
+    listed = await objects.list(DAY)
+    assert sorted(item.key for item in listed) == wanted
+    for item in listed:
+        assert item.last_modified.tzinfo is not None
+        assert before - CLOCK_SLACK <= item.last_modified <= after + CLOCK_SLACK
+    # A prefix that ends mid-name matches like S3's.
+    assert sorted(item.key for item in await objects.list("frames/2025/11/2")) == [
+        *wanted,
+        "frames/2025/11/22/cam-a/3.jpg",
+    ]
+    assert [item.key for item in await objects.list("frames/2025/11/21/cam-a")] == [wanted[0]]
+    assert await objects.list("frames/2024/") == []
+
+
+# --- S3 only --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def s3_objects(s3_server: S3Server) -> S3Store:
+    """A fresh bucket on the S3 server, made through the store."""
+    client = Minio(
+        s3_server.endpoint,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        secure=False,
+        region="us-east-1",
+    )
+    objects = S3Store(client, f"frames-{uuid.uuid4().hex[:12]}")
+    assert not client.bucket_exists(objects.bucket)
+    await objects.ensure_bucket()
+    return objects
+
+
+async def test_an_s3_url_is_presigned_and_serves_the_object(s3_objects: S3Store) -> None:
+    key = f"{DAY}cam-1/{uuid.uuid4()}.jpg"
+    await put(s3_objects, key, b"\xff\xd8 frame bytes")
+    url = s3_objects.url(key, expires=timedelta(hours=1))
+    assert url is not None
+    assert "X-Amz-Signature=" in url
+    assert "X-Amz-Expires=3600" in url
+    async with httpx.AsyncClient() as client:
+        response = await client.get(url)
+        assert response.status_code == 200
+        assert response.content == b"\xff\xd8 frame bytes"
+        assert response.headers["content-type"] == JPEG
+        # Without the signature the object is not public.
+        assert (await client.get(url.split("?")[0])).status_code == 403
+
+
+async def test_an_s3_object_keeps_its_content_type_and_metadata(s3_objects: S3Store) -> None:
+    assert s3_objects.client.bucket_exists(s3_objects.bucket)
+    await put(s3_objects, f"{DAY}cam-1/a.jpg", b"x")
+    stat = s3_objects.client.stat_object(s3_objects.bucket, f"{DAY}cam-1/a.jpg")
+    assert stat.content_type == JPEG
+    assert stat.metadata is not None
+    assert stat.metadata["x-amz-meta-camera_id"] == "cam-1"
+
+
+# --- the local store ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../escape.jpg", "frames/../../escape.jpg", "/etc/passwd"])
+async def test_the_local_store_refuses_a_key_leaving_its_root(tmp_path: Path, key: str) -> None:
+    objects = LocalStore(tmp_path / "objects", "frames")
+    await objects.ensure_bucket()
+    with pytest.raises(ValueError, match="leaves the store"):
+        await put(objects, key, b"x")
+    with pytest.raises(ValueError, match="leaves the store"):
+        await objects.get(key)
+    with pytest.raises(ValueError, match="leaves the store"):
+        await objects.delete(key)
+    assert files_under(tmp_path) == []
+
+
+def test_the_local_store_has_no_url(tmp_path: Path) -> None:
+    # Nothing serves its files: the status shows no URL rather than a dead one.
+    objects = LocalStore(tmp_path, "frames")
+    assert objects.url(f"{DAY}cam-1/a.jpg", expires=timedelta(hours=1)) is None
+
+
+async def test_the_local_store_lists_no_half_written_file(tmp_path: Path) -> None:
+    objects = LocalStore(tmp_path, "frames")
+    await put(objects, f"{DAY}cam-1/a.jpg", b"whole")
+    # What a put leaves when the process dies before its rename.
+    (objects.root / DAY / "cam-1" / ".put-k2j3h4").write_bytes(b"half")
+    assert [item.key for item in await objects.list(DAY)] == [f"{DAY}cam-1/a.jpg"]
