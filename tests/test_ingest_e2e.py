@@ -29,7 +29,12 @@ import websockets
 from minio import Minio
 from PIL import Image
 
-from edgeway.common.testing import create_postgres_database, drop_postgres_database
+from edgeway.common.testing import (
+    create_postgres_database,
+    create_vhost,
+    drop_postgres_database,
+    drop_vhost,
+)
 from edgeway.common.testing.rtsp import RtspServer
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.stack import Stack, token
@@ -619,10 +624,10 @@ def test_a_crash_while_files_are_stored_loses_and_duplicates_nothing(
     ]
 
 
-def test_the_embedded_defaults_store_frames_in_a_local_directory(
-    amqp_url: str, tmp_path: Path
-) -> None:
+def test_the_embedded_defaults_store_frames_in_a_local_directory(tmp_path: Path) -> None:
     """`make run`'s profile: SQLite and a local object directory, no S3 server, no URL."""
+    # A virtual host of its own: the module's stack (another ingestion service) still runs.
+    vhost, amqp_url = create_vhost()
     occupancy_db = create_postgres_database()
     stack = Stack(amqp_url, occupancy_db, tmp_path, ingestion_env={}).start()
     try:
@@ -632,6 +637,7 @@ def test_the_embedded_defaults_store_frames_in_a_local_directory(
     finally:
         stack.stop()
         drop_postgres_database(occupancy_db)
+        drop_vhost(vhost)
     assert final["status"] == "completed", final
     (frame,) = final["frames"]
     assert frame["storage_url"] is None  # nothing to presign on a local directory
