@@ -10,8 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import urllib3
 from minio import Minio
 
+from edgeway.common.testing import free_port
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from edgeway.ingestion.settings import IngestionSettings
 from edgeway.ingestion.storage import LocalStore, ObjectStore, S3Store, make_store
@@ -190,3 +192,40 @@ async def test_the_local_store_lists_no_half_written_file(tmp_path: Path) -> Non
     # What a put leaves when the process dies before its rename.
     (objects.root / DAY / "cam-1" / ".put-k2j3h4").write_bytes(b"half")
     assert [item.key for item in await objects.list(DAY)] == [f"{DAY}cam-1/a.jpg"]
+
+
+def impatient_client(endpoint: str, access_key: str, secret_key: str) -> Minio:
+    """A client that does not retry by itself (urllib3), so only the store's retries count."""
+    http = urllib3.PoolManager(retries=urllib3.Retry(total=0), timeout=2)
+    return Minio(
+        endpoint, access_key=access_key, secret_key=secret_key, secure=False, http_client=http
+    )
+
+
+async def test_a_put_waits_out_a_storage_server_that_is_down(tmp_path: Path) -> None:
+    """The server is down when the put starts and back a moment later: the put lands."""
+    server = S3Server(tmp_path / "moto.log")
+    client = impatient_client(server.endpoint, ACCESS_KEY, SECRET_KEY)
+    store = S3Store(client, "retried", retry_delays=(0.3, 0.5, 1.0, 2.0, 4.0))
+    put_task = asyncio.create_task(
+        store.put("frames/a.jpg", b"payload", content_type="image/jpeg", metadata={})
+    )
+    await asyncio.sleep(0.6)  # the first tries fail: connection refused
+    assert not put_task.done()
+    await asyncio.to_thread(server.start)
+    try:
+        client.make_bucket("retried")
+        await asyncio.wait_for(put_task, 15)
+        assert await store.get("frames/a.jpg") == b"payload"
+    finally:
+        server.stop()
+
+
+async def test_a_put_gives_up_when_the_storage_stays_down() -> None:
+    store = S3Store(
+        impatient_client(f"127.0.0.1:{free_port()}", "a", "b"), "nowhere", retry_delays=(0.2, 0.2)
+    )
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(urllib3.exceptions.MaxRetryError):
+        await store.put("k", b"x", content_type="text/plain", metadata={})
+    assert asyncio.get_running_loop().time() - started >= 0.4

@@ -16,10 +16,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
+from edgeway.common.logging import get_logger
 from edgeway.ingestion.settings import IngestionSettings
+
+# Pauses between tries of a put that failed on the way (connection, 5xx, throttling).
+PUT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+log = get_logger("edgeway.ingestion.storage")
+
+
+def _transient(exc: S3Error) -> bool:
+    return exc.code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
 
 
 @dataclass(frozen=True)
@@ -55,9 +66,12 @@ class ObjectStore(Protocol):
 class S3Store:
     """A bucket on an S3-compatible server (MinIO, any S3 API)."""
 
-    def __init__(self, client: Minio, bucket: str) -> None:
+    def __init__(
+        self, client: Minio, bucket: str, *, retry_delays: tuple[float, ...] = PUT_RETRY_DELAYS
+    ) -> None:
         self.client = client
         self.bucket = bucket
+        self.retry_delays = retry_delays
 
     async def ensure_bucket(self) -> None:
         def ensure() -> None:
@@ -73,15 +87,27 @@ class S3Store:
     async def put(
         self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]
     ) -> None:
-        await asyncio.to_thread(
-            self.client.put_object,
-            self.bucket,
-            key,
-            io.BytesIO(data),
-            len(data),
-            content_type=content_type,
-            metadata=dict(metadata),
-        )
+        # A storage hiccup is waited out here (the file stays unacked meanwhile), rather than
+        # spending the message's delivery limit on it; a longer outage fails the delivery.
+        for attempt, delay in enumerate((*self.retry_delays, None)):
+            try:
+                await asyncio.to_thread(
+                    self.client.put_object,
+                    self.bucket,
+                    key,
+                    io.BytesIO(data),
+                    len(data),
+                    content_type=content_type,
+                    metadata=dict(metadata),
+                )
+                return
+            except (urllib3.exceptions.HTTPError, S3Error, ServerError) as exc:
+                if delay is None or (isinstance(exc, S3Error) and not _transient(exc)):
+                    raise
+                log.warning(
+                    "object put failed, retrying", key=key, attempt=attempt + 1, error=repr(exc)
+                )
+                await asyncio.sleep(delay)
 
     async def get(self, key: str) -> bytes:
         def read() -> bytes:
