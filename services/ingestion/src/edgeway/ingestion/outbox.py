@@ -45,6 +45,7 @@ class OutboxRelay:
         self._on_published = on_published
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def nudge(self) -> None:
         """Something was committed: publish it now rather than at the next poll."""
@@ -54,13 +55,16 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="ingestion-outbox")
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: on Python 3.11, `wait_for` can swallow a cancellation
+        # that lands as its timeout fires, and the loop would go on.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
             self._wake.clear()

@@ -4,17 +4,22 @@ The gateway opens an upload (request/reply) before it publishes the files, so th
 exists as soon as the client has its 202. Each file then arrives as its own durable message. The
 file is decoded and re-encoded here (`images.ImageSanitizer`), stored as an object under a key
 made from checked parts only, and then its row, the request's counts and the announcements are
-committed together. A redelivered file has the same id and key: the put overwrites the same
-object, and the row insert finds it there.
+committed together, in one transaction with the other files checked meanwhile (a group commit:
+one progress event per request and group). A redelivered file has the same id and key: the put
+overwrites the same object, and the row insert finds it there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.batching import GroupCommit
+from edgeway.common.db import is_outage
 from edgeway.common.logging import get_logger
 from edgeway.common.media import MediaRejected, check_csv
 from edgeway.common.schemas.ingest import (
@@ -39,6 +44,20 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A file after the full check: its frame (object already stored), or why it was refused."""
+
+    file: FileMessage
+    frame: store.NewFrame | None = None
+    refusal: RejectedFile | None = None
+
+    @property
+    def request_id(self) -> str:
+        assert self.file.request_id is not None
+        return self.file.request_id
+
+
 class Uploads:
     def __init__(
         self,
@@ -54,6 +73,11 @@ class Uploads:
         self._sanitizer = sanitizer
         self._committed = committed
         self._counted = counted  # (kind, outcome: stored | duplicate | rejected | dropped)
+        # Files checked at the same time commit together (edgeway.common.batching): one
+        # transaction, one progress event per request, instead of one of each per file.
+        self._group: GroupCommit[_Checked, str] = GroupCommit(
+            self._commit, max_size=64, isolate=lambda exc: not is_outage(exc)
+        )
 
     async def open(self, command: CreateUpload) -> IngestReply | None:
         """Open the request; an error reply if it cannot be, None when it was."""
@@ -96,7 +120,18 @@ class Uploads:
         try:
             image = await self._sanitizer.clean(body)
         except MediaRejected as rejected:
-            await self._reject(file, rejected)
+            log.info(
+                "file refused",
+                request_id=file.request_id,
+                file_id=file.file_id,
+                code=rejected.code,
+                reason=rejected.reason,
+            )
+            refusal = RejectedFile(
+                filename=file.filename, code=rejected.code, reason=rejected.reason
+            )
+            outcome = await self._group.submit(_Checked(file, refusal=refusal))
+            self._counted(file.kind.value, outcome)
             return
         key = domain.frame_key(received, file.owner, file.file_id, image.extension)
         await self._objects.put(
@@ -109,73 +144,70 @@ class Uploads:
                 "capture_timestamp": received.isoformat(),
             },
         )
-        now = _now()
-        async with self._sessions.begin() as session:
-            request = await store.lock_request(session=session, request_id=file.request_id)
-            if request is None or RequestStatus(request.status).final:
-                # No request to belong to (or it was given up on): the object must not stay.
-                outcome = "dropped"
-            else:
-                new = await store.add_frame(
-                    session=session,
-                    request=request,
-                    frame=store.NewFrame(
-                        id=file.file_id,
-                        request_id=file.request_id,
-                        camera_id=file.owner,
-                        source_type=SourceType.UPLOAD,
-                        storage_path=key,
-                        storage_bucket=self._objects.bucket,
-                        width=image.width,
-                        height=image.height,
-                        size_bytes=len(image.data),
-                        format=image.format.value,
-                        content_type=image.content_type,
-                        capture_timestamp=received,
-                        meta=request.meta_info,
-                        original_name=file.filename,
-                    ),
-                    now=now,
-                )
-                outcome = "stored" if new else "duplicate"
-                if new:
-                    store.announce(session=session, request=request, now=now, frame_id=file.file_id)
-                    store.finish_upload_if_done(session=session, request=request, now=now)
+        frame = store.NewFrame(
+            id=file.file_id,
+            request_id=file.request_id,
+            camera_id=file.owner,
+            source_type=SourceType.UPLOAD,
+            storage_path=key,
+            storage_bucket=self._objects.bucket,
+            width=image.width,
+            height=image.height,
+            size_bytes=len(image.data),
+            format=image.format.value,
+            content_type=image.content_type,
+            capture_timestamp=received,
+            meta=None,  # the request's, filled in at commit
+            original_name=file.filename,
+        )
+        outcome = await self._group.submit(_Checked(file, frame=frame))
         if outcome == "dropped":
+            # No request to belong to (or it was given up on): the object must not stay.
             await self._objects.delete(key)
             log.warning("file for no open request dropped", request_id=file.request_id)
         self._counted(file.kind.value, outcome)
-        self._committed()
 
-    async def _reject(self, file: FileMessage, rejected: MediaRejected) -> None:
-        assert file.request_id is not None
+    async def _commit(self, checked: Sequence[_Checked]) -> list[str]:
+        """One transaction for the files checked meanwhile: rows, counts, events; outcomes."""
         now = _now()
+        outcomes: list[str] = []
         async with self._sessions.begin() as session:
-            request = await store.lock_request(session=session, request_id=file.request_id)
-            if request is None or RequestStatus(request.status).final:
-                self._counted(file.kind.value, "dropped")
-                return
-            new = await store.add_file_rejection(
-                session=session,
-                request=request,
-                file_id=file.file_id,
-                rejected=RejectedFile(
-                    filename=file.filename, code=rejected.code, reason=rejected.reason
-                ),
-                now=now,
-            )
-            if new:
+            # Locked in one order, so two groups never wait for each other crosswise.
+            requests = {
+                request_id: await store.lock_request(session=session, request_id=request_id)
+                for request_id in sorted({item.request_id for item in checked})
+            }
+            changed: dict[str, store.IngestionRequest] = {}
+            for item in checked:
+                request = requests[item.request_id]
+                if request is None or RequestStatus(request.status).final:
+                    outcomes.append("dropped")
+                    continue
+                if item.frame is not None:
+                    frame = dataclasses.replace(item.frame, meta=request.meta_info)
+                    new = await store.add_frame(
+                        session=session, request=request, frame=frame, now=now
+                    )
+                    outcomes.append("stored" if new else "duplicate")
+                else:
+                    assert item.refusal is not None
+                    new = await store.add_file_rejection(
+                        session=session,
+                        request=request,
+                        file_id=item.file.file_id,
+                        rejected=item.refusal,
+                        now=now,
+                    )
+                    outcomes.append("rejected" if new else "duplicate")
+                if new:
+                    changed[request.id] = request
+            # One progress event per request and group (its counts say how far it got).
+            for request in changed.values():
                 store.announce(session=session, request=request, now=now)
                 store.finish_upload_if_done(session=session, request=request, now=now)
-        log.info(
-            "file refused",
-            request_id=file.request_id,
-            file_id=file.file_id,
-            code=rejected.code,
-            reason=rejected.reason,
-        )
-        self._counted(file.kind.value, "rejected")
-        self._committed()
+        if changed:
+            self._committed()
+        return outcomes
 
     async def _store_csv(self, file: FileMessage, body: bytes, *, received: datetime) -> None:
         try:
