@@ -33,7 +33,7 @@ class IngestionSettings(CommonSettings):
     decode_workers: int = Field(default=2, ge=1)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     # Files of one upload being checked and stored at once, per replica.
-    upload_prefetch: int = Field(default=8, ge=1)
+    upload_prefetch: int = Field(default=16, ge=1)
 
     # RTSP captures (the seed's defaults: 1 fps, 30 s capture timeout, 3 reconnects, 10 streams).
     max_concurrent_streams: int = Field(default=10, ge=1)

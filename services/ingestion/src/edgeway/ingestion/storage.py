@@ -7,21 +7,29 @@ client is synchronous (urllib3): every call runs in a worker thread, off the eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+import certifi
 import urllib3
 from minio import Minio
 from minio.error import S3Error, ServerError
 
 from edgeway.common.logging import get_logger
 from edgeway.ingestion.settings import IngestionSettings
+
+# Object requests in flight at once, per process (the minio client's connection pool is sized
+# to match in make_store).
+STORAGE_THREADS = 16
+T = TypeVar("T")
 
 # Pauses between tries of a put that failed on the way (connection, 5xx, throttling).
 PUT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
@@ -67,11 +75,25 @@ class S3Store:
     """A bucket on an S3-compatible server (MinIO, any S3 API)."""
 
     def __init__(
-        self, client: Minio, bucket: str, *, retry_delays: tuple[float, ...] = PUT_RETRY_DELAYS
+        self,
+        client: Minio,
+        bucket: str,
+        *,
+        retry_delays: tuple[float, ...] = PUT_RETRY_DELAYS,
+        threads: int = STORAGE_THREADS,
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.retry_delays = retry_delays
+        # Requests to the server wait on the network, not the CPU: more of them may be in flight
+        # than asyncio's default pool allows (cores + 4), which capped uploads at 6 puts at once.
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="edgeway-s3")
+
+    async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._threads, functools.partial(function, *args, **kwargs)
+        )
 
     async def ensure_bucket(self) -> None:
         def ensure() -> None:
@@ -82,7 +104,7 @@ class S3Store:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
 
-        await asyncio.to_thread(ensure)
+        await self._call(ensure)
 
     async def put(
         self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]
@@ -91,7 +113,7 @@ class S3Store:
         # spending the message's delivery limit on it; a longer outage fails the delivery.
         for attempt, delay in enumerate((*self.retry_delays, None)):
             try:
-                await asyncio.to_thread(
+                await self._call(
                     self.client.put_object,
                     self.bucket,
                     key,
@@ -118,7 +140,7 @@ class S3Store:
                 response.close()
                 response.release_conn()
 
-        return await asyncio.to_thread(read)
+        return await self._call(read)
 
     async def exists(self, key: str) -> bool:
         def stat() -> bool:
@@ -130,10 +152,10 @@ class S3Store:
                 raise
             return True
 
-        return await asyncio.to_thread(stat)
+        return await self._call(stat)
 
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self.client.remove_object, self.bucket, key)
+        await self._call(self.client.remove_object, self.bucket, key)
 
     async def list(self, prefix: str) -> list[StoredObject]:
         def listing() -> list[StoredObject]:
@@ -143,7 +165,7 @@ class S3Store:
                 if item.object_name is not None
             ]
 
-        return await asyncio.to_thread(listing)
+        return await self._call(listing)
 
     def url(self, key: str, *, expires: timedelta) -> str | None:
         # Signing is local computation: no request to the server.
@@ -215,11 +237,20 @@ class LocalStore:
 def make_store(settings: IngestionSettings) -> ObjectStore:
     if settings.storage_endpoint is None:
         return LocalStore(settings.data_dir / "objects", settings.storage_bucket)
+    # The minio client's own pool settings (minio/api.py), with one connection per thread.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=60, read=300),
+        maxsize=STORAGE_THREADS,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
     client = Minio(
         settings.storage_endpoint,
         access_key=settings.storage_access_key,
         secret_key=settings.storage_secret_key.get_secret_value(),
         secure=settings.storage_secure,
         region=settings.storage_region,
+        http_client=http,
     )
     return S3Store(client, settings.storage_bucket)
