@@ -296,22 +296,33 @@ async def rtsp(
     return _accepted(reply, request_id)
 
 
+async def _about_request(
+    gateway: Gateway,
+    request_id: str,
+    command: type[CancelRequest] | type[GetStatus],
+    *,
+    endpoint: str,
+) -> JSONResponse:
+    """Ask the service about one request (status, cancel): its IngestionResponse, or why not."""
+    checked = _request_id(request_id, endpoint=endpoint)
+    if isinstance(checked, JSONResponse):
+        return checked
+    try:
+        reply = await ask(gateway, command(request_id=checked))
+    except ServiceUnavailableError as exc:
+        return _unavailable(exc, endpoint=endpoint, request_id=checked)
+    if not reply.ok or reply.response is None:
+        return _reply_error(reply, endpoint=endpoint, request_id=checked)
+    return JSONResponse(reply.response.model_dump(mode="json"))
+
+
 @router.post(CANCEL_ENDPOINT)
 async def cancel(
     request_id: str,
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_WRITE, CANCEL_ENDPOINT)],
 ) -> JSONResponse:
-    checked = _request_id(request_id, endpoint=CANCEL_ENDPOINT)
-    if isinstance(checked, JSONResponse):
-        return checked
-    try:
-        reply = await ask(gateway, CancelRequest(request_id=checked))
-    except ServiceUnavailableError as exc:
-        return _unavailable(exc, endpoint=CANCEL_ENDPOINT, request_id=checked)
-    if not reply.ok or reply.response is None:
-        return _reply_error(reply, endpoint=CANCEL_ENDPOINT, request_id=checked)
-    return JSONResponse(reply.response.model_dump(mode="json"))
+    return await _about_request(gateway, request_id, CancelRequest, endpoint=CANCEL_ENDPOINT)
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -319,16 +330,7 @@ async def cancel(
 
 @router.get(STATUS_ENDPOINT, dependencies=[require(Scope.INGEST_READ, STATUS_ENDPOINT)])
 async def status(request_id: str, gateway: GatewayDep) -> JSONResponse:
-    checked = _request_id(request_id, endpoint=STATUS_ENDPOINT)
-    if isinstance(checked, JSONResponse):
-        return checked
-    try:
-        reply = await ask(gateway, GetStatus(request_id=checked))
-    except ServiceUnavailableError as exc:
-        return _unavailable(exc, endpoint=STATUS_ENDPOINT, request_id=checked)
-    if not reply.ok or reply.response is None:
-        return _reply_error(reply, endpoint=STATUS_ENDPOINT, request_id=checked)
-    return JSONResponse(reply.response.model_dump(mode="json"))
+    return await _about_request(gateway, request_id, GetStatus, endpoint=STATUS_ENDPOINT)
 
 
 @router.websocket(PROGRESS_ENDPOINT)

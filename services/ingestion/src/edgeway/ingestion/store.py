@@ -560,37 +560,25 @@ async def known_keys(*, session: AsyncSession, keys: Sequence[str]) -> set[str]:
     return known
 
 
-async def expired_frames(
-    *, session: AsyncSession, before: datetime, limit: int
+# The tables whose rows name stored objects (retention deletes both).
+StoredObjects = type[Frame] | type[PhoneFile]
+
+
+async def expired_objects(
+    *, session: AsyncSession, table: StoredObjects, before: datetime, limit: int
 ) -> Sequence[tuple[str, str]]:
-    """(id, key) of frames stored before `before`, oldest first."""
+    """(id, key) of `table`'s rows stored before `before`, oldest first."""
     rows = await session.execute(
-        select(Frame.id, Frame.storage_path)
-        .where(Frame.created_at < before)
-        .order_by(Frame.created_at)
+        select(table.id, table.storage_path)
+        .where(table.created_at < before)
+        .order_by(table.created_at)
         .limit(limit)
     )
     return [(row[0], row[1]) for row in rows]
 
 
-async def expired_phone_files(
-    *, session: AsyncSession, before: datetime, limit: int
-) -> Sequence[tuple[str, str]]:
-    rows = await session.execute(
-        select(PhoneFile.id, PhoneFile.storage_path)
-        .where(PhoneFile.created_at < before)
-        .order_by(PhoneFile.created_at)
-        .limit(limit)
-    )
-    return [(row[0], row[1]) for row in rows]
-
-
-async def delete_frames(*, session: AsyncSession, ids: Sequence[str]) -> None:
-    await session.execute(delete(Frame).where(Frame.id.in_(ids)))
-
-
-async def delete_phone_files(*, session: AsyncSession, ids: Sequence[str]) -> None:
-    await session.execute(delete(PhoneFile).where(PhoneFile.id.in_(ids)))
+async def delete_rows(*, session: AsyncSession, table: StoredObjects, ids: Sequence[str]) -> None:
+    await session.execute(delete(table).where(table.id.in_(ids)))
 
 
 async def delete_finished_requests(*, session: AsyncSession, before: datetime) -> int:

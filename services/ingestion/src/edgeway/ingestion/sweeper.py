@@ -135,19 +135,20 @@ class Sweeper:
 
     async def _apply_retention(self, now: datetime, report: SweepReport) -> None:
         before = now - timedelta(days=self._settings.retention_days)
-        for expired, remove in (
-            (store.expired_frames, store.delete_frames),
-            (store.expired_phone_files, store.delete_phone_files),
-        ):
+        for table in (store.Frame, store.PhoneFile):
             while True:
                 async with self._sessions() as session:
-                    rows = await expired(session=session, before=before, limit=RETENTION_BATCH)
+                    rows = await store.expired_objects(
+                        session=session, table=table, before=before, limit=RETENTION_BATCH
+                    )
                 if not rows:
                     break
                 for _, key in rows:
                     await self._objects.delete(key)
                 async with self._sessions.begin() as session:
-                    await remove(session=session, ids=[row_id for row_id, _ in rows])
+                    await store.delete_rows(
+                        session=session, table=table, ids=[row_id for row_id, _ in rows]
+                    )
                 report.expired_objects += len(rows)
                 if len(rows) < RETENTION_BATCH:
                     break
