@@ -115,3 +115,8 @@ def test_values_out_of_bounds_are_refused(
     field = name.removeprefix("EDGEWAY_").lower()
     with pytest.raises(ValidationError, match=field):
         IngestionSettings()
+
+
+def test_a_credentials_key_that_is_not_a_fernet_key_is_refused() -> None:
+    with pytest.raises(ValidationError, match="not a Fernet key"):
+        IngestionSettings(credentials_key="not-a-key")

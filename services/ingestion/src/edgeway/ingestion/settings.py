@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from edgeway.common.settings import CommonSettings, database_url_field
 
@@ -61,6 +62,18 @@ class IngestionSettings(CommonSettings):
     # Fernet key (urlsafe base64, 32 bytes) sealing RTSP URLs with credentials at rest. In
     # development a key is made once and kept in the data directory; elsewhere it must be set.
     credentials_key: SecretStr | None = None
+
+    @field_validator("credentials_key")
+    @classmethod
+    def _a_fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                Fernet(value.get_secret_value().encode())
+            except ValueError:
+                raise ValueError(
+                    "EDGEWAY_CREDENTIALS_KEY is not a Fernet key (32 url-safe base64-encoded bytes)"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _key_outside_development(self) -> IngestionSettings:
