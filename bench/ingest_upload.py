@@ -201,15 +201,16 @@ def render(results: dict[str, Any]) -> str:
             f"{run['images_per_s']:.1f}",
             f"{run['mb_per_s']:.2f}",
             str(run.get("request_p50_ms", "-")),
-            f"{run['images_per_s'] / results['raw']['images_per_s']:.2f}",
+            f"{run['images_per_s'] / results['baseline_images_per_s']:.2f}",
         ]
-        for run in (results["raw"], *results["suite"])
+        for run in (results["raw"], *results["suite"], results["raw_after"])
     ]
+    # "x raw": against the mean of the two raw runs.
     headers = ["path", "images", "images/s", "MB/s", "req p50 ms", "x raw"]
     groups = list(results["raw"]["cpu_ms_per_image"])
     cpu_rows = [
         [run["path"], *(f"{run['cpu_ms_per_image'][g]:.1f}" for g in groups)]
-        for run in (results["raw"], *results["suite"])
+        for run in (results["raw"], *results["suite"], results["raw_after"])
     ]
     verdict = "met" if results["best_ratio"] >= TARGET_RATIO else "NOT met"
     return (
@@ -270,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for batch in (10, 1)
             ]
+            # Raw again after the suite: this machine's speed drifts within minutes, so the
+            # baseline is the mean of a run on each side of the suite's.
+            results["raw_after"] = measured(meter, lambda: raw_puts(client, images))
+            results["raw_after"]["path"] = "raw minio puts, again"
     finally:
         if stack is not None:
             stack.stop()
@@ -277,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         drop_postgres_database(ingestion_db)
         drop_postgres_database(occupancy_db)
         drop_vhost(vhost)
+    results["baseline_images_per_s"] = statistics.mean(
+        run["images_per_s"] for run in (results["raw"], results["raw_after"])
+    )
     results["best_ratio"] = max(
-        run["images_per_s"] / results["raw"]["images_per_s"] for run in results["suite"]
+        run["images_per_s"] / results["baseline_images_per_s"] for run in results["suite"]
     )
     print(render(results))
     RESULTS.mkdir(exist_ok=True)
