@@ -202,23 +202,50 @@ def impatient_client(endpoint: str, access_key: str, secret_key: str) -> Minio:
     )
 
 
-async def test_a_put_waits_out_a_storage_server_that_is_down(tmp_path: Path) -> None:
-    """The server is down when the put starts and back a moment later: the put lands."""
-    server = S3Server(tmp_path / "moto.log")
-    client = impatient_client(server.endpoint, ACCESS_KEY, SECRET_KEY)
-    store = S3Store(client, "retried", retry_delays=(0.3, 0.5, 1.0, 2.0, 4.0))
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def test_a_put_waits_out_a_storage_server_that_is_down(s3_server: S3Server) -> None:
+    """The storage is unreachable when the put starts and back a moment later: the put lands.
+
+    The store talks to a port where nothing listens yet; then a plain TCP forwarder to the real
+    S3 server opens there (the bucket already exists, so the first put that connects succeeds).
+    """
+    bucket = f"retried-{uuid.uuid4().hex[:8]}"
+    direct = Minio(s3_server.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False)
+    direct.make_bucket(bucket)
+    port = free_port()
+    store = S3Store(
+        impatient_client(f"127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY),
+        bucket,
+        retry_delays=(0.3, 0.5, 1.0, 2.0, 4.0),
+    )
     put_task = asyncio.create_task(
         store.put("frames/a.jpg", b"payload", content_type="image/jpeg", metadata={})
     )
     await asyncio.sleep(0.6)  # the first tries fail: connection refused
     assert not put_task.done()
-    await asyncio.to_thread(server.start)
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", s3_server.port
+        )
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+    forwarder = await asyncio.start_server(forward, "127.0.0.1", port)
     try:
-        client.make_bucket("retried")
         await asyncio.wait_for(put_task, 15)
-        assert await store.get("frames/a.jpg") == b"payload"
     finally:
-        server.stop()
+        forwarder.close()
+    response = direct.get_object(bucket, "frames/a.jpg")
+    assert response.read() == b"payload"
+    response.close()
 
 
 async def test_a_put_gives_up_when_the_storage_stays_down() -> None:

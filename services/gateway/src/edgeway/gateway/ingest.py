@@ -119,12 +119,12 @@ def _reply_error(reply: IngestReply, *, endpoint: str, request_id: str) -> JSONR
     )
 
 
-def _accepted(reply: IngestReply, request_id: str, **extra: Any) -> JSONResponse:
+def _accepted(reply: IngestReply, request_id: str) -> JSONResponse:
+    """202: the request as it stands, and where to follow it."""
     assert reply.response is not None
     body = reply.response.model_dump(mode="json")
     body["status_url"] = STATUS_ENDPOINT.format(request_id=request_id)
     body["websocket_url"] = PROGRESS_ENDPOINT.format(request_id=request_id)
-    body.update(extra)
     return JSONResponse(body, 202)
 
 
