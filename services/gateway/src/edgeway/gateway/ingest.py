@@ -52,6 +52,7 @@ from edgeway.common.schemas.ingest import (
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone, send_text
+from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
 from edgeway.gateway.multipart import FormError, UploadLimits, read_form
@@ -249,18 +250,6 @@ async def upload(
 # --- RTSP captures --------------------------------------------------------------------------
 
 
-async def _read_json(request: Request) -> bytes | None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            return None
-    return bytes(body)
-
-
 @router.post(RTSP_ENDPOINT, status_code=202)
 async def rtsp(
     request: Request,
@@ -275,7 +264,7 @@ async def rtsp(
             f"content type {content_type or 'none'!r}: send the request as application/json",
             endpoint=RTSP_ENDPOINT,
         )
-    body = await _read_json(request)
+    body = await read_body(request, MAX_JSON_BYTES)
     if body is None:
         return error_response(
             413, "too_large", f"the body is over {MAX_JSON_BYTES} bytes", endpoint=RTSP_ENDPOINT

@@ -1,8 +1,23 @@
-"""Per-connection rate limiting at the edge."""
+"""Edge limits: per-connection rate limiting, and request bodies read under a cap."""
 
 from __future__ import annotations
 
 import time
+
+from starlette.requests import Request
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is longer than `limit` (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 class TokenBucket:

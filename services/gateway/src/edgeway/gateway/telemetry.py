@@ -30,6 +30,7 @@ from edgeway.common.telemetry import wire
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone, send_text
+from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
@@ -66,19 +67,6 @@ def _flag(value: str | None, header: str) -> bool:
 # --- upload ---------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is longer than `limit` (never read whole)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 @router.post(UPLOAD_ENDPOINT, status_code=202)
 @router.post("/api/telemetry", status_code=202)  # the seed README's documented path
 async def upload(
@@ -97,7 +85,7 @@ async def upload(
             f"content type {content_type!r}: send a protobuf body as {PROTOBUF}",
         )
     limit = gateway.settings.max_upload_bytes
-    body = await _read_body(request, limit)
+    body = await read_body(request, limit)
     if body is None:
         return _error(413, ErrorCode.TOO_LARGE, f"the body is over the {limit}-byte limit")
     try:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,6 +20,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def terminate(process: subprocess.Popen[Any], *, grace: float = 10) -> None:
+    """SIGTERM and wait; SIGKILL if it has not ended within `grace` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 class ServiceProcess:
@@ -82,14 +95,8 @@ class ServiceProcess:
 
     def stop(self) -> None:
         """SIGTERM, as an orchestrator does; SIGKILL if it does not end in time."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            terminate(self.process, grace=20)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

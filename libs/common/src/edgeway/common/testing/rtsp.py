@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import IO, Literal, Self
 from urllib.parse import quote
 
-from edgeway.common.testing.processes import free_port
+from edgeway.common.testing.processes import free_port, terminate
 
 SYSTEM_PYTHON = os.environ.get("EDGEWAY_TEST_SYSTEM_PYTHON", "/usr/bin/python3")
 SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
@@ -157,12 +157,7 @@ class RtspServer:
             return
         assert self.process is not None
         self.resume()  # a stopped process would hold SIGTERM until continued
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process)
 
     def kill(self) -> None:
         """SIGKILL: the camera vanishes mid-stream, connections reset, no TEARDOWN."""

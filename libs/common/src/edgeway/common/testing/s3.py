@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeway.common.testing.processes import free_port
+from edgeway.common.testing.processes import free_port, terminate
 
 ACCESS_KEY = "edgeway-test"
 SECRET_KEY = "edgeway-test-secret"  # noqa: S105 - a throwaway key for a loopback test server
@@ -64,13 +64,8 @@ class S3Server:
         raise TimeoutError(f"moto_server not answering on {self.endpoint} after {timeout}s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            terminate(self.process)
 
 
 @pytest.fixture(scope="session")
