@@ -4,6 +4,7 @@ holds back and releases, so what is acked, dropped and published when is exact."
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -79,6 +80,25 @@ def test_a_full_queue_drops_the_oldest_replayed_records_first_then_the_oldest_li
     assert queue.put(upload, [record(30 + i) for i in range(10)]) == 6
     assert drained(queue) == [36, 37, 38, 39]
     assert queue.clear() == 0
+
+
+def test_replayed_records_are_let_in_at_the_replay_rate_newest_first() -> None:
+    now = [0.0]
+    queue = BroadcastQueue(1000, replay_rate=3, clock=lambda: now[0])
+    upload = Upload(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
+    # A second's worth of replay at once; the rest of the put, the oldest of it, is dropped.
+    # Live records are never held back.
+    assert queue.put(upload, [*(record(i, late=True) for i in range(5)), record(100)]) == 2
+    assert queue.put(upload, [record(10, late=True), record(101)]) == 1  # the bucket is empty
+    now[0] = 0.5  # half a second: one and a half records' worth
+    assert queue.put(upload, [record(20 + i, late=True) for i in range(4)]) == 3
+    now[0] = 10.0  # a long pause fills the bucket up to one second's worth, no more
+    assert queue.put(upload, [record(30 + i, late=True) for i in range(5)]) == 2
+    assert drained(queue) == [2, 3, 4, 100, 101, 23, 32, 33, 34]
+    unlimited = BroadcastQueue(1000, replay_rate=math.inf)
+    assert unlimited.put(upload, [record(i, late=True) for i in range(50)]) == 0
+    with pytest.raises(ValueError, match="replay_rate"):
+        BroadcastQueue(10, replay_rate=-1)
 
 
 # --- the publisher --------------------------------------------------------------------------------

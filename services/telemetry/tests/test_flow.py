@@ -620,7 +620,10 @@ async def test_uploads_are_acked_once_committed_while_their_broadcasts_still_dra
         for vin in vins:
             body = wire.encode_batch(streams[vin][first : first + batch])
             await gateway.upload(body, vin=vin, batch=True)
-    service = start_service(EDGEWAY_TELEMETRY_BROADCAST_BACKLOG=str(total))
+    service = start_service(
+        EDGEWAY_TELEMETRY_BROADCAST_BACKLOG=str(total),
+        EDGEWAY_TELEMETRY_REPLAY_BROADCAST_RATE="inf",  # every replayed record is broadcast
+    )
 
     deadline = time.monotonic() + WAIT
     while (

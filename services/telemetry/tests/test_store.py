@@ -162,6 +162,9 @@ async def test_records_are_stored_once_per_vehicle_and_timestamp(
             )
         )
     assert speed == 65.5  # the first copy stays
+    # Nothing stored yet but the same record twice (on PostgreSQL, the direct COPY's case).
+    assert await store_rows(sessions, [row(car, 900), row(car, 900, speed=1.0)]) == [True, False]
+    assert await count(sessions, store.TelemetryRecord) == 6
 
 
 async def test_a_record_keeps_every_value_exactly(

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -72,36 +74,80 @@ class BroadcastQueue:
     Live records and replayed ones wait apart, each in order, and are taken back in the order
     they were put. When more than `capacity` wait, the oldest replayed records go first (a
     replay is history that reaches dashboards late anyway), then the oldest live ones.
+
+    Replayed records are also let in at no more than `replay_rate` per second (a token bucket
+    holding one second's worth; None or infinity: no limit), the newest of each put first: a
+    logger back from a long dead zone uploads its buffer in batches of thousands, and
+    publishing all of it would cost the process more than storing it. The rest are dropped,
+    counted, when they are put.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        replay_rate: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
+        if replay_rate is not None and not replay_rate >= 0:
+            raise ValueError("replay_rate must be a number of at least 0")
+        if replay_rate == math.inf:
+            replay_rate = None
         self.capacity = capacity
         self._live: deque[Entry] = deque()
         self._replay: deque[Entry] = deque()
         self._next = 0
+        self._replay_rate = replay_rate
+        self._clock = clock
+        self._tokens = replay_rate if replay_rate is not None else 0.0
+        self._filled_at = clock()
 
     def __len__(self) -> int:
         return len(self._live) + len(self._replay)
 
     def put(self, upload: Upload, records: Sequence[StoredRecord]) -> int:
-        """Queue `records` of `upload`, in order; returns how many waiting ones were dropped."""
+        """Queue `records` of `upload`, in order; returns how many records were dropped (of
+        these, replayed ones over the replay rate, the oldest first; or waiting ones, over the
+        capacity)."""
         live, replay = self._live, self._replay
         place = self._next
+        late = sum(1 for record in records if record.late)
+        admitted = late
+        if self._replay_rate is not None:
+            admitted = min(late, math.floor(self._refill()))
+            self._tokens -= admitted
+        refused = skip = late - admitted  # the oldest of them: dashboards want the newest
         for record in records:
-            (replay if record.late else live).append((place, upload, record))
+            if not record.late:
+                live.append((place, upload, record))
+            elif skip:
+                skip -= 1
+                continue
+            else:
+                replay.append((place, upload, record))
             place += 1
         self._next = place
         excess = len(live) + len(replay) - self.capacity
         if excess <= 0:
-            return 0
+            return refused
         from_replay = min(excess, len(replay))
         for _ in range(from_replay):
             replay.popleft()
         for _ in range(excess - from_replay):
             live.popleft()
-        return excess
+        return refused + excess
+
+    def _refill(self) -> float:
+        """The replay records that may be queued now (the bucket topped up for the time since
+        the last put); only with a replay rate."""
+        rate = self._replay_rate
+        assert rate is not None
+        now = self._clock()
+        self._tokens = min(rate, self._tokens + (now - self._filled_at) * rate)
+        self._filled_at = now
+        return self._tokens
 
     def pop(self) -> Entry | None:
         """The waiting record that was put first, or None."""
@@ -164,8 +210,9 @@ class Broadcaster:
         capacity: int,
         metrics: BroadcastMetrics,
         window: int = PUBLISH_WINDOW,
+        replay_rate: float | None = None,
     ) -> None:
-        self.queue = BroadcastQueue(capacity)
+        self.queue = BroadcastQueue(capacity, replay_rate=replay_rate)
         self._sender = sender
         self._metrics = metrics
         self._window = asyncio.Semaphore(window)

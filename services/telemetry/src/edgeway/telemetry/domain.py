@@ -12,11 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.predictor import (
     FIELDS,
+    RECONSTRUCTED,
     Decoded,
     Decoder,
     OutOfOrderError,
@@ -154,7 +155,7 @@ def decode_upload(decoder: Decoder, packets: Sequence[Packet]) -> DecodedUpload:
     records: list[DecodedPacket] = []
     behind: list[Packet] = []
     for packet in packets:
-        last = decoder.state.last_timestamp_ms
+        last = decoder.last_timestamp_ms
         if last is not None and packet.timestamp_ms <= last:
             behind.append(packet)
             continue
@@ -185,8 +186,14 @@ def out_of_order(upload: Upload, late: Sequence[Packet]) -> Rejection:
     )
 
 
+_MASKS: Final = {fields: mask for mask, fields in enumerate(RECONSTRUCTED)}
+
+
 def reconstructed_mask(fields: Iterable[str]) -> int:
     """The `telemetry.reconstructed` bitmask: bit i for FIELDS[i] (speed 1, battery 2, ...)."""
+    known = _MASKS.get(fields) if isinstance(fields, frozenset) else None
+    if known is not None:  # what Decoder.decode returns: one of its 16 sets
+        return known
     names = set(fields)
     return sum(1 << index for index, name in enumerate(FIELDS) if name in names)
 
@@ -194,6 +201,9 @@ def reconstructed_mask(fields: Iterable[str]) -> int:
 def reconstructed_fields(mask: int) -> list[str]:
     """The fields a bitmask names, in FIELDS order."""
     return [name for index, name in enumerate(FIELDS) if mask & (1 << index)]
+
+
+MS_PER_DAY: Final = 86_400_000  # a UTC day: record times of one day share timestamp_ms // this
 
 
 def record_day(timestamp_ms: int) -> date:
@@ -250,9 +260,15 @@ class StatsCounts:
 # --- offline sessions -----------------------------------------------------------------------------
 
 
+def late_before(received_at: datetime, *, offline_after_s: float) -> float:
+    """Record times (ms since the epoch) before which a record that reached the gateway at
+    `received_at` came so long after its own time that it was buffered (`is_late`)."""
+    return received_at.timestamp() * 1000 - offline_after_s * 1000
+
+
 def is_late(timestamp_ms: int, *, received_at: datetime, offline_after_s: float) -> bool:
     """Whether a record reached the gateway so long after its own time that it was buffered."""
-    return received_at.timestamp() * 1000 - timestamp_ms > offline_after_s * 1000
+    return timestamp_ms < late_before(received_at, offline_after_s=offline_after_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,13 +275,15 @@ def _broadcaster(
     )
     dropped = Counter(
         "edgeway_telemetry_broadcast_dropped_total",
-        "Stored records never broadcast: the oldest waiting when the broadcast queue was full "
-        "(replays first), or still waiting at shutdown",
+        "Stored records never broadcast: replayed ones over the replay broadcast rate, the "
+        "oldest waiting when the broadcast queue was full (replays first), or still waiting at "
+        "shutdown",
         registry=registry,
     )
     broadcaster = Broadcaster(
         AmqpSender(broker, topology.broadcast, app_id=f"edgeway-{SERVICE}", producer=SERVICE),
         capacity=settings.broadcast_backlog,
+        replay_rate=settings.replay_broadcast_rate,
         metrics=BroadcastMetrics(published=published.inc, failed=failures.inc, dropped=dropped.inc),
     )
     Gauge(

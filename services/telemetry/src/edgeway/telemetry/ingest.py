@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.telemetry.predictor import (
+    FIELDS,
     Decoded,
     Decoder,
     Packet,
@@ -195,22 +196,15 @@ class Pipeline:
                 if decoded.behind:
                     behind.append((index, vehicle_id, upload, decoded.behind))
                 received_at = delivery.envelope.received_datetime()
+                late_before = domain.late_before(received_at, offline_after_s=self.offline_after_s)
+                compressed = upload.compressed
                 records.extend(
                     _Record(
                         index,
                         upload.vin,
                         record.decoded,
-                        _row(
-                            vehicle_id,
-                            record,
-                            compressed=upload.compressed,
-                            received_at=received_at,
-                        ),
-                        domain.is_late(
-                            record.decoded.sample.timestamp_ms,
-                            received_at=received_at,
-                            offline_after_s=self.offline_after_s,
-                        ),
+                        _row(vehicle_id, record, compressed=compressed, received_at=received_at),
+                        record.decoded.sample.timestamp_ms < late_before,
                     )
                     for record in decoded.records
                 )
@@ -282,19 +276,47 @@ class Pipeline:
         self, session: AsyncSession, stored: Sequence[_Record]
     ) -> list[domain.StatsCounts]:
         """Add the stored records to their day's statistics; each record's running totals."""
-        increments: dict[store.StatsKey, domain.StatsCounts] = defaultdict(domain.StatsCounts)
+        fields = len(FIELDS)
         keys: list[store.StatsKey] = []
+        skipped: list[int] = []
+        added: dict[store.StatsKey, list[int]] = {}  # [packets, skipped] per (vehicle, day)
+        days: dict[int, date] = {}  # UTC day number -> its date
         for record in stored:
-            key = store.StatsKey(record.row.vehicle_id, domain.record_day(record.row.timestamp_ms))
+            number = record.row.timestamp_ms // domain.MS_PER_DAY
+            day = days.get(number)
+            if day is None:
+                day = days[number] = domain.record_day(record.row.timestamp_ms)
+            key = store.StatsKey(record.row.vehicle_id, day)
             keys.append(key)
-            increments[key] += domain.StatsCounts.of(record.decoded)
-        totals = await store.add_stats(session=session, increments=increments)
+            skips = len(record.decoded.reconstructed)
+            skipped.append(skips)
+            counts = added.get(key)
+            if counts is None:
+                added[key] = [1, skips]
+            else:
+                counts[0] += 1
+                counts[1] += skips
+        totals = await store.add_stats(
+            session=session,
+            increments={
+                key: domain.StatsCounts(packets, packets * fields - skips, skips)
+                for key, (packets, skips) in added.items()
+            },
+        )
         # Walk back from the totals after the group to each record's own.
-        running: list[domain.StatsCounts] = []
-        for record, key in zip(reversed(stored), reversed(keys), strict=True):
-            running.append(totals[key])
-            totals[key] -= domain.StatsCounts.of(record.decoded)
-        return running[::-1]
+        running: dict[store.StatsKey, list[int]] = {
+            key: [counts.packets, counts.transmitted, counts.skipped]
+            for key, counts in totals.items()
+        }
+        after: list[domain.StatsCounts] = []
+        for key, skips in zip(reversed(keys), reversed(skipped), strict=True):
+            counts = running[key]
+            after.append(domain.StatsCounts(*counts))
+            counts[0] -= 1
+            counts[1] -= fields - skips
+            counts[2] -= skips
+        after.reverse()
+        return after
 
     async def _advance_vehicles(
         self, session: AsyncSession, records: Sequence[_Record], fresh: Sequence[bool]

@@ -56,6 +56,11 @@ class TelemetrySettings(CommonSettings):
     broadcast_backlog: int = Field(
         default=20_000, ge=1, validation_alias="EDGEWAY_TELEMETRY_BROADCAST_BACKLOG"
     )
+    # Most records of store-and-forward replays broadcast per second (the rest are stored, not
+    # broadcast; dashboards read them as history): a replay is thousands of records per upload.
+    replay_broadcast_rate: float = Field(
+        default=500.0, ge=0, validation_alias="EDGEWAY_TELEMETRY_REPLAY_BROADCAST_RATE"
+    )
 
     @property
     def predictor(self) -> PredictorConfig:

@@ -17,6 +17,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import psycopg.errors
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -226,7 +227,15 @@ _COPY_TYPES = (
     "bool",
     "timestamptz",
 )
-# The COPY target: one per connection, emptied at every commit (and gone on rollback).
+# The common case: every row is new, and COPY writes them straight into the table.
+_COPY_DIRECT = """
+COPY telemetry (
+    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
+    uncertain, sequence, predictor_version, compressed, received_at
+) FROM STDIN (FORMAT BINARY)
+"""
+# The COPY target when some rows may be stored: one per connection, emptied at every commit
+# (and gone on rollback).
 _CREATE_INCOMING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS telemetry_incoming (
     ord int4, vehicle_id int4, timestamp_ms int8, speed float8, battery float8, power float8,
@@ -394,10 +403,9 @@ async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) ->
     if not rows:
         return []
     if dialect_of(session) == "postgresql":
-        inserted = await _copy_records(session, rows)
-    else:
-        result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
-        inserted = {(vehicle_id, timestamp_ms) for vehicle_id, timestamp_ms in result}
+        return await _copy_records(session, rows)
+    result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
+    inserted = {(vehicle_id, timestamp_ms) for vehicle_id, timestamp_ms in result}
     fresh: list[bool] = []
     for row in rows:
         key = (row.vehicle_id, row.timestamp_ms)
@@ -406,24 +414,55 @@ async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) ->
     return fresh
 
 
-async def _copy_records(session: AsyncSession, rows: Sequence[RecordRow]) -> set[tuple[int, int]]:
-    """COPY into a temporary table, then one INSERT ... SELECT that skips what is stored.
+async def _copy_records(session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
+    """COPY, straight into the table when none of the rows is stored yet (the common case).
 
-    COPY cannot skip conflicts itself; the temporary table (one per connection, emptied at
-    commit) lets the unique constraint decide. It runs in the session's transaction.
+    COPY cannot skip conflicts itself: it runs in a savepoint, and if a row turns out to be
+    stored already (a redelivery, a replay of records that made it before), the savepoint is
+    rolled back and the rows go through a temporary table (one per connection, emptied at
+    commit), from which one INSERT ... SELECT lets the unique constraint decide. Everything runs
+    in the session's transaction.
     """
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # psycopg.AsyncConnection
+    seen: set[tuple[int, int]] = set()
+    fresh: list[bool] = []
+    unique: list[RecordRow] = []
+    for row in rows:
+        key = (row.vehicle_id, row.timestamp_ms)
+        new = key not in seen  # a second copy in the same group is not new
+        fresh.append(new)
+        if new:
+            seen.add(key)
+            unique.append(row)
     async with driver.cursor() as cursor:
+        # SQL, not psycopg's transaction(): that would BEGIN and COMMIT on its own if the
+        # session has sent nothing yet.
+        await cursor.execute("SAVEPOINT telemetry_copy")
+        try:
+            async with cursor.copy(_COPY_DIRECT) as copy:
+                copy.set_types(_COPY_TYPES[1:])
+                for row in unique:
+                    await copy.write_row(row)
+        except psycopg.errors.UniqueViolation:
+            await cursor.execute("ROLLBACK TO SAVEPOINT telemetry_copy")
+        else:
+            await cursor.execute("RELEASE SAVEPOINT telemetry_copy")
+            return fresh
         await cursor.execute(_CREATE_INCOMING)
         async with cursor.copy(_COPY_INCOMING) as copy:
             copy.set_types(_COPY_TYPES)
             for ordinal, row in enumerate(rows):
                 await copy.write_row((ordinal, *row))
         await cursor.execute(_INSERT_INCOMING)
-        inserted: list[tuple[int, int]] = await cursor.fetchall()
-    return set(inserted)
+        inserted: set[tuple[int, int]] = set(await cursor.fetchall())
+    fresh = []
+    for row in rows:
+        key = (row.vehicle_id, row.timestamp_ms)
+        fresh.append(key in inserted)
+        inserted.discard(key)
+    return fresh
 
 
 # Timestamps per IN list: well under every driver's limit on bound parameters.

@@ -31,11 +31,17 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, cast
 
 # Bumped whenever a rule below changes: a packet names the rules its encoder followed.
 PREDICTOR_VERSION: Final = 1
 FIELDS: Final = ("speed", "battery", "power", "heading")  # predicted fields, in this order
+HEADING: Final = 3  # its index in FIELDS
+# The reconstructed fields a bitmask names (bit i: FIELDS[i]), for each of the 16 masks.
+RECONSTRUCTED: Final = tuple(
+    frozenset(name for index, name in enumerate(FIELDS) if mask & (1 << index))
+    for mask in range(1 << len(FIELDS))
+)
 
 _FLOAT32 = struct.Struct("<f")
 
@@ -304,13 +310,56 @@ class Encoder:
 
 
 class Decoder:
-    """The server's side: rebuilds full readings from one vehicle's packets, in sequence order."""
+    """The server's side: rebuilds full readings from one vehicle's packets, in sequence order.
+
+    The state lives in plain attributes while packets are decoded (the server decodes every
+    record it stores, so `decode` allocates as little as it can); `state` is the immutable
+    snapshot of it, built when asked for."""
+
+    __slots__ = (
+        "_alpha",
+        "_battery",
+        "_heading",
+        "_in_sync",
+        "_last_resync_ms",
+        "_last_sequence",
+        "_power",
+        "_speed",
+        "config",
+        "last_timestamp_ms",
+    )
 
     def __init__(
         self, config: PredictorConfig = PredictorConfig(), state: PredictorState | None = None
     ) -> None:
         self.config = config
+        self._alpha = config.alpha
         self.state = state if state is not None else PredictorState()
+
+    @property
+    def state(self) -> PredictorState:
+        """The state after the last decoded packet, as `Encoder.state` holds it."""
+        return PredictorState(
+            speed=self._speed,
+            battery=self._battery,
+            power=self._power,
+            heading=self._heading,
+            last_resync_ms=self._last_resync_ms,
+            last_sequence=self._last_sequence,
+            last_timestamp_ms=self.last_timestamp_ms,
+            in_sync=self._in_sync,
+        )
+
+    @state.setter
+    def state(self, state: PredictorState) -> None:
+        self._speed = state.speed
+        self._battery = state.battery
+        self._power = state.power
+        self._heading = state.heading
+        self._last_resync_ms = state.last_resync_ms
+        self._last_sequence = state.last_sequence
+        self.last_timestamp_ms: int | None = state.last_timestamp_ms
+        self._in_sync = state.in_sync
 
     def decode(self, packet: Packet) -> Decoded:
         """The reading `packet` stands for.
@@ -318,91 +367,101 @@ class Decoder:
         OutOfOrderError for a numbered packet at or before the last one (the state is unchanged);
         ValueError for a packet this module cannot read (another predictor version, a resync
         without every field, a sequence below 1, a value that is not a finite float32)."""
-        config, state = self.config, self.state
-        if packet.predictor_version not in (None, PREDICTOR_VERSION):
+        if packet.predictor_version is not None and packet.predictor_version != PREDICTOR_VERSION:
             raise ValueError(
                 f"packet follows predictor version {packet.predictor_version}, "
                 f"this decoder knows version {PREDICTOR_VERSION}"
             )
+        speed, battery, power, heading = packet.speed, packet.battery, packet.power, packet.heading
         sent = (
-            None if packet.speed is None else quantize_float(packet.speed),
-            None if packet.battery is None else quantize_float(packet.battery),
-            None if packet.power is None else quantize_float(packet.power),
-            None if packet.heading is None else float(quantize_heading(packet.heading)),
+            None if speed is None else quantize_float(speed),
+            None if battery is None else quantize_float(battery),
+            None if power is None else quantize_float(power),
+            None if heading is None else float(quantize_heading(heading)),
         )
-        if packet.is_resync and None in sent:
+        resync = packet.is_resync
+        if resync and None in sent:
             missing = [name for name, value in zip(FIELDS, sent, strict=True) if value is None]
             raise ValueError(f"a resync packet carries every field; missing {missing}")
         odometer = quantize_float(packet.odometer)
-
         gap, in_sync = self._gap(packet)
-        values: list[float] = []
-        predictions: list[float | None] = []
-        reconstructed: list[str] = []
+
+        # Everything that can fail has been checked: from here on the state moves.
         unpredictable = False
-        for name, value, prediction in zip(FIELDS, sent, state.predictions(), strict=True):
-            if packet.is_resync:
-                assert value is not None
-                values.append(value)
-                predictions.append(value)
-            elif value is not None:
-                values.append(value)
-                predictions.append(_update(name, prediction, value, config.alpha))
-            else:
-                reconstructed.append(name)
-                # A decoder that never saw a resync has nothing to predict from: 0.0, uncertain.
-                unpredictable |= prediction is None
-                values.append(0.0 if prediction is None else prediction)
-                predictions.append(prediction)
-        if packet.is_resync:
+        mask = 0
+        values: tuple[float | None, ...]
+        predictions: tuple[float | None, ...]
+        if resync:
+            values = predictions = sent
             in_sync = True
-        self.state = _advance(
-            state,
-            predictions,
-            timestamp=packet.timestamp_ms,
-            sequence=packet.sequence if packet.sequence is not None else state.last_sequence,
-            resync=packet.is_resync,
-            in_sync=in_sync,
+            self._last_resync_ms = packet.timestamp_ms
+        else:
+            alpha = self._alpha
+            before = (self._speed, self._battery, self._power, self._heading)
+            values_list: list[float | None] = list(sent)
+            predictions_list: list[float | None] = list(before)
+            for index in range(4):
+                value, prediction = sent[index], before[index]
+                if value is None:
+                    mask |= 1 << index
+                    # A decoder that never saw a resync has nothing to predict from: 0.0,
+                    # uncertain.
+                    if prediction is None:
+                        unpredictable = True
+                        values_list[index] = 0.0
+                    else:
+                        values_list[index] = prediction
+                elif prediction is None:
+                    predictions_list[index] = value
+                elif index == HEADING:
+                    predictions_list[index] = _normalize_heading(
+                        prediction + alpha * angular_difference(prediction, value)
+                    )
+                else:
+                    predictions_list[index] = quantize_float(
+                        prediction + alpha * (value - prediction)
+                    )
+            values, predictions = tuple(values_list), tuple(predictions_list)
+        self._speed, self._battery, self._power, self._heading = predictions
+        if packet.sequence is not None:
+            self._last_sequence = packet.sequence
+        self.last_timestamp_ms = packet.timestamp_ms
+        self._in_sync = in_sync
+        # Every value is set: a resync carries all four; a skipped one took its prediction or 0.0.
+        speed_out, battery_out, power_out, heading_out = cast(
+            "tuple[float, float, float, float]", values
         )
-        sample = Sample(
-            timestamp_ms=packet.timestamp_ms,
-            speed=values[0],
-            battery=values[1],
-            power=values[2],
-            odometer=odometer,
-            heading=values[3],
-        )
-        legacy = packet.sequence is None
         return Decoded(
-            sample=sample,
-            reconstructed=frozenset(reconstructed),
-            uncertain=unpredictable or not (legacy or in_sync),
+            sample=Sample(
+                packet.timestamp_ms, speed_out, battery_out, power_out, odometer, heading_out
+            ),
+            reconstructed=RECONSTRUCTED[mask],
+            uncertain=unpredictable or not (packet.sequence is None or in_sync),
             gap=gap,
         )
 
     def _gap(self, packet: Packet) -> tuple[int, bool]:
         """(missing packets before this one, whether the state is still in sync before it)."""
-        state = self.state
         sequence = packet.sequence
         if sequence is None:
-            return 0, state.in_sync  # legacy: arrival order, no gap detection
+            return 0, self._in_sync  # legacy: arrival order, no gap detection
         if sequence < 1:
             raise ValueError(f"sequence numbers start at 1, got {sequence}")
-        last = state.last_sequence
+        last = self._last_sequence
         if last is None:
             gap = sequence - 1  # encoders number from 1
         elif sequence > last:
             gap = sequence - last - 1
-        elif state.last_timestamp_ms is not None and packet.timestamp_ms > state.last_timestamp_ms:
+        elif self.last_timestamp_ms is not None and packet.timestamp_ms > self.last_timestamp_ms:
             # A lower number with a later record time: the encoder restarted (the logger's
             # clear_data) and numbers from 1 again. Its predictions are not ours until a resync.
             return sequence - 1, False
         else:
             raise OutOfOrderError(
                 f"packet {sequence} (timestamp {packet.timestamp_ms}) is at or before "
-                f"the last decoded one, {last} (timestamp {state.last_timestamp_ms})"
+                f"the last decoded one, {last} (timestamp {self.last_timestamp_ms})"
             )
-        return gap, state.in_sync and gap == 0
+        return gap, self._in_sync and gap == 0
 
 
 def _advance(

@@ -71,7 +71,7 @@ def parse_upload(body: bytes, *, compressed: bool, batch: bool) -> list[Packet]:
     if compressed:
         compressed_records = _parse_compressed(body, batch=batch)
         return [
-            _compressed_packet(record, _where(batch, index))
+            _compressed_packet(record, batch, index)
             for index, record in enumerate(compressed_records)
         ]
     plain_records = _parse_plain(body, batch=batch)
@@ -191,7 +191,53 @@ def _plain_packet(record: telemetry_pb2.VehicleData, where: str) -> Packet:
     )
 
 
-def _compressed_packet(record: telemetry_pb2.CompressedVehicleData, where: str) -> Packet:
+_SPEED_LOW, _SPEED_HIGH, _ = _RANGES["vehicle_speed"]
+_BATTERY_LOW, _BATTERY_HIGH, _ = _RANGES["battery_level"]
+_POWER_LOW, _POWER_HIGH, _ = _RANGES["power_kw"]
+_ODOMETER_LOW, _ODOMETER_HIGH, _ = _RANGES["odometer"]
+
+
+def _compressed_packet(
+    record: telemetry_pb2.CompressedVehicleData, batch: bool, index: int
+) -> Packet:
+    """The packet of a record whose every value is in range; anything else goes to
+    `_checked_compressed_packet`, which names what is wrong. (Every record of every upload
+    comes through here, so the common case makes as few calls as it can.)"""
+    has = record.HasField
+    timestamp, odometer, resync = record.timestamp, record.odometer, record.is_resync
+    speed = record.vehicle_speed if has("vehicle_speed") else None
+    battery = record.battery_level if has("battery_level") else None
+    power = record.power_kw if has("power_kw") else None
+    heading = record.heading if has("heading") else None
+    sequence = record.sequence if has("sequence") else None
+    version = record.predictor_version if has("predictor_version") else None
+    # Comparisons are False for NaN, and every range is finite: a value in range is a number.
+    if not (
+        MIN_TIMESTAMP_MS <= timestamp < MAX_TIMESTAMP_MS
+        and _ODOMETER_LOW <= odometer <= _ODOMETER_HIGH
+        and (speed is None or _SPEED_LOW <= speed <= _SPEED_HIGH)
+        and (battery is None or _BATTERY_LOW <= battery <= _BATTERY_HIGH)
+        and (power is None or _POWER_LOW <= power <= _POWER_HIGH)
+        and (heading is None or 0 <= heading <= 360)
+        and (sequence is None or sequence >= 1)
+        and (version is None or version == PREDICTOR_VERSION)
+        and not (resync and (speed is None or battery is None or power is None or heading is None))
+    ):
+        return _checked_compressed_packet(record, _where(batch, index))
+    return Packet(
+        timestamp,
+        odometer,
+        speed,
+        battery,
+        power,
+        None if heading is None else heading % 360,  # 360 is north, as 0 is
+        resync,
+        sequence,
+        version,
+    )
+
+
+def _checked_compressed_packet(record: telemetry_pb2.CompressedVehicleData, where: str) -> Packet:
     def optional(name: str) -> float | None:
         return _value(getattr(record, name), name, where) if record.HasField(name) else None
 
