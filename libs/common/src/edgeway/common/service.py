@@ -8,6 +8,7 @@ check the service registered (database reachable, migrations applied, models loa
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -159,8 +160,29 @@ def serve(service: str, settings: SettingsT, build_app: AppFactory[SettingsT]) -
     run(build_app(settings, tracer_provider=tracer_provider), settings)
 
 
+def tune_gc(settings: CommonSettings) -> None:
+    """Make the cyclic garbage collector cheap for a message-processing loop; call it once the
+    app is built, just before serving.
+
+    Every message makes many short-lived container objects (envelopes, rows, records, tuples),
+    and CPython collects its young generation every 700 allocations; each older collection also
+    walks everything that survived, including every module and object made at start-up. In the
+    telemetry service that was nearly half the CPU per record (`bench.telemetry_ingest`).
+    `gc.freeze()` moves what exists at start-up out of the collector's sight for good, and a
+    young-generation threshold of `settings.gc_threshold` (with older generations collected
+    every 10 young and 10 middle collections) trades a little memory held by garbage cycles
+    for far fewer passes. Reference counting, which frees almost everything, is unchanged.
+    """
+    if settings.gc_threshold == 0:
+        return
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(settings.gc_threshold, 10, 10)
+
+
 def run(app: Any, settings: CommonSettings) -> None:
     """Serve an ASGI app with uvloop; SIGTERM drains in-flight work within the grace period."""
+    tune_gc(settings)
     uvicorn.run(
         app,
         host=settings.http_host,

@@ -77,6 +77,9 @@ class CommonSettings(BaseSettings):
     http_port: int = 8080
     # Seconds a stopping process gives in-flight work before it exits.
     graceful_timeout: float = 10.0
+    # Allocations between two young-generation garbage collections (CPython's default is 700;
+    # 0 keeps it). See `edgeway.common.service.tune_gc`.
+    gc_threshold: int = Field(default=10_000, ge=0)
     # NTP servers for `edgeway.common.timesync.TimeSync`, tried in order (`host` or `host:port`);
     # an empty list turns synchronisation off. EDGEWAY_NTP_SERVERS='["ntp.local"]' or '[]'.
     ntp_servers: list[str] = Field(

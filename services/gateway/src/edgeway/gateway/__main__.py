@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from edgeway.common.logging import configure_logging
+from edgeway.common.service import tune_gc
 from edgeway.gateway.app import create_app
 from edgeway.gateway.settings import GatewaySettings
 
@@ -12,8 +13,10 @@ from edgeway.gateway.settings import GatewaySettings
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(service="gateway", level=settings.log_level, fmt=settings.log_format)
+    app = create_app(settings)
+    tune_gc(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.http_host,
         port=settings.http_port,
         loop="uvloop",

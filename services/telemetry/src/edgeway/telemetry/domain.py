@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.predictor import (
@@ -130,8 +130,7 @@ class UndecodableError(ValueError):
     """A packet of an upload that the predictor refuses; the decoder is as before the upload."""
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedPacket:
+class DecodedPacket(NamedTuple):
     packet: Packet
     decoded: Decoded
 
@@ -186,12 +185,13 @@ def out_of_order(upload: Upload, late: Sequence[Packet]) -> Rejection:
     )
 
 
-_MASKS: Final = {fields: mask for mask, fields in enumerate(RECONSTRUCTED)}
+# The bitmask of each set of reconstructed fields `Decoder.decode` returns.
+RECONSTRUCTED_MASKS: Final = {fields: mask for mask, fields in enumerate(RECONSTRUCTED)}
 
 
 def reconstructed_mask(fields: Iterable[str]) -> int:
     """The `telemetry.reconstructed` bitmask: bit i for FIELDS[i] (speed 1, battery 2, ...)."""
-    known = _MASKS.get(fields) if isinstance(fields, frozenset) else None
+    known = RECONSTRUCTED_MASKS.get(fields) if isinstance(fields, frozenset) else None
     if known is not None:  # what Decoder.decode returns: one of its 16 sets
         return known
     names = set(fields)
@@ -271,8 +271,7 @@ def is_late(timestamp_ms: int, *, received_at: datetime, offline_after_s: float)
     return timestamp_ms < late_before(received_at, offline_after_s=offline_after_s)
 
 
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
+class SessionRecord(NamedTuple):
     """What session tracking needs to know of one decoded record, in decode order."""
 
     timestamp_ms: int

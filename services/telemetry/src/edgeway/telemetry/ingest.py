@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,9 +40,8 @@ class Delivery:
     upload: domain.Upload | domain.Rejection
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
-    """A record this group stored, with what its broadcast needs."""
+class StoredRecord(NamedTuple):
+    """A record this group stored, with what its broadcast needs (a tuple: one per record)."""
 
     decoded: Decoded
     stats: domain.StatsCounts  # its vehicle's counts of the record's day, after it
@@ -115,11 +115,10 @@ def _predictor_state(vehicle_id: int, row: store.StoredState) -> PredictorState:
         return PredictorState(last_timestamp_ms=row.timestamp_ms, last_sequence=row.sequence)
 
 
-@dataclass(frozen=True, slots=True)
-class _Record:
+class _Record(NamedTuple):
     """A decoded record on its way to the database, with what its broadcast needs."""
 
-    index: int  # of its delivery in the group
+    delivery: int  # its index in the group
     vin: str
     decoded: Decoded
     row: store.RecordRow
@@ -181,52 +180,83 @@ class Pipeline:
             )
             records: list[_Record] = []
             behind: list[tuple[int, int, domain.Upload, list[Packet]]] = []
-            for index, vehicle_id, upload in accepted:
-                delivery = deliveries[index]
-                try:
-                    decoded = domain.decode_upload(
-                        self.decoders[vehicle_id].decoder, upload.packets
-                    )
-                except domain.UndecodableError as exc:
-                    rejection = domain.Rejection(
-                        domain.RejectCode.UNDECODABLE, str(exc), upload.vin, len(upload.packets)
-                    )
-                    await self._reject(session, delivery, rejection, outcomes[index])
-                    continue
-                if decoded.behind:
-                    behind.append((index, vehicle_id, upload, decoded.behind))
-                received_at = delivery.envelope.received_datetime()
-                late_before = domain.late_before(received_at, offline_after_s=self.offline_after_s)
-                compressed = upload.compressed
-                records.extend(
-                    _Record(
-                        index,
-                        upload.vin,
-                        record.decoded,
-                        _row(vehicle_id, record, compressed=compressed, received_at=received_at),
-                        record.decoded.sample.timestamp_ms < late_before,
-                    )
-                    for record in decoded.records
-                )
-
-            fresh = await store.insert_records(
-                session=session, rows=[record.row for record in records]
-            )
+            undecodable: list[tuple[int, domain.Rejection]] = []
+            # Each upload's rows go to the database while the next upload is decoded.
+            async with store.record_sink(session) as sink:
+                for index, vehicle_id, upload in accepted:
+                    try:
+                        decoded = domain.decode_upload(
+                            self.decoders[vehicle_id].decoder, upload.packets
+                        )
+                    except domain.UndecodableError as exc:
+                        undecodable.append(
+                            (
+                                index,
+                                domain.Rejection(
+                                    domain.RejectCode.UNDECODABLE,
+                                    str(exc),
+                                    upload.vin,
+                                    len(upload.packets),
+                                ),
+                            )
+                        )
+                        continue
+                    if decoded.behind:
+                        behind.append((index, vehicle_id, upload, decoded.behind))
+                    mine = self._records(index, vehicle_id, upload, decoded, deliveries[index])
+                    records.extend(mine)
+                    await sink.write([record.row for record in mine])
+            fresh = sink.fresh
+            for index, rejection in undecodable:  # (the sink is closed: statements may run)
+                await self._reject(session, deliveries[index], rejection, outcomes[index])
             stored = [record for record, new in zip(records, fresh, strict=True) if new]
             for record, new in zip(records, fresh, strict=True):
                 if new:
-                    outcomes[record.index].stored += 1
+                    outcomes[record.delivery].stored += 1
                 else:  # decoded, but its (vehicle, timestamp) was stored already
-                    outcomes[record.index].duplicates += 1
+                    outcomes[record.delivery].duplicates += 1
             await self._sort_out(session, deliveries, behind, outcomes)
             running = await self._count(session, stored)
             await self._advance_vehicles(session, records, fresh)
 
         for record, stats in zip(stored, running, strict=True):
-            outcome = outcomes[record.index]
+            outcome = outcomes[record.delivery]
             outcome.vin = record.vin
             outcome.broadcasts.append(StoredRecord(record.decoded, stats, record.late))
         return outcomes
+
+    def _records(
+        self,
+        index: int,
+        vehicle_id: int,
+        upload: domain.Upload,
+        decoded: domain.DecodedUpload,
+        delivery: Delivery,
+    ) -> list[_Record]:
+        received_at = delivery.envelope.received_datetime()
+        late_before = domain.late_before(received_at, offline_after_s=self.offline_after_s)
+        compressed, vin, masks = upload.compressed, upload.vin, domain.RECONSTRUCTED_MASKS
+        records: list[_Record] = []
+        for packet, decoded_record in decoded.records:
+            sample = decoded_record.sample
+            row = store.RecordRow(
+                vehicle_id,
+                sample.timestamp_ms,
+                sample.speed,
+                sample.battery,
+                sample.power,
+                sample.odometer,
+                float(sample.heading),
+                masks[decoded_record.reconstructed],
+                decoded_record.uncertain,
+                packet.sequence,
+                packet.predictor_version,
+                compressed,
+                received_at,
+            )
+            late = sample.timestamp_ms < late_before
+            records.append(_Record(index, vin, decoded_record, row, late))
+        return records
 
     async def _reject(
         self,
@@ -322,63 +352,54 @@ class Pipeline:
         self, session: AsyncSession, records: Sequence[_Record], fresh: Sequence[bool]
     ) -> None:
         """Offline sessions and the decoder state of every vehicle that decoded something."""
-        by_vehicle: dict[int, list[tuple[_Record, bool]]] = defaultdict(list)
-        for record, new in zip(records, fresh, strict=True):
-            by_vehicle[record.row.vehicle_id].append((record, new))
+        by_vehicle: dict[int, list[int]] = defaultdict(list)  # indexes into records
+        for index, record in enumerate(records):
+            by_vehicle[record.row.vehicle_id].append(index)
         writes: list[store.StateWrite] = []
         for vehicle_id, mine in by_vehicle.items():
             cached = self.decoders[vehicle_id]
-            plan = domain.plan_sessions(
-                vehicle_id=vehicle_id,
-                open_session=cached.offline_session_id,
-                records=[
-                    domain.SessionRecord(
-                        timestamp_ms=record.row.timestamp_ms,
-                        late=record.late,
-                        gap=record.decoded.gap,
-                        stored=new,
-                    )
-                    for record, new in mine
-                ],
-            )
-            if plan.update is not None:
-                await store.update_session(session=session, change=plan.update)
-            opened: int | None = None
-            for new_session in plan.new:
-                opened = await store.add_session(session=session, new=new_session)
-            open_after = (
-                cached.offline_session_id if plan.keeps_open else opened if plan.opens_new else None
-            )
+            open_after: int | None = None
+            # Live records with no session open (the common case) change no session.
+            if cached.offline_session_id is not None or any(records[i].late for i in mine):
+                open_after = await self._plan_sessions(
+                    session, vehicle_id, cached.offline_session_id, records, fresh, mine
+                )
             writes.append(
                 store.StateWrite(
                     vehicle_id=vehicle_id,
                     revision=cached.revision,
                     predictor=cached.decoder.state.to_json(),
                     offline_session_id=open_after,
-                    last=mine[-1][0].row,
+                    last=records[mine[-1]].row,
                 )
             )
             cached.revision += 1
             cached.offline_session_id = open_after
         await store.save_states(session=session, writes=writes)
 
-
-def _row(
-    vehicle_id: int, record: domain.DecodedPacket, *, compressed: bool, received_at: datetime
-) -> store.RecordRow:
-    sample = record.decoded.sample
-    return store.RecordRow(
-        vehicle_id=vehicle_id,
-        timestamp_ms=sample.timestamp_ms,
-        speed=sample.speed,
-        battery=sample.battery,
-        power=sample.power,
-        odometer=sample.odometer,
-        heading=float(sample.heading),
-        reconstructed=domain.reconstructed_mask(record.decoded.reconstructed),
-        uncertain=record.decoded.uncertain,
-        sequence=record.packet.sequence,
-        predictor_version=record.packet.predictor_version,
-        compressed=compressed,
-        received_at=received_at,
-    )
+    @staticmethod
+    async def _plan_sessions(
+        session: AsyncSession,
+        vehicle_id: int,
+        open_session: int | None,
+        records: Sequence[_Record],
+        fresh: Sequence[bool],
+        mine: Sequence[int],
+    ) -> int | None:
+        """Write one vehicle's offline sessions after its records `mine`; the one left open."""
+        plan = domain.plan_sessions(
+            vehicle_id=vehicle_id,
+            open_session=open_session,
+            records=[
+                domain.SessionRecord(
+                    records[i].row.timestamp_ms, records[i].late, records[i].decoded.gap, fresh[i]
+                )
+                for i in mine
+            ],
+        )
+        if plan.update is not None:
+            await store.update_session(session=session, change=plan.update)
+        opened: int | None = None
+        for new_session in plan.new:
+            opened = await store.add_session(session=session, new=new_session)
+        return open_session if plan.keeps_open else opened if plan.opens_new else None

@@ -11,13 +11,15 @@ Both answer the same question: which of these rows are new.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import psycopg.errors
+from psycopg import AsyncCopy
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -395,47 +397,56 @@ class VehicleDirectory:
 # --- records --------------------------------------------------------------------------------------
 
 
-async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
-    """Store records in the given order; per row, whether it was new.
+class RecordSink:
+    """Where one transaction's records go, as they are decoded (`record_sink`).
 
-    A row whose (vehicle, timestamp) is already stored, or appears earlier in `rows`, is not new.
+    On PostgreSQL the rows go out on a COPY while the caller decodes the next ones, so the
+    server inserts them on its own core meanwhile; elsewhere they are inserted at the end.
+    `fresh` (per row written, in order: whether it was new) is known once the sink is closed.
     """
-    if not rows:
-        return []
-    if dialect_of(session) == "postgresql":
-        return await _copy_records(session, rows)
-    result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
-    inserted = {(vehicle_id, timestamp_ms) for vehicle_id, timestamp_ms in result}
-    fresh: list[bool] = []
-    for row in rows:
-        key = (row.vehicle_id, row.timestamp_ms)
-        fresh.append(key in inserted)
-        inserted.discard(key)  # a second copy in the same group is not new
-    return fresh
+
+    def __init__(self, copy: AsyncCopy | None) -> None:
+        self._copy = copy
+        self.rows: list[RecordRow] = []
+        self._seen: set[tuple[int, int]] = set()
+        self.first: list[bool] = []  # per row: whether it is the first of its key in the sink
+        self.fresh: list[bool] = []
+
+    async def write(self, rows: Sequence[RecordRow]) -> None:
+        self.rows.extend(rows)
+        seen, first, copy = self._seen, self.first, self._copy
+        for row in rows:
+            key = (row.vehicle_id, row.timestamp_ms)
+            if key in seen:  # a second copy in the same group is not new
+                first.append(False)
+                continue
+            seen.add(key)
+            first.append(True)
+            if copy is not None:
+                await copy.write_row(row)
 
 
-async def _copy_records(session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
-    """COPY, straight into the table when none of the rows is stored yet (the common case).
+@asynccontextmanager
+async def record_sink(session: AsyncSession) -> AsyncIterator[RecordSink]:
+    """Store what is written to the sink, in order, in the session's transaction; once the block
+    is left, `sink.fresh` says per row whether it was new (its (vehicle, timestamp) neither
+    stored before nor earlier in the sink). No other statement may run on the session inside
+    the block.
 
-    COPY cannot skip conflicts itself: it runs in a savepoint, and if a row turns out to be
-    stored already (a redelivery, a replay of records that made it before), the savepoint is
-    rolled back and the rows go through a temporary table (one per connection, emptied at
-    commit), from which one INSERT ... SELECT lets the unique constraint decide. Everything runs
-    in the session's transaction.
+    PostgreSQL: COPY cannot skip conflicts itself, so it writes straight into the table inside
+    a savepoint (the common case: nothing is stored yet). If a row turns out to be stored
+    already (a redelivery, a replay of records that made it before), the savepoint is rolled
+    back and the rows go through a temporary table, from which one INSERT ... SELECT lets the
+    unique constraint decide.
     """
+    if dialect_of(session) != "postgresql":
+        sink = RecordSink(None)
+        yield sink
+        sink.fresh = await _insert_rows(session, sink.rows)
+        return
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # psycopg.AsyncConnection
-    seen: set[tuple[int, int]] = set()
-    fresh: list[bool] = []
-    unique: list[RecordRow] = []
-    for row in rows:
-        key = (row.vehicle_id, row.timestamp_ms)
-        new = key not in seen  # a second copy in the same group is not new
-        fresh.append(new)
-        if new:
-            seen.add(key)
-            unique.append(row)
     async with driver.cursor() as cursor:
         # SQL, not psycopg's transaction(): that would BEGIN and COMMIT on its own if the
         # session has sent nothing yet.
@@ -443,21 +454,43 @@ async def _copy_records(session: AsyncSession, rows: Sequence[RecordRow]) -> lis
         try:
             async with cursor.copy(_COPY_DIRECT) as copy:
                 copy.set_types(_COPY_TYPES[1:])
-                for row in unique:
-                    await copy.write_row(row)
+                sink = RecordSink(copy)
+                yield sink
         except psycopg.errors.UniqueViolation:
             await cursor.execute("ROLLBACK TO SAVEPOINT telemetry_copy")
         else:
             await cursor.execute("RELEASE SAVEPOINT telemetry_copy")
-            return fresh
+            sink.fresh = sink.first
+            return
         await cursor.execute(_CREATE_INCOMING)
         async with cursor.copy(_COPY_INCOMING) as copy:
             copy.set_types(_COPY_TYPES)
-            for ordinal, row in enumerate(rows):
+            for ordinal, row in enumerate(sink.rows):
                 await copy.write_row((ordinal, *row))
         await cursor.execute(_INSERT_INCOMING)
         inserted: set[tuple[int, int]] = set(await cursor.fetchall())
-    fresh = []
+    sink.fresh = _new_ones(sink.rows, inserted)
+
+
+async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
+    """Store records in the given order; per row, whether it was new (`record_sink`)."""
+    async with record_sink(session) as sink:
+        await sink.write(rows)
+    return sink.fresh
+
+
+async def _insert_rows(session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
+    """One multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING (SQLite)."""
+    if not rows:
+        return []
+    result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
+    return _new_ones(rows, {(vehicle_id, timestamp_ms) for vehicle_id, timestamp_ms in result})
+
+
+def _new_ones(rows: Sequence[RecordRow], inserted: set[tuple[int, int]]) -> list[bool]:
+    """Per row, whether it is the one of `inserted` (the first of its key: a second copy in the
+    same group is not new)."""
+    fresh: list[bool] = []
     for row in rows:
         key = (row.vehicle_id, row.timestamp_ms)
         fresh.append(key in inserted)
