@@ -96,7 +96,7 @@ async def test_migrations_reach_head_in_their_own_version_table(
     database_url: str, engine: AsyncEngine
 ) -> None:
     assert await store.MIGRATIONS.at_head(database_url)
-    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0001"
+    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0002"
 
     # The models and the migration describe the same schema, recorded in the service's own table.
     differences = await schema_differences(
@@ -107,7 +107,7 @@ async def test_migrations_reach_head_in_their_own_version_table(
 
 async def test_migrating_twice_changes_nothing(database_url: str) -> None:
     store.MIGRATIONS.upgrade(database_url)
-    assert store.MIGRATIONS.current(database_url) == "0001"
+    assert store.MIGRATIONS.current(database_url) == "0002"
 
 
 # --- vehicles -------------------------------------------------------------------------------------
