@@ -96,6 +96,30 @@ def test_invalid_tokens_are_401(bad: object, why: str) -> None:
     assert refused.value.status == 401, why
 
 
+def test_a_remembered_token_is_still_refused_once_it_expires() -> None:
+    verifier = Verifier(settings())
+    short = token(["occupancy:publish"], ttl=1)
+    assert verifier.verify(short).scopes == {"occupancy:publish"}
+    assert verifier.verify(short).scopes == {"occupancy:publish"}  # remembered
+    expires = jwt.decode(short, options={"verify_signature": False})["exp"]
+    time.sleep(max(expires - time.time(), 0) + 0.05)
+    with pytest.raises(AuthError) as refused:
+        verifier.verify(short)
+    assert refused.value.status == 401
+    assert "expired" in refused.value.reason
+
+
+def test_only_the_exact_token_that_verified_is_remembered() -> None:
+    verifier = Verifier(settings())
+    good = token(["occupancy:publish"])
+    verifier.verify(good)
+    header, payload, signature = good.split(".")
+    forged = f"{header}.{payload}.{signature[::-1]}"  # the same claims, another signature
+    with pytest.raises(AuthError) as refused:
+        verifier.verify(forged)
+    assert refused.value.status == 401
+
+
 def test_alg_none_is_refused() -> None:
     now = int(time.time())
     unsigned = jwt.encode(

@@ -167,6 +167,23 @@ async def test_records_are_stored_once_per_vehicle_and_timestamp(
     assert await count(sessions, store.TelemetryRecord) == 6
 
 
+async def test_a_large_group_with_stored_records_keeps_only_the_new_ones(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """From store.COPY_FROM_ROWS rows PostgreSQL COPYs them; a stored one among them sends the
+    group through the temporary table instead."""
+    car = vehicles[SEED_VIN]
+    size = store.COPY_FROM_ROWS * 2
+    first = [row(car, 300 * i) for i in range(size)]
+    assert await store_rows(sessions, first) == [True] * size
+    # The second half again (stored), then as many new ones, one of them twice.
+    again = first[size // 2 :]
+    new = [row(car, 300 * (size + i), speed=1.0) for i in range(size // 2)]
+    fresh = await store_rows(sessions, [*again, *new, new[0]])
+    assert fresh == [False] * len(again) + [True] * len(new) + [False]
+    assert await count(sessions, store.TelemetryRecord) == size + len(new)
+
+
 async def test_a_record_keeps_every_value_exactly(
     vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
 ) -> None:

@@ -6,6 +6,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeway.common.telemetry import telemetry_pb2
 from edgeway.common.telemetry.predictor import PREDICTOR_VERSION, Encoder, Packet, Sample
@@ -13,6 +15,8 @@ from edgeway.common.telemetry.wire import (
     MAX_BATCH_RECORDS,
     VIN_PATTERN,
     WireError,
+    _checked_compressed_packet,
+    _compressed_packet,
     check_vin,
     encode_batch,
     encode_packet,
@@ -259,3 +263,54 @@ def test_vins() -> None:
             check_vin(bad)
     assert VIN_PATTERN.fullmatch("1HGCM82633A004352")
     assert not VIN_PATTERN.fullmatch("1HGCM82633A00435Q")
+
+
+def _optional(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.none() | values
+
+
+@given(
+    timestamp=st.integers(min_value=0, max_value=2**63 - 1),
+    odometer=st.floats(width=32),
+    speed=_optional(st.floats(width=32)),
+    battery=_optional(st.floats(width=32)),
+    power=_optional(st.floats(width=32)),
+    heading=_optional(st.integers(min_value=-(2**31), max_value=2**31 - 1)),
+    resync=st.booleans(),
+    sequence=_optional(st.integers(min_value=0, max_value=2**64 - 1)),
+    version=_optional(st.integers(min_value=0, max_value=3)),
+)
+@settings(max_examples=400, deadline=None)
+def test_the_fast_path_accepts_exactly_what_the_named_checks_accept(
+    timestamp: int,
+    odometer: float,
+    speed: float | None,
+    battery: float | None,
+    power: float | None,
+    heading: int | None,
+    resync: bool,
+    sequence: int | None,
+    version: int | None,
+) -> None:
+    """`_compressed_packet` skips the per-field checks when one expression says every value is
+    in range; whatever it returns or refuses, the checks that name each problem agree."""
+    record = telemetry_pb2.CompressedVehicleData(
+        timestamp=timestamp,
+        odometer=odometer,
+        vehicle_speed=speed,
+        battery_level=battery,
+        power_kw=power,
+        heading=heading,
+        is_resync=resync,
+        sequence=sequence,
+        predictor_version=version,
+    )
+    try:
+        checked: Packet | str = _checked_compressed_packet(record, "")
+    except WireError as exc:
+        checked = exc.reason
+    try:
+        fast: Packet | str = _compressed_packet(record, False, 0)
+    except WireError as exc:
+        fast = exc.reason
+    assert fast == checked

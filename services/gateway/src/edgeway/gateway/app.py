@@ -56,7 +56,8 @@ class AccessLog:
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    gateway = Gateway(settings, tracer_provider=configure_tracing(settings, service="gateway"))
+    tracer_provider = configure_tracing(settings, service="gateway")
+    gateway = Gateway(settings, tracer_provider=tracer_provider)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -67,7 +68,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await gateway.link.stop()
         await gateway.clock.stop()
 
-    app = FastAPI(title="Edgeway gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Edgeway gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        # FastAPI's own OpenTelemetry: HTTP spans only when traces go somewhere (with the
+        # provider's sampler off it still built a span's context per request); metrics are
+        # Prometheus's (/metrics), logs structlog's.
+        telemetry={
+            "tracer_provider": tracer_provider,
+            "tracing": settings.otel_exporter != "none",
+            "metrics": False,
+            "logs": False,
+        },
+    )
     app.state.gateway = gateway
     app.add_middleware(AccessLog)
     app.include_router(omega.router)

@@ -114,6 +114,11 @@ def read_upload(body: bytes, headers: Mapping[str, Any]) -> Upload | Rejection:
     return Upload(vin=vin, packets=packets, compressed=compressed)
 
 
+def undecodable(upload: Upload, reason: str) -> Rejection:
+    """An upload the vehicle's decoder could not read (`UndecodableError`): none of it stored."""
+    return Rejection(RejectCode.UNDECODABLE, reason, upload.vin, len(upload.packets))
+
+
 def unknown_vehicle(upload: Upload) -> Rejection:
     return Rejection(
         RejectCode.UNKNOWN_VEHICLE,

@@ -182,24 +182,15 @@ class Pipeline:
             behind: list[tuple[int, int, domain.Upload, list[Packet]]] = []
             undecodable: list[tuple[int, domain.Rejection]] = []
             # Each upload's rows go to the database while the next upload is decoded.
-            async with store.record_sink(session) as sink:
+            expected = sum(len(upload.packets) for _, _, upload in accepted)
+            async with store.record_sink(session, expected=expected) as sink:
                 for index, vehicle_id, upload in accepted:
                     try:
                         decoded = domain.decode_upload(
                             self.decoders[vehicle_id].decoder, upload.packets
                         )
                     except domain.UndecodableError as exc:
-                        undecodable.append(
-                            (
-                                index,
-                                domain.Rejection(
-                                    domain.RejectCode.UNDECODABLE,
-                                    str(exc),
-                                    upload.vin,
-                                    len(upload.packets),
-                                ),
-                            )
-                        )
+                        undecodable.append((index, domain.undecodable(upload, str(exc))))
                         continue
                     if decoded.behind:
                         behind.append((index, vehicle_id, upload, decoded.behind))
@@ -227,7 +218,7 @@ class Pipeline:
 
     def _records(
         self,
-        index: int,
+        index: int,  # the delivery's, in the group
         vehicle_id: int,
         upload: domain.Upload,
         decoded: domain.DecodedUpload,

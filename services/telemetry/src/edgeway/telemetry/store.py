@@ -428,20 +428,26 @@ class RecordSink:
                 await copy.write_row(row)
 
 
+# Fewer rows than this go in one multi-row INSERT: a COPY in a savepoint is three more round
+# trips, which only pay for themselves on larger groups.
+COPY_FROM_ROWS = 64
+
+
 @asynccontextmanager
-async def record_sink(session: AsyncSession) -> AsyncIterator[RecordSink]:
+async def record_sink(session: AsyncSession, *, expected: int) -> AsyncIterator[RecordSink]:
     """Store what is written to the sink, in order, in the session's transaction; once the block
     is left, `sink.fresh` says per row whether it was new (its (vehicle, timestamp) neither
     stored before nor earlier in the sink). No other statement may run on the session inside
-    the block.
+    the block. `expected`: about how many rows will be written (it picks the way they go).
 
-    PostgreSQL: COPY cannot skip conflicts itself, so it writes straight into the table inside
-    a savepoint (the common case: nothing is stored yet). If a row turns out to be stored
-    already (a redelivery, a replay of records that made it before), the savepoint is rolled
-    back and the rows go through a temporary table, from which one INSERT ... SELECT lets the
-    unique constraint decide.
+    PostgreSQL, from COPY_FROM_ROWS rows: COPY cannot skip conflicts itself, so it writes
+    straight into the table inside a savepoint (the common case: nothing is stored yet). If a
+    row turns out to be stored already (a redelivery, a replay of records that made it before),
+    the savepoint is rolled back and the rows go through a temporary table, from which one
+    INSERT ... SELECT lets the unique constraint decide. Fewer rows, and SQLite: one multi-row
+    INSERT ... ON CONFLICT DO NOTHING RETURNING when the block is left.
     """
-    if dialect_of(session) != "postgresql":
+    if expected < COPY_FROM_ROWS or dialect_of(session) != "postgresql":
         sink = RecordSink(None)
         yield sink
         sink.fresh = await _insert_rows(session, sink.rows)
@@ -476,13 +482,13 @@ async def record_sink(session: AsyncSession) -> AsyncIterator[RecordSink]:
 
 async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
     """Store records in the given order; per row, whether it was new (`record_sink`)."""
-    async with record_sink(session) as sink:
+    async with record_sink(session, expected=len(rows)) as sink:
         await sink.write(rows)
     return sink.fresh
 
 
 async def _insert_rows(session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
-    """One multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING (SQLite)."""
+    """One multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING."""
     if not rows:
         return []
     result = await session.execute(_hot(session).records, [row._asdict() for row in rows])
