@@ -53,3 +53,23 @@ async def test_an_outage_fails_the_group_without_retrying_each_item() -> None:
     assert len(flusher.groups) <= 2
     with pytest.raises(ConnectionError):
         await batcher.submit(99)
+
+
+async def trickle(batcher: GroupCommit[int, int], count: int) -> list[int]:
+    """`count` submissions, one every 2 ms."""
+
+    async def one(item: int) -> int:
+        await asyncio.sleep(item * 0.002)
+        return await batcher.submit(item)
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def test_a_lingering_flusher_gathers_items_that_trickle_in() -> None:
+    lingering = Flusher()
+    results = await trickle(GroupCommit(lingering, max_size=50, linger=0.05), 20)
+    assert results == [i * 10 for i in range(20)]
+    assert lingering.groups == [list(range(20))]
+    eager = Flusher()
+    await trickle(GroupCommit(eager, max_size=50), 20)
+    assert len(eager.groups) > 1  # without linger: a commit per item or two

@@ -44,7 +44,10 @@ class VehicleDirectory:
         return self._known is None or vin in self._known
 
     async def _refresh(self, link: BrokerLink) -> None:
+        asked = time.monotonic()
         async with self._lock:
+            if self._fetched_at is not None and self._fetched_at >= asked:
+                return  # answered while this one waited for the lock (uploads that came at once)
             try:
                 answer = await link.request(
                     service="telemetry",

@@ -176,6 +176,7 @@ def build_app(
     group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
         flush,
         max_size=settings.commit_group_size,
+        linger=settings.commit_linger_ms / 1000,
         # A database outage fails every item alike; anything else may be one bad upload.
         isolate=lambda exc: not is_outage(exc),
     )

@@ -51,6 +51,9 @@ class TelemetrySettings(CommonSettings):
     offline_after_s: float = Field(default=5.0, gt=0)
     # Most uploads committed in one transaction (group commit; see edgeway.common.batching).
     commit_group_size: int = Field(default=128, ge=1, le=1000)
+    # How long a group that is not full waits for more uploads before it is committed: at a
+    # steady rate of single-record uploads, a few per transaction instead of one or two.
+    commit_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     # Most stored records waiting to be broadcast (edgeway.telemetry.broadcast): past it the
     # oldest waiting ones are dropped, replays first. About a second of broadcasts, ~20 MB.
     broadcast_backlog: int = Field(
