@@ -22,6 +22,7 @@ import httpx
 import psycopg
 import pytest
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.predictor import FIELDS, PredictorConfig, Sample
@@ -203,6 +204,16 @@ async def test_a_logger_streams_to_the_database_and_every_dashboard(
     assert [d["timestamp"] for d in greeting[1]["data"]] == [s.timestamp_ms for s in samples]
     assert greeting[2]["message"] == "Loaded 40 historical telemetry records"
 
+    # Message metrics are labelled by kind of routing key, never by vehicle (or request or
+    # reply queue): a label set per id would grow the registry for as long as a process lives.
+    assert stack.telemetry is not None
+    gateway_handlers = metric_handlers(stack.gateway.url)
+    telemetry_handlers = metric_handlers(stack.telemetry.url)
+    assert "edgeway.broadcast.telemetry" in gateway_handlers  # the records it fanned out
+    for handler in gateway_handlers | telemetry_handlers:
+        assert SEED_VIN not in handler
+        assert not handler.startswith("default.amq.rabbitmq.reply-to.")
+
 
 async def test_an_offline_period_is_replayed_in_order_with_no_gap_and_no_duplicate(
     stack: Stack, telemetry_database: str, tmp_path: Path
@@ -313,6 +324,16 @@ async def test_logger_control_needs_its_scope_and_reaches_the_logger(
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running
+
+
+def metric_handlers(url: str) -> set[str]:
+    """The `handler` labels of a process's metrics."""
+    return {
+        sample.labels["handler"]
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        for sample in family.samples
+        if "handler" in sample.labels
+    }
 
 
 def stack_has_logger(stack: Stack) -> bool:

@@ -15,13 +15,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aio_pika
 import orjson
 from faststream import AckPolicy
 from faststream.message import StreamMessage
+from faststream.prometheus import ConsumeAttrs, PrometheusMiddleware
 from faststream.rabbit import Channel, RabbitBroker, RabbitExchange, RabbitQueue, RabbitResponse
 from faststream.rabbit.message import RabbitMessage
 from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
-from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+from faststream.rabbit.prometheus.provider import RabbitMetricsSettingsProvider
+from faststream.rabbit.response import RabbitPublishCommand
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -33,6 +36,36 @@ from edgeway.common.topology import Topology
 # Unacked deliveries per consumer channel: enough to keep a consumer busy across a round trip
 # to the broker without letting one replica hoard the queue (RabbitMQ docs suggest 100-300).
 DEFAULT_PREFETCH = 128
+
+
+def metrics_destination(exchange: str, routing_key: str) -> str:
+    """The `handler` label of a message's metrics: its exchange and what kind of routing key.
+
+    FastStream labels with the whole routing key, and ours name vehicles, cameras, requests and
+    connections (`telemetry.vehicle.<vin>`, `ingest.request.<id>`, reply-to queues): a new label
+    set for each, kept by the registry for as long as the process lives. The first segment of
+    the key (`telemetry`, `ingest`) is kept; on the default exchange the key is a queue name,
+    kept whole, except replies' `amq.rabbitmq.reply-to.<id>`.
+    """
+    if not exchange or exchange == "default":
+        kind = "amq.rabbitmq.reply-to" if routing_key.startswith("amq.") else routing_key
+        return f"default.{kind}"
+    return f"{exchange}.{routing_key.split('.', 1)[0]}"
+
+
+class _BoundedMetricsSettings(RabbitMetricsSettingsProvider):
+    """FastStream's Rabbit metrics with `metrics_destination` for the handler label."""
+
+    def get_consume_attrs_from_message(
+        self, msg: StreamMessage[aio_pika.IncomingMessage]
+    ) -> ConsumeAttrs:
+        attrs = super().get_consume_attrs_from_message(msg)
+        raw = msg.raw_message
+        attrs["destination_name"] = metrics_destination(raw.exchange or "", raw.routing_key or "")
+        return attrs
+
+    def get_publish_destination_name_from_cmd(self, cmd: RabbitPublishCommand) -> str:
+        return metrics_destination(cmd.exchange.name, cmd.destination)
 
 
 def make_broker(
@@ -49,8 +82,11 @@ def make_broker(
         if settings.otel_exporter != "none"
         else ()
     )
-    metrics = RabbitPrometheusMiddleware(
-        registry=registry, app_name=service, metrics_prefix="edgeway"
+    metrics = PrometheusMiddleware[aio_pika.IncomingMessage, RabbitPublishCommand](
+        settings_provider_factory=lambda _: _BoundedMetricsSettings(),
+        registry=registry,
+        app_name=service,
+        metrics_prefix="edgeway",
     )
     return RabbitBroker(
         settings.amqp_url,
