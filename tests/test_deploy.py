@@ -829,3 +829,43 @@ def test_prod_runs_two_of_every_service_that_can_run_two() -> None:
         strategy = deployment["spec"]["strategy"]
         assert strategy["type"] == "RollingUpdate", f"prod: {name}"
         assert strategy["rollingUpdate"]["maxUnavailable"] == 0, f"prod: {name}"
+
+
+# Gateway endpoints for the cluster only: Prometheus and the kubelet's probes.
+INTERNAL_PATHS = {"/metrics", "/healthz", "/readyz"}
+
+
+def _gateway_paths() -> set[str]:
+    """Every HTTP and WebSocket path the gateway's app serves (included routers walked)."""
+    from edgeway.gateway.app import create_app
+
+    app = create_app(GatewaySettings(jwt_secret="a-test-secret-that-is-long-enough-for-hs256"))
+    paths: set[str] = set()
+    pending = list(app.routes)
+    while pending:
+        route = pending.pop()
+        included = getattr(route, "original_router", None)  # FastAPI's included routers
+        if included is not None:
+            pending.extend(included.routes)
+        elif isinstance(path := getattr(route, "path", None), str):
+            paths.add(path)
+    return paths
+
+
+def _ingress_matches(rule: dict[str, Any], path: str) -> bool:
+    """Kubernetes' Ingress matching: Exact is the whole path; Prefix is whole `/` segments."""
+    if rule["pathType"] == "Exact":
+        return path == rule["path"]
+    wanted = [part for part in rule["path"].split("/") if part]
+    return path.split("/")[1 : 1 + len(wanted)] == wanted
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_ingress_exposes_every_public_endpoint_and_no_internal_one(overlay: str) -> None:
+    ingress = _of_kind(overlay, "Ingress")["gateway"]
+    rules = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    served = _gateway_paths()
+    assert served >= INTERNAL_PATHS
+    for path in sorted(served):
+        exposed = any(_ingress_matches(rule, path) for rule in rules)
+        assert exposed == (path not in INTERNAL_PATHS), path
