@@ -2,8 +2,9 @@
 
 - `deploy/compose/compose.yaml`: the compose specification's JSON schema (check-jsonschema's
   vendored copy), then what a reviewer looks for: healthchecks, start order, ports, dev secrets.
-- `services/*/Dockerfile` and `.dockerignore`: the recipe's invariants (pinned uv equal to the
-  Makefile's, constraints, non-root user, healthcheck, entry point declared by the package).
+- `deploy/docker/service.Dockerfile` (every service's image, by build arguments) and
+  `.dockerignore`: the recipe's invariants for each service (pinned uv equal to the Makefile's,
+  constraints, non-root user, healthcheck, entry point declared by the package).
 - `deploy/k8s/overlays/*`: `kubectl kustomize` piped into `kubernetes-validate --strict` against a
   Kubernetes version whose schemas it ships, then probes, resources, hardening, secrets.
 """
@@ -37,6 +38,7 @@ OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.
 VENV_BIN = Path(sys.executable).parent
 
 # Edgeway's services with their HTTP port (/healthz, /readyz, /metrics; the gateway's API too).
+DOCKERFILE = ROOT / "deploy" / "docker" / "service.Dockerfile"  # every service's image
 SERVICES = {
     "gateway": 8000,
     "occupancy": 8081,
@@ -154,8 +156,8 @@ def test_compose_builds_and_checks_the_service(service: str) -> None:
     port = SERVICES[service]
     build = spec["build"]
     assert (COMPOSE_FILE.parent / build["context"]).resolve() == ROOT
-    assert build["dockerfile"] == f"services/{service}/Dockerfile"
-    assert (ROOT / build["dockerfile"]).is_file()
+    assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE
+    assert build["args"] == {"SERVICE": service, "PORT": str(port)}
     env = spec["environment"]
     assert isinstance(env, dict), "environment as a mapping, please"
     assert env["EDGEWAY_HTTP_HOST"] == "0.0.0.0"
@@ -359,12 +361,36 @@ def _uv_version() -> str:
     return match.group(1)
 
 
+def _built_for(service: str) -> list[tuple[str, str]]:
+    """The shared Dockerfile's instructions as compose builds `service`: its build arguments
+    (`SERVICE`, `PORT`) filled in wherever they are used."""
+    values = {"SERVICE": service, "PORT": str(SERVICES[service])}
+    return [
+        (instruction, re.sub(r"\$\{(SERVICE|PORT)\}", lambda m: values[m.group(1)], arguments))
+        for instruction, arguments in _instructions(DOCKERFILE)
+    ]
+
+
+def test_each_dockerfile_stage_declares_the_build_arguments_it_uses() -> None:
+    """A build argument is scoped to the stage that declares it: one used elsewhere is empty."""
+    for stage in _stages(_instructions(DOCKERFILE)):
+        declared = {arguments for instruction, arguments in stage if instruction == "ARG"}
+        used = {
+            name
+            for instruction, arguments in stage[1:]
+            for name in re.findall(r"\$\{(\w+)\}", arguments)
+            if instruction != "ARG"
+        } - {"PATH"}
+        assert used <= declared, f"{stage[0][1]}: ARG {sorted(used - declared)} not declared"
+
+
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_dockerfile_follows_the_uv_recipe(service: str) -> None:
-    dockerfile = ROOT / "services" / service / "Dockerfile"
-    instructions = _instructions(dockerfile)
+    instructions = _built_for(service)
     args = dict(
-        arguments.split("=", 1) for instruction, arguments in instructions if instruction == "ARG"
+        arguments.split("=", 1)
+        for instruction, arguments in instructions
+        if instruction == "ARG" and "=" in arguments
     )
     stages = _stages(instructions)
     assert len(stages) >= 2, "multi-stage: a builder and a slim runtime"
@@ -408,15 +434,18 @@ def test_dockerfile_follows_the_uv_recipe(service: str) -> None:
     assert len(healthchecks) == 1
     assert "python" in healthchecks[0]
     assert "/healthz" in healthchecks[0]
-    assert str(SERVICES[service]) in healthchecks[0]
+    assert "EDGEWAY_HTTP_PORT" in healthchecks[0], "the port the image's ENV sets"
     assert "curl" not in healthchecks[0], "python:3.11-slim has no curl"
 
+    # The entry point is a link, made in the builder, to the service's console script.
     entrypoints = [arguments for instruction, arguments in runtime if instruction == "ENTRYPOINT"]
     assert len(entrypoints) == 1
     entrypoint = yaml.safe_load(entrypoints[0])
-    assert entrypoint == [f"edgeway-{service}"], "exec form, the console script (gets SIGTERM)"
+    assert entrypoint == ["edgeway-service"], "exec form (the service gets SIGTERM itself)"
+    script = f"edgeway-{service}"
+    assert f"ln -s {script} /app/.venv/bin/edgeway-service" in " ".join(builder)
     pyproject = tomllib.loads((ROOT / "services" / service / "pyproject.toml").read_text())
-    assert entrypoint[0] in pyproject["project"]["scripts"]
+    assert script in pyproject["project"]["scripts"]
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
