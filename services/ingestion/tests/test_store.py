@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.schemas.ingest import (
     FRAME_STORED_TYPE,
     PROGRESS_TYPE,
@@ -23,8 +21,7 @@ from edgeway.common.schemas.ingest import (
     RequestStatus,
     SourceType,
 )
-from edgeway.common.settings import async_database_url
-from edgeway.common.testing import schema_differences
+from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.common.topology import Channels
 from edgeway.ingestion import store
 
@@ -32,27 +29,10 @@ NOW = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
 BUCKET = "trackshift-frames"
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.connected)],
-)
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database migrated to head: a temporary SQLite file, or a fresh PostgreSQL one."""
-    configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    url = async_database_url(configured, service="ingestion", data_dir=tmp_path)
-    await store.MIGRATIONS.upgrade_async(url)
-    return url
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(database_url)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return make_sessionmaker(engine)
+@pytest.fixture(params=DIALECTS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty ingestion database migrated to head (`engine` and `sessions` build on it)."""
+    return migrated_database(request, tmp_path, service="ingestion", migrations=store.MIGRATIONS)
 
 
 def upload(*, files: int, request_id: str | None = None) -> store.IngestionRequest:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,7 @@ import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from edgeway.common.db import make_engine, make_sessionmaker
-from edgeway.common.settings import async_database_url
-from edgeway.common.testing import schema_differences
+from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.telemetry import domain, store
 from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
 
@@ -21,27 +18,10 @@ RECEIVED = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
 T0 = 1_763_726_400_000  # 2025-11-21T12:00:00Z in ms
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.connected)],
-)
+@pytest.fixture(params=DIALECTS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database migrated to head: a temporary SQLite file, or a fresh PostgreSQL one."""
-    configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    url = async_database_url(configured, service="telemetry", data_dir=tmp_path)
-    store.MIGRATIONS.upgrade(url)
-    return url
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(database_url)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return make_sessionmaker(engine)
+    """An empty telemetry database migrated to head (`engine` and `sessions` build on it)."""
+    return migrated_database(request, tmp_path, service="telemetry", migrations=store.MIGRATIONS)
 
 
 @pytest.fixture

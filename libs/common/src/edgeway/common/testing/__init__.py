@@ -7,6 +7,7 @@ never see each other's messages or rows.
 
 from __future__ import annotations
 
+from edgeway.common.testing.databases import DIALECTS, migrated_database
 from edgeway.common.testing.processes import ServiceProcess, free_port
 from edgeway.common.testing.resources import (
     AMQP_HOST,
@@ -20,6 +21,7 @@ from edgeway.common.testing.schema import schema_differences
 
 __all__ = [
     "AMQP_HOST",
+    "DIALECTS",
     "POSTGRES_ADMIN_URL",
     "ServiceProcess",
     "create_postgres_database",
@@ -27,5 +29,6 @@ __all__ = [
     "drop_postgres_database",
     "drop_vhost",
     "free_port",
+    "migrated_database",
     "schema_differences",
 ]

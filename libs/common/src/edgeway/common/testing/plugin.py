@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.testing.resources import (
     create_postgres_database,
     create_vhost,
@@ -14,7 +16,7 @@ from edgeway.common.testing.resources import (
 )
 from edgeway.common.testing.s3 import s3_server
 
-__all__ = ["amqp_url", "postgres_url", "s3_server"]
+__all__ = ["amqp_url", "engine", "postgres_url", "s3_server", "sessions"]
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,16 @@ def postgres_url() -> Iterator[str]:
     url = create_postgres_database()
     yield url
     drop_postgres_database(url)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test module's `database_url` (see `edgeway.common.testing.databases`)."""
+    engine = make_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(engine)
