@@ -9,7 +9,6 @@ separate scopes. Without a token a connection gets only the configured anonymous
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -68,10 +67,7 @@ class Verifier:
     clock is within its `nbf` and `exp`. The oldest remembered token makes room for a new one.
     """
 
-    def __init__(
-        self, settings: GatewaySettings, *, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._clock = clock
+    def __init__(self, settings: GatewaySettings) -> None:
         self._verified: dict[str, _Verified] = {}
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
@@ -106,7 +102,7 @@ class Verifier:
             return Principal(subject="anonymous", scopes=self.anonymous_scopes, anonymous=True)
         known = self._verified.get(token)
         if known is not None:
-            if known.not_before <= self._clock() < known.expires:
+            if known.not_before <= time.time() < known.expires:
                 return known.principal
             del self._verified[token]  # expired: decoding it again says so
         principal, expires, not_before = self._decode(token)
