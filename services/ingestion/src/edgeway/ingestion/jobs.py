@@ -301,18 +301,14 @@ class CaptureJobs:
             await store.add_frame(
                 session=session,
                 request=request,
-                frame=store.NewFrame(
+                frame=store.NewFrame.stored(
+                    image,
                     id=frame_id,
                     request_id=request_id,
                     camera_id=camera_id,
                     source_type=SourceType.RTSP,
                     storage_path=key,
                     storage_bucket=self._objects.bucket,
-                    width=image.width,
-                    height=image.height,
-                    size_bytes=len(image.data),
-                    format=image.format.value,
-                    content_type=image.content_type,
                     capture_timestamp=taken,
                     meta=running.meta,
                     change_score=frame.change,

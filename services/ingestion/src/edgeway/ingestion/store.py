@@ -52,6 +52,7 @@ from edgeway.common.schemas.ingest import (
     SourceType,
 )
 from edgeway.common.topology import Channels
+from edgeway.ingestion.images import CleanImage
 
 MIGRATIONS = Migrations(
     Path(__file__).with_name("migrations"), version_table="alembic_version_ingestion"
@@ -207,6 +208,42 @@ class NewFrame:
     meta: dict[str, Any] | None
     original_name: str | None = None
     change_score: float | None = None
+
+    @classmethod
+    def stored(
+        cls,
+        image: CleanImage,
+        *,
+        id: str,
+        request_id: str,
+        camera_id: str,
+        source_type: SourceType,
+        storage_path: str,
+        storage_bucket: str,
+        capture_timestamp: datetime,
+        meta: dict[str, Any] | None,
+        original_name: str | None = None,
+        change_score: float | None = None,
+    ) -> NewFrame:
+        """The row of `image` once it is stored at `storage_path`: what the image says of itself
+        (size, format, dimensions) comes from it."""
+        return cls(
+            id=id,
+            request_id=request_id,
+            camera_id=camera_id,
+            source_type=source_type,
+            storage_path=storage_path,
+            storage_bucket=storage_bucket,
+            width=image.width,
+            height=image.height,
+            size_bytes=len(image.data),
+            format=image.format.value,
+            content_type=image.content_type,
+            capture_timestamp=capture_timestamp,
+            meta=meta,
+            original_name=original_name,
+            change_score=change_score,
+        )
 
 
 async def lock_request(*, session: AsyncSession, request_id: str) -> IngestionRequest | None:

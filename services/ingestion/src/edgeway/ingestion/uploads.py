@@ -144,18 +144,14 @@ class Uploads:
                 "capture_timestamp": received.isoformat(),
             },
         )
-        frame = store.NewFrame(
+        frame = store.NewFrame.stored(
+            image,
             id=file.file_id,
             request_id=file.request_id,
             camera_id=file.owner,
             source_type=SourceType.UPLOAD,
             storage_path=key,
             storage_bucket=self._objects.bucket,
-            width=image.width,
-            height=image.height,
-            size_bytes=len(image.data),
-            format=image.format.value,
-            content_type=image.content_type,
             capture_timestamp=received,
             meta=None,  # the request's, filled in at commit
             original_name=file.filename,
