@@ -174,6 +174,11 @@ async def test_a_stalled_viewer_holds_nobody_back_and_resumes_on_a_keyframe(
 ) -> None:
     seconds, width, height = 8, 1280, 720
     total = FPS * seconds
+    # Encoded beforehand: encoding 720p while two viewers decode it would hold this process
+    # back, and a steady viewer that falls a queue behind skips frames too.
+    packets = await asyncio.to_thread(
+        list, synthetic_stream(width, height, FPS, seconds, gop_s=1.0, bitrate=8_000_000)
+    )
     steady, stalled = Viewer(), Viewer()
     watching = [
         asyncio.create_task(watch(consume_url(stack), steady, until=total - 1)),
@@ -184,11 +189,7 @@ async def test_a_stalled_viewer_holds_nobody_back_and_resumes_on_a_keyframe(
     await wait_for_consumers(stack, 2)
     # ~8 Mbit/s: a 5 s stall is ~5 MB, more than the sockets between them hold (the kernel
     # grows a loopback send buffer up to 4 MB here), so the gateway's queue overflows.
-    await stream_to(
-        phone_url(stack),
-        synthetic_stream(width, height, FPS, seconds, gop_s=1.0, bitrate=8_000_000),
-        fps=FPS,
-    )
+    await stream_to(phone_url(stack), packets, fps=FPS)
     await asyncio.gather(*watching)
     assert steady.frames == list(range(total))
     # The stalled viewer lost a stretch, but everything it got decoded: it resumed on a keyframe

@@ -108,3 +108,72 @@ async def test_hub_binds_a_pattern_once_and_unbinds_after_the_last_watcher() -> 
     await hub.unsubscribe("x.*", b)
     assert calls == [("bind", "x.*"), ("unbind", "x.*")]
     assert hub.deliver("x.1", "m", kind="x") == 0
+
+
+class Socket:
+    """A socket that takes writes at once while `open` and refuses them otherwise."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.written: list[Message] = []
+
+    def __call__(self, message: Message) -> bool:
+        if self.open:
+            self.written.append(message)
+        return self.open
+
+
+async def test_a_client_that_keeps_up_is_written_to_at_once_without_its_writer() -> None:
+    recorder, socket = Recorder(), Socket()
+    client = ClientQueue(
+        recorder, write=socket, size=10, policy=Policy.DROP_OLDEST, endpoint="t-write"
+    )
+    writer = asyncio.create_task(client.run())
+    await asyncio.sleep(0)  # the writer is waiting
+    client.offer("a")
+    client.offer("b")
+    assert socket.written == ["a", "b"]  # in the caller, before anything else ran
+    assert recorder.sent == []
+    client.close()
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_nothing_is_written_before_the_snapshot_in_front_went_out() -> None:
+    recorder, socket = Recorder(), Socket()
+    client = ClientQueue(
+        recorder, write=socket, size=10, policy=Policy.DROP_OLDEST, endpoint="t-write"
+    )
+    client.offer("live 1")  # published while the snapshot was being fetched
+    client.push_front(["snapshot"])
+    writer = asyncio.create_task(client.run())
+    await asyncio.sleep(0.01)
+    client.offer("live 2")
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["snapshot", "live 1"]
+    assert socket.written == ["live 2"]
+    client.close()
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_what_the_socket_refuses_is_queued_and_later_messages_wait_behind_it() -> None:
+    gate = asyncio.Event()
+    recorder, socket = Recorder(block=gate), Socket()
+    client = ClientQueue(
+        recorder, write=socket, size=10, policy=Policy.DROP_OLDEST, endpoint="t-write"
+    )
+    writer = asyncio.create_task(client.run())
+    await asyncio.sleep(0)
+    client.offer("1")
+    socket.open = False  # the transport paused: a client that stopped reading
+    client.offer("2")
+    socket.open = True  # writable again, but "2" is still queued: "3" must not overtake it
+    client.offer("3")
+    await asyncio.sleep(0.01)
+    assert socket.written == ["1"]
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["2", "3"]
+    client.offer("4")  # the queue drained: straight to the socket again
+    assert socket.written == ["1", "4"]
+    client.close()
+    await asyncio.wait_for(writer, 1)

@@ -7,6 +7,7 @@ import uvicorn
 from edgeway.common.logging import configure_logging
 from edgeway.common.service import tune_gc
 from edgeway.gateway.app import create_app
+from edgeway.gateway.server import PreparedFramesProtocol
 from edgeway.gateway.settings import GatewaySettings
 
 
@@ -20,7 +21,7 @@ def main() -> None:
         host=settings.http_host,
         port=settings.http_port,
         loop="uvloop",
-        ws="websockets-sansio",
+        ws=PreparedFramesProtocol,
         ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,
         log_config=None,

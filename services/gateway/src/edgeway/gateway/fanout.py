@@ -1,7 +1,9 @@
 """Fan-out of live results to WebSocket clients.
 
-Each message is encoded once, upstream, and the same object goes to every client. Each client
-has a bounded send queue drained by its own writer task, so a slow or dead client never delays
+Each message is encoded once, upstream, and the same object goes to every client. Under the
+gateway's own server (`edgeway.gateway.server`) its WebSocket frame is serialized once too, and
+written straight to each client whose socket takes it at once. Otherwise each client has a
+bounded send queue drained by its own writer task, so a slow or dead client never delays
 the others or the broker consumer. A client that falls a whole queue behind loses its oldest
 messages (lossy channels), is closed with a clear code (reliable ones), or, for H.264, skips to
 the next keyframe so what it gets stays decodable; every drop is counted.
@@ -19,9 +21,11 @@ from enum import StrEnum
 from typing import Any
 
 from starlette.websockets import WebSocket
+from websockets.frames import Frame, Opcode
 
 from edgeway.common.logging import get_logger
 from edgeway.gateway.metrics import DELIVERED, DROPPED
+from edgeway.gateway.server import PREPARED_FRAMES, WriteFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,8 @@ class Packet:
 
 Message = str | bytes | Packet
 Send = Callable[[Message], Awaitable[None]]
+# Write a message to the socket now, without waiting; False when the socket would not take it so.
+Write = Callable[[Message], bool]
 Binder = Callable[[str], Awaitable[None]]
 
 log = get_logger("edgeway.gateway.fanout")
@@ -58,12 +64,34 @@ BEHIND_TO_KEYFRAME = "behind_to_keyframe"
 
 
 class ClientQueue:
-    """One client's bounded send queue and the task that drains it into the socket."""
+    """One client's bounded send queue and the task that drains it into the socket.
 
-    __slots__ = ("_event", "_queue", "_send", "closed", "endpoint", "overflowed", "policy", "size")
+    With `write` (`prepared_writer`), a message offered while the writer is idle with nothing
+    queued is written at once, in the caller, instead of waking the writer task: the common case
+    of a client that keeps up. Anything the socket does not take at once is queued behind what is
+    already queued, so the order holds either way. Nothing is written before the writer starts:
+    a snapshot pushed in front must go out first.
+    """
 
-    def __init__(self, send: Send, *, size: int, policy: Policy, endpoint: str) -> None:
+    __slots__ = (
+        "_event",
+        "_idle",
+        "_queue",
+        "_send",
+        "_write",
+        "closed",
+        "endpoint",
+        "overflowed",
+        "policy",
+        "size",
+    )
+
+    def __init__(
+        self, send: Send, *, size: int, policy: Policy, endpoint: str, write: Write | None = None
+    ) -> None:
         self._send = send
+        self._write = write
+        self._idle = False  # the writer is waiting with nothing queued
         self._queue: deque[Message] = deque()
         self._event = asyncio.Event()
         self.size = size
@@ -72,8 +100,19 @@ class ClientQueue:
         self.closed = False
         self.overflowed = False
 
+    @classmethod
+    def text(cls, websocket: WebSocket, *, size: int, policy: Policy, endpoint: str) -> ClientQueue:
+        """A queue of text frames for `websocket`, written at once when the socket takes them."""
+        return cls(
+            send_text(websocket),
+            write=prepared_writer(websocket, binary=False),
+            size=size,
+            policy=policy,
+            endpoint=endpoint,
+        )
+
     def offer(self, message: Message) -> None:
-        """Queue without waiting; never blocks the caller."""
+        """Write or queue without waiting; never blocks the caller."""
         if self.closed:
             return
         if len(self._queue) >= self.size:
@@ -83,6 +122,11 @@ class ClientQueue:
                 return
             self._queue.popleft()
             DROPPED.labels(self.endpoint, "slow_client").inc()
+        self._put(message)
+
+    def _put(self, message: Message) -> None:
+        if self._idle and not self._queue and self._write is not None and self._write(message):
+            return
         self._queue.append(message)
         self._event.set()
 
@@ -98,7 +142,9 @@ class ClientQueue:
         """Drain into the socket until closed. Returns when the client overflowed (CLOSE)."""
         queue, send, event = self._queue, self._send, self._event
         while not self.closed:
+            self._idle = not queue
             await event.wait()
+            self._idle = False
             event.clear()
             if self.overflowed:
                 return
@@ -125,8 +171,10 @@ class VideoQueue(ClientQueue):
 
     __slots__ = ("_floor", "_pps", "_skipping", "_sps")
 
-    def __init__(self, send: Send, *, size: int, endpoint: str) -> None:
-        super().__init__(send, size=size, policy=Policy.SKIP_TO_KEYFRAME, endpoint=endpoint)
+    def __init__(self, send: Send, *, size: int, endpoint: str, write: Write | None = None) -> None:
+        super().__init__(
+            send, size=size, policy=Policy.SKIP_TO_KEYFRAME, endpoint=endpoint, write=write
+        )
         self._sps: Packet | None = None
         self._pps: Packet | None = None
         self._skipping = False
@@ -167,8 +215,7 @@ class VideoQueue(ClientQueue):
                 return
             self._skipping = False
             queue.extend(p for p in (self._sps, self._pps) if p is not None)
-        queue.append(message)
-        self._event.set()
+        self._put(message)
 
     def start(self, gop: Iterable[Packet], last_seq: int) -> None:
         """A late joiner's start: the GOP first, then only live packets newer than its last.
@@ -221,6 +268,73 @@ def send_frames(websocket: WebSocket) -> Send:
             await send({"type": "websocket.send", "text": message})
 
     return send_frames
+
+
+def prepared_writer(websocket: WebSocket, *, binary: bool) -> Write | None:
+    """A `Write` of prepared frames for `websocket`: text frames (like `send_text`) or, with
+    `binary`, binary ones for bytes and packets (like `send_frames`).
+
+    None when the server does not offer `PREPARED_FRAMES` (another ASGI server, the test
+    client): the client's messages then all go through its queue.
+    """
+    extension = (websocket.scope.get("extensions") or {}).get(PREPARED_FRAMES)
+    if extension is None:
+        return None
+    write_frame: WriteFrame = extension["write"]
+
+    def write(message: Message) -> bool:
+        frame = _frames.frame(message, binary=binary)
+        return frame is not None and write_frame(frame)
+
+    return write
+
+
+class PreparedFrames:
+    """The serialized frames of the message being delivered, made once for all its clients.
+
+    `Hub.deliver` offers one message object to every watcher in turn, so remembering the last
+    message (by identity) is enough. At most a text and a binary frame per message.
+    """
+
+    __slots__ = ("_frames", "_message")
+
+    def __init__(self) -> None:
+        self._message: Message | None = None
+        self._frames: dict[Opcode, bytes] = {}
+
+    def frame(self, message: Message, *, binary: bool) -> bytes | None:
+        """None for what the socket does not take (a packet for a text socket): the queue's
+        `Send` raises on it, in the client's writer, not in the middle of a delivery."""
+        if message is not self._message:
+            self._message = message
+            self._frames = {}
+        opcode = _opcode(message, binary=binary)
+        if opcode is None:
+            return None
+        frame = self._frames.get(opcode)
+        if frame is None:
+            frame = self._frames[opcode] = Frame(opcode, _payload(message)).serialize(mask=False)
+        return frame
+
+
+_frames = PreparedFrames()
+
+
+def _opcode(message: Message, *, binary: bool) -> Opcode | None:
+    """The frame type `send_text` (text) or `send_frames` (binary) sends `message` as."""
+    if isinstance(message, str):
+        return Opcode.TEXT
+    if binary:
+        return Opcode.BINARY
+    return None if isinstance(message, Packet) else Opcode.TEXT
+
+
+def _payload(message: Message) -> bytes:
+    if isinstance(message, Packet):
+        return message.payload
+    if isinstance(message, str):
+        return message.encode()
+    return message
 
 
 def _topic_regex(pattern: str) -> re.Pattern[str]:

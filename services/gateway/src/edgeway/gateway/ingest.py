@@ -51,7 +51,7 @@ from edgeway.common.schemas.ingest import (
 )
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone, send_text
+from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone
 from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -341,8 +341,8 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
         )
         await websocket.close(1008, "not a request id")
         return
-    client = ClientQueue(
-        send_text(websocket),
+    client = ClientQueue.text(
+        websocket,
         size=gateway.settings.client_queue_size,
         policy=Policy.DROP_OLDEST,
         endpoint=PROGRESS_ENDPOINT,

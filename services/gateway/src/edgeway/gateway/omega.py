@@ -26,7 +26,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone, send_text
+from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -63,8 +63,8 @@ class ModelSession:
         self.principal = principal
         self.connection_id = uuid.uuid4().hex[:12]
         self.reply_channel = self.link.producer_channel(self.connection_id)
-        self.replies = ClientQueue(
-            send_text(websocket),
+        self.replies = ClientQueue.text(
+            websocket,
             size=REPLY_QUEUE_SIZE,
             policy=Policy.DROP_OLDEST,
             endpoint=MODEL_ENDPOINT,
@@ -204,8 +204,8 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
         return
     await websocket.accept()
     hub = gateway.link.hub
-    client = ClientQueue(
-        send_text(websocket),
+    client = ClientQueue.text(
+        websocket,
         size=gateway.settings.client_queue_size,
         # Occupancy updates are state: a client far behind is better served fresh than complete.
         policy=Policy.DROP_OLDEST,

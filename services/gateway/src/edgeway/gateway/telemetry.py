@@ -29,7 +29,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.telemetry import wire
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone, send_text
+from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone
 from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -149,8 +149,8 @@ async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
         return
     await websocket.accept()
     hub, state = gateway.link.hub, gateway.telemetry
-    client = ClientQueue(
-        send_text(websocket),
+    client = ClientQueue.text(
+        websocket,
         size=gateway.settings.client_queue_size,
         policy=Policy.DROP_OLDEST,
         endpoint=DASHBOARD_ENDPOINT,
@@ -281,8 +281,8 @@ class LoggerLink:
         self.websocket = websocket
         self.session = session
         self.state = gateway.telemetry
-        self.commands = ClientQueue(
-            send_text(websocket), size=64, policy=Policy.DROP_OLDEST, endpoint=CONTROL_ENDPOINT
+        self.commands = ClientQueue.text(
+            websocket, size=64, policy=Policy.DROP_OLDEST, endpoint=CONTROL_ENDPOINT
         )
         self.channels = (Channels.telemetry_control(), Channels.telemetry_control(session.vin))
 

@@ -46,8 +46,8 @@ from edgeway.gateway.fanout import (
     Packet,
     Policy,
     VideoQueue,
+    prepared_writer,
     send_frames,
-    send_text,
     stop_tasks,
 )
 from edgeway.gateway.jpeg import JpegError, jpeg_size
@@ -163,8 +163,8 @@ class PhoneLink:
         self.websocket = websocket
         self.device = device
         self.connection_id = uuid.uuid4().hex[:12]
-        self.outbox = ClientQueue(
-            send_text(websocket),
+        self.outbox = ClientQueue.text(
+            websocket,
             size=OUTBOX_SIZE,
             policy=Policy.DROP_OLDEST,
             endpoint=self.endpoint,
@@ -540,7 +540,10 @@ async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAU
         return
     hub, state = gateway.link.hub, gateway.video
     client = VideoQueue(
-        send_frames(websocket), size=gateway.settings.video_queue_size, endpoint=CONSUME_ENDPOINT
+        send_frames(websocket),
+        write=prepared_writer(websocket, binary=True),
+        size=gateway.settings.video_queue_size,
+        endpoint=CONSUME_ENDPOINT,
     )
     state.consumers[device] += 1
     CONNECTIONS.labels(CONSUME_ENDPOINT).inc()
@@ -581,8 +584,8 @@ class ViewerSession:
         self.websocket = websocket
         self.principal = principal
         self.can_control = Scope.VIDEO_CONTROL in principal.scopes
-        self.outbox = ClientQueue(
-            send_text(websocket),
+        self.outbox = ClientQueue.text(
+            websocket,
             size=gateway.settings.client_queue_size,
             policy=Policy.DROP_OLDEST,  # IMU and poses: a viewer far behind wants fresh ones
             endpoint=VIEWER_ENDPOINT,
