@@ -7,6 +7,8 @@ between, all real (the machine's servers, a private vhost and a fresh database).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -139,6 +141,47 @@ async def test_a_new_client_gets_the_latest_state_at_once(stack: Stack) -> None:
     assert set(latest.values()) == {21}
     for update in snapshot:
         assert set(update) == CLIENT_KEYS
+
+
+async def test_clients_joining_mid_stream_get_each_update_once(stack: Stack) -> None:
+    """An update published while a new client's snapshot is fetched is queued for it live and
+    is in the snapshot too: it must still arrive once."""
+    streaming = asyncio.Event()
+    done = asyncio.Event()
+
+    async def produce() -> None:
+        cameras = list(CAMERAS)
+        async with websockets.connect(stack.model_url) as model:
+            count = 0
+            while not done.is_set():
+                camera = cameras[count % len(cameras)]
+                await model.send(json.dumps(frame(camera, people=1000 + count)))
+                count += 1
+                if count == 50:
+                    streaming.set()
+                await asyncio.sleep(0.02)  # 50 frames/s: a load the suite keeps up with
+
+    async def join(delay: float) -> list[tuple[str, float]]:
+        await asyncio.sleep(delay)
+        got: list[tuple[str, float]] = []
+        async with websockets.connect(stack.client_url) as client:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    while True:
+                        update = json.loads(await client.recv())
+                        got.append((update["location_name"], update["timestamp"]))
+        return got
+
+    producing = asyncio.create_task(produce())
+    await asyncio.wait_for(streaming.wait(), 10)
+    joined = await asyncio.gather(*(join(0.05 * i) for i in range(12)))
+    done.set()
+    await producing
+    for got in joined:
+        assert len(got) > len(CAMERAS)  # the snapshot, then live updates
+        twice = [key for key, count in collections.Counter(got).items() if count > 1]
+        where = [index for index, key in enumerate(got) if key in twice]  # 0-6: the snapshot
+        assert not twice, f"received twice: {twice} at {where}"
 
 
 async def test_bad_input_is_answered_while_the_stream_continues(

@@ -177,3 +177,32 @@ async def test_what_the_socket_refuses_is_queued_and_later_messages_wait_behind_
     assert socket.written == ["1", "4"]
     client.close()
     await asyncio.wait_for(writer, 1)
+
+
+async def test_queued_messages_a_snapshot_holds_are_discarded_in_place() -> None:
+    recorder = Recorder()
+    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-discard")
+    for message in ("live a", "live b", "live c"):
+        client.offer(message)
+    assert client.discard_queued(lambda message: message == "live b") == 1
+    client.push_front(["snapshot a", "snapshot b"])
+    writer = asyncio.create_task(client.run())
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["snapshot a", "snapshot b", "live a", "live c"]
+    client.close()
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_a_client_is_offered_only_what_its_admit_filter_lets_through() -> None:
+    recorder = Recorder()
+    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-admit")
+    client.admit = lambda message: message != "echo"
+    writer = asyncio.create_task(client.run())
+    for message in ("a", "echo", "b"):
+        client.offer(message)
+    client.admit = None
+    client.offer("echo")
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["a", "b", "echo"]
+    client.close()
+    await asyncio.wait_for(writer, 1)

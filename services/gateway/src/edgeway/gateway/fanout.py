@@ -79,6 +79,7 @@ class ClientQueue:
         "_queue",
         "_send",
         "_write",
+        "admit",
         "closed",
         "endpoint",
         "overflowed",
@@ -99,6 +100,8 @@ class ClientQueue:
         self.endpoint = endpoint
         self.closed = False
         self.overflowed = False
+        # When set, a message offered is dropped unless admit(message) is true.
+        self.admit: Callable[[Message], bool] | None = None
 
     @classmethod
     def text(cls, websocket: WebSocket, *, size: int, policy: Policy, endpoint: str) -> ClientQueue:
@@ -113,7 +116,7 @@ class ClientQueue:
 
     def offer(self, message: Message) -> None:
         """Write or queue without waiting; never blocks the caller."""
-        if self.closed:
+        if self.closed or (self.admit is not None and not self.admit(message)):
             return
         if len(self._queue) >= self.size:
             if self.policy is Policy.CLOSE:
@@ -134,6 +137,17 @@ class ClientQueue:
         """Put messages ahead of everything queued (a snapshot sent before live updates)."""
         self._queue.extendleft(reversed(messages))
         self._event.set()
+
+    def discard_queued(self, unwanted: Callable[[Message], bool]) -> int:
+        """Remove the queued messages `unwanted` picks (live ones a snapshot already holds);
+        returns how many."""
+        queue = self._queue
+        kept = [message for message in queue if not unwanted(message)]
+        removed = len(queue) - len(kept)
+        if removed:
+            queue.clear()  # in place: the writer holds this deque
+            queue.extend(kept)
+        return removed
 
     def __len__(self) -> int:
         return len(self._queue)

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -184,15 +186,50 @@ async def model_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
     await ModelSession(gateway, websocket, principal).run()
 
 
-async def _latest_updates(gateway: Gateway) -> list[Message]:
+async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
     """Every location's latest state, from the occupancy service (request/reply)."""
     link = gateway.link
-    updates = await link.request(
+    updates: list[dict[str, Any]] = await link.request(
         service="occupancy",
         queue=link.topology.occupancy_requests_queue,
         body={"query": "latest"},
     )
-    return [orjson.dumps(update).decode() for update in updates]
+    return updates
+
+
+class SnapshotEcho:
+    """Drops the live copy of an update a new client already got in its snapshot.
+
+    The occupancy service commits a group, then publishes its updates; a snapshot read in
+    between holds updates whose live copies reach the gateway after it (or are queued for the
+    client while it is fetched), possibly behind older updates of the same group. So, per
+    location, the live update equal to the snapshot's is dropped, once. The guard sees every
+    message the client is offered: it takes itself off when every echo came, or after
+    `EXPIRY_S` (the snapshot's own updates may have gone out before the client watched).
+    """
+
+    EXPIRY_S = 5.0
+
+    def __init__(self, client: ClientQueue, latest: list[dict[str, Any]]) -> None:
+        self._client = client
+        self._pending = {update.get("location_name"): update for update in latest}
+        self._until = time.monotonic() + self.EXPIRY_S
+
+    def admit(self, message: Message) -> bool:
+        if not self._pending or time.monotonic() > self._until:
+            self._client.admit = None
+            return True
+        try:
+            update = orjson.loads(message) if isinstance(message, str | bytes) else None
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(update, dict):
+            return True
+        location = update.get("location_name")
+        if location in self._pending and self._pending[location] == update:
+            del self._pending[location]
+            return False
+        return True
 
 
 @router.websocket(CLIENT_ENDPOINT)
@@ -215,9 +252,14 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
 
     async def latest_first() -> None:
         try:
-            client.push_front(await _latest_updates(gateway))
+            latest = await _latest_updates(gateway)
         except ServiceUnavailableError as exc:
             log.warning("no latest state for a new client", reason=str(exc))
+            return
+        echo = SnapshotEcho(client, latest)
+        client.discard_queued(lambda message: not echo.admit(message))
+        client.admit = echo.admit
+        client.push_front([orjson.dumps(update).decode() for update in latest])
 
     try:
         await hub.serve(
