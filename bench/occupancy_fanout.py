@@ -325,8 +325,8 @@ class SuiteTarget(Target):
 
     def wait_snapshots(self, clients: int, timeout: float = 30.0) -> float:
         # The gateway asks the occupancy service for each new client's snapshot after the
-        # WebSocket is accepted; an update published before the reply reaches such a client
-        # twice (in the snapshot and live), so nothing is measured until they are answered.
+        # WebSocket is accepted; nothing is measured until every one is answered, so that the
+        # connection storm's requests are not part of the first step.
         started = time.monotonic()
         name = "edgeway_gateway_service_request_seconds_count"
         while time.monotonic() - started < timeout:
