@@ -189,12 +189,14 @@ async def model_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
 async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
     """Every location's latest state, from the occupancy service (request/reply)."""
     link = gateway.link
-    updates: list[dict[str, Any]] = await link.request(
+    updates = await link.request(
         service="occupancy",
         queue=link.topology.occupancy_requests_queue,
         body={"query": "latest"},
     )
-    return updates
+    if not isinstance(updates, list):  # {"error": ...}: its database is unavailable, say
+        raise ServiceUnavailableError(f"occupancy did not give the latest state: {updates}")
+    return [update for update in updates if isinstance(update, dict)]
 
 
 class SnapshotEcho:
