@@ -10,6 +10,8 @@ and logger control that needs its own scope.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import itertools
 import json
 import signal
@@ -213,6 +215,43 @@ async def test_a_logger_streams_to_the_database_and_every_dashboard(
     for handler in gateway_handlers | telemetry_handlers:
         assert SEED_VIN not in handler
         assert not handler.startswith("default.amq.rabbitmq.reply-to.")
+
+
+async def test_dashboards_joining_mid_stream_get_each_record_once(
+    stack: Stack, telemetry_database: str, tmp_path: Path
+) -> None:
+    """A record stored just before a new dashboard's history is read is in that history, and its
+    broadcast may reach the gateway after it: the dashboard must still get it once."""
+    samples = take(highway(11, start_ms=now_ms(), period_ms=20), 150)
+    timestamps = [sample.timestamp_ms for sample in samples]
+    dashboard_url = stack.ws("/ws", "telemetry:subscribe")
+    vehicle = logger(stack, SEED_VIN, samples, tmp_path, control=False, period_s=0.02)
+    streaming = asyncio.create_task(vehicle.run())
+
+    async def join(delay: float) -> tuple[list[int], list[int]]:
+        await asyncio.sleep(delay)
+        live: list[int] = []
+        async with websockets.connect(dashboard_url) as dashboard:
+            greeting = [json.loads(await asyncio.wait_for(dashboard.recv(), 10)) for _ in range(3)]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    while True:
+                        message = json.loads(await dashboard.recv())
+                        if message["type"] == "telemetry":
+                            live.append(message["data"]["timestamp"])
+        return [record["timestamp"] for record in greeting[1]["data"]], live
+
+    await eventually(lambda: len(stored(telemetry_database, SEED_VIN)) >= 20)
+    joined = await asyncio.gather(*(join(0.1 * i) for i in range(12)))
+    await asyncio.wait_for(streaming, 30)
+    for history, live in joined:
+        assert history  # each joined mid-stream
+        assert live
+        twice = sorted(t for t, count in collections.Counter(history + live).items() if count > 1)
+        assert not twice, f"received twice: {twice}; the history ends at {history[-1]}"
+        # And nothing missing in between: the history, then every record after it, in order.
+        first = timestamps.index(history[0])
+        assert history + live == timestamps[first : first + len(history) + len(live)]
 
 
 async def test_an_offline_period_is_replayed_in_order_with_no_gap_and_no_duplicate(

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
-from edgeway.gateway.fanout import ClientQueue, Hub, Message, Policy, _topic_regex
+from edgeway.gateway.fanout import (
+    ClientQueue,
+    Hub,
+    Message,
+    Policy,
+    SnapshotEcho,
+    _topic_regex,
+    canonical,
+)
 from edgeway.gateway.metrics import DROPPED
 
 
@@ -191,6 +200,58 @@ async def test_queued_messages_a_snapshot_holds_are_discarded_in_place() -> None
     assert recorder.sent == ["snapshot a", "snapshot b", "live a", "live c"]
     client.close()
     await asyncio.wait_for(writer, 1)
+
+
+async def test_a_snapshot_echo_drops_each_expected_copy_once_queued_or_live() -> None:
+    def key(message: object) -> bytes | None:
+        return (
+            canonical(message["data"]) if isinstance(message, dict) and "data" in message else None
+        )
+
+    recorder = Recorder()
+    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-echo")
+    record = {"data": {"t": 1, "v": 2.5}}
+    # Queued while the snapshot was read: its echo goes, a log line and another record stay.
+    for message in (record, {"log": "x"}, {"data": {"t": 0}}):
+        client.offer(orjson.dumps(message).decode())
+    # The snapshot holds the record twice (two copies expected) and one whose echo never comes.
+    SnapshotEcho(client, [canonical({"v": 2.5, "t": 1})] * 2 + [b"gone"], key).install()
+    assert len(client) == 2
+    client.push_front(["snapshot"])
+    writer = asyncio.create_task(client.run())
+    client.offer(orjson.dumps(record).decode())  # the second expected copy: dropped
+    client.offer(orjson.dumps(record).decode())  # a third: not expected, so it goes
+    client.offer(b"not json")
+    await asyncio.sleep(0.01)
+    assert recorder.sent == [
+        "snapshot",
+        '{"log":"x"}',
+        '{"data":{"t":0}}',
+        '{"data":{"t":1,"v":2.5}}',
+        b"not json",
+    ]
+    assert client.admit is not None  # b"gone" is still expected
+    client.close()
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_a_snapshot_echo_takes_itself_off_when_done_or_expired(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = ClientQueue(Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-echo-off")
+    SnapshotEcho(client, [b"1"], lambda message: str(message).encode()).install()
+    assert client.admit is not None
+    client.offer("1")  # the echo: dropped, and nothing more is expected
+    client.offer("2")
+    assert client.admit is None
+    assert len(client) == 1
+
+    monkeypatch.setattr(SnapshotEcho, "EXPIRY_S", 0.0)
+    SnapshotEcho(client, [b"3"], lambda message: str(message).encode()).install()
+    await asyncio.sleep(0.001)
+    client.offer("3")  # expired: the guard is off and the message goes through
+    assert client.admit is None
+    assert len(client) == 2
 
 
 async def test_a_client_is_offered_only_what_its_admit_filter_lets_through() -> None:

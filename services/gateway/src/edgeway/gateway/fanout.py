@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from starlette.websockets import WebSocket
 from websockets.frames import Frame, Opcode
 
@@ -362,6 +364,54 @@ def _topic_regex(pattern: str) -> re.Pattern[str]:
         else:
             parts.append(re.escape(word))
     return re.compile(r"\.".join(parts).replace(r"\..*", r"(\..*)?") + r"\Z")
+
+
+class SnapshotEcho:
+    """Drops, once each, the live copies of what a new client already got in its snapshot.
+
+    A service commits, then publishes. A snapshot (latest state, history) read in between holds
+    messages whose live copies reach the gateway after it, or are queued for the client while it
+    is fetched. `key` names a live message (None: not one a snapshot holds, such as a log line),
+    and each expected key drops the first live message with that key; the rest pass. The guard
+    sees every message the client is offered, so it takes itself off when every echo came, or
+    after `EXPIRY_S` (a snapshot's own messages may have gone out before the client watched).
+    """
+
+    EXPIRY_S = 5.0
+
+    def __init__(
+        self, client: ClientQueue, expected: Iterable[Hashable], key: Callable[[Any], Hashable]
+    ) -> None:
+        self._client = client
+        self._pending = Counter(expected)
+        self._key = key
+        self._until = time.monotonic() + self.EXPIRY_S
+
+    def install(self) -> None:
+        """Drop the echoes already queued, then filter what the client is offered next."""
+        self._client.discard_queued(lambda message: not self.admit(message))
+        self._client.admit = self.admit
+
+    def admit(self, message: Message) -> bool:
+        if not self._pending or time.monotonic() > self._until:
+            self._client.admit = None
+            return True
+        try:
+            decoded = orjson.loads(message) if isinstance(message, str | bytes) else None
+        except orjson.JSONDecodeError:
+            return True
+        key = self._key(decoded)
+        if key is None or self._pending[key] == 0:
+            return True
+        self._pending[key] -= 1
+        if self._pending[key] == 0:
+            del self._pending[key]
+        return False
+
+
+def canonical(value: Any) -> bytes:
+    """JSON with sorted keys: equal for equal decoded values, so usable as a `SnapshotEcho` key."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 class Hub:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
@@ -28,7 +27,13 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone
+from edgeway.gateway.fanout import (
+    ClientQueue,
+    Policy,
+    SnapshotEcho,
+    canonical,
+    read_until_gone,
+)
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -199,39 +204,8 @@ async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
     return [update for update in updates if isinstance(update, dict)]
 
 
-class SnapshotEcho:
-    """Drops the live copy of an update a new client already got in its snapshot.
-
-    The occupancy service commits a group, then publishes its updates; a snapshot read in
-    between holds updates whose live copies reach the gateway after it (or are queued for the
-    client while it is fetched), possibly behind older updates of the same group. So, per
-    location, the live update equal to the snapshot's is dropped, once. The guard sees every
-    message the client is offered: it takes itself off when every echo came, or after
-    `EXPIRY_S` (the snapshot's own updates may have gone out before the client watched).
-    """
-
-    EXPIRY_S = 5.0
-
-    def __init__(self, client: ClientQueue, latest: list[dict[str, Any]]) -> None:
-        self._client = client
-        self._pending = {update.get("location_name"): update for update in latest}
-        self._until = time.monotonic() + self.EXPIRY_S
-
-    def admit(self, message: Message) -> bool:
-        if not self._pending or time.monotonic() > self._until:
-            self._client.admit = None
-            return True
-        try:
-            update = orjson.loads(message) if isinstance(message, str | bytes) else None
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(update, dict):
-            return True
-        location = update.get("location_name")
-        if location in self._pending and self._pending[location] == update:
-            del self._pending[location]
-            return False
-        return True
+def _update_key(update: Any) -> bytes | None:
+    return canonical(update) if isinstance(update, dict) else None
 
 
 @router.websocket(CLIENT_ENDPOINT)
@@ -258,9 +232,9 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
         except ServiceUnavailableError as exc:
             log.warning("no latest state for a new client", reason=str(exc))
             return
-        echo = SnapshotEcho(client, latest)
-        client.discard_queued(lambda message: not echo.admit(message))
-        client.admit = echo.admit
+        # Per location, the live update equal to the snapshot's is dropped, once: a newer one
+        # of the same group, or an older one still on its way, goes through.
+        SnapshotEcho(client, map(canonical, latest), _update_key).install()
         client.push_front([orjson.dumps(update).decode() for update in latest])
 
     try:

@@ -29,7 +29,14 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.telemetry import wire
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Message, Policy, read_until_gone
+from edgeway.gateway.fanout import (
+    ClientQueue,
+    Message,
+    Policy,
+    SnapshotEcho,
+    canonical,
+    read_until_gone,
+)
 from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -140,6 +147,13 @@ async def _history(gateway: Gateway) -> list[Any]:
     return answer
 
 
+def _record_key(message: Any) -> bytes | None:
+    """A live record's `data`, as its history item holds it; None for anything else (logs)."""
+    if isinstance(message, dict) and message.get("type") == "telemetry":
+        return canonical(message.get("data"))
+    return None
+
+
 @router.websocket(DASHBOARD_ENDPOINT)
 async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
     principal = await admit_websocket(
@@ -170,6 +184,9 @@ async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
             )
         greeting.append(orjson.dumps({"type": "history", "data": history}).decode())
         greeting.append(_log_line(f"Loaded {len(history)} historical telemetry records"))
+        # A record stored just before the history was read may be broadcast after it: its live
+        # copy is dropped, once (records are unique per vehicle and time, and this is all of one).
+        SnapshotEcho(client, map(canonical, history), _record_key).install()
         client.push_front(greeting)
 
     try:
