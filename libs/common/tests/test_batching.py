@@ -55,6 +55,21 @@ async def test_an_outage_fails_the_group_without_retrying_each_item() -> None:
         await batcher.submit(99)
 
 
+async def test_items_submitted_together_stay_together_in_order() -> None:
+    flusher = Flusher(poison={12})
+    batcher: GroupCommit[int, int] = GroupCommit(flusher)
+    first = asyncio.create_task(batcher.submit_all([0, 1, 2]))
+    single = asyncio.create_task(batcher.submit(3))
+    assert await first == [0, 10, 20]
+    assert await single == 30
+    assert [i for group in flusher.groups for i in group] == [0, 1, 2, 3]
+    # One bad item: the others are still committed, then its failure is raised.
+    with pytest.raises(ValueError, match="bad item"):
+        await batcher.submit_all([11, 12, 13])
+    assert [11] in flusher.groups
+    assert [13] in flusher.groups
+
+
 async def trickle(batcher: GroupCommit[int, int], count: int) -> list[int]:
     """`count` submissions, one every 2 ms."""
 

@@ -48,6 +48,7 @@ from edgeway.common.telemetry.predictor import (
     PredictorConfig,
     Sample,
 )
+from edgeway.common.telemetry.uploads import UPLOADS_TYPE, pack
 from edgeway.common.testing import POSTGRES_ADMIN_URL, ServiceProcess, free_port
 from edgeway.common.topology import Channels, Topology
 from edgeway.telemetry.domain import RECORD_TYPE, UPLOAD_TYPE
@@ -131,6 +132,29 @@ class Gateway:
             body, exchange=TOPOLOGY.telemetry_raw, persist=True, mandatory=True, **kwargs
         )
         return envelope.message_id
+
+    async def upload_together(self, uploads: Sequence[tuple[bytes, str]]) -> list[str]:
+        """Several uploads (body, VIN) in one message, as a busy gateway sends them; their ids."""
+        envelopes = [
+            Envelope(
+                type=UPLOAD_TYPE,
+                producer="gateway",
+                content_type=PROTOBUF,
+                headers={"x-vehicle-vin": vin, "x-compressed": "true", "x-batch": "false"},
+            )
+            for _, vin in uploads
+        ]
+        carrier = Envelope(type=UPLOADS_TYPE, producer="gateway", content_type=PROTOBUF)
+        await self.broker.publish(
+            pack(
+                [(body, envelope) for (body, _), envelope in zip(uploads, envelopes, strict=True)]
+            ),
+            exchange=TOPOLOGY.telemetry_raw,
+            persist=True,
+            mandatory=True,
+            **carrier.publish_kwargs(),
+        )
+        return [envelope.message_id for envelope in envelopes]
 
     async def send(
         self, packets: Sequence[Packet], *, vin: str = SEED_VIN, received_at: float | None = None
@@ -429,6 +453,60 @@ async def test_malformed_uploads_are_kept_as_rejections_and_the_stream_goes_on(
     assert (
         metric(service, "edgeway_telemetry_records_total", outcome="rejected") == 1
     )  # unknown car
+
+
+async def test_uploads_sent_together_are_taken_in_order_each_on_its_own(
+    gateway: Gateway, db: AsyncEngine, service: ServiceProcess
+) -> None:
+    """A busy gateway puts several uploads in one message: each is stored, rejected and counted
+    as if it had come alone, in the message's order; an unreadable message is set aside."""
+    cars = {SEED_VIN: encode_all(drive(6, start_ms=now_ms() - 4_000, seed=1))}
+    cars[DEMO_VINS[0]] = encode_all(drive(6, start_ms=now_ms() - 4_000, seed=2))
+    garbage = b"\xff\xff not protobuf"
+    uploads = [(wire.encode_packet(cars[vin][index]), vin) for index in range(6) for vin in cars]
+    uploads.insert(5, (garbage, SEED_VIN))
+    ids = await gateway.upload_together(uploads)
+    sent = await gateway.broadcasts(12)
+    assert [(m.routing_key, orjson.loads(m.body)["data"]["timestamp"]) for m in sent] == [
+        (Channels.telemetry_vehicle(vin), packet.timestamp_ms)
+        for index in range(6)
+        for vin, packets in cars.items()
+        for packet in packets[index : index + 1]
+    ]
+    for vin, packets in cars.items():
+        stored = await query(
+            db,
+            "SELECT t.timestamp_ms FROM telemetry t JOIN vehicles v ON v.id = t.vehicle_id"
+            " WHERE v.vin = :vin ORDER BY t.id",
+            vin=vin,
+        )
+        assert [row.timestamp_ms for row in stored] == [p.timestamp_ms for p in packets]
+    rejected = await query(db, "SELECT message_id, code FROM rejections")
+    assert rejected == [(ids[5], "invalid_payload")]
+    assert metric(service, "edgeway_telemetry_records_total", outcome="stored") == 12.0
+
+    # A message that is no batch at all (only a gateway of another version could send one) is
+    # rejected to the dead letters; the uploads after it go on.
+    carrier = Envelope(type=UPLOADS_TYPE, producer="gateway", content_type=PROTOBUF)
+    await gateway.broker.publish(
+        b"\xff\xff\xff",
+        exchange=TOPOLOGY.telemetry_raw,
+        persist=True,
+        mandatory=True,
+        **carrier.publish_kwargs(),
+    )
+    later = encode_all(drive(8, start_ms=now_ms() - 1_000, seed=1))[6:]
+    await gateway.upload(wire.encode_batch(later), batch=True, vin=DEMO_VINS[1])
+    assert len(await gateway.broadcasts(2)) == 2
+    dead = await gateway.broker.declare_queue(
+        TOPOLOGY.dead_letter_queue(TOPOLOGY.telemetry_raw_queue.name)
+    )
+    deadline = time.monotonic() + WAIT
+    while (message := await dead.get(no_ack=True, fail=False)) is None:
+        assert time.monotonic() < deadline, "nothing was dead-lettered"
+        await asyncio.sleep(0.1)
+    assert message.type == UPLOADS_TYPE
+    assert message.body == b"\xff\xff\xff"
 
 
 async def test_legacy_loggers_are_decoded_best_effort(gateway: Gateway, db: AsyncEngine) -> None:

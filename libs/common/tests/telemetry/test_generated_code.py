@@ -1,4 +1,4 @@
-"""The committed protobuf code is what telemetry.proto generates; the seed's loggers still fit."""
+"""The committed protobuf code is what its .proto generates; the seed's loggers still fit."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from edgeway.common.telemetry import telemetry_pb2
 SOURCE_DIR = Path(telemetry_pb2.__file__).parent
 
 
-@pytest.mark.parametrize("name", ["telemetry_pb2.py", "telemetry_pb2.pyi"])
-def test_generated_code_is_current(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("proto", ["telemetry", "uploads"])
+@pytest.mark.parametrize("suffix", ["_pb2.py", "_pb2.pyi"])
+def test_generated_code_is_current(tmp_path: Path, proto: str, suffix: str) -> None:
+    name = proto + suffix
     subprocess.run(
         [
             sys.executable,
@@ -23,13 +25,13 @@ def test_generated_code_is_current(tmp_path: Path, name: str) -> None:
             f"-I{SOURCE_DIR}",
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            "telemetry.proto",
+            f"{proto}.proto",
         ],
         check=True,
     )
     assert (tmp_path / name).read_bytes() == (SOURCE_DIR / name).read_bytes(), (
         f"{name} is stale: regenerate it in {SOURCE_DIR} with "
-        "python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. telemetry.proto"
+        f"python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. {proto}.proto"
     )
 
 

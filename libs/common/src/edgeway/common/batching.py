@@ -43,11 +43,27 @@ class GroupCommit(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Wait until `item` is committed (with whatever else was waiting) and return its result."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        (future,) = self._enqueue([item])
+        return await future
+
+    async def submit_all(self, items: Sequence[T]) -> list[R]:
+        """`submit` for several items, queued together in this order; their results in order.
+
+        Every item is settled before this returns; if any failed, the first failure is raised.
+        """
+        settled = await asyncio.gather(*self._enqueue(items), return_exceptions=True)
+        for outcome in settled:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return settled  # type: ignore[return-value]
+
+    def _enqueue(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._run())
-        return await future
+        return futures
 
     async def _run(self) -> None:
         while self._pending:

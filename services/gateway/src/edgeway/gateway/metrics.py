@@ -13,6 +13,15 @@ REJECTED = Counter(
 PUBLISHED = Counter(
     "edgeway_gateway_published_total", "Messages confirmed by the broker", ["endpoint"]
 )
+UPLOAD_MESSAGES = Counter(
+    "edgeway_gateway_telemetry_upload_messages_total",
+    "Telemetry upload messages published: single (one upload) or batched (several)",
+    ["kind"],
+)
+BATCHED_UPLOADS = Counter(
+    "edgeway_gateway_telemetry_batched_uploads_total",
+    "Telemetry uploads published in batched messages",
+)
 DELIVERED = Counter(
     "edgeway_gateway_delivered_total", "Messages queued to clients", ["channel_kind"]
 )

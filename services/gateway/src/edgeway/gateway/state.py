@@ -28,7 +28,7 @@ class Gateway:
         self.link = BrokerLink(settings, tracer_provider=tracer_provider)
         # Open producer connections per endpoint; a connection leaves its set however it ends.
         self.producers: dict[str, set[object]] = {}
-        self.telemetry = TelemetryState()
+        self.telemetry = TelemetryState(self.link)
         self.video = VideoState()
         # NTP-corrected time for the phone frames' `ntp_time` header (the seed's).
         self.clock = TimeSync(settings.ntp_servers)

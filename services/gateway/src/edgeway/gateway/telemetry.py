@@ -1,8 +1,9 @@
 """Telemetry compatibility (seed-systems.md §4): vehicle loggers in, dashboards out.
 
 - `POST /telemetry`, `POST /api/telemetry`: protobuf uploads (`X-Compressed`, `X-Vehicle-VIN`,
-  and `X-Batch` for many records). Checked here, published unchanged to the telemetry work queue;
-  202 only once the broker confirmed it, real status codes otherwise.
+  and `X-Batch` for many records). Checked here, published unchanged to the telemetry work queue
+  (several to a message while the broker is busy: `edgeway.gateway.telemetry_publisher`); 202
+  only once the broker confirmed it, real status codes otherwise.
 - `WS /ws`: the seed dashboard protocol: a `log`, the `history` of the last records, a `log`,
   then every `telemetry` record and the loggers' `log` lines.
 - `GET /status`: the seed's fields; records and statistics come from the telemetry service.
@@ -27,6 +28,7 @@ from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.telemetry import wire
+from edgeway.common.telemetry.uploads import PROTOBUF, UPLOAD_TYPE
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.fanout import (
@@ -46,9 +48,7 @@ from edgeway.gateway.telemetry_state import LoggerSession
 UPLOAD_ENDPOINT = "/telemetry"
 DASHBOARD_ENDPOINT = "/ws"
 CONTROL_ENDPOINT = "/telemetry/control/ws"
-PROTOBUF = "application/x-protobuf"
 ACCEPTED_CONTENT_TYPES = frozenset({PROTOBUF, "application/octet-stream"})
-UPLOAD_TYPE = "telemetry.upload.v1"
 # The seed logger's default when it sends no X-Vehicle-VIN header.
 SEED_VIN = "5YJ3E1EA1KF000001"
 HISTORY_LIMIT = 100  # records a dashboard gets on connect (the seed's)
@@ -116,9 +116,7 @@ async def upload(
         },
     )
     try:
-        await gateway.link.publish_work(
-            body, envelope=envelope, exchange=gateway.link.topology.telemetry_raw
-        )
+        await gateway.telemetry.uploads.publish(body, envelope)
     except Exception as exc:  # noqa: BLE001 - any broker failure: the logger must send it again
         log.warning("publish failed", error=repr(exc), vin=vin)
         return _error(503, ErrorCode.UNAVAILABLE, "not accepted: the broker did not confirm it")

@@ -1,4 +1,5 @@
-"""What the gateway holds for telemetry: known vehicles, connected loggers, open dashboards."""
+"""What the gateway holds for telemetry: known vehicles, the upload publisher, connected loggers,
+open dashboards."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from edgeway.common.logging import get_logger
 from edgeway.gateway.link import BrokerLink, ServiceUnavailableError
+from edgeway.gateway.telemetry_publisher import UploadPublisher
 
 log = get_logger("edgeway.gateway.telemetry")
 
@@ -73,9 +75,15 @@ class LoggerSession:
 
 
 class TelemetryState:
-    """What the gateway holds for telemetry: known vehicles, connected loggers and dashboards."""
+    """What the gateway holds for telemetry: known vehicles, the upload publisher, connected
+    loggers and dashboards."""
 
-    def __init__(self) -> None:
+    def __init__(self, link: BrokerLink) -> None:
         self.vehicles = VehicleDirectory()
+        self.uploads = UploadPublisher(
+            lambda body, envelope: link.publish_work(
+                body, envelope=envelope, exchange=link.topology.telemetry_raw
+            )
+        )
         self.loggers: set[LoggerSession] = set()
         self.dashboards = 0

@@ -24,8 +24,8 @@ from edgeway.common.telemetry.predictor import (
     Packet,
     Sample,
 )
+from edgeway.common.telemetry.uploads import UPLOAD_TYPE as UPLOAD_TYPE
 
-UPLOAD_TYPE = "telemetry.upload.v1"  # what the gateway publishes
 RECORD_TYPE = "telemetry.record.v1"  # what this service broadcasts, one per stored record
 
 HEADER_VIN = "x-vehicle-vin"

@@ -1,7 +1,9 @@
 """FastStream subscribers of the telemetry service: read, decode per vehicle, store, broadcast.
 
 Uploads come off a quorum queue with a single active consumer, so one replica at a time sees
-every vehicle's packets in the order the gateway published them. Handlers hand them to a group
+every vehicle's packets in the order the gateway published them. A message is one upload, or
+several that a busy gateway sent together (`edgeway.common.telemetry.uploads`), taken in order
+and acked once all of them are committed. Handlers hand them to a group
 commit without awaiting anything first, so groups keep that order. A group is one transaction:
 records (idempotent on vehicle and timestamp), each vehicle's decoder state, daily statistics,
 offline sessions and rejections. Only after the commit are the deliveries acked, so a crash
@@ -27,6 +29,7 @@ from typing import Any
 import orjson
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
+from faststream.exceptions import RejectMessage
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
@@ -48,6 +51,7 @@ from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.service import database_service_app
 from edgeway.common.settings import async_database_url
+from edgeway.common.telemetry.uploads import UPLOADS_TYPE, unpack
 from edgeway.common.topology import Topology
 from edgeway.telemetry import domain, store
 from edgeway.telemetry.broadcast import AmqpSender, Broadcaster, BroadcastMetrics
@@ -192,13 +196,7 @@ def build_app(
         no_reply=True,
     )
 
-    @uploads
-    async def on_upload(message: RabbitMessage) -> None:
-        # Nothing is awaited before `submit`: uploads reach the group commit in delivery order.
-        body: bytes = message.body
-        envelope = Envelope.from_message(message, type=domain.UPLOAD_TYPE)
-        upload = domain.read_upload(body, message.headers or {})
-        outcome = await group_commit.submit(Delivery(envelope, body, upload))
+    def count(outcome: Outcome) -> None:
         records.labels("stored").inc(outcome.stored)
         records.labels("duplicate").inc(outcome.duplicates)
         if outcome.rejection is not None:
@@ -211,9 +209,32 @@ def build_app(
                 code=rejected.code.value,
                 reason=rejected.reason,
                 vin=rejected.vin,
-                message_id=envelope.message_id,
+                message_id=outcome.envelope.message_id,
                 duplicate=not outcome.new_rejection,
             )
+
+    @uploads
+    async def on_upload(message: RabbitMessage) -> None:
+        # Nothing is awaited before the group commit takes the uploads: they reach it in
+        # delivery order, and the uploads of a batched message in their order in it.
+        body: bytes = message.body
+        if message.raw_message.type == UPLOADS_TYPE:
+            try:
+                carried = unpack(body)
+            except ValueError as exc:
+                # Only a gateway of another version could send it: kept as a dead letter.
+                log.error("unreadable upload batch", error=str(exc), message_id=message.message_id)
+                raise RejectMessage from exc
+            deliveries = [
+                Delivery(envelope, upload, domain.read_upload(upload, envelope.headers))
+                for upload, envelope in carried
+            ]
+            for outcome in await group_commit.submit_all(deliveries):
+                count(outcome)
+            return
+        envelope = Envelope.from_message(message, type=domain.UPLOAD_TYPE)
+        upload = domain.read_upload(body, message.headers or {})
+        count(await group_commit.submit(Delivery(envelope, body, upload)))
 
     answer_requests(
         broker,
