@@ -20,6 +20,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.topology import Channels, Topology
 from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
@@ -177,6 +178,57 @@ async def test_bad_input_gets_an_error_frame_and_the_stream_continues(
             f'edgeway_gateway_rejected_total{{code="{code}",endpoint="/model/ws/connect"}}'
             in metrics
         )
+
+
+async def test_a_client_whose_snapshot_fails_still_gets_live_updates(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    """The occupancy service answers the latest-state query with its error object (its database
+    is down): the client gets no snapshot, and its live updates all the same."""
+    topology = Topology()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        spec = topology.occupancy_requests_queue
+        requests = await channel.declare_queue(
+            spec.name, durable=False, arguments=spec.arguments, auto_delete=True
+        )
+        asked = asyncio.Event()
+
+        async def answer(request: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with request.process():
+                assert request.reply_to is not None
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        b'{"error": "occupancy database unavailable"}',
+                        correlation_id=request.correlation_id,
+                        content_type="application/json",
+                    ),
+                    routing_key=request.reply_to,
+                )
+                asked.set()
+
+        await requests.consume(answer)
+        broadcast = await channel.declare_exchange(
+            topology.names.broadcast, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        update = {"location_name": "Flint Loop", "timestamp": 1.0, "people_detected": 3}
+        async with websockets.connect(ws_url(gateway, "/client/ws/connect", SUBSCRIBE)) as ws:
+            await asyncio.wait_for(asked.wait(), 5)
+            deadline = time.monotonic() + 5
+            while True:  # until the gateway watches the channel (it binds as the client joins)
+                await broadcast.publish(
+                    aio_pika.Message(json.dumps(update).encode(), content_type="application/json"),
+                    routing_key=Channels.occupancy_location(2),
+                )
+                try:
+                    received = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "no live update reached the client"
+            assert received == update
+    finally:
+        await connection.close()
 
 
 async def test_a_frame_beyond_the_protocol_limit_closes_with_1009(gateway: ServiceProcess) -> None:
