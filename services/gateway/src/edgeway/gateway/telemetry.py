@@ -183,7 +183,7 @@ async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
         greeting.append(orjson.dumps({"type": "history", "data": history}).decode())
         greeting.append(_log_line(f"Loaded {len(history)} historical telemetry records"))
         # A record stored just before the history was read may be broadcast after it: its live
-        # copy is dropped, once (records are unique per vehicle and time, and this is all of one).
+        # copy is dropped, once (a record is named by its data: timestamp, values, arrival time).
         SnapshotEcho(client, map(canonical, history), _record_key).install()
         client.push_front(greeting)
 

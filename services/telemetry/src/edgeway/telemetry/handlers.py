@@ -3,8 +3,9 @@
 Uploads come off a quorum queue with a single active consumer, so one replica at a time sees
 every vehicle's packets in the order the gateway published them. A message is one upload, or
 several that a busy gateway sent together (`edgeway.common.telemetry.uploads`), taken in order
-and acked once all of them are committed. Handlers hand them to a group
-commit without awaiting anything first, so groups keep that order. A group is one transaction:
+and acked once all of them are committed (if one fails, the message comes back, and those
+already stored are duplicates then). Handlers hand uploads to a group commit without awaiting
+anything first, so groups keep that order. A group is one transaction:
 records (idempotent on vehicle and timestamp), each vehicle's decoder state, daily statistics,
 offline sessions and rejections. Only after the commit are the deliveries acked, so a crash
 anywhere before it means a redelivery, whose packets are then at or before their vehicle's
