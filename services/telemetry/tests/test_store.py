@@ -219,6 +219,25 @@ async def test_a_large_group_keeps_its_order_and_a_rollback_stores_nothing(
     assert last[0].received_at == RECEIVED
 
 
+async def test_a_small_group_keeps_its_order_and_its_second_copy_is_not_new(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    # Under COPY_FROM_ROWS: one INSERT of arrays on PostgreSQL, multi-row VALUES on SQLite.
+    car = vehicles[SEED_VIN]
+    rows = [row(car, 300 * i, sequence=None if i % 2 else i) for i in range(40)][::-1]
+    assert len(rows) < store.COPY_FROM_ROWS
+    assert await store_rows(sessions, [*rows, rows[3]]) == [True] * 40 + [False]
+    async with sessions() as session:
+        stored = list(
+            await session.scalars(select(store.TelemetryRecord).order_by(store.TelemetryRecord.id))
+        )
+    assert [(r.timestamp_ms, r.sequence) for r in stored] == [
+        (r.timestamp_ms, r.sequence) for r in rows
+    ]
+    assert stored[0].received_at == RECEIVED
+    assert stored[0].heading == 359.0
+
+
 # --- state ----------------------------------------------------------------------------------------
 
 

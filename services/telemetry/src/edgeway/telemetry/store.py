@@ -4,9 +4,9 @@ compression statistics, offline sessions and rejections.
 Functions take the session as a keyword and never open or commit a transaction: the handler
 does, so one group of uploads is one transaction. Records are idempotent on (vehicle,
 timestamp): a replayed or redelivered record is never stored twice. On PostgreSQL a group's
-records go in with COPY into a temporary table and one `INSERT ... SELECT ... ON CONFLICT DO
-NOTHING RETURNING`; on SQLite with multi-row `INSERT ... ON CONFLICT DO NOTHING RETURNING`.
-Both answer the same question: which of these rows are new.
+records go in with COPY (`record_sink`), or for small groups one `INSERT ... SELECT FROM unnest`
+with an array per column; on SQLite with multi-row `INSERT ... ON CONFLICT DO NOTHING
+RETURNING`. Each answers the same question: which of these rows are new.
 """
 
 from __future__ import annotations
