@@ -254,18 +254,21 @@ COPY telemetry_incoming (
     uncertain, sequence, predictor_version, compressed, received_at
 ) FROM STDIN (FORMAT BINARY)
 """
-_INSERT_INCOMING = """
-INSERT INTO telemetry (
-    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
-    uncertain, sequence, predictor_version, compressed, received_at
-)
-SELECT
-    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
-    uncertain, sequence, predictor_version, compressed, received_at
-FROM telemetry_incoming ORDER BY ord
+_RECORD_COLUMNS = ", ".join(RecordRow._fields)
+
+
+def _insert_records_from(source: str) -> str:
+    """INSERT the records of `source` (RecordRow's columns and `ord`) in `ord` order, skipping
+    those stored already; the keys of the rows it inserted."""
+    return f"""
+INSERT INTO telemetry ({_RECORD_COLUMNS})
+SELECT {_RECORD_COLUMNS} FROM {source} ORDER BY ord
 ON CONFLICT (vehicle_id, timestamp_ms) DO NOTHING
 RETURNING vehicle_id, timestamp_ms
-"""
+"""  # noqa: S608 - built at import from this module's constants, never from input
+
+
+_INSERT_INCOMING = _insert_records_from("telemetry_incoming")
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +306,9 @@ class StatsKey(NamedTuple):
 
 
 class _HotStatements:
-    """Statements run for every group, built once per dialect and run with parameters."""
+    """Statements run for every group, built once per dialect and run with parameters.
+
+    PostgreSQL runs the `unnest` forms below instead of `records`, `state` and `stats`."""
 
     def __init__(self, insert: Callable[[Table], Insert]) -> None:
         self.records = (
@@ -358,25 +363,11 @@ _hot = per_dialect(_HotStatements)
 # changes with the group's size, so psycopg converts it once and the server prepares it once.
 # SQLAlchemy's multi-row VALUES is new text for every group size, which psycopg parses anew each
 # time (it caches no query of over 50 parameters): that was a sixth of the service's CPU.
-_PG_RECORDS = """
-INSERT INTO telemetry (
-    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
-    uncertain, sequence, predictor_version, compressed, received_at
+_PG_RECORDS = _insert_records_from(
+    "unnest(%s::int4[], %s::int8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[],"
+    " %s::float8[], %s::int2[], %s::bool[], %s::int8[], %s::int4[], %s::bool[],"
+    f" %s::timestamptz[]) WITH ORDINALITY AS incoming ({_RECORD_COLUMNS}, ord)"
 )
-SELECT
-    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
-    uncertain, sequence, predictor_version, compressed, received_at
-FROM unnest(
-    %s::int4[], %s::int8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[],
-    %s::float8[], %s::int2[], %s::bool[], %s::int8[], %s::int4[], %s::bool[], %s::timestamptz[]
-) WITH ORDINALITY AS incoming (
-    vehicle_id, timestamp_ms, speed, battery, power, odometer, heading, reconstructed,
-    uncertain, sequence, predictor_version, compressed, received_at, ord
-)
-ORDER BY ord
-ON CONFLICT (vehicle_id, timestamp_ms) DO NOTHING
-RETURNING vehicle_id, timestamp_ms
-"""
 _PG_STATE = """
 INSERT INTO vehicle_state AS state (
     vehicle_id, revision, predictor, offline_session_id, timestamp_ms, speed, battery, power,
@@ -566,7 +557,8 @@ async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) ->
 
 
 async def _insert_rows(session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
-    """One multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING."""
+    """One INSERT ... ON CONFLICT DO NOTHING RETURNING: of arrays on PostgreSQL (`_PG_RECORDS`),
+    multi-row VALUES elsewhere."""
     if not rows:
         return []
     if dialect_of(session) == "postgresql":
