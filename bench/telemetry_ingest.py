@@ -151,7 +151,8 @@ class Config:
         return config
 
 
-def token(*scopes: str) -> str:
+def token(*scopes: str, vins: list[str] | None = None) -> str:
+    """A token; a fleet's names its vehicles (the `vin` claim), as the gateway requires."""
     return mint(
         subject="bench-telemetry",
         scopes=list(scopes),
@@ -160,6 +161,7 @@ def token(*scopes: str) -> str:
         algorithm="HS256",
         audience="edgeway",
         issuer="edgeway",
+        identities={"vin": vins} if vins else None,
     )
 
 
@@ -380,7 +382,7 @@ def single_part(
     commits: Commits | None,
 ) -> dict[str, Any]:
     vins = [vin(SINGLE_BASE + i) for i in range(config.clients)]
-    fleet = Fleet(base_url, token("telemetry:publish"), vins, workers=config.workers)
+    fleet = Fleet(base_url, token("telemetry:publish", vins=vins), vins, workers=config.workers)
     try:
         warm = merge(fleet.run(("single", time.time() + 0.1, config.warmup_seconds)))
         if commits is not None:
@@ -525,7 +527,9 @@ def batch_part(
     total = per_vehicle * config.batch_vehicles
     # A logger's outbox replayed: readings at the trace's period that ended a minute ago.
     start_ms = int(time.time() * 1000) - per_vehicle * PERIOD_MS - 60_000
-    fleet = Fleet(suite.gateway.url, token("telemetry:publish"), vins, workers=config.workers)
+    fleet = Fleet(
+        suite.gateway.url, token("telemetry:publish", vins=vins), vins, workers=config.workers
+    )
     try:
         prepared = fleet.run(("prepare_batch", per_vehicle, config.batch_size, start_ms))
         body_bytes = sum(p["bytes"] for p in prepared)
@@ -599,7 +603,9 @@ def paced_part(
     dashboard = Dashboard(ws_url)
     fleet: Fleet | None = None
     try:
-        fleet = Fleet(suite.gateway.url, token("telemetry:publish"), vins, workers=config.workers)
+        fleet = Fleet(
+            suite.gateway.url, token("telemetry:publish", vins=vins), vins, workers=config.workers
+        )
         groups = {**groups, "loadgen": fleet_pids(fleet), "dashboard": dashboard_pids(dashboard)}
         # Warm-up (not measured): connections open, the gateway's vehicle list, code paths.
         paced_step(fleet, dashboard, config.paced_rates[0], config.warmup_seconds, groups)

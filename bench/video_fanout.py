@@ -60,8 +60,11 @@ def encode_clip(seconds: float) -> list[Frame]:
     return frames
 
 
-def token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="bench", ttl=3600)
+def token(*scopes: str, device: str | None = None) -> str:
+    """A token; a phone's names its device (the `device` claim), as the gateway requires."""
+    return mint_with_secret(
+        SECRET, *scopes, subject="bench", ttl=3600, device=[device] if device else None
+    )
 
 
 def nal_type(payload: bytes) -> int:
@@ -194,7 +197,7 @@ class Target:
 
     def url(self, path: str, scope: str, device: str) -> str:
         base = self.front.url.replace("http", "ws")
-        return f"{base}{path}?token={token(scope)}&device={device}"
+        return f"{base}{path}?token={token(scope, device=device)}&device={device}"
 
     def wait_consumers(self, count: int, timeout: float = 30.0) -> None:
         if self.name != "suite":

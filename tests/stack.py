@@ -16,8 +16,9 @@ SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
 CAMERAS = OMEGA_PLACES  # the seed the occupancy service starts with
 
 
-def token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="e2e", ttl=3600)
+def token(*scopes: str, device: list[str] | None = None, vin: list[str] | None = None) -> str:
+    """A token for these tests; a producer's names the devices or vehicles it produces for."""
+    return mint_with_secret(SECRET, *scopes, subject="e2e", ttl=3600, device=device, vin=vin)
 
 
 def frame(
@@ -116,8 +117,13 @@ class Stack:
         for service in reversed(self.services):
             service.stop()
 
-    def ws(self, path: str, *scopes: str) -> str:
-        return self.gateway.url.replace("http", "ws") + f"{path}?token={token(*scopes)}"
+    def ws(self, path: str, *scopes: str, device: str | None = None) -> str:
+        """A WebSocket URL with a token; `device` binds a phone's token and names it
+        (`&device=`)."""
+        url = self.gateway.url.replace("http", "ws") + path
+        if device is None:
+            return f"{url}?token={token(*scopes)}"
+        return f"{url}?token={token(*scopes, device=[device])}&device={device}"
 
     @property
     def model_url(self) -> str:

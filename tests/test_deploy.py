@@ -576,6 +576,7 @@ def test_overlay_uses_stable_api_versions_in_namespace_edgeway(overlay: str) -> 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployments_have_probes_resources_and_hardening(overlay: str) -> None:
     configmaps = _of_kind(overlay, "ConfigMap")
+    deployments = _of_kind(overlay, "Deployment")
     for name, pod, container in _deployments(overlay):
         where = f"{overlay}: {name}/{container['name']}"
         port = SERVICES.get(name)
@@ -610,7 +611,16 @@ def test_deployments_have_probes_resources_and_hardening(overlay: str) -> None:
         if port is not None:
             assert env["EDGEWAY_HTTP_HOST"] == "0.0.0.0", where
             assert int(env["EDGEWAY_HTTP_PORT"]) == port, where
-            assert [p["containerPort"] for p in container["ports"]] == [port], where
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["http"] == port, where
+            template = deployments[name]["spec"]["template"]["metadata"]
+            metrics = int(template["annotations"]["prometheus.io/port"])
+            # The scrape port is the public one, or (the gateway) its internal metrics port.
+            if metrics != port:
+                assert ports == {"http": port, "metrics": metrics}, where
+                assert int(env["EDGEWAY_METRICS_PORT"]) == metrics, where
+            else:
+                assert ports == {"http": port}, where
         for variable, value in env.items():
             if SECRET_ENV.search(variable):
                 assert isinstance(value, dict), f"{where}: {variable} is a literal value"

@@ -400,7 +400,7 @@ async def test_a_phone_csv_file_is_stored_through_the_ingestion_service(
     stack: Stack, bucket: Minio
 ) -> None:
     text = "t,ax,ay,az\n1,0.1,9.8,0.2\n2,0.1,9.7,0.3\n"
-    url = stack.ws("/ws/phone", "video:publish") + "&device=phone-7"
+    url = stack.ws("/ws/phone", "video:publish", device="phone-7")
     async with websockets.connect(url) as ws:
         await ws.send(
             json.dumps({"type": "file_upload", "fileName": "../imu.csv", "fileContent": text})

@@ -99,7 +99,7 @@ def logger(
     return TelemetryLogger(
         vin,
         stack.gateway.url,
-        token("telemetry:publish"),
+        token("telemetry:publish", vin=[vin]),
         samples,
         tmp_path / f"outbox-{vin}.sqlite",
         period_s=options.pop("period_s", 0.01),
@@ -307,7 +307,9 @@ async def test_kill_9_of_the_service_mid_stream_loses_and_duplicates_nothing(
 async def test_bad_uploads_get_their_status_codes_and_store_nothing(
     stack: Stack, telemetry_database: str
 ) -> None:
-    publish = {"Authorization": f"Bearer {token('telemetry:publish')}"}
+    unregistered = "5YJ3E1EA1KF999999"
+    publisher = token("telemetry:publish", vin=[SEED_VIN, unregistered])
+    publish = {"Authorization": f"Bearer {publisher}"}
     sample = take(highway(1, start_ms=now_ms()), 1)[0]
     good = wire.encode_sample(sample)
     out_of_range = wire.encode_sample(
@@ -317,7 +319,7 @@ async def test_bad_uploads_get_their_status_codes_and_store_nothing(
         statuses = [
             (await http.post("/telemetry", content=good, headers=headers)).status_code
             for headers in (
-                {"X-Vehicle-VIN": "5YJ3E1EA1KF999999"},  # well formed, not registered
+                {"X-Vehicle-VIN": unregistered},  # well formed, not registered
                 {"X-Vehicle-VIN": SEED_VIN, "Content-Type": "text/plain"},
             )
         ]

@@ -99,7 +99,7 @@ def consume_url(stack: Stack) -> str:
 
 
 def phone_url(stack: Stack) -> str:
-    return stack.ws("/ws/video", "video:publish") + f"&device={DEVICE}"
+    return stack.ws("/ws/video", "video:publish", device=DEVICE)
 
 
 async def wait_for_consumers(stack: Stack, count: int) -> None:
@@ -230,7 +230,7 @@ async def test_imu_reaches_viewers_in_order_and_controls_reach_the_phone(stack: 
     shuffled = swapped + samples[:10]
     # Earlier samples, one at a time until the viewer gets one: then it surely watches.
     probes = imu_samples(100, start_ns=start_ns - 1_000_000_000, rate_hz=200)
-    phone_ws = stack.ws("/ws/phone", "video:publish") + f"&device={DEVICE}"
+    phone_ws = stack.ws("/ws/phone", "video:publish", device=DEVICE)
     viewer_ws = stack.ws("/ws/viewer", "video:subscribe", "video:control")
     async with (
         websockets.connect(phone_ws) as phone,

@@ -4,7 +4,11 @@ Each camera watches a few tables (ROI zones with a seat capacity); people come a
 random walk, and a zone is "occupied" when it holds more people than seats, as Omega's model
 decides it (seed-systems.md §1). Reconnects every 5 s when the gateway is away, like Omega's.
 
-    python deploy/local/demo_camera.py --url ws://127.0.0.1:8000/model/ws/connect [--token T]
+    EDGEWAY_CAMERA_TOKEN=... python deploy/local/demo_camera.py \
+        --url ws://127.0.0.1:8000/model/ws/connect
+
+The token (scope occupancy:publish) comes from EDGEWAY_CAMERA_TOKEN or --token-file, never from
+the command line, and travels in the Authorization header.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import random
 import time
 
 import websockets
+
+from edgeway.edge.credentials import add_token_options, read_token
+
+TOKEN_ENV = "EDGEWAY_CAMERA_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
 CAMERAS = ("OW_1", "Flint_1", "PaulaPlaza_1", "SU_1", "SU_2", "SU_3", "Tims_1")
 log = logging.getLogger("demo-camera")
@@ -56,12 +64,13 @@ class Camera:
         }
 
 
-async def run(url: str, interval: float, seed: int) -> None:
+async def run(url: str, token: str, interval: float, seed: int) -> None:
     rng = random.Random(seed)
     cameras = [Camera(name, rng) for name in CAMERAS]
     while True:
         try:
-            async with websockets.connect(url, compression=None) as ws:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with websockets.connect(url, compression=None, additional_headers=headers) as ws:
                 log.info("connected to %s", url.split("?")[0])
                 errors = asyncio.create_task(_print_errors(ws))
                 try:
@@ -84,13 +93,13 @@ async def _print_errors(ws: websockets.ClientConnection) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8000/model/ws/connect")
-    parser.add_argument("--token", default=None)
+    add_token_options(parser, env=TOKEN_ENV, scope="occupancy:publish")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo-camera %(message)s")
-    url = f"{args.url}?token={args.token}" if args.token else args.url
-    asyncio.run(run(url, args.interval, args.seed))
+    token = read_token(parser, args, env=TOKEN_ENV)
+    asyncio.run(run(args.url, token, args.interval, args.seed))
 
 
 if __name__ == "__main__":

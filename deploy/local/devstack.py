@@ -101,7 +101,8 @@ def main() -> int:
     processes: list[ServiceProcess] = []
     producers: list[subprocess.Popen[bytes]] = []
 
-    def token(subject: str, *scopes: str) -> str:
+    def token(subject: str, *scopes: str, bound: tuple[str, str] | None = None) -> str:
+        """A token from `edgeway-token`; `bound` adds a producer's identity claim (--vin X)."""
         return subprocess.run(
             [
                 sys.executable,
@@ -110,6 +111,7 @@ def main() -> int:
                 "--subject",
                 subject,
                 *(part for scope in scopes for part in ("--scope", scope)),
+                *(bound or ()),
                 "--ttl",
                 "30d",
             ],
@@ -119,9 +121,12 @@ def main() -> int:
             text=True,
         ).stdout.strip()
 
-    def producer(name: str, *args: str) -> None:
+    def producer(name: str, *args: str, token: tuple[str, str]) -> None:
+        """Start a demo producer; its token goes in its environment (`token`: the variable and
+        the value), where `ps` does not show it."""
         log = (LOGS / f"{name}.log").open("ab")
-        producers.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log))
+        env = {**os.environ, token[0]: token[1]}
+        producers.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, env=env))
 
     try:
         for process in (occupancy, telemetry, video_relay, ingestion, gateway):
@@ -132,8 +137,7 @@ def main() -> int:
             str(ROOT / "deploy/local/demo_camera.py"),
             "--url",
             f"ws://127.0.0.1:{GATEWAY_PORT}/model/ws/connect",
-            "--token",
-            token("demo-camera", "occupancy:publish"),
+            token=("EDGEWAY_CAMERA_TOKEN", token("demo-camera", "occupancy:publish")),
         )
         for vin, trace in VEHICLES:
             producer(
@@ -144,12 +148,14 @@ def main() -> int:
                 vin,
                 "--gateway",
                 f"http://127.0.0.1:{GATEWAY_PORT}",
-                "--token",
-                token(f"vehicle-{vin}", "telemetry:publish"),
                 "--trace",
                 trace,
                 "--outbox",
                 str(DATA / f"vehicle-{vin}.sqlite"),
+                token=(
+                    "EDGEWAY_LOGGER_TOKEN",
+                    token(f"vehicle-{vin}", "telemetry:publish", bound=("--vin", vin)),
+                ),
             )
         producer(
             PHONE,
@@ -159,9 +165,8 @@ def main() -> int:
             f"http://127.0.0.1:{GATEWAY_PORT}",
             "--device",
             PHONE,
-            "--token",
-            token(PHONE, "video:publish"),
             *("--width", "640", "--height", "360", "--fps", "30", "--gop", "2"),
+            token=("EDGEWAY_PHONE_TOKEN", token(PHONE, "video:publish", bound=("--device", PHONE))),
         )
         operator = token("operator", "telemetry:control", "ingest:write", "ingest:read")
         gw = f"http://127.0.0.1:{GATEWAY_PORT}"

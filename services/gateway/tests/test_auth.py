@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 
-from edgeway.gateway.auth import AuthError, Scope, Verifier, authorize, check_origin
+from edgeway.gateway.auth import AuthError, Identity, Scope, Verifier, authorize, check_origin
 from edgeway.gateway.settings import DEVELOPMENT_SECRET, GatewaySettings
 from edgeway.gateway.tokens import main as token_main
 from edgeway.gateway.tokens import mint, parse_ttl
@@ -98,7 +98,8 @@ def test_invalid_tokens_are_401(bad: object, why: str) -> None:
 
 def test_a_remembered_token_is_still_refused_once_it_expires() -> None:
     verifier = Verifier(settings())
-    short = token(["occupancy:publish"], ttl=1)
+    # 2 s: `exp` is whole seconds, so a 1 s token minted late in a second may expire at once.
+    short = token(["occupancy:publish"], ttl=2)
     assert verifier.verify(short).scopes == {"occupancy:publish"}
     assert verifier.verify(short).scopes == {"occupancy:publish"}  # remembered
     expires = jwt.decode(short, options={"verify_signature": False})["exp"]
@@ -193,6 +194,64 @@ def test_secrets_fail_closed_outside_development() -> None:
     assert development.jwt_secret is not None
 
 
+def test_a_process_that_says_nothing_is_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An image started without EDGEWAY_ENVIRONMENT must not accept development-secret tokens.
+    monkeypatch.delenv("EDGEWAY_ENVIRONMENT", raising=False)
+    with pytest.raises(ValidationError, match="no token keys"):
+        GatewaySettings()
+    production = GatewaySettings(jwt_secret=SECRET)  # type: ignore[arg-type]
+    assert (production.environment, production.docs_enabled) == ("production", False)
+    assert production.internal_metrics_port is not None
+
+
+def test_a_header_whose_alg_or_kid_is_not_a_string_is_401() -> None:
+    verifier = Verifier(settings())
+    good = token([Scope.OCCUPANCY_PUBLISH])
+    _, payload, signature = good.split(".")
+    for header in ({"alg": ["HS256"], "typ": "JWT"}, {"alg": 5}, {"alg": "HS256", "kid": {}}):
+        encoded = jwt.utils.base64url_encode(json.dumps(header).encode()).decode()
+        with pytest.raises(AuthError) as refused:
+            verifier.verify(f"{encoded}.{payload}.{signature}")
+        assert refused.value.status == 401
+        assert "must be" in refused.value.reason
+
+
+def test_identity_claims_bind_a_producer() -> None:
+    verifier = Verifier(settings())
+    phone = verifier.verify(
+        mint(
+            subject="ops",
+            scopes=["video:publish"],
+            ttl=60,
+            key=SECRET,
+            algorithm="HS256",
+            audience="edgeway",
+            issuer="edgeway",
+            identities={"device": ["phone-1", "drone-2"], "vin": ["5yj3e1ea1kf000001 "]},
+        )
+    )
+    assert phone.speaks_for(Identity.DEVICE, "drone-2")
+    assert not phone.speaks_for(Identity.DEVICE, "ops")  # a claim replaces the subject
+    assert phone.speaks_for(Identity.VIN, "5YJ3E1EA1KF000001")
+    by_subject = verifier.verify(token(["video:publish"]))
+    assert by_subject.speaks_for(Identity.DEVICE, "tester")
+    assert not by_subject.speaks_for(Identity.DEVICE, "phone-1")
+    anonymous = Verifier(settings(anonymous_scopes={"video:publish"})).verify(None)
+    assert not anonymous.speaks_for(Identity.DEVICE, "anonymous")
+    bad = mint(
+        subject="x",
+        scopes=[],
+        ttl=60,
+        key=SECRET,
+        algorithm="HS256",
+        audience="edgeway",
+        issuer="edgeway",
+        identities={"device": [1, 2]},  # type: ignore[list-item]
+    )
+    with pytest.raises(AuthError, match="device must be a string"):
+        verifier.verify(bad)
+
+
 def test_origin_allowlist() -> None:
     allowed = settings(allowed_origins={"https://dash.example"})
     check_origin(allowed, connection(headers={"Origin": "https://dash.example"}))
@@ -213,6 +272,12 @@ def test_token_command_mints_a_verifiable_token(
     assert principal.scopes == {"occupancy:publish"}
     claims = jwt.decode(minted, options={"verify_signature": False})
     assert 7100 < claims["exp"] - claims["iat"] <= 7200
+    assert "vin" not in claims
+    args = ["--subject", "truck", "--scope", "telemetry:publish", "--vin", "5YJ3E1EA1KF000001"]
+    assert token_main([*args, "--vin", "5YJ3E1EA1KF000002"]) == 0
+    bound = Verifier(settings()).verify(capsys.readouterr().out.strip())
+    assert bound.speaks_for(Identity.VIN, "5YJ3E1EA1KF000002")
+    assert not bound.speaks_for(Identity.VIN, "truck")
 
 
 def test_parse_ttl() -> None:

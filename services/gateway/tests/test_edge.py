@@ -309,3 +309,47 @@ def test_log_lines_are_json(gateway: ServiceProcess) -> None:
         record = json.loads(line)
         assert record["service"] == "gateway"
         assert "level" in record
+
+
+def test_production_keeps_docs_and_metrics_off_the_public_port(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    production = ServiceProcess(
+        "edgeway.gateway",
+        env={
+            "EDGEWAY_ENVIRONMENT": "production",
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_METRICS_PORT": str(metrics_port),
+            "EDGEWAY_METRICS_HOST": "127.0.0.1",
+        },
+        port=free_port(),
+        log_path=tmp_path / "gateway.log",
+    ).start()
+    try:
+        for path in ("/docs", "/redoc", "/openapi.json", "/metrics"):
+            assert (path, httpx.get(production.url + path).status_code) == (path, 404)
+        internal = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert internal.status_code == 200
+        assert "edgeway_gateway_connections" in internal.text
+    finally:
+        production.stop()
+
+
+def test_development_serves_docs_and_metrics_on_its_port(gateway: ServiceProcess) -> None:
+    for path in ("/docs", "/openapi.json", "/metrics"):
+        assert (path, httpx.get(gateway.url + path).status_code) == (path, 200)
+
+
+async def test_a_refused_upgrade_is_logged_at_info_not_error(gateway: ServiceProcess) -> None:
+    for token in (None, SUBSCRIBE, "not.a.token"):
+        with pytest.raises(websockets.InvalidStatus):
+            async with websockets.connect(ws_url(gateway, "/model/ws/connect", token)):
+                pass
+    await asyncio.sleep(0.2)
+    records = [json.loads(line) for line in gateway.log_text().splitlines() if line.strip()]
+    refused = [r for r in records if r["event"] == "websocket refused"]
+    assert len(refused) >= 3
+    assert {r["level"] for r in refused} == {"info"}
+    assert [r for r in records if r["level"] in ("error", "critical")] == []

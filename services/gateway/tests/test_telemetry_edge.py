@@ -21,6 +21,7 @@ import websockets
 from edgeway.common.telemetry import telemetry_pb2, wire
 from edgeway.common.telemetry.predictor import Encoder, Packet, Sample
 from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.gateway.telemetry import SEED_VIN
 from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
@@ -31,11 +32,12 @@ VIN = "5YJ3E1EA1KF000042"
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
-def make_token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="telemetry-edge", ttl=600)
+def make_token(*scopes: str, vin: list[str] | None = None) -> str:
+    return mint_with_secret(SECRET, *scopes, subject="telemetry-edge", ttl=600, vin=vin)
 
 
-LOGGER = {"Authorization": f"Bearer {make_token('telemetry:publish')}"}
+# A logger's token names the vehicles it uploads for: this test's and the seed's default.
+LOGGER = {"Authorization": f"Bearer {make_token('telemetry:publish', vin=[VIN, SEED_VIN])}"}
 DASHBOARD = make_token("telemetry:subscribe")
 OPERATOR = {"Authorization": f"Bearer {make_token('telemetry:control')}"}
 
@@ -249,7 +251,7 @@ async def test_control_commands_reach_the_logger_and_its_log_reaches_dashboards(
         await logger.send(json.dumps({"type": "log", "message": "paused", "log_type": "info"}))
         await logger.send("not json")
         error = json.loads(await asyncio.wait_for(logger.recv(), 5))
-        assert (error["type"], error["code"]) == ("error", "invalid_shape")
+        assert (error["type"], error["code"]) == ("error", "malformed_json")
 
         lines = []
         while not any(line.get("message", "").endswith("paused") for line in lines):
@@ -259,3 +261,116 @@ async def test_control_commands_reach_the_logger_and_its_log_reaches_dashboards(
             f"[{VIN[-6:]}] command {received[0]['command_id']} done" in line["message"]
             for line in lines
         )
+
+
+# --- identities: a vehicle's token speaks for its vehicles only --------------------------------
+
+OTHER_VIN = "5YJ3E1EA1KF000077"
+
+
+async def test_a_logger_token_cannot_upload_for_another_vehicle(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    await drain_queue(amqp_url, wait=0.2)
+    body = wire.encode_packet(packets(1)[0])
+    compressed = {**PROTOBUF, "X-Compressed": "true"}
+    unbound = make_token("telemetry:publish")  # subject "telemetry-edge", no vin claim
+    by_subject = mint_with_secret(SECRET, "telemetry:publish", subject=OTHER_VIN, ttl=600)
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        other = await http.post(
+            "/telemetry", content=body, headers={**compressed, **LOGGER, "X-Vehicle-VIN": OTHER_VIN}
+        )
+        nameless = await http.post(
+            "/telemetry",
+            content=body,
+            headers={**compressed, "Authorization": f"Bearer {unbound}", "X-Vehicle-VIN": VIN},
+        )
+        own = await http.post(
+            "/telemetry",
+            content=body,
+            headers={
+                **compressed,
+                "Authorization": f"Bearer {by_subject}",
+                "X-Vehicle-VIN": OTHER_VIN.lower(),  # VINs compare as the wire writes them
+            },
+        )
+    assert (other.status_code, nameless.status_code, own.status_code) == (403, 403, 202)
+    assert other.json()["code"] == "forbidden"
+    assert OTHER_VIN in other.json()["reason"]
+    published = await drain_queue(amqp_url, wait=0.5)
+    assert [m.headers["x-vehicle-vin"] for m in published] == [OTHER_VIN]
+
+
+async def test_a_control_socket_is_refused_to_other_vehicles_and_not_taken_over(
+    gateway: ServiceProcess,
+) -> None:
+    ws = gateway.url.replace("http", "ws")
+    own = LOGGER["Authorization"].split()[1]
+    other = make_token("telemetry:publish", vin=[OTHER_VIN])
+    url = f"{ws}/telemetry/control/ws?vin={VIN}&token="
+    async with websockets.connect(url + other) as intruder:
+        refused = json.loads(await asyncio.wait_for(intruder.recv(), 5))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(intruder.recv(), 5)
+    assert (refused["code"], intruder.close_code) == ("forbidden", 1008)
+
+    async with websockets.connect(url + own) as first:
+        await first.send(json.dumps({"type": "status", "running": True}))
+        # The vehicle's own token may replace its connection (a logger that reconnects).
+        async with websockets.connect(url + own) as second:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(first.recv(), 5)
+            assert first.close_code == 1008
+            await second.send(json.dumps({"type": "status", "running": True}))
+            await second.send("not json")
+            error = json.loads(await asyncio.wait_for(second.recv(), 5))
+            assert error["code"] == "malformed_json"
+
+
+async def test_the_control_socket_refuses_bad_status_and_floods_and_budgets_log_lines(
+    gateway: ServiceProcess,
+) -> None:
+    ws = gateway.url.replace("http", "ws")
+    own = LOGGER["Authorization"].split()[1]
+    async with (
+        websockets.connect(f"{ws}/ws?token={DASHBOARD}") as dashboard,
+        websockets.connect(f"{ws}/telemetry/control/ws?vin={VIN}&token={own}") as logger,
+    ):
+        for _ in range(4):  # greeting, history
+            await asyncio.wait_for(dashboard.recv(), 5)
+        for bad in ({"buffered": "lots"}, {"buffered": -1}, {"running": "yes"}, {"buffered": {}}):
+            await logger.send(json.dumps({"type": "status", **bad}))
+            error = json.loads(await asyncio.wait_for(logger.recv(), 5))
+            assert (error["code"], error["reason"].startswith("status:")) == ("invalid_shape", True)
+        await logger.send("x" * (16 * 1024 + 1))
+        assert json.loads(await asyncio.wait_for(logger.recv(), 5))["code"] == "too_large"
+
+        # 2,000 lines at once, as the attack sent them: the socket's rate refuses most, and
+        # the line budget lets at most its burst through to the dashboards.
+        await asyncio.gather(
+            *(
+                logger.send(json.dumps({"type": "log", "message": f"flood {i}"}))
+                for i in range(2000)
+            )
+        )
+        await logger.send(json.dumps({"type": "status", "running": True}))  # still open
+        lines: list[str] = []
+        with pytest.raises(TimeoutError):
+            while True:
+                lines.append(json.loads(await asyncio.wait_for(dashboard.recv(), 2))["message"])
+        flood = [line for line in lines if "flood" in line]
+        assert 0 < len(flood) <= 60  # the budget's burst (50) and its rate (10/s) for a moment
+        errors = []
+        with pytest.raises(TimeoutError):
+            while True:
+                errors.append(json.loads(await asyncio.wait_for(logger.recv(), 1))["code"])
+        assert "rate_limited" in errors
+
+        # A line far over the length limit is cut, and says by how much.
+        await asyncio.sleep(1.5)  # the budgets refill
+        await logger.send(json.dumps({"type": "log", "message": "<b>" + "y" * 5000}))
+        line = ""
+        while "yyy" not in line:
+            line = json.loads(await asyncio.wait_for(dashboard.recv(), 5))["message"]
+        assert len(line) < 1200
+        assert "more characters" in line

@@ -38,11 +38,12 @@ BROADCAST = "edgeway.broadcast"
 JPEG_24X16 = (Path(__file__).parent / "data" / "24x16.jpg").read_bytes()  # see test_jpeg.py
 
 
-def make_token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="video-edge", ttl=600)
+def make_token(*scopes: str, device: list[str] | None = None) -> str:
+    return mint_with_secret(SECRET, *scopes, subject="video-edge", ttl=600, device=device)
 
 
-PHONE = make_token("video:publish")
+# The phones' token names the devices these tests stream as (its `device` claim).
+PHONE = make_token("video:publish", device=["cam-a", "cam-b", "cam-c", "cam-f", "p1", "p2"])
 WATCHER = make_token("video:subscribe")
 PILOT = make_token("video:subscribe", "video:control")
 OPERATOR = make_token("video:control")
@@ -61,6 +62,8 @@ def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "EDGEWAY_MAX_VIDEO_MESSAGE_BYTES": str(MAX_VIDEO_MESSAGE),
             "EDGEWAY_MAX_PHONE_FILE_BYTES": str(MAX_PHONE_FILE),
             "EDGEWAY_MAX_PHONE_UPLOADS": "2",
+            "EDGEWAY_VIEWER_COMMAND_RATE": "5",
+            "EDGEWAY_VIEWER_COMMAND_BURST": "10",
         },
         port=free_port(),
         log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
@@ -587,3 +590,88 @@ async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets(
             "video_url": "/ws/video/consume",
         }
         assert status_response.status_code == 504
+
+
+# --- identities: a phone's token speaks for its devices only ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_gateway(
+    amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A gateway that lets phones in without a token, as the development profile does (the
+    seed's phones cannot send one)."""
+    process = ServiceProcess(
+        "edgeway.gateway",
+        env={
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_NTP_SERVERS": "[]",
+            "EDGEWAY_ANONYMOUS_SCOPES": '["video:publish"]',
+        },
+        port=free_port(),
+        log_path=tmp_path_factory.mktemp("open-gateway") / "gateway.log",
+    ).start()
+    yield process
+    process.stop()
+
+
+async def refused_with(ws: ClientConnection) -> tuple[str, int | None]:
+    error = await recv_json(ws)
+    await asyncio.wait_for(ws.wait_closed(), 5)
+    return error["code"], ws.close_code
+
+
+@pytest.mark.parametrize("path", ["/ws/phone", "/ws/video"])
+async def test_no_caller_takes_over_a_phone_it_does_not_speak_for(
+    open_gateway: ServiceProcess, amqp_url: str, path: str
+) -> None:
+    device = "victim-" + path.rsplit("/", 1)[1]
+    victim = make_token("video:publish", device=[device])
+    other = make_token("video:publish", device=["someone-else"])
+    async with amqp(amqp_url) as channel:
+        imu = await queue_probe(channel, "edgeway.video.imu")
+        stream = await queue_probe(channel, "edgeway.video.stream")
+        async with websockets.connect(ws_url(open_gateway, path, victim, device=device)) as real:
+            await synced(real)
+            # A token bound to another device is refused outright; an anonymous caller (no
+            # token, as the seed's phones) only gets a device nobody holds.
+            async with websockets.connect(ws_url(open_gateway, path, other, device=device)) as ws:
+                assert await refused_with(ws) == ("forbidden", 1008)
+            async with websockets.connect(ws_url(open_gateway, path, None, device=device)) as ws:
+                assert await refused_with(ws) == ("in_use", 1008)
+            # The real phone was not displaced: what it sends still goes out, as its own.
+            if path == "/ws/phone":
+                axes = {"x": 0, "y": 0, "z": 1}
+                sample = {"type": "imu_data", "timestamp": 7, "accelerometer": axes}
+                await real.send(json.dumps({**sample, "gyroscope": axes}))
+                assert (await imu.get()).headers["x-device"] == device
+            else:
+                await real.send(b"\x00\x00\x00\x01real")
+                assert (await stream.get()).body == b"\x00\x00\x00\x01real"
+            await nothing_more(real)
+        # Once it has gone, an anonymous phone may take the free device.
+        async with websockets.connect(ws_url(open_gateway, path, None, device=device)) as ws:
+            await synced(ws)
+
+
+async def test_video_text_messages_and_viewer_commands_are_limited(
+    gateway: ServiceProcess,
+) -> None:
+    async with (
+        websockets.connect(ws_url(gateway, "/ws/video", PHONE, device="cam-c")) as phone,
+        websockets.connect(ws_url(gateway, "/ws/viewer", PILOT)) as pilot,
+    ):
+        await phone.send(json.dumps({"type": "video_config", "pad": "x" * 70_000}))
+        assert (await recv_json(phone))["code"] == "too_large"
+        # The viewer's budget here: 10 at once, 5 a second after that.
+        command = json.dumps({"type": "joystick", "device": "nobody", "x": 0})
+        for _ in range(30):
+            await pilot.send(command)
+        errors = []
+        with pytest.raises(TimeoutError):
+            while True:
+                errors.append((await recv_json(pilot))["code"])
+        assert set(errors) == {"rate_limited"}
+        assert 15 <= len(errors) <= 20
+        await synced(pilot)  # still open

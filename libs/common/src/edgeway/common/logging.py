@@ -10,23 +10,42 @@ import logging
 import re
 import sys
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 import structlog
 
+# Query parameters whose value is a credential, compared once percent-decoded and lowercased.
+SECRET_PARAMETERS = frozenset({"token", "access_token", "jwt", "password", "secret"})
+# One `key=value` of a query string (or of a form body): what a parser would split at & and ;.
+_PARAMETER = re.compile(r"(?P<lead>^|[?&;\s])(?P<key>[^=&;?#\s\"']+)=(?P<value>[^&;#\s\"']*)")
 _SECRETS = (
-    # ?token=... or &access_token=...
-    (re.compile(r"((?:^|[?&\s])(?:access_)?token=)[^&\s\"']+", re.IGNORECASE), r"\1***"),
     # Authorization: Bearer xxx
-    (re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1***"),
+    (re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=%-]+", re.IGNORECASE), r"\1***"),
     # scheme://user:password@host (amqp, rtsp, postgresql, ...)
     (re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+(@)", re.IGNORECASE), r"\1***\2"),
-    # a bare JWT anywhere
-    (re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "***"),
+    # a bare JWT anywhere, its dots written out or percent-encoded
+    (
+        re.compile(
+            r"eyJ[A-Za-z0-9_-]{8,}(?:\.|%2e)[A-Za-z0-9_-]{8,}(?:\.|%2e)[A-Za-z0-9_-]{8,}", re.I
+        ),
+        "***",
+    ),
 )
 
 
+def _mask_parameter(match: re.Match[str]) -> str:
+    # The key as a query parser reads it: `%74oken` and `TOKEN` are both `token`.
+    if unquote_plus(match["key"]).strip().lower() in SECRET_PARAMETERS:
+        return f"{match['lead']}{match['key']}=***"
+    return match[0]
+
+
 def mask_secrets(text: str) -> str:
+    """`text` with credentials replaced by ***: query parameters named as secrets (however their
+    names are encoded), bearer tokens, passwords in URLs, and anything shaped like a JWT."""
+    if "=" in text:
+        text = _PARAMETER.sub(_mask_parameter, text)
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text

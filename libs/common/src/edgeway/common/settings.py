@@ -57,7 +57,10 @@ class CommonSettings(BaseSettings):
         populate_by_name=True,
     )
 
-    environment: Environment = Environment.DEVELOPMENT
+    # Production unless said otherwise: development signs tokens with a secret anyone can read,
+    # so a process started without the variable must not fall into it. `make run`, the tests
+    # and the compose and Kubernetes dev profiles say development explicitly.
+    environment: Environment = Environment.PRODUCTION
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     exchanges: ExchangeNames = Field(default_factory=ExchangeNames)
     # Where the embedded defaults (SQLite files, local object store) live.
@@ -75,6 +78,18 @@ class CommonSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # HTTP limits on every server, the gateway and each service's internal one
+    # (`edgeway.common.http_limits`). A request head: at most 32 KiB, nginx's
+    # `large_client_header_buffers 4 8k` (so nothing an nginx ingress passes is refused here;
+    # uvicorn's h11 default is 16 KiB), and 100 fields, Apache's `LimitRequestFields`.
+    http_max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    http_max_header_count: int = Field(default=100, ge=8)
+    # Seconds to send a whole request head. Apache's mod_reqtimeout allows 20 (header=20-40);
+    # our heads are small (a token, no cookies), so half that.
+    http_header_timeout: float = Field(default=10.0, gt=0)
+    # Seconds from a request's head to the last byte of its body (408 after that). Sized for the
+    # largest body accepted, the gateway's 128 MiB ingest upload, at about 10 Mbit/s.
+    http_body_timeout: float = Field(default=120.0, gt=0)
     # Seconds a stopping process gives in-flight work before it exits.
     graceful_timeout: float = 10.0
     # Allocations between two young-generation garbage collections (CPython's default is 700;

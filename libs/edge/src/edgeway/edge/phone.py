@@ -12,7 +12,7 @@
   commands logged, reconnecting with backoff:
 
       python -m edgeway.edge.phone --gateway http://127.0.0.1:8000 --device phone-1 \
-          [--token T] [--width 640 --height 360 --fps 30 --gop 2 --bitrate 2000000] \
+          [--token-file F] [--width 640 --height 360 --fps 30 --gop 2 --bitrate 2000000] \
           [--loop-s 10] [--imu-hz 100]
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import re
 import signal
 import sys
@@ -42,6 +41,7 @@ from websockets.frames import CloseCode
 
 from edgeway.common.logging import configure_logging, get_logger
 from edgeway.common.video.packets import PacketType, VideoPacket
+from edgeway.edge.credentials import add_token_options, read_token
 from edgeway.edge.pacing import Backoff
 
 # The frame number is drawn as the top row of FRAME_NUMBER_BITS square blocks (most significant
@@ -625,9 +625,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gateway", default="http://127.0.0.1:8000", help="gateway base URL")
     parser.add_argument("--device", default="phone", help="device id (?device=)")
-    parser.add_argument(
-        "--token", default=None, help=f"bearer token (video:publish); default ${TOKEN_ENV}"
-    )
+    add_token_options(parser, env=TOKEN_ENV, scope="video:publish")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--fps", type=float, default=30.0)
@@ -642,7 +640,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     configure_logging(service=SERVICE, level=args.log_level)
     if not DEVICE.fullmatch(args.device):
         log.error("--device must be 1 to 64 letters, digits, '_' or '-'", device=args.device)
@@ -655,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         log.error("unusable picture size", reason=str(exc))
         return 2
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
+    token = read_token(parser, args, env=TOKEN_ENV)
     if not token:
         log.warning("no token: the gateway will refuse the phone unless it grants anonymous scopes")
     return asyncio.run(_run_until_signalled(args, token))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -51,6 +50,7 @@ from edgeway.common.telemetry.predictor import (
     Sample,
 )
 from edgeway.edge.control import ControlClient, LogType, control_url_for
+from edgeway.edge.credentials import add_token_options, read_token
 from edgeway.edge.outbox import Entry, Outbox
 from edgeway.edge.pacing import Backoff, Signal
 from edgeway.edge.traces import DEFAULT_PERIOD_MS, TRACES
@@ -479,9 +479,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--vin", required=True, help="the vehicle's VIN (17 characters)")
     parser.add_argument("--gateway", default="http://127.0.0.1:8000", help="gateway base URL")
-    parser.add_argument(
-        "--token", default=None, help=f"bearer token (telemetry:publish); default ${TOKEN_ENV}"
-    )
+    add_token_options(parser, env=TOKEN_ENV, scope="telemetry:publish")
     parser.add_argument("--trace", choices=sorted(TRACES), default="highway")
     parser.add_argument("--period", type=float, default=DEFAULT_PERIOD_MS / 1_000, help="seconds")
     parser.add_argument("--outbox", type=Path, required=True, help="SQLite outbox file")
@@ -503,7 +501,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     configure_logging(service=SERVICE, level=args.log_level)
     if args.period <= 0:
         log.error("--period must be positive", period=args.period)
@@ -513,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except wire.WireError as exc:
         log.error("bad VIN", reason=exc.reason)
         return 2
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
+    token = read_token(parser, args, env=TOKEN_ENV)
     if not token:
         log.warning("no token: the gateway will refuse uploads unless it grants anonymous scopes")
     start_ms = args.start_ms if args.start_ms is not None else int(time.time() * 1_000)

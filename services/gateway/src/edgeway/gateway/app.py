@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeway.common.logging import get_logger
@@ -59,19 +59,35 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     tracer_provider = configure_tracing(settings, service="gateway")
     gateway = Gateway(settings, tracer_provider=tracer_provider)
 
+    metrics_port = settings.internal_metrics_port
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        metrics_server = None
+        if metrics_port is not None:
+            metrics_server, _thread = start_http_server(metrics_port, settings.metrics_host)
         gateway.clock.start()
         await gateway.link.start()
-        log.info("gateway started", gateway_id=gateway.link.gateway_id, port=settings.http_port)
+        log.info(
+            "gateway started",
+            gateway_id=gateway.link.gateway_id,
+            port=settings.http_port,
+            metrics_port=metrics_port or settings.http_port,
+        )
         yield
         await gateway.link.stop()
         await gateway.clock.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
 
     app = FastAPI(
         title="Edgeway gateway",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
         # FastAPI's own OpenTelemetry: HTTP spans only when traces go somewhere (with the
         # provider's sampler off it still built a span's context per request); metrics are
         # Prometheus's (/metrics), logs structlog's.
@@ -117,8 +133,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             {"status": "not ready", "failures": {"broker": "not connected"}}, status_code=503
         )
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if metrics_port is None:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

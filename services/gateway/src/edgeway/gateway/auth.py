@@ -4,6 +4,10 @@ A token comes as `Authorization: Bearer <jwt>` or, for browsers' WebSockets that
 headers, as a `token` query parameter. Its `scope` claim (space-separated, OAuth style) lists
 what it grants, e.g. `occupancy:publish occupancy:subscribe`. Publishing and subscribing are
 separate scopes. Without a token a connection gets only the configured anonymous scopes.
+
+A producer's token also names what it may produce for: its `device` claim (phones) or `vin` claim
+(vehicle loggers), a string or a list of strings, or else its subject. A token for one phone
+cannot stream as another (`Principal.speaks_for`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ class Scope(StrEnum):
     VIDEO_CONTROL = "video:control"  # viewer commands to phones, POST /api/restart
     INGEST_WRITE = "ingest:write"  # uploads, RTSP captures and their cancellation
     INGEST_READ = "ingest:read"  # request status, progress sockets
+    # Operators: status, progress and cancel of every caller's ingestion requests (others see
+    # only their own); with ingest:read and ingest:write, which the endpoints still require.
+    INGEST_ADMIN = "ingest:admin"
+
+
+class Identity(StrEnum):
+    """The claims that bind a producer's token to what it produces for."""
+
+    DEVICE = "device"  # phones and drones: /ws/phone, /ws/video
+    VIN = "vin"  # vehicle loggers: uploads, the control socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +51,21 @@ class Principal:
     subject: str
     scopes: frozenset[str]
     anonymous: bool
+    # The token's identity claims, by kind; a kind it does not name falls back to the subject.
+    identities: tuple[tuple[Identity, frozenset[str]], ...] = ()
+
+    def speaks_for(self, kind: Identity, name: str) -> bool:
+        """Whether this token may produce as `name` (a device id, a VIN).
+
+        An anonymous caller is bound to nothing, so it speaks for nobody: where the anonymous
+        scopes let it publish at all, it may never displace a producer that does.
+        """
+        if self.anonymous:
+            return False
+        for claimed_kind, names in self.identities:
+            if claimed_kind is kind:
+                return name in names
+        return name == self.subject
 
 
 class AuthError(Exception):
@@ -83,13 +112,15 @@ class Verifier:
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
         header = jwt.get_unverified_header(token)
-        algorithm = header.get("alg", "")
+        algorithm, key_id = header.get("alg", ""), header.get("kid", "")
+        if not isinstance(algorithm, str) or not isinstance(key_id, str):
+            raise jwt.InvalidTokenError("the header's alg and kid must be strings")
         if algorithm.startswith("HS"):
             if self._secret is None:
                 raise jwt.InvalidTokenError("shared-secret tokens are not accepted here")
             return self._secret, ["HS256", "HS384", "HS512"]
         if self._jwks:
-            key = self._jwks.get(header.get("kid", ""))
+            key = self._jwks.get(key_id)
             if key is None:
                 raise jwt.InvalidTokenError("unknown key id")
             return key.key, [key.algorithm_name]
@@ -128,9 +159,28 @@ class Verifier:
         if not isinstance(scopes, str):
             raise AuthError(401, "invalid token: scope must be a space-separated string")
         principal = Principal(
-            subject=str(claims["sub"]), scopes=frozenset(scopes.split()), anonymous=False
+            subject=str(claims["sub"]),
+            scopes=frozenset(scopes.split()),
+            anonymous=False,
+            identities=_identities(claims),
         )
         return principal, float(claims["exp"]), float(claims.get("nbf", 0))
+
+
+def _identities(claims: dict[str, Any]) -> tuple[tuple[Identity, frozenset[str]], ...]:
+    found: list[tuple[Identity, frozenset[str]]] = []
+    for kind in Identity:
+        value = claims.get(kind.value)
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AuthError(401, f"invalid token: {kind.value} must be a string or a list of them")
+        # VINs are compared as the wire writes them: trimmed, in capitals.
+        if kind is Identity.VIN:
+            names = [n.strip().upper() for n in names]
+        found.append((kind, frozenset(names)))
+    return tuple(found)
 
 
 def token_from(connection: HTTPConnection) -> str | None:

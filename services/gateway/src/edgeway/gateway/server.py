@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
@@ -31,6 +32,14 @@ class PreparedFramesProtocol(WebSocketsSansIOProtocol):
     async def run_asgi(self) -> None:
         self.scope["extensions"][PREPARED_FRAMES] = {"write": self.write_frame}
         await super().run_asgi()
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # A refused upgrade (401, 403) is a finished exchange. uvicorn counts it as a
+            # handshake never completed and logs an error for every one: a flood of refused
+            # clients would read as a flood of server faults.
+            self.handshake_complete = True
 
     def write_frame(self, frame: bytes) -> bool:
         """Write a serialized, unmasked frame now; False when that would mean waiting or closing."""

@@ -10,6 +10,8 @@ from edgeway.common.settings import CommonSettings
 
 # Used only when nothing else is configured in development; refused everywhere else.
 DEVELOPMENT_SECRET = "edgeway-development-only-secret-do-not-deploy"  # noqa: S105
+# The gateway's internal metrics port outside development (the manifests' scrape annotation).
+METRICS_PORT = 9108
 
 
 class GatewaySettings(CommonSettings):
@@ -55,11 +57,50 @@ class GatewaySettings(CommonSettings):
     ingest_max_body_bytes: int = 128 * 1024 * 1024
     # An image declaring more pixels than this is a decompression bomb (checked from its header).
     ingest_max_pixels: int = 40_000_000
+    # Upload requests served at once (each holds its body, up to its cap, in memory); one more
+    # is answered 503 with Retry-After before its body is read (`edgeway.gateway.limits`).
+    # Ingest: 4 x the 128 MiB body cap = 512 MiB at most. Telemetry: 128 x the 1 MiB cap =
+    # 128 MiB at most; an upload is held for milliseconds, and the benchmark's 32-50 loggers
+    # sending at once stay well inside it.
+    ingest_upload_slots: int = 4
+    telemetry_upload_slots: int = 128
+    upload_retry_after: int = 2  # seconds, the 503's Retry-After
     # A phone's CSV file (`file_upload` on /ws/phone), whole or chunked; uploads open at once.
     max_phone_file_bytes: int = 10 * 1024 * 1024
     max_phone_uploads: int = 4
     # Request/reply to services (latest state, history).
     request_timeout: float = 2.0
+    # Sockets whose messages fan out to people, limited to what their purpose needs.
+    # A logger's control socket: status, acks and log lines of a line or two each; its log lines
+    # reach every dashboard, so beyond `logger_lines_rate` a second they are dropped (and
+    # counted, and said once). A loop printing every record is ~10 lines/s (the seed's logger).
+    max_control_message_bytes: int = 16 * 1024
+    control_rate: float = 50.0
+    control_burst: int = 100
+    logger_lines_rate: float = 10.0
+    logger_lines_burst: int = 50
+    max_log_line_chars: int = 1000
+    # Viewer commands to phones: a joystick sends ~30 a second (the seed app's touch rate).
+    viewer_command_rate: float = 60.0
+    viewer_command_burst: int = 120
+    # The API documents (/docs, /redoc, /openapi.json): on in development, off elsewhere unless
+    # asked for (they map every endpoint for whoever finds the gateway).
+    docs: bool | None = None
+    # Where Prometheus reads /metrics. Outside development only on this internal port (default
+    # METRICS_PORT), never on the public one; in development on the public port unless set.
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # inside the pod or container; not behind the ingress
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.is_development if self.docs is None else self.docs
+
+    @property
+    def internal_metrics_port(self) -> int | None:
+        """The internal port for /metrics, or None to serve it on the public port."""
+        if self.metrics_port is None and not self.is_development:
+            return METRICS_PORT
+        return self.metrics_port
 
     @model_validator(mode="after")
     def _keys_fail_closed(self) -> GatewaySettings:

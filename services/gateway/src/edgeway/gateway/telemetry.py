@@ -30,7 +30,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.uploads import PROTOBUF, UPLOAD_TYPE
 from edgeway.common.topology import Channels
-from edgeway.gateway.auth import Principal, Scope
+from edgeway.gateway.auth import Identity, Principal, Scope
 from edgeway.gateway.fanout import (
     ClientQueue,
     Message,
@@ -39,15 +39,16 @@ from edgeway.gateway.fanout import (
     canonical,
     read_until_gone,
 )
-from edgeway.gateway.limits import read_body
+from edgeway.gateway.limits import TokenBucket, read_body
 from edgeway.gateway.link import ServiceUnavailableError
-from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
+from edgeway.gateway.metrics import CONNECTIONS, DROPPED, PUBLISHED, REJECTED
+from edgeway.gateway.producers import SeatRefused, check_identity
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
-from edgeway.gateway.telemetry_state import LoggerSession
+from edgeway.gateway.telemetry_state import CONTROL_ENDPOINT, LoggerSession
 
 UPLOAD_ENDPOINT = "/telemetry"
 DASHBOARD_ENDPOINT = "/ws"
-CONTROL_ENDPOINT = "/telemetry/control/ws"
+LOG_TYPES = frozenset({"info", "success", "warning", "error"})  # the seed dashboard's
 ACCEPTED_CONTENT_TYPES = frozenset({PROTOBUF, "application/octet-stream"})
 # The seed logger's default when it sends no X-Vehicle-VIN header.
 SEED_VIN = "5YJ3E1EA1KF000001"
@@ -102,6 +103,10 @@ async def upload(
         packets = wire.parse_upload(body, compressed=compressed, batch=batch)
     except wire.WireError as error:
         return _error(400, ErrorCode.INVALID_TELEMETRY, error.reason)
+    try:
+        check_identity(principal, Identity.VIN, vin)
+    except SeatRefused as refused:
+        return _error(403, refused.code, refused.reason)
     if not await gateway.telemetry.vehicles.knows(gateway.link, vin):
         return _error(422, ErrorCode.UNKNOWN_VEHICLE, f"vehicle {vin} is not registered")
     envelope = Envelope(
@@ -280,18 +285,33 @@ async def control(websocket: WebSocket, gateway: GatewayDep, vin: str = "") -> N
     await websocket.accept()
     try:
         vin = wire.check_vin(vin)
+        gateway.telemetry.controls.take(vin, websocket, principal)
     except wire.WireError as error:
         frame = ErrorFrame(code=ErrorCode.INVALID_TELEMETRY, reason=f"?vin=: {error.reason}")
         await websocket.send_text(frame.encode())
         await websocket.close(1008, "a valid ?vin= is required")
         return
-    await LoggerLink(gateway, websocket, LoggerSession(vin)).run()
+    except SeatRefused as refused:
+        REJECTED.labels(CONTROL_ENDPOINT, refused.code.value).inc()
+        log.info("logger refused", vin=vin, reason=refused.reason)
+        await websocket.send_text(ErrorFrame(code=refused.code, reason=refused.reason).encode())
+        await websocket.close(1008, refused.code.value)
+        return
+    try:
+        await LoggerLink(gateway, websocket, LoggerSession(vin)).run()
+    finally:
+        gateway.telemetry.controls.leave(vin, websocket)
 
 
 class LoggerLink:
-    """One logger's control socket: commands down, status and log lines up."""
+    """One logger's control socket: commands down, status and log lines up.
+
+    Its messages are limited in size and rate, and its lines to the dashboards by a budget of
+    their own: every dashboard on every replica gets each line.
+    """
 
     def __init__(self, gateway: Gateway, websocket: WebSocket, session: LoggerSession) -> None:
+        settings = gateway.settings
         self.gateway = gateway
         self.websocket = websocket
         self.session = session
@@ -300,6 +320,9 @@ class LoggerLink:
             websocket, size=64, policy=Policy.DROP_OLDEST, endpoint=CONTROL_ENDPOINT
         )
         self.channels = (Channels.telemetry_control(), Channels.telemetry_control(session.vin))
+        self.bucket = TokenBucket(settings.control_rate, settings.control_burst)
+        self.lines = TokenBucket(settings.logger_lines_rate, settings.logger_lines_burst)
+        self.lines_dropped = 0  # since the last line that went out
 
     async def run(self) -> None:
         hub = self.gateway.link.hub
@@ -309,12 +332,19 @@ class LoggerLink:
         try:
             for channel in self.channels:
                 await hub.subscribe(channel, self.commands)
-            await self.tell_dashboards("edge logger connected", "success")
+            await self.tell_dashboards("edge logger connected", "success", budget=False)
+            limit = self.gateway.settings.max_control_message_bytes
             while True:
                 message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                await self.take(message.get("text") or message.get("bytes") or b"")
+                raw = message.get("text") or message.get("bytes") or b""
+                if len(raw) > limit:
+                    self.reject(ErrorCode.TOO_LARGE, f"messages are limited to {limit} bytes")
+                elif not self.bucket.take():
+                    self.reject(ErrorCode.RATE_LIMITED, "too many messages")
+                elif self.state.controls.holds(self.session.vin, self.websocket):
+                    await self.take(raw)
         finally:
             self.state.loggers.discard(self.session)
             CONNECTIONS.labels(CONTROL_ENDPOINT).dec()
@@ -323,19 +353,20 @@ class LoggerLink:
             self.commands.close()
             writer.cancel()
             with contextlib.suppress(Exception):
-                await self.tell_dashboards("edge logger disconnected", "warning")
+                await self.tell_dashboards("edge logger disconnected", "warning", budget=False)
 
     async def take(self, raw: str | bytes) -> None:
         try:
             message = orjson.loads(raw)
             kind = message["type"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            self.reject('expected a JSON object with a "type"')
+            self.reject(ErrorCode.MALFORMED_JSON, 'expected a JSON object with a "type"')
             return
         if kind in ("status", "ack"):
-            self.session.running = bool(message.get("running", self.session.running))
-            self.session.offline = bool(message.get("offline", self.session.offline))
-            self.session.buffered = int(message.get("buffered", self.session.buffered))
+            reason = self.describe(message)
+            if reason is not None:
+                self.reject(ErrorCode.INVALID_SHAPE, f"{kind}: {reason}")
+                return
             if kind == "ack":
                 outcome = f"failed: {message['error']}" if message.get("error") else "done"
                 await self.tell_dashboards(
@@ -345,18 +376,52 @@ class LoggerLink:
                     "error" if message.get("error") else "info",
                 )
         elif kind == "log":
-            await self.tell_dashboards(
-                str(message.get("message", "")), str(message.get("log_type", "info"))
-            )
+            text, log_type = message.get("message", ""), message.get("log_type", "info")
+            if not isinstance(text, str) or log_type not in LOG_TYPES:
+                self.reject(
+                    ErrorCode.INVALID_SHAPE,
+                    f"log: message must be text and log_type one of {', '.join(sorted(LOG_TYPES))}",
+                )
+                return
+            await self.tell_dashboards(text, log_type)
         else:
-            self.reject(f"unknown message type {kind!r}: expected status, ack or log")
+            self.reject(
+                ErrorCode.INVALID_SHAPE,
+                f"unknown message type {kind!r}: expected status, ack or log",
+            )
 
-    def reject(self, reason: str) -> None:
-        REJECTED.labels(CONTROL_ENDPOINT, ErrorCode.INVALID_SHAPE.value).inc()
-        self.commands.offer(ErrorFrame(code=ErrorCode.INVALID_SHAPE, reason=reason).encode())
+    def describe(self, message: dict[str, Any]) -> str | None:
+        """Take a status's (or ack's) `running`, `offline` and `buffered`; None, or why not."""
+        session = self.session
+        running = message.get("running", session.running)
+        offline = message.get("offline", session.offline)
+        buffered = message.get("buffered", session.buffered)
+        if not isinstance(running, bool) or not isinstance(offline, bool):
+            return "running and offline must be true or false"
+        if isinstance(buffered, bool) or not isinstance(buffered, int) or buffered < 0:
+            return "buffered must be a whole number of records, 0 or more"
+        session.running, session.offline, session.buffered = running, offline, buffered
+        return None
 
-    async def tell_dashboards(self, message: str, log_type: str) -> None:
-        """A seed `log` line, prefixed with the vehicle, for every dashboard on any replica."""
+    def reject(self, code: ErrorCode, reason: str) -> None:
+        REJECTED.labels(CONTROL_ENDPOINT, code.value).inc()
+        self.commands.offer(ErrorFrame(code=code, reason=reason).encode())
+
+    async def tell_dashboards(self, message: str, log_type: str, *, budget: bool = True) -> None:
+        """A seed `log` line, prefixed with the vehicle, for every dashboard on any replica.
+
+        Over the logger's line budget a line is dropped; the next one that goes says how many.
+        """
+        if budget and not self.lines.take():
+            self.lines_dropped += 1
+            DROPPED.labels(CONTROL_ENDPOINT, "line_budget").inc()
+            return
+        limit = self.gateway.settings.max_log_line_chars
+        if len(message) > limit:
+            message = f"{message[:limit]}... ({len(message) - limit} more characters)"
+        if self.lines_dropped:
+            message += f" ({self.lines_dropped} earlier lines dropped: over the line budget)"
+            self.lines_dropped = 0
         line = _log_line(f"[{self.session.vin[-6:]}] {message}", log_type)
         await self.gateway.link.publish_live(
             line.encode(),

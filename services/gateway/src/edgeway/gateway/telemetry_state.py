@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass
 
 from edgeway.common.logging import get_logger
+from edgeway.gateway.auth import Identity
 from edgeway.gateway.link import BrokerLink, ServiceUnavailableError
+from edgeway.gateway.producers import ProducerSeats
 from edgeway.gateway.telemetry_publisher import UploadPublisher
 
 log = get_logger("edgeway.gateway.telemetry")
@@ -16,6 +18,7 @@ log = get_logger("edgeway.gateway.telemetry")
 # Known vehicles are asked of the telemetry service again after this long, or on a miss (at most
 # once per REFRESH_MISS_S), so a vehicle an operator adds is accepted within seconds.
 VEHICLES_TTL_S = 30.0
+CONTROL_ENDPOINT = "/telemetry/control/ws"
 REFRESH_MISS_S = 1.0
 
 
@@ -86,4 +89,6 @@ class TelemetryState:
             )
         )
         self.loggers: set[LoggerSession] = set()
+        # The one control socket of each vehicle on this replica.
+        self.controls = ProducerSeats(CONTROL_ENDPOINT, Identity.VIN)
         self.dashboards = 0

@@ -1,6 +1,8 @@
 """`edgeway-token`: mint a token for a producer, a client or an operator.
 
     edgeway-token --subject camera-flint --scope occupancy:publish --ttl 30d
+    edgeway-token --subject phone-1 --scope video:publish --device phone-1 --ttl 30d
+    edgeway-token --subject truck-7 --scope telemetry:publish --vin 5YJ3E1EA1KF000001 --ttl 30d
     edgeway-token --subject ops --scope occupancy:subscribe --private-key key.pem --kid k1
 
 With no key file it signs with EDGEWAY_JWT_SECRET (or the development secret in development).
@@ -39,9 +41,12 @@ def mint(
     audience: str,
     issuer: str,
     kid: str | None = None,
+    identities: dict[str, list[str]] | None = None,
 ) -> str:
+    """A signed token; `identities` adds the `device` and `vin` claims that bind a producer."""
     now = int(time.time())
-    claims = {
+    claims: dict[str, Any] = {
+        **(identities or {}),
         "sub": subject,
         "scope": " ".join(scopes),
         "aud": audience,
@@ -54,12 +59,20 @@ def mint(
     return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
 
 
-def mint_with_secret(secret: str, *scopes: str, subject: str, ttl: int) -> str:
+def mint_with_secret(
+    secret: str,
+    *scopes: str,
+    subject: str,
+    ttl: int,
+    device: list[str] | None = None,
+    vin: list[str] | None = None,
+) -> str:
     """An HS256 token for a gateway that verifies with the shared secret `secret` and the default
     audience and issuer: how tests and local stacks, started with EDGEWAY_JWT_SECRET, get one."""
     defaults = GatewaySettings.model_fields
     return mint(
         subject=subject,
+        identities=_identities(device, vin),
         scopes=list(scopes),
         ttl=ttl,
         key=secret,
@@ -67,6 +80,11 @@ def mint_with_secret(secret: str, *scopes: str, subject: str, ttl: int) -> str:
         audience=defaults["jwt_audience"].default,
         issuer=defaults["jwt_issuer"].default,
     )
+
+
+def _identities(device: list[str] | None, vin: list[str] | None) -> dict[str, list[str]]:
+    found = {"device": device, "vin": vin}
+    return {claim: names for claim, names in found.items() if names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private-key", type=Path, help="PEM private key (RS256/ES256/EdDSA)")
     parser.add_argument("--algorithm", default=None, help="default HS256, or RS256 with a key")
     parser.add_argument("--kid", default=None, help="key id, for JWKS verification")
+    parser.add_argument(
+        "--device", action="append", help="a phone this token streams as (repeat; default: subject)"
+    )
+    parser.add_argument(
+        "--vin", action="append", help="a vehicle this token uploads for (repeat; default: subject)"
+    )
     args = parser.parse_args(argv)
 
     settings = GatewaySettings()
@@ -97,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
         kid=args.kid,
+        identities=_identities(args.device, args.vin),
     )
     sys.stdout.write(token + "\n")
     return 0

@@ -55,10 +55,10 @@ from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
 from edgeway.gateway.phone_files import PhoneUploads, UploadRefused
+from edgeway.gateway.producers import ProducerSeats, SeatRefused
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
+from edgeway.gateway.video_state import PHONE_ENDPOINT, VIDEO_ENDPOINT
 
-PHONE_ENDPOINT = "/ws/phone"
-VIDEO_ENDPOINT = "/ws/video"
 CONSUME_ENDPOINT = "/ws/video/consume"
 VIEWER_ENDPOINT = "/ws/viewer"
 RELAY = "video-relay"
@@ -79,12 +79,14 @@ PACKET_KINDS = {
 }
 # Room for the JSON around a whole `file_upload`'s text.
 UPLOAD_OVERHEAD = 4096
+# Lines a `/ws/video` socket's text messages may add to the log: 10 at once, then 1 a minute.
+TEXT_LOG_BURST = 10
+TEXT_LOG_RATE = 1 / 60
 # Commands and error frames waiting for a phone or viewer that does not read; older ones go.
 OUTBOX_SIZE = 256
 
 # Error codes of the video endpoints beyond the shared ErrorCode set; same frame shape.
 INVALID_JPEG = "invalid_jpeg"
-FORBIDDEN = "forbidden"
 
 router = APIRouter()
 log = get_logger("edgeway.gateway.video")
@@ -146,6 +148,24 @@ async def _admit_device(websocket: WebSocket, device: str) -> bool:
     await websocket.send_text(error_frame(ErrorCode.INVALID_SHAPE.value, reason))
     await websocket.close(1008, "a valid ?device= is required")
     return False
+
+
+async def _seat_phone(
+    websocket: WebSocket, seats: ProducerSeats, device: str, principal: Principal
+) -> bool:
+    """After accept: the device's producer seat, or an error frame and a close (1008) saying why
+    (a token bound to another device; the device connected already, for an unbound caller)."""
+    if not await _admit_device(websocket, device):
+        return False
+    try:
+        seats.take(device, websocket, principal)
+    except SeatRefused as refused:
+        REJECTED.labels(seats.endpoint, refused.code.value).inc()
+        log.info("phone refused", endpoint=seats.endpoint, device=device, reason=refused.reason)
+        await websocket.send_text(error_frame(refused.code.value, refused.reason))
+        await websocket.close(1008, refused.code)
+        return False
+    return True
 
 
 # --- phones ---------------------------------------------------------------------------------
@@ -236,6 +256,7 @@ class PhoneSession(PhoneLink):
                 else:
                     await self.take_text(data)
         finally:
+            self.gateway.video.phones.leave(self.device, self.websocket)
             CONNECTIONS.labels(self.endpoint).dec()
             self.uploads.close()
             await self.drain()
@@ -246,6 +267,8 @@ class PhoneSession(PhoneLink):
             log.info("phone disconnected", device=self.device, connection=self.connection_id)
 
     async def take_frame(self, data: bytes) -> None:
+        if not self.gateway.video.phones.holds(self.device, self.websocket):
+            return  # replaced by a newer connection for this device: it speaks for it now
         limit = self.gateway.settings.max_jpeg_bytes
         if len(data) - TIMESTAMP_BYTES > limit:
             self.reject(
@@ -292,6 +315,8 @@ class PhoneSession(PhoneLink):
         )
 
     async def take_text(self, text: str) -> None:
+        if not self.gateway.video.phones.holds(self.device, self.websocket):
+            return  # replaced by a newer connection for this device: it speaks for it now
         settings = self.gateway.settings
         # A whole `file_upload` may be as large as a file; anything else is a small message.
         limit = max(settings.max_message_bytes, settings.max_phone_file_bytes + UPLOAD_OVERHEAD)
@@ -416,10 +441,10 @@ class StreamSession(PhoneLink):
         super().__init__(gateway, websocket, device)
         self.chunk_seq = 0
         self.producer = f"phone/{device}"
+        self.log_budget = TokenBucket(TEXT_LOG_RATE, TEXT_LOG_BURST)
 
     async def run(self) -> None:
         state = self.gateway.video
-        state.claim_stream(self.device, self.websocket)
         CONNECTIONS.labels(self.endpoint).inc()
         writer = asyncio.create_task(self.outbox.run())
         log.info("video stream connected", device=self.device, connection=self.connection_id)
@@ -430,7 +455,7 @@ class StreamSession(PhoneLink):
                 else:
                     self.take_text(data)
         finally:
-            state.release_stream(self.device, self.websocket)
+            state.streams.leave(self.device, self.websocket)
             CONNECTIONS.labels(self.endpoint).dec()
             await self.drain()
             self.outbox.close()
@@ -455,7 +480,7 @@ class StreamSession(PhoneLink):
         if not self.bucket.take():
             self.reject(ErrorCode.RATE_LIMITED.value, "too many messages")
             return
-        if self.gateway.video.streams.get(self.device) is not self.websocket:
+        if not self.gateway.video.streams.holds(self.device, self.websocket):
             return  # replaced by a newer connection for this device: it owns the stream now
         envelope = Envelope(
             type="video.chunk.v1",
@@ -475,14 +500,23 @@ class StreamSession(PhoneLink):
         )
 
     def take_text(self, text: str) -> None:
+        limit = self.gateway.settings.max_message_bytes
+        if len(text) > limit:
+            self.reject(ErrorCode.TOO_LARGE.value, f"text messages are limited to {limit} bytes")
+            return
+        if not self.bucket.take():
+            self.reject(ErrorCode.RATE_LIMITED.value, "too many messages")
+            return
         try:
             message = orjson.loads(text)
         except orjson.JSONDecodeError:
             self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
             return
         kind = message.get("type") if isinstance(message, dict) else None
-        # The seed only logs the encoder's configuration; the stream itself carries SPS and PPS.
-        log.info("video text message", device=self.device, kind=kind, message=text[:512])
+        # The seed only logs the encoder's configuration (the stream itself carries SPS and
+        # PPS): a phone sends one at the start, so a few lines a minute are plenty.
+        if self.log_budget.take():
+            log.info("video text message", device=self.device, kind=kind, message=text[:512])
 
 
 @router.websocket(PHONE_ENDPOINT)
@@ -492,7 +526,7 @@ async def phone(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT
     )
     if principal is not None:
         await websocket.accept()
-        if await _admit_device(websocket, device):
+        if await _seat_phone(websocket, gateway.video.phones, device, principal):
             await PhoneSession(gateway, websocket, device).run()
 
 
@@ -503,7 +537,7 @@ async def video(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT
     )
     if principal is not None:
         await websocket.accept()
-        if await _admit_device(websocket, device):
+        if await _seat_phone(websocket, gateway.video.streams, device, principal):
             await StreamSession(gateway, websocket, device).run()
 
 
@@ -584,6 +618,8 @@ class ViewerSession:
         self.websocket = websocket
         self.principal = principal
         self.can_control = Scope.VIDEO_CONTROL in principal.scopes
+        settings = gateway.settings
+        self.bucket = TokenBucket(settings.viewer_command_rate, settings.viewer_command_burst)
         self.outbox = ClientQueue.text(
             websocket,
             size=gateway.settings.client_queue_size,
@@ -619,6 +655,9 @@ class ViewerSession:
         if len(data) > self.gateway.settings.max_message_bytes:
             self.reject(ErrorCode.TOO_LARGE.value, "the message is too large")
             return
+        if not self.bucket.take():
+            self.reject(ErrorCode.RATE_LIMITED.value, "too many commands")
+            return
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -633,7 +672,8 @@ class ViewerSession:
             return
         if not self.can_control:
             self.reject(
-                FORBIDDEN, f"{kind}: commands to phones need the scope {Scope.VIDEO_CONTROL}"
+                ErrorCode.FORBIDDEN.value,
+                f"{kind}: commands to phones need the scope {Scope.VIDEO_CONTROL}",
             )
             return
         # The seed sends every command to every phone; "device" addresses one.

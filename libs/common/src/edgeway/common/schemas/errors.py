@@ -19,6 +19,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_VEHICLE = "unknown_vehicle"
     INVALID_TELEMETRY = "invalid_telemetry"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    FORBIDDEN = "forbidden"  # the token may not produce for what it names
+    IN_USE = "in_use"  # another connection produces for that device or vehicle
 
 
 class ErrorFrame(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -17,6 +18,10 @@ from edgeway.common.testing.resources import (
 from edgeway.common.testing.s3 import s3_server
 
 __all__ = ["amqp_url", "engine", "postgres_url", "s3_server", "sessions"]
+
+# Settings built in the tests' own process are development ones, as the service processes
+# they start are (`ServiceProcess`); a test of the production profile says so itself.
+os.environ.setdefault("EDGEWAY_ENVIRONMENT", "development")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,14 @@ class ServiceProcess:
         ready_path: str = "/readyz",
     ) -> None:
         self.module = module
-        self.env = {**os.environ, **env, "EDGEWAY_HTTP_PORT": str(port)}
+        # Test and benchmark processes run the development profile unless they say otherwise:
+        # the default, production, wants real keys and credentials.
+        self.env = {
+            "EDGEWAY_ENVIRONMENT": "development",
+            **os.environ,
+            **env,
+            "EDGEWAY_HTTP_PORT": str(port),
+        }
         self.port = port
         self.log_path = log_path
         self.ready_path = ready_path
