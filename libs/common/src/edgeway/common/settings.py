@@ -76,6 +76,11 @@ class CommonSettings(BaseSettings):
     )
     otel_file: Path | None = None  # where the jsonl exporter writes one span per line
 
+    # Seconds between tries of a commit while the database is unreachable (the last repeats
+    # until it answers). 0.5 s doubling to 4 s: a PostgreSQL restart or fail-over is seen
+    # within a few seconds, and an outage costs a few connection attempts a minute.
+    db_retry_delays: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1)
+
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # HTTP limits on every server, the gateway and each service's internal one

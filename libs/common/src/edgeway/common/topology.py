@@ -122,6 +122,15 @@ class Topology:
             arguments["x-single-active-consumer"] = True
         return RabbitQueue(name, queue_type=QueueType.QUORUM, durable=True, arguments=arguments)
 
+    @property
+    def work_queues(self) -> list[RabbitQueue]:
+        """Every durable work queue, each with its dead letters (`edgeway-dead-letters`)."""
+        return [
+            self.occupancy_observations_queue,
+            self.telemetry_raw_queue,
+            self.ingest_uploads_queue,
+        ]
+
     def dead_letter_queue(self, work_queue: str) -> RabbitQueue:
         """Where a work queue's rejected messages wait for an operator."""
         return RabbitQueue(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +17,7 @@ from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
 from edgeway.gateway import ingest, omega, telemetry, video
 from edgeway.gateway.auth import AuthError
-from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.link import NotConnectedError, ServiceUnavailableError
 from edgeway.gateway.settings import GatewaySettings
 from edgeway.gateway.state import Gateway, GatewayDep
 
@@ -67,7 +69,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if metrics_port is not None:
             metrics_server, _thread = start_http_server(metrics_port, settings.metrics_host)
         gateway.clock.start()
-        await gateway.link.start()
+        # In the background: the port opens (and /healthz answers, and SIGTERM is heard) while
+        # RabbitMQ is still out of reach; /readyz and every endpoint say 503 until it answers.
+        connecting = asyncio.create_task(gateway.link.connect())
         log.info(
             "gateway started",
             gateway_id=gateway.link.gateway_id,
@@ -75,6 +79,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             metrics_port=metrics_port or settings.http_port,
         )
         yield
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
         await gateway.link.stop()
         await gateway.clock.stop()
         if metrics_server is not None:
@@ -121,6 +128,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             {"type": "error", "code": "timeout", "reason": str(error)}, status_code=504
         )
 
+    @app.exception_handler(NotConnectedError)
+    async def not_connected(_: Request, error: NotConnectedError) -> JSONResponse:
+        return JSONResponse(
+            {"type": "error", "code": "unavailable", "reason": str(error)},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -129,8 +144,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def readyz(gw: GatewayDep) -> JSONResponse:
         if await gw.link.ready():
             return JSONResponse({"status": "ready"})
+        reason = "not connected" if gw.link.connected.is_set() else "not reached yet"
         return JSONResponse(
-            {"status": "not ready", "failures": {"broker": "not connected"}}, status_code=503
+            {"status": "not ready", "failures": {"broker": reason}}, status_code=503
         )
 
     if metrics_port is None:

@@ -3,6 +3,7 @@ and ask services for what they own (request/reply with a timeout)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -22,10 +23,16 @@ from edgeway.common.broker import (
     whole_message,
 )
 from edgeway.common.envelope import JSON, Envelope
+from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels, Topology
 from edgeway.gateway.fanout import Hub, Message, Packet
 from edgeway.gateway.metrics import REJECTED, REQUEST_SECONDS
 from edgeway.gateway.settings import GatewaySettings
+
+log = get_logger("edgeway.gateway.link")
+
+# Seconds between attempts to reach the broker at start: doubling from the first to the last.
+CONNECT_RETRY_S = (0.5, 10.0)
 
 # Headers of an H.264 packet on `video.stream.<device>` (set by the video relay).
 HEADER_PACKET_TYPE = "x-packet-type"
@@ -34,6 +41,10 @@ HEADER_PACKET_SEQ = "x-packet-seq"
 
 class ServiceUnavailableError(Exception):
     """A service did not answer a request in time (the HTTP layer turns it into 504)."""
+
+
+class NotConnectedError(Exception):
+    """The gateway has not reached the broker yet (the HTTP layer turns it into 503)."""
 
 
 def _header_text(value: Any) -> str:
@@ -58,6 +69,7 @@ class BrokerLink:
         )
         self._queue: RabbitQueue = self.topology.gateway_queue(self.gateway_id)
         self.hub = Hub(bind=self._bind, unbind=self._unbind)
+        self.connected = asyncio.Event()  # set once the broker answered and all is declared
 
         # Live results are lossy by design: ack on receipt, never redeliver a stale frame.
         @self.broker.subscriber(
@@ -85,6 +97,29 @@ class BrokerLink:
                 REJECTED.labels("service", orjson.loads(raw.body).get("code", "unknown")).inc()
             self.hub.deliver(routing_key, body, kind=kind)
 
+    async def connect(self) -> None:
+        """Reach the broker and declare the topology, trying again until it answers.
+
+        The gateway serves `/healthz` meanwhile (a liveness probe must not kill a process that
+        waits for RabbitMQ) and refuses traffic with 503 (`/readyz` says why) until `connected`.
+        """
+        delay, longest = CONNECT_RETRY_S
+        while True:
+            try:
+                await self.start()
+            except Exception as exc:  # noqa: BLE001 - any failure to reach it: try again later
+                log.warning("broker unreachable; trying again", in_s=delay, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+                continue
+            self.connected.set()
+            log.info("broker connected", gateway_id=self.gateway_id)
+            return
+
+    def check_connected(self) -> None:
+        if not self.connected.is_set():
+            raise NotConnectedError("the gateway is starting: it has not reached RabbitMQ yet")
+
     async def start(self) -> None:
         await self.broker.start()
         await declare_shared(self.broker, self.topology)
@@ -111,7 +146,7 @@ class BrokerLink:
         await self.broker.stop()
 
     async def ready(self) -> bool:
-        return await self.broker.ping(timeout=2.0)
+        return self.connected.is_set() and await self.broker.ping(timeout=2.0)
 
     def producer_channel(self, connection_id: str) -> str:
         return Channels.producer(self.gateway_id, connection_id)

@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from edgeway.common.logging import get_logger
 from edgeway.common.timesync import TimeSync
 from edgeway.gateway.auth import AuthError, Principal, Scope, Verifier, authorize, check_origin
-from edgeway.gateway.link import BrokerLink
+from edgeway.gateway.link import BrokerLink, NotConnectedError
 from edgeway.gateway.metrics import AUTH_REFUSED
 from edgeway.gateway.settings import GatewaySettings
 from edgeway.gateway.telemetry_state import TelemetryState
@@ -53,10 +53,12 @@ def require(scope: Scope, endpoint: str) -> Any:
 
     async def dependency(connection: HTTPConnection, gateway: GatewayDep) -> Principal:
         try:
-            return authorize(gateway.verifier, connection, scope)
+            principal = authorize(gateway.verifier, connection, scope)
         except AuthError as error:
             AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
             raise
+        gateway.link.check_connected()  # 503 until the broker is reached
+        return principal
 
     return Depends(dependency)
 
@@ -67,7 +69,7 @@ async def admit_websocket(
     """Check origin and token before the upgrade; refuse with a real HTTP status and reason."""
     try:
         check_origin(gateway.settings, websocket)
-        return authorize(gateway.verifier, websocket, scope)
+        principal = authorize(gateway.verifier, websocket, scope)
     except AuthError as error:
         AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
         log.info("websocket refused", endpoint=endpoint, status=error.status, reason=error.reason)
@@ -78,3 +80,15 @@ async def admit_websocket(
             )
         )
         return None
+    try:
+        gateway.link.check_connected()
+    except NotConnectedError as error:
+        await websocket.send_denial_response(
+            JSONResponse(
+                {"type": "error", "code": "unavailable", "reason": str(error)},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        )
+        return None
+    return principal

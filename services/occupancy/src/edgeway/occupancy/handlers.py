@@ -44,12 +44,12 @@ SERVICE = "occupancy"
 ERROR_TYPE = "error.v1"
 OUTCOMES = ("stored", "duplicate", "rejected")
 
-# A PostgreSQL restart or fail-over lasts seconds. Riding it out inside the handler keeps those
-# deliveries from counting toward the queue's delivery limit, which is meant for messages that
-# can never succeed. 7.5 s in all: less than the default grace period of a stopping process.
-# Then the group is given up on (not `forever`) and its messages are requeued: harmless here,
-# since a location's state only moves forward in capture time whatever order they come back in.
-DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+# An outage is ridden out inside the handler, however long it lasts (`forever`): a delivery
+# given up on would be requeued and count toward the queue's delivery limit, which is meant for
+# messages that can never succeed, so an outage longer than the limit's window (5 deliveries,
+# ~40 s) dead-lettered observations the gateway had accepted. Meanwhile the prefetch holds the
+# consumer's deliveries unacked, so it takes no more, and /readyz says the database is down.
+# The waits between tries are `settings.db_retry_delays`.
 
 log = get_logger("edgeway.occupancy")
 
@@ -191,7 +191,8 @@ def build_app(
     group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
         lambda deliveries: with_db_retry(
             lambda: store_observations(deliveries, sessions=sessions, cameras=cameras),
-            delays=DB_RETRY_DELAYS,
+            delays=settings.db_retry_delays,
+            forever=True,
         ),
         max_size=settings.commit_group_size,
         # A database outage fails every item alike; anything else may be one bad observation.
@@ -202,7 +203,7 @@ def build_app(
         topology.occupancy_observations_queue,
         topology.occupancy_observations,
         # NACK_ON_ERROR: success acks after the commit and the publish; an unexpected exception
-        # (database still down after DB_RETRY_DELAYS, a bug) nacks with requeue, so the message
+        # (a bug, a schema that does not fit; never an outage) nacks with requeue, so the message
         # is tried again and the quorum queue's delivery limit dead-letters one that can never
         # succeed. The default, REJECT_ON_ERROR, would dead-letter it on the first failure.
         ack_policy=AckPolicy.NACK_ON_ERROR,

@@ -1,0 +1,97 @@
+"""The gateway without its broker: it starts, answers liveness, refuses traffic with 503 until
+RabbitMQ answers, then serves; and it stops on SIGTERM while it waits.
+
+Connected: a real gateway process reaches the machine's RabbitMQ through a fault proxy
+(`edgeway.common.testing.faults`) that refuses connections until the test opens it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import websockets
+
+from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing.faults import FaultProxy
+from edgeway.gateway.tokens import mint_with_secret
+
+pytestmark = pytest.mark.connected
+
+SECRET = "link-test-secret-that-is-long-enough-for-hs256"
+
+
+@pytest.fixture
+def proxy(amqp_url: str) -> Iterator[FaultProxy]:
+    broker = urlsplit(amqp_url)
+    with FaultProxy(upstream=(broker.hostname or "127.0.0.1", broker.port or 5672)) as running:
+        yield running
+
+
+def gateway_behind(proxy: FaultProxy, amqp_url: str, log_path: Path) -> ServiceProcess:
+    via_proxy = urlsplit(amqp_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}")
+    return ServiceProcess(
+        "edgeway.gateway",
+        env={"EDGEWAY_AMQP_URL": via_proxy.geturl(), "EDGEWAY_JWT_SECRET": SECRET},
+        port=free_port(),
+        log_path=log_path,
+        ready_path="/healthz",  # liveness only: readiness waits for the broker
+    )
+
+
+def wait_for(condition: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not met")
+
+
+async def test_the_gateway_starts_without_its_broker_and_serves_once_it_answers(
+    proxy: FaultProxy, amqp_url: str, tmp_path: Path
+) -> None:
+    proxy.refuse()
+    gateway = gateway_behind(proxy, amqp_url, tmp_path / "gateway.log").start(wait=30)
+    try:
+        assert httpx.get(gateway.url + "/healthz").status_code == 200
+        ready = httpx.get(gateway.url + "/readyz")
+        assert (ready.status_code, ready.json()["failures"]) == (503, {"broker": "not reached yet"})
+        token = mint_with_secret(SECRET, "occupancy:subscribe", subject="t", ttl=600)
+        ws = gateway.url.replace("http", "ws") + f"/client/ws/connect?token={token}"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(ws):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"]
+        models = httpx.get(
+            gateway.url + "/model/count", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert models.status_code == 503
+        assert models.json()["code"] == "unavailable"
+
+        proxy.restore()
+        wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 200)
+        async with websockets.connect(ws) as client:
+            assert client.protocol.state.name == "OPEN"
+    finally:
+        gateway.stop()
+
+
+def test_sigterm_stops_a_gateway_that_waits_for_its_broker(
+    proxy: FaultProxy, amqp_url: str, tmp_path: Path
+) -> None:
+    proxy.refuse()
+    gateway = gateway_behind(proxy, amqp_url, tmp_path / "gateway.log").start(wait=30)
+    assert gateway.process is not None
+    started = time.monotonic()
+    gateway.process.terminate()
+    gateway.process.wait(timeout=15)
+    assert time.monotonic() - started < 15
+    # uvicorn shuts down on SIGTERM, then re-raises it, so the status is -15 either way: the
+    # log tells a clean shutdown from a kill.
+    assert "Application shutdown complete" in gateway.log_text()
