@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the system python can run the test RTSP camera
+# Make sure the tools the connected checks need are here. kubectl (for the kustomize overlays):
+# say how to get it when it is missing. And the system python can run the test RTSP camera
 # (libs/common/src/edgeway/common/testing/rtsp_server.py): PyGObject, GstRtspServer and the
 # GStreamer plugins its pipelines use (videotestsrc, videoscale, x264enc, rtph264pay).
 # Installs them with apt-get when missing; does nothing when they are there.
@@ -25,6 +26,17 @@ for name in ("videotestsrc", "videoscale", "videoconvert", "x264enc", "rtph264pa
     assert Gst.ElementFactory.find(name) is not None, name
 PY
 }
+
+# The Kubernetes overlays are rendered with `kubectl kustomize` (kustomize v5: `labels`,
+# `patches` with targets). No registry this machine reaches carries it, so say how to get it.
+if ! command -v kubectl >/dev/null 2>&1 || ! kubectl kustomize --help >/dev/null 2>&1; then
+  cat >&2 <<MSG
+The deployment checks render deploy/k8s with 'kubectl kustomize' (kustomize v5), and kubectl is
+not on PATH. Install kubectl 1.27 or newer: https://kubernetes.io/docs/tasks/tools/
+(Debian's kubernetes-client package carries kubectl 1.20, whose kustomize is too old.)
+MSG
+  exit 1
+fi
 
 have_tools && exit 0
 
