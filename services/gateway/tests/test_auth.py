@@ -94,6 +94,45 @@ def test_invalid_tokens_are_401(bad: object, why: str) -> None:
             Scope.OCCUPANCY_PUBLISH,  # type: ignore[operator]
         )
     assert refused.value.status == 401, why
+    assert "edgeway-token" in refused.value.reason  # and how to get a good one
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        ("not-a-jwt", "must be 'Bearer <token>' (it has no scheme)"),
+        ("Basic dXNlcjpwYXNz", "the scheme 'Basic'"),
+        ("Bearer   ", "holds no token"),
+    ],
+)
+def test_an_authorization_header_that_is_not_a_bearer_token_is_said_so(
+    header: str, said: str
+) -> None:
+    # Not "a token is required", as if nothing had been sent.
+    with pytest.raises(AuthError) as refused:
+        authorize(
+            Verifier(settings()), connection(headers={"Authorization": header}), Scope.VIDEO_PUBLISH
+        )
+    assert refused.value.status == 401
+    assert said in refused.value.reason
+
+
+def test_reasons_are_in_plain_words() -> None:
+    verifier = Verifier(settings())
+    cases = {
+        "not-a-jwt": "it is not a JWT",
+        token(["x"], ttl=-10): "it has expired",
+        token(["x"], audience="other"): "another audience",
+        token(["x"], key="another-secret-that-is-long-enough!!"): "signature does not match",
+    }
+    for bad, said in cases.items():
+        with pytest.raises(AuthError) as refused:
+            verifier.verify(bad)
+        assert said in refused.value.reason
+        assert "segments" not in refused.value.reason
+    with pytest.raises(AuthError) as missing:
+        authorize(verifier, connection(), Scope.VIDEO_PUBLISH)
+    assert "edgeway-token --subject <you> --scope video:publish" in missing.value.reason
 
 
 def test_a_remembered_token_is_still_refused_once_it_expires() -> None:
@@ -280,7 +319,42 @@ def test_token_command_mints_a_verifiable_token(
     assert not bound.speaks_for(Identity.VIN, "truck")
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--scope", "ingest:reed"], "unknown scope 'ingest:reed'"),
+        (["--scope", "ingest:read,ingest:write"], "one scope per --scope"),
+        (["--scope", "ingest:read", "--ttl", "5q"], "lifetime '5q'"),
+        (["--scope", "ingest:read", "--ttl", "0"], "positive whole number"),
+    ],
+)
+def test_the_token_command_refuses_what_would_mint_a_useless_token(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    said: str,
+) -> None:
+    monkeypatch.setenv("EDGEWAY_JWT_SECRET", SECRET)
+    with pytest.raises(SystemExit) as refused:
+        token_main(["--subject", "me", *args])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err
+    assert said in error
+    assert "ingest:read" in error or "lifetime" in error or "whole number" in error
+
+
+def test_the_token_command_says_how_to_sign_without_a_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "production")
+    monkeypatch.delenv("EDGEWAY_JWT_SECRET", raising=False)
+    with pytest.raises(SystemExit):
+        token_main(["--subject", "me", "--scope", "ingest:read"])
+    assert "EDGEWAY_ENVIRONMENT=development" in capsys.readouterr().err
+
+
 def test_parse_ttl() -> None:
     assert parse_ttl("90") == 90
     assert parse_ttl("15m") == 900
     assert parse_ttl("30d") == 30 * 86400
+    assert parse_ttl("5y") == 5 * 365 * 86400  # was a traceback

@@ -29,6 +29,7 @@ class Scope(StrEnum):
     TELEMETRY_PUBLISH = "telemetry:publish"  # loggers: upload, control socket
     TELEMETRY_SUBSCRIBE = "telemetry:subscribe"  # dashboards: /ws, /status
     TELEMETRY_CONTROL = "telemetry:control"  # operators: start, stop, dead zone, clear
+    TELEMETRY_ADMIN = "telemetry:admin"  # operators: register, list and retire vehicles
     VIDEO_PUBLISH = "video:publish"  # phones: /ws/phone, /ws/video
     VIDEO_SUBSCRIBE = "video:subscribe"  # consumers and viewers, video status
     VIDEO_CONTROL = "video:control"  # viewer commands to phones, POST /api/restart
@@ -154,7 +155,7 @@ class Verifier:
                 options={"require": ["exp", "sub"]},
             )
         except jwt.PyJWTError as exc:
-            raise AuthError(401, f"invalid token: {exc}") from None
+            raise AuthError(401, f"invalid token: {_explain(exc)}. {HOW_TO_AUTHENTICATE}") from None
         scopes = claims.get("scope", "")
         if not isinstance(scopes, str):
             raise AuthError(401, "invalid token: scope must be a space-separated string")
@@ -183,10 +184,52 @@ def _identities(claims: dict[str, Any]) -> tuple[tuple[Identity, frozenset[str]]
     return tuple(found)
 
 
+# Where a caller that was refused for want of a token gets one.
+HOW_TO_AUTHENTICATE = (
+    "Get a token with `edgeway-token --subject <you> --scope <scope>` (make run's banner prints "
+    "an operator's)"
+)
+
+
+def _explain(error: jwt.PyJWTError) -> str:
+    """PyJWT's reason in a caller's words ("Not enough segments" means: not a JWT at all)."""
+    match error:
+        case jwt.ExpiredSignatureError():
+            return "it has expired"
+        case jwt.ImmatureSignatureError():
+            return "it is not valid yet (nbf or iat in the future)"
+        case jwt.InvalidAudienceError():
+            return "it was issued for another audience"
+        case jwt.InvalidIssuerError():
+            return "it was issued by another issuer"
+        case jwt.MissingRequiredClaimError():
+            return f"it has no {error.claim} claim"
+        case jwt.InvalidSignatureError():
+            return "its signature does not match this gateway's keys"
+        case jwt.InvalidAlgorithmError():
+            return "it is signed with an algorithm this gateway does not accept"
+        case jwt.DecodeError():
+            return "it is not a JWT (three base64url parts joined by dots)"
+    return str(error)
+
+
 def token_from(connection: HTTPConnection) -> str | None:
-    header = connection.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip() or None
+    """The bearer token of the `Authorization` header, else of the `token` query parameter.
+
+    A header with another scheme, or none, is refused rather than taken as no token at all.
+    """
+    header = connection.headers.get("authorization", "").strip()
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise AuthError(
+                401,
+                "the Authorization header must be 'Bearer <token>' "
+                f"(it has {'no scheme' if not token else f'the scheme {scheme[:20]!r}'})",
+            )
+        if not token.strip():
+            raise AuthError(401, f"the Authorization header holds no token. {HOW_TO_AUTHENTICATE}")
+        return token.strip()
     return connection.query_params.get("token") or None
 
 
@@ -195,7 +238,11 @@ def authorize(verifier: Verifier, connection: HTTPConnection, scope: Scope) -> P
     principal = verifier.verify(token_from(connection))
     if scope not in principal.scopes:
         if principal.anonymous:
-            raise AuthError(401, f"a token with scope {scope} is required")
+            raise AuthError(
+                401,
+                f"a token with scope {scope} is required, as 'Authorization: Bearer <token>' or "
+                f"?token=. {HOW_TO_AUTHENTICATE.replace('<scope>', scope)}",
+            )
         raise AuthError(403, f"the token lacks scope {scope}")
     return principal
 

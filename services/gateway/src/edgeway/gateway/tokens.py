@@ -5,7 +5,8 @@
     edgeway-token --subject truck-7 --scope telemetry:publish --vin 5YJ3E1EA1KF000001 --ttl 30d
     edgeway-token --subject ops --scope occupancy:subscribe --private-key key.pem --kid k1
 
-With no key file it signs with EDGEWAY_JWT_SECRET (or the development secret in development).
+With no key file it signs with EDGEWAY_JWT_SECRET (or the development secret in development:
+EDGEWAY_ENVIRONMENT=development, as make run's gateway runs).
 """
 
 from __future__ import annotations
@@ -18,17 +19,42 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from pydantic import ValidationError
 
+from edgeway.gateway.auth import Scope
 from edgeway.gateway.settings import GatewaySettings
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SCOPES = tuple(scope.value for scope in Scope)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+DEFAULT_TTL = "1h"
 
 
 def parse_ttl(text: str) -> int:
-    """'3600', '90m', '12h', '30d' to seconds."""
-    if text[-1:] in _UNITS:
-        return int(text[:-1]) * _UNITS[text[-1]]
-    return int(text)
+    """'3600', '90m', '12h', '30d', '2w', '1y' to seconds; ValueError saying why otherwise."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    if not number.isdigit() or int(number) == 0:
+        raise ValueError(
+            f"lifetime {text!r}: a positive whole number, optionally followed by one of "
+            f"{', '.join(_UNITS)} (seconds, minutes, hours, days, weeks, years)"
+        )
+    return int(number) * _UNITS[unit]
+
+
+def _ttl(text: str) -> int:
+    try:
+        return parse_ttl(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scope(text: str) -> str:
+    if text not in SCOPES:
+        hint = " (one scope per --scope)" if "," in text or " " in text else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown scope {text!r}{hint}; the scopes are: {', '.join(SCOPES)}"
+        )
+    return text
 
 
 def mint(
@@ -88,10 +114,26 @@ def _identities(device: list[str] | None, vin: list[str] | None) -> dict[str, li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgeway-token", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="edgeway-token",
+        description=__doc__.split("\n")[0],
+        epilog=f"scopes: {', '.join(SCOPES)}",
+    )
     parser.add_argument("--subject", required=True, help="who the token is for")
-    parser.add_argument("--scope", action="append", required=True, help="repeat for each scope")
-    parser.add_argument("--ttl", default="1h", help="lifetime: seconds or 90m, 12h, 30d")
+    parser.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        type=_scope,
+        metavar="SCOPE",
+        help="one of the scopes below; repeat for each",
+    )
+    parser.add_argument(
+        "--ttl",
+        default=DEFAULT_TTL,
+        type=_ttl,
+        help=f"lifetime: seconds, or 90m, 12h, 30d, 2w, 1y (default {DEFAULT_TTL})",
+    )
     parser.add_argument("--private-key", type=Path, help="PEM private key (RS256/ES256/EdDSA)")
     parser.add_argument("--algorithm", default=None, help="default HS256, or RS256 with a key")
     parser.add_argument("--kid", default=None, help="key id, for JWKS verification")
@@ -103,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as exc:
+        reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        parser.error(
+            f"{reasons}. For the local stack of make run (the development profile, whose secret "
+            "is built in): EDGEWAY_ENVIRONMENT=development edgeway-token ..."
+        )
     if args.private_key:
         key: Any = args.private_key.read_text()
         algorithm = args.algorithm or "RS256"
@@ -115,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     token = mint(
         subject=args.subject,
         scopes=args.scope,
-        ttl=parse_ttl(args.ttl),
+        ttl=args.ttl,
         key=key,
         algorithm=algorithm,
         audience=settings.jwt_audience,
