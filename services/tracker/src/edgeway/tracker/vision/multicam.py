@@ -1,0 +1,275 @@
+"""``MultiCameraTracker``: per-camera tracks, global ids across cameras, map positions.
+
+One ``update`` per global frame index (all cameras in lockstep, as SpotOn reads its videos):
+
+1. Embeddings: detections that carry none are cropped from their frame and embedded, all
+   cameras in one batch (only with an embedder and frames).
+2. Each camera's ``CameraTracker`` associates its detections.
+3. Global ids. A track keeps the id it got when it first appeared. A new track takes, in order:
+   the id of a person that an overlapping camera sees at the same map position (within
+   ``map_match_radius``, both cameras with homographies); else the best gallery match by
+   appearance under the hand-off rules (``gallery.py``); else a new UUID. A (camera, id) pair is
+   held by one track at a time.
+4. Gallery upkeep: every sighting refreshes "last seen"; the appearance EMA is folded in every
+   ``refresh_interval_frames`` frames (SpotOn's ``REID_REFRESH_INTERVAL_FRAMES`` = 10) and at a
+   track's first sighting; ids unseen for ``lost_buffer_frames`` are dropped.
+
+``reset_camera`` (SpotOn reset its trackers at every sub-video batch) forgets the camera's tracks
+*and* their id bindings; track ids keep counting up, so a new track can never inherit a stale
+global id (SpotOn's bug: its map from local to global ids survived the reset).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]
+
+from edgeway.tracker.vision.embedding import Embedder, crop
+from edgeway.tracker.vision.gallery import GallerySettings, ReIDGallery
+from edgeway.tracker.vision.homography import project_box
+from edgeway.tracker.vision.tracking import CameraTracker, TrackedBox, TrackerSettings
+from edgeway.tracker.vision.types import (
+    BBox,
+    CameraSpec,
+    Detection,
+    Frame,
+    HandoffRule,
+    TrackOutput,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MultiCameraSettings:
+    tracker: TrackerSettings = field(default_factory=TrackerSettings)
+    gallery: GallerySettings = field(default_factory=GallerySettings)
+    #: SpotOn ``REID_REFRESH_INTERVAL_FRAMES`` = 10.
+    refresh_interval_frames: int = 10
+    #: Same person seen by two overlapping cameras: map positions within 1 m (SpotOn HEAD's
+    #: ``SPATIAL_MATCH_THRESHOLD`` = 100 px at 100 px/m). In map units: metres for a metric map.
+    map_match_radius: float = 1.0
+
+
+def quadrant_overlap(bbox: BBox, frame_size: tuple[int, int], quadrant: str) -> float:
+    """Share of the box's area inside one image quadrant (halves at W/2, H/2)."""
+    width, height = frame_size
+    x1, y1, x2, y2 = bbox
+    area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    if area <= 0:
+        return 0.0
+    qx = (0.0, width / 2) if quadrant.endswith("left") else (width / 2, float(width))
+    qy = (0.0, height / 2) if quadrant.startswith("upper") else (height / 2, float(height))
+    ix = max(0.0, min(x2, qx[1]) - max(x1, qx[0]))
+    iy = max(0.0, min(y2, qy[1]) - max(y1, qy[0]))
+    return ix * iy / area
+
+
+def exit_targets(
+    bbox: BBox, frame_size: tuple[int, int], rules: Sequence[HandoffRule]
+) -> frozenset[str]:
+    """Cameras this box is heading to: SpotOn's first matching exit rule wins."""
+    for rule in rules:
+        if quadrant_overlap(bbox, frame_size, rule.quadrant) >= rule.min_overlap:
+            return frozenset((rule.target_camera_id,))
+    return frozenset()
+
+
+@dataclass(slots=True)
+class _Binding:
+    global_id: str
+    first_frame: int
+
+
+class MultiCameraTracker:
+    """Detections of all cameras in, tracks with global ids and map positions out. No I/O."""
+
+    def __init__(
+        self,
+        cameras: Sequence[CameraSpec],
+        overlaps: Iterable[tuple[str, str]] = (),
+        *,
+        settings: MultiCameraSettings | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
+        self.settings = settings or MultiCameraSettings()
+        self.cameras = {c.camera_id: c for c in cameras}
+        if len(self.cameras) != len(cameras):
+            raise ValueError("camera ids must be unique")
+        pairs = [tuple(p) for p in overlaps]
+        unknown = {c for p in pairs for c in p} - set(self.cameras)
+        if unknown:
+            raise ValueError(f"overlaps name unknown cameras: {sorted(unknown)}")
+        self.embedder = embedder
+        self.gallery = ReIDGallery(
+            overlaps=[(a, b) for a, b in pairs], settings=self.settings.gallery
+        )
+        self._trackers = {cid: CameraTracker(self.settings.tracker) for cid in self.cameras}
+        self._bindings: dict[str, dict[int, _Binding]] = {cid: {} for cid in self.cameras}
+
+    def reset_camera(self, camera_id: str) -> None:
+        """Start the camera's tracking afresh; its tracks' global ids are released."""
+        self._trackers[camera_id].reset()
+        self._bindings[camera_id].clear()
+
+    def reset(self) -> None:
+        for camera_id in self.cameras:
+            self.reset_camera(camera_id)
+
+    def snapshot(self) -> dict[str, object]:
+        """What to persist so a task can resume elsewhere: the gallery (plain data)."""
+        return {"gallery": self.gallery.snapshot()}
+
+    def restore(self, snapshot: Mapping[str, object]) -> None:
+        """Resume from ``snapshot()``: trackers start empty, known people keep their ids."""
+        gallery = snapshot.get("gallery")
+        if not isinstance(gallery, Mapping):
+            raise ValueError("snapshot has no gallery")
+        self.reset()
+        self.gallery.restore(gallery)
+
+    def update(
+        self,
+        frame_index: int,
+        detections_by_camera: Mapping[str, Sequence[Detection]],
+        frames_by_camera: Mapping[str, Frame] | None = None,
+    ) -> dict[str, list[TrackOutput]]:
+        unknown = set(detections_by_camera) - set(self.cameras)
+        if unknown:
+            raise KeyError(f"detections for unknown cameras: {sorted(unknown)}")
+        detections = self._with_embeddings(detections_by_camera, frames_by_camera or {})
+        tracked = {cid: self._trackers[cid].update(detections.get(cid, ())) for cid in self.cameras}
+        positions = {
+            cid: [project_box(self.cameras[cid].homography, b.bbox_xyxy) for b in boxes]
+            for cid, boxes in tracked.items()
+        }
+        self._forget_dead_tracks()
+
+        # Pass 1: tracks that already have a global id are sighted first, so that pass 2
+        # knows who is visible where in this very frame.
+        gids: dict[str, list[str | None]] = {}
+        for cid, boxes in tracked.items():
+            binding = self._bindings[cid]
+            gids[cid] = []
+            for box in boxes:
+                bound = binding.get(box.track_id)
+                gids[cid].append(None if bound is None else bound.global_id)
+                if bound is not None:
+                    self._observe(frame_index, cid, box, bound, detections[cid])
+        # Pass 2: new tracks, camera by camera; later cameras see earlier cameras' choices.
+        for cid, boxes in tracked.items():
+            new = [i for i, g in enumerate(gids[cid]) if g is None]
+            if new:
+                self._assign_new(frame_index, cid, boxes, new, gids, positions)
+                for i in new:
+                    bound = self._bindings[cid][boxes[i].track_id]
+                    self._observe(frame_index, cid, boxes[i], bound, detections[cid])
+
+        out: dict[str, list[TrackOutput]] = {}
+        for cid, boxes in tracked.items():
+            out[cid] = [
+                TrackOutput(
+                    track_id=box.track_id,
+                    global_id=self._bindings[cid][box.track_id].global_id,
+                    bbox_xyxy=box.bbox_xyxy,
+                    confidence=box.confidence,
+                    map_coords=positions[cid][i],
+                )
+                for i, box in enumerate(boxes)
+            ]
+        held = {b.global_id for bindings in self._bindings.values() for b in bindings.values()}
+        self.gallery.prune(frame_index, keep=held)
+        return out
+
+    def _observe(
+        self,
+        frame_index: int,
+        cid: str,
+        box: TrackedBox,
+        bound: _Binding,
+        detections: Sequence[Detection],
+    ) -> None:
+        spec = self.cameras[cid]
+        age = frame_index - bound.first_frame
+        refresh = age % self.settings.refresh_interval_frames == 0
+        self.gallery.observe(
+            bound.global_id,
+            cid,
+            frame_index,
+            embedding=detections[box.detection_index].embedding if refresh else None,
+            exit_targets=exit_targets(box.bbox_xyxy, spec.frame_size, spec.handoff_rules),
+        )
+
+    def _with_embeddings(
+        self,
+        detections_by_camera: Mapping[str, Sequence[Detection]],
+        frames_by_camera: Mapping[str, Frame],
+    ) -> dict[str, list[Detection]]:
+        detections = {cid: list(d) for cid, d in detections_by_camera.items()}
+        if self.embedder is None:
+            return detections
+        todo = [
+            (cid, i)
+            for cid, dets in detections.items()
+            if cid in frames_by_camera
+            for i, d in enumerate(dets)
+            if d.embedding is None
+        ]
+        if not todo:
+            return detections
+        crops = [crop(frames_by_camera[cid], detections[cid][i].bbox_xyxy) for cid, i in todo]
+        vectors = self.embedder.embed(crops)
+        for (cid, i), vec in zip(todo, vectors, strict=True):
+            detections[cid][i] = replace(detections[cid][i], embedding=vec)
+        return detections
+
+    def _forget_dead_tracks(self) -> None:
+        for cid, tracker in self._trackers.items():
+            live = tracker.live_track_ids
+            binding = self._bindings[cid]
+            for tid in [t for t in binding if t not in live]:
+                del binding[tid]
+
+    def _assign_new(
+        self,
+        frame_index: int,
+        cid: str,
+        boxes: Sequence[TrackedBox],
+        new: list[int],
+        gids: dict[str, list[str | None]],
+        positions: dict[str, list[tuple[float, float] | None]],
+    ) -> None:
+        held_here = {g for g in gids[cid] if g is not None}
+        # (a) Same map position in an overlapping camera, this frame.
+        seen: dict[str, tuple[float, float]] = {}
+        for other, other_gids in gids.items():
+            if other == cid or not self.gallery.overlapping(cid, other):
+                continue
+            for g, pos in zip(other_gids, positions[other], strict=True):
+                if g is not None and pos is not None and g not in held_here:
+                    seen[g] = pos
+        chosen: dict[int, str] = {}
+        mine = [(i, p) for i in new if (p := positions[cid][i]) is not None]
+        if seen and mine:
+            cand = list(seen)
+            dist = np.array([[math.dist(p, seen[g]) for g in cand] for _, p in mine])
+            rows, cols = linear_sum_assignment(dist)
+            for r, c in zip(rows, cols, strict=True):
+                if dist[r, c] <= self.settings.map_match_radius:
+                    chosen[mine[r][0]] = cand[c]
+        # (b) Appearance, under the hand-off rules.
+        rest = [i for i in new if i not in chosen]
+        taken = held_here | set(chosen.values())
+        matches = self.gallery.match(
+            cid, frame_index, [boxes[i].embedding for i in rest], exclude=taken
+        )
+        for i, m in zip(rest, matches, strict=True):
+            if m is not None:
+                chosen[i] = m[0]
+        # (c) Otherwise a new person.
+        for i in new:
+            gid = chosen.get(i) or self.gallery.new_identity(cid, frame_index, boxes[i].embedding)
+            gids[cid][i] = gid
+            self._bindings[cid][boxes[i].track_id] = _Binding(gid, frame_index)
