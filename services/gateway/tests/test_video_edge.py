@@ -463,6 +463,13 @@ async def test_a_consumer_gets_live_packets_from_a_keyframe_and_pong(
     """No relay answers here: the consumer starts at the next keyframe, after SPS and PPS."""
     url = ws_url(gateway, "/ws/video/consume", WATCHER, device="cam-d")
     async with amqp(amqp_url) as channel, websockets.connect(url) as consumer:
+        # No GOP (no relay, no stream yet): the consumer is told, not left in silence.
+        assert await recv_json(consumer) == {
+            "type": "status",
+            "code": "no_stream",
+            "reason": "no stream for device cam-d yet; it starts when the phone streams",
+            "device": "cam-d",
+        }
         await consumer.send("ping")
         assert await asyncio.wait_for(consumer.recv(), 5) == "pong"  # subscribed by now
         for seq, kind in enumerate(["sps", "pps", "frame", "keyframe", "frame", "frame"], 1):
@@ -570,10 +577,12 @@ async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets(
                     health = (await http.get("/health/video")).json()
                     status = (await http.get("/video/status")).json()
                     h264 = (await http.get("/h264/test")).json()
+        # A URL that plays: the device that streams, not the seed's unnamed default.
         assert health == {
             "active_consumers": 1,
             "has_sps_pps": True,
-            "video_url": "/ws/video/consume",
+            "video_url": "/ws/video/consume?device=cam-f",
+            "devices": ["cam-f"],
         }
         assert status == {**RELAY_STATUS, "consumers": {"cam-f": 1}}
         assert h264 == {"h264_decoder": True, "pyav": "18.1.0"}
@@ -587,7 +596,8 @@ async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets(
         assert health == {
             "active_consumers": 0,
             "has_sps_pps": False,
-            "video_url": "/ws/video/consume",
+            "video_url": "/ws/video/consume?device=phone",
+            "devices": [],
         }
         assert status_response.status_code == 504
 

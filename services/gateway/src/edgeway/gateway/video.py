@@ -585,6 +585,10 @@ async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAU
     async def gop_first() -> None:
         # What the GOP already holds is dropped from the live packets by sequence number.
         gop, last_seq = await _gop(gateway, device)
+        if not gop:
+            # Not silence: the consumer hears why nothing comes (a device id with a typo, or
+            # a phone not connected yet); packets follow on their own once a stream starts.
+            client.offer(no_stream_yet(device))
         client.start(gop, last_seq)
 
     try:
@@ -597,6 +601,18 @@ async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAU
     finally:
         state.consumer_left(device)
         CONNECTIONS.labels(CONSUME_ENDPOINT).dec()
+
+
+def no_stream_yet(device: str) -> str:
+    """The one text message a consumer gets besides "pong": its device has no stream yet."""
+    return orjson.dumps(
+        {
+            "type": "status",
+            "code": "no_stream",
+            "reason": f"no stream for device {device} yet; it starts when the phone streams",
+            "device": device,
+        }
+    ).decode()
 
 
 async def _answer_pings(websocket: WebSocket, client: ClientQueue) -> None:
@@ -720,16 +736,21 @@ async def _relay_status(gateway: Gateway) -> dict[str, Any]:
 @router.get("/health/video", dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/health/video")])
 async def health_video(gateway: GatewayDep) -> dict[str, Any]:
     """The seed's fields; `has_sps_pps` is false while the relay does not answer."""
+    streams: dict[str, Any] = {}
     try:
         streams = (await _relay_status(gateway))["streams"]
-        has_sps_pps = any(bool(s.get("has_sps_pps")) for s in streams.values())
     except ServiceUnavailableError as exc:
         log.warning("video relay status unavailable", reason=str(exc))
-        has_sps_pps = False
+    has_sps_pps = any(bool(s.get("has_sps_pps")) for s in streams.values())
+    # A URL that plays: the seed had one phone, named nothing; here each names itself, so
+    # point at a device that streams now (the first, by name), or the seed's default.
+    playing = sorted(d for d, s in streams.items() if s.get("has_sps_pps")) or sorted(streams)
+    device = playing[0] if playing else DEFAULT_DEVICE
     return {
         "active_consumers": sum(gateway.video.consumer_counts().values()),
         "has_sps_pps": has_sps_pps,
-        "video_url": CONSUME_ENDPOINT,
+        "video_url": f"{CONSUME_ENDPOINT}?device={device}",
+        "devices": sorted(streams),
     }
 
 
