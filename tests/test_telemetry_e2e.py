@@ -25,10 +25,17 @@ import psycopg
 import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.predictor import FIELDS, PredictorConfig, Sample
-from edgeway.common.testing import create_postgres_database, drop_postgres_database
+from edgeway.common.testing import (
+    POSTGRES_ADMIN_URL,
+    ServiceProcess,
+    create_postgres_database,
+    drop_postgres_database,
+    free_port,
+)
 from edgeway.edge.pacing import Backoff
 from edgeway.edge.telemetry_logger import TelemetryLogger
 from edgeway.edge.traces import city, highway
@@ -334,6 +341,209 @@ async def test_bad_uploads_get_their_status_codes_and_store_nothing(
     assert garbage.json()["code"] == "invalid_telemetry"
     await asyncio.sleep(1.0)
     assert rows(telemetry_database, "SELECT count(*) FROM telemetry") == [(0,)]
+
+
+@contextlib.contextmanager
+def database_outage(database_url: str) -> Iterator[None]:
+    """The telemetry service's PostgreSQL database refuses connections (its open ones are cut),
+    while the server, which other tests use, runs on."""
+    name = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name))
+        )
+        connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+            )
+
+
+async def test_a_telemetry_outage_is_unavailable_to_uploads_never_unknown(
+    stack: Stack, telemetry_database: str
+) -> None:
+    """While the telemetry service cannot say which vehicles exist (its database is down: it
+    answers errors; or it is down itself: no answer in time), a vehicle in the gateway's last
+    list is still accepted and queued, and one not in it gets 503 with Retry-After, which its
+    logger retries, never 422, which its logger would take as final and move the packets
+    aside. Only the service's answer, once it can give one, makes a vehicle unknown."""
+    assert stack.telemetry is not None
+    unregistered = "5YJ3E1EA1KF999999"
+    publisher = token("telemetry:publish", vin=[SEED_VIN, unregistered])
+    readings = iter(take(highway(13, start_ms=now_ms() - 60_000, period_ms=100), 20))
+    sent: list[int] = []
+
+    async def post(http: httpx.AsyncClient, vin: str) -> httpx.Response:
+        sample = next(readings)
+        response = await http.post(
+            "/telemetry", content=wire.encode_sample(sample), headers={"X-Vehicle-VIN": vin}
+        )
+        if response.status_code == 202:
+            sent.append(sample.timestamp_ms)
+        return response
+
+    def unavailable(response: httpx.Response) -> bool:
+        return (
+            response.status_code == 503
+            and response.json()["code"] == "unavailable"
+            and response.headers.get("retry-after") == "2"
+        )
+
+    async with httpx.AsyncClient(
+        base_url=stack.gateway.url, headers={"Authorization": f"Bearer {publisher}"}, timeout=30
+    ) as http:
+        assert (await post(http, SEED_VIN)).status_code == 202  # the gateway has the list now
+        with database_outage(telemetry_database):
+            await asyncio.sleep(1.2)  # a VIN not in the list is asked about again now
+            not_listed = await post(http, unregistered)
+            listed = await post(http, SEED_VIN)
+            assert listed.status_code == 202, listed.text  # queued: the service waits it out
+            assert unavailable(not_listed), (not_listed.status_code, not_listed.text)
+        # Back: the service's answer makes the unregistered vehicle unknown (after at most a
+        # second of 503s while the gateway asks again in the background).
+        answers = [await post(http, unregistered)]
+        while answers[-1].status_code != 422:
+            assert len(answers) < 30, [r.status_code for r in answers]
+            assert unavailable(answers[-1])
+            await asyncio.sleep(0.2)
+            answers.append(await post(http, unregistered))
+        assert answers[-1].json()["code"] == "unknown_vehicle"
+
+        # The service itself stops: requests go unanswered (the gateway waits its request
+        # timeout once, then stops waiting), and uploads of listed vehicles wait in the queue.
+        stack.telemetry.stop()
+        await asyncio.sleep(1.2)
+        assert unavailable(await post(http, unregistered))
+        assert (await post(http, SEED_VIN)).status_code == 202
+        assert unavailable(await post(http, unregistered))
+        stack.telemetry.start()
+
+    await eventually(lambda: len(stored(telemetry_database, SEED_VIN)) == len(sent), within=30)
+    assert [record[0] for record in stored(telemetry_database, SEED_VIN)] == sent
+    assert rows(telemetry_database, "SELECT count(*) FROM rejections") == [(0,)]
+
+
+async def test_vehicles_are_registered_and_retired_through_the_gateway(
+    stack: Stack, telemetry_database: str, tmp_path: Path
+) -> None:
+    """`/api/v1/vehicles` with a telemetry:admin token. A second gateway replica, which hears
+    of a change only from the telemetry service, takes a new vehicle at once and refuses a
+    retired one within its cache time (1 s here); what was stored for a retired vehicle stays,
+    and registering it again reactivates the same vehicle."""
+    new_vin = "1HGCM82633A004352"
+    admin = {"Authorization": f"Bearer {token('telemetry:admin')}"}
+    vehicle = {"Authorization": f"Bearer {token('telemetry:publish', vin=[new_vin])}"}
+    other = ServiceProcess(
+        "edgeway.gateway",
+        env={
+            **stack.gateway.env,
+            "EDGEWAY_TELEMETRY_VEHICLES_CACHE_S": "1",
+            "EDGEWAY_OTEL_FILE": str(tmp_path / "gateway-2.spans.jsonl"),
+        },
+        port=free_port(),
+        log_path=tmp_path / "gateway-2.log",
+    ).start()
+    sample = iter(take(highway(17, start_ms=now_ms() - 60_000, period_ms=100), 200))
+
+    async def upload(http: httpx.AsyncClient) -> int:
+        body = wire.encode_sample(next(sample))
+        response = await http.post(
+            "/telemetry", content=body, headers={**vehicle, "X-Vehicle-VIN": new_vin}
+        )
+        return response.status_code
+
+    try:
+        async with (
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as first,
+            httpx.AsyncClient(base_url=other.url, timeout=30) as second,
+        ):
+            listed = await first.get("/api/v1/vehicles", headers=admin)
+            assert (listed.status_code, listed.json()) == (200, {"vehicles": VEHICLES})
+            assert (await first.get("/api/v1/vehicles")).status_code == 401
+            operator = {"Authorization": f"Bearer {token('telemetry:control')}"}
+            denied = await first.post("/api/v1/vehicles", json={"vin": new_vin}, headers=operator)
+            assert denied.status_code == 403
+            assert await upload(second) == 422  # not registered yet
+            for body, code in (
+                (b'{"vin": "1HGCM82633A00435"}', "invalid_vin"),
+                (b'{"vin": 1}', "invalid_shape"),
+                (b"vin=1HGCM82633A004352", "malformed_json"),
+            ):
+                bad = await first.post("/api/v1/vehicles", content=body, headers=admin)
+                assert bad.status_code == 400, bad.text
+                assert (bad.json()["type"], bad.json()["code"]) == ("error", code)
+            assert (
+                "17 characters"
+                in (
+                    await first.post("/api/v1/vehicles", json={"vin": "O" * 17}, headers=admin)
+                ).json()["reason"]
+            )
+
+            created = await first.post(
+                "/api/v1/vehicles", json={"vin": new_vin.lower()}, headers=admin
+            )
+            assert (created.status_code, created.json()) == (
+                201,
+                {"vin": new_vin, "registration": "created"},
+            )
+            again = await first.post("/api/v1/vehicles", json={"vin": new_vin}, headers=admin)
+            assert (again.status_code, again.json()["registration"]) == (200, "existing")
+            listed = await first.get("/api/v1/vehicles", headers=admin)
+            assert listed.json() == {"vehicles": [*VEHICLES, new_vin]}
+            await asyncio.sleep(1.1)  # past the second replica's pause between two misses
+            assert await upload(second) == 202  # it asks again on a miss, and learns of it
+            assert await upload(first) == 202
+            await eventually(lambda: len(stored(telemetry_database, new_vin)) == 2)
+
+            retired = await first.delete(f"/api/v1/vehicles/{new_vin}", headers=admin)
+            assert (retired.status_code, retired.content) == (204, b"")
+            retired_at = time.monotonic()
+            gone = await first.delete(f"/api/v1/vehicles/{new_vin}", headers=admin)
+            assert gone.status_code == 404
+            assert (gone.json()["code"], new_vin in gone.json()["reason"]) == ("not_found", True)
+            bad_vin = await first.delete("/api/v1/vehicles/not-a-vin", headers=admin)
+            assert (bad_vin.status_code, bad_vin.json()["code"]) == (400, "invalid_vin")
+            listed = await first.get("/api/v1/vehicles", headers=admin)
+            assert listed.json() == {"vehicles": VEHICLES}
+            assert await upload(first) == 422  # the replica that retired it: at once
+            while await upload(second) != 422:  # the other: within its cache time
+                assert time.monotonic() - retired_at < 1.0 + 1.0, "still accepted"
+                await asyncio.sleep(0.1)
+            # The records of a retired vehicle stay.
+            assert len(stored(telemetry_database, new_vin)) == 2
+
+            [(vehicle_id,)] = rows(
+                telemetry_database, "SELECT id FROM vehicles WHERE vin = %s", new_vin
+            )
+            back = await first.post("/api/v1/vehicles", json={"vin": new_vin}, headers=admin)
+            assert (back.status_code, back.json()["registration"]) == (201, "reactivated")
+            assert rows(telemetry_database, "SELECT id FROM vehicles WHERE vin = %s", new_vin) == [
+                (vehicle_id,)
+            ]
+            assert await upload(first) == 202
+            await eventually(lambda: len(stored(telemetry_database, new_vin)) == 3)
+
+            # The registry's database down: 503 with Retry-After, not a refusal.
+            with database_outage(telemetry_database):
+                for response in (
+                    await first.post("/api/v1/vehicles", json={"vin": new_vin}, headers=admin),
+                    await first.delete(f"/api/v1/vehicles/{new_vin}", headers=admin),
+                    await first.get("/api/v1/vehicles", headers=admin),
+                ):
+                    assert response.status_code == 503, response.text
+                    assert response.headers["retry-after"] == "2"
+                    assert response.json()["code"] == "unavailable"
+            # The service not answering at all: 504.
+            assert stack.telemetry is not None
+            stack.telemetry.stop()
+            assert (await first.get("/api/v1/vehicles", headers=admin)).status_code == 504
+    finally:
+        other.stop()
 
 
 async def test_logger_control_needs_its_scope_and_reaches_the_logger(

@@ -29,7 +29,8 @@ OCCUPANCY_PORT = int(os.environ.get("EDGEWAY_OCCUPANCY_PORT", "8081"))
 TELEMETRY_PORT = int(os.environ.get("EDGEWAY_TELEMETRY_PORT", "8082"))
 VIDEO_RELAY_PORT = int(os.environ.get("EDGEWAY_VIDEO_RELAY_PORT", "8083"))
 INGESTION_PORT = int(os.environ.get("EDGEWAY_INGESTION_PORT", "8084"))
-# The seed's default VIN and a second demo vehicle (both seeded by the telemetry service).
+# The seed's default VIN and a second demo vehicle, registered through the gateway's
+# /api/v1/vehicles once it is up (`register_vehicles`), as an operator registers a car.
 VEHICLES = (("5YJ3E1EA1KF000001", "highway"), ("5YJ3E1EA1KF000002", "city"))
 PHONE = "phone-1"
 DATA = ROOT / "var" / "dev"
@@ -59,6 +60,32 @@ def upload_demo_image(gateway: str, operator: str) -> str:
     return f"{status_url}  (read it with the operator token)"
 
 
+def register_vehicles(gateway: str, admin: str) -> None:
+    """Register the demo vehicles through the gateway (a `telemetry:admin` token), before
+    their loggers start. 201 registers one, 200 finds it registered by an earlier run (the
+    SQLite data under var/dev stays); 503 and 504 mean the telemetry service is not answering
+    yet, so they are asked again for a while."""
+    import httpx
+
+    for vin, _ in VEHICLES:
+        deadline = time.monotonic() + 60
+        while True:
+            response = httpx.post(
+                f"{gateway}/api/v1/vehicles",
+                json={"vin": vin},
+                headers={"Authorization": f"Bearer {admin}"},
+                timeout=10,
+            )
+            if response.status_code not in (503, 504) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        response.raise_for_status()
+
+
+# The README shows the same command (a test holds them together).
+MINT_COMMAND = "EDGEWAY_ENVIRONMENT=development .venv/bin/edgeway-token --subject me --scope occupancy:subscribe"
+
+
 def main() -> int:
     LOGS.mkdir(parents=True, exist_ok=True)
     common = {
@@ -77,7 +104,8 @@ def main() -> int:
                 "video:subscribe",
             ]
         ),
-        "EDGEWAY_TELEMETRY_VEHICLES": json.dumps([vin for vin, _ in VEHICLES]),
+        # No seeded vehicles: the demo ones are registered through the API (register_vehicles).
+        "EDGEWAY_TELEMETRY_VEHICLES": "[]",
     }
     occupancy = ServiceProcess(
         "edgeway.occupancy", env=common, port=OCCUPANCY_PORT, log_path=LOGS / "occupancy.log"
@@ -92,8 +120,14 @@ def main() -> int:
         log_path=LOGS / "video-relay.log",
     )
     # Embedded defaults: SQLite and a local object directory under var/dev (no S3 server here).
+    # RTSP: cameras on this machine as well as public ones on the RTSP ports (the service's
+    # default, which reaches no loopback or private address unless it is listed).
+    rtsp_destinations = json.dumps(["127.0.0.1", "[::1]", "*:554", "*:322"])
     ingestion = ServiceProcess(
-        "edgeway.ingestion", env=common, port=INGESTION_PORT, log_path=LOGS / "ingestion.log"
+        "edgeway.ingestion",
+        env={**common, "EDGEWAY_RTSP_ALLOWED_DESTINATIONS": rtsp_destinations},
+        port=INGESTION_PORT,
+        log_path=LOGS / "ingestion.log",
     )
     gateway = ServiceProcess(
         "edgeway.gateway", env=common, port=GATEWAY_PORT, log_path=LOGS / "gateway.log"
@@ -132,6 +166,7 @@ def main() -> int:
         for process in (occupancy, telemetry, video_relay, ingestion, gateway):
             process.start(wait=90)
             processes.append(process)
+        register_vehicles(f"http://127.0.0.1:{GATEWAY_PORT}", token("devstack", "telemetry:admin"))
         producer(
             "demo-camera",
             str(ROOT / "deploy/local/demo_camera.py"),
@@ -202,7 +237,7 @@ Omega producers and clients; every endpoint also takes a token).
   ingestion       http://127.0.0.1:{INGESTION_PORT}/readyz   http://127.0.0.1:{INGESTION_PORT}/metrics
   data            {DATA} (SQLite; delete it to start over)
   logs            {LOGS}/*.log
-  a token         {sys.executable} -m edgeway.gateway.tokens --subject me --scope occupancy:subscribe
+  a token         {MINT_COMMAND}
 
 A demo camera model sends frame results for Omega's seven cameras; two simulated vehicles
 ({VEHICLES[0][0]} on the highway, {VEHICLES[1][0]} in the city) send compressed telemetry every

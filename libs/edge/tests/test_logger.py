@@ -2,14 +2,16 @@
 
 `FakeGateway` (uvicorn, a plain ASGI app) and `FakeControl` (a `websockets` server) stand in for
 the gateway: `POST /telemetry` decodes what it gets with `wire.parse_upload`, answers 202, 503,
-401 or 400 as a test asks and records what it stored; the control server sends commands and
-records what the logger says. The gateway's own endpoints are tested end to end elsewhere
-(services/gateway and tests/); here the point is what the logger does with each answer.
+408, 401 or 400 (with a Retry-After, or late, as a test asks) and records what it stored; the
+control server sends commands and records what the logger says. The gateway's own endpoints
+are tested end to end elsewhere (services/gateway and tests/); here the point is what the
+logger does with each answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import os
 import socket
@@ -19,9 +21,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import uvicorn
@@ -32,7 +36,7 @@ from edgeway.common.telemetry.predictor import Decoder, Packet, PredictorState, 
 from edgeway.edge.control import control_url_for
 from edgeway.edge.outbox import Outbox
 from edgeway.edge.pacing import Backoff
-from edgeway.edge.telemetry_logger import TelemetryLogger
+from edgeway.edge.telemetry_logger import MAX_RETRY_AFTER_S, TelemetryLogger, _retry_after
 from edgeway.edge.traces import city, highway
 
 VIN = "5YJ3E1EA1KF000001"
@@ -48,6 +52,7 @@ class Upload:
     headers: dict[str, str]
     status: int
     records: int
+    at: float = field(default_factory=time.monotonic)  # when it was answered
 
 
 @dataclass
@@ -58,6 +63,8 @@ class FakeGateway:
     refuse: set[int] = field(default_factory=set)  # 400 for an upload carrying these sequences
     stored: list[Packet] = field(default_factory=list)
     uploads: list[Upload] = field(default_factory=list)
+    retry_after: str | None = None  # the Retry-After header of every answer other than 202
+    stall: float = 0.0  # seconds before each answer (longer than the logger's timeout: none)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # no control endpoint here
@@ -73,6 +80,8 @@ class FakeGateway:
             if not message.get("more_body"):
                 break
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        if self.stall:
+            await asyncio.sleep(self.stall)
         if scope["path"] not in ("/telemetry", "/api/telemetry") or scope["method"] != "POST":
             await self._answer(send, headers, 404, {"type": "error", "code": "not_found"}, 0)
             return
@@ -103,17 +112,17 @@ class FakeGateway:
         self, send: Send, headers: dict[str, str], status: int, body: Any, records: int
     ) -> None:
         self.uploads.append(Upload(headers=headers, status=status, records=records))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        answer_headers = [(b"content-type", b"application/json")]
+        if status != 202 and self.retry_after is not None:
+            answer_headers.append((b"retry-after", self.retry_after.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": answer_headers})
         await send({"type": "http.response.body", "body": orjson.dumps(body)})
 
     def sequences(self) -> list[int | None]:
         return [packet.sequence for packet in self.stored]
+
+    def uploads_at(self) -> list[float]:
+        return [upload.at for upload in self.uploads]
 
 
 def free_port() -> int:
@@ -245,6 +254,71 @@ async def test_an_unreachable_gateway_is_retried_until_it_comes_up(tmp_path: Pat
             await asyncio.wait_for(task, 30)
     assert gateway.sequences() == list(range(1, 201))
     assert_decodes_without_gaps(gateway.stored)
+
+
+@pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
+async def test_a_timeout_or_unavailable_answer_keeps_every_packet(
+    tmp_path: Path, status: int
+) -> None:
+    """408 (the gateway gave up on a slow body) and every 5xx say "not now": nothing is moved
+    aside, and everything goes once the gateway takes it."""
+    gateway = FakeGateway(status=status)
+    async with http_server(gateway) as url:
+        logger = make_logger(url, tmp_path / "outbox.db", trace(30), batch_size=10)
+        async with running(logger) as task:
+            await eventually(lambda: logger.counters.recorded == 30 and len(gateway.uploads) >= 3)
+            assert logger.counters.rejected == 0
+            assert logger.buffered == 30
+            gateway.status = 202
+            await asyncio.wait_for(task, 30)
+    assert gateway.sequences() == list(range(1, 31))
+    async with await Outbox.open(tmp_path / "outbox.db", vin=VIN) as outbox:
+        assert await outbox.rejected() == []
+
+
+async def test_an_answer_that_never_comes_keeps_every_packet(tmp_path: Path) -> None:
+    gateway = FakeGateway(stall=1.0)
+    async with http_server(gateway) as url:
+        logger = make_logger(url, tmp_path / "outbox.db", trace(20), request_timeout_s=0.2)
+        async with running(logger) as task:
+            await eventually(lambda: logger.counters.requests >= 2)
+            assert logger.counters.uploaded == 0
+            assert logger.counters.rejected == 0
+            gateway.stall = 0.0
+            await asyncio.wait_for(task, 30)
+    # The gateway may have taken an upload whose answer the logger never saw: it comes again,
+    # and the telemetry service stores each record once (tests/test_telemetry_e2e.py).
+    assert set(gateway.sequences()) == set(range(1, 21))
+    assert logger.counters.rejected == 0
+
+
+async def test_retry_after_is_waited_before_the_next_try(tmp_path: Path) -> None:
+    gateway = FakeGateway(status=503, retry_after="1")
+    async with http_server(gateway) as url:
+        logger = make_logger(url, tmp_path / "outbox.db", trace(5))  # backoff: 20-100 ms
+        async with running(logger) as task:
+            await eventually(lambda: len(gateway.uploads) >= 3)
+            gateway.status = 202
+            await asyncio.wait_for(task, 30)
+    refused = [upload.at for upload in gateway.uploads if upload.status == 503]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(gateway.uploads_at())]
+    assert len(refused) >= 3
+    assert min(gaps[: len(refused)]) >= 0.9  # each try after a 503 waited the second it asked
+    assert gateway.sequences() == list(range(1, 6))
+
+
+def test_retry_after_is_read_as_seconds_or_a_date_and_capped() -> None:
+    def answer(value: str) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": value})
+
+    assert _retry_after(answer("7")) == 7.0
+    assert _retry_after(answer("86400")) == MAX_RETRY_AFTER_S
+    soon = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (_retry_after(answer(soon)) or 0) <= 30
+    past = email.utils.format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
+    assert _retry_after(answer(past)) == 0.0
+    assert _retry_after(answer("soon")) is None
+    assert _retry_after(httpx.Response(503)) is None
 
 
 async def test_a_refused_packet_is_moved_aside_and_the_stream_goes_on(tmp_path: Path) -> None:

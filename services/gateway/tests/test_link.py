@@ -7,6 +7,7 @@ Connected: a real gateway process reaches the machine's RabbitMQ through a fault
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,9 +58,10 @@ async def test_the_gateway_starts_without_its_broker_and_serves_once_it_answers(
 ) -> None:
     proxy.refuse()
     gateway = gateway_behind(proxy, amqp_url, tmp_path / "gateway.log").start(wait=30)
+    http = httpx.AsyncClient(base_url=gateway.url)
     try:
-        assert httpx.get(gateway.url + "/healthz").status_code == 200
-        ready = httpx.get(gateway.url + "/readyz")
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
         assert (ready.status_code, ready.json()["failures"]) == (503, {"broker": "not reached yet"})
         token = mint_with_secret(SECRET, "occupancy:subscribe", subject="t", ttl=600)
         ws = gateway.url.replace("http", "ws") + f"/client/ws/connect?token={token}"
@@ -68,17 +70,18 @@ async def test_the_gateway_starts_without_its_broker_and_serves_once_it_answers(
                 pass
         assert refused.value.response.status_code == 503
         assert refused.value.response.headers["Retry-After"]
-        models = httpx.get(
-            gateway.url + "/model/count", headers={"Authorization": f"Bearer {token}"}
-        )
+        models = await http.get("/model/count", headers={"Authorization": f"Bearer {token}"})
         assert models.status_code == 503
         assert models.json()["code"] == "unavailable"
 
         proxy.restore()
-        wait_for(lambda: httpx.get(gateway.url + "/readyz").status_code == 200)
+        await asyncio.to_thread(
+            wait_for, lambda: httpx.get(gateway.url + "/readyz").status_code == 200
+        )
         async with websockets.connect(ws) as client:
             assert client.protocol.state.name == "OPEN"
     finally:
+        await http.aclose()
         gateway.stop()
 
 

@@ -9,9 +9,12 @@ unknown vehicles with the real service).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
@@ -20,7 +23,9 @@ import websockets
 
 from edgeway.common.telemetry import telemetry_pb2, wire
 from edgeway.common.telemetry.predictor import Encoder, Packet, Sample
+from edgeway.common.telemetry.uploads import UPLOADS_TYPE, unpack
 from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing.faults import FaultProxy
 from edgeway.gateway.telemetry import SEED_VIN
 from edgeway.gateway.tokens import mint_with_secret
 
@@ -354,16 +359,10 @@ async def test_the_control_socket_refuses_bad_status_and_floods_and_budgets_log_
             )
         )
         await logger.send(json.dumps({"type": "status", "running": True}))  # still open
-        lines: list[str] = []
-        with pytest.raises(TimeoutError):
-            while True:
-                lines.append(json.loads(await asyncio.wait_for(dashboard.recv(), 2))["message"])
+        lines = [message["message"] for message in await until_quiet(dashboard, 2)]
         flood = [line for line in lines if "flood" in line]
         assert 0 < len(flood) <= 60  # the budget's burst (50) and its rate (10/s) for a moment
-        errors = []
-        with pytest.raises(TimeoutError):
-            while True:
-                errors.append(json.loads(await asyncio.wait_for(logger.recv(), 1))["code"])
+        errors = [message["code"] for message in await until_quiet(logger, 1)]
         assert "rate_limited" in errors
 
         # A line far over the length limit is cut, and says by how much.
@@ -374,3 +373,69 @@ async def test_the_control_socket_refuses_bad_status_and_floods_and_budgets_log_
             line = json.loads(await asyncio.wait_for(dashboard.recv(), 5))["message"]
         assert len(line) < 1200
         assert "more characters" in line
+
+
+async def until_quiet(ws: websockets.ClientConnection, quiet_s: float) -> list[Any]:
+    """Every message a socket receives until it has been quiet for `quiet_s` seconds."""
+    received: list[Any] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            received.append(json.loads(await asyncio.wait_for(ws.recv(), quiet_s)))
+    return received
+
+
+# --- the uploads waiting for the broker are bounded -------------------------------------------
+
+
+async def test_uploads_beyond_the_waiting_bound_get_503_with_retry_after(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """The broker confirms slowly (every chunk on the gateway's link is delayed): two uploads
+    are in flight, two wait (the bound here), and the others are refused at once with
+    Retry-After instead of being held in memory; nothing refused is published."""
+    broker = urlsplit(amqp_url)
+    with FaultProxy(upstream=(broker.hostname or "127.0.0.1", broker.port or 5672)) as proxy:
+        via_proxy = broker._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl()
+        gateway = ServiceProcess(
+            "edgeway.gateway",
+            env={
+                "EDGEWAY_AMQP_URL": via_proxy,
+                "EDGEWAY_JWT_SECRET": SECRET,
+                "EDGEWAY_REQUEST_TIMEOUT": "0.3",
+                "EDGEWAY_TELEMETRY_WAITING_UPLOADS": "2",
+            },
+            port=free_port(),
+            log_path=tmp_path / "gateway.log",
+        ).start()
+        try:
+            await drain_queue(amqp_url, wait=0.2)
+            body = wire.encode_packet(packets(1)[0])
+            headers = {**PROTOBUF, "X-Compressed": "true", "X-Vehicle-VIN": VIN}
+            async with httpx.AsyncClient(base_url=gateway.url, headers=LOGGER, timeout=30) as http:
+                # The first upload waits for the gateway's one question to the (absent)
+                # telemetry service; from then on uploads are only held up by the broker.
+                first = await http.post("/telemetry", content=body, headers=headers)
+                proxy.delay(0.5)
+                burst = await asyncio.gather(
+                    *(http.post("/telemetry", content=body, headers=headers) for _ in range(10))
+                )
+            proxy.restore()
+        finally:
+            gateway.stop()
+    assert first.status_code == 202
+    accepted = [r for r in burst if r.status_code == 202]
+    refused = [r for r in burst if r.status_code != 202]
+    assert refused, "every upload was held"
+    assert len(accepted) >= 4  # two in flight and two waiting were taken
+    for response in refused:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "2"
+        assert (response.json()["type"], response.json()["code"]) == ("error", "unavailable")
+    queued = await drain_queue(amqp_url)
+    carried: list[str] = []
+    for message in queued:  # one upload, or several sent together
+        if message.type == UPLOADS_TYPE:
+            carried += [envelope.message_id for _, envelope in unpack(message.body)]
+        else:
+            carried.append(str(message.message_id))
+    assert sorted(carried) == sorted(r.json()["message_id"] for r in [first, *accepted])

@@ -13,7 +13,7 @@ import pytest
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.telemetry.uploads import UPLOAD_TYPE, UPLOADS_TYPE, unpack
-from edgeway.gateway.telemetry_publisher import UploadPublisher
+from edgeway.gateway.telemetry_publisher import UploadPublisher, UploadsBackloggedError
 
 
 class Broker:
@@ -136,3 +136,51 @@ async def test_a_client_that_leaves_does_not_take_its_upload_out() -> None:
     await first
     await settle()
     assert broker.uploads(1) == [b"upload 1"]  # accepted before the client left: still sent
+
+
+@pytest.mark.parametrize(
+    ("max_waiting", "max_waiting_bytes", "taken"),
+    [
+        (3, 1_000, 3),  # by count
+        (100, 20, 2),  # by bytes: 8-byte bodies, two to 20 bytes
+    ],
+)
+async def test_uploads_beyond_the_waiting_bound_are_refused_at_once(
+    max_waiting: int, max_waiting_bytes: int, taken: int
+) -> None:
+    broker = Broker()
+    broker.hold = True
+    publisher = UploadPublisher(
+        broker, window=1, max_waiting=max_waiting, max_waiting_bytes=max_waiting_bytes
+    )
+    in_flight = asyncio.create_task(publisher.publish(*upload(0)))
+    waiting = [asyncio.create_task(publisher.publish(*upload(n))) for n in range(1, 1 + taken)]
+    await settle()
+    assert (publisher.waiting, publisher.waiting_bytes) == (taken, 8 * taken)
+    # Refused at once, not queued: its client gets 503 now and keeps the upload.
+    with pytest.raises(UploadsBackloggedError, match=f"{taken} uploads"):
+        await publisher.publish(*upload(99))
+    assert publisher.waiting == taken
+
+    broker.confirm.set()
+    await asyncio.gather(in_flight, *waiting)
+    assert publisher.waiting_bytes == 0
+    assert b"upload 99" not in [
+        body for i in range(len(broker.published)) for body in broker.uploads(i)
+    ]
+    await publisher.publish(*upload(100))  # room again
+    assert broker.uploads(len(broker.published) - 1) == [b"upload 100"]
+
+
+async def test_an_upload_that_finds_none_waiting_is_taken_whatever_its_size() -> None:
+    broker = Broker()
+    broker.hold = True
+    publisher = UploadPublisher(broker, window=1, max_waiting=4, max_waiting_bytes=4)
+    first = asyncio.create_task(publisher.publish(*upload(0)))
+    second = asyncio.create_task(publisher.publish(b"x" * 64, upload(1)[1]))
+    await settle()
+    assert publisher.waiting == 1
+    with pytest.raises(UploadsBackloggedError):
+        await publisher.publish(*upload(2))
+    broker.confirm.set()
+    await asyncio.gather(first, second)

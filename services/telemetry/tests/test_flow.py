@@ -9,6 +9,7 @@ shared encoder (`edgeway.common.telemetry`), fed with a small generated drive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import signal
@@ -630,6 +631,127 @@ async def test_history_status_and_vehicles_are_answered_over_request_reply(
     assert fleet["compression_ratio"] == round(fleet["skipped_readings"] / 64 * 100, 2)
     assert "error" in await gateway.ask({"query": "latest"})
     assert "error" in await gateway.ask({"query": "history", "limit": "ten"})
+
+
+NEW_VIN = "1HGCM82633A004352"
+
+
+async def test_vehicles_are_registered_retired_and_reactivated_over_request_reply(
+    gateway: Gateway, db: AsyncEngine
+) -> None:
+    """The registry behind the gateway's /api/v1/vehicles: a retired vehicle's uploads are
+    refused as unknown (and kept), its records stay, and registering it again reactivates the
+    same vehicle."""
+    created = await gateway.ask({"query": "register_vehicle", "vin": NEW_VIN.lower()})
+    assert created == {"vin": NEW_VIN, "registration": "created"}
+    again = await gateway.ask({"query": "register_vehicle", "vin": NEW_VIN})
+    assert again == {"vin": NEW_VIN, "registration": "existing"}
+    assert await gateway.ask({"query": "vehicles"}) == {"vehicles": [SEED_VIN, *DEMO_VINS, NEW_VIN]}
+    bad = await gateway.ask({"query": "register_vehicle", "vin": "5YJ3E1EA1KF00000I"})
+    assert bad["code"] == "invalid_vin"
+    assert "17 characters" in bad["error"]
+    assert (await gateway.ask({"query": "retire_vehicle"}))["code"] == "invalid_vin"
+
+    packets = encode_all(drive(10, start_ms=now_ms() - 5_000, seed=9))
+    await gateway.send(packets[:5], vin=NEW_VIN)  # registered a moment ago: taken at once
+    await gateway.broadcasts(5)
+
+    retired = await gateway.ask({"query": "retire_vehicle", "vin": NEW_VIN})
+    assert retired == {"vin": NEW_VIN, "retired": True}
+    assert await gateway.ask({"query": "retire_vehicle", "vin": NEW_VIN}) == {
+        "error": f"vehicle {NEW_VIN} is not registered",
+        "code": "not_found",
+    }
+    assert NEW_VIN not in (await gateway.ask({"query": "vehicles"}))["vehicles"]
+    # This replica answered the retirement: refused at once, kept with its bytes.
+    [refused] = await gateway.send(packets[5:6], vin=NEW_VIN)
+    await eventually(
+        db,
+        "SELECT code FROM rejections WHERE message_id = :id",
+        [("unknown_vehicle",)],
+        id=refused,
+    )
+    await gateway.nothing_more(within=0.5)
+    stored_sql = (
+        "SELECT count(*), count(DISTINCT t.vehicle_id) FROM telemetry t"
+        " JOIN vehicles v ON v.id = t.vehicle_id WHERE v.vin = :vin"
+    )
+    assert await query(db, stored_sql, vin=NEW_VIN) == [(5, 1)]  # what was accepted stays
+
+    [(vehicle_id,)] = await query(db, "SELECT id FROM vehicles WHERE vin = :vin", vin=NEW_VIN)
+    back = await gateway.ask({"query": "register_vehicle", "vin": NEW_VIN})
+    assert back == {"vin": NEW_VIN, "registration": "reactivated"}
+    await gateway.send(packets[5:], vin=NEW_VIN)  # its logger sends again what was refused
+    sent = bodies(await gateway.broadcasts(5))
+    assert [m["data"]["timestamp"] for m in sent] == [p.timestamp_ms for p in packets[5:]]
+    assert not any(m["uncertain"] for m in sent)  # its decoder went on from its stored state
+    assert await query(db, stored_sql, vin=NEW_VIN) == [(10, 1)]
+    assert await query(db, "SELECT DISTINCT vehicle_id FROM telemetry") == [(vehicle_id,)]
+
+
+async def test_a_retirement_made_elsewhere_stops_uploads_within_the_cache_time(
+    early: tuple[Gateway, Dashboard],
+    start_service: Callable[..., ServiceProcess],
+    postgres_url: str,
+) -> None:
+    """Another replica answered the retirement (or an operator set `retired_at`): the one
+    consuming uploads was not told, and reads the vehicle again after its cache time."""
+    gateway, dashboard = early
+    start_service(EDGEWAY_TELEMETRY_VEHICLE_CACHE_S="1")
+    db = make_engine(async_database_url(postgres_url, service="telemetry", data_dir=Path()))
+    try:
+        packets = encode_all(drive(2, start_ms=now_ms() - 2_000, seed=4))
+        await gateway.send(packets[:1])  # the seed's car, in the consumer's cache now
+        await dashboard.until(1)
+        async with db.begin() as connection:
+            await connection.execute(
+                text("UPDATE vehicles SET retired_at = now() WHERE vin = :vin"), {"vin": SEED_VIN}
+            )
+        await asyncio.sleep(1.5)
+        [refused] = await gateway.send(packets[1:])
+        await eventually(
+            db,
+            "SELECT code FROM rejections WHERE message_id = :id",
+            [("unknown_vehicle",)],
+            id=refused,
+        )
+        assert len(dashboard.received) == 1
+        assert await query(db, "SELECT count(*) FROM telemetry") == [(1,)]
+    finally:
+        await db.dispose()
+
+
+@contextlib.contextmanager
+def database_outage(postgres_url: str) -> Iterator[None]:
+    """The service's PostgreSQL database refuses connections (its open ones are cut), while
+    the server itself, which other tests use, runs on."""
+    name = postgres_url.rsplit("/", 1)[1]
+    database = sql.Identifier(name)
+    admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+    admin(
+        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"), name
+    )
+    try:
+        yield
+    finally:
+        admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+
+
+async def test_a_database_outage_is_answered_as_unavailable_never_as_no_vehicles(
+    gateway: Gateway, postgres_url: str
+) -> None:
+    assert SEED_VIN in (await gateway.ask({"query": "vehicles"}))["vehicles"]
+    with database_outage(postgres_url):
+        for request in (
+            {"query": "vehicles"},
+            {"query": "register_vehicle", "vin": NEW_VIN},
+            {"query": "retire_vehicle", "vin": SEED_VIN},
+        ):
+            assert await gateway.ask(request) == {
+                "error": "telemetry database unavailable",
+                "code": "unavailable",
+            }
+    assert SEED_VIN in (await gateway.ask({"query": "vehicles"}))["vehicles"]
 
 
 # --- broadcasts: after the ack, bounded, lossy ----------------------------------------------------

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from alembic import command
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from edgeway.common.db import make_engine, make_sessionmaker
+from edgeway.common.settings import async_database_url
 from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.telemetry import domain, store
 from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
@@ -76,7 +80,7 @@ async def test_migrations_reach_head_in_their_own_version_table(
     database_url: str, engine: AsyncEngine
 ) -> None:
     assert await store.MIGRATIONS.at_head(database_url)
-    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0002"
+    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0003"
 
     # The models and the migration describe the same schema, recorded in the service's own table.
     differences = await schema_differences(
@@ -87,7 +91,7 @@ async def test_migrations_reach_head_in_their_own_version_table(
 
 async def test_migrating_twice_changes_nothing(database_url: str) -> None:
     store.MIGRATIONS.upgrade(database_url)
-    assert store.MIGRATIONS.current(database_url) == "0002"
+    assert store.MIGRATIONS.current(database_url) == "0003"
 
 
 # --- vehicles -------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ async def test_seeding_vehicles_is_idempotent_and_keeps_ids(
 async def test_directory_finds_a_vehicle_added_after_start(
     vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    directory = store.VehicleDirectory(vehicles)
+    directory = store.VehicleDirectory(vehicles, ttl=5.0)
     async with sessions.begin() as session:
         added = await session.scalar(
             insert(store.Vehicle).values(vin="1HGCM82633A004352").returning(store.Vehicle.id)
@@ -118,6 +122,105 @@ async def test_directory_finds_a_vehicle_added_after_start(
         assert await directory.lookup(session=session, vin="1HGCM82633A004352") == added
         assert await directory.lookup(session=session, vin="1HGCM82633A004353") is None
         assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+
+
+async def test_a_vehicle_is_registered_retired_and_reactivated_with_its_id_and_records(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    new_vin = "1HGCM82633A004352"
+    async with sessions.begin() as session:
+        created = await store.register_vehicle(session=session, vin=new_vin)
+        again = await store.register_vehicle(session=session, vin=new_vin)
+        seeded = await store.register_vehicle(session=session, vin=SEED_VIN)
+    vehicle_id = created[0]
+    assert created == (vehicle_id, store.Registration.CREATED)
+    assert again == (vehicle_id, store.Registration.EXISTING)
+    assert seeded == (vehicles[SEED_VIN], store.Registration.EXISTING)
+    assert await store_rows(sessions, [row(vehicle_id), row(vehicle_id, 300)]) == [True, True]
+
+    retired_at = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    async with sessions.begin() as session:
+        assert await store.retire_vehicle(session=session, vin=new_vin, at=retired_at)
+        assert not await store.retire_vehicle(session=session, vin=new_vin, at=retired_at)
+        assert not await store.retire_vehicle(
+            session=session, vin="1HGCM82633A004353", at=retired_at
+        )
+    async with sessions() as session:
+        assert new_vin not in await store.load_vehicles(session=session)
+        assert new_vin not in await store.vehicle_vins(session=session)
+        kept = await session.get(store.Vehicle, vehicle_id)
+        assert kept is not None
+        assert kept.retired_at == retired_at
+    assert await count(sessions, store.TelemetryRecord) == 2  # what was accepted stays
+
+    # Seeding (a restart with the VIN in the setting) does not undo a retirement ...
+    async with sessions.begin() as session:
+        await store.seed_vehicles(session=session, vins=[new_vin])
+        assert new_vin not in await store.load_vehicles(session=session)
+    # ... registering it again does, on the same row.
+    async with sessions.begin() as session:
+        back = await store.register_vehicle(session=session, vin=new_vin)
+    assert back == (vehicle_id, store.Registration.REACTIVATED)
+    async with sessions() as session:
+        assert (await store.load_vehicles(session=session))[new_vin] == vehicle_id
+        assert (await store.vehicle_vins(session=session))[-1] == new_vin
+
+
+async def test_the_directory_reads_an_entry_again_after_its_time_so_a_retirement_elsewhere_counts(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """Another replica (or an operator) retires a vehicle in the table: this replica's cached
+    entry is trusted for `ttl` seconds at most, then read again."""
+    now = [100.0]
+    directory = store.VehicleDirectory(vehicles, ttl=5.0, clock=lambda: now[0])
+    retired_at = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    async with sessions.begin() as session:
+        assert await store.retire_vehicle(session=session, vin=SEED_VIN, at=retired_at)
+    async with sessions() as session:
+        now[0] += 4.9
+        assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        now[0] += 0.2  # past the entry's time
+        assert await directory.lookup(session=session, vin=SEED_VIN) is None
+        # A vehicle never cached and then retired is not found either.
+        assert await directory.lookup(session=session, vin=DEMO_VINS[0]) == vehicles[DEMO_VINS[0]]
+    async with sessions.begin() as session:
+        await store.register_vehicle(session=session, vin=SEED_VIN)
+    async with sessions() as session:
+        # A miss is always read: registered again, it is taken at once.
+        assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        directory.forget(DEMO_VINS[0])  # what a replica that retires it does at once
+        async with sessions.begin() as other:
+            await store.retire_vehicle(session=other, vin=DEMO_VINS[0], at=retired_at)
+        assert await directory.lookup(session=session, vin=DEMO_VINS[0]) is None
+
+
+@pytest.fixture(params=DIALECTS)
+def database_at_0002(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A telemetry database as the previous release left it: migrated to 0002."""
+    configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = async_database_url(configured, service="telemetry", data_dir=tmp_path)
+    command.upgrade(store.MIGRATIONS.config(url), "0002")
+    return url
+
+
+async def test_vehicles_from_before_retirement_existed_stay_active_and_0003_goes_down(
+    database_at_0002: str,
+) -> None:
+    url = database_at_0002
+    engine = make_engine(url)
+    try:
+        async with engine.begin() as connection:  # a row written by the 0002 schema
+            await connection.execute(
+                text("INSERT INTO vehicles (vin) VALUES (:vin)"), {"vin": SEED_VIN}
+            )
+        await store.MIGRATIONS.upgrade_async(url)
+        assert store.MIGRATIONS.current(url) == "0003"
+        async with make_sessionmaker(engine)() as session:
+            assert list(await store.load_vehicles(session=session)) == [SEED_VIN]
+    finally:
+        await engine.dispose()
+    await asyncio.to_thread(command.downgrade, store.MIGRATIONS.config(url), "0002")
+    assert store.MIGRATIONS.current(url) == "0002"
 
 
 # --- records --------------------------------------------------------------------------------------

@@ -6,9 +6,12 @@ Three loops share one `TelemetryLogger`:
   and appends the packet to the outbox together with the encoder state, in one transaction;
 - the uploader drains the outbox in recording order with httpx: one packet as a
   CompressedVehicleData, or when more wait, up to `batch_size` as a CompressedBatch
-  (`X-Batch: true`). 202: the packets leave the outbox. No connection, 5xx or 429: the gateway
-  cannot take them now; the packets stay, the buffer grows, and the uploader retries with
-  exponential backoff. Another 4xx: the packet is at fault; it moves to the outbox's `rejected`
+  (`X-Batch: true`). 202: the packets leave the outbox. No connection, no answer in time, any
+  5xx, 408 (the body came too slowly) or 429: the gateway cannot take them now; the packets
+  stay, the buffer grows, and the uploader retries with exponential backoff, waiting at least
+  what a `Retry-After` asks (up to MAX_RETRY_AFTER_S). A 503 is never about the packet: the
+  gateway says so when the broker, or the telemetry service that confirms the VIN, is
+  unavailable. Another 4xx: the packet is at fault; it moves to the outbox's `rejected`
   table (a refused batch is first resent one packet at a time to find which) and the stream goes
   on. 401 and 403 are the exception: the token is at fault, not the packet, so nothing is moved
   and the uploader keeps retrying with backoff until an operator fixes the token;
@@ -33,6 +36,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from enum import Enum
 from itertools import islice
 from pathlib import Path
@@ -61,6 +66,12 @@ TOKEN_ENV = "EDGEWAY_LOGGER_TOKEN"  # noqa: S105 (a variable name, not a secret)
 # 100 packets of ~30 bytes: far below the gateway's 1 MiB body limit, and a 30 s backlog
 # (at 300 ms) goes in one request.
 DEFAULT_BATCH_SIZE = 100
+# Answers that say "not now" rather than "not this": the packets stay and are sent again.
+# 408: the gateway gave up waiting for a body that came too slowly (a poor link).
+RETRY_STATUSES = frozenset({408, 429})
+# The longest a gateway's Retry-After is obeyed for (seconds): a wrong header must not park a
+# logger for hours; its backoff still grows to its own maximum.
+MAX_RETRY_AFTER_S = 300.0
 
 log = get_logger("edgeway.edge.telemetry_logger")  # not "__main__" when run with -m
 
@@ -138,6 +149,7 @@ class TelemetryLogger:
         self._outbox: Outbox | None = None
         self._recording_done = False
         self._split_through = 0  # outbox ids up to this one go one per request
+        self._retry_after: float | None = None  # the last "not now" answer's Retry-After
         self._link_problem: str | None = None  # why the last upload did not go through
         self._record_lock = asyncio.Lock()  # one packet (encode + append) or one clear_data
         self._changed = Signal()  # anything: a packet, a command, an upload
@@ -345,7 +357,8 @@ class TelemetryLogger:
             entries = self._next_request(await outbox.peek(self._batch_size))
             outcome = await self._send(client, outbox, entries)
             if outcome is _Outcome.RETRY:
-                delay = next(delays)
+                delay = max(next(delays), self._retry_after or 0.0)
+                self._retry_after = None
                 log.debug("upload backing off", seconds=round(delay, 3))
                 await self._commanded.wait(delay)  # a command (start, end of dead zone) cuts it
             else:
@@ -399,7 +412,8 @@ class TelemetryLogger:
             log.debug("uploaded", packets=len(entries), first=first, last=last)
             return _Outcome.SENT
         reason = _reason(response)
-        if status == 429 or status >= 500:
+        if status in RETRY_STATUSES or status >= 500:
+            self._retry_after = _retry_after(response)
             return self._link_down(f"gateway answered {status}: {reason}")
         if status in (401, 403):
             # The token, not the packet, is refused: keep everything and keep asking.
@@ -455,6 +469,26 @@ class TelemetryLogger:
             self._commanded.fire()
         if self._control is not None:
             self._control.changed(urgent=command)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds (delta-seconds or an HTTP date), at most
+    MAX_RETRY_AFTER_S; None when it has none or one that cannot be read."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _reason(response: httpx.Response) -> str:

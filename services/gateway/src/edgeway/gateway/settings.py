@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from edgeway.common.settings import CommonSettings
 
@@ -62,9 +62,20 @@ class GatewaySettings(CommonSettings):
     # Ingest: 4 x the 128 MiB body cap = 512 MiB at most. Telemetry: 128 x the 1 MiB cap =
     # 128 MiB at most; an upload is held for milliseconds, and the benchmark's 32-50 loggers
     # sending at once stay well inside it.
-    ingest_upload_slots: int = 4
-    telemetry_upload_slots: int = 128
-    upload_retry_after: int = 2  # seconds, the 503's Retry-After
+    ingest_upload_slots: int = Field(default=4, ge=1)
+    telemetry_upload_slots: int = Field(default=128, ge=1)
+    upload_retry_after: int = Field(default=2, ge=1)  # seconds, the 503's Retry-After
+    # Telemetry uploads waiting for a publish while the broker confirms earlier ones
+    # (`edgeway.gateway.telemetry_publisher`): past either bound an upload gets 503 with
+    # Retry-After instead of waiting. An upload left by its client stays waiting (it may be
+    # published yet), so the upload slots alone do not bound them. 1024 uploads or 16 MiB is
+    # four full publishes' worth (256 uploads, 4 MiB each): a broker that far behind is slow.
+    telemetry_waiting_uploads: int = Field(default=1024, ge=1)
+    telemetry_waiting_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    # How long the list of registered vehicles is trusted before it is asked for again: a
+    # vehicle retired through any replica (or the telemetry service) stops being accepted
+    # within this many seconds, as long as the telemetry service answers.
+    telemetry_vehicles_cache_s: float = Field(default=5.0, gt=0, le=3600)
     # A phone's CSV file (`file_upload` on /ws/phone), whole or chunked; uploads open at once.
     max_phone_file_bytes: int = 10 * 1024 * 1024
     max_phone_uploads: int = 4

@@ -11,6 +11,9 @@
   `/stop_script`, `/toggle_offline`, `/clear_data` need the `telemetry:control` scope and become
   commands for the edge loggers, which keep `WS /telemetry/control/ws` open. Commands travel on
   the broadcast exchange, so they reach a logger whichever gateway replica holds its socket.
+- Vehicle registry: `POST /api/v1/vehicles` (`{"vin": ...}`), `GET /api/v1/vehicles`,
+  `DELETE /api/v1/vehicles/{vin}` need the `telemetry:admin` scope and are requests to the
+  telemetry service, which owns the registry (a deleted vehicle is retired, never removed).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Request, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
@@ -44,7 +47,8 @@ from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, DROPPED, PUBLISHED, REJECTED
 from edgeway.gateway.producers import SeatRefused, check_identity
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
-from edgeway.gateway.telemetry_state import CONTROL_ENDPOINT, LoggerSession
+from edgeway.gateway.telemetry_publisher import UploadsBackloggedError
+from edgeway.gateway.telemetry_state import CONTROL_ENDPOINT, LoggerSession, VehicleCheck
 
 UPLOAD_ENDPOINT = "/telemetry"
 DASHBOARD_ENDPOINT = "/ws"
@@ -61,6 +65,13 @@ log = get_logger("edgeway.gateway.telemetry")
 def _error(status: int, code: ErrorCode, reason: str) -> JSONResponse:
     REJECTED.labels(UPLOAD_ENDPOINT, code.value).inc()
     return JSONResponse(ErrorFrame(code=code, reason=reason).model_dump(exclude_none=True), status)
+
+
+def _retry_later(gateway: Gateway, reason: str) -> JSONResponse:
+    """503 with Retry-After: the upload is fine, the gateway cannot take it now."""
+    response = _error(503, ErrorCode.UNAVAILABLE, reason)
+    response.headers["Retry-After"] = str(gateway.settings.upload_retry_after)
+    return response
 
 
 def _flag(value: str | None, header: str) -> bool:
@@ -107,8 +118,13 @@ async def upload(
         check_identity(principal, Identity.VIN, vin)
     except SeatRefused as refused:
         return _error(403, refused.code, refused.reason)
-    if not await gateway.telemetry.vehicles.knows(gateway.link, vin):
+    known = await gateway.telemetry.vehicles.check(gateway.link, vin)
+    if known is VehicleCheck.UNKNOWN:
         return _error(422, ErrorCode.UNKNOWN_VEHICLE, f"vehicle {vin} is not registered")
+    if known is VehicleCheck.UNAVAILABLE:  # not "unknown": the logger keeps it and retries
+        return _retry_later(
+            gateway, f"vehicle {vin} cannot be confirmed: the telemetry service is unavailable"
+        )
     envelope = Envelope(
         type=UPLOAD_TYPE,
         producer=f"telemetry-logger/{principal.subject}",
@@ -122,6 +138,9 @@ async def upload(
     )
     try:
         await gateway.telemetry.uploads.publish(body, envelope)
+    except UploadsBackloggedError as exc:
+        log.warning("upload refused: too many wait for the broker", reason=str(exc), vin=vin)
+        return _retry_later(gateway, "not accepted: too many uploads wait for the broker")
     except Exception as exc:  # noqa: BLE001 - any broker failure: the logger must send it again
         log.warning("publish failed", error=repr(exc), vin=vin)
         return _error(503, ErrorCode.UNAVAILABLE, "not accepted: the broker did not confirm it")
@@ -428,3 +447,130 @@ class LoggerLink:
             envelope=Envelope(type="telemetry.log.v1", producer=f"logger/{self.session.vin}"),
             routing_key=Channels.telemetry_log(self.session.vin),
         )
+
+
+# --- vehicle registry -----------------------------------------------------------------------
+
+VEHICLES_ENDPOINT = "/api/v1/vehicles"
+VEHICLE_ENDPOINT = "/api/v1/vehicles/{vin}"
+MAX_VEHICLE_BODY_BYTES = 1024  # {"vin": "..."} is 27 bytes
+# The telemetry service's error answers (`code`), as HTTP statuses; `unavailable` (its database
+# is down) is 503 with Retry-After, anything else it may say a 504 (edgeway.gateway.app).
+VEHICLE_REFUSALS = {
+    "invalid_vin": (400, ErrorCode.INVALID_VIN),
+    "not_found": (404, ErrorCode.NOT_FOUND),
+}
+
+
+def _admin_error(
+    status: int, code: ErrorCode, reason: str, *, retry_after: int | None = None
+) -> JSONResponse:
+    REJECTED.labels(VEHICLES_ENDPOINT, code.value).inc()
+    response = JSONResponse(
+        ErrorFrame(code=code, reason=reason).model_dump(exclude_none=True), status
+    )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _checked_vin(vin: str) -> str | JSONResponse:
+    try:
+        return wire.check_vin(vin)
+    except wire.WireError as error:
+        return _admin_error(400, ErrorCode.INVALID_VIN, error.reason)
+
+
+async def _ask_registry(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any] | JSONResponse:
+    """The telemetry service's answer, or the refusal it makes for the caller.
+
+    Raises ServiceUnavailableError (504) when the service does not answer in time, or answers
+    what this gateway cannot read (a service of another version).
+    """
+    link = gateway.link
+    answer = await link.request(
+        service="telemetry", queue=link.topology.telemetry_requests_queue, body=body
+    )
+    if not isinstance(answer, dict):
+        raise ServiceUnavailableError(f"telemetry answered {answer!r}")
+    if "error" not in answer:
+        return answer
+    code, reason = answer.get("code"), str(answer["error"])
+    if code == "unavailable":
+        return _admin_error(
+            503, ErrorCode.UNAVAILABLE, reason, retry_after=gateway.settings.upload_retry_after
+        )
+    if code in VEHICLE_REFUSALS:
+        status, error_code = VEHICLE_REFUSALS[code]
+        return _admin_error(status, error_code, reason)
+    raise ServiceUnavailableError(f"telemetry answered {answer!r}")
+
+
+@router.post(
+    VEHICLES_ENDPOINT,
+    status_code=201,
+    dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)],
+)
+async def register_vehicle(request: Request, gateway: GatewayDep) -> JSONResponse:
+    """Register a vehicle (`{"vin": "..."}`) so its loggers' uploads are taken.
+
+    201 when it is new or was retired (it is active again with its id and its records); 200
+    when it was registered already. The registry is the telemetry service's (request/reply):
+    504 when it does not answer, 503 with Retry-After when its database is down.
+    """
+    body = await read_body(request, MAX_VEHICLE_BODY_BYTES)
+    if body is None:
+        return _admin_error(
+            413, ErrorCode.TOO_LARGE, f"the body is over the {MAX_VEHICLE_BODY_BYTES}-byte limit"
+        )
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _admin_error(400, ErrorCode.MALFORMED_JSON, 'expected {"vin": "<VIN>"}')
+    vin = document.get("vin") if isinstance(document, dict) else None
+    if not isinstance(vin, str):
+        return _admin_error(
+            400, ErrorCode.INVALID_SHAPE, 'expected {"vin": "<VIN>"} with the VIN as a string'
+        )
+    checked = _checked_vin(vin)
+    if isinstance(checked, JSONResponse):
+        return checked
+    answer = await _ask_registry(gateway, {"query": "register_vehicle", "vin": checked})
+    if isinstance(answer, JSONResponse):
+        return answer
+    gateway.telemetry.vehicles.learn(checked, registered=True)
+    registration = answer.get("registration")
+    log.info("vehicle registered", vin=checked, registration=registration)
+    return JSONResponse(
+        {"vin": checked, "registration": registration}, 200 if registration == "existing" else 201
+    )
+
+
+@router.get(VEHICLES_ENDPOINT, dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)])
+async def list_vehicles(gateway: GatewayDep) -> JSONResponse:
+    """The registered (active) vehicles' VINs, oldest registration first."""
+    answer = await _ask_registry(gateway, {"query": "vehicles"})
+    if isinstance(answer, JSONResponse):
+        return answer
+    return JSONResponse({"vehicles": answer.get("vehicles", [])})
+
+
+@router.delete(
+    VEHICLE_ENDPOINT,
+    status_code=204,
+    dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)],
+)
+async def retire_vehicle(vin: str, gateway: GatewayDep) -> Response:
+    """Retire a vehicle: its uploads are refused as unknown from now on (on this replica at
+    once, on every replica and at the telemetry service within their cache times), and what
+    was accepted for it stays stored. Registering the VIN again reactivates it. 404 when no
+    registered vehicle has that VIN."""
+    checked = _checked_vin(vin)
+    if isinstance(checked, JSONResponse):
+        return checked
+    answer = await _ask_registry(gateway, {"query": "retire_vehicle", "vin": checked})
+    if isinstance(answer, JSONResponse):
+        return answer
+    gateway.telemetry.vehicles.learn(checked, registered=False)
+    log.info("vehicle retired", vin=checked)
+    return Response(status_code=204)

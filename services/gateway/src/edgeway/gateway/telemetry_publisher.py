@@ -8,6 +8,11 @@ as one `telemetry.uploads.v1` message (`edgeway.common.telemetry.uploads`). An u
 fewer than `window` publishes in flight goes at once, alone, as the plain message it always was:
 nothing waits longer than it would have at low rates. A publish that fails fails every upload it
 carried, and each logger gets its 503 and sends again.
+
+The uploads waiting are bounded by count and bytes (`max_waiting`, `max_waiting_bytes`): past
+either, an upload is refused at once (`UploadsBackloggedError`, which the endpoint answers with
+503 and Retry-After) instead of holding its body in memory behind a broker that is not keeping
+up. Its logger keeps the packets and sends them again later.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from edgeway.gateway.metrics import BATCHED_UPLOADS, UPLOAD_MESSAGES
 Publish = Callable[[bytes, Envelope], Awaitable[None]]
 
 
+class UploadsBackloggedError(Exception):
+    """Too many uploads (or bytes) already wait for a publish: this one is not taken."""
+
+
 class UploadPublisher:
     def __init__(
         self,
@@ -33,25 +42,39 @@ class UploadPublisher:
         window: int = 2,
         max_uploads: int = 256,
         max_bytes: int = 4 * 1024 * 1024,
+        max_waiting: int = 1024,
+        max_waiting_bytes: int = 16 * 1024 * 1024,
         producer: str = "gateway",
     ) -> None:
-        if window < 1 or max_uploads < 1:
-            raise ValueError("window and max_uploads must be at least 1")
+        if window < 1 or max_uploads < 1 or max_waiting < 1:
+            raise ValueError("window, max_uploads and max_waiting must be at least 1")
         self._publish = publish
         self._window = window
         self._max_uploads = max_uploads
         self._max_bytes = max_bytes
+        self._max_waiting = max_waiting
+        self._max_waiting_bytes = max_waiting_bytes
         self._producer = producer
         self._in_flight = 0
         self._waiting: deque[tuple[bytes, Envelope, asyncio.Future[None]]] = deque()
+        self._waiting_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def waiting_bytes(self) -> int:
+        return self._waiting_bytes
+
     async def publish(self, body: bytes, envelope: Envelope) -> None:
-        """Returns once the broker confirmed the message that carried this upload."""
+        """Returns once the broker confirmed the message that carried this upload.
+
+        Raises UploadsBackloggedError at once, publishing nothing, when the uploads waiting
+        are at their bound (an upload that finds none waiting is always taken, whatever its
+        size: the endpoint's body cap bounds it).
+        """
         if self._in_flight < self._window and not self._waiting:
             self._in_flight += 1
             UPLOAD_MESSAGES.labels("single").inc()
@@ -60,10 +83,19 @@ class UploadPublisher:
             finally:
                 self._finished()
             return
+        if self._waiting and (
+            len(self._waiting) >= self._max_waiting
+            or self._waiting_bytes + len(body) > self._max_waiting_bytes
+        ):
+            raise UploadsBackloggedError(
+                f"{len(self._waiting)} uploads ({self._waiting_bytes} bytes) already wait for "
+                "the broker"
+            )
         future = asyncio.get_running_loop().create_future()
         # Retrieved here too, so a failure whose client left is not reported as never retrieved.
         future.add_done_callback(_retrieve)
         self._waiting.append((body, envelope, future))
+        self._waiting_bytes += len(body)
         # Shielded: a client that leaves does not take its upload out of a message being sent.
         await asyncio.shield(future)
 
@@ -81,6 +113,7 @@ class UploadPublisher:
                 break
             group.append(self._waiting.popleft())
             size += len(body)
+        self._waiting_bytes -= size
         self._in_flight += 1
         if len(group) == 1:
             UPLOAD_MESSAGES.labels("single").inc()

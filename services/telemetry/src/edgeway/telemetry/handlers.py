@@ -52,6 +52,7 @@ from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.service import database_service_app
 from edgeway.common.settings import async_database_url
+from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.uploads import UPLOADS_TYPE, unpack
 from edgeway.common.topology import Topology
 from edgeway.telemetry import domain, store
@@ -73,39 +74,86 @@ STATUS_LATEST = 10
 log = get_logger("edgeway.telemetry")
 
 
-async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
-    """`history`, `status` and `vehicles` queries (JSON in, JSON out)."""
+# What an error answer's `code` says, so the gateway can tell a refusal from an outage.
+ANSWER_INVALID = "invalid_request"  # not a query this service answers, or a bad argument
+ANSWER_INVALID_VIN = "invalid_vin"
+ANSWER_NOT_FOUND = "not_found"  # no active vehicle by that VIN
+ANSWER_UNAVAILABLE = "unavailable"  # the database did not answer: ask again later
+QUERIES = ("history", "status", "vehicles", "register_vehicle", "retire_vehicle")
+
+
+def _refusal(code: str, reason: str) -> bytes:
+    return encode({"error": reason, "code": code})
+
+
+async def answer_query(
+    body: bytes,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    vehicles: store.VehicleDirectory | None = None,
+) -> bytes:
+    """`history`, `status` and `vehicles` queries, and vehicle registration and retirement
+    (JSON in, JSON out).
+
+    Any replica answers: `vehicles` is this replica's directory, told at once of a retirement
+    it makes; the consuming replica's learns within its cache time
+    (`store.VehicleDirectory`). An error answer is `{"error": reason, "code": ...}`; `code`
+    `unavailable` means the database did not answer, which is never the same as a vehicle
+    being unknown.
+    """
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return encode({"error": "request is not valid JSON"})
+        return _refusal(ANSWER_INVALID, "request is not valid JSON")
     query = request.get("query") if isinstance(request, dict) else None
-    if query not in ("history", "status", "vehicles"):
-        return encode(
-            {"error": 'unknown query; supported: {"query": "history" | "status" | "vehicles"}'}
-        )
+    if query not in QUERIES:
+        return _refusal(ANSWER_INVALID, f"unknown query; supported: {', '.join(QUERIES)}")
     assert isinstance(request, dict)
     limit = request.get("limit", HISTORY_LIMIT)
     if query == "history" and (isinstance(limit, bool) or not isinstance(limit, int)):
-        return encode({"error": "limit must be an integer"})
+        return _refusal(ANSWER_INVALID, "limit must be an integer")
+    vin = ""
+    if query in ("register_vehicle", "retire_vehicle"):
+        raw_vin = request.get("vin")
+        if not isinstance(raw_vin, str):
+            return _refusal(ANSWER_INVALID_VIN, "vin must be a string")
+        try:
+            vin = wire.check_vin(raw_vin)
+        except wire.WireError as exc:
+            return _refusal(ANSWER_INVALID_VIN, exc.reason)
     try:
-        async with sessions() as session:
-            answer: Any
-            if query == "history":
-                answer = await _history(session, min(max(limit, 0), HISTORY_LIMIT))
-            elif query == "status":
-                answer = {
-                    "total_records": await store.total_records(session=session),
-                    "latest": await _history(session, STATUS_LATEST),
-                    "compression_stats": (
-                        await store.fleet_stats(session=session, day=datetime.now(UTC).date())
-                    ).client_view(),
-                }
-            else:
-                answer = {"vehicles": await store.vehicle_vins(session=session)}
+        answer: Any
+        if query == "register_vehicle":
+            async with sessions.begin() as session:
+                _, registration = await store.register_vehicle(session=session, vin=vin)
+            log.info("vehicle registered", vin=vin, registration=registration.value)
+            answer = {"vin": vin, "registration": registration.value}
+        elif query == "retire_vehicle":
+            async with sessions.begin() as session:
+                retired = await store.retire_vehicle(session=session, vin=vin, at=datetime.now(UTC))
+            if vehicles is not None:
+                vehicles.forget(vin)
+            if not retired:
+                return _refusal(ANSWER_NOT_FOUND, f"vehicle {vin} is not registered")
+            log.info("vehicle retired", vin=vin)
+            answer = {"vin": vin, "retired": True}
+        else:
+            async with sessions() as session:
+                if query == "history":
+                    answer = await _history(session, min(max(limit, 0), HISTORY_LIMIT))
+                elif query == "status":
+                    answer = {
+                        "total_records": await store.total_records(session=session),
+                        "latest": await _history(session, STATUS_LATEST),
+                        "compression_stats": (
+                            await store.fleet_stats(session=session, day=datetime.now(UTC).date())
+                        ).client_view(),
+                    }
+                else:
+                    answer = {"vehicles": await store.vehicle_vins(session=session)}
     except SQLAlchemyError as exc:
         log.warning("telemetry query failed", query=query, error=str(exc))
-        return encode({"error": "telemetry database unavailable"})
+        return _refusal(ANSWER_UNAVAILABLE, "telemetry database unavailable")
     return encode(answer)
 
 
@@ -143,7 +191,7 @@ def build_app(
     url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
-    vehicles = store.VehicleDirectory()
+    vehicles = store.VehicleDirectory(ttl=settings.vehicle_cache_s)
     pipeline = Pipeline(
         sessions=sessions,
         vehicles=vehicles,
@@ -240,7 +288,7 @@ def build_app(
     answer_requests(
         broker,
         topology.telemetry_requests_queue,
-        lambda body: answer_query(body, sessions=sessions),
+        lambda body: answer_query(body, sessions=sessions, vehicles=vehicles),
     )
 
     async def prepare_vehicles() -> None:

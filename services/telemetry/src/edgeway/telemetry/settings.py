@@ -38,6 +38,15 @@ class TelemetrySettings(CommonSettings):
         default_factory=lambda: [SEED_VIN, *DEMO_VINS],
         validation_alias="EDGEWAY_TELEMETRY_VEHICLES",
     )
+    # How long the consuming replica trusts a vehicle it looked up (store.VehicleDirectory):
+    # a vehicle retired through another replica (or in the table) stops being taken within
+    # this many seconds. A lookup is one indexed SELECT per vehicle per period.
+    vehicle_cache_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        validation_alias="EDGEWAY_TELEMETRY_VEHICLE_CACHE_S",
+    )
     # The predictor's parameters: they must be the loggers' (a decoder with another alpha
     # reconstructs other values). Defaults: the seed's (predictor.py, seed-systems.md §4).
     predictor_alpha: float = Field(default=DEFAULT_PREDICTOR.alpha, gt=0, le=1)

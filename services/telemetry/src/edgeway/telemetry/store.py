@@ -11,10 +11,12 @@ RETURNING`. Each answers the same question: which of these rows are new.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -82,13 +84,19 @@ class Base(DeclarativeBase):
 
 
 class Vehicle(Base):
-    """A vehicle whose logger may upload; seeded from the settings, or added by an operator."""
+    """A vehicle whose logger may upload; seeded from the settings, or registered through the
+    gateway's `/api/v1/vehicles`.
+
+    Never deleted: a retired vehicle (`retired_at` set) keeps its id, so what was accepted for
+    it stays attached to it, and registering its VIN again reactivates the same row.
+    """
 
     __tablename__ = "vehicles"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vin: Mapped[str] = mapped_column(String(VIN_LENGTH), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class TelemetryRecord(Base):
@@ -429,7 +437,8 @@ def _columns(rows: Iterable[Sequence[Any]], width: int) -> list[list[Any]]:
 
 
 async def seed_vehicles(*, session: AsyncSession, vins: Iterable[str]) -> None:
-    """Add the given vehicles that are missing; existing ones (and their ids) stay."""
+    """Add the given vehicles that are missing; existing ones (and their ids) stay, and a
+    retired one stays retired (the setting seeds; the API decides after that)."""
     rows = [{"vin": vin} for vin in dict.fromkeys(vins)]
     if not rows:
         return
@@ -439,32 +448,117 @@ async def seed_vehicles(*, session: AsyncSession, vins: Iterable[str]) -> None:
 
 
 async def load_vehicles(*, session: AsyncSession) -> dict[str, int]:
-    """Every vehicle, VIN -> id."""
-    rows = await session.execute(select(Vehicle.vin, Vehicle.id))
+    """Every active (not retired) vehicle, VIN -> id."""
+    rows = await session.execute(
+        select(Vehicle.vin, Vehicle.id).where(Vehicle.retired_at.is_(None))
+    )
     return {vin: vehicle_id for vin, vehicle_id in rows}
 
 
 async def vehicle_vins(*, session: AsyncSession) -> list[str]:
-    """Every vehicle's VIN, oldest first."""
-    return list(await session.scalars(select(Vehicle.vin).order_by(Vehicle.id)))
+    """Every active vehicle's VIN, oldest first."""
+    return list(
+        await session.scalars(
+            select(Vehicle.vin).where(Vehicle.retired_at.is_(None)).order_by(Vehicle.id)
+        )
+    )
+
+
+class Registration(StrEnum):
+    """What registering a VIN did."""
+
+    CREATED = "created"  # a new row
+    REACTIVATED = "reactivated"  # a retired vehicle, active again with its id
+    EXISTING = "existing"  # it was registered and active already: nothing changed
+
+
+VEHICLES = table_of(Vehicle)
+
+
+async def register_vehicle(*, session: AsyncSession, vin: str) -> tuple[int, Registration]:
+    """Make `vin` an active vehicle; its id and what that took.
+
+    Each step is one statement that only changes a row in the state it expects, so two
+    registrations of the same VIN at once (two gateway replicas, two request replicas) end
+    with one row, and each says what it found.
+    """
+    created = await session.scalar(
+        dialect_insert(session, VEHICLES)
+        .values(vin=vin)
+        .on_conflict_do_nothing(index_elements=["vin"])
+        .returning(VEHICLES.c.id)
+    )
+    if created is not None:
+        return created, Registration.CREATED
+    reactivated = await session.scalar(
+        update(VEHICLES)
+        .where(VEHICLES.c.vin == vin, VEHICLES.c.retired_at.is_not(None))
+        .values(retired_at=None)
+        .returning(VEHICLES.c.id)
+    )
+    if reactivated is not None:
+        return reactivated, Registration.REACTIVATED
+    existing = await session.scalar(select(VEHICLES.c.id).where(VEHICLES.c.vin == vin))
+    assert existing is not None, "vehicles are never deleted"
+    return existing, Registration.EXISTING
+
+
+async def retire_vehicle(*, session: AsyncSession, vin: str, at: datetime) -> bool:
+    """Retire an active vehicle (its rows and records stay); False if none is active by `vin`."""
+    retired = await session.scalar(
+        update(VEHICLES)
+        .where(VEHICLES.c.vin == vin, VEHICLES.c.retired_at.is_(None))
+        .values(retired_at=at)
+        .returning(VEHICLES.c.id)
+    )
+    return retired is not None
 
 
 class VehicleDirectory:
-    """VIN -> vehicle id, held in memory after start; a miss is looked up in the database, so
-    a vehicle an operator adds to the table is taken without a restart."""
+    """VIN -> id of the active vehicles, each entry trusted for `ttl` seconds
+    (`EDGEWAY_TELEMETRY_VEHICLE_CACHE_S`, 5 by default).
 
-    def __init__(self, known: Mapping[str, int] | None = None) -> None:
-        self._known: dict[str, int] = dict(known or {})
+    Several replicas answer the gateway's requests (registrations and retirements among them)
+    while one consumes the uploads, and an operator may change `vehicles` by hand, so this
+    replica's copy cannot be told of every change: an entry older than `ttl` is read again
+    (one indexed SELECT per vehicle and `ttl`, in the group's transaction), so a retirement
+    made anywhere stops this replica taking the vehicle's uploads within `ttl` seconds plus
+    the group in hand. A miss is always looked up, so a vehicle registered anywhere is taken
+    at once; a retirement answered by this replica is forgotten at once (`forget`).
+    """
+
+    def __init__(
+        self,
+        known: Mapping[str, int] | None = None,
+        *,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._known: dict[str, tuple[int, float]] = {}
+        self.replace(known or {})
 
     def replace(self, known: Mapping[str, int]) -> None:
-        self._known = dict(known)
+        now = self._clock()
+        self._known = {vin: (vehicle_id, now) for vin, vehicle_id in known.items()}
+
+    def forget(self, vin: str) -> None:
+        self._known.pop(vin, None)
 
     async def lookup(self, *, session: AsyncSession, vin: str) -> int | None:
-        if (hit := self._known.get(vin)) is not None:
-            return hit
-        found = await session.scalar(select(Vehicle.id).where(Vehicle.vin == vin))
-        if found is not None:
-            self._known[vin] = found
+        """The vehicle's id if it is active, None if it is unknown or retired."""
+        now = self._clock()  # before the read: an entry is never younger than what it saw
+        hit = self._known.get(vin)
+        if hit is not None and now - hit[1] <= self._ttl:
+            return hit[0]
+        found = await session.scalar(
+            select(Vehicle.id).where(Vehicle.vin == vin, Vehicle.retired_at.is_(None))
+        )
+        if found is None:
+            self._known.pop(vin, None)
+        else:
+            self._known[vin] = (found, now)
         return found
 
 

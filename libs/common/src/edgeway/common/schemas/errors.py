@@ -21,6 +21,11 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     FORBIDDEN = "forbidden"  # the token may not produce for what it names
     IN_USE = "in_use"  # another connection produces for that device or vehicle
+    INVALID_VIN = "invalid_vin"  # not 17 characters of digits and capitals other than I, O, Q
+    NOT_FOUND = "not_found"  # no such thing (a vehicle that is not registered)
+    UNKNOWN_ENVIRONMENT = "unknown_environment"  # no tracking environment of that id
+    OUT_OF_FRAME = "out_of_frame"  # a detection box outside its camera's frame
+    NOT_TRACKING = "not_tracking"  # no live task takes this environment's detections now
 
 
 class ErrorFrame(BaseModel):
