@@ -3,8 +3,11 @@ with a real S3-protocol server (moto, its own process) and a real RTSP camera (G
 
 What a TrackShift user would notice: the seed's API shapes, uploads and captures that are real
 jobs (202, then status and progress), hostile files refused with reasons and nothing stored,
-captures that honour their duration and mode, survive a camera restart, stop at the stream cap
+captures that honour their duration and mode, survive a camera restart, stop at the stream caps
 and on cancel, and a service crash that leaves neither a half-written request nor an orphan.
+And what the penetration test tried: RTSP URLs that inject request lines or reach hosts they
+may not, failures that tell an open port from a closed one, and one caller reading, cancelling
+or crowding out another's requests.
 """
 
 from __future__ import annotations
@@ -35,22 +38,41 @@ from edgeway.common.testing import (
     drop_postgres_database,
     drop_vhost,
 )
+from edgeway.common.testing.listener import RecordingListener
+from edgeway.common.testing.processes import free_port
 from edgeway.common.testing.rtsp import RtspServer
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
-from tests.stack import Stack, token
+from edgeway.gateway.tokens import mint_with_secret
+from edgeway.ingestion.jobs import CAPTURE_FAILED
+from tests.stack import SECRET, Stack, token
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]
 
 BUCKET = "e2e-frames"
 MAX_FILE = 400_000
+SERVICE_MAX_FILE = 350_000  # the service's own cap, below the gateway's here
 MAX_FILES = 3
 MAX_BODY = 2_000_000
-STREAM_CAP = 2
+STREAM_CAP = 3
+PER_CALLER = 2
 LEASE_S = 1.5
 RTSP_USER, RTSP_PASSWORD = "operator", "s3cret-pa55"
 FINAL = {"completed", "failed", "cancelled"}
 WRITER = {"Authorization": f"Bearer {token('ingest:write', 'ingest:read')}"}
 READER = {"Authorization": f"Bearer {token('ingest:read')}"}
+# Subjects: WRITER and READER are "e2e"; the tests of ownership and caps use others.
+WRITE_READ = ("ingest:write", "ingest:read")
+
+
+def as_subject(subject: str, *scopes: str) -> str:
+    return mint_with_secret(SECRET, *scopes, subject=subject, ttl=3600)
+
+
+def bearer(subject: str, *scopes: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {as_subject(subject, *scopes)}"}
+
+
+OPERATOR = bearer("operator", *WRITE_READ, "ingest:admin")
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -87,7 +109,11 @@ def stack(amqp_url: str, s3: S3Server, tmp_path_factory: pytest.TempPathFactory)
             **s3.env,
             "EDGEWAY_INGESTION_DATABASE_URL": ingestion_db,
             "EDGEWAY_STORAGE_BUCKET": BUCKET,
+            "EDGEWAY_MAX_FILE_BYTES": str(SERVICE_MAX_FILE),
             "EDGEWAY_MAX_CONCURRENT_STREAMS": str(STREAM_CAP),
+            "EDGEWAY_MAX_STREAMS_PER_PRINCIPAL": str(PER_CALLER),
+            # The test cameras and listeners are on loopback, closed by default.
+            "EDGEWAY_RTSP_ALLOWED_DESTINATIONS": '["127.0.0.1"]',
             "EDGEWAY_JOB_LEASE_S": str(LEASE_S),
             "EDGEWAY_SWEEP_INTERVAL_S": "0.5",
             "EDGEWAY_ORPHAN_GRACE_S": "3",
@@ -160,39 +186,52 @@ def upload(
     *,
     camera_id: str = "cam-1",
     meta: dict[str, Any] | None = None,
+    headers: dict[str, str] = WRITER,
 ) -> httpx.Response:
     return httpx.post(
         stack.gateway.url + "/api/v1/ingest/upload",
         data={"camera_id": camera_id, **({"meta": json.dumps(meta)} if meta else {})},
         files=[("files", (name, content, "image/jpeg")) for name, content in files],
-        headers=WRITER,
+        headers=headers,
         timeout=30,
     )
 
 
-def status(stack: Stack, request_id: str) -> dict[str, Any]:
+def status(stack: Stack, request_id: str, headers: dict[str, str] = READER) -> dict[str, Any]:
     response = httpx.get(
-        stack.gateway.url + f"/api/v1/ingest/status/{request_id}", headers=READER, timeout=10
+        stack.gateway.url + f"/api/v1/ingest/status/{request_id}", headers=headers, timeout=10
     )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
-def wait_final(stack: Stack, request_id: str, timeout: float = 30) -> dict[str, Any]:
+def wait_final(
+    stack: Stack, request_id: str, timeout: float = 30, headers: dict[str, str] = READER
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        body = status(stack, request_id)
+        body = status(stack, request_id, headers)
         if body["status"] in FINAL or time.monotonic() > deadline:
             return body
         time.sleep(0.2)
 
 
-def capture(stack: Stack, url: str, **fields: Any) -> httpx.Response:
+def capture(
+    stack: Stack, url: str, *, headers: dict[str, str] = WRITER, **fields: Any
+) -> httpx.Response:
     return httpx.post(
         stack.gateway.url + "/api/v1/ingest/rtsp",
         json={"rtsp_url": url, "camera_id": "rtsp-cam", **fields},
-        headers=WRITER,
+        headers=headers,
+        timeout=10,
+    )
+
+
+def cancel(stack: Stack, request_id: str, headers: dict[str, str] = WRITER) -> httpx.Response:
+    return httpx.post(
+        stack.gateway.url + f"/api/v1/ingest/rtsp/{request_id}/cancel",
+        headers=headers,
         timeout=10,
     )
 
@@ -378,6 +417,27 @@ def test_too_many_files_keeps_the_first_and_a_file_that_fails_to_decode_is_repor
     assert rows == [(2,)]
 
 
+def test_a_file_over_the_services_own_size_cap_fails_alone_with_its_reason(
+    stack: Stack, bucket: Minio
+) -> None:
+    # The gateway lets it through (a gateway with a larger cap, or of another version).
+    padded = jpeg() + bytes(SERVICE_MAX_FILE + 10_000 - len(jpeg()))
+    assert SERVICE_MAX_FILE < len(padded) < MAX_FILE
+    response = upload(stack, [("ok.jpg", jpeg()), ("big.jpg", padded)])
+    assert response.status_code == 202, response.text
+    assert response.json()["files_expected"] == 2
+    final = wait_final(stack, response.json()["request_id"])
+    assert final["status"] == "completed", final
+    assert [frame["size_bytes"] < SERVICE_MAX_FILE for frame in final["frames"]] == [True]
+    ((name, code, reason),) = [
+        (item["filename"], item["code"], item["reason"]) for item in final["rejected"]
+    ]
+    assert (name, code) == ("big.jpg", "too_large")
+    assert f"{len(padded)} bytes" in reason
+    assert f"{SERVICE_MAX_FILE} bytes" in reason
+    assert {frame["storage_path"] for frame in final["frames"]} <= objects(bucket)
+
+
 def test_status_of_unknown_requests_and_scopes(stack: Stack) -> None:
     missing = httpx.get(
         stack.gateway.url + f"/api/v1/ingest/status/{uuid.uuid4()}", headers=READER, timeout=10
@@ -458,7 +518,7 @@ def test_continuous_capture_honours_fps_and_a_duration_past_the_seeds_5_s_cut(
 def test_event_driven_keeps_only_frames_whose_scene_changed(
     stack: Stack, camera: RtspServer
 ) -> None:
-    fields = {"capture_mode": "event_driven", "fps": 4, "capture_duration": 3}
+    fields: dict[str, Any] = {"capture_mode": "event_driven", "fps": 4, "capture_duration": 3}
     static = capture(stack, camera.url("static"), **fields)
     moving = capture(stack, camera.url("moving"), **fields)
     assert (static.status_code, moving.status_code) == (202, 202)
@@ -491,8 +551,10 @@ def test_rtsp_credentials_are_masked_and_sealed_at_rest(stack: Stack, camera: Rt
     wrong = capture(stack, camera.url("static").replace(RTSP_PASSWORD, "wrong"))
     failed = wait_final(stack, wrong.json()["request_id"])
     assert failed["status"] == "failed"
-    assert "wrong" not in failed["message"]
-    assert "***@" in failed["message"]
+    # The caller is told the capture failed; the service's log says why.
+    assert failed["message"] == CAPTURE_FAILED
+    assert "401" in stack.ingestion.log_text()  # type: ignore[union-attr]
+    assert "wrong" not in stack.ingestion.log_text()  # type: ignore[union-attr]
 
 
 def test_invalid_capture_requests_get_400_with_a_reason(stack: Stack) -> None:
@@ -533,42 +595,153 @@ def test_a_camera_that_restarts_is_reconnected_and_the_capture_ends_on_time(
     assert (datetime.fromisoformat(final["completed_at"]) - created).total_seconds() < 14
 
 
+LONG = {"capture_mode": "continuous", "fps": 1, "capture_duration": 120}
+
+
 def test_the_stream_cap_refuses_with_a_reason_and_cancel_frees_a_slot(
     stack: Stack, camera: RtspServer
 ) -> None:
-    long = {"capture_mode": "continuous", "fps": 1, "capture_duration": 120}
-    first, second = (capture(stack, camera.url("static"), **long) for _ in range(STREAM_CAP))
-    assert (first.status_code, second.status_code) == (202, 202)
-    third = capture(stack, camera.url("static"), **long)
-    assert third.status_code == 429
-    assert third.json()["error"] == "stream_limit"
-    assert f"limit is {STREAM_CAP}" in third.json()["message"]
+    # One caller each: the per-caller cap is not what this fills.
+    callers = [bearer(f"camera-operator-{index}", *WRITE_READ) for index in range(STREAM_CAP)]
+    running = [capture(stack, camera.url("static"), headers=headers, **LONG) for headers in callers]
+    assert [response.status_code for response in running] == [202] * STREAM_CAP
+    over = capture(stack, camera.url("static"), headers=bearer("latecomer", *WRITE_READ), **LONG)
+    assert over.status_code == 429
+    assert over.json()["error"] == "stream_limit"
+    assert f"limit is {STREAM_CAP}" in over.json()["message"]
 
     started = time.monotonic()
-    cancelled = httpx.post(
-        stack.gateway.url + f"/api/v1/ingest/rtsp/{first.json()['request_id']}/cancel",
-        headers=WRITER,
-        timeout=10,
-    )
+    ids = [response.json()["request_id"] for response in running]
+    cancelled = cancel(stack, ids[0], callers[0])
     assert (cancelled.status_code, cancelled.json()["status"]) == (200, "cancelled")
-    again = capture(stack, camera.url("static"), **long)
+    again = capture(stack, camera.url("static"), headers=callers[0], **LONG)
     assert again.status_code == 202, again.text
-    for response in (second, again):
-        httpx.post(
-            stack.gateway.url + f"/api/v1/ingest/rtsp/{response.json()['request_id']}/cancel",
-            headers=WRITER,
-            timeout=10,
-        )
+    ids.append(again.json()["request_id"])
+    for request_id, headers in zip(ids[1:], [*callers[1:], callers[0]], strict=True):
+        cancel(stack, request_id, headers)
     # The captures really stopped: no frame is added after the cancellation settles.
     time.sleep(1.5)
-    stopped = [status(stack, r.json()["request_id"]) for r in (first, second, again)]
-    assert [s["status"] for s in stopped] == ["cancelled"] * 3
+    stopped = [status(stack, request_id, OPERATOR) for request_id in ids]
+    assert [s["status"] for s in stopped] == ["cancelled"] * len(ids)
     frames = [len(s["frames"]) for s in stopped]
     time.sleep(1.5)
-    assert [
-        len(status(stack, r.json()["request_id"])["frames"]) for r in (first, second, again)
-    ] == frames
+    assert [len(status(stack, request_id, OPERATOR)["frames"]) for request_id in ids] == frames
     assert time.monotonic() - started < 10
+
+
+def test_one_caller_cannot_take_every_stream(stack: Stack, camera: RtspServer) -> None:
+    greedy, other = bearer("greedy", *WRITE_READ), bearer("patient", *WRITE_READ)
+    mine = [capture(stack, camera.url("static"), headers=greedy, **LONG) for _ in range(PER_CALLER)]
+    assert [response.status_code for response in mine] == [202] * PER_CALLER
+    refused = capture(stack, camera.url("static"), headers=greedy, **LONG)
+    assert refused.status_code == 429
+    assert refused.json()["error"] == "stream_limit"
+    assert f"the limit per caller is {PER_CALLER}" in refused.json()["message"]
+    theirs = capture(stack, camera.url("static"), headers=other, **LONG)
+    assert theirs.status_code == 202, theirs.text  # below the global cap, still room
+    for response, headers in [*((r, greedy) for r in mine), (theirs, other)]:
+        assert cancel(stack, response.json()["request_id"], headers).status_code == 200
+
+
+# --- what the penetration test tried -------------------------------------------------------
+
+
+def test_a_url_that_writes_its_own_rtsp_lines_is_refused_and_reaches_nothing(stack: Stack) -> None:
+    with RecordingListener() as listener:
+        url = f"rtsp://127.0.0.1:{listener.port}/cam"
+        for injected in ("\r\nSET x y\r\nX:", "\nSET_PARAMETER x", "\rx", "\tx", " x"):
+            response = capture(stack, url + injected)
+            assert response.status_code == 422, response.text
+            body = response.json()
+            assert body["error"] == "url_refused"
+            assert "rtsp_url contains" in body["message"]
+            assert "percent-encoded" in body["message"]
+        time.sleep(1.5)
+        assert listener.received == []
+        # Written safely, the same host and port is reached: the listener was there to hear.
+        safe = capture(stack, url)
+        assert safe.status_code == 202, safe.text
+        (request,) = listener.wait_for(1)
+        assert request.startswith(b"OPTIONS rtsp://")
+        assert b"SET" not in request
+        cancel(stack, safe.json()["request_id"])
+
+
+def test_a_destination_outside_the_allowlist_is_refused_before_any_connection(
+    stack: Stack,
+) -> None:
+    # The stack allows 127.0.0.1 only: the metadata address, private and IPv6 loopback are not.
+    for url in ("rtsp://169.254.169.254:80/latest", "rtsp://10.0.0.7/cam", "rtsp://[::1]/cam"):
+        response = capture(stack, url)
+        assert (response.status_code, response.json()["error"]) == (422, "url_refused"), url
+        assert "may not connect" in response.json()["message"]
+
+
+def test_a_failed_capture_says_the_same_whether_the_port_was_open_or_closed(
+    stack: Stack,
+) -> None:
+    with RecordingListener(lambda _: b"SSH-2.0-OpenSSH_9.6\r\n") as other_service:
+        closed = capture(stack, f"rtsp://127.0.0.1:{free_port()}/cam")
+        opened = capture(stack, f"rtsp://127.0.0.1:{other_service.port}/cam")
+        ended = [wait_final(stack, response.json()["request_id"]) for response in (closed, opened)]
+    assert [body["status"] for body in ended] == ["failed", "failed"]
+    assert [body["message"] for body in ended] == [CAPTURE_FAILED, CAPTURE_FAILED]
+    log = stack.ingestion.log_text()  # type: ignore[union-attr]
+    assert "Connection refused" in log
+    assert "Invalid data found" in log
+
+
+def test_another_callers_requests_do_not_exist_for_it_but_an_operator_sees_them(
+    stack: Stack, camera: RtspServer
+) -> None:
+    alice, bob = bearer("alice", *WRITE_READ), bearer("bob", *WRITE_READ)
+    uploaded = upload(stack, [("a.jpg", jpeg())], headers=alice)
+    started = capture(stack, camera.url("static"), headers=alice, **LONG)
+    assert (uploaded.status_code, started.status_code) == (202, 202)
+    ids = [uploaded.json()["request_id"], started.json()["request_id"]]
+    capture_id = ids[1]
+
+    # To bob they answer exactly as ids that were never used.
+    for request_id in [*ids, str(uuid.uuid4())]:
+        seen = httpx.get(
+            stack.gateway.url + f"/api/v1/ingest/status/{request_id}", headers=bob, timeout=10
+        )
+        assert seen.status_code == 404
+        assert (seen.json()["error"], seen.json()["message"]) == (
+            "not_found",
+            f"no request {request_id}",
+        )
+    refused = cancel(stack, capture_id, bob)
+    assert (refused.status_code, refused.json()["error"]) == (404, "not_found")
+    assert status(stack, capture_id, alice)["status"] == "in_progress"  # bob stopped nothing
+
+    # An operator reads and cancels anyone's.
+    assert {status(stack, request_id, OPERATOR)["request_id"] for request_id in ids} == set(ids)
+    stopped = cancel(stack, capture_id, OPERATOR)
+    assert (stopped.status_code, stopped.json()["status"]) == (200, "cancelled")
+    assert status(stack, capture_id, alice)["status"] == "cancelled"
+
+
+async def test_the_progress_socket_of_another_callers_request_tells_nothing(
+    stack: Stack,
+) -> None:
+    response = await asyncio.to_thread(
+        upload, stack, [("a.jpg", jpeg())], headers=bearer("alice", *WRITE_READ)
+    )
+    request_id = response.json()["request_id"]
+    base = stack.gateway.url.replace("http", "ws") + f"/ws/ingest/{request_id}?token="
+
+    async with websockets.connect(base + as_subject("bob", "ingest:read")) as ws:
+        refused = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert (refused["type"], refused["code"]) == ("error", "not_found")
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)  # closed: no event of alice's request follows
+    assert ws.close_code == 1008
+
+    for subject, scopes in (("alice", ["ingest:read"]), ("ops", ["ingest:read", "ingest:admin"])):
+        async with websockets.connect(base + as_subject(subject, *scopes)) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert (first["type"], first["request_id"]) == ("ingest_status", request_id)
 
 
 def test_a_crash_mid_capture_leaves_no_half_written_request_and_no_orphan(

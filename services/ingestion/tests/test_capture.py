@@ -30,6 +30,7 @@ from edgeway.ingestion.capture import (
     mask_credentials,
     thumbnail,
 )
+from edgeway.ingestion.destinations import DestinationPolicy
 
 USER = "camera"
 PASSWORD = "s3cret/p@ss"  # a '/' and an '@' that must be percent-encoded and still masked
@@ -42,6 +43,14 @@ FAST = CaptureLimits(
     backoff_initial_s=0.2,
     backoff_max_s=0.5,
 )
+
+# The test cameras listen on loopback, which a capture reaches only where it is allowed: by
+# default, public addresses only.
+LOOPBACK = DestinationPolicy.parse(["127.0.0.1"])
+
+
+def on_loopback(plan: CapturePlan, limits: CaptureLimits | None = None) -> Capture:
+    return Capture(plan, limits or CaptureLimits(), destinations=LOOPBACK)
 
 
 def _require_server() -> None:
@@ -150,7 +159,7 @@ def test_plan_rejects_bad_input_without_echoing_the_password() -> None:
 
 
 async def test_single_frame_is_the_cameras_picture(camera: RtspServer) -> None:
-    capture = Capture(CapturePlan(camera.url("static"), CaptureMode.SINGLE_FRAME))
+    capture = on_loopback(CapturePlan(camera.url("static"), CaptureMode.SINGLE_FRAME))
     before = datetime.now(UTC)
     frames, _ = await collect(capture)
 
@@ -171,7 +180,7 @@ async def test_single_frame_is_the_cameras_picture(camera: RtspServer) -> None:
 @pytest.mark.slow
 async def test_continuous_keeps_fps_for_the_duration(camera: RtspServer) -> None:
     plan = CapturePlan(camera.url("static"), CaptureMode.CONTINUOUS, fps=2, duration_s=3)
-    frames, arrivals = await collect(Capture(plan))
+    frames, arrivals = await collect(on_loopback(plan))
     ended = time.monotonic()
 
     assert 5 <= len(frames) <= 7
@@ -195,7 +204,7 @@ async def test_a_long_capture_is_not_cut_at_5s_and_leaves_the_loop_free(
     plan = CapturePlan(camera.url("moving"), CaptureMode.CONTINUOUS, fps=1, duration_s=6.5)
     tick_task = asyncio.create_task(ticker())
     try:
-        frames, arrivals = await collect(Capture(plan))
+        frames, arrivals = await collect(on_loopback(plan))
     finally:
         tick_task.cancel()
     ended = time.monotonic()
@@ -211,7 +220,7 @@ async def test_a_long_capture_is_not_cut_at_5s_and_leaves_the_loop_free(
 @pytest.mark.slow
 async def test_event_driven_keeps_one_frame_of_a_static_scene(camera: RtspServer) -> None:
     plan = CapturePlan(camera.url("static"), CaptureMode.EVENT_DRIVEN, fps=5, duration_s=2)
-    capture = Capture(plan)
+    capture = on_loopback(plan)
     frames, _ = await collect(capture)
 
     assert len(frames) == 1
@@ -221,7 +230,7 @@ async def test_event_driven_keeps_one_frame_of_a_static_scene(camera: RtspServer
 @pytest.mark.slow
 async def test_event_driven_keeps_every_frame_of_a_changing_scene(camera: RtspServer) -> None:
     plan = CapturePlan(camera.url("moving"), CaptureMode.EVENT_DRIVEN, fps=5, duration_s=2)
-    capture = Capture(plan)
+    capture = on_loopback(plan)
     frames, _ = await collect(capture)
 
     assert len(frames) >= 8
@@ -234,7 +243,7 @@ async def test_event_driven_keeps_every_frame_of_a_changing_scene(camera: RtspSe
 async def test_event_driven_keeps_one_frame_per_scene_switch(camera: RtspServer) -> None:
     # /switch flips black <-> white every SWITCH_INTERVAL_S (1 s): ~3 switches in 3.5 s
     plan = CapturePlan(camera.url("switch"), CaptureMode.EVENT_DRIVEN, fps=5, duration_s=3.5)
-    capture = Capture(plan)
+    capture = on_loopback(plan)
     frames, _ = await collect(capture)
 
     assert 3 <= len(frames) <= 5, [f.change for f in frames]
@@ -251,13 +260,13 @@ async def test_wrong_or_missing_password_fails_without_leaking_it(
     for url in (wrong, camera.url("static", credentials=False)):
         started = time.monotonic()
         with pytest.raises(CaptureError) as caught:
-            await collect(Capture(CapturePlan(url, CaptureMode.SINGLE_FRAME), FAST))
+            await collect(on_loopback(CapturePlan(url, CaptureMode.SINGLE_FRAME), FAST))
         # a refusal is final: no retries with backoff
         assert time.monotonic() - started < 1.0
         assert "401" in caught.value.reason
         assert f"127.0.0.1:{camera.port}/static" in caught.value.reason
 
-    capture = Capture(CapturePlan(camera.url("static"), CaptureMode.SINGLE_FRAME))
+    capture = on_loopback(CapturePlan(camera.url("static"), CaptureMode.SINGLE_FRAME))
     frames, _ = await collect(capture)
     assert len(frames) == 1
 
@@ -271,12 +280,12 @@ async def test_basic_auth_camera() -> None:
     _require_server()
     with RtspServer(user=USER, password=PASSWORD, auth="basic") as server:
         frames, _ = await collect(
-            Capture(CapturePlan(server.url("static"), CaptureMode.SINGLE_FRAME))
+            on_loopback(CapturePlan(server.url("static"), CaptureMode.SINGLE_FRAME))
         )
         assert len(frames) == 1
         with pytest.raises(CaptureError, match="401"):
             await collect(
-                Capture(
+                on_loopback(
                     CapturePlan(server.url("static", credentials=False), CaptureMode.SINGLE_FRAME)
                 )
             )
@@ -285,7 +294,7 @@ async def test_basic_auth_camera() -> None:
 async def test_unreachable_camera_fails_after_the_attempts_with_backoff() -> None:
     url = f"rtsp://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{free_port()}/cam"
     limits = CaptureLimits(reconnect_attempts=3, backoff_initial_s=0.2, open_timeout_s=1)
-    capture = Capture(CapturePlan(url, CaptureMode.SINGLE_FRAME), limits)
+    capture = on_loopback(CapturePlan(url, CaptureMode.SINGLE_FRAME), limits)
     started = time.monotonic()
     with pytest.raises(CaptureError) as caught:
         await collect(capture)
@@ -303,7 +312,7 @@ async def test_unreachable_camera_fails_after_the_attempts_with_backoff() -> Non
 @pytest.mark.slow
 async def test_capture_survives_the_camera_restarting(own_camera: RtspServer) -> None:
     plan = CapturePlan(own_camera.url("static"), CaptureMode.CONTINUOUS, fps=4, duration_s=4.5)
-    capture = Capture(plan, FAST)
+    capture = on_loopback(plan, FAST)
     restarted_at: list[datetime] = []
 
     async def crash_and_restart() -> None:
@@ -326,7 +335,7 @@ async def test_capture_survives_the_camera_restarting(own_camera: RtspServer) ->
 @pytest.mark.slow
 async def test_watchdog_reconnects_a_stalled_camera(own_camera: RtspServer) -> None:
     plan = CapturePlan(own_camera.url("static"), CaptureMode.CONTINUOUS, fps=4, duration_s=5)
-    capture = Capture(plan, FAST)
+    capture = on_loopback(plan, FAST)
     resumed_at: list[datetime] = []
 
     async def stall() -> None:
@@ -348,7 +357,7 @@ async def test_watchdog_reconnects_a_stalled_camera(own_camera: RtspServer) -> N
 
 async def test_cancel_ends_a_long_capture_promptly(camera: RtspServer) -> None:
     plan = CapturePlan(camera.url("moving"), CaptureMode.CONTINUOUS, fps=10, duration_s=600)
-    capture = Capture(plan)
+    capture = on_loopback(plan)
     cancelled_at: list[float] = []
     received = 0
 
@@ -371,7 +380,7 @@ async def test_a_slow_consumer_loses_the_oldest_frames_and_they_are_counted(
     camera: RtspServer,
 ) -> None:
     plan = CapturePlan(camera.url("moving"), CaptureMode.CONTINUOUS, fps=10, duration_s=2.5)
-    capture = Capture(plan, CaptureLimits(buffer_frames=3))
+    capture = on_loopback(plan, CaptureLimits(buffer_frames=3))
     indexes: list[int] = []
     async for frame in capture.frames():
         indexes.append(frame.index)

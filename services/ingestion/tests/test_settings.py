@@ -15,10 +15,13 @@ from edgeway.ingestion.settings import MIB, IngestionSettings
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: the machine's own EDGEWAY_ variables must not leak in."""
+    """Only what a test sets: the machine's own EDGEWAY_ variables must not leak in. The
+    environment is development, as for every test process (the default is production); the
+    tests of production say so."""
     for name in list(os.environ):
         if name.startswith("EDGEWAY_") or name == "DATABASE_URL":
             monkeypatch.delenv(name)
+    monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "development")
 
 
 def test_defaults_are_the_seeds_bucket_expiry_limits_and_an_embedded_store() -> None:
@@ -103,6 +106,7 @@ def test_an_unprefixed_database_url_is_not_read(monkeypatch: pytest.MonkeyPatch)
         ("EDGEWAY_PRESIGN_EXPIRY_S", "30"),  # shorter than a client can use
         ("EDGEWAY_PRESIGN_EXPIRY_S", str(8 * 24 * 3600)),  # past S3's 7-day SigV4 limit
         ("EDGEWAY_MAX_CONCURRENT_STREAMS", "0"),
+        ("EDGEWAY_MAX_STREAMS_PER_PRINCIPAL", "0"),
         ("EDGEWAY_DEFAULT_FPS", "60"),
         ("EDGEWAY_JPEG_QUALITY", "101"),
         ("EDGEWAY_CHANGE_THRESHOLD", "1.5"),
@@ -120,3 +124,24 @@ def test_values_out_of_bounds_are_refused(
 def test_a_credentials_key_that_is_not_a_fernet_key_is_refused() -> None:
     with pytest.raises(ValidationError, match="not a Fernet key"):
         IngestionSettings(credentials_key="not-a-key")
+
+
+def test_captures_reach_public_cameras_on_the_rtsp_ports_unless_listed_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = IngestionSettings()
+    assert settings.rtsp_allowed_destinations == ["*:554", "*:322"]
+    assert settings.max_streams_per_principal == 3
+    monkeypatch.setenv("EDGEWAY_RTSP_ALLOWED_DESTINATIONS", '["127.0.0.1", "10.0.0.0/8:554"]')
+    monkeypatch.setenv("EDGEWAY_MAX_STREAMS_PER_PRINCIPAL", "1")
+    settings = IngestionSettings()
+    assert settings.rtsp_allowed_destinations == ["127.0.0.1", "10.0.0.0/8:554"]
+    assert settings.max_streams_per_principal == 1
+
+
+def test_a_bad_destination_entry_stops_the_service_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGEWAY_RTSP_ALLOWED_DESTINATIONS", '["*:554", "10.0.0.1/8"]')
+    with pytest.raises(ValidationError, match=r"10\.0\.0\.1/8.*host bits"):
+        IngestionSettings()

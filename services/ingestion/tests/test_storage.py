@@ -31,8 +31,10 @@ def settings_for(
     """Settings as the service reads them: from its environment variables."""
     monkeypatch.setenv("EDGEWAY_DATA_DIR", str(data_dir))
     monkeypatch.setenv("EDGEWAY_STORAGE_BUCKET", f"frames-{uuid.uuid4().hex[:12]}")
-    for name in ("EDGEWAY_STORAGE_ENDPOINT", "EDGEWAY_ENVIRONMENT", "EDGEWAY_CREDENTIALS_KEY"):
+    for name in ("EDGEWAY_STORAGE_ENDPOINT", "EDGEWAY_CREDENTIALS_KEY"):
         monkeypatch.delenv(name, raising=False)
+    # Development (the default is production): the credentials key is made, not required.
+    monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "development")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return IngestionSettings()

@@ -10,23 +10,29 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import func, select
+from alembic import command
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.schemas.ingest import (
     FRAME_STORED_TYPE,
     PROGRESS_TYPE,
+    Caller,
     CaptureMode,
     RejectedFile,
     RequestStatus,
     SourceType,
 )
+from edgeway.common.settings import async_database_url
 from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.common.topology import Channels
 from edgeway.ingestion import store
 
 NOW = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
 BUCKET = "trackshift-frames"
+ALICE = Caller(subject="alice")  # the requester of the requests below
+OPERATOR = Caller(subject="ops", operator=True)
 
 
 @pytest.fixture(params=DIALECTS)
@@ -41,6 +47,7 @@ def upload(*, files: int, request_id: str | None = None) -> store.IngestionReque
         camera_id="cam-1",
         source_type=SourceType.UPLOAD.value,
         status=RequestStatus.IN_PROGRESS.value,
+        requester=ALICE.subject,
         meta_info={"location": "north gate"},
         files_expected=files,
         frames_stored=0,
@@ -55,12 +62,14 @@ def capture(
     status: RequestStatus = RequestStatus.IN_PROGRESS,
     lease: datetime | None = NOW + timedelta(seconds=15),
     owner: str = "replica-a",
+    requester: str = ALICE.subject,
 ) -> store.IngestionRequest:
     return store.IngestionRequest(
         id=str(uuid.uuid4()),
         camera_id="cam-2",
         source_type=SourceType.RTSP.value,
         status=status.value,
+        requester=requester,
         rtsp_url="rtsp://***@10.0.0.7/stream",
         rtsp_url_sealed="sealed",
         capture_mode=CaptureMode.CONTINUOUS.value,
@@ -163,7 +172,7 @@ async def test_migrations_produce_exactly_the_models_schema(
     database_url: str, engine: AsyncEngine
 ) -> None:
     assert await store.MIGRATIONS.at_head(database_url)
-    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0001"
+    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0002"
     differences = await schema_differences(
         engine, store.Base.metadata, version_table="alembic_version_ingestion"
     )
@@ -172,7 +181,54 @@ async def test_migrations_produce_exactly_the_models_schema(
 
 async def test_migrating_twice_changes_nothing(database_url: str, engine: AsyncEngine) -> None:
     await store.MIGRATIONS.upgrade_async(database_url)
-    assert store.MIGRATIONS.current(database_url) == "0001"
+    assert store.MIGRATIONS.current(database_url) == "0002"
+
+
+@pytest.fixture(params=DIALECTS)
+def database_at_0001(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An ingestion database as the first release left it: migrated to 0001 only."""
+    configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = async_database_url(configured, service="ingestion", data_dir=tmp_path)
+    command.upgrade(store.MIGRATIONS.config(url), "0001")
+    return url
+
+
+async def test_requests_from_before_requesters_were_kept_are_shown_to_operators_only(
+    database_at_0001: str,
+) -> None:
+    url = database_at_0001
+    engine = make_engine(url)
+    try:
+        request_id = str(uuid.uuid4())
+        async with engine.begin() as connection:  # a row written by the 0001 schema
+            await connection.execute(
+                insert(store.IngestionRequest).values(
+                    id=request_id,
+                    camera_id="cam-1",
+                    source_type=SourceType.UPLOAD.value,
+                    status=RequestStatus.COMPLETED.value,
+                    frames_stored=0,
+                    files_rejected=0,
+                    created_at=NOW,
+                    updated_at=NOW,
+                )
+            )
+        await store.MIGRATIONS.upgrade_async(url)
+        assert store.MIGRATIONS.current(url) == "0002"
+        async with make_sessionmaker(engine)() as session:
+            kept = await session.get(store.IngestionRequest, request_id)
+            assert kept is not None
+            assert kept.requester is None
+            for caller, shown in ((ALICE, False), (OPERATOR, True)):
+                response = await store.response(
+                    session=session, request_id=request_id, caller=caller, url=lambda key: None
+                )
+                assert (response is not None) is shown
+    finally:
+        await engine.dispose()
+    # And back: 0002 goes down cleanly on both dialects.
+    await asyncio.to_thread(command.downgrade, store.MIGRATIONS.config(url), "0001")
+    assert store.MIGRATIONS.current(url) == "0001"
 
 
 # --- frames ---------------------------------------------------------------------------------------
@@ -323,6 +379,45 @@ async def test_only_active_captures_with_a_live_lease_count_against_the_limit(
         assert await store.active_captures(session=session, now=later) == 0
 
 
+async def test_active_captures_are_counted_per_requester_too(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await add(
+        sessions,
+        capture(),
+        capture(),
+        capture(status=RequestStatus.COMPLETED),
+        capture(requester="bob"),
+        capture(requester="bob", lease=NOW - timedelta(seconds=1)),
+    )
+    async with sessions() as session:
+        counted = {
+            requester: await store.active_captures(session=session, now=NOW, requester=requester)
+            for requester in ("alice", "bob", "carol")
+        }
+        assert counted == {"alice": 2, "bob": 1, "carol": 0}
+        assert await store.active_captures(session=session, now=NOW) == 3
+
+
+async def test_a_status_is_shown_to_its_requester_and_operators_only(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    request = capture()
+    await add(sessions, request)
+    callers = {
+        ALICE: True,
+        OPERATOR: True,
+        Caller(subject="bob"): False,
+        Caller(subject="Alice"): False,  # subjects are compared exactly
+    }
+    async with sessions() as session:
+        for caller, shown in callers.items():
+            response = await store.response(
+                session=session, request_id=request.id, caller=caller, url=lambda key: None
+            )
+            assert (response is not None) is shown, caller
+
+
 async def test_a_lease_is_renewed_only_by_its_owner(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
@@ -386,7 +481,10 @@ async def test_the_status_lists_frames_in_capture_order_with_urls_made_now(
 
     async with sessions() as session:
         response = await store.response(
-            session=session, request_id=request.id, url=lambda key: f"https://s3.example/{key}?sig"
+            session=session,
+            request_id=request.id,
+            caller=ALICE,
+            url=lambda key: f"https://s3.example/{key}?sig",
         )
     assert response is not None
     assert response.request_id == request.id
@@ -415,10 +513,10 @@ async def test_the_status_of_a_capture_shows_its_mode_and_an_unknown_request_is_
     await add(sessions, request)
     async with sessions() as session:
         response = await store.response(
-            session=session, request_id=request.id, url=lambda key: None
+            session=session, request_id=request.id, caller=ALICE, url=lambda key: None
         )
         missing = await store.response(
-            session=session, request_id=str(uuid.uuid4()), url=lambda key: None
+            session=session, request_id=str(uuid.uuid4()), caller=OPERATOR, url=lambda key: None
         )
     assert response is not None
     assert response.capture_mode is CaptureMode.CONTINUOUS

@@ -6,10 +6,15 @@
   opened at the ingestion service (request/reply), each accepted file published as its own
   durable message, and 202 comes once the broker confirmed them all.
 - `POST /api/v1/ingest/rtsp`: the seed's JSON body; the service admits the capture (or refuses
-  it at the stream cap: 429) and runs it in the background. 202 at once.
+  it at a stream cap: 429; a URL with a control character or space, or naming a destination
+  the service may not reach: 422) and runs it in the background. 202 at once.
 - `GET /api/v1/ingest/status/{request_id}`: the seed's `IngestionResponse`, from the service.
 - `POST /api/v1/ingest/rtsp/{request_id}/cancel`: stops a capture.
 - `WS /ws/ingest/{request_id}`: the status now, then each `ingest.request.<id>` event.
+
+Every request names its caller (the token's subject) to the service, which keeps it as the
+request's requester: status, progress and cancel are for the requester, or a token with
+`ingest:admin`; to anyone else the request does not exist (404).
 
 Errors have the seed's `ErrorResponse` shape: `{error, message, details, request_id, timestamp}`.
 """
@@ -17,12 +22,13 @@ Errors have the seed's `ErrorResponse` shape: `{error, message, details, request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -37,7 +43,9 @@ from edgeway.common.schemas.ingest import (
     HEADER_REQUEST_ID,
     MAX_FILE_NAME,
     UPLOAD_FILE_TYPE,
+    URL_REFUSED,
     AcceptedFile,
+    Caller,
     CancelRequest,
     CreateUpload,
     FileKind,
@@ -66,7 +74,13 @@ PROGRESS_ENDPOINT = "/ws/ingest/{request_id}"
 SERVICE = "ingestion"
 MAX_JSON_BYTES = 64 * 1024  # an RTSP request body (a URL and a small `meta`)
 # The service's refusals, as HTTP statuses.
-REPLY_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "stream_limit": 429}
+REPLY_STATUS = {
+    "invalid": 400,
+    "not_found": 404,
+    "conflict": 409,
+    URL_REFUSED: 422,
+    "stream_limit": 429,
+}
 
 router = APIRouter()
 log = get_logger("edgeway.gateway.ingest")
@@ -131,6 +145,10 @@ def _accepted(reply: IngestReply, request_id: str) -> JSONResponse:
 
 def _unavailable(exc: Exception, *, endpoint: str, request_id: str | None = None) -> JSONResponse:
     return error_response(504, "unavailable", str(exc), endpoint=endpoint, request_id=request_id)
+
+
+def _caller(principal: Principal) -> Caller:
+    return Caller(subject=principal.subject, operator=Scope.INGEST_ADMIN in principal.scopes)
 
 
 def _request_id(value: str, *, endpoint: str) -> str | JSONResponse:
@@ -202,6 +220,7 @@ async def upload(
     request_id = str(uuid.uuid4())
     command = CreateUpload(
         request_id=request_id,
+        caller=_caller(principal),
         camera_id=camera_id,
         meta=meta,
         files=[described for described, _, _ in accepted],
@@ -272,11 +291,15 @@ async def rtsp(
     try:
         capture = RtspIngestionRequest.model_validate_json(body)
     except ValidationError as exc:
+        unsafe = [error for error in exc.errors() if error["type"] == URL_REFUSED]
+        if unsafe:  # not a mistake but an attempt to write into the RTSP request: 422
+            return error_response(422, URL_REFUSED, unsafe[0]["msg"], endpoint=RTSP_ENDPOINT)
         # The seed's mapping: a validation error is 400 (not FastAPI's 422).
         return error_response(400, "validation_error", _first_error(exc), endpoint=RTSP_ENDPOINT)
     request_id = str(uuid.uuid4())
+    command = StartCapture(request_id=request_id, request=capture, caller=_caller(principal))
     try:
-        reply = await ask(gateway, StartCapture(request_id=request_id, request=capture))
+        reply = await ask(gateway, command)
     except ServiceUnavailableError as exc:
         return _unavailable(exc, endpoint=RTSP_ENDPOINT)
     if not reply.ok:
@@ -290,6 +313,7 @@ async def _about_request(
     request_id: str,
     command: type[CancelRequest] | type[GetStatus],
     *,
+    principal: Principal,
     endpoint: str,
 ) -> JSONResponse:
     """Ask the service about one request (status, cancel): its IngestionResponse, or why not."""
@@ -297,7 +321,7 @@ async def _about_request(
     if isinstance(checked, JSONResponse):
         return checked
     try:
-        reply = await ask(gateway, command(request_id=checked))
+        reply = await ask(gateway, command(request_id=checked, caller=_caller(principal)))
     except ServiceUnavailableError as exc:
         return _unavailable(exc, endpoint=endpoint, request_id=checked)
     if not reply.ok or reply.response is None:
@@ -311,35 +335,59 @@ async def cancel(
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_WRITE, CANCEL_ENDPOINT)],
 ) -> JSONResponse:
-    return await _about_request(gateway, request_id, CancelRequest, endpoint=CANCEL_ENDPOINT)
+    return await _about_request(
+        gateway, request_id, CancelRequest, principal=principal, endpoint=CANCEL_ENDPOINT
+    )
 
 
 # --- status ---------------------------------------------------------------------------------
 
 
-@router.get(STATUS_ENDPOINT, dependencies=[require(Scope.INGEST_READ, STATUS_ENDPOINT)])
-async def status(request_id: str, gateway: GatewayDep) -> JSONResponse:
-    return await _about_request(gateway, request_id, GetStatus, endpoint=STATUS_ENDPOINT)
+@router.get(STATUS_ENDPOINT)
+async def status(
+    request_id: str,
+    gateway: GatewayDep,
+    principal: Annotated[Principal, require(Scope.INGEST_READ, STATUS_ENDPOINT)],
+) -> JSONResponse:
+    return await _about_request(
+        gateway, request_id, GetStatus, principal=principal, endpoint=STATUS_ENDPOINT
+    )
 
 
 @router.websocket(PROGRESS_ENDPOINT)
 async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -> None:
-    """The request's status at once, then every progress event until the client leaves."""
+    """The request's status at once, then every progress event until the client leaves.
+
+    Its events are watched only once the service has answered the status to this caller (the
+    requester or an operator): anyone else gets `not_found` and the socket closes.
+    """
     principal = await admit_websocket(
         websocket, gateway, scope=Scope.INGEST_READ, endpoint=PROGRESS_ENDPOINT
     )
     if principal is None:
         return
     await websocket.accept()
+
+    async def refuse(code: str, reason: str, close_code: int) -> None:
+        error = {"type": "error", "code": code, "reason": reason}
+        # The client may have left while the service was asked: nothing to tell it then.
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await websocket.send_text(orjson.dumps(error).decode())
+            await websocket.close(close_code, code)
+
     try:
         checked = str(uuid.UUID(request_id))
     except ValueError:
-        await websocket.send_text(
-            orjson.dumps(
-                {"type": "error", "code": "not_found", "reason": "not a request id"}
-            ).decode()
-        )
-        await websocket.close(1008, "not a request id")
+        await refuse("not_found", "not a request id", 1008)
+        return
+    ask_status = GetStatus(request_id=checked, caller=_caller(principal))
+    try:
+        allowed = await ask(gateway, ask_status)
+    except ServiceUnavailableError as exc:
+        await refuse("unavailable", str(exc), 1011)  # whose request it is is not known
+        return
+    if allowed.response is None:
+        await refuse(allowed.error or "not_found", allowed.message or "no such request", 1008)
         return
     client = ClientQueue.text(
         websocket,
@@ -350,9 +398,10 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
     CONNECTIONS.labels(PROGRESS_ENDPOINT).inc()
 
     async def status_first() -> None:
+        # Asked again once the channel is watched: no event between the two is lost.
         first: dict[str, Any]
         try:
-            reply = await ask(gateway, GetStatus(request_id=checked))
+            reply = await ask(gateway, ask_status)
         except ServiceUnavailableError as exc:
             first = {"type": "error", "code": "unavailable", "reason": str(exc)}
         else:

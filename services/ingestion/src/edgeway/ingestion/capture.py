@@ -5,19 +5,26 @@ The seed (seed-systems.md §5) read RTSP synchronously on the event loop, cut ev
 a worker thread that hands kept frames to the loop through a bounded buffer (oldest dropped when
 full, as the seed's 100-frame queue did); a watchdog reopens a stalled connection; reconnects back
 off exponentially; the capture ends `duration_s` after its first frame, however long that is.
+
+FFmpeg never connects to the camera itself: each connection goes through a loopback relay to an
+address checked against the destination allowlist, which drops redirects (`relay.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import os
 import re
+import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import av
 import av.error
@@ -27,6 +34,13 @@ from numpy.typing import NDArray
 
 from edgeway.common.logging import get_logger, mask_secrets
 from edgeway.common.schemas.ingest import CaptureMode  # the API's enum, so jobs pass it through
+from edgeway.ingestion.destinations import (
+    DEFAULT_POLICY,
+    Destination,
+    DestinationPolicy,
+    DestinationRefusedError,
+)
+from edgeway.ingestion.relay import Relay
 
 __all__ = [
     "Capture",
@@ -41,11 +55,17 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 # TCP interleaving: RTP over UDP is lost behind NAT and firewalls and drops packets under load.
 # analyzeduration (µs) bounds the stream probe at open: FFmpeg's default of 5 s made every open
 # take ~3 s on the test camera and then delivered the probed frames in one burst.
-_OPEN_OPTIONS = {"rtsp_transport": "tcp", "analyzeduration": "500000"}
+# protocol_whitelist: FFmpeg talks to the relay, over plain RTSP on TCP, and nothing else.
+_OPEN_OPTIONS = {
+    "rtsp_transport": "tcp",
+    "analyzeduration": "500000",
+    "protocol_whitelist": "rtsp,tcp",
+}
 # Errors that another attempt cannot fix: wrong or missing credentials.
 _PERMANENT_ERRORS = (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError)
 
@@ -89,8 +109,7 @@ class CapturePlan:
     change_threshold: float = 0.08
 
     def __post_init__(self) -> None:
-        if not self.url.lower().startswith(("rtsp://", "rtsps://")):
-            raise ValueError(f"not an rtsp:// or rtsps:// URL: {mask_credentials(self.url)}")
+        Destination.of(self.url)  # the API's URL check; its messages never quote the URL
         if not self.fps > 0:
             raise ValueError(f"fps must be > 0, not {self.fps}")
         if self.mode is not CaptureMode.SINGLE_FRAME and not (
@@ -197,6 +216,7 @@ class Capture:
     lost to a full buffer), `examined` (frames sampled at `fps`), `kept` (frames handed to the
     buffer, dropped ones included). `clock` gives epoch seconds for `captured_at` (e.g.
     `TimeSync.now` for NTP-corrected stamps); intervals are always measured on the monotonic clock.
+    `destinations` says where it may connect (public addresses on the RTSP ports, by default).
     """
 
     def __init__(
@@ -204,10 +224,13 @@ class Capture:
         plan: CapturePlan,
         limits: CaptureLimits = CaptureLimits(),  # frozen, so one shared default is safe
         *,
+        destinations: DestinationPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.plan = plan
         self.limits = limits
+        self.destinations = destinations
+        self._destination = Destination.of(plan.url)
         self.reconnects = 0
         self.dropped = 0
         self.examined = 0
@@ -339,24 +362,66 @@ class Capture:
                     f" ({outcome.reason})"
                 )
 
-    def _describe(self, exc: BaseException) -> str:
-        text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return mask_secrets(str(text).replace(self.plan.url, self._masked_url))
+    def _describe(self, exc: BaseException, relay: Relay | None = None) -> str:
+        text = str(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+        for url in (self.plan.url, relay.url if relay is not None else None):
+            if url:
+                text = text.replace(url, mask_credentials(url))
+        return mask_secrets(text)
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T], limit_s: float) -> T:
+        """Run `coroutine` on the consumer's event loop, from the worker thread."""
+        assert self._loop is not None  # frames() set it before starting the worker
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(limit_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError from None
 
     def _connect(self) -> _Connection:
         limits = self.limits
+        opening = Relay.open(self._destination, self.destinations, limit_s=limits.open_timeout_s)
+        try:
+            # The relay's own time limit ends it first; this one only guards a stopped loop.
+            relay = self._on_loop(opening, limits.open_timeout_s + 1)
+        except DestinationRefusedError as exc:
+            # An ordinary failed attempt, retried like one: the caller learns nothing of how
+            # a name resolves from the timing either.
+            return _Connection(reason=exc.reason)
+        except TimeoutError:
+            return _Connection(reason=f"no answer within {limits.open_timeout_s:g} s")
+        except OSError as exc:
+            # asyncio words a refused connection "Connect call failed (address)": the errno
+            # says it as FFmpeg did ("Connection refused"). A TLS error's errno is OpenSSL's.
+            errno = None if isinstance(exc, ssl.SSLError) else exc.errno
+            return _Connection(reason=os.strerror(errno) if errno else self._describe(exc))
+        try:
+            outcome = self._read(relay)
+        finally:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop has closed: so has the relay
+                self._loop.call_soon_threadsafe(relay.close)
+        if relay.refusal is not None and not outcome.done:  # what the camera sent, not how
+            # FFmpeg took it: a redirect stays one, so it is not tried again
+            return _Connection(got_frame=outcome.got_frame, reason=relay.refusal, permanent=True)
+        return outcome
+
+    def _read(self, relay: Relay) -> _Connection:
+        """One connection through `relay`: open it with FFmpeg, decode until it ends."""
+        limits = self.limits
         try:
             container = av.open(
-                self.plan.url,
+                relay.url,
                 options=dict(_OPEN_OPTIONS),
                 timeout=(limits.open_timeout_s, limits.stall_timeout_s),
             )
         except av.error.ExitError:
             return _Connection(reason=f"no answer within {limits.open_timeout_s:g} s")
         except _PERMANENT_ERRORS as exc:
-            return _Connection(reason=self._describe(exc), permanent=True)
+            return _Connection(reason=self._describe(exc, relay), permanent=True)
         except (av.error.FFmpegError, OSError) as exc:
-            return _Connection(reason=self._describe(exc))
+            return _Connection(reason=self._describe(exc, relay))
         outcome = _Connection()
         with container:
             if not container.streams.video:
@@ -390,7 +455,7 @@ class Capture:
             except av.error.ExitError:  # PyAV's read timeout: not one packet for stall_timeout_s
                 outcome.reason = f"no frame for {limits.stall_timeout_s:g} s"
             except (av.error.FFmpegError, OSError) as exc:
-                outcome.reason = self._describe(exc)
+                outcome.reason = self._describe(exc, relay)
         return outcome
 
     def _on_frame(self, frame: VideoFrame, now: float) -> bool:

@@ -16,6 +16,7 @@ from edgeway.common.schemas.ingest import (
     HEADER_KIND,
     HEADER_REQUEST_ID,
     MAX_FILE_NAME,
+    Caller,
     FileKind,
     check_camera_id,
 )
@@ -91,3 +92,9 @@ def file_key(when: datetime, device: str, file_id: str) -> str:
 
 def new_frame_id() -> str:
     return str(uuid.uuid4())
+
+
+def may_see(caller: Caller, requester: str | None) -> bool:
+    """Whether `caller` may read or cancel a request `requester` opened. Anyone else is told
+    there is no such request: ids are not secrets, so an answer must not reveal one exists."""
+    return caller.operator or (requester is not None and requester == caller.subject)

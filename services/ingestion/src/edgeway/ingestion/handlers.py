@@ -1,7 +1,8 @@
 """FastStream subscribers of the ingestion service, and the background work it runs.
 
 - Requests from the gateway (request/reply): open an upload, start or cancel an RTSP capture,
-  read a request's status (frames with presigned URLs made now, never stored).
+  read a request's status (frames with presigned URLs made now, never stored). Each names its
+  caller; status and cancel are answered only to the request's requester or an operator.
 - Files (a durable work queue, one message per file): check, store, commit (`uploads.Uploads`).
 - Cancellations (a fanout every replica hears): the replica running the capture stops it.
 - Background: the outbox relay (events committed with their rows), RTSP jobs, the sweeper.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import orjson
@@ -21,6 +23,7 @@ from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.broker import (
     answer_requests,
@@ -34,6 +37,8 @@ from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.ingest import (
     UPLOAD_FILE_TYPE,
+    URL_REFUSED,
+    Caller,
     CancelRequest,
     CreateUpload,
     FileKind,
@@ -51,7 +56,7 @@ from edgeway.ingestion.images import ImageLimits, ImageSanitizer
 from edgeway.ingestion.jobs import CaptureJobs, JobMetrics
 from edgeway.ingestion.outbox import OutboxRelay
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import make_store
+from edgeway.ingestion.storage import ObjectStore, make_store
 from edgeway.ingestion.sweeper import Sweeper
 from edgeway.ingestion.uploads import Uploads
 
@@ -135,20 +140,12 @@ def build_app(
         sessions=sessions,
         objects=objects,
         sanitizer=sanitizer,
+        max_file_bytes=settings.max_file_bytes,
         committed=relay.nudge,
         counted=counted,
     )
 
-    async def respond(request_id: str) -> IngestReply:
-        async with sessions() as session:
-            response = await store.response(
-                session=session,
-                request_id=request_id,
-                url=lambda key: objects.url(key, expires=presign_for),
-            )
-        if response is None:
-            return IngestReply(ok=False, error="not_found", message=f"no request {request_id}")
-        return IngestReply(ok=True, response=response)
+    respond = status_reader(sessions, objects, presign_for)
 
     jobs = CaptureJobs(
         settings=settings,
@@ -176,15 +173,17 @@ def build_app(
         try:
             command = COMMANDS.validate_json(body)
         except ValidationError as exc:
-            reply = IngestReply(ok=False, error="invalid", message=_first_error(exc))
+            unsafe = any(error["type"] == URL_REFUSED for error in exc.errors())
+            error = URL_REFUSED if unsafe else "invalid"
+            reply = IngestReply(ok=False, error=error, message=_first_error(exc))
             return reply.model_dump_json().encode()
         if isinstance(command, CreateUpload):
             refused = await uploads.open(command)
-            reply = refused or await respond(command.request_id)
+            reply = refused or await respond(command.request_id, command.caller)
         elif isinstance(command, StartCapture):
             reply = await jobs.start(command)
         elif isinstance(command, CancelRequest):
-            reply = await jobs.cancel(command.request_id)
+            reply = await jobs.cancel(command.request_id, command.caller)
             if reply.ok:
                 # Whichever replica runs it stops it (this one did already, if it was here).
                 await broker.publish(
@@ -193,7 +192,7 @@ def build_app(
                     persist=False,
                 )
         else:
-            reply = await respond(command.request_id)
+            reply = await respond(command.request_id, command.caller)
         return reply.model_dump_json().encode()
 
     answer_requests(broker, topology.ingest_requests_queue, answer)
@@ -279,6 +278,26 @@ def build_app(
     app.after_startup(start_background)
     app.on_shutdown(stop_background)
     return app
+
+
+def status_reader(
+    sessions: async_sessionmaker[AsyncSession], objects: ObjectStore, presign_for: timedelta
+) -> Callable[[str, Caller], Awaitable[IngestReply]]:
+    """The status of a request as `caller` may see it: `not_found` when it may not."""
+
+    async def respond(request_id: str, caller: Caller) -> IngestReply:
+        async with sessions() as session:
+            response = await store.response(
+                session=session,
+                request_id=request_id,
+                caller=caller,
+                url=lambda key: objects.url(key, expires=presign_for),
+            )
+        if response is None:
+            return IngestReply(ok=False, error="not_found", message=f"no request {request_id}")
+        return IngestReply(ok=True, response=response)
+
+    return respond
 
 
 def _first_error(exc: ValidationError) -> str:

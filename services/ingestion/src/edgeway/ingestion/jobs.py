@@ -1,20 +1,24 @@
 """RTSP captures as background jobs: admitted under a cap, leased, cancellable, never blocking.
 
 A capture is admitted in one transaction that counts the captures running anywhere (active, with
-a live lease) and inserts its own row; on PostgreSQL an advisory lock makes that count and insert
-atomic across replicas. The replica that admitted it runs it: frames come from
-`edgeway.ingestion.capture` (PyAV in a worker thread), are re-encoded as JPEG in a worker thread,
-stored as objects, then committed as rows with their announcements. While it runs, the job renews
-its lease; a replica that dies stops renewing, and the sweeper fails its requests. Cancellation
-reaches the owner through the control exchange, and through the lease renewal, which reads the
-request's status.
+a live lease), all of them and its caller's, and inserts its own row; on PostgreSQL an advisory
+lock makes those counts and the insert atomic across replicas. A URL naming an address or port
+the destination allowlist refuses is refused then (a host name is checked when connecting).
+The replica that admitted it runs it: frames come from `edgeway.ingestion.capture` (PyAV in a
+worker thread), are re-encoded as JPEG in a worker thread, stored as objects, then committed as
+rows with their announcements. While it runs, the job renews its lease; a replica that dies
+stops renewing, and the sweeper fails its requests. Cancellation reaches the owner through the
+control exchange, and through the lease renewal, which reads the request's status.
+
+Why a capture failed goes to the log only: the request says one thing for every failure, so it
+cannot tell a closed port from an open one, or a name that does not resolve from one refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,6 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from edgeway.common.db import dialect_of
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.ingest import (
+    URL_REFUSED,
+    Caller,
     CaptureMode,
     IngestReply,
     RequestStatus,
@@ -41,12 +47,19 @@ from edgeway.ingestion.capture import (
     mask_credentials,
 )
 from edgeway.ingestion.credentials import CredentialCipher
+from edgeway.ingestion.destinations import Destination, DestinationPolicy
 from edgeway.ingestion.images import ImageSanitizer
 from edgeway.ingestion.settings import IngestionSettings
 from edgeway.ingestion.storage import ObjectStore
 
 # Any constant: the key of the PostgreSQL advisory lock that serialises admissions.
 ADMISSION_LOCK = 0x1A6E57
+# What a request says of every capture that got no frame (the reason is in the log).
+CAPTURE_FAILED = (
+    "no frame could be captured: the camera could not be reached, refused the connection or "
+    "the credentials, or sent no usable video"
+)
+URL_NOT_ALLOWED = "rtsp_url names a host or port this service may not connect to"
 
 log = get_logger("edgeway.ingestion.jobs")
 
@@ -84,7 +97,7 @@ class CaptureJobs:
         cipher: CredentialCipher,
         replica_id: str,
         committed: Callable[[], None],
-        respond: Callable[[str], Any],
+        respond: Callable[[str, Caller], Awaitable[IngestReply]],
         metrics: JobMetrics | None = None,
     ) -> None:
         self._settings = settings
@@ -94,7 +107,8 @@ class CaptureJobs:
         self._cipher = cipher
         self._replica_id = replica_id
         self._committed = committed  # nudges the outbox relay
-        self._respond = respond  # request id -> IngestReply as it stands
+        self._respond = respond  # the request as it stands, as its caller sees it
+        self._destinations = DestinationPolicy.parse(settings.rtsp_allowed_destinations)
         self._metrics = metrics or JobMetrics()
         self._running: dict[str, _Running] = {}
         self._admission = asyncio.Lock()
@@ -109,6 +123,16 @@ class CaptureJobs:
     async def start(self, command: StartCapture) -> IngestReply:
         request = command.request
         settings = self._settings
+        refusal = self._destinations.early_refusal(Destination.of(request.rtsp_url))
+        if refusal is not None:
+            log.info(
+                "capture refused",
+                request_id=command.request_id,
+                url=mask_credentials(request.rtsp_url),
+                reason=refusal,
+            )
+            return IngestReply(ok=False, error=URL_REFUSED, message=URL_NOT_ALLOWED)
+        caller = command.caller.subject
         now = _now()
         async with self._admission, self._sessions.begin() as session:
             if dialect_of(session) == "postgresql":
@@ -118,6 +142,16 @@ class CaptureJobs:
             if await session.get(store.IngestionRequest, command.request_id) is not None:
                 return IngestReply(
                     ok=False, error="conflict", message=f"request {command.request_id} exists"
+                )
+            mine = await store.active_captures(session=session, now=now, requester=caller)
+            if mine >= settings.max_streams_per_principal:
+                return IngestReply(
+                    ok=False,
+                    error="stream_limit",
+                    message=(
+                        f"{mine} of your RTSP captures are running, the limit per caller is "
+                        f"{settings.max_streams_per_principal}: try again when one has finished"
+                    ),
                 )
             active = await store.active_captures(session=session, now=now)
             if active >= settings.max_concurrent_streams:
@@ -140,6 +174,7 @@ class CaptureJobs:
                     camera_id=request.camera_id,
                     source_type=SourceType.RTSP.value,
                     status=RequestStatus.IN_PROGRESS.value,
+                    requester=caller,
                     rtsp_url=mask_credentials(request.rtsp_url),
                     rtsp_url_sealed=self._cipher.seal(request.rtsp_url),
                     capture_mode=mode.value,
@@ -179,16 +214,16 @@ class CaptureJobs:
             mode=mode.value,
             duration_s=duration,
         )
-        reply: IngestReply = await self._respond(command.request_id)
-        return reply
+        return await self._respond(command.request_id, command.caller)
 
     # --- cancellation -------------------------------------------------------------------------
 
-    async def cancel(self, request_id: str) -> IngestReply:
-        """Cancel a capture wherever it runs; a finished request stays as it ended."""
+    async def cancel(self, request_id: str, caller: Caller) -> IngestReply:
+        """Cancel a capture wherever it runs; a finished request stays as it ended. Only its
+        requester or an operator may: anyone else is told it does not exist."""
         async with self._sessions.begin() as session:
             request = await store.lock_request(session=session, request_id=request_id)
-            if request is None:
+            if request is None or not domain.may_see(caller, request.requester):
                 return IngestReply(ok=False, error="not_found", message=f"no request {request_id}")
             if request.source_type != SourceType.RTSP.value:
                 return IngestReply(
@@ -203,8 +238,7 @@ class CaptureJobs:
             )
         self._committed()
         self.stop_local(request_id)
-        reply: IngestReply = await self._respond(request_id)
-        return reply
+        return await self._respond(request_id, caller)
 
     def stop_local(self, request_id: str) -> None:
         """Stop the capture if it runs here (a cancellation from any replica)."""
@@ -243,6 +277,7 @@ class CaptureJobs:
                 backoff_max_s=settings.backoff_max_s,
                 buffer_frames=settings.capture_buffer_frames,
             ),
+            destinations=self._destinations,
         )
         running = self._running[request_id]
         running.capture = capture
@@ -260,7 +295,8 @@ class CaptureJobs:
             if running.cancelled:
                 status, message = RequestStatus.CANCELLED, "cancelled by request"
         except CaptureError as exc:
-            status, message = RequestStatus.FAILED, exc.reason
+            log.warning("capture failed", request_id=request_id, reason=exc.reason)
+            status, message = RequestStatus.FAILED, CAPTURE_FAILED
         except Exception as exc:
             log.exception("capture failed", request_id=request_id)
             status, message = RequestStatus.FAILED, f"capture failed: {type(exc).__name__}"
@@ -343,7 +379,7 @@ class CaptureJobs:
             if request is None:
                 return
             if status is RequestStatus.COMPLETED and request.frames_stored == 0:
-                status, message = RequestStatus.FAILED, "the stream gave no frame"
+                status, message = RequestStatus.FAILED, CAPTURE_FAILED
             store.finish(
                 session=session, request=request, status=status, now=_now(), message=message
             )

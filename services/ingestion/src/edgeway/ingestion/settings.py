@@ -6,6 +6,7 @@ from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from edgeway.common.settings import CommonSettings, database_url_field
+from edgeway.ingestion.destinations import DEFAULT_DESTINATIONS, parse_rule
 
 MIB = 1024 * 1024
 
@@ -27,7 +28,8 @@ class IngestionSettings(CommonSettings):
     # Presigned GET URLs are made when a status is read, valid this long (the seed's 1 h).
     presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
-    # Images: the seed's 50 MiB per file; decoding is bounded by pixels, time and threads.
+    # Images: the seed's 50 MiB per file (checked again here, whatever the gateway let through);
+    # decoding is bounded by pixels, time and threads.
     max_file_bytes: int = Field(default=50 * MIB, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
     decode_timeout_s: float = Field(default=5.0, gt=0)
@@ -38,6 +40,14 @@ class IngestionSettings(CommonSettings):
 
     # RTSP captures (the seed's defaults: 1 fps, 30 s capture timeout, 3 reconnects, 10 streams).
     max_concurrent_streams: int = Field(default=10, ge=1)
+    # Of those, how many one caller (a token's subject) may run at once: one caller cannot take
+    # every stream from the others.
+    max_streams_per_principal: int = Field(default=3, ge=1)
+    # Where a capture may connect (destinations.py): entries HOST[:PORTS]. HOST is '*' or a host
+    # name ('*.example.com' too), which admit public addresses only, or an address or CIDR
+    # network, which admit any address inside it: the only way to loopback and private ranges.
+    # PORTS: 554, 8554-8560 or '*' (the default). The default: public cameras on the RTSP ports.
+    rtsp_allowed_destinations: list[str] = Field(default_factory=lambda: list(DEFAULT_DESTINATIONS))
     default_fps: float = Field(default=1.0, gt=0, le=30)
     default_capture_duration_s: float = Field(default=30.0, ge=1, le=3600)
     open_timeout_s: float = Field(default=10.0, gt=0)
@@ -73,6 +83,13 @@ class IngestionSettings(CommonSettings):
                 raise ValueError(
                     "EDGEWAY_CREDENTIALS_KEY is not a Fernet key (32 url-safe base64-encoded bytes)"
                 ) from None
+        return value
+
+    @field_validator("rtsp_allowed_destinations")
+    @classmethod
+    def _destinations(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_rule(entry)  # a ValueError says which entry and what is wrong with it
         return value
 
     @model_validator(mode="after")

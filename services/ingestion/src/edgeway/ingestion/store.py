@@ -44,6 +44,7 @@ from edgeway.common.db import (
 from edgeway.common.schemas.ingest import (
     FRAME_STORED_TYPE,
     PROGRESS_TYPE,
+    Caller,
     CaptureMode,
     FrameInfo,
     IngestionResponse,
@@ -52,6 +53,7 @@ from edgeway.common.schemas.ingest import (
     SourceType,
 )
 from edgeway.common.topology import Channels
+from edgeway.ingestion import domain
 from edgeway.ingestion.images import CleanImage
 
 MIGRATIONS = Migrations(
@@ -89,6 +91,9 @@ class IngestionRequest(Base):
     camera_id: Mapped[str] = mapped_column(String(CAMERA_ID_LENGTH))
     source_type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
+    # Who opened it (the token's subject, from the gateway): only they, or an operator, may read
+    # or cancel it. None on requests from before owners were kept: operators only.
+    requester: Mapped[str | None] = mapped_column(Text)
     # RTSP: the URL with its credentials masked, and the whole URL sealed (credentials.py).
     rtsp_url: Mapped[str | None] = mapped_column(Text)
     rtsp_url_sealed: Mapped[str | None] = mapped_column(Text)
@@ -288,13 +293,18 @@ async def add_rejections(
     await session.flush()
 
 
-async def active_captures(*, session: AsyncSession, now: datetime) -> int:
-    """RTSP captures running somewhere: active, with a lease that has not run out."""
+async def active_captures(
+    *, session: AsyncSession, now: datetime, requester: str | None = None
+) -> int:
+    """RTSP captures running somewhere: active, with a lease that has not run out; only those
+    `requester` opened, if given."""
     statement = select(func.count()).where(
         IngestionRequest.source_type == SourceType.RTSP.value,
         IngestionRequest.status.in_(ACTIVE),
         IngestionRequest.lease_expires_at > now,
     )
+    if requester is not None:
+        statement = statement.where(IngestionRequest.requester == requester)
     return int((await session.execute(statement)).scalar_one())
 
 
@@ -518,10 +528,13 @@ async def stale_uploads(*, session: AsyncSession, before: datetime) -> Sequence[
 # --- reading --------------------------------------------------------------------------------
 
 
-async def response(*, session: AsyncSession, request_id: str, url: Any) -> IngestionResponse | None:
-    """The request as the status endpoint shows it; `url(key)` makes each frame's URL now."""
+async def response(
+    *, session: AsyncSession, request_id: str, caller: Caller, url: Any
+) -> IngestionResponse | None:
+    """The request as the status endpoint shows it to `caller` (None if there is none, or none
+    it may see); `url(key)` makes each frame's URL now."""
     request = await session.get(IngestionRequest, request_id)
-    if request is None:
+    if request is None or not domain.may_see(caller, request.requester):
         return None
     frames = (
         await session.execute(

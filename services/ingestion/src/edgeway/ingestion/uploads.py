@@ -7,6 +7,9 @@ made from checked parts only, and then its row, the request's counts and the ann
 committed together, in one transaction with the other files checked meanwhile (a group commit:
 one progress event per request and group). A redelivered file has the same id and key: the put
 overwrites the same object, and the row insert finds it there.
+
+A file over `max_file_bytes` is refused here too, whatever the gateway let through (a gateway
+of another version, or with other settings): that file fails with its reason, the rest go on.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from edgeway.ingestion.images import ImageSanitizer
 from edgeway.ingestion.storage import ObjectStore
 
 CSV_CONTENT_TYPE = "text/csv"
+TOO_LARGE = "too_large"  # the gateway's code for the same refusal
 
 log = get_logger("edgeway.ingestion.uploads")
 
@@ -65,12 +69,14 @@ class Uploads:
         sessions: async_sessionmaker[AsyncSession],
         objects: ObjectStore,
         sanitizer: ImageSanitizer,
+        max_file_bytes: int,
         committed: Callable[[], None],
         counted: Callable[[str, str], None] = lambda kind, outcome: None,
     ) -> None:
         self._sessions = sessions
         self._objects = objects
         self._sanitizer = sanitizer
+        self._max_file_bytes = max_file_bytes
         self._committed = committed
         self._counted = counted  # (kind, outcome: stored | duplicate | rejected | dropped)
         # Files checked at the same time commit together (edgeway.common.batching): one
@@ -96,6 +102,7 @@ class Uploads:
                     camera_id=command.camera_id,
                     source_type=SourceType.UPLOAD.value,
                     status=RequestStatus.IN_PROGRESS.value,
+                    requester=command.caller.subject,
                     meta_info=command.meta.model_dump(exclude_none=True) if command.meta else None,
                     files_expected=len(command.files),
                     frames_stored=0,
@@ -115,9 +122,18 @@ class Uploads:
         else:
             await self._store_csv(file, body, received=received)
 
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self._max_file_bytes:
+            raise MediaRejected(
+                TOO_LARGE,
+                f"the file is {len(body)} bytes, over the {self._max_file_bytes} bytes a file "
+                "may have",
+            )
+
     async def _store_image(self, file: FileMessage, body: bytes, *, received: datetime) -> None:
         assert file.request_id is not None
         try:
+            self._check_size(body)  # before decoding: it would be stored otherwise
             image = await self._sanitizer.clean(body)
         except MediaRejected as rejected:
             log.info(
@@ -207,9 +223,11 @@ class Uploads:
 
     async def _store_csv(self, file: FileMessage, body: bytes, *, received: datetime) -> None:
         try:
+            self._check_size(body)
             check_csv(body)
         except MediaRejected as rejected:
-            # The gateway ran the same check: only a gateway of another version gets here.
+            # The gateway ran the same checks: only a gateway of another version (or with a
+            # larger cap) gets here.
             log.warning("phone file refused", device=file.owner, reason=rejected.reason)
             self._counted(file.kind.value, "rejected")
             return

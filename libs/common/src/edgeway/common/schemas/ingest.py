@@ -7,12 +7,14 @@ with the same models when the request reaches it, so neither trusts the other's 
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 # The seed allowed any 1-100 characters and put them into file paths and object keys. Edgeway
 # allows letters, digits, '_', '-' and '.', starting with a letter or digit, never '..': no
@@ -20,6 +22,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 RTSP_SCHEMES = ("rtsp", "rtsps")
 MAX_URL_LENGTH = 2048
+# The validation error type of a URL refused for safety (a character that could end a line of
+# the RTSP request it becomes), and the service's reply code for a destination it may not reach:
+# the gateway answers both with 422.
+URL_REFUSED = "url_refused"
 
 # Message types on `ingest.request.<id>` and the frames exchange.
 PROGRESS_TYPE = "ingest.progress.v1"
@@ -45,9 +51,37 @@ def check_camera_id(value: str) -> str:
     return value
 
 
+def _unsafe_character(value: str) -> str | None:
+    """Why `value` cannot be sent as a URL, or None: it must be printable ASCII without spaces.
+
+    urlsplit silently drops CR, LF and tab, so checking its parts says nothing of the raw text;
+    and FFmpeg writes the URL into its RTSP request line as given, so a CR or LF there starts a
+    request line or header of the caller's choosing. Anything else outside printable ASCII is
+    refused too: a URL carries other characters percent-encoded.
+    """
+    for position, character in enumerate(value):
+        if "!" <= character <= "~":
+            continue
+        if unicodedata.category(character).startswith("C"):
+            kind = "a control character"
+        elif character.isspace():
+            kind = "whitespace"
+        else:
+            kind = "a non-ASCII character"
+        return (
+            f"rtsp_url contains {kind} (U+{ord(character):04X}) at position {position}: "
+            "a URL is printable ASCII without spaces, other characters percent-encoded"
+        )
+    return None
+
+
 def check_rtsp_url(value: str) -> str:
     if len(value) > MAX_URL_LENGTH:
         raise ValueError(f"rtsp_url is longer than {MAX_URL_LENGTH} characters")
+    unsafe = _unsafe_character(value)
+    if unsafe is not None:
+        # A ValueError too, so callers outside pydantic catch it like the others.
+        raise PydanticCustomError(URL_REFUSED, "{reason}", {"reason": unsafe})
     try:
         parts = urlsplit(value)
         port = parts.port  # raises on a malformed port
@@ -162,6 +196,17 @@ class IngestionResponse(BaseModel):
 # --- gateway -> ingestion service (request/reply on Topology.ingest_requests_queue) -------------
 
 
+class Caller(BaseModel):
+    """Who asks, as the gateway verified it: the token's subject, and whether it holds the
+    operator scope (`ingest:admin`). A request belongs to the caller that opened it; status and
+    cancel are answered only to it or to an operator, and as `not_found` to anyone else."""
+
+    model_config = ConfigDict(frozen=True)
+
+    subject: str
+    operator: bool = False
+
+
 class AcceptedFile(BaseModel):
     file_id: str
     filename: str
@@ -173,6 +218,7 @@ class CreateUpload(BaseModel):
 
     op: Literal["create_upload"] = "create_upload"
     request_id: str
+    caller: Caller
     camera_id: CameraId
     meta: FrameMetadata | None = None
     files: list[AcceptedFile]
@@ -180,21 +226,24 @@ class CreateUpload(BaseModel):
 
 
 class StartCapture(BaseModel):
-    """Admit an RTSP capture (or refuse it: the stream cap) and start it."""
+    """Admit an RTSP capture (or refuse it: the stream caps, a destination it may not reach)."""
 
     op: Literal["start_capture"] = "start_capture"
     request_id: str
+    caller: Caller
     request: RtspIngestionRequest
 
 
 class GetStatus(BaseModel):
     op: Literal["status"] = "status"
     request_id: str
+    caller: Caller
 
 
 class CancelRequest(BaseModel):
     op: Literal["cancel"] = "cancel"
     request_id: str
+    caller: Caller
 
 
 IngestCommand = Annotated[
@@ -207,5 +256,6 @@ class IngestReply(BaseModel):
 
     ok: bool
     response: IngestionResponse | None = None
-    error: str | None = None  # a code: not_found, stream_limit, invalid, conflict
+    # A code: not_found, stream_limit, invalid, conflict, url_refused (URL_REFUSED).
+    error: str | None = None
     message: str | None = None
