@@ -1,5 +1,5 @@
 """The suite as real processes on RabbitMQ and PostgreSQL: the gateway, occupancy, and the
-telemetry, video-relay and ingestion services when a test asks for them."""
+telemetry, video-relay, ingestion and tracker services when a test asks for them."""
 
 from __future__ import annotations
 
@@ -50,11 +50,14 @@ class Stack:
     video_relay: bool = False
     # The ingestion service's own settings (database, storage, limits); None: not started.
     ingestion_env: dict[str, str] | None = None
+    # The tracker's own settings (database, detector, checkpoints); None: not started.
+    tracker_env: dict[str, str] | None = None
     occupancy: ServiceProcess = field(init=False)
     gateway: ServiceProcess = field(init=False)
     telemetry: ServiceProcess | None = field(init=False, default=None)
     relay: ServiceProcess | None = field(init=False, default=None)
     ingestion: ServiceProcess | None = field(init=False, default=None)
+    tracker: ServiceProcess | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         common = {
@@ -93,6 +96,13 @@ class Stack:
                 port=free_port(),
                 log_path=self.workdir / "ingestion.log",
             )
+        if self.tracker_env is not None:
+            self.tracker = ServiceProcess(
+                "edgeway.tracker",
+                env={**common, "EDGEWAY_DATA_DIR": str(self.workdir), **self.tracker_env},
+                port=free_port(),
+                log_path=self.workdir / "tracker.log",
+            )
         self.gateway = ServiceProcess(
             "edgeway.gateway",
             env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl")},
@@ -103,7 +113,7 @@ class Stack:
     @property
     def services(self) -> list[ServiceProcess]:
         """Everything but the gateway, in start order."""
-        optional = (self.telemetry, self.relay, self.ingestion)
+        optional = (self.telemetry, self.relay, self.ingestion, self.tracker)
         return [self.occupancy, *(service for service in optional if service is not None)]
 
     def start(self) -> Stack:

@@ -45,6 +45,7 @@ SERVICES = {
     "telemetry": 8082,
     "video-relay": 8083,
     "ingestion": 8084,
+    "tracker": 8085,
 }
 # Services without a database of their own (the others each own one, named after the service).
 NO_DATABASE = {"gateway", "video-relay"}
@@ -139,6 +140,7 @@ def test_compose_every_service_has_a_healthcheck() -> None:
         ("telemetry", {"rabbitmq", "postgres"}),
         ("video-relay", {"rabbitmq"}),
         ("ingestion", {"rabbitmq", "postgres", "minio"}),
+        ("tracker", {"rabbitmq", "postgres"}),
     ],
 )
 def test_compose_services_wait_for_healthy_dependencies(service: str, needs: set[str]) -> None:

@@ -44,6 +44,7 @@ from bench.eval.simulate import (
     noisy_detections,
     simulated_embeddings,
 )
+from edgeway.tracker.scenes import draw_person
 from edgeway.tracker.vision.detection import HogDetector, OnnxDetector
 from edgeway.tracker.vision.homography import fit_homography, foot_points, project_points
 from edgeway.tracker.vision.tracking import CameraTracker
@@ -198,42 +199,6 @@ def map_projection() -> dict[str, Any]:
     return out
 
 
-def _draw_person(
-    img: np.ndarray, x: float, y: float, h: float, colour: tuple[int, int, int]
-) -> tuple[float, ...]:
-    """A standing silhouette (head, torso, arms, legs); returns its tight xyxy box."""
-    w = h * 0.28
-    cv2.ellipse(
-        img,
-        (int(x), int(y + h * 0.07)),
-        (int(h * 0.055), int(h * 0.07)),
-        0,
-        0,
-        360,
-        (60, 70, 90),
-        -1,
-    )
-    cv2.rectangle(
-        img, (int(x - w / 2), int(y + h * 0.15)), (int(x + w / 2), int(y + h * 0.52)), colour, -1
-    )
-    for side in (-1, 1):
-        cv2.line(
-            img,
-            (int(x + side * w / 2), int(y + h * 0.17)),
-            (int(x + side * (w / 2 + h * 0.06)), int(y + h * 0.5)),
-            colour,
-            int(h * 0.06),
-        )
-        cv2.line(
-            img,
-            (int(x + side * w / 4), int(y + h * 0.52)),
-            (int(x + side * w / 3), int(y + h)),
-            (40, 40, 40),
-            int(h * 0.09),
-        )
-    return (x - w / 2 - h * 0.06, y, x + w / 2 + h * 0.06, y + h)
-
-
 def rendered_scenes(count: int, seed: int = 7) -> list[tuple[np.ndarray, list[tuple[float, ...]]]]:
     """640 x 480 frames: textured background, 0-3 silhouettes 150-260 px tall, no overlaps."""
     rng = np.random.default_rng(seed)
@@ -255,7 +220,7 @@ def rendered_scenes(count: int, seed: int = 7) -> list[tuple[np.ndarray, list[tu
             h = float(rng.uniform(150, 260))
             x = 90 + k * 200 + float(rng.uniform(-20, 20))
             boxes.append(
-                _draw_person(
+                draw_person(
                     img,
                     x,
                     float(rng.uniform(5, 470 - h)),

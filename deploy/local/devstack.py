@@ -1,9 +1,10 @@
 """`make run`: the whole stack as local processes on the embedded defaults, with demo data.
 
-Starts the occupancy, telemetry and ingestion services (SQLite and local objects under var/dev),
-the video relay, the gateway, a demo camera model, two simulated vehicles (edge telemetry loggers replaying a highway
-and a city trace) and a simulated phone (`edgeway.edge.phone`: H.264 and IMU), then prints where
-to look. Development profile: legacy producers and clients that cannot send a token are let in
+Starts the occupancy, telemetry, ingestion and tracker services (SQLite and local objects under
+var/dev), the video relay, the gateway, a demo camera model, two simulated vehicles (edge telemetry loggers replaying a highway
+and a city trace) and a simulated phone (`edgeway.edge.phone`: H.264 and IMU), creates the demo
+tracking environment (three rendered cameras, their videos rendered on the first run from a fixed
+seed and uploaded through the gateway), then prints where to look. Development profile: legacy producers and clients that cannot send a token are let in
 (anonymous occupancy:publish, occupancy:subscribe, telemetry:subscribe, video:publish and
 video:subscribe); the vehicle loggers and the phone use tokens, logger control needs a
 telemetry:control token. Ctrl-C stops everything.
@@ -29,6 +30,9 @@ OCCUPANCY_PORT = int(os.environ.get("EDGEWAY_OCCUPANCY_PORT", "8081"))
 TELEMETRY_PORT = int(os.environ.get("EDGEWAY_TELEMETRY_PORT", "8082"))
 VIDEO_RELAY_PORT = int(os.environ.get("EDGEWAY_VIDEO_RELAY_PORT", "8083"))
 INGESTION_PORT = int(os.environ.get("EDGEWAY_INGESTION_PORT", "8084"))
+TRACKER_PORT = int(os.environ.get("EDGEWAY_TRACKER_PORT", "8085"))
+# The demo videos: 20 s at 10 fps per camera (edgeway.tracker.scenes.demo_scene).
+DEMO_FRAMES = 200
 # The seed's default VIN and a second demo vehicle, registered through the gateway's
 # /api/v1/vehicles once it is up (`register_vehicles`), as an operator registers a car.
 VEHICLES = (("5YJ3E1EA1KF000001", "highway"), ("5YJ3E1EA1KF000002", "city"))
@@ -82,6 +86,51 @@ def register_vehicles(gateway: str, admin: str) -> None:
         response.raise_for_status()
 
 
+def create_demo_environment(gateway: str, admin: str) -> str:
+    """The demo tracking environment, as an operator makes one: POST the environment (201, or
+    409 when an earlier run made it: the SQLite data under var/dev stays), then PUT each camera's
+    video unless it has one. The videos are rendered once, from the scene's fixed seed, into
+    var/dev/demo-videos. Returns the environment's id once every video is ready."""
+    import httpx
+
+    from edgeway.tracker.scenes import demo_environment, demo_scene
+
+    scene = demo_scene()
+    body = demo_environment(scene)
+    environment_id: str = body["environment_id"]
+    headers = {"Authorization": f"Bearer {admin}"}
+    url = f"{gateway}/api/v1/environments"
+    deadline = time.monotonic() + 60
+    while True:  # 503/504: the tracker is not answering yet
+        response = httpx.post(url, json=body, headers=headers, timeout=10)
+        if response.status_code not in (503, 504) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if response.status_code != 409:
+        response.raise_for_status()
+    current = httpx.get(f"{url}/{environment_id}", headers=headers, timeout=10).json()
+    videos = {camera["camera_id"]: camera.get("video") for camera in current["cameras"]}
+    for camera in scene.cameras:
+        video = videos.get(camera.camera_id)
+        if video is not None and video["status"] == "ready":
+            continue
+        path = DATA / "demo-videos" / f"{camera.camera_id}.mp4"
+        if not path.is_file():
+            scene.write_video(camera, path, DEMO_FRAMES)
+        httpx.put(
+            f"{url}/{environment_id}/cameras/{camera.camera_id}/video",
+            content=path.read_bytes(),
+            headers={**headers, "Content-Type": "video/mp4"},
+            timeout=60,
+        ).raise_for_status()
+    deadline = time.monotonic() + 60
+    while not httpx.get(f"{url}/{environment_id}", headers=headers, timeout=10).json()["ready"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the demo videos were not taken: see {LOGS}/tracker.log")
+        time.sleep(0.5)
+    return environment_id
+
+
 # The README shows the same command (a test holds them together).
 MINT_COMMAND = "EDGEWAY_ENVIRONMENT=development .venv/bin/edgeway-token --subject me --scope occupancy:subscribe"
 
@@ -129,6 +178,14 @@ def main() -> int:
         port=INGESTION_PORT,
         log_path=LOGS / "ingestion.log",
     )
+    # Embedded defaults: SQLite and uploaded videos under var/dev. HOG's pyramid step 1.1: about
+    # twice as fast as the default for a few points of recall (services/tracker/README.md).
+    tracker = ServiceProcess(
+        "edgeway.tracker",
+        env={**common, "EDGEWAY_HOG_SCALE": "1.1"},
+        port=TRACKER_PORT,
+        log_path=LOGS / "tracker.log",
+    )
     gateway = ServiceProcess(
         "edgeway.gateway", env=common, port=GATEWAY_PORT, log_path=LOGS / "gateway.log"
     )
@@ -163,7 +220,7 @@ def main() -> int:
         producers.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, env=env))
 
     try:
-        for process in (occupancy, telemetry, video_relay, ingestion, gateway):
+        for process in (occupancy, telemetry, video_relay, ingestion, tracker, gateway):
             process.start(wait=90)
             processes.append(process)
         register_vehicles(f"http://127.0.0.1:{GATEWAY_PORT}", token("devstack", "telemetry:admin"))
@@ -203,9 +260,18 @@ def main() -> int:
             *("--width", "640", "--height", "360", "--fps", "30", "--gop", "2"),
             token=("EDGEWAY_PHONE_TOKEN", token(PHONE, "video:publish", bound=("--device", PHONE))),
         )
-        operator = token("operator", "telemetry:control", "ingest:write", "ingest:read")
+        operator = token(
+            "operator",
+            "telemetry:control",
+            "ingest:write",
+            "ingest:read",
+            "tracking:admin",
+            "tracking:read",
+            "tracking:subscribe",
+        )
         gw = f"http://127.0.0.1:{GATEWAY_PORT}"
         demo_upload = upload_demo_image(gw, operator)
+        demo_environment = create_demo_environment(gw, operator)
         print(
             f"""
 Edgeway is running (development profile: anonymous publish/subscribe allowed for legacy
@@ -228,6 +294,11 @@ Omega producers and clients; every endpoint also takes a token).
                   RTSP: POST {gw}/api/v1/ingest/rtsp {{"rtsp_url": "rtsp://...", "camera_id": "cam-1",
                   "capture_mode": "continuous", "fps": 1, "capture_duration": 30}}
                   (frames land in {DATA}/objects; the status is also on ws://.../ws/ingest/<id>)
+  tracking        the demo environment {demo_environment} (three rendered cameras): start a batch task,
+                  then watch it (the README has both commands):
+                  curl -X POST -H "Authorization: Bearer $EDGEWAY_OPERATOR" -H 'Content-Type: application/json' \\
+                       -d '{{"environment_id": "{demo_environment}"}}' {gw}/api/v1/processing-tasks/start
+                  {sys.executable} -m websockets "ws://127.0.0.1:{GATEWAY_PORT}/ws/tracking/<task_id>?token=$EDGEWAY_OPERATOR"
   operator token  export EDGEWAY_OPERATOR={operator}
   API docs        {gw}/docs
   gateway         {gw}/readyz   {gw}/metrics
@@ -235,6 +306,7 @@ Omega producers and clients; every endpoint also takes a token).
   telemetry       http://127.0.0.1:{TELEMETRY_PORT}/readyz   http://127.0.0.1:{TELEMETRY_PORT}/metrics
   video relay     http://127.0.0.1:{VIDEO_RELAY_PORT}/readyz   http://127.0.0.1:{VIDEO_RELAY_PORT}/metrics
   ingestion       http://127.0.0.1:{INGESTION_PORT}/readyz   http://127.0.0.1:{INGESTION_PORT}/metrics
+  tracker         http://127.0.0.1:{TRACKER_PORT}/readyz   http://127.0.0.1:{TRACKER_PORT}/metrics
   data            {DATA} (SQLite; delete it to start over)
   logs            {LOGS}/*.log
   a token         {MINT_COMMAND}

@@ -45,6 +45,11 @@ def test_fewer_than_four_pairs_or_mismatched_counts_are_refused() -> None:
         fit_homography(_pairs(5)[0], world)
 
 
+def test_collinear_points_are_refused_not_fitted_to_a_singular_matrix() -> None:
+    with pytest.raises(HomographyError, match="degenerate"):
+        fit_homography([[0, 0], [1, 1], [2, 2], [3, 3]], [[0, 0], [8, 0], [8, 6], [0, 6]])
+
+
 def test_spoton_npz_and_bottom_centre(tmp_path: Path) -> None:
     image, world = _pairs(8)
     path = tmp_path / "homography_points_c01_scene_s47.npz"

@@ -168,6 +168,18 @@ def test_snapshot_restore_resumes_with_the_same_global_ids() -> None:
     assert {t.global_id for t in resumed["c1"]} == set(ids.values())
 
 
+def test_a_restored_tracker_never_hands_out_a_track_id_twice() -> None:
+    cams = [CameraSpec("c1", SIZE)]
+    first = MultiCameraTracker(cams)
+    for f in range(3):
+        before = first.update(f, {"c1": [Detection(_box(100, 300), 0.9)]})
+    worker = MultiCameraTracker(cams)  # the task resumed in another process
+    worker.restore(first.snapshot())
+    for f in range(3, 6):
+        after = worker.update(f, {"c1": [Detection(_box(400, 300), 0.9)]})
+    assert after["c1"][0].track_id > before["c1"][0].track_id
+
+
 def test_embedder_is_fed_crops_of_every_camera_in_one_batch() -> None:
     calls: list[int] = []
 

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import orjson
-import uvicorn
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.types import Scope
 from faststream.rabbit import RabbitBroker
@@ -22,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from edgeway.common.db import Migrations, ping
+from edgeway.common.http_limits import serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging, get_logger
 from edgeway.common.settings import CommonSettings
 from edgeway.common.tracing import configure_tracing
@@ -181,15 +181,7 @@ def tune_gc(settings: CommonSettings) -> None:
 
 
 def run(app: Any, settings: CommonSettings) -> None:
-    """Serve an ASGI app with uvloop; SIGTERM drains in-flight work within the grace period."""
+    """Serve an ASGI app with uvloop under the HTTP limits (`edgeway.common.http_limits`);
+    SIGTERM drains in-flight work within the grace period."""
     tune_gc(settings)
-    uvicorn.run(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        loop="uvloop",
-        log_config=None,
-        access_log=False,
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=int(settings.graceful_timeout),
-    )
+    serve_http(uvicorn_config(app, settings))

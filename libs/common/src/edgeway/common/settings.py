@@ -36,6 +36,11 @@ class ExchangeNames(BaseModel):
     ingest_uploads: str = "edgeway.ingest.uploads"
     ingest_frames: str = "edgeway.ingest.frames"
     ingest_control: str = "edgeway.ingest.control"
+    tracking_commands: str = "edgeway.tracking.commands"
+    tracking_videos: str = "edgeway.tracking.videos"
+    tracking_detections: str = "edgeway.tracking.detections"
+    tracking_unrouted: str = "edgeway.tracking.detections.unrouted"
+    tracking_control: str = "edgeway.tracking.control"
     # WorldSystem ingress exchanges (seed-systems.md §3), used by the video issue.
     video_frames: str = "video_frames_exchange"
     video_stream: str = "video_stream_exchange"

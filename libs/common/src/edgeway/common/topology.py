@@ -21,6 +21,9 @@ DEFAULT_DELIVERY_LIMIT = 5
 GATEWAY_QUEUE_MAX_LENGTH = 100_000
 # Live video and IMU waiting for the relay: about 5 minutes of a 30 fps stream's packets.
 VIDEO_QUEUE_MAX_LENGTH = 10_000
+# Edge detection frames waiting for one tracker replica: ~40 s of 8 cameras at 30 fps. Live and
+# lossy: a tracker that far behind is better served by the newest frames.
+DETECTIONS_QUEUE_MAX_LENGTH = 10_000
 
 
 class Channels:
@@ -74,6 +77,13 @@ class Channels:
     def ingest_request(request_id: str) -> str:
         """Progress and completion of one ingestion request (upload or RTSP capture)."""
         return f"ingest.request.{request_id}"
+
+    TRACKING_TASKS = "tracking.task.*"
+
+    @staticmethod
+    def tracking_task(task_id: str) -> str:
+        """One tracking task's tracking_update, status_update and batch_processing_complete."""
+        return f"tracking.task.{task_id}"
 
     @staticmethod
     def producer(gateway_id: str, connection_id: str) -> str:
@@ -129,6 +139,8 @@ class Topology:
             self.occupancy_observations_queue,
             self.telemetry_raw_queue,
             self.ingest_uploads_queue,
+            self.tracking_commands_queue,
+            self.tracking_videos_queue,
         ]
 
     def dead_letter_queue(self, work_queue: str) -> RabbitQueue:
@@ -259,6 +271,89 @@ class Topology:
         """Request/reply to the ingestion service: create uploads, start, cancel, status."""
         return RabbitQueue(
             "edgeway.ingest.requests", durable=False, arguments={"x-message-ttl": 10_000}
+        )
+
+    # --- tracking -----------------------------------------------------------------------------
+
+    @property
+    def tracking_commands(self) -> RabbitExchange:
+        """Tasks to run: one persistent `run` command per task, taken by any tracker replica."""
+        return RabbitExchange(self.names.tracking_commands, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def tracking_commands_queue(self) -> RabbitQueue:
+        return self.work_queue("edgeway.tracking.commands")
+
+    @property
+    def tracking_videos(self) -> RabbitExchange:
+        """Camera videos an operator uploaded through the gateway, one message per file."""
+        return RabbitExchange(self.names.tracking_videos, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def tracking_videos_queue(self) -> RabbitQueue:
+        return self.work_queue("edgeway.tracking.videos")
+
+    @property
+    def tracking_unrouted(self) -> RabbitExchange:
+        """Where edge detections go that no live task takes (the detections' alternate exchange)."""
+        return RabbitExchange(self.names.tracking_unrouted, type=ExchangeType.FANOUT, durable=True)
+
+    @property
+    def tracking_detections(self) -> RabbitExchange:
+        """Edge detection frames, routed by `<environment_id>.<camera_id>` (live, transient).
+
+        A tracker replica that runs a live task on an environment binds `<environment_id>.*`;
+        what no replica takes goes to `tracking_unrouted`, whose consumer tells the producer why.
+        """
+        return RabbitExchange(
+            self.names.tracking_detections,
+            type=ExchangeType.TOPIC,
+            durable=True,
+            arguments={"alternate-exchange": self.names.tracking_unrouted},
+        )
+
+    @staticmethod
+    def tracking_detections_key(environment_id: str, camera_id: str) -> str:
+        return f"{environment_id}.{camera_id}"
+
+    @property
+    def tracking_unrouted_queue(self) -> RabbitQueue:
+        """Shared by every tracker replica; an answer nobody needs any more is dropped."""
+        return RabbitQueue(
+            "edgeway.tracking.detections.unrouted",
+            durable=False,
+            arguments={
+                "x-message-ttl": 10_000,
+                "x-max-length": DETECTIONS_QUEUE_MAX_LENGTH,
+                "x-overflow": "drop-head",
+            },
+        )
+
+    def tracking_detections_queue(self, replica_id: str) -> RabbitQueue:
+        """One tracker replica's edge detections, for the live tasks it runs."""
+        return RabbitQueue(
+            f"edgeway.tracker.{replica_id}.detections",
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            arguments={"x-max-length": DETECTIONS_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+        )
+
+    @property
+    def tracking_control(self) -> RabbitExchange:
+        """Stops for every tracker replica: the one running the task ends it."""
+        return RabbitExchange(self.names.tracking_control, type=ExchangeType.FANOUT, durable=True)
+
+    def tracking_control_queue(self, replica_id: str) -> RabbitQueue:
+        return RabbitQueue(
+            f"edgeway.tracker.{replica_id}.control", exclusive=True, auto_delete=True, durable=False
+        )
+
+    @property
+    def tracking_requests_queue(self) -> RabbitQueue:
+        """Request/reply to the tracker: environments, task start, status, stop, tracks."""
+        return RabbitQueue(
+            "edgeway.tracking.requests", durable=False, arguments={"x-message-ttl": 10_000}
         )
 
     # --- WorldSystem --------------------------------------------------------------------------

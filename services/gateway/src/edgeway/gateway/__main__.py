@@ -2,32 +2,55 @@
 
 from __future__ import annotations
 
-import uvicorn
-
+from edgeway.common.http_limits import LimitedConfig, UploadSlots, serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging
 from edgeway.common.service import tune_gc
+from edgeway.gateway import ingest, telemetry
 from edgeway.gateway.app import create_app
 from edgeway.gateway.server import PreparedFramesProtocol
 from edgeway.gateway.settings import GatewaySettings
+
+# The endpoints that hold a whole upload body in memory while they check it. Each group has its
+# own slots, so a burst of one kind cannot shut out the other.
+INGEST_UPLOAD_PATHS = frozenset({ingest.UPLOAD_ENDPOINT})
+TELEMETRY_UPLOAD_PATHS = frozenset({telemetry.UPLOAD_ENDPOINT, "/api/telemetry"})
+
+
+def upload_slots(settings: GatewaySettings) -> tuple[UploadSlots, ...]:
+    return (
+        UploadSlots(
+            group="ingest",
+            paths=INGEST_UPLOAD_PATHS,
+            capacity=settings.ingest_upload_slots,
+            retry_after=settings.upload_retry_after,
+        ),
+        UploadSlots(
+            group="telemetry",
+            paths=TELEMETRY_UPLOAD_PATHS,
+            capacity=settings.telemetry_upload_slots,
+            retry_after=settings.upload_retry_after,
+        ),
+    )
+
+
+def server_config(settings: GatewaySettings) -> LimitedConfig:
+    """The gateway app under the HTTP limits every Edgeway server has, plus its upload slots and
+    its WebSocket protocol (`edgeway.gateway.server`)."""
+    return uvicorn_config(
+        create_app(settings),
+        settings,
+        upload_slots=upload_slots(settings),
+        ws=PreparedFramesProtocol,
+        ws_max_size=settings.ws_max_size,
+    )
 
 
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(service="gateway", level=settings.log_level, fmt=settings.log_format)
-    app = create_app(settings)
+    config = server_config(settings)
     tune_gc(settings)
-    uvicorn.run(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        loop="uvloop",
-        ws=PreparedFramesProtocol,
-        ws_max_size=settings.ws_max_size,
-        ws_per_message_deflate=False,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.graceful_timeout),
-    )
+    serve_http(config)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
-from edgeway.gateway import ingest, omega, telemetry, video
+from edgeway.gateway import ingest, omega, telemetry, tracking, video
 from edgeway.gateway.auth import AuthError
 from edgeway.gateway.link import NotConnectedError, ServiceUnavailableError
 from edgeway.gateway.settings import GatewaySettings
@@ -111,6 +111,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(telemetry.router)
     app.include_router(video.router)
     app.include_router(ingest.router)
+    app.include_router(tracking.router)
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, error: AuthError) -> JSONResponse:

@@ -38,6 +38,10 @@ class Scope(StrEnum):
     # Operators: status, progress and cancel of every caller's ingestion requests (others see
     # only their own); with ingest:read and ingest:write, which the endpoints still require.
     INGEST_ADMIN = "ingest:admin"
+    TRACKING_ADMIN = "tracking:admin"  # operators: environments, videos, start and stop tasks
+    TRACKING_READ = "tracking:read"  # environments, task status, stored tracks
+    TRACKING_SUBSCRIBE = "tracking:subscribe"  # /ws/tracking/{task_id}
+    TRACKING_PUBLISH = "tracking:publish"  # edge devices: /ws/detections
 
 
 class Identity(StrEnum):

@@ -8,7 +8,12 @@ from starlette.requests import Request
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is longer than `limit` (never read whole)."""
+    """The body, or None as soon as it is longer than `limit` (never read whole).
+
+    Its deadline is the server's (`edgeway.common.http_limits`): a body that is late, or whose
+    client leaves, ends here as Starlette's ClientDisconnect, which that layer answers (408) or
+    logs and counts; what was read so far goes with this frame.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None

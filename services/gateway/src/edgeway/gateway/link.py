@@ -128,8 +128,12 @@ class BrokerLink:
             (self.topology.occupancy_observations, self.topology.occupancy_observations_queue),
             (self.topology.telemetry_raw, self.topology.telemetry_raw_queue),
             (self.topology.ingest_uploads, self.topology.ingest_uploads_queue),
+            (self.topology.tracking_videos, self.topology.tracking_videos_queue),
         ):
             await declare_work(self.broker, self.topology, exchange, queue)
+        # Edge detections, and where the ones no live task takes go (the tracker answers).
+        await self.broker.declare_exchange(self.topology.tracking_unrouted)
+        await self.broker.declare_exchange(self.topology.tracking_detections)
         # The WorldSystem exchanges the phone endpoints publish to (seed-systems.md §3) ...
         for name in ("video_frames", "analysis_mode", "restart"):
             await self.broker.declare_exchange(self.topology.worldsystem(name))

@@ -79,6 +79,13 @@ class GatewaySettings(CommonSettings):
     # A phone's CSV file (`file_upload` on /ws/phone), whole or chunked; uploads open at once.
     max_phone_file_bytes: int = 10 * 1024 * 1024
     max_phone_uploads: int = 4
+    # Tracking: a camera's video (`PUT .../cameras/{cam}/video`) is held whole while it is
+    # checked and published as one message, well under RabbitMQ's 128 MiB message limit;
+    # `tracking_video_slots` of them at once (2 x 64 MiB in memory at most). An edge frame of
+    # detections: 50 people with 512-d Re-ID vectors as JSON text is ~300 KB.
+    tracking_max_video_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    tracking_video_slots: int = Field(default=2, ge=1)
+    tracking_max_detections_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Request/reply to services (latest state, history).
     request_timeout: float = 2.0
     # Sockets whose messages fan out to people, limited to what their purpose needs.

@@ -16,6 +16,7 @@ from edgeway.gateway.link import BrokerLink, NotConnectedError
 from edgeway.gateway.metrics import AUTH_REFUSED
 from edgeway.gateway.settings import GatewaySettings
 from edgeway.gateway.telemetry_state import TelemetryState
+from edgeway.gateway.tracking_state import TrackingState
 from edgeway.gateway.video_state import VideoState
 
 log = get_logger("edgeway.gateway")
@@ -30,6 +31,7 @@ class Gateway:
         self.producers: dict[str, set[object]] = {}
         self.telemetry = TelemetryState(self.link)
         self.video = VideoState()
+        self.tracking = TrackingState(settings)
         # NTP-corrected time for the phone frames' `ntp_time` header (the seed's).
         self.clock = TimeSync(settings.ntp_servers)
 

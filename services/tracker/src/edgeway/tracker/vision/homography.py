@@ -39,7 +39,8 @@ def fit_homography(
     if len(src) < 4:
         raise HomographyError(f"a homography needs at least 4 point pairs, got {len(src)}")
     matrix, _ = cv2.findHomography(src, dst, cv2.RANSAC, ransac_threshold)
-    if matrix is None or not np.all(np.isfinite(matrix)):
+    # OpenCV answers collinear points with a singular matrix rather than none.
+    if matrix is None or not np.all(np.isfinite(matrix)) or np.linalg.matrix_rank(matrix) < 3:
         raise HomographyError("the points are degenerate (e.g. collinear): no homography")
     return np.asarray(matrix, dtype=np.float64)
 

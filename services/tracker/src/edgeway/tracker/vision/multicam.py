@@ -119,16 +119,27 @@ class MultiCameraTracker:
             self.reset_camera(camera_id)
 
     def snapshot(self) -> dict[str, object]:
-        """What to persist so a task can resume elsewhere: the gallery (plain data)."""
-        return {"gallery": self.gallery.snapshot()}
+        """What to persist so a task can resume elsewhere: the gallery and each camera's next
+        track id (plain data)."""
+        return {
+            "gallery": self.gallery.snapshot(),
+            "next_track_ids": {cid: t.next_track_id for cid, t in self._trackers.items()},
+        }
 
     def restore(self, snapshot: Mapping[str, object]) -> None:
-        """Resume from ``snapshot()``: trackers start empty, known people keep their ids."""
+        """Resume from ``snapshot()``: trackers start empty, known people keep their ids, and
+        track ids go on from where the snapshot's run left off (never handed out twice)."""
         gallery = snapshot.get("gallery")
         if not isinstance(gallery, Mapping):
             raise ValueError("snapshot has no gallery")
         self.reset()
         self.gallery.restore(gallery)
+        next_ids = snapshot.get("next_track_ids", {})
+        if not isinstance(next_ids, Mapping):
+            raise ValueError("snapshot's next_track_ids is not a mapping")
+        for cid, next_id in next_ids.items():
+            if cid in self._trackers:
+                self._trackers[cid].continue_ids_from(int(next_id))
 
     def update(
         self,

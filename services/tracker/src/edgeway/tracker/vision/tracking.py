@@ -146,6 +146,15 @@ class CameraTracker:
         self._frames_seen = 0
 
     @property
+    def next_track_id(self) -> int:
+        """The id the next new track gets (what a snapshot keeps so a resume never reuses one)."""
+        return self._next_id
+
+    def continue_ids_from(self, next_id: int) -> None:
+        """Hand out ids from `next_id` on (never below the ones already handed out)."""
+        self._next_id = max(self._next_id, next_id)
+
+    @property
     def live_track_ids(self) -> set[int]:
         """Ids of tracks that may still be matched (tracked or lost within the buffer)."""
         return {t.track_id for t in self._tracks if t.confirmed}

@@ -1,0 +1,659 @@
+"""Tracking (SpotOn, seed-systems.md §2): environments, processing tasks, live tracks, edge boxes.
+
+The tracker service owns all of it; this module checks what clients send at the edge (ids,
+shapes, sizes, scopes), asks the tracker over request/reply (504 when it does not answer) and
+fans its messages out.
+
+- Environments (`tracking:admin` to write, `tracking:read` to read): `POST /api/v1/environments`,
+  `GET /api/v1/environments`, `GET`/`PUT`/`DELETE /api/v1/environments/{environment_id}`,
+  SpotOn's `GET /api/v1/detection-processing-tasks/environments`, and a `file` camera's video,
+  `PUT /api/v1/environments/{environment_id}/cameras/{camera_id}/video`: the body is the file
+  (MP4, Matroska/WebM, AVI or MPEG-TS), read under a cap and published to the tracker as one
+  persistent message, as ingestion's uploads are; 202, then the environment's `video.status`.
+- Tasks, SpotOn's API and shapes: `POST /api/v1/processing-tasks/start` (and
+  `/api/v1/detection-processing-tasks/start`) `{environment_id, mode}` → 202; `GET .../status`;
+  `POST .../stop` or `DELETE .../{task_id}`; `GET .../tracks` (JSON pages, or `format=mot`).
+- `WS /ws/tracking/{task_id}` (`tracking:subscribe`): the status at once, then every
+  `tracking_update`, `status_update` and `batch_processing_complete` of the task.
+- `WS /ws/detections` (`tracking:publish`): edge devices' boxes, one message per camera frame;
+  a bad one gets an error frame and the socket stays open. A token's `device` claim names the
+  cameras it produces for, as `<environment_id>/<camera_id>` (phones are bound the same way);
+  one connection per camera on a replica (`ProducerSeats`).
+
+Errors are `{"type": "error", "code", "reason"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from edgeway.common.broker import publish
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
+from edgeway.common.schemas.tracking import (
+    DETECTIONS_TYPE,
+    HEADER_CAMERA_ID,
+    HEADER_ENVIRONMENT_ID,
+    HEADER_VIDEO_ID,
+    ID_PATTERN,
+    VIDEO_TYPE,
+    CreateEnvironment,
+    DeleteEnvironment,
+    EdgeFrame,
+    EnvironmentSpec,
+    GetEnvironment,
+    GetTaskStatus,
+    ListEnvironments,
+    PrepareVideo,
+    QueryTracks,
+    ReplaceEnvironment,
+    StartTask,
+    StartTaskBody,
+    StopTask,
+    TrackingReply,
+)
+from edgeway.common.topology import Channels
+from edgeway.gateway.auth import Principal, Scope
+from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone
+from edgeway.gateway.limits import TokenBucket, read_body
+from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
+from edgeway.gateway.producers import SeatRefused
+from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
+from edgeway.gateway.tracking_state import DETECTIONS_ENDPOINT
+
+ENVIRONMENTS = "/api/v1/environments"
+ENVIRONMENT = "/api/v1/environments/{environment_id}"
+VIDEO = "/api/v1/environments/{environment_id}/cameras/{camera_id}/video"
+SPOTON_ENVIRONMENTS = "/api/v1/detection-processing-tasks/environments"
+TASKS = "/api/v1/processing-tasks"
+SPOTON_TASKS = "/api/v1/detection-processing-tasks"  # SpotOn HEAD's prefix, as an alias
+TRACKS = TASKS + "/{task_id}/tracks"
+TRACKING_ENDPOINT = "/ws/tracking/{task_id}"
+SERVICE = "tracker"
+# An environment body: 16 cameras, each with a base64 `.npz` of up to 256 KiB, and room.
+MAX_ENVIRONMENT_BYTES = 5 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024
+VIDEO_TYPES = frozenset(
+    {
+        "video/mp4",
+        "video/quicktime",
+        "video/x-matroska",
+        "video/webm",
+        "video/x-msvideo",
+        "video/avi",
+        "video/mp2t",
+        "application/octet-stream",
+    }
+)
+# Error frames waiting for an edge device that does not read them; older ones are dropped.
+REPLY_QUEUE_SIZE = 256
+
+router = APIRouter()
+log = get_logger("edgeway.gateway.tracking")
+_ID = re.compile(ID_PATTERN)
+
+
+def error(status: int, code: str, reason: str, *, endpoint: str) -> JSONResponse:
+    REJECTED.labels(endpoint, code).inc()
+    return JSONResponse({"type": "error", "code": code, "reason": reason}, status_code=status)
+
+
+def bad_id(kind: str, value: str, *, endpoint: str) -> JSONResponse | None:
+    """400 for an id that could never be one (a path, a dot, a space), before anything else."""
+    if _ID.match(value):
+        return None
+    return error(
+        400,
+        "invalid_id",
+        f"{kind} {value[:80]!r} is not an id: 1-64 letters, digits, '-' or '_', starting with "
+        "a letter or digit",
+        endpoint=endpoint,
+    )
+
+
+def shape_error(exc: ValidationError, *, endpoint: str) -> JSONResponse:
+    items = exc.errors(include_url=False, include_input=False)
+    if items and items[0]["type"] == "json_invalid":
+        return error(400, "malformed_json", "the body is not valid JSON", endpoint=endpoint)
+    reasons = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
+        f"{str(e['msg']).removeprefix('Value error, ')}"
+        for e in items[:5]
+    )
+    return error(400, "invalid_shape", reasons, endpoint=endpoint)
+
+
+async def ask(gateway: Gateway, request: BaseModel) -> TrackingReply:
+    """One request to the tracker (ServiceUnavailableError, hence 504, when it does not answer)."""
+    link = gateway.link
+    raw = await link.request_raw(
+        service=SERVICE,
+        queue=link.topology.tracking_requests_queue,
+        body=request.model_dump(mode="json", exclude_none=True),
+    )
+    try:
+        return TrackingReply.model_validate_json(raw)
+    except ValidationError:
+        log.exception("unreadable reply from the tracker")
+        raise ServiceUnavailableError("the tracker answered something unreadable") from None
+
+
+def respond(reply: TrackingReply, *, endpoint: str) -> Response:
+    """The tracker's answer as it is: its status and body (a refusal is counted)."""
+    if reply.status == 204:
+        return Response(status_code=204)
+    if reply.status >= 400 and isinstance(reply.body, dict):
+        REJECTED.labels(endpoint, str(reply.body.get("code", "refused"))).inc()
+    return JSONResponse(reply.body, status_code=reply.status)
+
+
+async def json_body(request: Request, limit: int, *, endpoint: str) -> bytes | JSONResponse:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return error(
+            415,
+            "unsupported_media_type",
+            f"content type {content_type or 'none'!r}: send application/json",
+            endpoint=endpoint,
+        )
+    body = await read_body(request, limit)
+    if body is None:
+        return error(413, "too_large", f"the body is over {limit} bytes", endpoint=endpoint)
+    return body
+
+
+# --- environments ----------------------------------------------------------------------------
+
+
+async def _environment_body(request: Request, *, endpoint: str) -> EnvironmentSpec | JSONResponse:
+    body = await json_body(request, MAX_ENVIRONMENT_BYTES, endpoint=endpoint)
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        return EnvironmentSpec.model_validate_json(body)
+    except ValidationError as exc:
+        return shape_error(exc, endpoint=endpoint)
+
+
+@router.post(ENVIRONMENTS, status_code=201)
+async def create_environment(
+    request: Request,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENTS)],
+) -> Response:
+    spec = await _environment_body(request, endpoint=ENVIRONMENTS)
+    if isinstance(spec, JSONResponse):
+        return spec
+    reply = await ask(gateway, CreateEnvironment(environment=spec))
+    return respond(reply, endpoint=ENVIRONMENTS)
+
+
+@router.get(ENVIRONMENTS)
+async def list_environments(
+    gateway: GatewayDep, _: Annotated[Principal, require(Scope.TRACKING_READ, ENVIRONMENTS)]
+) -> Response:
+    return respond(await ask(gateway, ListEnvironments()), endpoint=ENVIRONMENTS)
+
+
+@router.get(SPOTON_ENVIRONMENTS)
+async def spoton_environments(
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_READ, SPOTON_ENVIRONMENTS)],
+) -> Response:
+    """SpotOn's list of what can be processed: each environment's id, name and cameras."""
+    reply = await ask(gateway, ListEnvironments())
+    if reply.status != 200:
+        return respond(reply, endpoint=SPOTON_ENVIRONMENTS)
+    summary = [
+        {
+            "environment_id": env["environment_id"],
+            "name": env["name"],
+            "cameras": [camera["camera_id"] for camera in env["cameras"]],
+            "ready": env["ready"],
+        }
+        for env in reply.body["environments"]
+    ]
+    return JSONResponse({"environments": summary, "total": len(summary)})
+
+
+@router.get(ENVIRONMENT)
+async def get_environment(
+    environment_id: str,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_READ, ENVIRONMENT)],
+) -> Response:
+    if refused := bad_id("environment_id", environment_id, endpoint=ENVIRONMENT):
+        return refused
+    reply = await ask(gateway, GetEnvironment(environment_id=environment_id))
+    return respond(reply, endpoint=ENVIRONMENT)
+
+
+@router.put(ENVIRONMENT)
+async def replace_environment(
+    environment_id: str,
+    request: Request,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENT)],
+) -> Response:
+    if refused := bad_id("environment_id", environment_id, endpoint=ENVIRONMENT):
+        return refused
+    spec = await _environment_body(request, endpoint=ENVIRONMENT)
+    if isinstance(spec, JSONResponse):
+        return spec
+    reply = await ask(gateway, ReplaceEnvironment(environment_id=environment_id, environment=spec))
+    return respond(reply, endpoint=ENVIRONMENT)
+
+
+@router.delete(ENVIRONMENT)
+async def delete_environment(
+    environment_id: str,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENT)],
+) -> Response:
+    if refused := bad_id("environment_id", environment_id, endpoint=ENVIRONMENT):
+        return refused
+    reply = await ask(gateway, DeleteEnvironment(environment_id=environment_id))
+    return respond(reply, endpoint=ENVIRONMENT)
+
+
+def video_container(data: bytes) -> bool:
+    """Whether the bytes start like a container the tracker reads (its header, no decode)."""
+    return (
+        data[4:8] == b"ftyp"  # MP4, QuickTime
+        or data.startswith(b"\x1a\x45\xdf\xa3")  # Matroska, WebM
+        or (data.startswith(b"RIFF") and data[8:12] == b"AVI ")
+        or (len(data) > 188 and data[0] == 0x47 and data[188] == 0x47)  # MPEG-TS
+    )
+
+
+@router.put(VIDEO, status_code=202)
+async def upload_video(
+    environment_id: str,
+    camera_id: str,
+    request: Request,
+    gateway: GatewayDep,
+    principal: Annotated[Principal, require(Scope.TRACKING_ADMIN, VIDEO)],
+) -> Response:
+    if refused := bad_id("environment_id", environment_id, endpoint=VIDEO) or bad_id(
+        "camera_id", camera_id, endpoint=VIDEO
+    ):
+        return refused
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in VIDEO_TYPES:
+        return error(
+            415,
+            "unsupported_media_type",
+            f"content type {content_type or 'none'!r}: send the file as video/mp4, "
+            "video/x-matroska, video/webm, video/x-msvideo or application/octet-stream",
+            endpoint=VIDEO,
+        )
+    slots = gateway.tracking.video_slots
+    if slots.locked():
+        REJECTED.labels(VIDEO, "busy").inc()
+        return JSONResponse(
+            {"type": "error", "code": "busy", "reason": "too many video uploads at once"},
+            status_code=503,
+            headers={"Retry-After": str(gateway.settings.upload_retry_after)},
+        )
+    async with slots:
+        reply = await ask(gateway, PrepareVideo(environment_id=environment_id, camera_id=camera_id))
+        if reply.status != 200:
+            return respond(reply, endpoint=VIDEO)
+        limit = min(gateway.settings.tracking_max_video_bytes, int(reply.body["max_bytes"]))
+        data = await read_body(request, limit)
+        if data is None:
+            return error(413, "too_large", f"the video is over {limit} bytes", endpoint=VIDEO)
+        if not video_container(data):
+            return error(
+                415,
+                "unsupported_media_type",
+                "the body is not an MP4, Matroska/WebM, AVI or MPEG-TS file",
+                endpoint=VIDEO,
+            )
+        video_id = str(reply.body["video_id"])
+        envelope = Envelope(
+            type=VIDEO_TYPE,
+            producer=f"operator/{principal.subject}",
+            content_type=content_type,
+            headers={
+                HEADER_ENVIRONMENT_ID: environment_id,
+                HEADER_CAMERA_ID: camera_id,
+                HEADER_VIDEO_ID: video_id,
+            },
+        )
+        link = gateway.link
+        try:
+            await link.publish_work(data, envelope=envelope, exchange=link.topology.tracking_videos)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: the client sends it again
+            log.warning("video publish failed", video_id=video_id, error=repr(exc))
+            return error(
+                503, "unavailable", "not accepted: the broker did not confirm it", endpoint=VIDEO
+            )
+    PUBLISHED.labels(VIDEO).inc()
+    return JSONResponse(
+        {
+            "environment_id": environment_id,
+            "camera_id": camera_id,
+            "video_id": video_id,
+            "size_bytes": len(data),
+            "status": "processing",
+            "status_url": ENVIRONMENT.format(environment_id=environment_id),
+        },
+        status_code=202,
+    )
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+async def _start(request: Request, gateway: Gateway, prefix: str) -> Response:
+    endpoint = prefix + "/start"
+    body = await json_body(request, MAX_JSON_BYTES, endpoint=endpoint)
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        start = StartTaskBody.model_validate_json(body)
+    except ValidationError as exc:
+        return shape_error(exc, endpoint=endpoint)
+    reply = await ask(gateway, StartTask(environment_id=start.environment_id, mode=start.mode))
+    if reply.status != 202:
+        return respond(reply, endpoint=endpoint)
+    task_id = reply.body["task_id"]
+    return JSONResponse(
+        {
+            "task_id": task_id,
+            "message": f"Processing task ({start.mode}) initiated.",
+            "status_url": f"{prefix}/{task_id}/status",
+            "websocket_url": TRACKING_ENDPOINT.format(task_id=task_id),
+        },
+        status_code=202,
+    )
+
+
+@router.post(TASKS + "/start", status_code=202)
+async def start_task(
+    request: Request,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, TASKS + "/start")],
+) -> Response:
+    return await _start(request, gateway, TASKS)
+
+
+@router.post(SPOTON_TASKS + "/start", status_code=202)
+async def start_task_spoton(
+    request: Request,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, SPOTON_TASKS + "/start")],
+) -> Response:
+    return await _start(request, gateway, SPOTON_TASKS)
+
+
+def task_id_of(value: str, *, endpoint: str) -> str | JSONResponse:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return error(404, "not_found", f"{value[:80]!r} is not a task id", endpoint=endpoint)
+
+
+async def _status(task_id: str, gateway: Gateway, endpoint: str) -> Response:
+    checked = task_id_of(task_id, endpoint=endpoint)
+    if isinstance(checked, JSONResponse):
+        return checked
+    reply = await ask(gateway, GetTaskStatus(task_id=checked))
+    if reply.status != 200:
+        return respond(reply, endpoint=endpoint)
+    return JSONResponse(reply.body["status"])
+
+
+async def _stop(task_id: str, gateway: Gateway, endpoint: str) -> Response:
+    checked = task_id_of(task_id, endpoint=endpoint)
+    if isinstance(checked, JSONResponse):
+        return checked
+    return respond(await ask(gateway, StopTask(task_id=checked)), endpoint=endpoint)
+
+
+def _task_routes(prefix: str) -> None:
+    """Status, stop and DELETE under one prefix (ours, and SpotOn HEAD's as an alias). The
+    scopes are route dependencies: annotations here could not see this function's locals."""
+    status_path, stop_path, task_path = (
+        prefix + "/{task_id}/status",
+        prefix + "/{task_id}/stop",
+        prefix + "/{task_id}",
+    )
+
+    @router.get(status_path, dependencies=[require(Scope.TRACKING_READ, status_path)])
+    async def task_status(task_id: str, gateway: GatewayDep) -> Response:
+        return await _status(task_id, gateway, status_path)
+
+    @router.post(stop_path, dependencies=[require(Scope.TRACKING_ADMIN, stop_path)])
+    async def stop_task(task_id: str, gateway: GatewayDep) -> Response:
+        return await _stop(task_id, gateway, stop_path)
+
+    @router.delete(task_path, dependencies=[require(Scope.TRACKING_ADMIN, task_path)])
+    async def delete_task(task_id: str, gateway: GatewayDep) -> Response:
+        """SpotOn HEAD's DELETE: stops the task (its stored tracks stay until retention)."""
+        return await _stop(task_id, gateway, task_path)
+
+
+for _prefix in (TASKS, SPOTON_TASKS):
+    _task_routes(_prefix)
+
+
+@router.get(TRACKS)
+async def tracks(
+    task_id: str,
+    request: Request,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_READ, TRACKS)],
+) -> Response:
+    """Stored observations: `camera_id`, `global_id`, `since`/`until` (ISO 8601), `after` (the
+    previous page's `next_after`), `limit` (<= 10 000); `format=mot` for MOTChallenge text."""
+    checked = task_id_of(task_id, endpoint=TRACKS)
+    if isinstance(checked, JSONResponse):
+        return checked
+    params: dict[str, Any] = dict(request.query_params)
+    try:
+        query = QueryTracks.model_validate({**params, "task_id": checked})
+    except ValidationError as exc:
+        return shape_error(exc, endpoint=TRACKS)
+    reply = await ask(gateway, query)
+    if reply.status != 200 or query.format != "mot":
+        return respond(reply, endpoint=TRACKS)
+    headers = {}
+    if reply.body.get("next_after") is not None:
+        headers["X-Next-After"] = str(reply.body["next_after"])
+    return PlainTextResponse(reply.body["text"], headers=headers)
+
+
+# --- live tracks -----------------------------------------------------------------------------
+
+
+@router.websocket(TRACKING_ENDPOINT)
+async def tracking_socket(websocket: WebSocket, task_id: str, gateway: GatewayDep) -> None:
+    """The task's status now, then its messages, SpotOn's shapes, until the client leaves."""
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.TRACKING_SUBSCRIBE, endpoint=TRACKING_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+
+    async def refuse(code: str, reason: str, close_code: int) -> None:
+        REJECTED.labels(TRACKING_ENDPOINT, code).inc()
+        await websocket.send_text(
+            orjson.dumps({"type": "error", "code": code, "reason": reason}).decode()
+        )
+        await websocket.close(close_code, code)
+
+    try:
+        checked = str(uuid.UUID(task_id))
+    except ValueError:
+        await refuse("not_found", f"{task_id[:80]!r} is not a task id", 1008)
+        return
+    try:
+        known = await ask(gateway, GetTaskStatus(task_id=checked))
+    except ServiceUnavailableError as exc:
+        await refuse("unavailable", str(exc), 1011)
+        return
+    if known.status != 200:
+        await refuse(known.body.get("code", "not_found"), known.body.get("reason", ""), 1008)
+        return
+    client = ClientQueue.text(
+        websocket,
+        size=gateway.settings.client_queue_size,
+        # Tracking updates are overlays of a moment: a client far behind gets the newest.
+        policy=Policy.DROP_OLDEST,
+        endpoint=TRACKING_ENDPOINT,
+    )
+    CONNECTIONS.labels(TRACKING_ENDPOINT).inc()
+
+    async def status_first() -> None:
+        # Asked again once the channel is watched: no change between the two is lost.
+        try:
+            reply = await ask(gateway, GetTaskStatus(task_id=checked))
+        except ServiceUnavailableError as exc:
+            log.warning("no status for a new tracking client", reason=str(exc))
+            return
+        if reply.status == 200:
+            client.push_front([orjson.dumps(reply.body["message"]).decode()])
+
+    try:
+        await gateway.link.hub.serve(
+            client,
+            (Channels.tracking_task(checked),),
+            catch_up=status_first,
+            read=lambda: read_until_gone(websocket),
+        )
+    finally:
+        CONNECTIONS.labels(TRACKING_ENDPOINT).dec()
+
+
+# --- edge detections -------------------------------------------------------------------------
+
+
+class DetectionsSession:
+    """One edge device's connection: edge checks, its cameras' seats, publishes, error frames
+    back (the tracker's too: unknown environments and cameras, boxes outside the frame)."""
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket, principal: Principal) -> None:
+        settings = gateway.settings
+        self.gateway = gateway
+        self.link = gateway.link
+        self.websocket = websocket
+        self.principal = principal
+        self.connection_id = uuid.uuid4().hex[:12]
+        self.reply_channel = self.link.producer_channel(self.connection_id)
+        self.replies = ClientQueue.text(
+            websocket,
+            size=REPLY_QUEUE_SIZE,
+            policy=Policy.DROP_OLDEST,
+            endpoint=DETECTIONS_ENDPOINT,
+        )
+        self.bucket = TokenBucket(settings.producer_rate, settings.producer_burst)
+        self.max_bytes = settings.tracking_max_detections_bytes
+        self.seats = gateway.tracking.cameras
+        self.cameras: set[str] = set()
+
+    def reject(self, code: ErrorCode, reason: str, details: Any = None) -> None:
+        REJECTED.labels(DETECTIONS_ENDPOINT, code.value).inc()
+        self.replies.offer(ErrorFrame(code=code, reason=reason, details=details).encode())
+
+    async def run(self) -> None:
+        CONNECTIONS.labels(DETECTIONS_ENDPOINT).inc()
+        log.info(
+            "edge device connected", connection=self.connection_id, subject=self.principal.subject
+        )
+        writer = None
+        try:
+            await self.link.hub.subscribe(self.reply_channel, self.replies)
+            writer = asyncio.create_task(self.replies.run())
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                await self.take(text.encode() if text is not None else message.get("bytes") or b"")
+        finally:
+            CONNECTIONS.labels(DETECTIONS_ENDPOINT).dec()
+            for camera in self.cameras:
+                self.seats.leave(camera, self.websocket)
+            await self.link.hub.unsubscribe(self.reply_channel, self.replies)
+            self.replies.close()
+            if writer is not None:
+                writer.cancel()
+            log.info("edge device disconnected", connection=self.connection_id)
+
+    async def take(self, raw: bytes) -> None:
+        if len(raw) > self.max_bytes:
+            self.reject(
+                ErrorCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {self.max_bytes}"
+            )
+            return
+        if not self.bucket.take():
+            self.reject(ErrorCode.RATE_LIMITED, "too many messages")
+            return
+        try:
+            frame = EdgeFrame.model_validate_json(raw)
+        except ValidationError as exc:
+            items = exc.errors(include_url=False, include_input=False)
+            if items and items[0]["type"] == "json_invalid":
+                self.reject(ErrorCode.MALFORMED_JSON, "the message is not valid JSON")
+            else:
+                reasons = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'message'}: "
+                    f"{str(e['msg']).removeprefix('Value error, ')}"
+                    for e in items[:5]
+                )
+                self.reject(ErrorCode.INVALID_SHAPE, reasons)
+            return
+        camera = f"{frame.environment_id}/{frame.camera_id}"
+        where = {"camera_id": frame.camera_id, "frame_index": frame.frame_index}
+        if camera not in self.cameras:
+            try:
+                self.seats.take(camera, self.websocket, self.principal)
+            except SeatRefused as refused:
+                self.reject(refused.code, refused.reason, where)
+                return
+            self.cameras.add(camera)
+        envelope = Envelope(
+            type=DETECTIONS_TYPE,
+            producer=f"edge/{self.principal.subject}",
+            captured_at=frame.timestamp,
+            reply_channel=self.reply_channel,
+        )
+        topology = self.link.topology
+        try:
+            await publish(
+                self.link.broker,
+                raw,
+                envelope=envelope,
+                exchange=topology.tracking_detections,
+                routing_key=topology.tracking_detections_key(frame.environment_id, frame.camera_id),
+                durable=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - any broker failure: tell the producer
+            log.warning("publish failed", error=repr(exc))
+            self.reject(ErrorCode.UNAVAILABLE, "not accepted: the broker did not confirm it", where)
+            return
+        PUBLISHED.labels(DETECTIONS_ENDPOINT).inc()
+
+
+@router.websocket(DETECTIONS_ENDPOINT)
+async def detections_socket(websocket: WebSocket, gateway: GatewayDep) -> None:
+    principal = await admit_websocket(
+        websocket, gateway, scope=Scope.TRACKING_PUBLISH, endpoint=DETECTIONS_ENDPOINT
+    )
+    if principal is None:
+        return
+    await websocket.accept()
+    await DetectionsSession(gateway, websocket, principal).run()

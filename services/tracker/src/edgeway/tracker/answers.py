@@ -1,0 +1,441 @@
+"""Request/reply answers to the gateway: environments, task start, status, stop, tracks.
+
+Each answer is a `TrackingReply`: the HTTP status the gateway gives and the body it sends. Every
+request is one short transaction. A refusal says why in the client's words.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from edgeway.common.broker import encode, publish
+from edgeway.common.envelope import Envelope
+from edgeway.common.logging import get_logger
+from edgeway.common.schemas.tracking import (
+    CONTROL_TYPE,
+    TRACKING_REQUEST,
+    CreateEnvironment,
+    DeleteEnvironment,
+    EnvironmentSpec,
+    GetEnvironment,
+    GetTaskStatus,
+    ListEnvironments,
+    PrepareVideo,
+    QueryTracks,
+    ReplaceEnvironment,
+    StartTask,
+    StopTask,
+    TaskStatus,
+    TrackingReply,
+    TrackingRequest,
+)
+from edgeway.common.schemas.tracking import FileSource as FileSourceModel
+from edgeway.tracker import domain, store
+from edgeway.tracker.domain import Refusal
+from edgeway.tracker.flows import SERVICE, publish_client, queue_run
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from edgeway.tracker.app import Deps
+
+log = get_logger("edgeway.tracker.answers")
+
+
+async def answer(body: bytes, deps: Deps) -> bytes:
+    """One request from the gateway, answered (never raises: a failure is a 5xx reply)."""
+    try:
+        request = TRACKING_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        reply = Refusal(400, "invalid_request", domain.validation_reason(exc)).reply()
+        return reply.model_dump_json().encode()
+    try:
+        reply = await _dispatch(request, deps)
+    except SQLAlchemyError as exc:
+        log.warning("request failed on the database", command=request.command, error=repr(exc))
+        reply = Refusal(503, "unavailable", "the tracker database is unavailable").reply()
+    return reply.model_dump_json().encode()
+
+
+async def _dispatch(request: TrackingRequest, deps: Deps) -> TrackingReply:
+    match request:
+        case CreateEnvironment():
+            return await create_environment(request, deps)
+        case ListEnvironments():
+            return await list_environments(deps)
+        case GetEnvironment():
+            return await get_environment(request, deps)
+        case ReplaceEnvironment():
+            return await replace_environment(request, deps)
+        case DeleteEnvironment():
+            return await delete_environment(request, deps)
+        case PrepareVideo():
+            return await prepare_video(request, deps)
+        case StartTask():
+            return await start_task(request, deps)
+        case GetTaskStatus():
+            return await task_status(request, deps)
+        case StopTask():
+            return await stop_task(request, deps)
+        case QueryTracks():
+            return await query_tracks(request, deps)
+
+
+# --- environments ----------------------------------------------------------------------------
+
+
+def _facts(video: store.Video) -> domain.VideoFacts:
+    return domain.VideoFacts(
+        video_id=video.video_id,
+        status=video.status,
+        reason=video.reason,
+        object_key=video.object_key,
+        size_bytes=video.size_bytes,
+        frames=video.frames,
+        fps=video.fps,
+    )
+
+
+def _unknown_environment(environment_id: str) -> TrackingReply:
+    return Refusal(
+        404, "unknown_environment", f"no environment {environment_id!r}: POST /api/v1/environments"
+    ).reply()
+
+
+def _busy(environment_id: str, tasks: list[str]) -> TrackingReply:
+    return Refusal(
+        409,
+        "conflict",
+        f"environment {environment_id} has unfinished tasks ({', '.join(tasks)}): stop them first",
+    ).reply()
+
+
+async def _view(session: AsyncSession, environment: store.Environment) -> dict[str, Any]:
+    videos = await store.videos_of(session=session, environment_id=environment.id)
+    spec = EnvironmentSpec.model_validate(environment.spec)
+    return domain.environment_view(spec, {c: _facts(v) for c, v in videos.items()})
+
+
+async def create_environment(request: CreateEnvironment, deps: Deps) -> TrackingReply:
+    spec = domain.normalise_environment(request.environment)
+    if isinstance(spec, Refusal):
+        return spec.reply()
+    async with deps.sessions.begin() as session:
+        if not await store.insert_environment(session=session, spec=spec.model_dump(mode="json")):
+            return Refusal(
+                409,
+                "conflict",
+                f"environment {spec.environment_id} exists: PUT "
+                f"/api/v1/environments/{spec.environment_id} replaces it",
+            ).reply()
+        environment = await store.get_environment(
+            session=session, environment_id=spec.environment_id
+        )
+        assert environment is not None
+        return TrackingReply(status=201, body=await _view(session, environment))
+
+
+async def list_environments(deps: Deps) -> TrackingReply:
+    async with deps.sessions() as session:
+        environments = await store.list_environments(session=session)
+        videos = await store.all_videos(session=session)
+    views = [
+        domain.environment_view(
+            EnvironmentSpec.model_validate(environment.spec),
+            {c: _facts(v) for c, v in videos.get(environment.id, {}).items()},
+        )
+        for environment in environments
+    ]
+    return TrackingReply(status=200, body={"environments": views})
+
+
+async def get_environment(request: GetEnvironment, deps: Deps) -> TrackingReply:
+    async with deps.sessions() as session:
+        environment = await store.get_environment(
+            session=session, environment_id=request.environment_id
+        )
+        if environment is None:
+            return _unknown_environment(request.environment_id)
+        return TrackingReply(status=200, body=await _view(session, environment))
+
+
+async def replace_environment(request: ReplaceEnvironment, deps: Deps) -> TrackingReply:
+    if request.environment.environment_id != request.environment_id:
+        return Refusal(
+            400,
+            "invalid_shape",
+            f"the body's environment_id {request.environment.environment_id!r} is not the "
+            f"path's {request.environment_id!r}",
+        ).reply()
+    spec = domain.normalise_environment(request.environment)
+    if isinstance(spec, Refusal):
+        return spec.reply()
+    async with deps.sessions.begin() as session:
+        environment = await store.get_environment(
+            session=session, environment_id=request.environment_id, lock=True
+        )
+        if environment is None:
+            return _unknown_environment(request.environment_id)
+        tasks = await store.active_tasks(session=session, environment_id=request.environment_id)
+        if tasks:
+            return _busy(request.environment_id, tasks)
+        old = EnvironmentSpec.model_validate(environment.spec)
+        stale = await store.delete_videos(
+            session=session,
+            environment_id=request.environment_id,
+            keep=domain.videos_kept(old, spec),
+        )
+        await store.replace_environment(session=session, spec=spec.model_dump(mode="json"))
+        await session.flush()
+        session.expire_all()
+        environment = await store.get_environment(
+            session=session, environment_id=request.environment_id
+        )
+        assert environment is not None
+        view = await _view(session, environment)
+    for key in stale:
+        deps.objects.delete(key)
+    return TrackingReply(status=200, body=view)
+
+
+async def delete_environment(request: DeleteEnvironment, deps: Deps) -> TrackingReply:
+    async with deps.sessions.begin() as session:
+        environment = await store.get_environment(
+            session=session, environment_id=request.environment_id, lock=True
+        )
+        if environment is None:
+            return _unknown_environment(request.environment_id)
+        tasks = await store.active_tasks(session=session, environment_id=request.environment_id)
+        if tasks:
+            return _busy(request.environment_id, tasks)
+        stale = await store.delete_videos(
+            session=session, environment_id=request.environment_id, keep=()
+        )
+        await store.delete_environment(session=session, environment_id=request.environment_id)
+    for key in stale:
+        deps.objects.delete(key)
+    return TrackingReply(status=204)
+
+
+async def prepare_video(request: PrepareVideo, deps: Deps) -> TrackingReply:
+    """Whether the camera takes a video now, and the upload's id and size limit."""
+    async with deps.sessions() as session:
+        environment = await store.get_environment(
+            session=session, environment_id=request.environment_id
+        )
+        if environment is None:
+            return _unknown_environment(request.environment_id)
+        spec = EnvironmentSpec.model_validate(environment.spec)
+        camera = spec.camera(request.camera_id)
+        if camera is None:
+            return Refusal(
+                404,
+                "unknown_camera",
+                f"environment {spec.environment_id} has no camera {request.camera_id!r}",
+            ).reply()
+        if not isinstance(camera.source, FileSourceModel):
+            return Refusal(
+                409,
+                "conflict",
+                f"camera {camera.camera_id} is {camera.source.kind}: only file cameras take a "
+                "video",
+            ).reply()
+        tasks = await store.active_tasks(session=session, environment_id=spec.environment_id)
+        if tasks:
+            return _busy(spec.environment_id, tasks)
+    return TrackingReply(
+        status=200,
+        body={
+            "video_id": str(uuid.uuid4()),
+            "max_bytes": deps.settings.max_video_bytes,
+            "width": camera.width,
+            "height": camera.height,
+        },
+    )
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+def _task_id(value: str) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _unknown_task(task_id: str) -> TrackingReply:
+    return Refusal(404, "not_found", f"no task {task_id!r}").reply()
+
+
+async def start_task(request: StartTask, deps: Deps) -> TrackingReply:
+    task_id = str(uuid.uuid4())
+    try:
+        async with deps.sessions.begin() as session:
+            environment = await store.get_environment(
+                session=session, environment_id=request.environment_id, lock=True
+            )
+            if environment is None:
+                return _unknown_environment(request.environment_id)
+            spec = EnvironmentSpec.model_validate(environment.spec)
+            videos = {
+                camera: _facts(video)
+                for camera, video in (
+                    await store.videos_of(session=session, environment_id=spec.environment_id)
+                ).items()
+            }
+            refusals = domain.start_refusals(spec, videos, request.mode)
+            if refusals:
+                return Refusal(
+                    400, "not_ready", f"a {request.mode} task cannot start: {'; '.join(refusals)}"
+                ).reply()
+            await store.create_task(
+                session=session,
+                task_id=task_id,
+                environment_id=spec.environment_id,
+                mode=request.mode.value,
+                environment={"spec": environment.spec, "videos": _videos_json(videos)},
+                frames_total=None,
+                now=datetime.now(UTC),
+            )
+    except IntegrityError:  # the live lock: one live task per environment at a time
+        return Refusal(
+            409,
+            "conflict",
+            f"a live task already tracks environment {request.environment_id}: stop it first",
+        ).reply()
+    try:
+        await queue_run(deps.broker, deps.topology, task_id)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the task cannot run
+        log.warning("run command not queued", task_id=task_id, error=repr(exc))
+        async with deps.sessions.begin() as session:
+            await store.finish_task(
+                session=session,
+                task_id=task_id,
+                status=TaskStatus.FAILED,
+                details="the task could not be queued",
+                now=datetime.now(UTC),
+            )
+        return Refusal(503, "unavailable", "the task could not be queued; start it again").reply()
+    log.info("task queued", task_id=task_id, environment_id=request.environment_id)
+    return TrackingReply(
+        status=202,
+        body={"task_id": task_id, "environment_id": request.environment_id, "mode": request.mode},
+    )
+
+
+def _videos_json(videos: Mapping[str, domain.VideoFacts]) -> dict[str, Any]:
+    return {
+        camera: {
+            "video_id": facts.video_id,
+            "status": facts.status,
+            "reason": facts.reason,
+            "object_key": facts.object_key,
+            "size_bytes": facts.size_bytes,
+            "frames": facts.frames,
+            "fps": facts.fps,
+        }
+        for camera, facts in videos.items()
+    }
+
+
+async def task_status(request: GetTaskStatus, deps: Deps) -> TrackingReply:
+    task_id = _task_id(request.task_id)
+    if task_id is None:
+        return _unknown_task(request.task_id)
+    async with deps.sessions() as session:
+        task = await store.get_task(session=session, task_id=task_id)
+    if task is None:
+        return _unknown_task(task_id)
+    return TrackingReply(
+        status=200,
+        body={"status": domain.status_view(task), "message": domain.status_message(task)},
+    )
+
+
+async def stop_task(request: StopTask, deps: Deps) -> TrackingReply:
+    """Stop a task wherever it runs: STOPPED is committed here, the replica running it hears
+    it on the control exchange and ends the run at once; clients hear it now."""
+    task_id = _task_id(request.task_id)
+    if task_id is None:
+        return _unknown_task(request.task_id)
+    async with deps.sessions.begin() as session:
+        stopped = await store.finish_task(
+            session=session,
+            task_id=task_id,
+            status=TaskStatus.STOPPED,
+            details="stopped on request",
+            now=datetime.now(UTC),
+        )
+        task = stopped or await store.get_task(session=session, task_id=task_id)
+    if task is None:
+        return _unknown_task(task_id)
+    if stopped is not None:
+        if not deps.runs.stop(task_id):
+            await publish(
+                deps.broker,
+                encode({"stop": task_id}),
+                envelope=Envelope(type=CONTROL_TYPE, producer=SERVICE),
+                exchange=deps.topology.tracking_control,
+                durable=False,
+            )
+        await publish_client(deps, task_id, domain.status_message(task))
+        log.info("task stopped", task_id=task_id)
+    return TrackingReply(status=200, body=domain.status_view(task))
+
+
+async def query_tracks(request: QueryTracks, deps: Deps) -> TrackingReply:
+    task_id = _task_id(request.task_id)
+    if task_id is None:
+        return _unknown_task(request.task_id)
+    if request.format == "mot" and request.camera_id is None:
+        return Refusal(
+            400,
+            "invalid_request",
+            "format=mot is one camera's sequence: name it with camera_id",
+        ).reply()
+    async with deps.sessions() as session:
+        task = await store.get_task(session=session, task_id=task_id)
+        if task is None:
+            return _unknown_task(task_id)
+        rows = await store.query_observations(
+            session=session,
+            task_id=task_id,
+            camera_id=request.camera_id,
+            global_id=request.global_id,
+            since=request.since,
+            until=request.until,
+            after=request.after,
+            limit=request.limit,
+        )
+    next_after = rows[-1].id if len(rows) == request.limit else None
+    if request.format == "mot":
+        return TrackingReply(
+            status=200, body={"text": domain.mot_text(rows), "next_after": next_after}
+        )
+    return TrackingReply(
+        status=200,
+        body={
+            "task_id": task_id,
+            "status": task.status,
+            "tracks": [domain.observation_view(row) for row in rows],
+            "next_after": next_after,
+        },
+    )
+
+
+def control_stop(body: bytes) -> str | None:
+    """The task a control message stops (None: not one)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    task_id = message.get("stop") if isinstance(message, dict) else None
+    return task_id if isinstance(task_id, str) else None

@@ -1,0 +1,155 @@
+"""The tracker's wiring: its dependencies built once (`Deps`), its subscribers registered, its
+start-up and shutdown work, and the operations endpoints (`/healthz`, `/readyz`, `/metrics`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from faststream.asgi import AsgiFastStream
+from faststream.rabbit import RabbitBroker
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from edgeway.common.broker import declare_shared, declare_work, make_broker
+from edgeway.common.db import make_engine, make_sessionmaker
+from edgeway.common.logging import get_logger
+from edgeway.common.service import database_service_app
+from edgeway.common.settings import async_database_url
+from edgeway.common.topology import Topology
+from edgeway.tracker import store
+from edgeway.tracker.flows import SERVICE, Inference, LiveRouter, TaskRuns
+from edgeway.tracker.handlers import register
+from edgeway.tracker.media import VideoStore
+from edgeway.tracker.metrics import Metrics
+from edgeway.tracker.settings import TrackerSettings
+
+log = get_logger("edgeway.tracker")
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    """Everything a handler or a run needs, built once per process."""
+
+    settings: TrackerSettings
+    topology: Topology
+    broker: RabbitBroker
+    sessions: async_sessionmaker[AsyncSession]
+    metrics: Metrics
+    objects: VideoStore
+    inference: Inference
+    runs: TaskRuns
+    live: LiveRouter
+
+
+def build_deps(
+    settings: TrackerSettings,
+    *,
+    broker: RabbitBroker,
+    sessions: async_sessionmaker[AsyncSession],
+    registry: CollectorRegistry,
+) -> Deps:
+    live = LiveRouter()
+    topology = Topology(settings.exchanges)
+
+    async def bind(environment_id: str, on: bool) -> None:
+        queue = await broker.declare_queue(topology.tracking_detections_queue(settings.replica_id))
+        exchange = await broker.declare_exchange(topology.tracking_detections)
+        key = f"{environment_id}.*"
+        if on:
+            await queue.bind(exchange, routing_key=key)
+        else:
+            await queue.unbind(exchange, routing_key=key)
+
+    live.connect(bind)
+    return Deps(
+        settings=settings,
+        topology=topology,
+        broker=broker,
+        sessions=sessions,
+        metrics=Metrics.create(registry),
+        objects=VideoStore(settings.objects_dir or settings.data_dir / "objects" / "tracker"),
+        inference=Inference.create(settings),
+        runs=TaskRuns(),
+        live=live,
+    )
+
+
+async def sweep_forever(deps: Deps) -> None:
+    """Retention: delete tasks (and their observations) finished `retention_days` ago."""
+    while True:
+        cutoff = datetime.now(UTC) - timedelta(days=deps.settings.retention_days)
+        try:
+            while True:
+                async with deps.sessions.begin() as session:
+                    gone = await store.delete_finished_before(session=session, cutoff=cutoff)
+                if gone:
+                    log.info("old tasks deleted", tasks=len(gone))
+                if len(gone) < 100:
+                    break
+        except SQLAlchemyError as exc:
+            log.warning("retention sweep failed", error=repr(exc))
+        await asyncio.sleep(deps.settings.retention_sweep_s)
+
+
+def build_app(
+    settings: TrackerSettings,
+    *,
+    tracer_provider: TracerProvider,
+    registry: CollectorRegistry = REGISTRY,
+) -> AsgiFastStream:
+    broker = make_broker(
+        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    )
+    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
+    engine = make_engine(url)
+    deps = build_deps(
+        settings, broker=broker, sessions=make_sessionmaker(engine), registry=registry
+    )
+    register(broker, deps)
+    topology = deps.topology
+
+    async def prepare() -> None:
+        deps.objects.root.mkdir(parents=True, exist_ok=True)
+        log.info("database ready", objects=str(deps.objects.root))
+
+    async def declare() -> None:
+        await declare_shared(broker, topology)
+        await declare_work(
+            broker, topology, topology.tracking_commands, topology.tracking_commands_queue
+        )
+        await declare_work(
+            broker, topology, topology.tracking_videos, topology.tracking_videos_queue
+        )
+        await broker.declare_exchange(topology.tracking_detections)
+
+    app = database_service_app(
+        broker,
+        engine=engine,
+        url=url,
+        migrations=store.MIGRATIONS,
+        prepare=prepare,
+        declare=declare,
+        registry=registry,
+    )
+    sweeper: list[asyncio.Task[None]] = []
+
+    async def start_sweeper() -> None:
+        sweeper.append(asyncio.create_task(sweep_forever(deps)))
+
+    async def hand_back() -> None:
+        # Before the broker drains its handlers: each run ends and hands its task back.
+        await deps.runs.release_all(grace=settings.graceful_timeout)
+        for task in sweeper:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        deps.inference.pool.shutdown(wait=False, cancel_futures=True)
+
+    app.after_startup(start_sweeper)
+    app.on_shutdown(hand_back)
+    return app

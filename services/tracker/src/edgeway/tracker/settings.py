@@ -1,0 +1,60 @@
+"""Settings of the tracker service (`EDGEWAY_` environment variables)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from edgeway.common.settings import CommonSettings, database_url_field
+
+
+class TrackerSettings(CommonSettings):
+    """What the tracker reads from its environment."""
+
+    database_url: str | None = database_url_field("tracker")
+    http_port: int = 8085
+    # Names this replica's own queues (edge detections, stops); unique per process.
+    replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Where uploaded videos are kept (the embedded object store: a local directory). Several
+    # replicas must share it (a shared volume); default `<data_dir>/objects/tracker`.
+    objects_dir: Path | None = None
+
+    # Tasks one replica runs at once: the prefetch of its consumer on the commands queue, so
+    # a replica never takes more than it runs and the others take the rest.
+    tasks_per_worker: int = Field(default=2, ge=1, le=64)
+    # The vision core's plug-ins (edgeway.tracker.vision). HOG needs no weights file; the
+    # others load one from a path (nothing is downloaded). `none`: tracking on motion and map
+    # position only; the ImageNet MobileNetV2 features merge different people (README).
+    detector: Literal["hog", "fasterrcnn", "onnx"] = "hog"
+    detector_weights: Path | None = None
+    detection_confidence: float = Field(default=0.5, ge=0, le=1)  # SpotOn's threshold
+    # HOG's image pyramid step: 1.05 (the vision core's default, best recall) costs about
+    # twice 1.1 per frame on the rendered scenes (scenes.py), for a few points of recall.
+    hog_scale: float = Field(default=1.05, gt=1.0, le=1.5)
+    embedder: Literal["none", "mobilenetv2", "osnet"] = "none"
+    embedder_weights: Path | None = None
+    device: str = "auto"  # torch/onnxruntime device: auto, cpu, cuda
+    # SpotOn's TARGET_FPS: a video is read at most this many frames a second of its own time
+    # (frame skip `round(fps / target_fps)`, at least 1).
+    target_fps: float = Field(default=23.0, gt=0)
+
+    # Observations and the tracker's state are committed together every this many frames or
+    # seconds, whichever comes first: what a crash can cost, and each commit's size.
+    checkpoint_frames: int = Field(default=10, ge=1)
+    checkpoint_interval_s: float = Field(default=2.0, gt=0)
+    # SpotOn sent two status updates per frame; clients get at most one per this interval (and
+    # one at once on every change of status).
+    status_interval_s: float = Field(default=0.5, ge=0.1)
+    # A live task steps a frame index once every external camera sent it, or this long after
+    # the first one did (the others count as seeing nobody).
+    live_step_wait_s: float = Field(default=0.25, gt=0)
+
+    # Uploaded videos: the gateway's cap is the first bound, this the service's own.
+    max_video_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Finished tasks (and their observations) are deleted after this many days; checked every
+    # `retention_sweep_s` by every replica.
+    retention_days: float = Field(default=30.0, gt=0)
+    retention_sweep_s: float = Field(default=3600.0, gt=0)

@@ -1,0 +1,348 @@
+"""The tracker as it runs: real processes between the real RabbitMQ and PostgreSQL.
+
+The test plays the gateway's side: it asks over request/reply, uploads videos as the gateway
+publishes them, and listens to `tracking.task.<id>` on the broadcast exchange. The videos are
+rendered scenes (`edgeway.tracker.scenes`) with people at known map positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import orjson
+import pytest
+from faststream.rabbit import RabbitBroker, RabbitQueue
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from edgeway.common.broker import publish
+from edgeway.common.db import make_engine
+from edgeway.common.envelope import Envelope
+from edgeway.common.schemas.tracking import (
+    HEADER_CAMERA_ID,
+    HEADER_ENVIRONMENT_ID,
+    HEADER_VIDEO_ID,
+    VIDEO_TYPE,
+)
+from edgeway.common.settings import async_database_url
+from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.topology import Channels, Topology
+from edgeway.tracker.scenes import Scene, demo_environment, demo_scene
+
+pytestmark = [pytest.mark.connected, pytest.mark.slow]
+
+TOPOLOGY = Topology()
+WAIT = 30.0
+FRAMES = 30  # per camera: ~0.3 s a step with HOG on this machine's two shared cores
+
+
+@pytest.fixture(scope="module")
+def scene() -> Scene:
+    return demo_scene(width=480, height=360, fps=10)
+
+
+@pytest.fixture(scope="module")
+def videos(scene: Scene, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("videos")
+    found = {}
+    for camera in scene.cameras:
+        path = folder / f"{camera.camera_id}.mp4"
+        scene.write_video(camera, path, FRAMES)
+        found[camera.camera_id] = path.read_bytes()
+    return found
+
+
+class Trackers:
+    """Tracker replicas sharing one database and one object directory."""
+
+    def __init__(self, amqp_url: str, postgres_url: str, workdir: Path) -> None:
+        self.env = {
+            "EDGEWAY_AMQP_URL": amqp_url,
+            "EDGEWAY_TRACKER_DATABASE_URL": postgres_url,
+            "EDGEWAY_DATA_DIR": str(workdir / "var"),
+            "EDGEWAY_NTP_SERVERS": "[]",
+            "EDGEWAY_HOG_SCALE": "1.1",
+            "EDGEWAY_TASKS_PER_WORKER": "1",
+            "EDGEWAY_CHECKPOINT_FRAMES": "5",
+        }
+        self.workdir = workdir
+        self.replicas: list[ServiceProcess] = []
+
+    def start(self, count: int = 1) -> list[ServiceProcess]:
+        started = []
+        for _ in range(count):
+            n = len(self.replicas)
+            process = ServiceProcess(
+                "edgeway.tracker",
+                env={**self.env, "EDGEWAY_REPLICA_ID": f"replica-{n}"},
+                port=free_port(),
+                log_path=self.workdir / f"tracker-{n}.log",
+            )
+            self.replicas.append(process.start())
+            started.append(process)
+        return started
+
+    def stop(self) -> None:
+        for process in self.replicas:
+            process.stop()
+
+
+@pytest.fixture
+def trackers(amqp_url: str, postgres_url: str, tmp_path: Path) -> Iterator[Trackers]:
+    group = Trackers(amqp_url, postgres_url, tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+class Gateway:
+    """The gateway's side: requests, video uploads, and a listener on the task channels."""
+
+    def __init__(self, broker: RabbitBroker, listener: aio_pika.abc.AbstractQueue) -> None:
+        self.broker = broker
+        self.listener = listener
+
+    async def ask(self, command: str, **fields: Any) -> tuple[int, Any]:
+        reply = await self.broker.request(
+            orjson.dumps({"command": command, **fields}),
+            queue=TOPOLOGY.tracking_requests_queue.name,
+            timeout=WAIT,
+        )
+        answer = orjson.loads(reply.body)
+        return answer["status"], answer["body"]
+
+    async def upload(self, environment_id: str, camera_id: str, data: bytes) -> str:
+        status, body = await self.ask(
+            "prepare_video", environment_id=environment_id, camera_id=camera_id
+        )
+        assert status == 200, body
+        await publish(
+            self.broker,
+            data,
+            envelope=Envelope(
+                type=VIDEO_TYPE,
+                producer="test",
+                content_type="video/mp4",
+                headers={
+                    HEADER_ENVIRONMENT_ID: environment_id,
+                    HEADER_CAMERA_ID: camera_id,
+                    HEADER_VIDEO_ID: body["video_id"],
+                },
+            ),
+            exchange=TOPOLOGY.tracking_videos,
+            durable=True,
+        )
+        return str(body["video_id"])
+
+    async def environment_ready(
+        self, environment_id: str, cameras: tuple[str, ...] = ("c01", "c02", "c03")
+    ) -> dict[str, Any]:
+        """The environment once each of `cameras` has its video (taken or refused)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            status, body = await self.ask("get_environment", environment_id=environment_id)
+            assert status == 200, body
+            videos = [c.get("video") for c in body["cameras"] if c["camera_id"] in cameras]
+            if all(v is not None for v in videos) or time.monotonic() > deadline:
+                return dict(body)
+            await asyncio.sleep(0.2)
+
+    async def messages(self, task_id: str, *, until: str, within: float = 120) -> list[Any]:
+        """Every message on the task's channel, up to one of type `until`."""
+        got: list[Any] = []
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            message = await self.listener.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.02)
+                continue
+            if message.routing_key != Channels.tracking_task(task_id):
+                continue
+            body = orjson.loads(message.body)
+            got.append(body)
+            if body["type"] == until:
+                return got
+        raise TimeoutError(f"no {until} in {within}s; got {[m['type'] for m in got][-20:]}")
+
+
+@pytest.fixture
+async def gateway(amqp_url: str, trackers: Trackers) -> AsyncIterator[Gateway]:
+    async with RabbitBroker(amqp_url) as broker:
+        await broker.connect()
+        listener = await broker.declare_queue(
+            RabbitQueue(f"test.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
+        )
+        broadcast = await broker.declare_exchange(TOPOLOGY.broadcast)
+        await listener.bind(broadcast, routing_key=Channels.TRACKING_TASKS)
+        yield Gateway(broker, listener)
+
+
+@pytest.fixture
+async def db(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(async_database_url(postgres_url, service="tracker", data_dir=Path()))
+    yield engine
+    await engine.dispose()
+
+
+async def query(db: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with db.connect() as connection:
+        return list((await connection.execute(text(sql), params)).all())
+
+
+async def prepared(gateway: Gateway, scene: Scene, videos: dict[str, bytes]) -> None:
+    status, body = await gateway.ask("create_environment", environment=demo_environment(scene))
+    assert status == 201, body
+    for camera_id, data in videos.items():
+        await gateway.upload("demo-lab", camera_id, data)
+    environment = await gateway.environment_ready("demo-lab")
+    assert environment["ready"], environment
+
+
+def metric(process: ServiceProcess, name: str) -> float:
+    for row in httpx.get(process.url + "/metrics").text.splitlines():
+        if row.startswith(name + " "):
+            return float(row.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+async def test_a_batch_task_tracks_every_camera_to_the_end(
+    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene, videos: dict[str, bytes]
+) -> None:
+    trackers.start()
+    await prepared(gateway, scene, videos)
+    status, started = await gateway.ask("start_task", environment_id="demo-lab", mode="batch")
+    assert status == 202, started
+    task_id = started["task_id"]
+
+    messages = await gateway.messages(task_id, until="batch_processing_complete")
+
+    statuses = [m["payload"]["status"] for m in messages if m["type"] == "status_update"]
+    assert statuses[:3] == ["INITIALIZING", "DOWNLOADING_DATA", "PROCESSING"]
+    assert statuses[-1] == "COMPLETED"
+    updates = [m["payload"] for m in messages if m["type"] == "tracking_update"]
+    assert [u["global_frame_index"] for u in updates] == list(range(FRAMES))
+    tracks = [t for u in updates for cam in u["cameras"].values() for t in cam["tracks"]]
+    assert len(tracks) > FRAMES  # four people crossing three cameras
+    assert all(uuid.UUID(t["global_id"]) and t["class_id"] == 1 for t in tracks)
+    positions = [t["map_coords"] for t in tracks if t["map_coords"] is not None]
+    assert len(positions) == len(tracks)  # every camera has a homography
+    # On the floor (13 x 6 m), give or take HOG's loose boxes.
+    assert all(-2 < x < 15 and -3 < y < 8 for x, y in positions)
+
+    status, final = await gateway.ask("task_status", task_id=task_id)
+    assert final["status"] == {
+        "task_id": task_id,
+        "status": "COMPLETED",
+        "progress": 1.0,
+        "current_step": "Completed",
+        "details": f"{FRAMES} frames tracked",
+    }
+    stored = await query(
+        db, "SELECT count(*) FROM track_observations WHERE task_id = :t", t=task_id
+    )
+    assert stored == [(len(tracks),)]
+    status, page = await gateway.ask("tracks", task_id=task_id, camera_id="c02", limit=10_000)
+    assert status == 200
+    assert len(page["tracks"]) == sum(len(u["cameras"]["c02"]["tracks"]) for u in updates)
+
+
+async def test_a_killed_worker_hands_its_task_to_another_that_stores_no_frame_twice(
+    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene, videos: dict[str, bytes]
+) -> None:
+    first, second = trackers.start(2)
+    await prepared(gateway, scene, videos)
+    _status, started = await gateway.ask("start_task", environment_id="demo-lab", mode="batch")
+    task_id = started["task_id"]
+
+    deadline = time.monotonic() + WAIT
+    while True:  # past its second checkpoint (every 5 frames), mid-task
+        rows = await query(db, "SELECT owner, checkpoint_frame FROM tasks WHERE id = :t", t=task_id)
+        if rows[0][1] >= 9 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    owner, checkpoint = rows[0]
+    assert 9 <= checkpoint < FRAMES - 5
+    victim, survivor = (first, second) if owner == "replica-0" else (second, first)
+    victim.kill()  # SIGKILL: no goodbye, its connection just drops
+
+    messages = await gateway.messages(task_id, until="batch_processing_complete")
+
+    rows = await query(db, "SELECT owner, generation, status FROM tasks WHERE id = :t", t=task_id)
+    assert rows[0] == ("replica-1" if owner == "replica-0" else "replica-0", 2, "COMPLETED")
+    assert metric(survivor, "edgeway_tracker_tasks_resumed_total") == 1.0
+    # What is stored of each frame is what its last run tracked: frames between the checkpoint
+    # and the kill were tracked twice (two updates) but stored once, from the resumed run.
+    last: dict[tuple[str, int], set[int]] = {}
+    for update in (m["payload"] for m in messages if m["type"] == "tracking_update"):
+        for camera_id, camera in update["cameras"].items():
+            key = (camera_id, update["global_frame_index"])
+            last[key] = {t["track_id"] for t in camera["tracks"]}
+    stored: dict[tuple[str, int], set[int]] = {}
+    for camera_id, frame, track in await query(
+        db,
+        "SELECT camera_id, frame_index, track_id FROM track_observations WHERE task_id = :t",
+        t=task_id,
+    ):
+        stored.setdefault((camera_id, frame), set()).add(track)
+    assert {k: v for k, v in last.items() if v} == stored
+    assert {frame for _, frame in last} == set(range(FRAMES))
+
+
+async def test_two_workers_share_tasks_and_a_stopped_one_ends_within_a_second(
+    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene, videos: dict[str, bytes]
+) -> None:
+    trackers.start(2)  # one task each at most (EDGEWAY_TASKS_PER_WORKER=1)
+    await prepared(gateway, scene, videos)
+    _, first = await gateway.ask("start_task", environment_id="demo-lab", mode="batch")
+    _, second = await gateway.ask("start_task", environment_id="demo-lab", mode="batch")
+    stopped_id, running_id = first["task_id"], second["task_id"]
+    await gateway.messages(stopped_id, until="tracking_update")
+    owners = await query(db, "SELECT owner FROM tasks WHERE status = 'PROCESSING'")
+    assert sorted(owner for (owner,) in owners) == ["replica-0", "replica-1"]
+
+    status, stopped = await gateway.ask("stop_task", task_id=stopped_id)
+    asked = time.monotonic()
+    assert (status, stopped["status"]) == (200, "STOPPED")
+    deadline = time.monotonic() + 5
+    while True:  # status updates sent before the stop may still be on their way
+        after = await gateway.messages(stopped_id, until="status_update", within=5)
+        if after[-1]["payload"]["status"] == "STOPPED" or time.monotonic() > deadline:
+            break
+    assert after[-1]["payload"]["status"] == "STOPPED"
+    await asyncio.sleep(1.0)
+    late = []
+    while (message := await gateway.listener.get(no_ack=True, fail=False)) is not None:
+        if message.routing_key == Channels.tracking_task(stopped_id):
+            late.append(orjson.loads(message.body))
+    # At most the step that was running when the stop came.
+    assert len([m for m in late if m["type"] == "tracking_update"]) <= 1
+    assert time.monotonic() - asked < 3
+    rows = await query(db, "SELECT id, status FROM tasks ORDER BY id")
+    assert dict(rows) == {stopped_id: "STOPPED", running_id: "PROCESSING"}
+    status, again = await gateway.ask("stop_task", task_id=stopped_id)
+    assert (status, again["status"]) == (200, "STOPPED")
+    await gateway.ask("stop_task", task_id=running_id)
+
+
+async def test_a_file_that_is_not_a_video_is_refused_with_its_reason(
+    trackers: Trackers, gateway: Gateway, scene: Scene
+) -> None:
+    trackers.start()
+    status, _ = await gateway.ask("create_environment", environment=demo_environment(scene))
+    assert status == 201
+    await gateway.upload("demo-lab", "c01", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 4000)
+    environment = await gateway.environment_ready("demo-lab", ("c01",))
+    video = environment["cameras"][0]["video"]
+    assert video["status"] == "rejected"
+    assert "not a readable video" in video["reason"] or "no video stream" in video["reason"]
+    status, refused = await gateway.ask("start_task", environment_id="demo-lab")
+    assert status == 400
+    assert refused["code"] == "not_ready"

@@ -1,0 +1,383 @@
+"""Tracking end to end: clients → gateway → RabbitMQ → tracker → PostgreSQL and back.
+
+What a SpotOn user would notice: environments through the API, videos uploaded through the
+gateway, a batch task whose `/ws/tracking/{task_id}` gives SpotOn's tracking updates with global
+ids and map positions to COMPLETED, edge devices' boxes tracked live across two overlapping
+cameras, stored tracks as JSON and MOTChallenge text, and clear refusals that store nothing.
+(The worker killed mid-task and the stop within a second: services/tracker/tests/test_flow.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from edgeway.common.testing import create_postgres_database, drop_postgres_database
+from edgeway.tracker.scenes import Scene, demo_environment, demo_scene
+from tests.stack import Stack, token
+
+pytestmark = [pytest.mark.connected, pytest.mark.slow]
+
+ADMIN = {"Authorization": f"Bearer {token('tracking:admin', 'tracking:read')}"}
+SUBSCRIBER = token("tracking:subscribe")
+FRAMES = 16
+
+
+@pytest.fixture(scope="module")
+def stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    occupancy_db = create_postgres_database()
+    tracker_db = create_postgres_database("edgeway_tracker")
+    stack = Stack(
+        amqp_url,
+        occupancy_db,
+        tmp_path_factory.mktemp("tracking-stack"),
+        tracker_env={
+            "EDGEWAY_TRACKER_DATABASE_URL": tracker_db,
+            "EDGEWAY_HOG_SCALE": "1.1",
+            "EDGEWAY_CHECKPOINT_FRAMES": "5",
+        },
+    ).start()
+    yield stack
+    stack.stop()
+    drop_postgres_database(tracker_db)
+    drop_postgres_database(occupancy_db)
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.gateway.url, headers=ADMIN, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.gateway.url, headers=ADMIN, timeout=30) as client:
+        yield client
+
+
+def external_camera(camera_id: str, *, mirrored: bool) -> dict[str, Any]:
+    """640 x 480 looking at an 8 x 6 m floor, 80 px a metre; `mirrored` looks from the other
+    side (its x runs the other way), so the two see the same floor."""
+    corners = [[0, 480], [640, 480], [640, 0], [0, 0]]
+    floor = [[8, 0], [0, 0], [0, 6], [8, 6]] if mirrored else [[0, 0], [8, 0], [8, 6], [0, 6]]
+    return {
+        "camera_id": camera_id,
+        "width": 640,
+        "height": 480,
+        "source": {"kind": "external"},
+        "homography": {"image_points": corners, "map_points": floor},
+    }
+
+
+def box_at(x: float, y: float, *, mirrored: bool) -> list[float]:
+    """A person standing at map (x, y), as the camera sees them (feet at the box's bottom)."""
+    u = (8 - x) * 80 if mirrored else x * 80
+    v = 480 - y * 80
+    return [u - 20, v - 120, u + 20, v]
+
+
+async def expect_error(ws: ClientConnection, code: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        reply = json.loads(await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic())))
+        if reply.get("type") == "error":
+            assert reply["code"] == code, reply
+            assert reply["reason"]
+            return dict(reply)
+
+
+async def messages_until(ws: ClientConnection, kind: str, within: float = 90) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + within
+    while True:
+        got.append(json.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic())))
+        if got[-1]["type"] == kind:
+            return got
+
+
+def test_environments_are_created_read_replaced_and_deleted_with_clear_errors(
+    http: httpx.Client,
+) -> None:
+    npz = io.BytesIO()
+    np.savez(
+        npz,
+        image_points=np.array([[0, 480], [640, 480], [640, 0], [0, 0]]),
+        map_points=np.array([[0, 0], [8, 0], [8, 6], [0, 6]]),
+    )
+    body = {
+        "environment_id": "hall",
+        "name": "Hall",
+        "cameras": [
+            {
+                "camera_id": "c01",
+                "width": 640,
+                "height": 480,
+                "source": {"kind": "file"},
+                "homography": {"npz_base64": base64.b64encode(npz.getvalue()).decode()},
+                "handoff_rules": [{"quadrant": "upper_right", "target_camera_id": "c03"}],
+            },
+            {"camera_id": "c03", "width": 640, "height": 480, "source": {"kind": "external"}},
+        ],
+        "overlaps": [["c01", "c03"]],
+    }
+    created = http.post("/api/v1/environments", json=body)
+    assert created.status_code == 201, created.text
+    camera = created.json()["cameras"][0]
+    assert camera["homography"]["map_points"] == [[0, 0], [8, 0], [8, 6], [0, 6]]  # the .npz, read
+    assert camera["video"] is None
+    again = http.post("/api/v1/environments", json=body)
+    assert (again.status_code, again.json()["code"]) == (409, "conflict")
+
+    assert http.get("/api/v1/environments/hall").json()["name"] == "Hall"
+    listed = http.get("/api/v1/detection-processing-tasks/environments").json()
+    assert {
+        "environment_id": "hall",
+        "name": "Hall",
+        "cameras": ["c01", "c03"],
+        "ready": False,
+    } in (listed["environments"])
+    mixed = http.post("/api/v1/processing-tasks/start", json={"environment_id": "hall"})
+    assert (mixed.status_code, mixed.json()["code"]) == (400, "not_ready")
+    assert "mix file and external" in mixed.json()["reason"]
+
+    replaced = http.put("/api/v1/environments/hall", json={**body, "name": "Great hall"})
+    assert (replaced.status_code, replaced.json()["name"]) == (200, "Great hall")
+    wrong = http.put("/api/v1/environments/hall", json={**body, "environment_id": "other"})
+    assert wrong.status_code == 400
+    assert http.delete("/api/v1/environments/hall").status_code == 204
+
+    for path, status, code in [
+        ("/api/v1/environments/hall", 404, "unknown_environment"),
+        ("/api/v1/environments/a.b", 400, "invalid_id"),
+        (f"/api/v1/processing-tasks/{uuid.uuid4()}/status", 404, "not_found"),
+    ]:
+        response = http.get(path)
+        assert (response.status_code, response.json()["code"]) == (status, code), path
+    unknown = http.post("/api/v1/processing-tasks/start", json={"environment_id": "nowhere"})
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "unknown_environment")
+    traversal = http.post(
+        "/api/v1/environments", json={**body, "environment_id": "../../etc/passwd"}
+    )
+    assert traversal.status_code == 400
+    video = http.put(
+        "/api/v1/environments/nowhere/cameras/c01/video",
+        content=b"\x00\x00\x00\x18ftypmp42",
+        headers={"Content-Type": "video/mp4"},
+    )
+    assert (video.status_code, video.json()["code"]) == (404, "unknown_environment")
+    # Nothing of it was stored.
+    names = [
+        env["environment_id"] for env in http.get("/api/v1/environments").json()["environments"]
+    ]
+    assert "hall" not in names
+    assert not [n for n in names if "etc" in n or n == "nowhere"]
+
+
+@pytest.fixture(scope="module")
+def scene() -> Scene:
+    return demo_scene(width=480, height=360, fps=10)
+
+
+def upload_videos(http: httpx.Client, scene: Scene, folder: Path, environment_id: str) -> None:
+    for camera in scene.cameras:
+        path = folder / f"{camera.camera_id}.mp4"
+        scene.write_video(camera, path, FRAMES)
+        response = http.put(
+            f"/api/v1/environments/{environment_id}/cameras/{camera.camera_id}/video",
+            content=path.read_bytes(),
+            headers={"Content-Type": "video/mp4"},
+        )
+        assert response.status_code == 202, response.text
+        assert response.json()["status_url"] == f"/api/v1/environments/{environment_id}"
+    deadline = time.monotonic() + 30
+    while not http.get(f"/api/v1/environments/{environment_id}").json()["ready"]:
+        assert time.monotonic() < deadline, http.get(
+            f"/api/v1/environments/{environment_id}"
+        ).json()
+        time.sleep(0.2)
+
+
+async def test_a_batch_task_streams_spotons_updates_to_completion(
+    stack: Stack, http: httpx.Client, api: httpx.AsyncClient, scene: Scene, tmp_path: Path
+) -> None:
+    created = await api.post(
+        "/api/v1/environments", json=demo_environment(scene, environment_id="lab")
+    )
+    assert created.status_code == 201, created.text
+    await asyncio.to_thread(upload_videos, http, scene, tmp_path, "lab")
+
+    started = await api.post(
+        "/api/v1/detection-processing-tasks/start", json={"environment_id": "lab"}
+    )
+    assert started.status_code == 202, started.text
+    task = started.json()
+    task_id = task["task_id"]
+    assert task == {
+        "task_id": task_id,
+        "message": "Processing task (batch) initiated.",
+        "status_url": f"/api/v1/detection-processing-tasks/{task_id}/status",
+        "websocket_url": f"/ws/tracking/{task_id}",
+    }
+    async with websockets.connect(stack.ws(task["websocket_url"], "tracking:subscribe")) as ws:
+        messages = await messages_until(ws, "batch_processing_complete")
+    assert messages[0]["type"] == "status_update"  # the status first, whenever one joins
+    updates = [m["payload"] for m in messages if m["type"] == "tracking_update"]
+    assert updates, [m["type"] for m in messages]
+    assert updates[-1]["global_frame_index"] == FRAMES - 1
+    tracks = [t for u in updates for c in u["cameras"].values() for t in c["tracks"]]
+    assert tracks
+    assert all(t["global_id"] and t["map_coords"] is not None for t in tracks)
+    assert set(updates[-1]["cameras"]) == {"c01", "c02", "c03"}
+
+    status = (await api.get(f"/api/v1/processing-tasks/{task_id}/status")).json()
+    assert (status["status"], status["progress"]) == ("COMPLETED", 1.0)
+    # A client that joins afterwards hears the final status at once.
+    async with websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as ws:
+        late = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert (late["type"], late["payload"]["status"]) == ("status_update", "COMPLETED")
+
+    page = await api.get(f"/api/v1/processing-tasks/{task_id}/tracks", params={"camera_id": "c01"})
+    c01 = [t for u in updates for t in u["cameras"]["c01"]["tracks"]]
+    assert len(page.json()["tracks"]) == len(c01)
+    mot = await api.get(
+        f"/api/v1/processing-tasks/{task_id}/tracks", params={"camera_id": "c01", "format": "mot"}
+    )
+    assert mot.headers["content-type"].startswith("text/plain")
+    first = mot.text.splitlines()[0].split(",")
+    assert len(first) == 10
+    assert int(first[0]) >= 1  # MOT frames count from 1
+    no_camera = await api.get(
+        f"/api/v1/processing-tasks/{task_id}/tracks", params={"format": "mot"}
+    )
+    assert no_camera.status_code == 400
+
+
+async def test_edge_detections_are_tracked_live_across_overlapping_cameras(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    body = {
+        "environment_id": "live",
+        "name": "Live",
+        "cameras": [
+            external_camera("c01", mirrored=False),
+            external_camera("c02", mirrored=True),
+        ],
+        "overlaps": [["c01", "c02"]],
+    }
+    assert (await api.post("/api/v1/environments", json=body)).status_code == 201
+    started = await api.post(
+        "/api/v1/processing-tasks/start", json={"environment_id": "live", "mode": "live"}
+    )
+    assert started.status_code == 202, started.text
+    task_id = started.json()["task_id"]
+    twice = await api.post(
+        "/api/v1/processing-tasks/start", json={"environment_id": "live", "mode": "live"}
+    )
+    assert (twice.status_code, twice.json()["code"]) == (409, "conflict")
+
+    device = (
+        stack.gateway.url.replace("http", "ws")
+        + "/ws/detections?token="
+        + token("tracking:publish", device=["live/c01", "live/c02", "live/c09", "nowhere/c01"])
+    )
+    async with (
+        websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as viewer,
+        websockets.connect(device) as edge,
+    ):
+        await messages_until(viewer, "status_update")
+        deadline = time.monotonic() + 20
+        while (await api.get(f"/api/v1/processing-tasks/{task_id}/status")).json()[
+            "status"
+        ] != "PROCESSING":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        for frame in range(12):
+            x = 2.0 + frame * 0.2
+            for camera, mirrored in (("c01", False), ("c02", True)):
+                detection = {"bbox_xyxy": box_at(x, 2.0, mirrored=mirrored), "confidence": 0.9}
+                await edge.send(
+                    json.dumps(
+                        {
+                            "environment_id": "live",
+                            "camera_id": camera,
+                            "frame_index": frame,
+                            "timestamp": time.time(),
+                            "detections": [detection],
+                        }
+                    )
+                )
+            await asyncio.sleep(0.05)
+        seen: dict[int, dict[str, Any]] = {}
+        while len(seen) < 12:
+            message = json.loads(await asyncio.wait_for(viewer.recv(), 20))
+            if message["type"] == "tracking_update":
+                seen[message["payload"]["global_frame_index"]] = message["payload"]["cameras"]
+
+        # One person, one global id, in both cameras, standing where the boxes say.
+        last = seen[11]
+        (left,), (right,) = last["c01"]["tracks"], last["c02"]["tracks"]
+        assert left["global_id"] == right["global_id"]
+        assert left["map_coords"] == pytest.approx([4.2, 2.0], abs=0.05)
+        assert right["map_coords"] == pytest.approx([4.2, 2.0], abs=0.05)
+
+        # What only the tracker knows is refused by the tracker, on this same socket.
+        refusals = [
+            ({"camera_id": "c09"}, "unknown_camera"),
+            (
+                {"detections": [{"bbox_xyxy": [600, 10, 700, 200], "confidence": 0.9}]},
+                "out_of_frame",
+            ),
+            ({"environment_id": "nowhere"}, "unknown_environment"),
+        ]
+        for change, code in refusals:
+            frame_body = {
+                "environment_id": "live",
+                "camera_id": "c01",
+                "frame_index": 50,
+                "timestamp": time.time(),
+                "detections": [],
+                **change,
+            }
+            await edge.send(json.dumps(frame_body))
+            refused = await expect_error(edge, code)
+            assert refused["details"]["frame_index"] == 50
+
+        stopped = await api.delete(f"/api/v1/processing-tasks/{task_id}")
+        assert (stopped.status_code, stopped.json()["status"]) == (200, "STOPPED")
+        deadline = time.monotonic() + 5
+        while True:  # status updates sent before the stop may still be on their way
+            messages = await messages_until(viewer, "status_update", within=5)
+            if messages[-1]["payload"]["status"] == "STOPPED" or time.monotonic() > deadline:
+                break
+        assert messages[-1]["payload"]["status"] == "STOPPED"
+        await edge.send(
+            json.dumps(
+                {
+                    "environment_id": "live",
+                    "camera_id": "c01",
+                    "frame_index": 60,
+                    "timestamp": 1.0,
+                    "detections": [],
+                }
+            )
+        )
+        await expect_error(edge, "not_tracking")
+
+    gid = left["global_id"]
+    both = (
+        await api.get(f"/api/v1/processing-tasks/{task_id}/tracks", params={"global_id": gid})
+    ).json()
+    assert {row["camera_id"] for row in both["tracks"]} == {"c01", "c02"}
