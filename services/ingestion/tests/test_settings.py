@@ -51,6 +51,25 @@ def test_outside_development_the_credentials_key_is_required(
     assert "Fernet.generate_key()" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("access", "secret"), [(None, None), ("edgeway", None), (None, "a-long-real-secret")]
+)
+def test_outside_development_minios_default_credentials_are_refused(
+    monkeypatch: pytest.MonkeyPatch, access: str | None, secret: str | None
+) -> None:
+    monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "production")
+    monkeypatch.setenv("EDGEWAY_CREDENTIALS_KEY", Fernet.generate_key().decode())
+    monkeypatch.setenv("EDGEWAY_STORAGE_ENDPOINT", "minio:9000")
+    for name, value in (("ACCESS", access), ("SECRET", secret)):
+        if value is not None:
+            monkeypatch.setenv(f"EDGEWAY_STORAGE_{name}_KEY", value)
+    with pytest.raises(ValidationError, match="minioadmin"):
+        IngestionSettings()
+    monkeypatch.setenv("EDGEWAY_STORAGE_ACCESS_KEY", "edgeway")
+    monkeypatch.setenv("EDGEWAY_STORAGE_SECRET_KEY", "a-long-real-secret")
+    assert IngestionSettings().storage_access_key == "edgeway"
+
+
 def test_production_starts_with_a_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     key = Fernet.generate_key().decode()
     monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "production")

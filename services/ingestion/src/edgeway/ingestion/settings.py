@@ -9,6 +9,7 @@ from edgeway.common.settings import CommonSettings, database_url_field
 from edgeway.ingestion.destinations import DEFAULT_DESTINATIONS, parse_rule
 
 MIB = 1024 * 1024
+DEFAULT_STORAGE_KEY = "minioadmin"  # MinIO's default, refused outside development
 
 
 class IngestionSettings(CommonSettings):
@@ -20,8 +21,9 @@ class IngestionSettings(CommonSettings):
     # Object storage. No endpoint: a local directory under the data directory (the embedded
     # default, for `make run`); otherwise any S3 API through the `minio` client.
     storage_endpoint: str | None = None  # host:port, e.g. minio:9000
-    storage_access_key: str = "minioadmin"
-    storage_secret_key: SecretStr = SecretStr("minioadmin")
+    # MinIO's own defaults, so a development stack talks to a fresh MinIO; refused elsewhere.
+    storage_access_key: str = DEFAULT_STORAGE_KEY
+    storage_secret_key: SecretStr = SecretStr(DEFAULT_STORAGE_KEY)
     storage_secure: bool = False
     storage_region: str | None = None
     storage_bucket: str = "trackshift-frames"  # the seed's bucket
@@ -98,5 +100,19 @@ class IngestionSettings(CommonSettings):
             raise ValueError(
                 "EDGEWAY_CREDENTIALS_KEY must be set outside development (a Fernet key: "
                 "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key())')"
+            )
+        secret = self.storage_secret_key.get_secret_value()
+        if (
+            self.storage_endpoint
+            and not self.is_development
+            and DEFAULT_STORAGE_KEY
+            in (
+                self.storage_access_key,
+                secret,
+            )
+        ):
+            raise ValueError(
+                "the S3 storage uses MinIO's default credentials (minioadmin), which anyone "
+                "can guess: set EDGEWAY_STORAGE_ACCESS_KEY and EDGEWAY_STORAGE_SECRET_KEY"
             )
         return self
