@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeway.common.http_limits import uvicorn_config
 from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
 from edgeway.gateway import ingest, omega, telemetry, tracking, video
@@ -56,6 +58,23 @@ class AccessLog:
             )
 
 
+class _InnerServer(uvicorn.Server):
+    """A second uvicorn server in the gateway's process: the main one owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def metrics_server(settings: GatewaySettings, port: int) -> uvicorn.Server:
+    """/metrics on the internal port, served on the gateway's own event loop (so its gauges read
+    the loop's state) under the same HTTP limits as every Edgeway server."""
+    config = uvicorn_config(
+        make_asgi_app(), settings, host=settings.metrics_host, port=port, lifespan="off"
+    )
+    return _InnerServer(config)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     tracer_provider = configure_tracing(settings, service="gateway")
@@ -65,9 +84,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        metrics_server = None
+        internal: tuple[uvicorn.Server, asyncio.Task[None]] | None = None
         if metrics_port is not None:
-            metrics_server, _thread = start_http_server(metrics_port, settings.metrics_host)
+            server = metrics_server(settings, metrics_port)
+            internal = server, asyncio.create_task(server.serve())
         gateway.clock.start()
         # In the background: the port opens (and /healthz answers, and SIGTERM is heard) while
         # RabbitMQ is still out of reach; /readyz and every endpoint say 503 until it answers.
@@ -84,9 +104,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await connecting
         await gateway.link.stop()
         await gateway.clock.stop()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+        if internal is not None:
+            server, serving = internal
+            server.should_exit = True  # closes its port, as the main server does its own
+            await serving
 
     app = FastAPI(
         title="Edgeway gateway",
