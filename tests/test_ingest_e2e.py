@@ -20,7 +20,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,28 @@ import httpx
 import psycopg
 import pytest
 import websockets
+from faststream.rabbit import RabbitBroker
 from minio import Minio
 from PIL import Image
+from psycopg import sql
 
+from edgeway.common.broker import publish
+from edgeway.common.envelope import Envelope
+from edgeway.common.schemas.ingest import (
+    HEADER_CAMERA_ID,
+    HEADER_FILE_ID,
+    HEADER_FILE_NAME,
+    HEADER_KIND,
+    HEADER_REQUEST_ID,
+    UPLOAD_FILE_TYPE,
+    AcceptedFile,
+    Caller,
+    CreateUpload,
+    FileKind,
+    IngestReply,
+)
 from edgeway.common.testing import (
+    POSTGRES_ADMIN_URL,
     create_postgres_database,
     create_vhost,
     drop_postgres_database,
@@ -42,6 +60,7 @@ from edgeway.common.testing.listener import RecordingListener
 from edgeway.common.testing.processes import free_port
 from edgeway.common.testing.rtsp import RtspServer
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
+from edgeway.common.topology import Topology
 from edgeway.gateway.tokens import mint_with_secret
 from edgeway.ingestion.jobs import CAPTURE_FAILED
 from tests.stack import SECRET, Stack, token
@@ -120,6 +139,9 @@ def stack(amqp_url: str, s3: S3Server, tmp_path_factory: pytest.TempPathFactory)
             "EDGEWAY_BACKOFF_INITIAL_S": "0.3",
             "EDGEWAY_STALL_TIMEOUT_S": "2",
             "EDGEWAY_OPEN_TIMEOUT_S": "3",
+            # Quick tries while the database is away: a delivery given up on after them would
+            # burn the delivery limit in about a second (the outage test).
+            "EDGEWAY_DB_RETRY_DELAYS": "[0.2]",
         },
     ).start()
     stack.ingestion_db = ingestion_db  # type: ignore[attr-defined]
@@ -253,6 +275,71 @@ def counts(stack: Stack, bucket: Minio) -> tuple[int, int, int]:
     requests = database(stack, "SELECT count(*) FROM ingestion_requests")[0][0]
     frames = database(stack, "SELECT count(*) FROM frames")[0][0]
     return requests, frames, len(objects(bucket))
+
+
+UPLOADS_EXCHANGE = "edgeway.ingest.uploads"
+CSV = "t,ax,ay,az\n1,0.1,9.8,0.2\n2,0.1,9.7,0.3\n"
+
+
+def frame_objects_exist(stack: Stack, bucket: Minio, request_id: str) -> bool:
+    """Whether every frame row of the request names an object that is in the store."""
+    keys = {
+        key
+        for (key,) in database(
+            stack, "SELECT storage_path FROM frames WHERE request_id = %s", request_id
+        )
+    }
+    missing = keys - objects(bucket, "frames/")
+    assert not missing, f"frame rows whose object is gone: {missing}"
+    return bool(keys)
+
+
+async def file_messages_of(
+    queue: aio_pika.abc.AbstractQueue, request_id: str, *, count: int
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """The next `count` file messages of `request_id` on `queue` (others are skipped)."""
+    found: list[aio_pika.abc.AbstractIncomingMessage] = []
+    deadline = time.monotonic() + 10
+    while len(found) < count:
+        assert time.monotonic() < deadline, f"{len(found)} of {count} file messages seen"
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.05)
+        elif (message.headers or {}).get("x-request-id") == request_id:
+            found.append(message)
+    return found
+
+
+def again(message: aio_pika.abc.AbstractIncomingMessage) -> aio_pika.Message:
+    """The same message as it would be delivered again: same body, id and headers."""
+    return aio_pika.Message(
+        message.body,
+        headers=message.headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def files_handled(stack: Stack) -> float:
+    """Image files the ingestion service has finished with, whatever the outcome."""
+    assert stack.ingestion is not None
+    text = httpx.get(stack.ingestion.url + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith('edgeway_ingestion_files_total{kind="image"'):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def wait_handled(stack: Stack, count: float, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while (seen := await asyncio.to_thread(files_handled, stack)) < count:
+        assert time.monotonic() < deadline, f"{seen} files handled, waiting for {count}"
+        await asyncio.sleep(0.1)
 
 
 # --- uploads --------------------------------------------------------------------------------
@@ -454,6 +541,116 @@ def test_status_of_unknown_requests_and_scopes(stack: Stack) -> None:
     assert refused.status_code == 403
     anonymous = httpx.get(stack.gateway.url + f"/api/v1/ingest/status/{uuid.uuid4()}")
     assert anonymous.status_code == 401
+
+
+MANY = 5_000  # a one-hour capture at 30 fps is 108,000
+PAGE = 100  # the status's default page of frames
+MAX_PAGE = 1_000
+
+
+def add_capture_with_frames(stack: Stack, request_id: str, count: int) -> list[str]:
+    """A finished capture of `count` frames, written straight into the database (no objects:
+    a status only presigns their keys). Three frames share each capture time."""
+    now = datetime.now(UTC)
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    with psycopg.connect(stack.ingestion_db) as connection:  # type: ignore[attr-defined]
+        connection.execute(
+            "INSERT INTO ingestion_requests (id, camera_id, source_type, status, requester,"
+            " capture_mode, frames_stored, files_rejected, created_at, updated_at, completed_at)"
+            " VALUES (%s, 'many-cam', 'rtsp', 'completed', 'e2e', 'continuous', %s, 0,"
+            " %s, %s, %s)",
+            (request_id, count, now, now, now),
+        )
+        columns = (
+            "id, request_id, camera_id, source_type, storage_path, storage_bucket, width,"
+            " height, size_bytes, format, content_type, capture_timestamp, created_at"
+        )
+        with connection.cursor().copy(f"COPY frames ({columns}) FROM STDIN") as copy:
+            for index, frame_id in enumerate(ids):
+                copy.write_row(
+                    (
+                        frame_id,
+                        request_id,
+                        "many-cam",
+                        "rtsp",
+                        f"frames/{now:%Y/%m/%d}/many-cam/{frame_id}.jpg",
+                        BUCKET,
+                        320,
+                        240,
+                        10_000,
+                        "jpeg",
+                        "image/jpeg",
+                        now + timedelta(milliseconds=index // 3),
+                        now,
+                    )
+                )
+    return ids
+
+
+async def test_a_status_with_many_frames_comes_in_pages_that_a_cursor_walks(
+    stack: Stack,
+) -> None:
+    request_id = str(uuid.uuid4())
+    ids = await asyncio.to_thread(add_capture_with_frames, stack, request_id, MANY)
+    url = stack.gateway.url + f"/api/v1/ingest/status/{request_id}"
+    try:
+        async with httpx.AsyncClient(headers=READER, timeout=30) as http:
+            started = time.monotonic()
+            first = await http.get(url)
+            answered_in = time.monotonic() - started
+            assert first.status_code == 200, first.text
+            body = first.json()
+            assert answered_in < 2.0, f"the first page took {answered_in:.2f} s"
+            assert len(body["frames"]) == PAGE
+            assert body["frames_total"] == MANY
+            assert body["next_cursor"]
+            assert all("X-Amz-Signature=" in frame["storage_url"] for frame in body["frames"])
+
+            seen: list[dict[str, Any]] = []
+            cursor: str | None = None
+            pages = 0
+            while True:
+                params: dict[str, Any] = {"limit": MAX_PAGE}
+                if cursor is not None:
+                    params["cursor"] = cursor
+                page = await http.get(url, params=params)
+                assert page.status_code == 200, page.text
+                answer = page.json()
+                assert answer["frames_total"] == MANY
+                assert len(answer["frames"]) <= MAX_PAGE
+                seen.extend(answer["frames"])
+                pages += 1
+                cursor = answer["next_cursor"]
+                if cursor is None:
+                    break
+            walked = [frame["frame_id"] for frame in seen]
+            assert len(walked) == MANY  # every frame once...
+            assert set(walked) == set(ids)  # ...and no other
+            stamps = [datetime.fromisoformat(frame["timestamp"]) for frame in seen]
+            assert stamps == sorted(stamps)  # in capture order, across pages
+            assert pages == MANY // MAX_PAGE  # the last full page says there is no more
+
+            # The first page of the default size, then the rest from its cursor.
+            rest = await http.get(url, params={"cursor": body["next_cursor"], "limit": MAX_PAGE})
+            assert [f["frame_id"] for f in rest.json()["frames"]] == walked[PAGE : PAGE + MAX_PAGE]
+
+            for params in ({"limit": 0}, {"limit": MAX_PAGE + 1}, {"limit": "ten"}):
+                refused = await http.get(url, params=params)
+                assert (refused.status_code, refused.json()["error"]) == (400, "validation_error")
+            for cursor in ("not-a-cursor", "x" * 2000):
+                refused = await http.get(url, params={"cursor": cursor})
+                assert refused.status_code == 400, refused.text
+
+        # The progress socket's first message is the same bounded page.
+        async with websockets.connect(stack.ws(f"/ws/ingest/{request_id}", "ingest:read")) as ws:
+            status_now = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert status_now["type"] == "ingest_status"
+        assert len(status_now["frames"]) == PAGE
+        assert status_now["frames_total"] == MANY
+        assert status_now["next_cursor"]
+    finally:
+        database(stack, "DELETE FROM frames WHERE request_id = %s RETURNING id", request_id)
+        database(stack, "DELETE FROM ingestion_requests WHERE id = %s RETURNING id", request_id)
 
 
 async def test_a_phone_csv_file_is_stored_through_the_ingestion_service(
@@ -778,23 +975,161 @@ def test_a_crash_mid_capture_leaves_no_half_written_request_and_no_orphan(
     assert active == [(0,)]
 
 
-def test_a_crash_while_files_are_stored_loses_and_duplicates_nothing(
-    stack: Stack, bucket: Minio
+async def test_a_crash_while_files_are_stored_loses_and_duplicates_nothing(
+    stack: Stack, bucket: Minio, amqp_url: str
 ) -> None:
     assert stack.ingestion is not None
-    response = upload(stack, [(f"{i}.jpg", jpeg(800, 600, noise=True)) for i in range(3)])
-    assert response.status_code == 202, response.text
-    request_id = response.json()["request_id"]
-    # Killed while the files are being checked and stored: whatever was not acked comes back.
-    stack.ingestion.kill()
-    stack.ingestion.start()
-    final = wait_final(stack, request_id)
-    assert final["status"] == "completed", final
-    assert len(final["frames"]) == 3
-    assert len({frame["storage_path"] for frame in final["frames"]}) == 3
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        # A copy of each file message the gateway publishes: what RabbitMQ delivers again
+        # when the service dies between a file's commit and its ack.
+        copies = await channel.declare_queue(exclusive=True)
+        await copies.bind(UPLOADS_EXCHANGE, routing_key="")
+        files = [(f"{i}.jpg", jpeg(800, 600, noise=True)) for i in range(3)]
+        response = await asyncio.to_thread(upload, stack, files)
+        assert response.status_code == 202, response.text
+        request_id = response.json()["request_id"]
+        # Killed while the files are being checked and stored: whatever was not acked comes back.
+        stack.ingestion.kill()
+        await asyncio.to_thread(stack.ingestion.start)
+        final = await asyncio.to_thread(wait_final, stack, request_id)
+        assert final["status"] == "completed", final
+        assert len(final["frames"]) == 3
+        assert len({frame["storage_path"] for frame in final["frames"]}) == 3
+        assert database(stack, "SELECT count(*) FROM frames WHERE request_id = %s", request_id) == [
+            (3,)
+        ]
+        assert frame_objects_exist(stack, bucket, request_id)
+
+        # The crash came after the commits but before the acks: each file is delivered again
+        # to a request that is complete. Its frame row stays, and so does the object it names.
+        redelivered = await file_messages_of(copies, request_id, count=3)
+        await copies.unbind(UPLOADS_EXCHANGE, routing_key="")
+        handled = files_handled(stack)
+        exchange = await channel.get_exchange(UPLOADS_EXCHANGE)
+        for message in redelivered:
+            await exchange.publish(again(message), routing_key="")
+        await wait_handled(stack, handled + 3)
+    assert frame_objects_exist(stack, bucket, request_id)
     assert database(stack, "SELECT count(*) FROM frames WHERE request_id = %s", request_id) == [
         (3,)
     ]
+    assert status(stack, request_id)["status"] == "completed"
+
+
+def ingestion_database_connections(stack: Stack, *, allowed: bool) -> None:
+    """Open or close the ingestion database to new connections; closing ends the open ones."""
+    name = stack.ingestion_db.rsplit("/", 1)[1]  # type: ignore[attr-defined]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.SQL("true" if allowed else "false")
+            )
+        )
+        if not allowed:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+
+
+async def dead_lettered(channel: aio_pika.abc.AbstractChannel, request_id: str, device: str) -> int:
+    """Dead letters of this request's files or this device's files (the queue is drained: the
+    declare-ok's count of a quorum queue is not to be trusted on RabbitMQ 3.10)."""
+    queue = await channel.declare_queue(f"{UPLOADS_EXCHANGE}.dead", passive=True)
+    found = 0
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        headers = message.headers or {}
+        if headers.get("x-request-id") == request_id or headers.get("x-device") == device:
+            found += 1
+    return found
+
+
+async def test_a_database_outage_longer_than_the_delivery_limit_loses_no_file(
+    stack: Stack, bucket: Minio, amqp_url: str
+) -> None:
+    assert stack.ingestion is not None
+    topology = Topology()
+    broker = RabbitBroker(amqp_url)
+    await broker.start()
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        # The gateway's side: the upload is opened while the database is there...
+        request_id = str(uuid.uuid4())
+        files = {str(uuid.uuid4()): (f"{name}.jpg", jpeg(noise=True)) for name in ("a", "b", "c")}
+        opened = CreateUpload(
+            request_id=request_id,
+            caller=Caller(subject="e2e"),
+            camera_id="outage-cam",
+            files=[
+                AcceptedFile(file_id=file_id, filename=name, size_bytes=len(data))
+                for file_id, (name, data) in files.items()
+            ],
+        )
+        reply = await broker.request(
+            opened.model_dump_json().encode(),
+            queue=topology.ingest_requests_queue.name,
+            timeout=10,
+        )
+        assert IngestReply.model_validate_json(reply.body).ok
+
+        ingestion_database_connections(stack, allowed=False)
+        try:
+            # ...and its files are published once it has gone.
+            for file_id, (name, data) in files.items():
+                envelope = Envelope(
+                    type=UPLOAD_FILE_TYPE,
+                    producer="uploader/e2e",
+                    content_type="image/jpeg",
+                    headers={
+                        HEADER_KIND: FileKind.IMAGE.value,
+                        HEADER_FILE_ID: file_id,
+                        HEADER_FILE_NAME: name,
+                        HEADER_REQUEST_ID: request_id,
+                        HEADER_CAMERA_ID: "outage-cam",
+                    },
+                )
+                await publish(
+                    broker, data, envelope=envelope, exchange=topology.ingest_uploads, durable=True
+                )
+            # A phone's CSV file through the gateway, during the outage too.
+            phone = stack.ws("/ws/phone", "video:publish", device="phone-outage")
+            async with websockets.connect(phone) as ws:
+                await ws.send(
+                    json.dumps({"type": "file_upload", "fileName": "imu.csv", "fileContent": CSV})
+                )
+                ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert ack["type"] == "file_upload_ack", ack
+            # Far longer than the delivery limit lasts when each delivery gives up after its
+            # quick tries (0.2 s here): before, every file was dead-lettered within a second.
+            await asyncio.sleep(8)
+            assert await dead_lettered(channel, request_id, "phone-outage") == 0
+            async with httpx.AsyncClient() as http:
+                readiness = await http.get(stack.ingestion.url + "/readyz", timeout=10)
+            assert readiness.status_code == 503
+            assert "database" in readiness.json()["failures"]
+        finally:
+            ingestion_database_connections(stack, allowed=True)
+
+        final = await asyncio.to_thread(wait_final, stack, request_id)
+        assert final["status"] == "completed", final
+        assert sorted(frame["frame_id"] for frame in final["frames"]) == sorted(files)
+        assert frame_objects_exist(stack, bucket, request_id)
+        for _ in range(100):
+            rows = database(stack, "SELECT id FROM phone_files WHERE id = %s", ack["file_id"])
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        assert rows == [(ack["file_id"],)]
+        assert await dead_lettered(channel, request_id, "phone-outage") == 0
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(stack.ingestion.url + "/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+    finally:
+        await connection.close()
+        await broker.stop()
 
 
 def test_the_embedded_defaults_store_frames_in_a_local_directory(tmp_path: Path) -> None:

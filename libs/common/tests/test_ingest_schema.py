@@ -9,8 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from edgeway.common.schemas.ingest import (
+    FRAMES_PAGE_DEFAULT,
+    FRAMES_PAGE_MAX,
+    MAX_CURSOR_LENGTH,
     URL_REFUSED,
     CancelRequest,
+    FramesPage,
     GetStatus,
     RtspIngestionRequest,
     StartCapture,
@@ -83,3 +87,16 @@ def test_status_cancel_and_capture_commands_name_their_caller() -> None:
             command.model_validate(fields)
         named = command.model_validate({**fields, "caller": {"subject": "alice"}})
         assert (named.caller.subject, named.caller.operator) == ("alice", False)
+
+
+def test_a_status_asks_for_one_bounded_page_of_frames() -> None:
+    caller = {"subject": "alice"}
+    asked = GetStatus.model_validate({"request_id": str(uuid.uuid4()), "caller": caller})
+    assert (asked.limit, asked.cursor) == (FRAMES_PAGE_DEFAULT, None)
+    # The endpoint's query, as strings.
+    assert FramesPage.model_validate({"limit": "1000", "cursor": "abc"}).limit == FRAMES_PAGE_MAX
+    for query in ({"limit": "0"}, {"limit": "1001"}, {"limit": "ten"}, {"cursor": ""}):
+        with pytest.raises(ValidationError):
+            FramesPage.model_validate(query)
+    with pytest.raises(ValidationError, match="at most 512"):
+        FramesPage.model_validate({"cursor": "x" * (MAX_CURSOR_LENGTH + 1)})

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -19,7 +20,9 @@ from edgeway.common.schemas.ingest import (
     FileKind,
 )
 from edgeway.ingestion.domain import (
+    BadCursorError,
     BadFileMessageError,
+    FramePosition,
     file_key,
     frame_key,
     new_frame_id,
@@ -145,3 +148,37 @@ def test_new_frame_ids_are_distinct_uuids() -> None:
     ids = {new_frame_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(str(uuid.UUID(frame_id)) == frame_id for frame_id in ids)
+
+
+# --- page cursors -------------------------------------------------------------------------
+
+
+def test_a_cursor_comes_back_as_the_position_it_was_made_from() -> None:
+    position = FramePosition(WHEN, WHEN + timedelta(microseconds=7), FILE_ID)
+    cursor = position.cursor()
+    assert cursor.isascii()
+    assert "=" not in cursor  # safe in a query string as it is
+    assert FramePosition.from_cursor(cursor) == position
+    # Times in another zone are the same instants.
+    elsewhere = timezone(timedelta(hours=5))
+    shifted = FramePosition(WHEN.astimezone(elsewhere), WHEN.astimezone(elsewhere), FILE_ID)
+    assert FramePosition.from_cursor(shifted.cursor()) == FramePosition(WHEN, WHEN, FILE_ID)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "not-a-cursor",
+        "",
+        "%%%%",
+        base64.urlsafe_b64encode(b"[1, 2, 3]").decode(),
+        base64.urlsafe_b64encode(b'[2, "2025-01-02T03:04:05+00:00", "2025-01-02", "x"]').decode(),
+        base64.urlsafe_b64encode(
+            b'[1, "2025-01-02T03:04:05", "2025-01-02T03:04:05", "x"]'
+        ).decode(),
+        base64.urlsafe_b64encode(b'{"a": 1}').decode(),
+    ],
+)
+def test_a_cursor_this_service_did_not_make_is_refused(cursor: str) -> None:
+    with pytest.raises(BadCursorError, match="not one this service made"):
+        FramePosition.from_cursor(cursor)

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -157,6 +159,31 @@ async def test_an_s3_url_is_presigned_and_serves_the_object(s3_objects: S3Store)
         assert (await client.get(url.split("?")[0])).status_code == 403
 
 
+async def test_s3_urls_are_presigned_in_the_stores_threads_not_on_the_event_loop(
+    s3_objects: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [f"{DAY}cam-1/{uuid.uuid4()}.jpg" for _ in range(3)]
+    for key in keys:
+        await put(s3_objects, key, key.encode())
+    signing_threads: set[str] = set()
+    presign = s3_objects.client.presigned_get_object
+
+    def recorded(*args: Any, **kwargs: Any) -> str:
+        signing_threads.add(threading.current_thread().name)
+        return presign(*args, **kwargs)
+
+    monkeypatch.setattr(s3_objects.client, "presigned_get_object", recorded)
+    urls = await s3_objects.urls(keys, expires=timedelta(minutes=5))
+    assert signing_threads
+    assert threading.current_thread().name not in signing_threads
+    assert all(name.startswith("edgeway-s3") for name in signing_threads)
+    async with httpx.AsyncClient() as client:
+        for key, url in zip(keys, urls, strict=True):
+            assert url is not None
+            assert (await client.get(url)).content == key.encode()
+    assert await s3_objects.urls([], expires=timedelta(minutes=5)) == []
+
+
 async def test_an_s3_object_keeps_its_content_type_and_metadata(s3_objects: S3Store) -> None:
     assert s3_objects.client.bucket_exists(s3_objects.bucket)
     await put(s3_objects, f"{DAY}cam-1/a.jpg", b"x")
@@ -182,10 +209,12 @@ async def test_the_local_store_refuses_a_key_leaving_its_root(tmp_path: Path, ke
     assert files_under(tmp_path) == []
 
 
-def test_the_local_store_has_no_url(tmp_path: Path) -> None:
+async def test_the_local_store_has_no_url(tmp_path: Path) -> None:
     # Nothing serves its files: the status shows no URL rather than a dead one.
     objects = LocalStore(tmp_path, "frames")
     assert objects.url(f"{DAY}cam-1/a.jpg", expires=timedelta(hours=1)) is None
+    keys = [f"{DAY}cam-1/a.jpg", f"{DAY}cam-1/b.jpg"]
+    assert list(await objects.urls(keys, expires=timedelta(hours=1))) == [None, None]
 
 
 async def test_the_local_store_lists_no_half_written_file(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from edgeway.common.schemas.ingest import (
     PROGRESS_TYPE,
     Caller,
     CaptureMode,
+    IngestionResponse,
     RejectedFile,
     RequestStatus,
     SourceType,
@@ -27,7 +28,7 @@ from edgeway.common.schemas.ingest import (
 from edgeway.common.settings import async_database_url
 from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.common.topology import Channels
-from edgeway.ingestion import store
+from edgeway.ingestion import domain, store
 
 NOW = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
 BUCKET = "trackshift-frames"
@@ -172,7 +173,7 @@ async def test_migrations_produce_exactly_the_models_schema(
     database_url: str, engine: AsyncEngine
 ) -> None:
     assert await store.MIGRATIONS.at_head(database_url)
-    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0002"
+    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0003"
     differences = await schema_differences(
         engine, store.Base.metadata, version_table="alembic_version_ingestion"
     )
@@ -181,7 +182,7 @@ async def test_migrations_produce_exactly_the_models_schema(
 
 async def test_migrating_twice_changes_nothing(database_url: str, engine: AsyncEngine) -> None:
     await store.MIGRATIONS.upgrade_async(database_url)
-    assert store.MIGRATIONS.current(database_url) == "0002"
+    assert store.MIGRATIONS.current(database_url) == "0003"
 
 
 @pytest.fixture(params=DIALECTS)
@@ -214,19 +215,19 @@ async def test_requests_from_before_requesters_were_kept_are_shown_to_operators_
                 )
             )
         await store.MIGRATIONS.upgrade_async(url)
-        assert store.MIGRATIONS.current(url) == "0002"
+        assert store.MIGRATIONS.current(url) == "0003"
         async with make_sessionmaker(engine)() as session:
             kept = await session.get(store.IngestionRequest, request_id)
             assert kept is not None
             assert kept.requester is None
             for caller, shown in ((ALICE, False), (OPERATOR, True)):
                 response = await store.response(
-                    session=session, request_id=request_id, caller=caller, url=lambda key: None
+                    session=session, request_id=request_id, caller=caller
                 )
                 assert (response is not None) is shown
     finally:
         await engine.dispose()
-    # And back: 0002 goes down cleanly on both dialects.
+    # And back: 0003 and 0002 go down cleanly on both dialects.
     await asyncio.to_thread(command.downgrade, store.MIGRATIONS.config(url), "0001")
     assert store.MIGRATIONS.current(url) == "0001"
 
@@ -412,9 +413,7 @@ async def test_a_status_is_shown_to_its_requester_and_operators_only(
     }
     async with sessions() as session:
         for caller, shown in callers.items():
-            response = await store.response(
-                session=session, request_id=request.id, caller=caller, url=lambda key: None
-            )
+            response = await store.response(session=session, request_id=request.id, caller=caller)
             assert (response is not None) is shown, caller
 
 
@@ -461,7 +460,7 @@ async def test_a_lease_is_renewed_only_by_its_owner(
 # --- the status -----------------------------------------------------------------------------------
 
 
-async def test_the_status_lists_frames_in_capture_order_with_urls_made_now(
+async def test_the_status_lists_frames_in_capture_order(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     request = upload(files=3)  # the files the gateway accepted; it refused one more itself
@@ -480,12 +479,7 @@ async def test_the_status_lists_frames_in_capture_order_with_urls_made_now(
         await store_frame(sessions, new)
 
     async with sessions() as session:
-        response = await store.response(
-            session=session,
-            request_id=request.id,
-            caller=ALICE,
-            url=lambda key: f"https://s3.example/{key}?sig",
-        )
+        response = await store.response(session=session, request_id=request.id, caller=ALICE)
     assert response is not None
     assert response.request_id == request.id
     assert response.status is RequestStatus.COMPLETED
@@ -495,15 +489,16 @@ async def test_the_status_lists_frames_in_capture_order_with_urls_made_now(
     assert response.capture_mode is None
     assert response.created_at == NOW
     assert [item.frame_id for item in response.frames] == [early.id, middle.id, late.id]
-    assert [item.storage_url for item in response.frames] == [
-        f"https://s3.example/{new.storage_path}?sig" for new in (early, middle, late)
+    assert (response.frames_total, response.next_cursor) == (3, None)  # one page holds them
+    # URLs are made by the status reader, for the page only (handlers.status_reader).
+    assert [item.storage_path for item in response.frames] == [
+        new.storage_path for new in (early, middle, late)
     ]
+    assert all(item.storage_url is None for item in response.frames)
     first = response.frames[0]
     assert (first.width, first.height, first.size_bytes, first.format) == (640, 480, 12_345, "jpeg")
     assert first.timestamp == NOW
     assert [item.filename for item in response.rejected] == ["notes.txt"]
-    # The seed's wire shape: what the gateway returns to a client.
-    assert response.model_dump(mode="json")["frames"][0]["storage_url"].startswith("https://")
 
 
 async def test_the_status_of_a_capture_shows_its_mode_and_an_unknown_request_is_none(
@@ -512,17 +507,79 @@ async def test_the_status_of_a_capture_shows_its_mode_and_an_unknown_request_is_
     request = capture()
     await add(sessions, request)
     async with sessions() as session:
-        response = await store.response(
-            session=session, request_id=request.id, caller=ALICE, url=lambda key: None
-        )
+        response = await store.response(session=session, request_id=request.id, caller=ALICE)
         missing = await store.response(
-            session=session, request_id=str(uuid.uuid4()), caller=OPERATOR, url=lambda key: None
+            session=session, request_id=str(uuid.uuid4()), caller=OPERATOR
         )
     assert response is not None
     assert response.capture_mode is CaptureMode.CONTINUOUS
     assert response.source_type is SourceType.RTSP
     assert response.frames == []
     assert missing is None
+
+
+async def test_a_cursor_walks_every_frame_once_in_capture_order_through_ties(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    request = capture()
+    await add(sessions, request)
+    stored: list[store.NewFrame] = []
+    async with sessions.begin() as session:
+        locked = await store.lock_request(session=session, request_id=request.id)
+        assert locked is not None
+        for index in range(23):
+            # Three frames share each capture time, stored at two different times: only the
+            # id tells some apart.
+            new = frame(request, taken=NOW + timedelta(seconds=index // 3))
+            later = NOW + timedelta(milliseconds=index % 2)
+            await store.add_frame(session=session, request=locked, frame=new, now=later)
+            stored.append(new)
+
+    async def page(limit: int, cursor: str | None) -> IngestionResponse:
+        after = None if cursor is None else domain.FramePosition.from_cursor(cursor)
+        async with sessions() as session:
+            response = await store.response(
+                session=session, request_id=request.id, caller=ALICE, limit=limit, after=after
+            )
+        assert response is not None
+        return response
+
+    whole = await page(1000, None)
+    assert (len(whole.frames), whole.frames_total, whole.next_cursor) == (23, 23, None)
+    walked: list[str] = []
+    cursor: str | None = None
+    sizes = []
+    while True:
+        response = await page(4, cursor)
+        assert response.frames_total == 23
+        walked.extend(item.frame_id for item in response.frames)
+        sizes.append(len(response.frames))
+        cursor = response.next_cursor
+        if cursor is None:
+            break
+    assert sizes == [4, 4, 4, 4, 4, 3]
+    assert walked == [item.frame_id for item in whole.frames]  # the same order, page by page
+    assert sorted(walked) == sorted(new.id for new in stored)  # each frame once
+    stamps = [item.timestamp for item in whole.frames]
+    assert stamps == sorted(stamps)
+
+    # Exactly a page's worth left: the page before the last says there is more, the last not.
+    assert (await page(20, None)).next_cursor is not None
+    last = await page(3, (await page(20, None)).next_cursor)
+    assert (len(last.frames), last.next_cursor) == (3, None)
+
+
+async def test_a_file_recorded_before_is_known_by_its_id(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    request = upload(files=3)
+    await add(sessions, request)
+    stored, refused, unknown = (str(uuid.uuid4()) for _ in range(3))
+    await store_frame(sessions, frame(request, id=stored))
+    await reject_file(sessions, request.id, refused)
+    async with sessions() as session:
+        for file_id, recorded in ((stored, True), (refused, True), (unknown, False)):
+            assert await store.file_recorded(session=session, file_id=file_id) is recorded
 
 
 # --- phone files and housekeeping queries ---------------------------------------------------------

@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
 from minio import Minio
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.db import make_engine, make_sessionmaker
@@ -299,6 +301,95 @@ async def test_an_upload_that_lost_files_fails_saying_how_many(
 
 
 # --- retention ------------------------------------------------------------------------------------
+
+
+class Switchable:
+    """Sessions on a database the test takes away and brings back."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+        self.away = False
+
+    def _reachable(self) -> None:
+        if self.away:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database away"))
+
+    def begin(self) -> Any:
+        self._reachable()
+        return self.sessions.begin()
+
+    def __call__(self) -> AsyncSession:
+        self._reachable()
+        return self.sessions()
+
+
+async def test_uploads_and_objects_get_a_whole_period_again_once_the_database_is_back(
+    housekeeping: Housekeeping, tmp_path: Path
+) -> None:
+    h = housekeeping
+    database = Switchable(h.sessions)
+    sweeper = Sweeper(
+        settings=IngestionSettings(
+            data_dir=tmp_path,
+            orphan_grace_s=GRACE.total_seconds(),
+            upload_timeout_s=UPLOAD_TIMEOUT.total_seconds(),
+            retention_days=RETENTION.days,
+        ),
+        sessions=cast(async_sessionmaker[AsyncSession], database),
+        objects=h.objects,
+        committed=lambda: None,
+        clock=h.clock,
+    )
+    waiting = new_request(
+        source=SourceType.UPLOAD, created=h.clock.now - timedelta(minutes=1), files=2
+    )
+    await add_rows(h.sessions, waiting)
+    # One of its files is stored, its commit waiting for the database; and a real orphan.
+    held, orphan = frame_row(waiting, h.clock.now), frame_row(waiting, h.clock.now)
+    await put(h.objects, held.storage_path, orphan.storage_path)
+
+    # The database is away for longer than the upload timeout and the orphan grace. The
+    # upload's files wait it out (held by the consumer, or queued behind those): none could
+    # make progress.
+    database.away = True
+    with pytest.raises(OperationalError):
+        await sweeper.sweep()
+    h.clock.now += UPLOAD_TIMEOUT + timedelta(minutes=5)
+    with pytest.raises(OperationalError):
+        await sweeper.sweep()
+    database.away = False
+    back = h.clock.now
+    report = await sweeper.sweep()
+    assert (report.stale_uploads, report.orphans_removed) == (0, [])
+    await add_rows(h.sessions, held)  # the held commit lands, a moment after the database
+    h.clock.now = back + UPLOAD_TIMEOUT - timedelta(seconds=1)
+    report = await sweeper.sweep()
+    assert (report.stale_uploads, report.orphans_removed) == (0, [])
+    assert (await reload(h.sessions, waiting.id)).status == RequestStatus.IN_PROGRESS.value
+
+    # A file that really was lost still fails its upload, and an orphan still goes, one
+    # period after the outage.
+    h.clock.now = back + max(UPLOAD_TIMEOUT, GRACE) + timedelta(seconds=1)
+    report = await sweeper.sweep()
+    assert (report.stale_uploads, report.orphans_removed) == (1, [orphan.storage_path])
+    failed = await reload(h.sessions, waiting.id)
+    assert failed.status == RequestStatus.FAILED.value
+    assert held.storage_path in await stored_keys(h.objects)
+
+
+async def test_an_outage_a_commit_met_gives_uploads_a_whole_timeout_again_too(
+    housekeeping: Housekeeping,
+) -> None:
+    h = housekeeping
+    stale = new_request(
+        source=SourceType.UPLOAD, created=h.clock.now - UPLOAD_TIMEOUT - timedelta(minutes=1)
+    )
+    stale.files_expected = 1
+    await add_rows(h.sessions, stale)
+    h.sweeper.database_lost()  # a file's commit found the database away, between two sweeps
+    assert (await h.sweeper.sweep()).stale_uploads == 0
+    h.clock.now += UPLOAD_TIMEOUT
+    assert (await h.sweeper.sweep()).stale_uploads == 1
 
 
 async def test_retention_removes_old_objects_and_rows_and_keeps_newer_ones(

@@ -8,9 +8,12 @@
 - `POST /api/v1/ingest/rtsp`: the seed's JSON body; the service admits the capture (or refuses
   it at a stream cap: 429; a URL with a control character or space, or naming a destination
   the service may not reach: 422) and runs it in the background. 202 at once.
-- `GET /api/v1/ingest/status/{request_id}`: the seed's `IngestionResponse`, from the service.
+- `GET /api/v1/ingest/status/{request_id}`: the seed's `IngestionResponse`, from the service,
+  with one page of its frames: `?limit=` (default 100, at most 1000) after `?cursor=` (the
+  previous page's `next_cursor`); `frames_total` counts them all.
 - `POST /api/v1/ingest/rtsp/{request_id}/cancel`: stops a capture.
-- `WS /ws/ingest/{request_id}`: the status now, then each `ingest.request.<id>` event.
+- `WS /ws/ingest/{request_id}`: the status now (its first page of frames), then each
+  `ingest.request.<id>` event.
 
 Every request names its caller (the token's subject) to the service, which keeps it as the
 request's requester: status, progress and cancel are for the requester, or a token with
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -50,6 +55,7 @@ from edgeway.common.schemas.ingest import (
     CreateUpload,
     FileKind,
     FrameMetadata,
+    FramesPage,
     GetStatus,
     IngestReply,
     RejectedFile,
@@ -73,6 +79,7 @@ CANCEL_ENDPOINT = "/api/v1/ingest/rtsp/{request_id}/cancel"
 PROGRESS_ENDPOINT = "/ws/ingest/{request_id}"
 SERVICE = "ingestion"
 MAX_JSON_BYTES = 64 * 1024  # an RTSP request body (a URL and a small `meta`)
+PAGE_QUERY = ("limit", "cursor")  # the status's query: which page of frames
 # The service's refusals, as HTTP statuses.
 REPLY_STATUS = {
     "invalid": 400,
@@ -311,7 +318,7 @@ async def rtsp(
 async def _about_request(
     gateway: Gateway,
     request_id: str,
-    command: type[CancelRequest] | type[GetStatus],
+    command: Callable[..., CancelRequest | GetStatus],
     *,
     principal: Principal,
     endpoint: str,
@@ -346,11 +353,22 @@ async def cancel(
 @router.get(STATUS_ENDPOINT)
 async def status(
     request_id: str,
+    request: Request,
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_READ, STATUS_ENDPOINT)],
 ) -> JSONResponse:
+    # One page of frames: a capture may have 108,000, each presigned when read.
+    query = request.query_params
+    try:
+        page = FramesPage.model_validate({key: query[key] for key in PAGE_QUERY if key in query})
+    except ValidationError as exc:
+        return error_response(400, "validation_error", _first_error(exc), endpoint=STATUS_ENDPOINT)
     return await _about_request(
-        gateway, request_id, GetStatus, principal=principal, endpoint=STATUS_ENDPOINT
+        gateway,
+        request_id,
+        functools.partial(GetStatus, limit=page.limit, cursor=page.cursor),
+        principal=principal,
+        endpoint=STATUS_ENDPOINT,
     )
 
 
@@ -380,9 +398,11 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
     except ValueError:
         await refuse("not_found", "not a request id", 1008)
         return
+    # The first message is the status's first page, as GET answers it without a query.
     ask_status = GetStatus(request_id=checked, caller=_caller(principal))
     try:
-        allowed = await ask(gateway, ask_status)
+        # Only whether this caller may watch it: one frame is enough to say.
+        allowed = await ask(gateway, ask_status.model_copy(update={"limit": 1}))
     except ServiceUnavailableError as exc:
         await refuse("unavailable", str(exc), 1011)  # whose request it is is not known
         return

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from edgeway.common.schemas.ingest import (
     HEADER_CAMERA_ID,
@@ -98,3 +102,57 @@ def may_see(caller: Caller, requester: str | None) -> bool:
     """Whether `caller` may read or cancel a request `requester` opened. Anyone else is told
     there is no such request: ids are not secrets, so an answer must not reveal one exists."""
     return caller.operator or (requester is not None and requester == caller.subject)
+
+
+# --- pages of frames ------------------------------------------------------------------------
+
+CURSOR_VERSION = 1
+
+
+class BadCursorError(ValueError):
+    """A page cursor this service did not make (or made in another format)."""
+
+
+@dataclass(frozen=True)
+class FramePosition:
+    """Where a page of a request's frames ended: the last frame's place in capture order
+    (capture time, then when it was stored, then its id: a total order, so a page never
+    repeats or skips a frame that shares its capture time with another)."""
+
+    captured: datetime
+    created: datetime
+    frame_id: str
+
+    def cursor(self) -> str:
+        """Opaque to clients: URL-safe base64 of a versioned JSON array."""
+        body = [
+            CURSOR_VERSION,
+            self.captured.astimezone(UTC).isoformat(),
+            self.created.astimezone(UTC).isoformat(),
+            self.frame_id,
+        ]
+        return base64.urlsafe_b64encode(orjson.dumps(body)).decode().rstrip("=")
+
+    @classmethod
+    def from_cursor(cls, cursor: str) -> FramePosition:
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            version, captured, created, frame_id = orjson.loads(raw)
+            if version != CURSOR_VERSION or not isinstance(frame_id, str):
+                raise ValueError("unknown cursor version")
+            position = cls(
+                _aware(datetime.fromisoformat(captured)),
+                _aware(datetime.fromisoformat(created)),
+                frame_id,
+            )
+        except (binascii.Error, orjson.JSONDecodeError, TypeError, ValueError):
+            raise BadCursorError(
+                "cursor is not one this service made: pass a status's next_cursor as it came"
+            ) from None
+        return position
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("a cursor's times are UTC")
+    return value.astimezone(UTC)

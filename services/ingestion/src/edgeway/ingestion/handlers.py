@@ -1,9 +1,11 @@
 """FastStream subscribers of the ingestion service, and the background work it runs.
 
 - Requests from the gateway (request/reply): open an upload, start or cancel an RTSP capture,
-  read a request's status (frames with presigned URLs made now, never stored). Each names its
-  caller; status and cancel are answered only to the request's requester or an operator.
-- Files (a durable work queue, one message per file): check, store, commit (`uploads.Uploads`).
+  read a request's status (one page of frames, `limit` after `cursor`, with presigned URLs made
+  now in the store's threads, never stored). Each names its caller; status and cancel are
+  answered only to the request's requester or an operator.
+- Files (a durable work queue, one message per file): check, store, commit (`uploads.Uploads`;
+  a commit waits out a database outage, holding its delivery).
 - Cancellations (a fanout every replica hears): the replica running the capture stops it.
 - Background: the outbox relay (events committed with their rows), RTSP jobs, the sweeper.
 """
@@ -11,8 +13,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Protocol
 
 import orjson
 from faststream import AckPolicy
@@ -36,6 +38,7 @@ from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.ingest import (
+    FRAMES_PAGE_DEFAULT,
     UPLOAD_FILE_TYPE,
     URL_REFUSED,
     Caller,
@@ -136,15 +139,6 @@ def build_app(
         if kind == FileKind.IMAGE.value and outcome == "stored":
             frames.labels("upload").inc()
 
-    uploads = Uploads(
-        sessions=sessions,
-        objects=objects,
-        sanitizer=sanitizer,
-        max_file_bytes=settings.max_file_bytes,
-        committed=relay.nudge,
-        counted=counted,
-    )
-
     respond = status_reader(sessions, objects, presign_for)
 
     jobs = CaptureJobs(
@@ -168,6 +162,18 @@ def build_app(
         registry=registry,
     ).set_function(lambda: jobs.running)
     sweeper = Sweeper(settings=settings, sessions=sessions, objects=objects, committed=relay.nudge)
+    uploads = Uploads(
+        sessions=sessions,
+        objects=objects,
+        sanitizer=sanitizer,
+        max_file_bytes=settings.max_file_bytes,
+        committed=relay.nudge,
+        counted=counted,
+        # A commit rides out a database outage, however long (see uploads.py); the sweeper
+        # hears of it, so it does not fail the uploads whose files waited it out.
+        retry_delays=settings.db_retry_delays,
+        database_lost=sweeper.database_lost,
+    )
 
     async def answer(body: bytes) -> bytes:
         try:
@@ -192,7 +198,9 @@ def build_app(
                     persist=False,
                 )
         else:
-            reply = await respond(command.request_id, command.caller)
+            reply = await respond(
+                command.request_id, command.caller, limit=command.limit, cursor=command.cursor
+            )
         return reply.model_dump_json().encode()
 
     answer_requests(broker, topology.ingest_requests_queue, answer)
@@ -202,8 +210,10 @@ def build_app(
         file_queue,
         topology.ingest_uploads,
         channel=Channel(prefetch_count=settings.upload_prefetch),
-        # Acked once committed; an unexpected failure (storage or database down) is retried
-        # up to the queue's delivery limit, then dead-lettered.
+        # Acked once committed. A database outage is waited out inside the commit (the
+        # deliveries stay unacked meanwhile: the prefetch stops more from coming); anything
+        # else unexpected (storage down, a bug) is retried up to the queue's delivery limit,
+        # then dead-lettered.
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=whole_message,
         no_reply=True,
@@ -280,21 +290,45 @@ def build_app(
     return app
 
 
+class StatusReader(Protocol):
+    async def __call__(
+        self,
+        request_id: str,
+        caller: Caller,
+        *,
+        limit: int = FRAMES_PAGE_DEFAULT,
+        cursor: str | None = None,
+    ) -> IngestReply: ...
+
+
 def status_reader(
     sessions: async_sessionmaker[AsyncSession], objects: ObjectStore, presign_for: timedelta
-) -> Callable[[str, Caller], Awaitable[IngestReply]]:
-    """The status of a request as `caller` may see it: `not_found` when it may not."""
+) -> StatusReader:
+    """The status of a request as `caller` may see it (`not_found` when it may not), with one
+    page of its frames: `limit` after `cursor`, each with a URL made now, off the event loop."""
 
-    async def respond(request_id: str, caller: Caller) -> IngestReply:
+    async def respond(
+        request_id: str,
+        caller: Caller,
+        *,
+        limit: int = FRAMES_PAGE_DEFAULT,
+        cursor: str | None = None,
+    ) -> IngestReply:
+        try:
+            after = None if cursor is None else domain.FramePosition.from_cursor(cursor)
+        except domain.BadCursorError as exc:
+            return IngestReply(ok=False, error="invalid", message=str(exc))
         async with sessions() as session:
             response = await store.response(
-                session=session,
-                request_id=request_id,
-                caller=caller,
-                url=lambda key: objects.url(key, expires=presign_for),
+                session=session, request_id=request_id, caller=caller, limit=limit, after=after
             )
         if response is None:
             return IngestReply(ok=False, error="not_found", message=f"no request {request_id}")
+        urls = await objects.urls(
+            [frame.storage_path for frame in response.frames], expires=presign_for
+        )
+        for frame, url in zip(response.frames, urls, strict=True):
+            frame.storage_url = url
         return IngestReply(ok=True, response=response)
 
     return respond

@@ -11,7 +11,7 @@ import functools
 import io
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,6 +68,10 @@ class ObjectStore(Protocol):
 
     def url(self, key: str, *, expires: timedelta) -> str | None:
         """A URL a client can GET the object from for `expires`, or None when there is none."""
+        ...
+
+    async def urls(self, keys: Sequence[str], *, expires: timedelta) -> Sequence[str | None]:
+        """`url` of each key, made off the event loop (a status page presigns many)."""
         ...
 
 
@@ -168,8 +172,15 @@ class S3Store:
         return await self._call(listing)
 
     def url(self, key: str, *, expires: timedelta) -> str | None:
-        # Signing is local computation: no request to the server.
+        # Signing is computation (HMAC-SHA256 several times a key), except the first time when
+        # no region is configured: the client asks the server for the bucket's. Blocking, then:
+        # the status uses `urls`, in the store's threads.
         return self.client.presigned_get_object(self.bucket, key, expires=expires)
+
+    async def urls(self, keys: Sequence[str], *, expires: timedelta) -> Sequence[str | None]:
+        if not keys:
+            return []
+        return await self._call(lambda: [self.url(key, expires=expires) for key in keys])
 
 
 class LocalStore:
@@ -232,6 +243,9 @@ class LocalStore:
 
     def url(self, key: str, *, expires: timedelta) -> str | None:
         return None
+
+    async def urls(self, keys: Sequence[str], *, expires: timedelta) -> Sequence[str | None]:
+        return [None] * len(keys)
 
 
 def make_store(settings: IngestionSettings) -> ObjectStore:

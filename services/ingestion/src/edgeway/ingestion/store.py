@@ -27,7 +27,9 @@ from sqlalchemy import (
     Text,
     delete,
     func,
+    literal,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +45,7 @@ from edgeway.common.db import (
 )
 from edgeway.common.schemas.ingest import (
     FRAME_STORED_TYPE,
+    FRAMES_PAGE_DEFAULT,
     PROGRESS_TYPE,
     Caller,
     CaptureMode,
@@ -123,7 +126,8 @@ class Frame(Base):
     __tablename__ = "frames"
     __table_args__ = (
         Index(None, "camera_id", "capture_timestamp"),
-        Index(None, "request_id", "created_at"),
+        # A request's frames in the order a status pages through them (migration 0003).
+        Index(None, "request_id", "capture_timestamp", "created_at", "id"),
         Index(None, "created_at"),
     )
 
@@ -381,6 +385,16 @@ async def add_file_rejection(
     return True
 
 
+async def file_recorded(*, session: AsyncSession, file_id: str) -> bool:
+    """Whether an upload's file was committed before: stored as a frame, or refused."""
+    stored = select(Frame.id).where(Frame.id == file_id)
+    refused = select(RejectedUpload.id).where(RejectedUpload.file_id == file_id)
+    for statement in (stored, refused):
+        if (await session.execute(statement.limit(1))).first() is not None:
+            return True
+    return False
+
+
 def finish_upload_if_done(
     *, session: AsyncSession, request: IngestionRequest, now: datetime
 ) -> None:
@@ -529,20 +543,49 @@ async def stale_uploads(*, session: AsyncSession, before: datetime) -> Sequence[
 
 
 async def response(
-    *, session: AsyncSession, request_id: str, caller: Caller, url: Any
+    *,
+    session: AsyncSession,
+    request_id: str,
+    caller: Caller,
+    limit: int = FRAMES_PAGE_DEFAULT,
+    after: domain.FramePosition | None = None,
 ) -> IngestionResponse | None:
     """The request as the status endpoint shows it to `caller` (None if there is none, or none
-    it may see); `url(key)` makes each frame's URL now."""
+    it may see), with one page of its frames: the first `limit` after `after`, in capture
+    order. Frames have no URL yet: the caller presigns the page's keys (off the event loop)."""
     request = await session.get(IngestionRequest, request_id)
     if request is None or not domain.may_see(caller, request.requester):
         return None
-    frames = (
-        await session.execute(
-            select(Frame)
-            .where(Frame.request_id == request_id)
-            .order_by(Frame.capture_timestamp, Frame.created_at)
+    order = (Frame.capture_timestamp, Frame.created_at, Frame.id)
+    page = (
+        select(
+            Frame.id,
+            Frame.storage_path,
+            Frame.capture_timestamp,
+            Frame.created_at,
+            Frame.width,
+            Frame.height,
+            Frame.size_bytes,
+            Frame.format,
         )
-    ).scalars()
+        .where(Frame.request_id == request_id)
+        .order_by(*order)
+        .limit(limit + 1)  # one more: whether there is a next page
+    )
+    if after is not None:
+        # A row comparison: both PostgreSQL and SQLite seek to it in the (request_id,
+        # capture_timestamp, created_at, id) index, so every page costs the same.
+        position = (after.captured, after.created, after.frame_id)
+        bound = (literal(value, column.type) for value, column in zip(position, order, strict=True))
+        page = page.where(tuple_(*order) > tuple_(*bound))
+    rows = (await session.execute(page)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    total = (
+        await session.execute(
+            select(func.count()).select_from(Frame).where(Frame.request_id == request_id)
+        )
+    ).scalar_one()
     rejected = (
         await session.execute(
             select(RejectedUpload)
@@ -550,6 +593,7 @@ async def response(
             .order_by(RejectedUpload.id)
         )
     ).scalars()
+    last = rows[-1] if more else None
     return IngestionResponse(
         request_id=request.id,
         status=RequestStatus(request.status),
@@ -557,17 +601,22 @@ async def response(
         source_type=SourceType(request.source_type),
         frames=[
             FrameInfo(
-                frame_id=frame.id,
-                storage_path=frame.storage_path,
-                storage_url=url(frame.storage_path),
-                timestamp=frame.capture_timestamp,
-                width=frame.width,
-                height=frame.height,
-                size_bytes=frame.size_bytes,
-                format=frame.format,
+                frame_id=row.id,
+                storage_path=row.storage_path,
+                timestamp=row.capture_timestamp,
+                width=row.width,
+                height=row.height,
+                size_bytes=row.size_bytes,
+                format=row.format,
             )
-            for frame in frames
+            for row in rows
         ],
+        frames_total=total,
+        next_cursor=(
+            None
+            if last is None
+            else domain.FramePosition(last.capture_timestamp, last.created_at, last.id).cursor()
+        ),
         message=request.message,
         created_at=request.created_at,
         completed_at=request.completed_at,

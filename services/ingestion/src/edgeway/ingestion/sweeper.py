@@ -7,6 +7,11 @@
   names. Such an object can only be recent (it is written at once), so only today's and
   yesterday's key prefixes are listed, and only objects older than the grace period (a write in
   flight has its row a moment later) are removed.
+- Both clocks assume the database is there: a file's commit waits out an outage however long
+  (uploads.py), holding an object whose row comes only once the database is back, and no upload
+  progresses meanwhile. So once an outage is noticed (a sweep, or a commit, found the database
+  unreachable) neither runs until the database has been back for its whole period
+  (`upload_timeout_s`, `orphan_grace_s`): the commits that waited get their turn first.
 - Retention removes frames and phone files older than `retention_days`: the object first, then the
   row, so a crash in between leaves a row whose object is gone, which the next run removes; never
   an object no row names.
@@ -22,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.db import is_outage
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.ingest import RequestStatus
 from edgeway.ingestion import domain, store
@@ -59,6 +65,14 @@ class Sweeper:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self.last: SweepReport | None = None
+        # Whether the database was found away since the last sweep that reached it, and when a
+        # sweep last reached it after such an outage.
+        self._outage = False
+        self._database_back_at: datetime | None = None
+
+    def database_lost(self) -> None:
+        """Something here found the database unreachable (the sweeper itself, or a commit)."""
+        self._outage = True
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ingestion-sweeper")
@@ -80,9 +94,14 @@ class Sweeper:
     async def sweep(self) -> SweepReport:
         report = SweepReport()
         now = self._clock()
-        await self._fail_abandoned(now, report)
-        await self._remove_orphans(now, report)
-        await self._apply_retention(now, report)
+        try:
+            await self._fail_abandoned(now, report)
+            await self._remove_orphans(now, report)
+            await self._apply_retention(now, report)
+        except Exception as exc:
+            if is_outage(exc):
+                self.database_lost()
+            raise
         if report.orphans_removed or report.expired_captures or report.stale_uploads:
             log.info(
                 "swept",
@@ -103,8 +122,18 @@ class Sweeper:
                     now=now,
                     message="interrupted: the replica running the capture stopped",
                 )
-            before = now - timedelta(seconds=self._settings.upload_timeout_s)
-            for request in await store.stale_uploads(session=session, before=before):
+            if self._outage:  # the database answers again (this sweep just reached it)
+                self._outage = False
+                self._database_back_at = now
+            timeout = timedelta(seconds=self._settings.upload_timeout_s)
+            # No upload progressed while the database was away: their clock runs again from
+            # when it came back.
+            stale = (
+                await store.stale_uploads(session=session, before=now - timeout)
+                if self._database_settled(now, timeout)
+                else []
+            )
+            for request in stale:
                 missing = (request.files_expected or 0) - (
                     request.frames_stored + request.files_rejected
                 )
@@ -118,8 +147,20 @@ class Sweeper:
         if report.expired_captures or report.stale_uploads:
             self._committed()
 
+    def _database_settled(self, now: datetime, period: timedelta) -> bool:
+        """Whether the database has been there for `period`, as far as this replica knows:
+        no outage noticed since the last sweep reached it, and none ended less than `period`
+        ago."""
+        if self._outage:
+            return False
+        return self._database_back_at is None or now - self._database_back_at >= period
+
     async def _remove_orphans(self, now: datetime, report: SweepReport) -> None:
         grace = timedelta(seconds=self._settings.orphan_grace_s)
+        if not self._database_settled(now, grace):
+            # An object older than the grace may be a file whose commit waited the outage
+            # out and lands in a moment: it is not an orphan.
+            return
         for prefix in (domain.FRAMES_PREFIX, domain.FILES_PREFIX):
             for day in (now - timedelta(days=1), now):
                 listed = await self._objects.list(f"{prefix}{day:%Y/%m/%d}/")

@@ -6,7 +6,17 @@ file is decoded and re-encoded here (`images.ImageSanitizer`), stored as an obje
 made from checked parts only, and then its row, the request's counts and the announcements are
 committed together, in one transaction with the other files checked meanwhile (a group commit:
 one progress event per request and group). A redelivered file has the same id and key: the put
-overwrites the same object, and the row insert finds it there.
+overwrites the same object, and the row insert finds it there. That holds after its request has
+completed too (the service died between the commit and the ack): a file the request already
+recorded is a duplicate, and the object its row names stays. Only a file no row will ever name
+(its request is gone, or ended without it) has its object removed.
+
+A database outage is waited out inside the commit, however long it lasts (`with_db_retry(...,
+forever=True)`, pausing `retry_delays`), as the occupancy service does: a delivery given up on
+would be requeued and count toward the queue's delivery limit, so an outage longer than a few
+tries dead-lettered files the gateway had accepted, and their upload later failed as if they
+had never arrived. Meanwhile the deliveries stay unacked, so the prefetch stops more from coming,
+and /readyz says the database is down. `database_lost` is told of each failed try.
 
 A file over `max_file_bytes` is refused here too, whatever the gateway let through (a gateway
 of another version, or with other settings): that file fails with its reason, the rest go on.
@@ -15,14 +25,15 @@ of another version, or with other settings): that file fails with its reason, th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.batching import GroupCommit
-from edgeway.common.db import is_outage
+from edgeway.common.db import is_outage, with_db_retry
 from edgeway.common.logging import get_logger
 from edgeway.common.media import MediaRejected, check_csv
 from edgeway.common.schemas.ingest import (
@@ -39,9 +50,12 @@ from edgeway.ingestion.images import ImageSanitizer
 from edgeway.ingestion.storage import ObjectStore
 
 CSV_CONTENT_TYPE = "text/csv"
+# CommonSettings.db_retry_delays' default: pauses between tries while the database is away.
+DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 TOO_LARGE = "too_large"  # the gateway's code for the same refusal
 
 log = get_logger("edgeway.ingestion.uploads")
+T = TypeVar("T")
 
 
 def _now() -> datetime:
@@ -72,6 +86,8 @@ class Uploads:
         max_file_bytes: int,
         committed: Callable[[], None],
         counted: Callable[[str, str], None] = lambda kind, outcome: None,
+        retry_delays: Sequence[float] = DB_RETRY_DELAYS,
+        database_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._sessions = sessions
         self._objects = objects
@@ -79,11 +95,30 @@ class Uploads:
         self._max_file_bytes = max_file_bytes
         self._committed = committed
         self._counted = counted  # (kind, outcome: stored | duplicate | rejected | dropped)
+        self._retry_delays = retry_delays
+        self._database_lost = database_lost
         # Files checked at the same time commit together (edgeway.common.batching): one
         # transaction, one progress event per request, instead of one of each per file.
         self._group: GroupCommit[_Checked, str] = GroupCommit(
-            self._commit, max_size=64, isolate=lambda exc: not is_outage(exc)
+            lambda checked: self._through_outages(lambda: self._commit(checked)),
+            max_size=64,
+            # An outage fails every item alike (and is waited out above); anything else may
+            # be one bad file.
+            isolate=lambda exc: not is_outage(exc),
         )
+
+    async def _through_outages(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work` (one transaction), tried again while the database is away, however long."""
+
+        async def attempt() -> T:
+            try:
+                return await work()
+            except Exception as exc:
+                if is_outage(exc):
+                    self._database_lost()
+                raise
+
+        return await with_db_retry(attempt, delays=self._retry_delays, forever=True)
 
     async def open(self, command: CreateUpload) -> IngestReply | None:
         """Open the request; an error reply if it cannot be, None when it was."""
@@ -174,7 +209,9 @@ class Uploads:
         )
         outcome = await self._group.submit(_Checked(file, frame=frame))
         if outcome == "dropped":
-            # No request to belong to (or it was given up on): the object must not stay.
+            # No request to belong to, or it ended without this file: no row names the object,
+            # and none ever will (a request never reopens), so it must not stay. A file its
+            # request recorded before is a "duplicate" instead, and keeps its object.
             await self._objects.delete(key)
             log.warning("file for no open request dropped", request_id=file.request_id)
         self._counted(file.kind.value, outcome)
@@ -193,7 +230,13 @@ class Uploads:
             for item in checked:
                 request = requests[item.request_id]
                 if request is None or RequestStatus(request.status).final:
-                    outcomes.append("dropped")
+                    # A file recorded before its request ended is delivered again (the service
+                    # stopped between commit and ack, or this is a commit tried again whose
+                    # first try did commit): a duplicate, whose row and object stay.
+                    recorded = request is not None and await store.file_recorded(
+                        session=session, file_id=item.file.file_id
+                    )
+                    outcomes.append("duplicate" if recorded else "dropped")
                     continue
                 if item.frame is not None:
                     frame = dataclasses.replace(item.frame, meta=request.meta_info)
@@ -238,18 +281,20 @@ class Uploads:
             content_type=CSV_CONTENT_TYPE,
             metadata={"device": file.owner, "file_id": file.file_id},
         )
-        async with self._sessions.begin() as session:
-            new = await store.add_phone_file(
-                session=session,
-                file=store.PhoneFile(
-                    id=file.file_id,
-                    device=file.owner,
-                    original_name=file.filename,
-                    storage_path=key,
-                    storage_bucket=self._objects.bucket,
-                    size_bytes=len(body),
-                    content_type=CSV_CONTENT_TYPE,
-                    created_at=_now(),
-                ),
-            )
+        row = store.PhoneFile(
+            id=file.file_id,
+            device=file.owner,
+            original_name=file.filename,
+            storage_path=key,
+            storage_bucket=self._objects.bucket,
+            size_bytes=len(body),
+            content_type=CSV_CONTENT_TYPE,
+            created_at=_now(),
+        )
+
+        async def commit() -> bool:
+            async with self._sessions.begin() as session:
+                return await store.add_phone_file(session=session, file=row)
+
+        new = await self._through_outages(commit)
         self._counted(file.kind.value, "stored" if new else "duplicate")

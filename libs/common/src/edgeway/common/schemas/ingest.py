@@ -41,6 +41,13 @@ HEADER_CAMERA_ID = "x-camera-id"  # images
 HEADER_DEVICE = "x-device"  # phone CSV files: the phone's device id
 MAX_FILE_NAME = 255
 
+# A status lists a request's frames a page at a time (a one-hour capture at 30 fps has 108,000):
+# `limit` frames (this many by default, at most FRAMES_PAGE_MAX), after an opaque `cursor`
+# taken from the previous page's `next_cursor`.
+FRAMES_PAGE_DEFAULT = 100
+FRAMES_PAGE_MAX = 1000
+MAX_CURSOR_LENGTH = 512
+
 
 def check_camera_id(value: str) -> str:
     if not CAMERA_ID.fullmatch(value) or ".." in value:
@@ -178,13 +185,20 @@ class FrameInfo(BaseModel):
 
 
 class IngestionResponse(BaseModel):
-    """The seed's `IngestionResponse`, plus what was refused and how far the request got."""
+    """The seed's `IngestionResponse`, plus what was refused and how far the request got.
+
+    `frames` is one page, in capture order: the first `limit` after the page's cursor (the
+    first page when there is none). `frames_total` counts all of them; `next_cursor` asks for
+    the page after this one, and is None on the last.
+    """
 
     request_id: str
     status: RequestStatus
     camera_id: str
     source_type: SourceType
     frames: list[FrameInfo] = Field(default_factory=list)
+    frames_total: int = 0
+    next_cursor: str | None = None
     message: str | None = None
     created_at: datetime
     completed_at: datetime | None = None
@@ -234,10 +248,25 @@ class StartCapture(BaseModel):
     request: RtspIngestionRequest
 
 
+PageLimit = Annotated[int, Field(ge=1, le=FRAMES_PAGE_MAX)]
+PageCursor = Annotated[str, Field(min_length=1, max_length=MAX_CURSOR_LENGTH)]
+
+
+class FramesPage(BaseModel):
+    """Which page of a request's frames a status shows (the query of its endpoint)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    limit: PageLimit = FRAMES_PAGE_DEFAULT
+    cursor: PageCursor | None = None
+
+
 class GetStatus(BaseModel):
     op: Literal["status"] = "status"
     request_id: str
     caller: Caller
+    limit: PageLimit = FRAMES_PAGE_DEFAULT
+    cursor: PageCursor | None = None
 
 
 class CancelRequest(BaseModel):
