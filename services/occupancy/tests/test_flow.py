@@ -292,10 +292,6 @@ def admin(statement: sql.SQL | sql.Composed, *params: Any) -> None:
 async def test_a_database_outage_longer_than_the_delivery_limit_loses_nothing(
     edge: Edge, db: AsyncEngine, postgres_url: str, service: ServiceProcess
 ) -> None:
-    dead_letters = await edge.broker.declare_queue(
-        TOPOLOGY.dead_letter_queue(TOPOLOGY.occupancy_observations_queue.name)
-    )
-    dead_before = dead_letters.declaration_result.message_count
     name = postgres_url.rsplit("/", 1)[1]
     database = sql.Identifier(name)
     admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
@@ -322,10 +318,9 @@ async def test_a_database_outage_longer_than_the_delivery_limit_loses_nothing(
         assert orjson.loads(update.body)["location_name"] == "Flint Loop"
     ids = await query(db, "SELECT message_id FROM observations")
     assert sorted(str(row[0]) for row in ids) == sorted(sent)
-    dead_letters = await edge.broker.declare_queue(
-        TOPOLOGY.dead_letter_queue(TOPOLOGY.occupancy_observations_queue.name)
-    )
-    assert dead_letters.declaration_result.message_count == dead_before
+    # None of them was dead-lettered (read back: RabbitMQ 3.10 reports a quorum queue's
+    # message count as 0 on declare, whatever it holds).
+    assert await dead_lettered(edge, set(sent)) == []
     async with httpx.AsyncClient() as http:
         assert (await http.get(service.url + "/readyz")).status_code == 200
 
@@ -349,6 +344,24 @@ async def test_a_message_that_always_fails_is_dead_lettered_after_the_delivery_l
     # The service is still consuming.
     fine = await edge.send(frame())
     assert orjson.loads((await edge.result_of(fine)).body)["location_name"] == "Flint Loop"
+
+
+async def dead_lettered(edge: Edge, message_ids: set[str]) -> list[str]:
+    """Which of `message_ids` wait in the dead letters (the others there are put back)."""
+    queue = await edge.broker.declare_queue(
+        TOPOLOGY.dead_letter_queue(TOPOLOGY.occupancy_observations_queue.name)
+    )
+    found: list[str] = []
+    others: list[AbstractIncomingMessage] = []
+    while (message := await queue.get(no_ack=False, fail=False)) is not None:
+        if message.message_id in message_ids:
+            found.append(message.message_id)
+            await message.ack()
+        else:
+            others.append(message)
+    for message in others:
+        await message.nack(requeue=True)
+    return found
 
 
 async def dead_letter(edge: Edge, message_id: str) -> AbstractIncomingMessage:
