@@ -11,7 +11,11 @@ MEMBERS := libs/common libs/edge services/gateway services/ingestion services/oc
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup run up test test-fast lint format fuzz bench eval constraints clean
+.PHONY: help setup run up test test-fast lint format fuzz bench eval constraints clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)

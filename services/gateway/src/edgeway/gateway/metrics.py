@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("edgeway_gateway_connections", "Open WebSocket connections", ["endpoint"])
@@ -39,3 +41,19 @@ REQUEST_SECONDS = Histogram(
     ["service", "outcome"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+
+def _event_loop_tasks() -> float:
+    """Tasks alive on the event loop that serves /metrics (the gateway's, on either port)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no event loop in this thread: unknown, not a guess
+        return 0.0
+
+
+# A task leak (a connection's reader or writer left running after it closed) grows this; the
+# fuzz tests (tests/fuzz) compare it before and after thousands of connections.
+EVENT_LOOP_TASKS = Gauge(
+    "edgeway_gateway_event_loop_tasks", "Tasks alive on the gateway's event loop"
+)
+EVENT_LOOP_TASKS.set_function(_event_loop_tasks)

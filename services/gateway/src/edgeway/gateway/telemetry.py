@@ -396,7 +396,11 @@ class LoggerLink:
                 )
         elif kind == "log":
             text, log_type = message.get("message", ""), message.get("log_type", "info")
-            if not isinstance(text, str) or log_type not in LOG_TYPES:
+            if (
+                not isinstance(text, str)
+                or not isinstance(log_type, str)
+                or (log_type not in LOG_TYPES)
+            ):
                 self.reject(
                     ErrorCode.INVALID_SHAPE,
                     f"log: message must be text and log_type one of {', '.join(sorted(LOG_TYPES))}",

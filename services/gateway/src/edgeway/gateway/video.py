@@ -97,6 +97,13 @@ def error_frame(code: str, reason: str) -> str:
     return orjson.dumps({"type": "error", "code": code, "reason": reason}).decode()
 
 
+def message_type(message: Any) -> str | None:
+    """A JSON message's `type`, or None where it has none that is text (`{"type": {}}` too:
+    an object would break the membership tests that route it)."""
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def check_imu(message: dict[str, Any]) -> str | None:
     """The reason an `imu_data` message is unusable, or None (the relay orders by timestamp)."""
     timestamp = message.get("timestamp")
@@ -337,7 +344,7 @@ class PhoneSession(PhoneLink):
         except orjson.JSONDecodeError:
             self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
             return
-        kind = message.get("type") if isinstance(message, dict) else None
+        kind = message_type(message)
         if kind == "imu_data":
             reason = check_imu(message)
             if reason is not None:
@@ -512,7 +519,7 @@ class StreamSession(PhoneLink):
         except orjson.JSONDecodeError:
             self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
             return
-        kind = message.get("type") if isinstance(message, dict) else None
+        kind = message_type(message)
         # The seed only logs the encoder's configuration (the stream itself carries SPS and
         # PPS): a phone sends one at the start, so a few lines a minute are plenty.
         if self.log_budget.take():
@@ -679,7 +686,7 @@ class ViewerSession:
         except orjson.JSONDecodeError:
             self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
             return
-        kind = message.get("type") if isinstance(message, dict) else None
+        kind = message_type(message)
         if kind not in COMMANDS:
             self.reject(
                 ErrorCode.INVALID_SHAPE.value,
