@@ -353,3 +353,26 @@ async def test_a_refused_upgrade_is_logged_at_info_not_error(gateway: ServicePro
     assert len(refused) >= 3
     assert {r["level"] for r in refused} == {"info"}
     assert [r for r in records if r["level"] in ("error", "critical")] == []
+
+
+async def test_a_flood_of_refused_upgrades_is_counted_but_not_all_logged(
+    gateway: ServiceProcess,
+) -> None:
+    def refused_lines() -> int:
+        return gateway.log_text().count('"websocket refused"')
+
+    def counted() -> float:
+        metrics = httpx.get(gateway.url + "/metrics").text
+        line = 'edgeway_gateway_auth_refused_total{endpoint="/client/ws/connect",status="401"}'
+        values = [float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line)]
+        return values[0] if values else 0.0
+
+    lines_before, counted_before = refused_lines(), counted()
+    for _ in range(120):
+        with pytest.raises(websockets.InvalidStatus):
+            async with websockets.connect(ws_url(gateway, "/client/ws/connect", "not.a.token")):
+                pass
+    await asyncio.sleep(0.2)
+    assert counted() - counted_before == 120
+    # The burst (20) and 5 a second for however long the flood took.
+    assert 20 <= refused_lines() - lines_before < 120

@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from edgeway.common.logging import get_logger
 from edgeway.common.timesync import TimeSync
 from edgeway.gateway.auth import AuthError, Principal, Scope, Verifier, authorize, check_origin
+from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import BrokerLink, NotConnectedError
 from edgeway.gateway.metrics import AUTH_REFUSED
 from edgeway.gateway.settings import GatewaySettings
@@ -20,6 +21,10 @@ from edgeway.gateway.tracking_state import TrackingState
 from edgeway.gateway.video_state import VideoState
 
 log = get_logger("edgeway.gateway")
+
+# Refused upgrades logged: 20 at once, then 5 a second.
+REFUSAL_LOG_BURST = 20
+REFUSAL_LOG_RATE = 5.0
 
 
 class Gateway:
@@ -32,6 +37,9 @@ class Gateway:
         self.telemetry = TelemetryState(self.link)
         self.video = VideoState()
         self.tracking = TrackingState(settings)
+        # Refused WebSocket upgrades logged: a client retrying with a bad token in a loop
+        # (or an attacker) must not flood the log; AUTH_REFUSED counts them all.
+        self.refusals_logged = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST)
         # NTP-corrected time for the phone frames' `ntp_time` header (the seed's).
         self.clock = TimeSync(settings.ntp_servers)
 
@@ -74,7 +82,10 @@ async def admit_websocket(
         principal = authorize(gateway.verifier, websocket, scope)
     except AuthError as error:
         AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
-        log.info("websocket refused", endpoint=endpoint, status=error.status, reason=error.reason)
+        if gateway.refusals_logged.take():  # every refusal is counted; a flood is not all logged
+            log.info(
+                "websocket refused", endpoint=endpoint, status=error.status, reason=error.reason
+            )
         code = "unauthorized" if error.status == 401 else "forbidden"
         await websocket.send_denial_response(
             JSONResponse(
