@@ -22,3 +22,13 @@ def _constant(path: Path, name: str) -> str:
 def test_the_banner_and_the_readme_mint_a_token_alike() -> None:
     command = _constant(ROOT / "deploy/local/devstack.py", "MINT_COMMAND")
     assert command in (ROOT / "README.md").read_text()
+
+
+def test_every_file_the_readme_uploads_ships_with_the_repository() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    uploaded = re.findall(r"files=@(\S+)", readme)
+    assert uploaded
+    for path in uploaded:
+        assert (ROOT / path).is_file(), path

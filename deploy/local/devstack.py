@@ -41,21 +41,19 @@ DATA = ROOT / "var" / "dev"
 LOGS = DATA / "logs"
 
 
+# A photo that ships with the repository, so the README's upload runs as written.
+SAMPLE_PHOTO = ROOT / "deploy/local/sample.jpg"
+
+
 def upload_demo_image(gateway: str, operator: str) -> str:
-    """Upload one generated photo so the ingestion status has something to show; its URL path."""
-    import io
-
+    """Upload the sample photo the README's example uploads too, so the ingestion status has
+    something to show; its URL path."""
     import httpx
-    from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (640, 360), (24, 64, 110))
-    ImageDraw.Draw(image).text((40, 160), "Edgeway demo upload", fill=(255, 255, 255))
-    photo = io.BytesIO()
-    image.save(photo, "JPEG")
     response = httpx.post(
         f"{gateway}/api/v1/ingest/upload",
         data={"camera_id": "demo-cam", "meta": json.dumps({"session": "make-run"})},
-        files=[("files", ("demo.jpg", photo.getvalue(), "image/jpeg"))],
+        files=[("files", ("sample.jpg", SAMPLE_PHOTO.read_bytes(), "image/jpeg"))],
         headers={"Authorization": f"Bearer {operator}"},
         timeout=10,
     )
@@ -289,7 +287,7 @@ Omega producers and clients; every endpoint also takes a token).
   dead zone       curl -X POST -H "Authorization: Bearer $EDGEWAY_OPERATOR" {gw}/toggle_offline
                   (also /logger/stop, /logger/start, /clear_data; ?vin=... for one vehicle)
   uploads         curl -H "Authorization: Bearer $EDGEWAY_OPERATOR" -F camera_id=cam-1 \\
-                       -F files=@photo.jpg {gw}/api/v1/ingest/upload
+                       -F files=@deploy/local/sample.jpg {gw}/api/v1/ingest/upload
                   a demo upload: {gw}{demo_upload}
                   RTSP: POST {gw}/api/v1/ingest/rtsp {{"rtsp_url": "rtsp://...", "camera_id": "cam-1",
                   "capture_mode": "continuous", "fps": 1, "capture_duration": 30}}

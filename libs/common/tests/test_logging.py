@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from edgeway.common.logging import mask_secrets
@@ -35,3 +38,18 @@ def test_credentials_are_masked(line: str) -> None:
 def test_everything_else_is_left_as_it_was() -> None:
     line = "GET /ws/video/consume?device=phone-1&tokens_left=3 status=200 a==b"
     assert mask_secrets(line) == line
+
+
+def test_http_clients_do_not_log_every_request() -> None:
+    # In a process of its own: configuring logging is process-wide.
+    probe = (
+        "import logging; from edgeway.common.logging import configure_logging; "
+        "configure_logging(service='probe', level='INFO'); "
+        "print(logging.getLogger('httpx').isEnabledFor(logging.INFO), "
+        "logging.getLogger('httpx').isEnabledFor(logging.WARNING), "
+        "logging.getLogger('edgeway.probe').isEnabledFor(logging.INFO))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "True", "True"]

@@ -109,8 +109,10 @@ def configure_logging(*, service: str, level: str = "INFO", fmt: str = "json") -
         lib = logging.getLogger(name)
         lib.handlers[:] = []
         lib.propagate = True
-    logging.getLogger("aiormq").setLevel(max(root.level, logging.WARNING))
-    logging.getLogger("aio_pika").setLevel(max(root.level, logging.WARNING))
+    # Chatty at INFO: aiormq and aio-pika on every reconnect, httpx on every request (a logger
+    # uploading every 300 ms wrote ~200 KB of "HTTP Request: POST ..." lines each 5 minutes).
+    for chatty in ("aiormq", "aio_pika", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
