@@ -18,7 +18,9 @@ import pytest
 from edgeway.common.testing import (
     ServiceProcess,
     create_postgres_database,
+    create_vhost,
     drop_postgres_database,
+    drop_vhost,
 )
 from edgeway.gateway.auth import Scope
 from edgeway.gateway.tokens import mint_with_secret
@@ -95,7 +97,10 @@ class FuzzStack:
 
 
 @pytest.fixture(scope="session")
-def fuzz_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStack]:
+def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStack]:
+    # A virtual host of its own: this stack lives as long as the session, and its services,
+    # on the session's host, would compete for the work queues of the end-to-end tests' stacks.
+    vhost, amqp_url = create_vhost("edgeway-fuzz")
     occupancy_db = create_postgres_database("edgeway_fuzz_occupancy")
     telemetry_db = create_postgres_database("edgeway_fuzz_telemetry")
     stack = Stack(
@@ -117,3 +122,4 @@ def fuzz_stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         stack.stop()
         drop_postgres_database(occupancy_db)
         drop_postgres_database(telemetry_db)
+        drop_vhost(vhost)

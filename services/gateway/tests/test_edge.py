@@ -378,5 +378,6 @@ async def test_a_flood_of_refused_upgrades_is_counted_but_not_all_logged(
     elapsed = time.monotonic() - started
     await asyncio.sleep(0.3)
     assert counted() - counted_before == 120
-    # The burst (20) and 5 a second for however long the flood took (a second or two here).
-    assert 20 <= refused_lines() - lines_before <= 20 + 5 * elapsed + 2
+    # At most the burst (20, less what this module's earlier refusals used) and 5 a second
+    # for however long the flood took (a second or two here): far fewer than 120.
+    assert 1 <= refused_lines() - lines_before <= 20 + 5 * elapsed + 2
