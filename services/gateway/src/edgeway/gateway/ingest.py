@@ -1,4 +1,4 @@
-"""Ingestion compatibility (TrackShift, seed-systems.md §5): uploads and RTSP captures as jobs.
+"""Ingestion compatibility (TrackShift, docs/seed-systems.md §5): uploads and RTSP captures as jobs.
 
 - `POST /api/v1/ingest/upload`: multipart `camera_id`, `files`, `meta`. The body is read as it
   streams, under a cap; each file is held to the per-file cap and the batch count, and its type is

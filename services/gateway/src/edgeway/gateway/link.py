@@ -134,7 +134,7 @@ class BrokerLink:
         # Edge detections, and where the ones no live task takes go (the tracker answers).
         await self.broker.declare_exchange(self.topology.tracking_unrouted)
         await self.broker.declare_exchange(self.topology.tracking_detections)
-        # The WorldSystem exchanges the phone endpoints publish to (seed-systems.md §3) ...
+        # The WorldSystem exchanges the phone endpoints publish to (docs/seed-systems.md §3) ...
         for name in ("video_frames", "analysis_mode", "restart"):
             await self.broker.declare_exchange(self.topology.worldsystem(name))
         # ... and the live queues the video relay reads, so a phone's stream waits for it.

@@ -1,4 +1,4 @@
-"""Project Omega compatibility (seed-systems.md §1): camera models in, occupancy clients out.
+"""Project Omega compatibility (docs/seed-systems.md §1): camera models in, occupancy clients out.
 
 - `WS /model/ws/connect`: camera models push frame results. Each is checked at the edge and
   published to the occupancy work exchange; bad input gets an error frame on the same socket,

@@ -1,4 +1,4 @@
-"""Telemetry compatibility (seed-systems.md §4): vehicle loggers in, dashboards out.
+"""Telemetry compatibility (docs/seed-systems.md §4): vehicle loggers in, dashboards out.
 
 - `POST /telemetry`, `POST /api/telemetry`: protobuf uploads (`X-Compressed`, `X-Vehicle-VIN`,
   and `X-Batch` for many records). Checked here, published unchanged to the telemetry work queue

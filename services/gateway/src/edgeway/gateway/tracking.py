@@ -1,4 +1,5 @@
-"""Tracking (SpotOn, seed-systems.md §2): environments, processing tasks, live tracks, edge boxes.
+"""Tracking (SpotOn, docs/seed-systems.md §2): environments, processing tasks, live tracks, edge
+boxes.
 
 The tracker service owns all of it; this module checks what clients send at the edge (ids,
 shapes, sizes, scopes), asks the tracker over request/reply (504 when it does not answer) and

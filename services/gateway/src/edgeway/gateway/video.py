@@ -1,4 +1,4 @@
-"""WorldSystem compatibility (seed-systems.md §3): phones in, video consumers and viewers out.
+"""WorldSystem compatibility (docs/seed-systems.md §3): phones in, video consumers and viewers out.
 
 - `WS /ws/phone`: JPEG frames (8-byte big-endian ns timestamp + JPEG) to `video_frames_exchange`
   with the seed's headers, `imu_data` to the video relay, `analysis_mode` to

@@ -2,7 +2,7 @@
 
 An upload is read with the shared wire format (`edgeway.common.telemetry.wire`), decoded per
 vehicle with the shared predictor, and turned into the seed's dashboard message
-(seed-systems.md §4) with two additions: which fields were predicted, and whether they may be
+(docs/seed-systems.md §4) with two additions: which fields were predicted, and whether they may be
 off (`uncertain`). What cannot be taken becomes a `Rejection` with a code, kept by the store.
 """
 

@@ -1,7 +1,7 @@
 """Tracker rules as pure functions and small state machines: no I/O, no clocks of their own.
 
 What an environment must be to be stored, what a task needs to start, SpotOn's message shapes
-(seed-systems.md §2a), MOTChallenge text, how a live task groups edge frames into steps, and
+(docs/seed-systems.md §2a), MOTChallenge text, how a live task groups edge frames into steps, and
 how often clients hear about a task's status.
 """
 
@@ -39,7 +39,7 @@ from edgeway.tracker.vision import (
     fit_homography,
 )
 
-# SpotOn's default when a video does not say its frame rate (seed-systems.md §2a).
+# SpotOn's default when a video does not say its frame rate (docs/seed-systems.md §2a).
 FALLBACK_FPS = 25.0
 MAX_ERROR_DETAILS = 5
 
@@ -324,7 +324,7 @@ def tracking_update(
     processed_at: datetime,
     tracks: Mapping[str, Sequence[TrackOutput]],
 ) -> dict[str, Any]:
-    """SpotOn's `tracking_update` (seed-systems.md §2a): every camera, its tracks."""
+    """SpotOn's `tracking_update` (docs/seed-systems.md §2a): every camera, its tracks."""
     return {
         "type": "tracking_update",
         "payload": {

@@ -1,4 +1,5 @@
-"""The ingestion API's shapes (TrackShift's, seed-systems.md §5) and the gateway-service requests.
+"""The ingestion API's shapes (TrackShift's, docs/seed-systems.md §5) and the gateway-service
+requests.
 
 The gateway checks a request with these models at the edge; the ingestion service checks it again
 with the same models when the request reaches it, so neither trusts the other's input.
