@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeway.common.service import serve
-from edgeway.video_relay.handlers import build_app
+from edgeway.video_relay.app import build_app
 from edgeway.video_relay.publishing import SERVICE
 from edgeway.video_relay.settings import VideoRelaySettings
 

@@ -11,34 +11,27 @@ most the prefetch in the process, and takes deliveries in queue order.
 
 from __future__ import annotations
 
-import asyncio
-import uuid
+from typing import TYPE_CHECKING
 
 import orjson
 from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream
-from faststream.rabbit import RabbitQueue, RabbitResponse
+from faststream.rabbit import RabbitBroker, RabbitQueue, RabbitResponse
 from faststream.rabbit.message import RabbitMessage
-from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import REGISTRY, CollectorRegistry
 
-from edgeway.common.broker import JSON, declare_shared, encode, make_broker, whole_message
+from edgeway.common.broker import JSON, encode, whole_message
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
-from edgeway.common.service import service_app
-from edgeway.common.timesync import TimeSync
-from edgeway.common.topology import Topology
-from edgeway.video_relay.imu import ImuRelay
-from edgeway.video_relay.metrics import Metrics
-from edgeway.video_relay.publishing import CHUNK_TYPE, SERVICE, VIEWER_TYPE, Publisher
+from edgeway.video_relay.publishing import CHUNK_TYPE, SERVICE, VIEWER_TYPE
 from edgeway.video_relay.relay import VideoRelay, device_of
-from edgeway.video_relay.settings import VideoRelaySettings
+
+if TYPE_CHECKING:
+    from edgeway.video_relay.app import Deps
 
 OCTET_STREAM = "application/octet-stream"
 # Trajectory and restart messages waiting for this relay; they are for live viewers only.
 BRIDGE_QUEUE_MAX_LENGTH = 1_000
 
-log = get_logger("edgeway.video_relay")
+log = get_logger("edgeway.video_relay.handlers")
 
 
 def bridge_queue(kind: str, instance: str) -> RabbitQueue:
@@ -89,31 +82,36 @@ def answer_query(body: bytes, *, relay: VideoRelay) -> RabbitResponse:
     )
 
 
-def build_app(
-    settings: VideoRelaySettings,
-    *,
-    tracer_provider: TracerProvider,
-    registry: CollectorRegistry = REGISTRY,
-) -> AsgiFastStream:
-    """The video relay: its subscribers, background tasks and operations endpoints."""
-    topology = Topology(settings.exchanges)
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
-    )
-    metrics = Metrics.create(registry)
-    clock = TimeSync(settings.ntp_servers)
-    publisher = Publisher(broker, topology)
-    declared = asyncio.Event()
-    relay = VideoRelay(settings, publisher=publisher, metrics=metrics, clock=clock, ready=declared)
-    imu = ImuRelay(
-        publisher=publisher,
-        metrics=metrics,
-        ready=declared,
-        max_devices=settings.max_streams,
-        idle_s=settings.stream_idle_s,
-    )
-    instance = uuid.uuid4().hex[:12]
-    background: list[asyncio.Task[None]] = []
+async def on_chunk(message: RabbitMessage, deps: Deps) -> None:
+    # Nothing is awaited: chunks are taken in delivery order.
+    envelope = Envelope.from_message(message, type=CHUNK_TYPE)
+    deps.relay.take_chunk(message.body, message.headers or {}, envelope)
+
+
+async def on_imu(message: RabbitMessage, deps: Deps) -> None:
+    deps.imu.take(message.body, message.headers or {})
+
+
+async def on_bridged(kind: str, message: RabbitMessage, deps: Deps) -> None:
+    """A trajectory or restart message from WorldSystem's services, for the viewers."""
+    body = bridge_body(kind, message.body)
+    if body is None:
+        deps.metrics.bridged.labels("invalid").inc()
+        log.warning("bridged message is not JSON; dropped", kind=kind)
+        return
+    source = Envelope.from_message(message, type=kind)
+    await deps.declared.wait()  # the broadcast exchange: declared once, before any publish
+    await deps.publisher.viewer(body, envelope=source.derive(type=VIEWER_TYPE, producer=SERVICE))
+    deps.metrics.bridged.labels(kind).inc()
+
+
+async def on_request(message: RabbitMessage, deps: Deps) -> RabbitResponse:
+    return answer_query(message.body, relay=deps.relay)
+
+
+def register(broker: RabbitBroker, deps: Deps) -> None:
+    """Every subscriber of the video relay, on `broker`, with `deps`."""
+    topology = deps.topology
 
     @broker.subscriber(
         topology.video_stream_queue,
@@ -122,10 +120,8 @@ def build_app(
         decoder=whole_message,
         no_reply=True,
     )
-    async def on_chunk(message: RabbitMessage) -> None:
-        # Nothing is awaited: chunks are taken in delivery order.
-        envelope = Envelope.from_message(message, type=CHUNK_TYPE)
-        relay.take_chunk(message.body, message.headers or {}, envelope)
+    async def chunk(message: RabbitMessage) -> None:
+        await on_chunk(message, deps)
 
     @broker.subscriber(
         topology.video_imu_queue,
@@ -134,27 +130,19 @@ def build_app(
         decoder=whole_message,
         no_reply=True,
     )
-    async def on_imu(message: RabbitMessage) -> None:
-        imu.take(message.body, message.headers or {})
+    async def imu(message: RabbitMessage) -> None:
+        await on_imu(message, deps)
 
     def bridge(kind: str, exchange_field: str) -> None:
         @broker.subscriber(
-            bridge_queue(kind, instance),
+            bridge_queue(kind, deps.instance),
             topology.worldsystem(exchange_field),
             ack_policy=AckPolicy.ACK,
             decoder=whole_message,
             no_reply=True,
         )
-        async def on_bridged(message: RabbitMessage) -> None:
-            body = bridge_body(kind, message.body)
-            if body is None:
-                metrics.bridged.labels("invalid").inc()
-                log.warning("bridged message is not JSON; dropped", kind=kind)
-                return
-            source = Envelope.from_message(message, type=kind)
-            await declared.wait()  # the broadcast exchange: declared once, before any publish
-            await publisher.viewer(body, envelope=source.derive(type=VIEWER_TYPE, producer=SERVICE))
-            metrics.bridged.labels(kind).inc()
+        async def bridged(message: RabbitMessage) -> None:
+            await on_bridged(kind, message, deps)
 
     bridge("trajectory", "trajectory_data")
     bridge("restart", "restart")
@@ -163,44 +151,5 @@ def build_app(
     @broker.subscriber(
         topology.video_requests_queue, ack_policy=AckPolicy.ACK, decoder=whole_message
     )
-    async def on_request(message: RabbitMessage) -> RabbitResponse:
-        return answer_query(message.body, relay=relay)
-
-    async def declare_topology() -> None:
-        await declare_shared(broker, topology)
-        # Every WorldSystem exchange exists under its (overridable) name, also those that only
-        # outside WorldSystem services use (processed_frames, ply_fanout from analysis and SLAM).
-        for exchange in topology.worldsystem_exchanges():
-            await broker.declare_exchange(exchange)
-        await publisher.declare()
-        declared.set()
-        background.append(asyncio.create_task(relay.run_housekeeping(), name="housekeeping"))
-        clock.start()
-        log.info(
-            "video relay ready",
-            h264_decoder=relay.h264,
-            decode_fps=settings.decode_fps,
-            ntp_servers=settings.ntp_servers,
-        )
-
-    async def topology_declared() -> None:
-        if not declared.is_set():
-            raise RuntimeError("exchanges not declared yet")
-
-    app = service_app(
-        broker,
-        checks={"topology": topology_declared},
-        after_startup=[declare_topology],
-        registry=registry,
-    )
-
-    async def stop_tasks() -> None:
-        for task in background:
-            task.cancel()
-        relay.stop()
-        imu.stop()
-        await clock.stop()
-
-    # After the broker has drained in-flight messages (on_shutdown hooks run before that).
-    app.after_shutdown(stop_tasks)
-    return app
+    async def request(message: RabbitMessage) -> RabbitResponse:
+        return await on_request(message, deps)
