@@ -38,7 +38,7 @@ import websockets
 from bench.cpu import CpuMeter, pids_named
 from edgeway.common.testing import ServiceProcess, create_vhost, drop_vhost, free_port
 from edgeway.common.video.packets import PacketType, VideoPacket
-from edgeway.edge.phone import synthetic_stream
+from edgeway.edge.phone.media import synthetic_stream
 from edgeway.gateway.tokens import mint_with_secret
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -23,7 +23,8 @@ import pytest
 import websockets
 
 from edgeway.common.topology import Topology
-from edgeway.edge.phone import Chunking, frame_number, imu_samples, stream_to, synthetic_stream
+from edgeway.edge.phone.media import frame_number, imu_samples, synthetic_stream
+from edgeway.edge.phone.wire import Chunking, stream_to
 from tests.stack import Stack, token
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]

@@ -19,22 +19,24 @@ from structlog.testing import capture_logs
 from websockets.asyncio.server import ServerConnection, serve
 
 from edgeway.common.video.packets import PacketParser, PacketType, VideoPacket
-from edgeway.edge import phone as phone_module
 from edgeway.edge.pacing import Backoff
-from edgeway.edge.phone import (
-    BUFFER_FLAG_KEY_FRAME,
-    Chunking,
-    Phone,
+from edgeway.edge.phone import __main__ as phone_command
+from edgeway.edge.phone.__main__ import main
+from edgeway.edge.phone.media import (
     VideoLoop,
     draw_frame,
-    endpoint_url,
     frame_number,
     imu_samples,
     jpeg_frames,
-    main,
+    synthetic_stream,
+)
+from edgeway.edge.phone.simulator import Phone
+from edgeway.edge.phone.wire import (
+    BUFFER_FLAG_KEY_FRAME,
+    Chunking,
+    endpoint_url,
     send_imu,
     stream_to,
-    synthetic_stream,
 )
 
 FPS = 30
@@ -299,7 +301,7 @@ def test_endpoint_urls() -> None:
 
 def test_the_command_refuses_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     # Not the process's logging setup: it caches loggers, which capture_logs could not see.
-    monkeypatch.setattr(phone_module, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(phone_command, "configure_logging", lambda **_: None)
     assert main(["--device", "not a device"]) == 2
     assert main(["--width", "100"]) == 2
     assert main(["--fps", "0"]) == 2

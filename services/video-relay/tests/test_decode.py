@@ -10,7 +10,7 @@ import pytest
 from av.video.frame import VideoFrame
 
 from edgeway.common.video.packets import PacketType, VideoPacket
-from edgeway.edge.phone import frame_number, synthetic_stream
+from edgeway.edge.phone.media import frame_number, synthetic_stream
 from edgeway.video_relay.decode import RESYNC, DecodeWorker, FrameDecoder, Jpeg, h264_available
 from edgeway.video_relay.stream import Relayed
 

@@ -33,7 +33,7 @@ from edgeway.common.envelope import Envelope
 from edgeway.common.testing import ServiceProcess, free_port
 from edgeway.common.topology import Channels, Topology
 from edgeway.common.video.packets import PacketParser, PacketType, VideoPacket
-from edgeway.edge.phone import frame_number, imu_samples, synthetic_stream
+from edgeway.edge.phone.media import frame_number, imu_samples, synthetic_stream
 from edgeway.video_relay.stream import PACKET_NAMES
 
 pytestmark = pytest.mark.connected
