@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from edgeway.common.service import serve
-from edgeway.occupancy.handlers import SERVICE, build_app
+from edgeway.occupancy.app import build_app
+from edgeway.occupancy.flows import SERVICE
 from edgeway.occupancy.settings import OccupancySettings
 
 

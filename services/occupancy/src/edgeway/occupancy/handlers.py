@@ -1,149 +1,65 @@
 """FastStream subscribers of the occupancy service: decode, apply the rules, store, publish.
 
-One observation is one short transaction; its results are published after the commit and the
-delivery is acked after that, so a crash anywhere means a redelivery, which the store ignores
-(idempotent on `message_id`) and which publishes its result again.
+- `on_observation`: a camera model's frame: read (`domain`), stored with the others of its
+  commit group (`flows`), its update or error frame published after the commit, then acked;
+- `answer_query`: the gateway's `{"query": "latest"}` (every location's latest update).
+
+An outage is ridden out inside the handler, however long it lasts (`forever`): a delivery given
+up on would be requeued and count toward the queue's delivery limit, which is meant for messages
+that can never succeed, so an outage longer than the limit's window (5 deliveries, ~40 s)
+dead-lettered observations the gateway had accepted. Meanwhile the prefetch holds the consumer's
+deliveries unacked, so it takes no more, and /readyz says the database is down. The waits
+between tries are `settings.db_retry_delays`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream
+from faststream.rabbit import RabbitBroker
 from faststream.rabbit.message import RabbitMessage
-from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.batching import GroupCommit
-from edgeway.common.broker import (
-    answer_requests,
-    declare_shared,
-    declare_work,
-    encode,
-    make_broker,
-    publish,
-    whole_message,
-)
-from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
+from edgeway.common.broker import answer_requests, encode, publish, whole_message
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
-from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, UPDATE_TYPE
-from edgeway.common.service import database_service_app
-from edgeway.common.settings import async_database_url
-from edgeway.common.topology import Channels, Topology
+from edgeway.common.schemas.occupancy import OBSERVATION_TYPE
 from edgeway.occupancy import domain, store
-from edgeway.occupancy.settings import OccupancySettings
+from edgeway.occupancy.flows import SERVICE, Delivery
 
-SERVICE = "occupancy"
-# The `type` of an error frame sent back to a producer (body: edgeway.common.schemas.errors).
-ERROR_TYPE = "error.v1"
-OUTCOMES = ("stored", "duplicate", "rejected")
+if TYPE_CHECKING:
+    from edgeway.occupancy.app import Deps
 
-# An outage is ridden out inside the handler, however long it lasts (`forever`): a delivery
-# given up on would be requeued and count toward the queue's delivery limit, which is meant for
-# messages that can never succeed, so an outage longer than the limit's window (5 deliveries,
-# ~40 s) dead-lettered observations the gateway had accepted. Meanwhile the prefetch holds the
-# consumer's deliveries unacked, so it takes no more, and /readyz says the database is down.
-# The waits between tries are `settings.db_retry_delays`.
-
-log = get_logger("edgeway.occupancy")
+log = get_logger("edgeway.occupancy.handlers")
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one observation came to, and what to publish about it once committed."""
-
-    label: str  # the metric's outcome: stored, duplicate or rejected
-    routing_key: str | None  # broadcast channel; None: nobody to tell
-    body: bytes
-    type: str
-    rejection: domain.Rejection | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One observation as it came off the queue, decoded."""
-
-    envelope: Envelope
-    body: bytes
-    reading: domain.Reading | domain.Rejection
-
-
-async def store_observations(
-    deliveries: Sequence[Delivery],
-    *,
-    sessions: async_sessionmaker[AsyncSession],
-    cameras: store.CameraDirectory,
-) -> list[Outcome]:
-    """Store a group of observations (or why each was rejected) in one transaction.
-
-    Outcomes come back in the order of `deliveries`.
-    """
-    async with sessions.begin() as session:
-        records: list[tuple[int, store.ObservationRecord]] = []
-        outcomes: list[Outcome | None] = []
-        for delivery in deliveries:
-            envelope, reading = delivery.envelope, delivery.reading
-            if isinstance(reading, domain.Reading):
-                camera = reading.frame.camera
-                location = await cameras.lookup(session=session, camera_id=camera)
-                if location is not None:
-                    update = domain.client_update(reading, location_name=location.location_name)
-                    record = store.ObservationRecord(
-                        message_id=envelope.message_id,
-                        location=location,
-                        reading=reading,
-                        received_at=envelope.received_datetime(),
-                        timestamp_raw=encode(reading.frame.timestamp).decode(),
-                        client_update=encode(update.model_dump()).decode(),
-                    )
-                    records.append((len(outcomes), record))
-                    outcomes.append(None)  # known once the group is inserted
-                    continue
-                reading = domain.unknown_camera(camera)
-            outcomes.append(
-                await store_rejection(
-                    session=session, envelope=envelope, body=delivery.body, rejection=reading
-                )
-            )
-        fresh = await store.record_observations(
-            session=session, records=[record for _, record in records]
+async def on_observation(message: RabbitMessage, deps: Deps) -> None:
+    body: bytes = message.body
+    envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
+    reading = domain.read_observation(body)
+    outcome = await deps.group_commit.submit(Delivery(envelope, body, reading))
+    deps.metrics.observations.labels(outcome.label).inc()
+    if outcome.rejection is not None:
+        log.warning(
+            "observation rejected",
+            code=outcome.rejection.code.value,
+            reason=outcome.rejection.reason,
+            message_id=envelope.message_id,
+            producer=envelope.producer,
+            duplicate=outcome.label == "duplicate",
         )
-        for (index, record), new in zip(records, fresh, strict=True):
-            outcomes[index] = Outcome(
-                label="stored" if new else "duplicate",
-                routing_key=Channels.occupancy_location(record.location.location_id),
-                body=record.client_update.encode(),
-                type=UPDATE_TYPE,
-            )
-    return [outcome for outcome in outcomes if outcome is not None]
-
-
-async def store_rejection(
-    *, session: AsyncSession, envelope: Envelope, body: bytes, rejection: domain.Rejection
-) -> Outcome:
-    """Keep why an observation was refused; its error frame goes back to the producer."""
-    fresh = await store.record_rejection(
-        session=session,
-        message_id=envelope.message_id,
-        code=rejection.code.value,
-        reason=rejection.reason,
-        payload=body,
-        received_at=envelope.received_datetime(),
-    )
-    frame = rejection.error_frame(message_id=envelope.message_id)
-    return Outcome(
-        label="rejected" if fresh else "duplicate",
-        routing_key=envelope.reply_channel,
-        body=frame.encode().encode(),
-        type=ERROR_TYPE,
-        rejection=rejection,
-    )
+    if outcome.routing_key:
+        await publish(
+            deps.broker,
+            outcome.body,
+            envelope=envelope.derive(type=outcome.type, producer=SERVICE),
+            exchange=deps.topology.broadcast,
+            routing_key=outcome.routing_key,
+            durable=False,
+        )
 
 
 async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
@@ -164,40 +80,9 @@ async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession
     return b"[" + b",".join(update.encode() for update in updates) + b"]"
 
 
-def build_app(
-    settings: OccupancySettings,
-    *,
-    tracer_provider: TracerProvider,
-    registry: CollectorRegistry = REGISTRY,
-) -> AsgiFastStream:
-    """The occupancy service: its subscribers, start-up work and operations endpoints."""
-    topology = Topology(settings.exchanges)
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
-    )
-    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
-    cameras = store.CameraDirectory()
-    observations = Counter(
-        "edgeway_occupancy_observations_total",
-        "Observations taken from the work queue, by outcome (stored, duplicate, rejected)",
-        ["outcome"],
-        registry=registry,
-    )
-    for outcome in OUTCOMES:
-        observations.labels(outcome)
-    # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
-    group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
-        lambda deliveries: with_db_retry(
-            lambda: store_observations(deliveries, sessions=sessions, cameras=cameras),
-            delays=settings.db_retry_delays,
-            forever=True,
-        ),
-        max_size=settings.commit_group_size,
-        # A database outage fails every item alike; anything else may be one bad observation.
-        isolate=lambda exc: not is_outage(exc),
-    )
+def register(broker: RabbitBroker, deps: Deps) -> None:
+    """Every subscriber of the occupancy service, on `broker`, with `deps`."""
+    topology = deps.topology
 
     @broker.subscriber(
         topology.occupancy_observations_queue,
@@ -211,59 +96,11 @@ def build_app(
         decoder=whole_message,
         no_reply=True,
     )
-    async def on_observation(message: RabbitMessage) -> None:
-        body: bytes = message.body
-        envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
-        reading = domain.read_observation(body)
-        outcome = await group_commit.submit(Delivery(envelope, body, reading))
-        observations.labels(outcome.label).inc()
-        if outcome.rejection is not None:
-            log.warning(
-                "observation rejected",
-                code=outcome.rejection.code.value,
-                reason=outcome.rejection.reason,
-                message_id=envelope.message_id,
-                producer=envelope.producer,
-                duplicate=outcome.label == "duplicate",
-            )
-        if outcome.routing_key:
-            await publish(
-                broker,
-                outcome.body,
-                envelope=envelope.derive(type=outcome.type, producer=SERVICE),
-                exchange=topology.broadcast,
-                routing_key=outcome.routing_key,
-                durable=False,
-            )
+    async def observation(message: RabbitMessage) -> None:
+        await on_observation(message, deps)
 
     answer_requests(
         broker,
         topology.occupancy_requests_queue,
-        lambda body: answer_query(body, sessions=sessions),
-    )
-
-    async def prepare_cameras() -> None:
-        async with sessions.begin() as session:
-            await store.seed_cameras(session=session, cameras=settings.cameras)
-            known = await store.load_cameras(session=session)
-        cameras.replace(known)
-        log.info("database ready", cameras=len(known))
-
-    async def declare_topology() -> None:
-        await declare_shared(broker, topology)
-        await declare_work(
-            broker,
-            topology,
-            topology.occupancy_observations,
-            topology.occupancy_observations_queue,
-        )
-
-    return database_service_app(
-        broker,
-        engine=engine,
-        url=url,
-        migrations=store.MIGRATIONS,
-        prepare=prepare_cameras,
-        declare=declare_topology,
-        registry=registry,
+        lambda body: answer_query(body, sessions=deps.sessions),
     )
