@@ -1,6 +1,6 @@
 """The relay's bookkeeping without a broker: streams held within bounds, what is refused,
 what the bridges and queries answer. Nothing is published: the exchanges are never declared
-here, so the outboxes wait (see `Outbox.run`)."""
+here, so the device publishers wait (see `DevicePublisher.run`)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ async def test_past_max_streams_the_stream_idle_longest_is_forgotten(relay: Vide
     assert list(relay.devices) == ["a", "c"]
     assert set(relay.status()["streams"]) == {"a", "c"}
     assert relay.gop("b") == bytes(8)  # forgotten with everything it held
-    assert all(len(state.tasks) == 1 for state in relay.devices.values())  # outbox only
+    assert all(len(state.tasks) == 1 for state in relay.devices.values())  # the publisher only
 
 
 async def test_idle_streams_are_forgotten_and_their_gauge_goes(relay: VideoRelay) -> None:

@@ -1,10 +1,10 @@
 """Publishing what the relay makes: packets in order per device, JPEGs, IMU, viewer messages.
 
-A device's packets go out from one task (`Outbox`), which keeps up to `PUBLISH_WINDOW` confirms
-in flight: tasks created in order reach the channel (and its lock) in order, so the broker gets
-a device's packets in sequence without one round trip per packet. Every exchange published to
-is declared before the first publish, so no publish declares one on the way (a publish that
-waits for a declaration would let later ones overtake it).
+A device's packets go out from one task (`DevicePublisher`), which keeps up to
+`PUBLISH_WINDOW` confirms in flight: tasks created in order reach the channel (and its lock) in
+order, so the broker gets a device's packets in sequence without one round trip per packet.
+Every exchange published to is declared before the first publish, so no publish declares one on
+the way (a publish that waits for a declaration would let later ones overtake it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ IMU_TYPE = "video.imu.v1"
 VIEWER_TYPE = "video.viewer.v1"
 # Unconfirmed publishes per device: enough to hide the broker round trip at video rates.
 PUBLISH_WINDOW = 64
-# Keyframes that a skipping outbox resumes at (SPS first when the phone repeats it).
+# Keyframes that a skipping device publisher resumes at (SPS first when the phone repeats it).
 RESUME_AT = (PacketType.SPS, PacketType.KEYFRAME)
 
 log = get_logger("edgeway.video_relay")
@@ -144,12 +144,12 @@ class Publisher:
         )
 
 
-class Outbox:
+class DevicePublisher:
     """One device's packets on their way to the broker, in order, with confirms in flight.
 
     When `backlog` packets wait (the broker is slower than the phone), what waits is dropped and
-    the outbox resumes at the next SPS or keyframe: viewers get a gap, never a broken picture
-    that lasts, and the phone's stream is never held back.
+    the publisher resumes at the next SPS or keyframe: viewers get a gap, never a broken
+    picture that lasts, and the phone's stream is never held back.
     """
 
     def __init__(

@@ -1,13 +1,13 @@
 """The video streams of every device: chunks in; packets, JPEGs, GOPs and status out.
 
-Per device the relay holds a `DeviceStream` (parser, numbering, GOP), an `Outbox` that
+Per device the relay holds a `DeviceStream` (parser, numbering, GOP), an `DevicePublisher` that
 publishes its packets in order, and a `DecodeWorker` for the tracker's JPEGs. The chunk handler
 is synchronous: it parses, numbers and queues before anything is awaited, so deliveries, whose
 tasks FastStream starts in delivery order, are taken in that order.
 
 Memory is bounded: streams by `max_streams` (the one idle longest is forgotten) and
-`stream_idle_s`, each stream's GOP by its caps, outboxes by `publish_backlog`, decoder input by
-`decode_backlog`.
+`stream_idle_s`, each stream's GOP by its caps, device publishers by `publish_backlog`,
+decoder input by `decode_backlog`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from edgeway.common.logging import get_logger
 from edgeway.common.timesync import TimeSync
 from edgeway.video_relay.decode import DecodeWorker, FrameDecoder, Jpeg, h264_available
 from edgeway.video_relay.metrics import Metrics
-from edgeway.video_relay.publishing import Outbox, Publisher, spawn
+from edgeway.video_relay.publishing import DevicePublisher, Publisher, spawn
 from edgeway.video_relay.settings import VideoRelaySettings
 from edgeway.video_relay.stream import BANDWIDTH_WINDOW_S, DeviceStream, Relayed
 
@@ -69,7 +69,7 @@ class Device:
     """Everything the relay holds for one device's video."""
 
     stream: DeviceStream
-    outbox: Outbox
+    publisher: DevicePublisher
     decoder: DecodeWorker | None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     low_bandwidth: bool = False
@@ -129,7 +129,7 @@ class VideoRelay:
         for item in received.packets:
             self.metrics.packets.labels(item.name).inc()
         if received.packets:
-            state.outbox.put(received.packets, envelope)
+            state.publisher.put(received.packets, envelope)
         if state.decoder is not None and (received.packets or received.discontinuity):
             state.decoder.submit(received.packets, discontinuity=received.discontinuity)
 
@@ -160,7 +160,7 @@ class VideoRelay:
         async def send(item: Relayed, envelope: Envelope) -> None:
             await self.publisher.packet(device, item, envelope)
 
-        outbox = Outbox(
+        publisher = DevicePublisher(
             send, backlog=settings.publish_backlog, ready=self.ready, on_drop=self._dropped
         )
         decoder: DecodeWorker | None = None
@@ -182,8 +182,8 @@ class VideoRelay:
                 on_skip=lambda count: self._dropped("decode_behind", count),
                 on_errors=self.metrics.decode_errors.inc,
             )
-        state = Device(stream, outbox, decoder)
-        state.tasks.append(spawn(outbox.run(), name=f"outbox-{device}"))
+        state = Device(stream, publisher, decoder)
+        state.tasks.append(spawn(publisher.run(), name=f"publisher-{device}"))
         if decoder is not None:
             state.tasks.append(spawn(decoder.run(), name=f"decoder-{device}"))
         return state

@@ -1,4 +1,4 @@
-"""The per-device outbox: packets published in order with confirms in flight, bounded."""
+"""The per-device publisher: packets published in order with confirms in flight, bounded."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.video.packets import PacketType, VideoPacket
-from edgeway.video_relay.publishing import Outbox
+from edgeway.video_relay.publishing import DevicePublisher
 from edgeway.video_relay.stream import Relayed
 
 ENVELOPE = Envelope(type="video.chunk.v1", producer="gateway")
@@ -19,7 +19,7 @@ def item(seq: int, kind: PacketType = PacketType.FRAME) -> Relayed:
 
 class Broker:
     """Stands in for the channel: confirms take a random time, so they come back out of order
-    unless the outbox keeps the order itself."""
+    unless the device publisher keeps the order itself."""
 
     def __init__(self) -> None:
         self.sent: list[int] = []  # in the order the publishes started (the channel's order)
@@ -56,11 +56,11 @@ async def test_packets_go_out_in_order_with_many_confirms_in_flight() -> None:
     broker = Broker()
     ready = asyncio.Event()
     drops: list[tuple[str, int]] = []
-    outbox = Outbox(
+    publisher = DevicePublisher(
         broker.send, backlog=1_000, ready=ready, on_drop=lambda *drop: drops.append(drop), window=8
     )
-    task = asyncio.create_task(outbox.run())
-    outbox.put([item(seq) for seq in range(1, 301)], ENVELOPE)
+    task = asyncio.create_task(publisher.run())
+    publisher.put([item(seq) for seq in range(1, 301)], ENVELOPE)
     await asyncio.sleep(0.01)
     assert broker.sent == []  # nothing is published before the exchanges are declared
     ready.set()
@@ -77,16 +77,16 @@ async def test_a_backlog_past_its_bound_is_dropped_and_resumes_at_a_keyframe() -
     ready = asyncio.Event()
     ready.set()
     drops: list[tuple[str, int]] = []
-    outbox = Outbox(
+    publisher = DevicePublisher(
         broker.send, backlog=10, ready=ready, on_drop=lambda *drop: drops.append(drop), window=2
     )
-    task = asyncio.create_task(outbox.run())
-    outbox.put([item(seq) for seq in range(1, 9)], ENVELOPE)
+    task = asyncio.create_task(publisher.run())
+    publisher.put([item(seq) for seq in range(1, 9)], ENVELOPE)
     await asyncio.sleep(0.01)  # two went out (the window), six wait
-    assert len(outbox) == 6
-    outbox.put([item(seq) for seq in range(9, 14)], ENVELOPE)  # 6 + 5 > 10
-    assert len(outbox) == 0  # what waited is gone; frames without their keyframe are skipped
-    outbox.put([item(14, PacketType.KEYFRAME), item(15)], ENVELOPE)
+    assert len(publisher) == 6
+    publisher.put([item(seq) for seq in range(9, 14)], ENVELOPE)  # 6 + 5 > 10
+    assert len(publisher) == 0  # what waited is gone; frames without their keyframe are skipped
+    publisher.put([item(14, PacketType.KEYFRAME), item(15)], ENVELOPE)
     broker.gate.set()
     await drained(broker, 4)
     task.cancel()
@@ -100,9 +100,11 @@ async def test_a_failed_publish_is_counted_and_the_next_ones_go_out() -> None:
     ready = asyncio.Event()
     ready.set()
     drops: list[tuple[str, int]] = []
-    outbox = Outbox(broker.send, backlog=100, ready=ready, on_drop=lambda *d: drops.append(d))
-    task = asyncio.create_task(outbox.run())
-    outbox.put([item(seq) for seq in range(1, 6)], ENVELOPE)
+    publisher = DevicePublisher(
+        broker.send, backlog=100, ready=ready, on_drop=lambda *d: drops.append(d)
+    )
+    task = asyncio.create_task(publisher.run())
+    publisher.put([item(seq) for seq in range(1, 6)], ENVELOPE)
     await drained(broker, 4)
     for _ in range(1000):
         if drops:
