@@ -12,9 +12,10 @@ from typing import Any
 import orjson
 
 from edgeway.common.logging import get_logger
+from edgeway.common.tasks import spawn
 from edgeway.common.video.imu import ImuOrderer
 from edgeway.video_relay.metrics import Metrics
-from edgeway.video_relay.publishing import Publisher, spawn
+from edgeway.video_relay.publishing import Publisher
 from edgeway.video_relay.relay import device_of
 
 # The seed's IMU flush period.

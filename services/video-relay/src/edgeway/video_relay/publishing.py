@@ -222,15 +222,3 @@ class DevicePublisher:
         elif self._failing:
             log.info("publishing packets again")
             self._failing = False
-
-
-def spawn(coroutine: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
-    """A per-device background task; one that ends on an error says so in the log."""
-    task = asyncio.create_task(coroutine, name=name)
-    task.add_done_callback(_log_crash)
-    return task
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("relay task ended", task=task.get_name(), error=repr(task.exception()))

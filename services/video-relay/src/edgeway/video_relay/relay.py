@@ -26,10 +26,11 @@ import av
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
+from edgeway.common.tasks import spawn
 from edgeway.common.timesync import TimeSync
 from edgeway.video_relay.decode import DecodeWorker, FrameDecoder, Jpeg, h264_available
 from edgeway.video_relay.metrics import Metrics
-from edgeway.video_relay.publishing import DevicePublisher, Publisher, spawn
+from edgeway.video_relay.publishing import DevicePublisher, Publisher
 from edgeway.video_relay.settings import VideoRelaySettings
 from edgeway.video_relay.stream import BANDWIDTH_WINDOW_S, DeviceStream, Relayed
 
