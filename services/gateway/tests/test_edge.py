@@ -30,7 +30,7 @@ QUEUE = "edgeway.occupancy.observations"
 
 
 def make_token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="edge-test", ttl=600)
+    return mint_with_secret(SECRET, *scopes, subject="edge-test", ttl=86_400)
 
 
 PUBLISH = make_token("occupancy:publish")

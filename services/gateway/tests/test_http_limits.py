@@ -34,9 +34,9 @@ CLOSED_WITHIN = 10.0
 KiB = 1024
 MiB = 1024 * KiB
 BOUNDARY = b"limits-boundary"
-PUBLISH = mint_with_secret(SECRET, "occupancy:publish", subject="camera", ttl=600)
-UPLOADER = mint_with_secret(SECRET, "ingest:write", subject="uploader", ttl=600)
-LOGGER = mint_with_secret(SECRET, "telemetry:publish", subject="logger", ttl=600)
+PUBLISH = mint_with_secret(SECRET, "occupancy:publish", subject="camera", ttl=86_400)
+UPLOADER = mint_with_secret(SECRET, "ingest:write", subject="uploader", ttl=86_400)
+LOGGER = mint_with_secret(SECRET, "telemetry:publish", subject="logger", ttl=86_400)
 
 
 @pytest.fixture(scope="module")

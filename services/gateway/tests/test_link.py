@@ -63,7 +63,7 @@ async def test_the_gateway_starts_without_its_broker_and_serves_once_it_answers(
         assert (await http.get("/healthz")).status_code == 200
         ready = await http.get("/readyz")
         assert (ready.status_code, ready.json()["failures"]) == (503, {"broker": "not reached yet"})
-        token = mint_with_secret(SECRET, "occupancy:subscribe", subject="t", ttl=600)
+        token = mint_with_secret(SECRET, "occupancy:subscribe", subject="t", ttl=86_400)
         ws = gateway.url.replace("http", "ws") + f"/client/ws/connect?token={token}"
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with websockets.connect(ws):

@@ -39,7 +39,7 @@ JPEG_24X16 = (Path(__file__).parent / "data" / "24x16.jpg").read_bytes()  # see 
 
 
 def make_token(*scopes: str, device: list[str] | None = None) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="video-edge", ttl=600, device=device)
+    return mint_with_secret(SECRET, *scopes, subject="video-edge", ttl=86_400, device=device)
 
 
 # The phones' token names the devices these tests stream as (its `device` claim).

@@ -40,6 +40,7 @@ from prometheus_client import Counter, Gauge
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from edgeway.common.errors import ErrorObject
 from edgeway.common.logging import get_logger
 from edgeway.common.settings import CommonSettings
 
@@ -113,7 +114,7 @@ class UploadSlots:
 
 
 def _error_body(code: str, reason: str) -> bytes:
-    return orjson.dumps({"type": "error", "code": code, "reason": reason})
+    return orjson.dumps(ErrorObject(code=code, reason=reason).body())
 
 
 def _raw_response(status: int, phrase: str, code: str, reason: str) -> bytes:

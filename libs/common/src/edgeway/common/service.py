@@ -14,13 +14,15 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
-from faststream.asgi.types import Scope
+from faststream.asgi.handlers import HttpHandler
+from faststream.asgi.types import Receive, Scope, Send
 from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from edgeway.common.db import Migrations, ping
+from edgeway.common.errors import ErrorObject
 from edgeway.common.http_limits import serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging, get_logger
 from edgeway.common.settings import CommonSettings
@@ -47,6 +49,46 @@ log = get_logger("edgeway.service")
 
 def _json(status: int, body: Mapping[str, Any]) -> AsgiResponse:
     return AsgiResponse(orjson.dumps(body), status, headers={"content-type": "application/json"})
+
+
+class InternalApp(AsgiFastStream):
+    """FastStream's ASGI app whose own answers are the error object: a path it does not serve
+    (FastStream says "Application doesn't support regular HTTP protocol") and a method one of
+    its routes does not take (a plain-text 405)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)  # lifespan; WebSocket: not_found
+            return
+        for path, route in self.routes:
+            if scope["path"] != path:
+                continue
+            if isinstance(route, HttpHandler) and scope["method"] not in route.methods:
+                allowed = ", ".join(route.methods)
+                error = ErrorObject(
+                    code="method_not_allowed",
+                    reason=f"{scope['method']} is not allowed on {path}",
+                    fix=f"use {allowed}",
+                )
+                await error.response(405, headers={"Allow": allowed})(scope, receive, send)
+                return
+            await route(scope, receive, send)
+            return
+        await self.not_found(scope, receive, send)
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        paths = ", ".join(path for path, _ in self.routes)
+        error = ErrorObject(
+            code="not_found",
+            reason=f"nothing at {scope.get('path', '')}: this is a service's internal port",
+            fix=f"it serves {paths}",
+        )
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get(
+            "extensions", {}
+        ):
+            await super().not_found(scope, receive, send)  # no denial response: a close
+            return
+        await error.response(404)(scope, receive, send)
 
 
 def service_app(
@@ -79,7 +121,7 @@ def service_app(
             return _json(503, {"status": "not ready", "failures": failures})
         return _json(200, {"status": "ready"})
 
-    return AsgiFastStream(
+    return InternalApp(
         broker,
         asgi_routes=[
             ("/healthz", healthz),

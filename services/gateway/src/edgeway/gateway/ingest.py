@@ -19,7 +19,8 @@ Every request names its caller (the token's subject) to the service, which keeps
 request's requester: status, progress and cancel are for the requester, or a token with
 `ingest:admin`; to anyone else the request does not exist (404).
 
-Errors have the seed's `ErrorResponse` shape: `{error, message, details, request_id, timestamp}`.
+Errors are the error object (`edgeway.common.errors`) with the seed's `ErrorResponse` fields
+beside it (`{error, message, details, request_id, timestamp}`), which its clients parse.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ConfigDict, ValidationError
 
 from edgeway.common.envelope import Envelope
+from edgeway.common.errors import ErrorObject, error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.media import MediaRejected, inspect_image
 from edgeway.common.schemas.ingest import (
@@ -65,6 +67,7 @@ from edgeway.common.schemas.ingest import (
 )
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
+from edgeway.gateway.docs import json_body
 from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone
 from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
@@ -93,6 +96,38 @@ router = APIRouter()
 log = get_logger("edgeway.gateway.ingest")
 
 
+class IngestError(ErrorObject):
+    """The error object, plus the fields of the seed's `ErrorResponse` (seed-systems.md §5:
+    `{error, message, details, request_id, timestamp}`), which TrackShift's clients parse:
+    `error` repeats `code` and `message` repeats `reason`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "error",
+                    "code": "invalid_camera_id",
+                    "reason": "camera_id must be 1 to 100 letters, digits, '_', '-' or '.' ...",
+                    "error": "invalid_camera_id",
+                    "message": "camera_id must be 1 to 100 letters, digits, '_', '-' or '.' ...",
+                    "details": None,
+                    "request_id": None,
+                    "timestamp": "2026-12-06T14:00:00.000000+00:00",
+                }
+            ]
+        }
+    )
+
+    error: str
+    message: str
+    request_id: str | None = None
+    timestamp: str
+
+    def body(self) -> dict[str, Any]:
+        # The seed sent `details` and `request_id` always, null when empty.
+        return {**super().body(), "details": self.details, "request_id": self.request_id}
+
+
 def error_response(
     status: int,
     error: str,
@@ -101,17 +136,59 @@ def error_response(
     endpoint: str,
     details: Any = None,
     request_id: str | None = None,
-) -> JSONResponse:
-    """The seed's `ErrorResponse`, counted by endpoint template and code."""
+    fix: str | None = None,
+) -> Response:
+    """The error object with the seed's fields, counted by endpoint template and code."""
     REJECTED.labels(endpoint, error).inc()
-    body = {
-        "error": error,
-        "message": message,
-        "details": details,
-        "request_id": request_id,
-        "timestamp": datetime.now(UTC).isoformat(),
+    return IngestError(
+        code=error,
+        reason=message,
+        fix=fix,
+        details=details,
+        error=error,
+        message=message,
+        request_id=request_id,
+        timestamp=datetime.now(UTC).isoformat(),
+    ).response(status)
+
+
+def errors(*statuses: int) -> dict[int | str, Any]:
+    """A route's documented error responses, in the seed-compatible shape."""
+    return error_responses(*statuses, model=IngestError)
+
+
+# What `POST /api/v1/ingest/upload` takes, for the API documents: the form is read as it
+# streams (edgeway.gateway.multipart), not by FastAPI.
+UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["camera_id", "files"],
+                    "properties": {
+                        "camera_id": {
+                            "type": "string",
+                            "description": "1 to 100 letters, digits, '_', '-' or '.'",
+                        },
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "JPEG, PNG, BMP or TIFF images "
+                            "(EDGEWAY_INGEST_MAX_FILES, each up to EDGEWAY_INGEST_MAX_FILE_BYTES)",
+                        },
+                        "meta": {
+                            "type": "string",
+                            "description": "optional JSON object: the frames' metadata "
+                            "(FrameMetadata)",
+                        },
+                    },
+                }
+            }
+        },
     }
-    return JSONResponse(body, status)
+}
 
 
 async def ask(gateway: Gateway, command: Any) -> IngestReply:
@@ -131,7 +208,7 @@ async def ask(gateway: Gateway, command: Any) -> IngestReply:
         ) from None
 
 
-def _reply_error(reply: IngestReply, *, endpoint: str, request_id: str) -> JSONResponse:
+def _reply_error(reply: IngestReply, *, endpoint: str, request_id: str) -> Response:
     return error_response(
         REPLY_STATUS.get(reply.error or "", 502),
         reply.error or "failed",
@@ -150,15 +227,22 @@ def _accepted(reply: IngestReply, request_id: str) -> JSONResponse:
     return JSONResponse(body, 202)
 
 
-def _unavailable(exc: Exception, *, endpoint: str, request_id: str | None = None) -> JSONResponse:
-    return error_response(504, "unavailable", str(exc), endpoint=endpoint, request_id=request_id)
+def _unavailable(exc: Exception, *, endpoint: str, request_id: str | None = None) -> Response:
+    return error_response(
+        504,
+        "unavailable",
+        str(exc),
+        endpoint=endpoint,
+        request_id=request_id,
+        fix="try again; the ingestion service may be restarting",
+    )
 
 
 def _caller(principal: Principal) -> Caller:
     return Caller(subject=principal.subject, operator=Scope.INGEST_ADMIN in principal.scopes)
 
 
-def _request_id(value: str, *, endpoint: str) -> str | JSONResponse:
+def _request_id(value: str, *, endpoint: str) -> str | Response:
     try:
         return str(uuid.UUID(value))
     except ValueError:
@@ -168,12 +252,18 @@ def _request_id(value: str, *, endpoint: str) -> str | JSONResponse:
 # --- uploads --------------------------------------------------------------------------------
 
 
-@router.post(UPLOAD_ENDPOINT, status_code=202)
+@router.post(
+    UPLOAD_ENDPOINT,
+    status_code=202,
+    summary="Upload images",
+    responses=errors(400, 413, 415, 422, 503, 504),
+    openapi_extra=UPLOAD_FORM,
+)
 async def upload(
     request: Request,
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_WRITE, UPLOAD_ENDPOINT)],
-) -> JSONResponse:
+) -> Response:
     settings = gateway.settings
     limits = UploadLimits(
         max_body_bytes=settings.ingest_max_body_bytes,
@@ -276,12 +366,18 @@ async def upload(
 # --- RTSP captures --------------------------------------------------------------------------
 
 
-@router.post(RTSP_ENDPOINT, status_code=202)
+@router.post(
+    RTSP_ENDPOINT,
+    status_code=202,
+    summary="Start an RTSP capture",
+    responses=errors(400, 413, 415, 422, 429, 504),
+    openapi_extra=json_body(RtspIngestionRequest, description="The capture to start."),
+)
 async def rtsp(
     request: Request,
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_WRITE, RTSP_ENDPOINT)],
-) -> JSONResponse:
+) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         return error_response(
@@ -322,10 +418,10 @@ async def _about_request(
     *,
     principal: Principal,
     endpoint: str,
-) -> JSONResponse:
+) -> Response:
     """Ask the service about one request (status, cancel): its IngestionResponse, or why not."""
     checked = _request_id(request_id, endpoint=endpoint)
-    if isinstance(checked, JSONResponse):
+    if isinstance(checked, Response):
         return checked
     try:
         reply = await ask(gateway, command(request_id=checked, caller=_caller(principal)))
@@ -336,12 +432,12 @@ async def _about_request(
     return JSONResponse(reply.response.model_dump(mode="json"))
 
 
-@router.post(CANCEL_ENDPOINT)
+@router.post(CANCEL_ENDPOINT, summary="Cancel an RTSP capture", responses=errors(404, 409, 504))
 async def cancel(
     request_id: str,
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_WRITE, CANCEL_ENDPOINT)],
-) -> JSONResponse:
+) -> Response:
     return await _about_request(
         gateway, request_id, CancelRequest, principal=principal, endpoint=CANCEL_ENDPOINT
     )
@@ -350,13 +446,17 @@ async def cancel(
 # --- status ---------------------------------------------------------------------------------
 
 
-@router.get(STATUS_ENDPOINT)
+@router.get(
+    STATUS_ENDPOINT,
+    summary="An ingestion request's status",
+    responses=errors(400, 404, 504),
+)
 async def status(
     request_id: str,
     request: Request,
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_READ, STATUS_ENDPOINT)],
-) -> JSONResponse:
+) -> Response:
     # One page of frames: a capture may have 108,000, each presigned when read.
     query = request.query_params
     try:
@@ -387,7 +487,7 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
     await websocket.accept()
 
     async def refuse(code: str, reason: str, close_code: int) -> None:
-        error = {"type": "error", "code": code, "reason": reason}
+        error = ErrorObject(code=code, reason=reason).body()
         # The client may have left while the service was asked: nothing to tell it then.
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             await websocket.send_text(orjson.dumps(error).decode())
@@ -423,10 +523,13 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
         try:
             reply = await ask(gateway, ask_status)
         except ServiceUnavailableError as exc:
-            first = {"type": "error", "code": "unavailable", "reason": str(exc)}
+            first = ErrorObject(code="unavailable", reason=str(exc)).body()
         else:
             if reply.response is None:
-                first = {"type": "error", "code": reply.error, "reason": reply.message}
+                first = ErrorObject(
+                    code=reply.error or "failed",
+                    reason=reply.message or "the ingestion service refused the request",
+                ).body()
             else:
                 first = {"type": "ingest_status", **reply.response.model_dump(mode="json")}
         client.push_front([orjson.dumps(first).decode()])

@@ -14,6 +14,7 @@ from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
+from starlette.responses import Response
 
 from edgeway.common.broker import (
     declare_shared,
@@ -23,6 +24,7 @@ from edgeway.common.broker import (
     whole_message,
 )
 from edgeway.common.envelope import JSON, Envelope
+from edgeway.common.errors import ErrorObject
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels, Topology
 from edgeway.gateway.fanout import Hub, Message, Packet
@@ -42,9 +44,23 @@ HEADER_PACKET_SEQ = "x-packet-seq"
 class ServiceUnavailableError(Exception):
     """A service did not answer a request in time (the HTTP layer turns it into 504)."""
 
+    def response(self) -> Response:
+        return ErrorObject(
+            code="timeout", reason=str(self), fix="try again; the service may be restarting"
+        ).response(504)
+
 
 class NotConnectedError(Exception):
     """The gateway has not reached the broker yet (the HTTP layer turns it into 503)."""
+
+    # Seconds a client is asked to wait (Retry-After): about half the longest wait between the
+    # link's attempts to reach the broker (CONNECT_RETRY_S).
+    RETRY_AFTER = 5
+
+    def response(self) -> Response:
+        return ErrorObject(
+            code="unavailable", reason=str(self), fix=f"try again in {self.RETRY_AFTER} s"
+        ).response(503, headers={"Retry-After": str(self.RETRY_AFTER)})
 
 
 def _header_text(value: Any) -> str:

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Security, WebSocket
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
+from fastapi.security.base import SecurityBase
 from opentelemetry.sdk.trace import TracerProvider
 from starlette.requests import HTTPConnection
 
 from edgeway.common.logging import get_logger
 from edgeway.common.timesync import TimeSync
-from edgeway.gateway.auth import AuthError, Principal, Scope, Verifier, authorize, check_origin
+from edgeway.gateway.auth import (
+    HOW_TO_AUTHENTICATE,
+    AuthError,
+    Principal,
+    Scope,
+    Verifier,
+    authorize,
+    check_origin,
+)
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import BrokerLink, NotConnectedError
 from edgeway.gateway.metrics import AUTH_REFUSED
@@ -58,19 +67,41 @@ async def get_gateway(connection: HTTPConnection) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def require(scope: Scope, endpoint: str) -> Any:
-    """An HTTP dependency: the caller must hold `scope` (401/403 otherwise)."""
+# The API documents' name for the gateway's tokens (their Authorize button).
+SECURITY_SCHEME = "bearer"
 
-    async def dependency(connection: HTTPConnection, gateway: GatewayDep) -> Principal:
+
+class RequireScope(SecurityBase):
+    """The caller must hold `scope` (401/403 otherwise), and the broker must be reached (503).
+
+    A FastAPI security scheme, so that the API documents list the bearer token and each route's
+    scope; the token itself is read by `edgeway.gateway.auth`, from the header or `?token=`.
+    """
+
+    def __init__(self, scope: Scope, endpoint: str) -> None:
+        self.model = HTTPBearerModel(
+            bearerFormat="JWT",
+            description="A JWT whose `scope` claim holds the scope each route lists. "
+            f"{HOW_TO_AUTHENTICATE}. Also taken as the `token` query parameter (browsers' "
+            "WebSockets cannot set headers).",
+        )
+        self.scheme_name = SECURITY_SCHEME
+        self.scope = scope
+        self.endpoint = endpoint
+
+    async def __call__(self, connection: HTTPConnection, gateway: GatewayDep) -> Principal:
         try:
-            principal = authorize(gateway.verifier, connection, scope)
+            principal = authorize(gateway.verifier, connection, self.scope)
         except AuthError as error:
-            AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
+            AUTH_REFUSED.labels(self.endpoint, str(error.status)).inc()
             raise
         gateway.link.check_connected()  # 503 until the broker is reached
         return principal
 
-    return Depends(dependency)
+
+def require(scope: Scope, endpoint: str) -> Any:
+    """An HTTP dependency: the caller must hold `scope` (401/403 otherwise)."""
+    return Security(RequireScope(scope, endpoint), scopes=[scope.value])
 
 
 async def admit_websocket(
@@ -86,22 +117,11 @@ async def admit_websocket(
             log.info(
                 "websocket refused", endpoint=endpoint, status=error.status, reason=error.reason
             )
-        code = "unauthorized" if error.status == 401 else "forbidden"
-        await websocket.send_denial_response(
-            JSONResponse(
-                {"type": "error", "code": code, "reason": error.reason}, status_code=error.status
-            )
-        )
+        await websocket.send_denial_response(error.response())
         return None
     try:
         gateway.link.check_connected()
     except NotConnectedError as error:
-        await websocket.send_denial_response(
-            JSONResponse(
-                {"type": "error", "code": "unavailable", "reason": str(error)},
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
-        )
+        await websocket.send_denial_response(error.response())
         return None
     return principal

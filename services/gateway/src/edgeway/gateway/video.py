@@ -23,9 +23,10 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from edgeway.common.envelope import Envelope
+from edgeway.common.errors import ErrorObject, error_response, error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.media import MediaRejected, check_csv
 from edgeway.common.schemas.errors import ErrorCode
@@ -85,7 +86,7 @@ TEXT_LOG_RATE = 1 / 60
 # Commands and error frames waiting for a phone or viewer that does not read; older ones go.
 OUTBOX_SIZE = 256
 
-# Error codes of the video endpoints beyond the shared ErrorCode set; same frame shape.
+# ErrorObject codes of the video endpoints beyond the shared ErrorCode set; same frame shape.
 INVALID_JPEG = "invalid_jpeg"
 
 router = APIRouter()
@@ -93,8 +94,8 @@ log = get_logger("edgeway.gateway.video")
 
 
 def error_frame(code: str, reason: str) -> str:
-    """`{"type": "error", "code", "reason"}`, as `ErrorFrame` writes it."""
-    return orjson.dumps({"type": "error", "code": code, "reason": reason}).decode()
+    """The error object (`edgeway.common.errors`) as WebSocket text."""
+    return orjson.dumps(ErrorObject(code=code, reason=reason).body()).decode()
 
 
 def message_type(message: Any) -> str | None:
@@ -740,7 +741,11 @@ async def _relay_status(gateway: Gateway) -> dict[str, Any]:
     return answer
 
 
-@router.get("/health/video", dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/health/video")])
+@router.get(
+    "/health/video",
+    summary="Video health (WorldSystem's fields)",
+    dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/health/video")],
+)
 async def health_video(gateway: GatewayDep) -> dict[str, Any]:
     """The seed's fields; `has_sps_pps` is false while the relay does not answer."""
     streams: dict[str, Any] = {}
@@ -761,24 +766,39 @@ async def health_video(gateway: GatewayDep) -> dict[str, Any]:
     }
 
 
-@router.get("/video/status", dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/video/status")])
+@router.get(
+    "/video/status",
+    summary="Video streams and consumers",
+    responses=error_responses(504),
+    dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/video/status")],
+)
 async def video_status(gateway: GatewayDep) -> dict[str, Any]:
     """The relay's streams (504 if it does not answer) and this replica's consumers."""
     return {**await _relay_status(gateway), "consumers": gateway.video.consumer_counts()}
 
 
-@router.get("/h264/test", dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/h264/test")])
+@router.get(
+    "/h264/test",
+    summary="Whether the relay decodes H.264",
+    responses=error_responses(504),
+    dependencies=[require(Scope.VIDEO_SUBSCRIBE, "/h264/test")],
+)
 async def h264_test(gateway: GatewayDep) -> dict[str, Any]:
     """Whether the relay can decode H.264 (it holds the decoder, not the gateway)."""
     answer = await _relay_status(gateway)
     return {"h264_decoder": bool(answer.get("h264_decoder")), "pyav": answer.get("pyav")}
 
 
-@router.post("/api/restart", status_code=202)
+@router.post(
+    "/api/restart",
+    status_code=202,
+    summary="Restart the video pipeline",
+    responses=error_responses(503),
+)
 async def restart(
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.VIDEO_CONTROL, "/api/restart")],
-) -> JSONResponse:
+) -> Response:
     """`{"type":"restart"}` to restart_exchange; the relay tells the viewers."""
     envelope = Envelope(type="video.restart.v1", producer=f"operator/{principal.subject}")
     try:
@@ -789,12 +809,7 @@ async def restart(
         )
     except Exception as exc:  # noqa: BLE001 - tell the operator, who can try again
         log.warning("restart not published", error=repr(exc))
-        return JSONResponse(
-            {
-                "type": "error",
-                "code": ErrorCode.UNAVAILABLE.value,
-                "reason": "the broker did not take it",
-            },
-            503,
+        return error_response(
+            503, ErrorCode.UNAVAILABLE, "the broker did not take it", fix="try again"
         )
     return JSONResponse({"status": "accepted", "message_id": envelope.message_id}, 202)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
 
-from pydantic import BaseModel
+from edgeway.common.errors import ErrorObject
 
 
 class ErrorCode(StrEnum):
@@ -28,14 +27,13 @@ class ErrorCode(StrEnum):
     NOT_TRACKING = "not_tracking"  # no live task takes this environment's detections now
 
 
-class ErrorFrame(BaseModel):
-    """`{"type": "error", "code", "reason", "message_id"?}`; the socket stays open."""
+class ErrorFrame(ErrorObject):
+    """The error object (`edgeway.common.errors`) on a WebSocket, with the `message_id` of the
+    message it refuses when that message had one; the socket stays open."""
 
-    type: str = "error"
     code: ErrorCode
-    reason: str
     message_id: str | None = None
-    details: Any = None
 
     def encode(self) -> str:
+        """The frame as WebSocket text."""
         return self.model_dump_json(exclude_none=True)
