@@ -3,7 +3,10 @@
 What a SpotOn user would notice: environments through the API, videos uploaded through the
 gateway, a batch task whose `/ws/tracking/{task_id}` gives SpotOn's tracking updates with global
 ids and map positions to COMPLETED, edge devices' boxes tracked live across two overlapping
-cameras, stored tracks as JSON and MOTChallenge text, and clear refusals that store nothing.
+cameras, a live phone's video (the simulated phone through the video relay; JPEGs on
+`/ws/phone`) detected and tracked beside an edge camera, a batch task's videos served (with
+Range) after it ended, stored tracks as JSON and MOTChallenge text, and clear refusals that
+store nothing.
 (The worker killed mid-task and the stop within a second: services/tracker/tests/test_flow.py.)
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import time
@@ -19,14 +23,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
 import numpy as np
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from edgeway.common.schemas.tracking import MAX_MEDIA_CHUNK
 from edgeway.common.testing import create_postgres_database, drop_postgres_database
-from edgeway.tracker.scenes import Scene, demo_environment, demo_scene
+from edgeway.edge.phone.media import VideoLoop
+from edgeway.edge.phone.simulator import Phone
+from edgeway.tracker.scenes import Scene, demo_environment, demo_scene, write_video
 from tests.stack import Stack, token
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]
@@ -44,6 +52,7 @@ def stack(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         amqp_url,
         occupancy_db,
         tmp_path_factory.mktemp("tracking-stack"),
+        video_relay=True,
         tracker_env={
             "EDGEWAY_TRACKER_DATABASE_URL": tracker_db,
             "EDGEWAY_HOG_SCALE": "1.1",
@@ -151,7 +160,7 @@ def test_environments_are_created_read_replaced_and_deleted_with_clear_errors(
     } in (listed["environments"])
     mixed = http.post("/api/v1/processing-tasks/start", json={"environment_id": "hall"})
     assert (mixed.status_code, mixed.json()["code"]) == (400, "not_ready")
-    assert "mix file and external" in mixed.json()["reason"]
+    assert "mix file and live" in mixed.json()["reason"]
 
     replaced = http.put("/api/v1/environments/hall", json={**body, "name": "Great hall"})
     assert (replaced.status_code, replaced.json()["name"]) == (200, "Great hall")
@@ -381,3 +390,230 @@ async def test_edge_detections_are_tracked_live_across_overlapping_cameras(
         await api.get(f"/api/v1/processing-tasks/{task_id}/tracks", params={"global_id": gid})
     ).json()
     assert {row["camera_id"] for row in both["tracks"]} == {"c01", "c02"}
+
+
+async def start_live(api: httpx.AsyncClient, environment: dict[str, Any]) -> str:
+    """Create the environment and start a live task on it; its id once it is PROCESSING."""
+    created = await api.post("/api/v1/environments", json=environment)
+    assert created.status_code == 201, created.text
+    started = await api.post(
+        "/api/v1/processing-tasks/start",
+        json={"environment_id": environment["environment_id"], "mode": "live"},
+    )
+    assert started.status_code == 202, started.text
+    task_id: str = started.json()["task_id"]
+    deadline = time.monotonic() + 20
+    while (await api.get(f"/api/v1/processing-tasks/{task_id}/status")).json()[
+        "status"
+    ] != "PROCESSING":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    return task_id
+
+
+async def tracking_updates(ws: ClientConnection, count: int, within: float = 60) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + within
+    while len(got) < count:
+        message = json.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic()))
+        if message["type"] == "tracking_update":
+            got.append(message["payload"])
+    return got
+
+
+async def updates_until(ws: ClientConnection, *, last: int, within: float = 60) -> list[Any]:
+    """Tracking updates up to the one of global frame index `last`."""
+    got: list[Any] = []
+    deadline = time.monotonic() + within
+    while not got or got[-1]["global_frame_index"] < last:
+        message = json.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic()))
+        if message["type"] == "tracking_update":
+            got.append(message["payload"])
+    return got
+
+
+async def test_a_live_task_tracks_the_simulated_phones_video_through_the_relay(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    device = "phone-e2e"
+    task_id = await start_live(
+        api,
+        {
+            "environment_id": "phones",
+            "name": "Phones",
+            "cameras": [
+                {
+                    "camera_id": "p1",
+                    "width": 320,
+                    "height": 180,
+                    "source": {"kind": "relay", "device": device},
+                }
+            ],
+        },
+    )
+    video = VideoLoop.encode(320, 180, 15, seconds=1.0, gop_s=0.5, bitrate=300_000)
+    phone = Phone(
+        stack.gateway.url, device, token("video:publish", device=[device]), video, imu_hz=0
+    )
+    async with websockets.connect(
+        stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")
+    ) as viewer:
+        await messages_until(viewer, "status_update")  # the gateway watches the task now
+        streaming = asyncio.create_task(phone.run())
+        try:
+            updates = await tracking_updates(viewer, 3)
+        finally:
+            streaming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await streaming
+    # H.264 from the phone, decoded by the relay, detected and tracked: one step per frame
+    # detected (the pattern shows nobody, so no tracks), numbered from 0.
+    assert [u["global_frame_index"] for u in updates] == [0, 1, 2]
+    assert all(list(u["cameras"]) == ["p1"] and u["scene_id"] == "phones" for u in updates)
+    assert all(u["cameras"]["p1"]["tracks"] == [] for u in updates)
+    stopped = await api.post(f"/api/v1/processing-tasks/{task_id}/stop")
+    assert (stopped.status_code, stopped.json()["status"]) == (200, "STOPPED")
+
+
+async def test_a_phones_frames_are_tracked_beside_an_edge_camera(
+    stack: Stack, api: httpx.AsyncClient, scene: Scene
+) -> None:
+    demo = demo_environment(scene, environment_id="mixed")
+    phone_camera, edge_camera = demo["cameras"][0], demo["cameras"][1]
+    task_id = await start_live(
+        api,
+        {
+            "environment_id": "mixed",
+            "name": "Mixed",
+            "cameras": [
+                {**phone_camera, "source": {"kind": "relay", "device": "lab-phone"}},
+                {**edge_camera, "source": {"kind": "external"}},
+            ],
+        },
+    )
+    cameras = {camera.camera_id: camera for camera in scene.cameras}
+    edge_url = (
+        stack.gateway.url.replace("http", "ws")
+        + "/ws/detections?token="
+        + token("tracking:publish", device=["mixed/c02"])
+    )
+    async with (
+        websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as viewer,
+        websockets.connect(stack.ws("/ws/phone", "video:publish", device="lab-phone")) as phone,
+        websockets.connect(edge_url) as edge,
+    ):
+        await messages_until(viewer, "status_update")  # the gateway watches the task now
+        # Read as they come: a client that does not read is a slow one, and loses the oldest.
+        reading = asyncio.create_task(updates_until(viewer, last=29))
+        for frame in range(30):
+            image, _ = scene.render(cameras["c01"], frame)
+            ok, jpeg = cv2.imencode(".jpg", image)
+            assert ok
+            await phone.send(time.time_ns().to_bytes(8, "big") + jpeg.tobytes())
+            _, sightings = scene.render(cameras["c02"], frame)
+            detections = [{"bbox_xyxy": list(s.bbox_xyxy), "confidence": 0.9} for s in sightings]
+            await edge.send(
+                json.dumps(
+                    {
+                        "environment_id": "mixed",
+                        "camera_id": "c02",
+                        "frame_index": frame,
+                        "timestamp": time.time(),
+                        "detections": detections,
+                    }
+                )
+            )
+            await asyncio.sleep(0.1)
+        updates = await reading
+    # The edge camera's frame indexes drive the steps; the phone's camera joins a step with
+    # its newest frame detected since the last one it joined.
+    assert [u["global_frame_index"] for u in updates] == list(range(30))
+    assert all("c02" in u["cameras"] for u in updates)
+    phone_steps = [u["cameras"]["c01"] for u in updates if "c01" in u["cameras"]]
+    assert len(phone_steps) >= 2
+    tracks = [t for camera in phone_steps for t in camera["tracks"]]
+    assert tracks
+    assert all(-2 < t["map_coords"][0] < 15 and -3 < t["map_coords"][1] < 8 for t in tracks)
+    stopped = await api.delete(f"/api/v1/processing-tasks/{task_id}")
+    assert stopped.status_code == 200
+
+
+def noise_video(path: Path, frames: int, seed: int) -> bytes:
+    """A 320 x 240 H.264 file of noise: it hardly compresses, so a few frames make a big file."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(frames)]
+    write_video(path, images, fps=10)
+    return path.read_bytes()
+
+
+async def put_video(api: httpx.AsyncClient, environment_id: str, data: bytes) -> str:
+    """Upload a camera's video; its id once the tracker took it."""
+    path = f"/api/v1/environments/{environment_id}/cameras/c01"
+    put = await api.put(path + "/video", content=data, headers={"Content-Type": "video/mp4"})
+    assert put.status_code == 202, put.text
+    video_id: str = put.json()["video_id"]
+    deadline = time.monotonic() + 30
+    while True:
+        camera = (await api.get(f"/api/v1/environments/{environment_id}")).json()["cameras"][0]
+        if camera["video"] is not None and camera["video"]["video_id"] == video_id:
+            assert camera["video"]["status"] == "ready", camera
+            return video_id
+        assert time.monotonic() < deadline, camera
+        await asyncio.sleep(0.2)
+
+
+async def test_a_batch_tasks_videos_are_served_with_ranges_after_it_ended(
+    stack: Stack, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    data = noise_video(tmp_path / "first.mp4", 30, seed=1)
+    assert len(data) > MAX_MEDIA_CHUNK  # the gateway reads it from the tracker in chunks
+    camera = {"camera_id": "c01", "width": 320, "height": 240, "source": {"kind": "file"}}
+    body = {"environment_id": "media", "name": "Media", "cameras": [camera]}
+    assert (await api.post("/api/v1/environments", json=body)).status_code == 201
+    video_id = await put_video(api, "media", data)
+    started = await api.post("/api/v1/processing-tasks/start", json={"environment_id": "media"})
+    task_id = started.json()["task_id"]
+    async with websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as ws:
+        messages = await messages_until(ws, "batch_processing_complete")
+    kinds = [m["type"] for m in messages]
+    assert kinds.count("media_available") == 1
+    assert kinds.index("media_available") < kinds.index("tracking_update")
+    (media,) = messages[kinds.index("media_available")]["payload"]["media_urls"]
+    url = f"/api/v1/media/tasks/{task_id}/environments/media/cameras/c01/sub_videos/{video_id}.mp4"
+    assert media == {
+        "camera_id": "c01",
+        "sub_video_filename": f"{video_id}.mp4",
+        "url": url,
+        "start_global_frame_index": 0,
+        "num_frames_in_sub_video": 30,
+    }
+
+    # The task has ended; its video is still served, whole or in ranges.
+    whole = await api.get(url)
+    assert whole.status_code == 200
+    assert whole.content == data
+    assert whole.headers["content-type"] == "video/mp4"
+    assert whole.headers["accept-ranges"] == "bytes"
+    middle = MAX_MEDIA_CHUNK - 10  # across the chunk boundary
+    part = await api.get(url, headers={"Range": f"bytes={middle}-{middle + 19}"})
+    assert (part.status_code, part.content) == (206, data[middle : middle + 20])
+    assert part.headers["content-range"] == f"bytes {middle}-{middle + 19}/{len(data)}"
+    tail = await api.get(url, headers={"Range": "bytes=-100"})
+    assert (tail.status_code, tail.content) == (206, data[-100:])
+    beyond = await api.get(url, headers={"Range": f"bytes={len(data)}-"})
+    assert (beyond.status_code, beyond.headers["content-range"]) == (416, f"bytes */{len(data)}")
+    other = await api.get(url.replace(f"{video_id}.mp4", "someone-else.mp4"))
+    assert (other.status_code, other.json()["code"]) == (404, "not_found")
+    async with httpx.AsyncClient(base_url=stack.gateway.url) as nobody:
+        assert (await nobody.get(url)).status_code == 401
+
+    # A client that joins later hears of the videos after the status.
+    async with websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as ws:
+        first = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+    assert [m["type"] for m in first] == ["status_update", "media_available"]
+    assert first[1]["payload"]["media_urls"] == [media]
+
+    # A new video for the camera does not take the task's away (SpotOn's URLs 404'd).
+    await put_video(api, "media", noise_video(tmp_path / "second.mp4", 5, seed=2))
+    again = await api.get(url)
+    assert (again.status_code, again.content) == (200, data)

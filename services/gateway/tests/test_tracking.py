@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from edgeway.common.testing import ServiceProcess, free_port
 from edgeway.common.topology import Topology
 from edgeway.gateway.tokens import mint_with_secret
+from edgeway.gateway.tracking import byte_range
 
 pytestmark = pytest.mark.connected
 
@@ -32,7 +33,7 @@ TASK = "3f1c3f5e-4a2d-4c1b-9b5e-2b3c4d5e6f70"
 
 
 def token(*scopes: str, device: list[str] | None = None) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="tracking-edge", ttl=600, device=device)
+    return mint_with_secret(SECRET, *scopes, subject="tracking-edge", ttl=86_400, device=device)
 
 
 ADMIN = {"Authorization": f"Bearer {token('tracking:admin', 'tracking:read')}"}
@@ -80,6 +81,31 @@ async def expect_error(ws: ClientConnection, code: str) -> dict[str, Any]:
     return dict(reply)
 
 
+MEDIA_OF_TASK = f"/api/v1/media/tasks/{TASK}"
+
+
+@pytest.mark.parametrize(
+    ("header", "wanted"),
+    [
+        (None, None),
+        ("bytes=0-", (0, 999)),
+        ("bytes=10-19", (10, 19)),
+        ("bytes=990-5000", (990, 999)),  # past the end: up to the end
+        ("bytes=-100", (900, 999)),
+        ("bytes=-5000", (0, 999)),
+        ("bytes=0-1,5-9", None),  # several ranges: the whole file (RFC 9110 lets a server)
+        ("items=0-9", None),
+        ("bytes=1000-", "bytes 1000- are not in a file of 1000"),
+        ("bytes=20-10", "bytes 20-10 are not in a file of 1000"),
+        ("bytes=-0", "no bytes to give in a file of 1000"),
+    ],
+)
+def test_a_range_header_is_read_as_rfc_9110_says(
+    header: str | None, wanted: tuple[int, int] | str | None
+) -> None:
+    assert byte_range(header, 1000) == wanted
+
+
 async def test_every_tracking_endpoint_needs_its_scope(gateway: ServiceProcess) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as http:
         for method, path, needs in [
@@ -93,6 +119,11 @@ async def test_every_tracking_endpoint_needs_its_scope(gateway: ServiceProcess) 
             ("GET", f"/api/v1/processing-tasks/{TASK}/tracks", "tracking:read"),
             ("POST", f"/api/v1/processing-tasks/{TASK}/stop", "tracking:admin"),
             ("DELETE", f"/api/v1/detection-processing-tasks/{TASK}", "tracking:admin"),
+            (
+                "GET",
+                f"{MEDIA_OF_TASK}/environments/lab/cameras/c01/sub_videos/v.mp4",
+                "tracking:read",
+            ),
         ]:
             anonymous = await http.request(method, path)
             assert anonymous.status_code == 401, path
@@ -131,6 +162,8 @@ async def test_path_like_ids_are_refused_before_the_tracker_is_asked(
                 content=b"x",
                 headers={"Content-Type": "video/mp4"},
             ),
+            await http.get(f"{MEDIA_OF_TASK}/environments/{bad}/cameras/c01/sub_videos/v.mp4"),
+            await http.get(f"{MEDIA_OF_TASK}/environments/lab/cameras/{bad}/sub_videos/v.mp4"),
         ):
             assert response.status_code == 400, response.text
             assert response.json()["code"] == "invalid_id"
@@ -147,6 +180,15 @@ async def test_path_like_ids_are_refused_before_the_tracker_is_asked(
         assert created.status_code == 400
         assert created.json()["code"] == "invalid_shape"
         assert created.json()["reason"].startswith("environment_id:")
+
+
+@pytest.mark.parametrize("bad", ["%2E%2E", "v", ".mp4", "v.mp4.", "v.MP4", "-v.mp4", "v w.mp4"])
+async def test_a_video_name_that_the_tracker_never_makes_is_refused(
+    gateway: ServiceProcess, bad: str
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url, headers=ADMIN) as http:
+        response = await http.get(f"{MEDIA_OF_TASK}/environments/lab/cameras/c01/sub_videos/{bad}")
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_id")
 
 
 async def test_environment_bodies_are_checked_at_the_edge(gateway: ServiceProcess) -> None:
@@ -169,7 +211,25 @@ async def test_environment_bodies_are_checked_at_the_edge(gateway: ServiceProces
                     "name": "Lab",
                     "cameras": [{**camera, "source": {"kind": "rtsp"}}],
                 },
-                "not supported yet",
+                "url",
+            ),
+            (
+                {
+                    "environment_id": "lab",
+                    "name": "Lab",
+                    "cameras": [
+                        {**camera, "source": {"kind": "rtsp", "url": "rtsp://cam/a\r\nX: y"}}
+                    ],
+                },
+                "control character",
+            ),
+            (
+                {
+                    "environment_id": "lab",
+                    "name": "Lab",
+                    "cameras": [{**camera, "source": {"kind": "relay", "device": "a/b"}}],
+                },
+                "device",
             ),
             (
                 {

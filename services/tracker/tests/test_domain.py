@@ -101,7 +101,7 @@ def test_a_batch_task_needs_a_ready_video_for_every_camera() -> None:
     assert "batch task reads it" in live
 
 
-def test_a_live_task_tracks_external_cameras_only() -> None:
+def test_a_live_task_tracks_external_cameras() -> None:
     spec = environment(source={"kind": "external"})
     assert domain.start_refusals(spec, {}, TaskMode.LIVE) == []
     (batch,) = domain.start_refusals(spec, {}, TaskMode.BATCH)
@@ -214,3 +214,149 @@ def test_a_resumed_live_task_drops_frames_it_already_tracked() -> None:
     assembler = domain.FrameAssembler(["c01"], wait=0.1, last_index=41)
     assert not assembler.add(frame("c01", 41), now=0.0)
     assert assembler.add(frame("c01", 42), now=0.0)
+
+
+def relay_environment() -> EnvironmentSpec:
+    return EnvironmentSpec.model_validate(
+        {
+            "environment_id": "lab",
+            "name": "Lab",
+            "cameras": [
+                {
+                    "camera_id": "c01",
+                    "width": 640,
+                    "height": 480,
+                    "source": {"kind": "relay", "device": "phone-1"},
+                },
+                {"camera_id": "c02", "width": 640, "height": 480, "source": {"kind": "external"}},
+            ],
+        }
+    )
+
+
+def test_a_live_task_tracks_relay_and_external_cameras_together() -> None:
+    spec = relay_environment()
+    assert domain.start_refusals(spec, {}, TaskMode.LIVE) == []
+    assert domain.start_refusals(spec, {}, None) == []  # live is what its sources call for
+    batch = domain.start_refusals(spec, {}, TaskMode.BATCH)
+    assert batch[0] == "camera c01 is relay: its frames are tracked by a live task"
+    with_file = spec.model_copy(update={"cameras": [*spec.cameras, environment().cameras[0]]})
+    (mixed,) = domain.start_refusals(with_file, {}, TaskMode.LIVE)
+    assert "mix file and live" in mixed
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ({"kind": "relay"}, "device"),
+        ({"kind": "relay", "device": "a.b"}, "device"),
+        ({"kind": "relay", "device": "p", "url": "x"}, "url"),
+    ],
+)
+def test_a_relay_source_names_one_device(source: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        environment(source=source)
+
+
+def test_one_device_cannot_be_two_cameras() -> None:
+    body = relay_environment().model_dump(mode="json")
+    body["cameras"][1]["source"] = {"kind": "relay", "device": "phone-1"}
+    with pytest.raises(ValueError, match="one camera each"):
+        EnvironmentSpec.model_validate(body)
+
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_relayed_frames_are_read_from_the_relays_headers() -> None:
+    ntp = str(1_700_000_000 * 10**9)
+    headers = {"x-device": "phone-1", "width": "640", "height": "480", "ntp_time": ntp}
+    frame = domain.relay_frame(headers, b"jpeg", NOW)
+    assert frame == domain.RelayFrame(
+        "phone-1", 640, 480, datetime.fromtimestamp(1_700_000_000, UTC), b"jpeg"
+    )
+    # The seed's one phone sent no device; bytes headers are text too; no time: now.
+    seed = domain.relay_frame({"width": b"640", "height": b"480"}, b"jpeg", NOW)
+    assert seed == domain.RelayFrame("phone", 640, 480, NOW, b"jpeg")
+    for bad in (
+        {"x-device": "a.b", "width": "640", "height": "480"},
+        {"x-device": "p", "width": "wide", "height": "480"},
+        {"x-device": "p", "height": "480"},
+    ):
+        assert domain.relay_frame(bad, b"jpeg", NOW) is None
+    assert domain.relay_frame({"width": "640", "height": "480"}, b"", NOW) is None
+
+
+def test_the_newest_relayed_frame_of_a_camera_wins_and_others_are_refused() -> None:
+    latest = domain.LatestFrames(relay_environment())
+
+    def frame(device: str, n: int, size: tuple[int, int] = (640, 480)) -> domain.RelayFrame:
+        return domain.RelayFrame(device, *size, NOW, bytes([n]))
+
+    assert latest.put(frame("phone-1", 1)) == "waiting"
+    assert latest.put(frame("phone-1", 2)) == "dropped"  # the detector was busy: 1 goes
+    assert latest.put(frame("phone-2", 3)) == "ignored"  # not a device of this environment
+    assert latest.put(frame("phone-1", 4, (320, 240))) == "rejected"
+    assert len(latest) == 1
+    assert latest.take() == {"c01": frame("phone-1", 2)}
+    assert latest.take() == {}
+
+
+def test_media_available_names_each_video_at_the_gateways_media_route() -> None:
+    spec = environment()
+    message = domain.media_available("t-1", spec, {"c01": ready(frames=120)})
+    assert message == {
+        "type": "media_available",
+        "payload": {
+            "sub_video_batch_index": 0,
+            "media_urls": [
+                {
+                    "camera_id": "c01",
+                    "sub_video_filename": "v1.mp4",
+                    "url": "/api/v1/media/tasks/t-1/environments/lab/cameras/c01/sub_videos/v1.mp4",
+                    "start_global_frame_index": 0,
+                    "num_frames_in_sub_video": 120,
+                }
+            ],
+        },
+    }
+    videos = {"c01": ready()}
+    assert domain.media_key(videos, camera_id="c01", filename="v1.mp4") == "videos/lab/c01/v1.mp4"
+    assert domain.media_key(videos, camera_id="c01", filename="v2.mp4") is None
+    assert domain.media_key(videos, camera_id="c02", filename="v1.mp4") is None
+    assert domain.content_type("v1.mp4") == "video/mp4"
+    assert domain.content_type("v1.bin") == "application/octet-stream"
+
+
+class Reversing:
+    """A stand-in cipher (the real one is Fernet's, tested in libs/common): sealing reverses."""
+
+    def seal(self, url: str) -> str:
+        return url[::-1]
+
+
+def test_an_rtsp_url_is_stored_masked_and_sealed_and_shown_masked_only() -> None:
+    url = "rtsp://admin:hunter2@10.0.0.5:554/stream1"
+    spec = environment(source={"kind": "rtsp", "url": url, "sealed": "from-a-client"})
+    stored = domain.seal_rtsp(spec, Reversing())
+    source = stored.cameras[0].source
+    assert source.model_dump() == {
+        "kind": "rtsp",
+        "url": "rtsp://***@10.0.0.5:554/stream1",
+        "sealed": url[::-1],  # never what a client sent
+    }
+    view = domain.environment_view(stored, {})
+    assert view["cameras"][0]["source"] == {
+        "kind": "rtsp",
+        "url": "rtsp://***@10.0.0.5:554/stream1",
+    }
+    assert "hunter2" not in str(view)
+    # The URL sent back as it was read keeps the seal; a new URL is sealed anew.
+    again = environment(source={"kind": "rtsp", "url": "rtsp://***@10.0.0.5:554/stream1"})
+    assert domain.seal_rtsp(again, Reversing(), stored).cameras[0].source == source
+    moved = environment(source={"kind": "rtsp", "url": "rtsp://u:p@10.0.0.6/s"})
+    assert domain.seal_rtsp(moved, Reversing(), stored).cameras[0].source.model_dump() == {
+        "kind": "rtsp",
+        "url": "rtsp://***@10.0.0.6/s",
+        "sealed": "rtsp://u:p@10.0.0.6/s"[::-1],
+    }

@@ -13,8 +13,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika
+import cv2
 import httpx
 import orjson
 import pytest
@@ -33,6 +35,7 @@ from edgeway.common.schemas.tracking import (
 )
 from edgeway.common.settings import async_database_url
 from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing.rtsp import RtspServer, rtsp_server_available
 from edgeway.common.topology import Channels, Topology
 from edgeway.tracker.scenes import Scene, demo_environment, demo_scene
 
@@ -346,3 +349,240 @@ async def test_a_file_that_is_not_a_video_is_refused_with_its_reason(
     status, refused = await gateway.ask("start_task", environment_id="demo-lab")
     assert status == 400
     assert refused["code"] == "not_ready"
+
+
+def relayed_environment(scene: Scene) -> dict[str, Any]:
+    """The demo scene's first two cameras as phones whose video the relay decodes."""
+    body = demo_environment(scene, environment_id="relay-lab")
+    body["cameras"] = [
+        {**camera, "source": {"kind": "relay", "device": f"phone-{camera['camera_id']}"}}
+        for camera in body["cameras"][:2]
+    ]
+    body["overlaps"] = [pair for pair in body["overlaps"] if set(pair) <= {"c01", "c02"}]
+    for camera in body["cameras"]:
+        camera["handoff_rules"] = [
+            rule
+            for rule in camera.get("handoff_rules", [])
+            if rule["target_camera_id"] in {"c01", "c02"}
+        ]
+    return body
+
+
+async def relay_jpeg(broker: RabbitBroker, device: str, image: Any, *, at: float) -> None:
+    """A frame as the video relay publishes it: a JPEG and the seed's headers, as strings."""
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+    height, width = image.shape[:2]
+    received = str(int(at * 1e9))
+    await broker.publish(
+        jpeg.tobytes(),
+        exchange=TOPOLOGY.worldsystem("video_frames"),
+        headers={
+            "timestamp_ns": received,
+            "server_received": received,
+            "ntp_time": received,
+            "ntp_offset": "0.0",
+            "width": str(width),
+            "height": str(height),
+            "x-device": device,
+        },
+        content_type="application/octet-stream",
+        persist=False,
+    )
+
+
+async def test_a_live_task_tracks_relayed_phone_frames_and_drops_what_it_cannot_detect(
+    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene
+) -> None:
+    (tracker,) = trackers.start()
+    status, body = await gateway.ask("create_environment", environment=relayed_environment(scene))
+    assert status == 201, body
+    assert body["ready"]
+    status, started = await gateway.ask("start_task", environment_id="relay-lab", mode="live")
+    assert status == 202, started
+    task_id = started["task_id"]
+    deadline = time.monotonic() + WAIT
+    while (await gateway.ask("task_status", task_id=task_id))[1]["status"]["status"] != (
+        "PROCESSING"
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+    cameras = {camera.camera_id: camera for camera in scene.cameras}
+    sent = 40
+    images = [
+        {c: scene.render(cameras[c], frame)[0] for c in ("c01", "c02")} for frame in range(sent)
+    ]
+    for frame in images:  # a burst: far faster than HOG detects two cameras
+        at = time.time()
+        for camera_id, image in frame.items():
+            await relay_jpeg(gateway.broker, f"phone-{camera_id}", image, at=at)
+    other = scene.render(cameras["c03"], 0)[0]
+    await relay_jpeg(gateway.broker, "phone-c03", other, at=time.time())  # not this task's
+    await relay_jpeg(gateway.broker, "phone-c01", other[:200], at=time.time())  # wrong size
+
+    updates: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:  # until no step came for 2 s: every frame is handled
+        try:
+            messages = await gateway.messages(task_id, until="tracking_update", within=2)
+        except TimeoutError:
+            break
+        payload = messages[-1]["payload"]
+        updates[payload["global_frame_index"]] = payload["cameras"]
+    # Steps are numbered from 0 on, one per detection round, each with the cameras seen.
+    assert sorted(updates) == list(range(len(updates)))
+    assert all(set(cams) <= {"c01", "c02"} and cams for cams in updates.values())
+    tracks = [t for cams in updates.values() for cam in cams.values() for t in cam["tracks"]]
+    assert tracks, updates
+    assert all(t["map_coords"] is not None for t in tracks)
+    assert all(-2 < t["map_coords"][0] < 15 and -3 < t["map_coords"][1] < 8 for t in tracks)
+
+    count = {
+        outcome: metric(
+            tracker, f'edgeway_tracker_camera_frames_total{{outcome="{outcome}",source="relay"}}'
+        )
+        for outcome in ("tracked", "dropped", "ignored", "rejected")
+    }
+    assert count["tracked"] == sum(len(cams) for cams in updates.values())
+    # 80 frames came; the detector saw fewer. Where the others went depends on who was behind:
+    # dropped here (counted) for a newer frame of their camera, or at the task's bounded queue.
+    assert count["tracked"] < 2 * sent
+    assert count["tracked"] + count["dropped"] <= 2 * sent
+    assert count["ignored"] >= 1
+    assert count["rejected"] >= 1
+
+    status, stopped = await gateway.ask("stop_task", task_id=task_id)
+    assert (status, stopped["status"]) == (200, "STOPPED")
+    stored = await query(
+        db, "SELECT count(*) FROM track_observations WHERE task_id = :t", t=task_id
+    )
+    assert stored[0][0] <= len(tracks)  # what the last checkpoint held
+
+
+RTSP_USER, RTSP_PASSWORD = "operator", "s3cret/pass@word"
+
+
+@pytest.fixture
+def rtsp_camera() -> Iterator[RtspServer]:
+    reason = rtsp_server_available()
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+    with RtspServer(user=RTSP_USER, password=RTSP_PASSWORD) as server:
+        yield server
+
+
+def rtsp_environment(url: str) -> dict[str, Any]:
+    camera = {
+        "camera_id": "c01",
+        "width": 320,
+        "height": 240,
+        "source": {"kind": "rtsp", "url": url},
+    }
+    return {"environment_id": "rtsp-lab", "name": "RTSP lab", "cameras": [camera]}
+
+
+async def test_a_live_task_reads_an_rtsp_camera_whose_password_is_never_shown_or_stored(
+    trackers: Trackers,
+    gateway: Gateway,
+    db: AsyncEngine,
+    rtsp_camera: RtspServer,
+    tmp_path: Path,
+) -> None:
+    trackers.env["EDGEWAY_RTSP_ALLOWED_DESTINATIONS"] = '["127.0.0.1"]'  # the test camera
+    (tracker,) = trackers.start()
+    url = rtsp_camera.url("moving")
+    secret = quote(RTSP_PASSWORD, safe="")
+    assert secret in url
+    status, created = await gateway.ask("create_environment", environment=rtsp_environment(url))
+    assert status == 201, created
+    masked = f"rtsp://***@127.0.0.1:{rtsp_camera.port}/moving"
+    assert created["cameras"][0]["source"] == {"kind": "rtsp", "url": masked}
+    status, started = await gateway.ask("start_task", environment_id="rtsp-lab", mode="live")
+    assert status == 202, started
+    task_id = started["task_id"]
+
+    updates = []
+    deadline = time.monotonic() + WAIT
+    while len(updates) < 3:
+        remaining = deadline - time.monotonic()
+        messages = await gateway.messages(task_id, until="tracking_update", within=remaining)
+        updates.append(messages[-1]["payload"])
+    # PyAV reads the camera (through the loopback relay), the detector sees each newest frame.
+    assert [u["global_frame_index"] for u in updates] == [0, 1, 2]
+    assert all(list(u["cameras"]) == ["c01"] for u in updates)
+    tracked = 'edgeway_tracker_camera_frames_total{outcome="tracked",source="rtsp"}'
+    assert metric(tracker, tracked) >= 3
+    status, stopped = await gateway.ask("stop_task", task_id=task_id)
+    assert (status, stopped["status"]) == (200, "STOPPED")
+
+    # Replacing the environment with the URL as it was read keeps the password sealed.
+    status, replaced = await gateway.ask(
+        "replace_environment",
+        environment_id="rtsp-lab",
+        environment={**rtsp_environment(masked), "name": "Renamed"},
+    )
+    assert status == 200, replaced
+    (environment,) = await query(db, "SELECT spec FROM environments")
+    (task,) = await query(db, "SELECT environment FROM tasks WHERE id = :t", t=task_id)
+    for stored in (str(environment), str(task)):
+        assert RTSP_PASSWORD not in stored
+        assert secret not in stored
+        assert masked in stored
+        assert "sealed" in stored
+    log = (tmp_path / "tracker-0.log").read_text()
+    assert masked in log
+    assert secret not in log
+    assert RTSP_PASSWORD not in log
+
+    # A wrong password fails the task, with why, and still nothing shows it.
+    wrong = url.replace(secret, "wrong-pass")
+    status, _ = await gateway.ask(
+        "replace_environment", environment_id="rtsp-lab", environment=rtsp_environment(wrong)
+    )
+    assert status == 200
+    status, started = await gateway.ask("start_task", environment_id="rtsp-lab", mode="live")
+    failed_id = started["task_id"]
+    deadline = time.monotonic() + WAIT
+    while True:
+        _, body = await gateway.ask("task_status", task_id=failed_id)
+        if body["status"]["status"] == "FAILED" or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert body["status"]["status"] == "FAILED"
+    details = body["status"]["details"]
+    assert "camera c01" in details
+    assert "***@127.0.0.1" in details
+    assert "wrong-pass" not in details
+
+
+async def test_a_replica_stopped_with_sigterm_hands_its_live_task_to_the_next(
+    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene
+) -> None:
+    (first,) = trackers.start()
+    environment = relayed_environment(scene)
+    environment["cameras"][1]["source"] = {"kind": "external"}  # both kinds of live input
+    status, _ = await gateway.ask("create_environment", environment=environment)
+    assert status == 201
+    _, started = await gateway.ask("start_task", environment_id="relay-lab", mode="live")
+    task_id = started["task_id"]
+    await gateway.messages(task_id, until="status_update")  # INITIALIZING at least
+    deadline = time.monotonic() + WAIT
+    while (await gateway.ask("task_status", task_id=task_id))[1]["status"]["status"] != (
+        "PROCESSING"
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+    first.stop()  # SIGTERM: the run ends and its task goes back to the queue, never FAILED
+    rows = await query(db, "SELECT status, generation FROM tasks WHERE id = :t", t=task_id)
+    assert rows[0][0] != "FAILED", rows
+    trackers.start()
+    deadline = time.monotonic() + WAIT
+    while True:
+        rows = await query(db, "SELECT status, owner FROM tasks WHERE id = :t", t=task_id)
+        if rows[0] == ("PROCESSING", "replica-1") or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert rows[0] == ("PROCESSING", "replica-1")
+    await gateway.ask("stop_task", task_id=task_id)

@@ -36,7 +36,11 @@ async def test_the_migrations_build_the_models_schema(engine: AsyncEngine) -> No
 
 
 async def new_task(
-    sessions: async_sessionmaker[AsyncSession], task_id: str, *, mode: str = "batch"
+    sessions: async_sessionmaker[AsyncSession],
+    task_id: str,
+    *,
+    mode: str = "batch",
+    videos: dict[str, Any] | None = None,
 ) -> None:
     async with sessions.begin() as session:
         if await store.get_environment(session=session, environment_id="lab") is None:
@@ -46,7 +50,7 @@ async def new_task(
             task_id=task_id,
             environment_id="lab",
             mode=mode,
-            environment={"spec": SPEC, "videos": {}},
+            environment={"spec": SPEC, "videos": videos or {}},
             frames_total=None,
             now=NOW,
         )
@@ -185,8 +189,8 @@ async def test_retention_deletes_finished_tasks_with_their_observations(
             session=session, task_id="old", status=TaskStatus.COMPLETED, details="", now=NOW
         )
     async with sessions.begin() as session:
-        assert await store.delete_finished_before(session=session, cutoff=NOW) == []
-        gone = await store.delete_finished_before(
+        assert await store.delete_finished_before(session=session, cutoff=NOW) == ([], [])
+        gone, _ = await store.delete_finished_before(
             session=session, cutoff=NOW + timedelta(seconds=1)
         )
     assert gone == ["old"]
@@ -194,3 +198,47 @@ async def test_retention_deletes_finished_tasks_with_their_observations(
         assert await store.get_task(session=session, task_id="old") is None
         assert await store.count_observations(session=session, task_id="old") == 0
         assert await store.count_observations(session=session, task_id="running") == 1
+
+
+def video(key: str) -> dict[str, Any]:
+    return {
+        "video_id": key.rpartition("/")[2].split(".")[0],
+        "status": "ready",
+        "reason": None,
+        "object_key": key,
+        "size_bytes": 10,
+        "frames": 5,
+        "fps": 10.0,
+    }
+
+
+async def test_a_video_a_kept_task_read_outlives_its_replacement_until_retention(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    first, second = "videos/lab/c01/v1.mp4", "videos/lab/c01/v2.mp4"
+    async with sessions.begin() as session:
+        await store.insert_environment(session=session, spec=SPEC)
+        await store.record_video(
+            session=session,
+            video=store.VideoRecord("lab", "c01", "v1", "ready", None, first, 10, 5, 10.0),
+        )
+    await new_task(sessions, "read-v1", videos={"c01": video(first)})
+    async with sessions.begin() as session:  # a new upload replaces v1 as the camera's video
+        replaced = await store.record_video(
+            session=session,
+            video=store.VideoRecord("lab", "c01", "v2", "ready", None, second, 10, 5, 10.0),
+        )
+        assert replaced == first
+        # v1 stays: the task's media URL serves it; v2 is the camera's video.
+        assert await store.keys_in_use(
+            session=session, environment_id="lab", keys=[first, second, "videos/lab/c01/x.mp4"]
+        ) == {first, second}
+    async with sessions.begin() as session:
+        await store.finish_task(
+            session=session, task_id="read-v1", status=TaskStatus.COMPLETED, details="", now=NOW
+        )
+    async with sessions.begin() as session:
+        gone, unused = await store.delete_finished_before(
+            session=session, cutoff=NOW + timedelta(seconds=1)
+        )
+    assert (gone, unused) == (["read-v1"], [first])  # v2 is still the camera's

@@ -24,6 +24,9 @@ VIDEO_QUEUE_MAX_LENGTH = 10_000
 # Edge detection frames waiting for one tracker replica: ~40 s of 8 cameras at 30 fps. Live and
 # lossy: a tracker that far behind is better served by the newest frames.
 DETECTIONS_QUEUE_MAX_LENGTH = 10_000
+# Relayed phone frames waiting for one live tracking task: the task keeps only the newest of
+# each camera, so a short queue (half a second of a 30 fps phone) only absorbs bursts.
+RELAY_FRAMES_QUEUE_MAX_LENGTH = 16
 
 
 class Channels:
@@ -337,6 +340,16 @@ class Topology:
             auto_delete=True,
             durable=False,
             arguments={"x-max-length": DETECTIONS_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+        )
+
+    def tracking_frames_queue(self, replica_id: str, task_id: str) -> RabbitQueue:
+        """One live tracking task's copy of `video_frames_exchange` (decoded phone frames)."""
+        return RabbitQueue(
+            f"edgeway.tracker.{replica_id}.frames.{task_id}",
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            arguments={"x-max-length": RELAY_FRAMES_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
         )
 
     @property

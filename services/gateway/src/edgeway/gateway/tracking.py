@@ -14,8 +14,13 @@ fans its messages out.
 - Tasks, SpotOn's API and shapes: `POST /api/v1/processing-tasks/start` (and
   `/api/v1/detection-processing-tasks/start`) `{environment_id, mode}` → 202; `GET .../status`;
   `POST .../stop` or `DELETE .../{task_id}`; `GET .../tracks` (JSON pages, or `format=mot`).
-- `WS /ws/tracking/{task_id}` (`tracking:subscribe`): the status at once, then every
-  `tracking_update`, `status_update` and `batch_processing_complete` of the task.
+- `WS /ws/tracking/{task_id}` (`tracking:subscribe`): the status at once (and a batch task's
+  `media_available`), then every `tracking_update`, `status_update`, `media_available` and
+  `batch_processing_complete` of the task.
+- `GET /api/v1/media/tasks/{task_id}/environments/{env}/cameras/{cam}/sub_videos/{file}`
+  (`tracking:read`): the video a batch task read, for as long as the task is kept, with HTTP
+  Range; the tracker reads it in chunks over request/reply (or names a presigned URL, which
+  this answers with a redirect).
 - `WS /ws/detections` (`tracking:publish`): edge devices' boxes, one message per camera frame;
   a bad one gets an error frame and the socket stays open. A token's `device` claim names the
   cameras it produces for, as `<environment_id>/<camera_id>` (phones are bound the same way);
@@ -27,13 +32,21 @@ Errors are `{"type": "error", "code", "reason"}`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ValidationError
 
 from edgeway.common.broker import publish
@@ -46,6 +59,9 @@ from edgeway.common.schemas.tracking import (
     HEADER_ENVIRONMENT_ID,
     HEADER_VIDEO_ID,
     ID_PATTERN,
+    MAX_MEDIA_CHUNK,
+    MEDIA_FILE_PATTERN,
+    MEDIA_PATH,
     VIDEO_TYPE,
     CreateEnvironment,
     DeleteEnvironment,
@@ -56,6 +72,7 @@ from edgeway.common.schemas.tracking import (
     ListEnvironments,
     PrepareVideo,
     QueryTracks,
+    ReadMedia,
     ReplaceEnvironment,
     StartTask,
     StartTaskBody,
@@ -102,6 +119,8 @@ REPLY_QUEUE_SIZE = 256
 router = APIRouter()
 log = get_logger("edgeway.gateway.tracking")
 _ID = re.compile(ID_PATTERN)
+_MEDIA_FILE = re.compile(MEDIA_FILE_PATTERN)
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def error(status: int, code: str, reason: str, *, endpoint: str) -> JSONResponse:
@@ -476,6 +495,102 @@ async def tracks(
     return PlainTextResponse(reply.body["text"], headers=headers)
 
 
+# --- a batch task's videos --------------------------------------------------------------------
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """The first and last byte a `Range` header asks for (RFC 9110 §14.1.2); None: the whole
+    file (no header, or one this does not serve: several ranges, another unit); a string: why
+    it cannot be satisfied."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last `last` bytes
+        count = int(last)
+        if count == 0 or size == 0:
+            return f"no bytes to give in a file of {size}"
+        return max(0, size - count), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if start >= size or end < start:
+        return f"bytes {start}-{last} are not in a file of {size}"
+    return start, end
+
+
+@router.get(MEDIA_PATH)
+async def media(
+    task_id: str,
+    environment_id: str,
+    camera_id: str,
+    filename: str,
+    request: Request,
+    gateway: GatewayDep,
+    _: Annotated[Principal, require(Scope.TRACKING_READ, MEDIA_PATH)],
+) -> Response:
+    """A video a batch task read (`media_available` names it), with Range requests."""
+    checked = task_id_of(task_id, endpoint=MEDIA_PATH)
+    if isinstance(checked, JSONResponse):
+        return checked
+    for kind, value in (("environment_id", environment_id), ("camera_id", camera_id)):
+        refused = bad_id(kind, value, endpoint=MEDIA_PATH)
+        if refused is not None:
+            return refused
+    if not _MEDIA_FILE.match(filename):
+        return error(
+            400, "invalid_id", f"{filename[:80]!r} is not a video's name", endpoint=MEDIA_PATH
+        )
+
+    def read(offset: int, length: int) -> ReadMedia:
+        return ReadMedia(
+            task_id=checked,
+            environment_id=environment_id,
+            camera_id=camera_id,
+            filename=filename,
+            offset=offset,
+            length=length,
+        )
+
+    head = await ask(gateway, read(0, 0))
+    if head.status != 200:
+        return respond(head, endpoint=MEDIA_PATH)
+    if head.body.get("redirect"):  # an S3 store: a presigned URL, made now
+        return RedirectResponse(head.body["redirect"], status_code=307)
+    size, content_type = int(head.body["size"]), str(head.body["content_type"])
+    wanted = byte_range(request.headers.get("range"), size)
+    if isinstance(wanted, str):
+        REJECTED.labels(MEDIA_PATH, "range_not_satisfiable").inc()
+        return JSONResponse(
+            {"type": "error", "code": "range_not_satisfiable", "reason": wanted},
+            status_code=416,
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    start, end = (0, size - 1) if wanted is None else wanted
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1))}
+    if wanted is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        offset = start
+        while offset <= end:
+            reply = await ask(gateway, read(offset, min(MAX_MEDIA_CHUNK, end + 1 - offset)))
+            data = base64.b64decode(reply.body["data"]) if reply.status == 200 else b""
+            if not data:  # gone meanwhile (retention), or shorter than it said: end here
+                log.warning("a video ended early", task_id=checked, at=offset, status=reply.status)
+                return
+            yield data
+            offset += len(data)
+
+    return StreamingResponse(
+        chunks(),
+        status_code=200 if wanted is None else 206,
+        media_type=content_type,
+        headers=headers,
+    )
+
+
 # --- live tracks -----------------------------------------------------------------------------
 
 
@@ -526,7 +641,10 @@ async def tracking_socket(websocket: WebSocket, task_id: str, gateway: GatewayDe
             log.warning("no status for a new tracking client", reason=str(exc))
             return
         if reply.status == 200:
-            client.push_front([orjson.dumps(reply.body["message"]).decode()])
+            first = [reply.body["message"]]
+            if reply.body.get("media"):
+                first.append(reply.body["media"])
+            client.push_front([orjson.dumps(message).decode() for message in first])
 
     try:
         await gateway.link.hub.serve(

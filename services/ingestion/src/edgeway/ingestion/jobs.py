@@ -4,7 +4,7 @@ A capture is admitted in one transaction that counts the captures running anywhe
 a live lease), all of them and its caller's, and inserts its own row; on PostgreSQL an advisory
 lock makes those counts and the insert atomic across replicas. A URL naming an address or port
 the destination allowlist refuses is refused then (a host name is checked when connecting).
-The replica that admitted it runs it: frames come from `edgeway.ingestion.capture` (PyAV in a
+The replica that admitted it runs it: frames come from `edgeway.common.rtsp.capture` (PyAV in a
 worker thread), are re-encoded as JPEG in a worker thread, stored as objects, then committed as
 rows with their announcements. While it runs, the job renews its lease; a replica that dies
 stops renewing, and the sweeper fails its requests. Cancellation reaches the owner through the
@@ -28,6 +28,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.db import dialect_of
 from edgeway.common.logging import get_logger
+from edgeway.common.rtsp.capture import (
+    Capture,
+    CapturedFrame,
+    CaptureError,
+    CaptureLimits,
+    CapturePlan,
+    mask_credentials,
+)
+from edgeway.common.rtsp.destinations import Destination, DestinationPolicy
 from edgeway.common.schemas.ingest import (
     URL_REFUSED,
     Caller,
@@ -38,16 +47,7 @@ from edgeway.common.schemas.ingest import (
     StartCapture,
 )
 from edgeway.ingestion import domain, store
-from edgeway.ingestion.capture import (
-    Capture,
-    CapturedFrame,
-    CaptureError,
-    CaptureLimits,
-    CapturePlan,
-    mask_credentials,
-)
 from edgeway.ingestion.credentials import CredentialCipher
-from edgeway.ingestion.destinations import Destination, DestinationPolicy
 from edgeway.ingestion.images import ImageSanitizer
 from edgeway.ingestion.settings import IngestionSettings
 from edgeway.ingestion.storage import ObjectStore

@@ -5,8 +5,8 @@ from __future__ import annotations
 from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from edgeway.common.rtsp.destinations import DEFAULT_DESTINATIONS, parse_rule
 from edgeway.common.settings import CommonSettings, database_url_field
-from edgeway.ingestion.destinations import DEFAULT_DESTINATIONS, parse_rule
 
 MIB = 1024 * 1024
 DEFAULT_STORAGE_KEY = "minioadmin"  # MinIO's default, refused outside development
@@ -29,6 +29,10 @@ class IngestionSettings(CommonSettings):
     storage_bucket: str = "trackshift-frames"  # the seed's bucket
     # Presigned GET URLs are made when a status is read, valid this long (the seed's 1 h).
     presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Without an endpoint the service serves the local store's objects itself, on its HTTP
+    # port, at signed URLs made with this base (default: http://<http_host>:<http_port>, with
+    # 127.0.0.1 for a wildcard host). Set it where clients reach the service by another name.
+    storage_public_url: str | None = None
 
     # Images: the seed's 50 MiB per file (checked again here, whatever the gateway let through);
     # decoding is bounded by pixels, time and threads.
@@ -74,6 +78,16 @@ class IngestionSettings(CommonSettings):
     # Fernet key (urlsafe base64, 32 bytes) sealing RTSP URLs with credentials at rest. In
     # development a key is made once and kept in the data directory; elsewhere it must be set.
     credentials_key: SecretStr | None = None
+
+    @property
+    def objects_base_url(self) -> str:
+        """Where clients reach the local store's signed URLs."""
+        if self.storage_public_url is not None:
+            return self.storage_public_url
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
 
     @field_validator("credentials_key")
     @classmethod

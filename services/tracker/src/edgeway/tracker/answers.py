@@ -6,6 +6,8 @@ request is one short transaction. A refusal says why in the client's words.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -29,9 +31,11 @@ from edgeway.common.schemas.tracking import (
     ListEnvironments,
     PrepareVideo,
     QueryTracks,
+    ReadMedia,
     ReplaceEnvironment,
     StartTask,
     StopTask,
+    TaskMode,
     TaskStatus,
     TrackingReply,
     TrackingRequest,
@@ -86,6 +90,8 @@ async def _dispatch(request: TrackingRequest, deps: Deps) -> TrackingReply:
             return await stop_task(request, deps)
         case QueryTracks():
             return await query_tracks(request, deps)
+        case ReadMedia():
+            return await read_media(request, deps)
 
 
 # --- environments ----------------------------------------------------------------------------
@@ -123,10 +129,17 @@ async def _view(session: AsyncSession, environment: store.Environment) -> dict[s
     return domain.environment_view(spec, {c: _facts(v) for c, v in videos.items()})
 
 
+async def _unused(session: AsyncSession, environment_id: str, keys: list[str]) -> list[str]:
+    """The forgotten videos' keys that no kept task needs (its media URLs serve them)."""
+    used = await store.keys_in_use(session=session, environment_id=environment_id, keys=keys)
+    return [key for key in keys if key not in used]
+
+
 async def create_environment(request: CreateEnvironment, deps: Deps) -> TrackingReply:
     spec = domain.normalise_environment(request.environment)
     if isinstance(spec, Refusal):
         return spec.reply()
+    spec = domain.seal_rtsp(spec, deps.cipher)
     async with deps.sessions.begin() as session:
         if not await store.insert_environment(session=session, spec=spec.model_dump(mode="json")):
             return Refusal(
@@ -187,10 +200,15 @@ async def replace_environment(request: ReplaceEnvironment, deps: Deps) -> Tracki
         if tasks:
             return _busy(request.environment_id, tasks)
         old = EnvironmentSpec.model_validate(environment.spec)
-        stale = await store.delete_videos(
-            session=session,
-            environment_id=request.environment_id,
-            keep=domain.videos_kept(old, spec),
+        spec = domain.seal_rtsp(spec, deps.cipher, old)
+        stale = await _unused(
+            session,
+            request.environment_id,
+            await store.delete_videos(
+                session=session,
+                environment_id=request.environment_id,
+                keep=domain.videos_kept(old, spec),
+            ),
         )
         await store.replace_environment(session=session, spec=spec.model_dump(mode="json"))
         await session.flush()
@@ -215,8 +233,12 @@ async def delete_environment(request: DeleteEnvironment, deps: Deps) -> Tracking
         tasks = await store.active_tasks(session=session, environment_id=request.environment_id)
         if tasks:
             return _busy(request.environment_id, tasks)
-        stale = await store.delete_videos(
-            session=session, environment_id=request.environment_id, keep=()
+        stale = await _unused(
+            session,
+            request.environment_id,
+            await store.delete_videos(
+                session=session, environment_id=request.environment_id, keep=()
+            ),
         )
         await store.delete_environment(session=session, environment_id=request.environment_id)
     for key in stale:
@@ -354,9 +376,17 @@ async def task_status(request: GetTaskStatus, deps: Deps) -> TrackingReply:
         task = await store.get_task(session=session, task_id=task_id)
     if task is None:
         return _unknown_task(task_id)
+    media = None
+    if task.mode == TaskMode.BATCH and task.status not in domain.NO_MEDIA_YET:
+        spec = EnvironmentSpec.model_validate(task.environment["spec"])
+        media = domain.media_available(task.id, spec, domain.task_videos(task.environment))
     return TrackingReply(
         status=200,
-        body={"status": domain.status_view(task), "message": domain.status_message(task)},
+        body={
+            "status": domain.status_view(task),
+            "message": domain.status_message(task),
+            "media": media,  # a client that joins late hears of the videos as well
+        },
     )
 
 
@@ -427,6 +457,48 @@ async def query_tracks(request: QueryTracks, deps: Deps) -> TrackingReply:
             "status": task.status,
             "tracks": [domain.observation_view(row) for row in rows],
             "next_after": next_after,
+        },
+    )
+
+
+async def read_media(request: ReadMedia, deps: Deps) -> TrackingReply:
+    """A task's video for the gateway's media route: its size and type, and the bytes asked
+    for. It is the video the task read, served as long as the task is kept."""
+    task_id = _task_id(request.task_id)
+    if task_id is None:
+        return _unknown_task(request.task_id)
+    async with deps.sessions() as session:
+        task = await store.get_task(session=session, task_id=task_id)
+    if task is None:
+        return _unknown_task(task_id)
+    key = None
+    if task.environment_id == request.environment_id:
+        key = domain.media_key(
+            domain.task_videos(task.environment),
+            camera_id=request.camera_id,
+            filename=request.filename,
+        )
+    if key is None:
+        return Refusal(
+            404,
+            "not_found",
+            f"task {task_id} has no video {request.filename!r} of camera "
+            f"{request.environment_id}/{request.camera_id}",
+        ).reply()
+    try:
+        size, data = await asyncio.to_thread(
+            deps.objects.read, key, offset=request.offset, length=request.length
+        )
+    except FileNotFoundError:
+        log.warning("a task's video is missing from the store", task_id=task_id, key=key)
+        return Refusal(404, "not_found", f"the video {request.filename!r} is gone").reply()
+    return TrackingReply(
+        status=200,
+        body={
+            "size": size,
+            "content_type": domain.content_type(request.filename),
+            "offset": request.offset,
+            "data": base64.b64encode(data).decode(),
         },
     )
 

@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from edgeway.common.broker import declare_shared, declare_work, make_broker
 from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.logging import get_logger
+from edgeway.common.rtsp.credentials import CredentialCipher, credentials_key
+from edgeway.common.rtsp.destinations import DestinationPolicy
 from edgeway.common.service import database_service_app
 from edgeway.common.settings import async_database_url
 from edgeway.common.topology import Topology
@@ -29,6 +31,10 @@ from edgeway.tracker.metrics import Metrics
 from edgeway.tracker.settings import TrackerSettings
 
 log = get_logger("edgeway.tracker")
+
+# Development's credentials key, made once in the data directory (EDGEWAY_CREDENTIALS_KEY
+# elsewhere).
+KEY_FILE = "tracker-credentials.key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +50,8 @@ class Deps:
     inference: Inference
     runs: TaskRuns
     live: LiveRouter
+    cipher: CredentialCipher  # rtsp URLs at rest
+    destinations: DestinationPolicy  # where rtsp cameras may be
 
 
 def build_deps(
@@ -76,6 +84,10 @@ def build_deps(
         inference=Inference.create(settings),
         runs=TaskRuns(),
         live=live,
+        cipher=CredentialCipher(
+            credentials_key(settings.credentials_key, settings.data_dir / KEY_FILE)
+        ),
+        destinations=DestinationPolicy.parse(settings.rtsp_allowed_destinations),
     )
 
 
@@ -86,9 +98,13 @@ async def sweep_forever(deps: Deps) -> None:
         try:
             while True:
                 async with deps.sessions.begin() as session:
-                    gone = await store.delete_finished_before(session=session, cutoff=cutoff)
+                    gone, unused = await store.delete_finished_before(
+                        session=session, cutoff=cutoff
+                    )
+                for key in unused:  # videos that only these tasks still served
+                    await asyncio.to_thread(deps.objects.delete, key)
                 if gone:
-                    log.info("old tasks deleted", tasks=len(gone))
+                    log.info("old tasks deleted", tasks=len(gone), videos=len(unused))
                 if len(gone) < 100:
                     break
         except SQLAlchemyError as exc:

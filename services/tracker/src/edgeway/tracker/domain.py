@@ -11,28 +11,37 @@ import base64
 import binascii
 import io
 import math
+import re
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
 from pydantic import ValidationError
 
+from edgeway.common.rtsp.capture import mask_credentials
 from edgeway.common.schemas.tracking import (
+    DEVICE_PATTERN,
+    LIVE_SOURCES,
+    MAX_EPOCH_S,
+    MEDIA_PATH,
     EdgeFrame,
     EnvironmentSpec,
-    ExternalSource,
     FileSource,
     HomographyNpz,
     HomographyPoints,
+    RelaySource,
+    RtspSource,
     TaskMode,
+    TaskStatus,
     TrackingReply,
 )
 from edgeway.tracker.vision import (
     CameraSpec,
     Detection,
+    Frame,
     HandoffRule,
     HomographyError,
     TrackOutput,
@@ -118,6 +127,33 @@ def normalise_environment(spec: EnvironmentSpec) -> EnvironmentSpec | Refusal:
     return spec.model_copy(update={"cameras": cameras})
 
 
+class Sealer(Protocol):
+    def seal(self, url: str) -> str: ...
+
+
+def seal_rtsp(
+    spec: EnvironmentSpec, cipher: Sealer, stored: EnvironmentSpec | None = None
+) -> EnvironmentSpec:
+    """The environment as stored: each rtsp camera's URL masked (`rtsp://***@host/path`) and
+    sealed. A URL sent back as it was read (masked, unchanged) keeps the stored seal, so an
+    edit need not repeat the password; `sealed` from a client is never taken."""
+    cameras = []
+    for camera in spec.cameras:
+        source = camera.source
+        if isinstance(source, RtspSource):
+            before = None if stored is None else stored.camera(camera.camera_id)
+            kept = before.source if before is not None else None
+            if isinstance(kept, RtspSource) and kept.sealed and kept.url == source.url:
+                source = kept
+            else:
+                source = RtspSource(
+                    url=mask_credentials(source.url), sealed=cipher.seal(source.url)
+                )
+            camera = camera.model_copy(update={"source": source})
+        cameras.append(camera)
+    return spec.model_copy(update={"cameras": cameras})
+
+
 def camera_specs(spec: EnvironmentSpec) -> list[CameraSpec]:
     """The vision core's cameras for a stored environment (homographies fitted again)."""
     out = []
@@ -182,6 +218,7 @@ def environment_view(spec: EnvironmentSpec, videos: Mapping[str, VideoFacts]) ->
     """An environment as clients read it: its spec, and each file camera's video."""
     body = spec.model_dump(mode="json")
     for camera in body["cameras"]:
+        camera["source"].pop("sealed", None)  # an rtsp URL's credentials never leave
         if camera["source"]["kind"] == "file":
             video = videos.get(camera["camera_id"])
             camera["video"] = None if video is None else video.view()
@@ -193,19 +230,20 @@ def start_refusals(
     spec: EnvironmentSpec, videos: Mapping[str, VideoFacts], mode: TaskMode | None
 ) -> list[str]:
     """Why a task of `mode` cannot start on this environment (empty: it can). With no mode,
-    the mode its cameras' sources call for."""
-    kinds = {type(camera.source) for camera in spec.cameras}
-    if len(kinds) > 1:
-        return ["its cameras mix file and external sources: a task tracks one kind"]
+    the mode its cameras' sources call for. `external` and `relay` cameras are live: a live
+    task tracks them together; `file` cameras are read by a batch task."""
+    live = {isinstance(camera.source, LIVE_SOURCES) for camera in spec.cameras}
+    if len(live) > 1:
+        return ["its cameras mix file and live (external, relay) sources: a task tracks one kind"]
     if mode is None:
-        mode = TaskMode.BATCH if kinds == {FileSource} else TaskMode.LIVE
+        mode = TaskMode.LIVE if live == {True} else TaskMode.BATCH
     reasons = []
     for camera in spec.cameras:
         if mode is TaskMode.BATCH:
-            if isinstance(camera.source, ExternalSource):
+            if isinstance(camera.source, LIVE_SOURCES):
                 reasons.append(
-                    f"camera {camera.camera_id} is external: edge detections are tracked by a "
-                    "live task"
+                    f"camera {camera.camera_id} is {camera.source.kind}: its frames are tracked "
+                    "by a live task"
                 )
                 continue
             video = videos.get(camera.camera_id)
@@ -220,7 +258,7 @@ def start_refusals(
         elif isinstance(camera.source, FileSource):
             reasons.append(
                 f"camera {camera.camera_id} is a file: a batch task reads it (live tasks track "
-                "external cameras)"
+                "external and relay cameras)"
             )
     return reasons
 
@@ -347,6 +385,74 @@ def batch_complete(task_id: str, frames: int) -> dict[str, Any]:
     return {
         "type": "batch_processing_complete",
         "payload": {"task_id": task_id, "sub_video_batch_index": 0, "frames": frames},
+    }
+
+
+# --- a batch task's videos (SpotOn's media_available and media route) ------------------------
+
+# What the media route says a stored video is, by the extension `media.probe_video` chose.
+CONTENT_TYPES = {
+    "mp4": "video/mp4",
+    "mkv": "video/x-matroska",
+    "avi": "video/x-msvideo",
+    "ts": "video/mp2t",
+}
+# Statuses before a batch task has found its videos: no media_available yet.
+NO_MEDIA_YET = frozenset({TaskStatus.QUEUED, TaskStatus.INITIALIZING, TaskStatus.DOWNLOADING_DATA})
+
+
+def content_type(filename: str) -> str:
+    return CONTENT_TYPES.get(filename.rpartition(".")[2], "application/octet-stream")
+
+
+def media_file(object_key: str) -> str:
+    """A stored video's file name in its URL (`<video id>.<extension>`, the key's last part)."""
+    return object_key.rpartition("/")[2]
+
+
+def media_available(
+    task_id: str, spec: EnvironmentSpec, videos: Mapping[str, VideoFacts]
+) -> dict[str, Any]:
+    """SpotOn's `media_available` for a task's videos: one batch (index 0) of whole videos,
+    each at the gateway's media route, which serves it as long as the task is kept."""
+    urls = []
+    for camera in spec.cameras:
+        facts = videos.get(camera.camera_id)
+        if facts is None or facts.object_key is None:
+            continue
+        filename = media_file(facts.object_key)
+        urls.append(
+            {
+                "camera_id": camera.camera_id,
+                "sub_video_filename": filename,
+                "url": MEDIA_PATH.format(
+                    task_id=task_id,
+                    environment_id=spec.environment_id,
+                    camera_id=camera.camera_id,
+                    filename=filename,
+                ),
+                "start_global_frame_index": 0,
+                "num_frames_in_sub_video": facts.frames,
+            }
+        )
+    return {
+        "type": "media_available",
+        "payload": {"sub_video_batch_index": 0, "media_urls": urls},
+    }
+
+
+def media_key(videos: Mapping[str, VideoFacts], *, camera_id: str, filename: str) -> str | None:
+    """The object key of the task's video that a media URL names (None: it names none)."""
+    facts = videos.get(camera_id)
+    if facts is None or facts.object_key is None or media_file(facts.object_key) != filename:
+        return None
+    return facts.object_key
+
+
+def task_videos(environment: Mapping[str, Any]) -> dict[str, VideoFacts]:
+    """The videos of a task's copy of its environment (as it was when the task started)."""
+    return {
+        camera: VideoFacts(**facts) for camera, facts in (environment.get("videos") or {}).items()
     }
 
 
@@ -479,3 +585,103 @@ class FrameAssembler:
         if not self._pending:
             return None
         return min(p.first_seen for p in self._pending.values()) + self.wait
+
+
+# --- live tasks: relayed phone frames and rtsp cameras --------------------------------------
+
+# The relay's device when a frame has no `x-device` header (the seed's one phone).
+DEFAULT_DEVICE = "phone"
+_DEVICE = re.compile(DEVICE_PATTERN)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayFrame:
+    """One decoded phone frame from the video relay (`video_frames_exchange`), still a JPEG."""
+
+    device: str
+    width: int
+    height: int
+    captured_at: datetime
+    jpeg: bytes
+
+
+def _header_text(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, bool) or value is None:
+        return None
+    return str(value)
+
+
+def _header_int(headers: Mapping[str, Any], name: str) -> int | None:
+    text = _header_text(headers, name)
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
+def relay_frame(headers: Mapping[str, Any], body: bytes, now: datetime) -> RelayFrame | None:
+    """A frame as the relay (and the gateway's `/ws/phone`) publish it: headers `x-device`,
+    `width`, `height` and `ntp_time` (the NTP-corrected receive time in ns), strings as the
+    seed sent them. None when the device or the size is missing or not what they write."""
+    device = _header_text(headers, "x-device") or DEFAULT_DEVICE
+    width, height = _header_int(headers, "width"), _header_int(headers, "height")
+    if not _DEVICE.match(device) or width is None or height is None or not body:
+        return None
+    ntp_ns = _header_int(headers, "ntp_time")
+    captured = now
+    if ntp_ns is not None and 0 < ntp_ns / 1e9 < MAX_EPOCH_S:
+        captured = datetime.fromtimestamp(ntp_ns / 1e9, UTC)
+    return RelayFrame(device, width, height, captured, body)
+
+
+@dataclass(frozen=True, slots=True)
+class CameraFrame:
+    """A frame of a camera the task reads itself (rtsp), decoded (BGR)."""
+
+    image: Frame
+    captured_at: datetime
+
+
+class LatestFrames:
+    """The newest frame of each relay or rtsp camera, waiting for the detector.
+
+    A frame that comes while an older one of its camera still waits replaces it (latest wins:
+    a live task tracks what is seen now, never a backlog); `take` empties it. Relayed frames of
+    other devices are ignored, and frames whose size is not the camera's are refused (its
+    homography and hand-off rules are in the declared size's pixels).
+    """
+
+    def __init__(self, spec: EnvironmentSpec) -> None:
+        self.cameras = {
+            camera.source.device: camera
+            for camera in spec.cameras
+            if isinstance(camera.source, RelaySource)
+        }
+        self._waiting: dict[str, RelayFrame | CameraFrame] = {}
+
+    def put(self, frame: RelayFrame) -> str:
+        """Keep a relayed frame; its outcome: `waiting`, `dropped` (it replaced one that
+        waited), `ignored` (not a device of this task) or `rejected` (not the camera's size)."""
+        camera = self.cameras.get(frame.device)
+        if camera is None:
+            return "ignored"
+        if (frame.width, frame.height) != (camera.width, camera.height):
+            return "rejected"
+        return self.keep(camera.camera_id, frame)
+
+    def keep(self, camera_id: str, frame: RelayFrame | CameraFrame) -> str:
+        """Keep a camera's frame: `waiting`, or `dropped` when it replaced one that waited."""
+        replaced = self._waiting.pop(camera_id, None)
+        self._waiting[camera_id] = frame
+        return "waiting" if replaced is None else "dropped"
+
+    def take(self) -> dict[str, RelayFrame | CameraFrame]:
+        """Every waiting frame, by camera id (empty when none waits)."""
+        taken, self._waiting = self._waiting, {}
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._waiting)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -39,10 +40,13 @@ from edgeway.common.schemas.tracking import (
     COMMAND_TYPE,
     EdgeFrame,
     EnvironmentSpec,
+    ExternalSource,
+    RelaySource,
+    RtspSource,
     TaskStatus,
 )
 from edgeway.common.topology import Channels, Topology
-from edgeway.tracker import domain, store
+from edgeway.tracker import domain, feeds, store
 from edgeway.tracker.media import VideoReader
 from edgeway.tracker.settings import TrackerSettings
 from edgeway.tracker.vision import (
@@ -62,6 +66,9 @@ if TYPE_CHECKING:
 
 SERVICE = "tracker"
 T = TypeVar("T")
+# A replica shutting down waits this long before passing on a command it got, so that the
+# command bounces slowly (if no other replica runs) while the process ends.
+HANDOFF_PAUSE_S = 0.5
 
 log = get_logger("edgeway.tracker.flows")
 
@@ -199,10 +206,7 @@ class Run:
         self.generation = row.generation
         self.state = TaskState.of(row)
         self.spec = EnvironmentSpec.model_validate(row.environment["spec"])
-        self.videos = {
-            camera: domain.VideoFacts(**facts)
-            for camera, facts in (row.environment.get("videos") or {}).items()
-        }
+        self.videos = domain.task_videos(row.environment)
         self.started_at = row.started_at or row.created_at
         self.checkpoint_frame: int = row.checkpoint_frame
         self.checkpoint: dict[str, Any] | None = row.checkpoint
@@ -417,6 +421,11 @@ class BatchRun(Run):
                 step="Processing",
                 details=f"{len(paths)} cameras, {total} frames each at most",
             )
+            await publish_client(
+                self.deps,
+                self.task_id,
+                domain.media_available(self.task_id, self.spec, self.videos),
+            )
             for frame_index in range(start, total):
                 started = time.perf_counter()
                 in_flight = inference.submit(lambda i=frame_index: pipeline.step(i))  # type: ignore[misc]
@@ -522,29 +531,95 @@ class LiveRouter:
 
 
 class LiveRun(Run):
-    """Edge detections of the environment's external cameras, step by frame index, until
-    stopped (`domain.FrameAssembler`)."""
+    """Live cameras until stopped: `external` cameras' edge detections, stepped by frame index
+    (`domain.FrameAssembler`), and `relay` and `rtsp` cameras' frames, detected here.
+
+    Their frames are detected as fast as the detector goes, the newest of each camera each
+    time (`feeds.CameraFeed`: what came meanwhile is dropped and counted). With external
+    cameras the edge devices' frame indexes drive the steps, and each other camera joins a step
+    with its newest detections not tracked yet; without, each detection round is a step,
+    numbered on from the last. A camera with nothing new at a step sees nobody in it.
+    """
+
+    def __init__(self, deps: Deps, row: store.Task) -> None:
+        super().__init__(deps, row)
+        self.fed: dict[str, feeds.Seen] = {}  # detected, not tracked yet
+        self.fed_ready = asyncio.Event()
 
     async def execute(self) -> None:
         await self.commit(
             TaskStatus.INITIALIZING, step="Initializing", details="loading the tracker"
         )
         tracker = self.build_tracker()
-        cameras = [camera.camera_id for camera in self.spec.cameras]
+        external = [c.camera_id for c in self.spec.cameras if isinstance(c.source, ExternalSource)]
+        fed = [c for c in self.spec.cameras if isinstance(c.source, RelaySource | RtspSource)]
         assembler = domain.FrameAssembler(
-            cameras, wait=self.settings.live_step_wait_s, last_index=self.checkpoint_frame
+            external, wait=self.settings.live_step_wait_s, last_index=self.checkpoint_frame
         )
-        inbox = await self.deps.live.open(self.spec)
+        inbox = await self.deps.live.open(self.spec) if external else None
+        feed: feeds.CameraFeed | None = None
+        detecting: asyncio.Task[None] | None = None
         try:
-            await self.commit(
-                TaskStatus.PROCESSING,
-                step="Tracking",
-                details=f"edge detections of {len(cameras)} cameras",
-            )
+            if fed:
+                feed = await feeds.CameraFeed.open(self.deps, self.task_id, self.spec)
+                detecting = asyncio.create_task(self._detect_fed(feed))
+            kinds = [("edge detections", len(external))]
+            kinds += [
+                (f"{kind} video", sum(c.source.kind == kind for c in fed))
+                for kind in ("relay", "rtsp")
+            ]
+            parts = [f"{what} of {n} camera{'s' * (n != 1)}" for what, n in kinds if n]
+            await self.commit(TaskStatus.PROCESSING, step="Tracking", details=", ".join(parts))
             while True:
-                await self._next(inbox, assembler, tracker)
+                if detecting is not None and detecting.done():
+                    detecting.result()  # the feed failed: so does the task, with why
+                    raise TaskFailedError("camera frames are no longer detected")
+                if inbox is None:
+                    await self._next_fed(tracker)
+                else:
+                    await self._next(inbox, assembler, tracker)
         finally:
-            await self.deps.live.close(self.spec.environment_id)
+            if detecting is not None:
+                detecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await detecting
+            if feed is not None:
+                await feed.close()
+            if inbox is not None:
+                await self.deps.live.close(self.spec.environment_id)
+
+    async def _detect_fed(self, feed: feeds.CameraFeed) -> None:
+        """Detect the newest relay and rtsp frames, round after round, for the next step."""
+        while True:
+            try:
+                frames = await feed.next()
+            except feeds.FeedError as exc:
+                raise TaskFailedError(str(exc)) from None
+            seen, undecoded = await self.deps.inference.call(
+                lambda f=frames: feeds.detect(self.deps.inference, f)  # type: ignore[misc]
+            )
+            for camera_id in undecoded:
+                feed.count(camera_id, "rejected")
+            for camera_id in self.fed.keys() & seen.keys():
+                feed.count(camera_id, "dropped")
+            self.fed.update(seen)
+            if seen:
+                self.fed_ready.set()
+
+    def _take_fed(self) -> dict[str, feeds.Seen]:
+        taken, self.fed = self.fed, {}
+        self.fed_ready.clear()
+        return taken
+
+    async def _next_fed(self, tracker: MultiCameraTracker) -> None:
+        """No external cameras: each detection round of the relay and rtsp cameras is a step."""
+        wake = self.last_commit + self.settings.checkpoint_interval_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.fed_ready.wait(), timeout=max(wake - time.monotonic(), 0.0))
+        seen = self._take_fed()
+        if seen:
+            await self._step(tracker, self.last_frame + 1, {}, seen)
+        await self._checkpoint_or_announce(tracker)
 
     async def _next(
         self, inbox: Inbox, assembler: domain.FrameAssembler, tracker: MultiCameraTracker
@@ -558,13 +633,36 @@ class LiveRun(Run):
         if frame is not None and not assembler.add(frame, time.monotonic()):
             self.deps.metrics.edge_frames.labels("late").inc()
         for step in assembler.ready(time.monotonic()):
-            detections = {c: domain.edge_detections(f) for c, f in step.frames.items()}
-            tracks = await self.deps.inference.call(
-                lambda s=step, d=detections: tracker.update(s.frame_index, d)  # type: ignore[misc]
-            )
-            self.deps.metrics.edge_frames.labels("tracked").inc(len(step.frames))
-            captured = {c: datetime.fromtimestamp(f.timestamp, UTC) for c, f in step.frames.items()}
-            await self.tracked(step.frame_index, {c: tracks[c] for c in step.frames}, captured)
+            await self._step(tracker, step.frame_index, step.frames, self._take_fed())
+        await self._checkpoint_or_announce(tracker)
+
+    async def _step(
+        self,
+        tracker: MultiCameraTracker,
+        frame_index: int,
+        edge: Mapping[str, EdgeFrame],
+        seen: Mapping[str, feeds.Seen],
+    ) -> None:
+        """Track one step: the edge frames that came for it and the relay and rtsp cameras seen."""
+        # Every camera is updated (one with nothing new sees nobody); clients hear of those
+        # that had a frame.
+        detections: dict[str, list[Detection]] = {c.camera_id: [] for c in self.spec.cameras}
+        detections.update({c: domain.edge_detections(f) for c, f in edge.items()})
+        detections.update({c: s.detections for c, s in seen.items()})
+        images = {c: s.image for c, s in seen.items()}
+        tracks = await self.deps.inference.call(
+            lambda: tracker.update(frame_index, detections, images)
+        )
+        self.deps.metrics.edge_frames.labels("tracked").inc(len(edge))
+        for camera_id in seen:
+            source = self.spec.camera(camera_id)
+            kind = "relay" if source is None else source.source.kind
+            self.deps.metrics.camera_frames.labels(kind, "tracked").inc()
+        captured = {c: datetime.fromtimestamp(f.timestamp, UTC) for c, f in edge.items()}
+        captured.update({c: s.captured_at for c, s in seen.items()})
+        await self.tracked(frame_index, {c: tracks[c] for c in captured}, captured)
+
+    async def _checkpoint_or_announce(self, tracker: MultiCameraTracker) -> None:
         if self.checkpoint_due():
             await self.commit(
                 TaskStatus.PROCESSING,
@@ -591,6 +689,7 @@ class TaskRuns:
     def __init__(self) -> None:
         self._running: dict[str, _Running] = {}
         self._handlers: set[asyncio.Future[Any]] = set()
+        self.closing = False  # shutting down: commands that still come are passed on
 
     def __len__(self) -> int:
         return len(self._running)
@@ -620,6 +719,13 @@ class TaskRuns:
             task_id = str(body["task_id"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("run command without a task id dropped", body=message.body[:200])
+            await message.ack()
+            return
+        if self.closing:
+            # Its consumer still runs while this replica hands its tasks back, and may get one
+            # of them again: another replica (or this one, restarted) takes a fresh command.
+            await asyncio.sleep(HANDOFF_PAUSE_S)
+            await queue_run(deps.broker, deps.topology, task_id)
             await message.ack()
             return
         now = datetime.now(UTC)
@@ -689,6 +795,7 @@ class TaskRuns:
 
     async def release_all(self, grace: float) -> None:
         """Hand every task back (shutting down): runs end, commands go back to the queue."""
+        self.closing = True
         for task_id in list(self._running):
             self._end(task_id, "release")
         if self._handlers:

@@ -25,8 +25,10 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.tracking import (
     DETECTIONS_TYPE,
     ERROR_TYPE,
+    CameraConfig,
     EdgeFrame,
     EnvironmentSpec,
+    ExternalSource,
     out_of_frame,
 )
 from edgeway.tracker import answers, domain, store, videos
@@ -75,6 +77,16 @@ async def reject(
     )
 
 
+def not_external(frame: EdgeFrame, camera: CameraConfig | None) -> str:
+    """Why edge detections for this camera are refused: it is not one, or not an edge one."""
+    if camera is None:
+        return f"environment {frame.environment_id} has no camera {frame.camera_id!r}"
+    return (
+        f"camera {frame.camera_id} of environment {frame.environment_id} is a "
+        f"{camera.source.kind} source: only external cameras take edge detections"
+    )
+
+
 def _read(message: RabbitMessage) -> tuple[Envelope, EdgeFrame | str]:
     envelope = Envelope.from_message(message, type=DETECTIONS_TYPE)
     try:
@@ -93,9 +105,8 @@ async def on_detections(message: RabbitMessage, deps: Deps) -> None:
         await on_unrouted(message, deps)
         return
     camera = inbox.spec.camera(frame.camera_id)
-    if camera is None:
-        reason = f"environment {frame.environment_id} has no camera {frame.camera_id!r}"
-        await reject(deps, envelope, ErrorCode.UNKNOWN_CAMERA, reason, frame)
+    if camera is None or not isinstance(camera.source, ExternalSource):
+        await reject(deps, envelope, ErrorCode.UNKNOWN_CAMERA, not_external(frame, camera), frame)
         return
     why = out_of_frame(frame, camera.width, camera.height)
     if why is not None:
@@ -123,9 +134,8 @@ async def on_unrouted(message: RabbitMessage, deps: Deps) -> None:
         await reject(deps, envelope, ErrorCode.UNKNOWN_ENVIRONMENT, reason, frame)
         return
     camera = EnvironmentSpec.model_validate(environment.spec).camera(frame.camera_id)
-    if camera is None:
-        reason = f"environment {frame.environment_id} has no camera {frame.camera_id!r}"
-        await reject(deps, envelope, ErrorCode.UNKNOWN_CAMERA, reason, frame)
+    if camera is None or not isinstance(camera.source, ExternalSource):
+        await reject(deps, envelope, ErrorCode.UNKNOWN_CAMERA, not_external(frame, camera), frame)
         return
     why = out_of_frame(frame, camera.width, camera.height)
     if why is not None:

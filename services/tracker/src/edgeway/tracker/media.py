@@ -1,4 +1,5 @@
-"""Video files: the tracker's object store (a local directory), checking an upload, reading one.
+"""Video files: the tracker's object store (a local directory), checking an upload, reading one;
+and the relay's JPEG frames, decoded.
 
 Everything here blocks (files, PyAV's decoder): callers run it in a worker thread.
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import av
 import av.error
+import cv2
 import numpy as np
 
 from edgeway.tracker.vision import Frame
@@ -74,6 +76,14 @@ class VideoStore:
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def read(self, key: str, *, offset: int, length: int) -> tuple[int, bytes]:
+        """The object's size and up to `length` of its bytes from `offset`
+        (FileNotFoundError when it is not there)."""
+        with self.path(key).open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            file.seek(min(offset, size))
+            return size, file.read(length)
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -140,3 +150,11 @@ class VideoReader:
 
     def close(self) -> None:
         self._container.close()
+
+
+def decode_jpeg(data: bytes, *, width: int, height: int) -> Frame | None:
+    """A relayed JPEG as a BGR image of the size its headers said (None: it is not one)."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[:2] != (height, width):
+        return None
+    return np.asarray(image, dtype=np.uint8)

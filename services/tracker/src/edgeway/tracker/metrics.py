@@ -10,6 +10,11 @@ from edgeway.common.schemas.tracking import TaskStatus
 
 DETECTION_OUTCOMES = ("tracked", "late", "rejected", "not_tracking")
 VIDEO_OUTCOMES = ("ready", "rejected", "duplicate")
+# Frames of a live task's relay and rtsp cameras: tracked, dropped (a newer one of its camera
+# came before it was), ignored (another device's), rejected (no device or size header, not the
+# camera's size, not a JPEG).
+CAMERA_SOURCES = ("relay", "rtsp")
+CAMERA_OUTCOMES = ("tracked", "dropped", "ignored", "rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +27,7 @@ class Metrics:
     step_seconds: Histogram
     edge_frames: Counter
     videos: Counter
+    camera_frames: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -68,6 +74,12 @@ class Metrics:
                 ["outcome"],
                 registry=registry,
             ),
+            camera_frames=Counter(
+                "edgeway_tracker_camera_frames_total",
+                "Frames of live tasks' relay and rtsp cameras, by source and outcome",
+                ["source", "outcome"],
+                registry=registry,
+            ),
         )
         for status in TaskStatus:
             if status.terminal:
@@ -76,4 +88,7 @@ class Metrics:
             metrics.edge_frames.labels(outcome)
         for outcome in VIDEO_OUTCOMES:
             metrics.videos.labels(outcome)
+        for source in CAMERA_SOURCES:
+            for outcome in CAMERA_OUTCOMES:
+                metrics.camera_frames.labels(source, outcome)
         return metrics

@@ -6,8 +6,10 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from edgeway.common.rtsp.credentials import check_key
+from edgeway.common.rtsp.destinations import DEFAULT_DESTINATIONS, parse_rule
 from edgeway.common.settings import CommonSettings, database_url_field
 
 
@@ -58,3 +60,34 @@ class TrackerSettings(CommonSettings):
     # `retention_sweep_s` by every replica.
     retention_days: float = Field(default=30.0, gt=0)
     retention_sweep_s: float = Field(default=3600.0, gt=0)
+
+    # `rtsp` cameras. Where a live task may connect: the same allowlist as ingestion's captures
+    # (edgeway.common.rtsp.destinations; default: public cameras on the RTSP ports only).
+    rtsp_allowed_destinations: list[str] = Field(default_factory=lambda: list(DEFAULT_DESTINATIONS))
+    # Consecutive connections without a frame before the task fails (with the masked reason).
+    rtsp_reconnect_attempts: int = Field(default=3, ge=1)
+    # Fernet key sealing rtsp URLs at rest (environments and tasks). In development a key is
+    # made once and kept in the data directory; elsewhere it must be set, the same on every
+    # replica (any replica may run a task another stored).
+    credentials_key: SecretStr | None = None
+
+    @field_validator("credentials_key")
+    @classmethod
+    def _a_fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return check_key(value, setting="EDGEWAY_CREDENTIALS_KEY")
+
+    @field_validator("rtsp_allowed_destinations")
+    @classmethod
+    def _destinations(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_rule(entry)  # a ValueError says which entry and what is wrong with it
+        return value
+
+    @model_validator(mode="after")
+    def _key_outside_development(self) -> TrackerSettings:
+        if self.credentials_key is None and not self.is_development:
+            raise ValueError(
+                "EDGEWAY_CREDENTIALS_KEY must be set outside development (a Fernet key: "
+                "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key())')"
+            )
+        return self

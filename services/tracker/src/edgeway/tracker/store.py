@@ -231,6 +231,34 @@ async def delete_videos(
     return [video.object_key for video in gone if video.object_key]
 
 
+def _task_keys(environment: Any) -> set[str]:
+    videos = (environment or {}).get("videos") or {}
+    return {v["object_key"] for v in videos.values() if v.get("object_key")}
+
+
+async def keys_in_use(
+    *, session: AsyncSession, environment_id: str, keys: Sequence[str]
+) -> set[str]:
+    """Which of an environment's video objects are still needed: a camera's current video, or
+    one a kept task read (its media URLs serve it until retention deletes the task)."""
+    if not keys:
+        return set()
+    used: set[str] = {
+        key
+        for key in await session.scalars(
+            select(Video.object_key).where(
+                Video.environment_id == environment_id, Video.object_key.in_(list(keys))
+            )
+        )
+        if key is not None
+    }
+    for environment in await session.scalars(
+        select(Task.environment).where(Task.environment_id == environment_id)
+    ):
+        used |= _task_keys(environment)
+    return used & set(keys)
+
+
 @dataclass(frozen=True, slots=True)
 class VideoRecord:
     environment_id: str
@@ -400,21 +428,32 @@ async def finish_task(
 
 async def delete_finished_before(
     *, session: AsyncSession, cutoff: datetime, limit: int = 100
-) -> list[str]:
-    """Delete up to `limit` tasks that finished before `cutoff`, with their observations."""
-    ids = list(
-        await session.scalars(
-            select(Task.id)
+) -> tuple[list[str], list[str]]:
+    """Delete up to `limit` tasks that finished before `cutoff`, with their observations; the
+    ids, and the video objects that only they still needed (to delete after commit)."""
+    rows = (
+        await session.execute(
+            select(Task.id, Task.environment_id, Task.environment)
             .where(Task.status.in_(TERMINAL), Task.finished_at < cutoff)
             .order_by(Task.finished_at)
             .limit(limit)
         )
-    )
+    ).all()
+    ids = [row.id for row in rows]
+    unused: list[str] = []
     if ids:
         # Explicitly, not by cascade: SQLite enforces it only with its foreign_keys pragma.
         await session.execute(delete(Observation).where(Observation.task_id.in_(ids)))
         await session.execute(delete(Task).where(Task.id.in_(ids)))
-    return ids
+        by_environment: dict[str, set[str]] = {}
+        for row in rows:
+            by_environment.setdefault(row.environment_id, set()).update(_task_keys(row.environment))
+        for environment_id, keys in by_environment.items():
+            used = await keys_in_use(
+                session=session, environment_id=environment_id, keys=sorted(keys)
+            )
+            unused.extend(sorted(keys - used))
+    return ids, unused
 
 
 # --- observations ----------------------------------------------------------------------------

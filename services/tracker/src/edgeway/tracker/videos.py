@@ -111,12 +111,19 @@ async def take(upload: Upload, deps: Deps) -> str:
     )
 
     async def save() -> str | None:
+        """Record it; the replaced video's key when nothing needs that any more."""
         async with deps.sessions.begin() as session:
-            return await store.record_video(session=session, video=record)
+            replaced = await store.record_video(session=session, video=record)
+            if replaced is None or replaced == key:
+                return None
+            used = await store.keys_in_use(
+                session=session, environment_id=upload.environment_id, keys=[replaced]
+            )
+            return None if used else replaced
 
     replaced = await with_db_retry(save, delays=deps.settings.db_retry_delays, forever=True)
-    if replaced and replaced != key:
-        deps.objects.delete(replaced)
+    if replaced is not None:
+        await asyncio.to_thread(deps.objects.delete, replaced)
     log.info(
         "video taken",
         environment_id=upload.environment_id,

@@ -23,9 +23,23 @@ from pydantic import (
     model_validator,
 )
 
+from edgeway.common.schemas.ingest import RtspUrl
+
 # Ids end up in routing keys, object keys, logs and URLs: no dots, slashes or spaces.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 ResourceId = Annotated[str, Field(pattern=ID_PATTERN)]
+# The video relay's device ids (the gateway's `?device=` on /ws/phone and /ws/video).
+DEVICE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+# A task's video as the gateway serves it (SpotOn's media route); `media_available` names it.
+MEDIA_PATH = (
+    "/api/v1/media/tasks/{task_id}/environments/{environment_id}/cameras/{camera_id}"
+    "/sub_videos/{filename}"
+)
+# A stored video's file name: `<video id>.<extension>` (the tracker makes both).
+MEDIA_FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[a-z0-9]{1,4}$"
+# Bytes of a video in one request/reply between the gateway and the tracker.
+MAX_MEDIA_CHUNK = 1024 * 1024
 
 # Message types (the AMQP `type` property).
 COMMAND_TYPE = "tracking.command.v1"  # {"command": "run", "task_id"} on the commands queue
@@ -118,11 +132,31 @@ class ExternalSource(BaseModel):
     kind: Literal["external"] = "external"
 
 
-Source = Annotated[FileSource | ExternalSource, Field(discriminator="kind")]
-NOT_YET = {
-    "relay": "relay sources (decoded phone video) are not supported yet",
-    "rtsp": "rtsp sources are not supported yet",
-}
+class RelaySource(BaseModel):
+    """A live phone or drone: the video relay's decoded frames of `device`
+    (`video_frames_exchange`), detected and tracked by a live task."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["relay"] = "relay"
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)]
+
+
+class RtspSource(BaseModel):
+    """An RTSP camera a live task reads itself (PyAV, through `edgeway.common.rtsp`'s checked
+    loopback relay). The tracker stores the URL masked (`rtsp://***@host/path`) and sealed
+    (`sealed`, Fernet): clients never see the credentials again, and never send `sealed`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["rtsp"] = "rtsp"
+    url: RtspUrl
+    sealed: Annotated[str, Field(max_length=8192)] | None = None
+
+
+Source = Annotated[
+    FileSource | ExternalSource | RelaySource | RtspSource, Field(discriminator="kind")
+]
+# Sources a live task tracks (a batch task reads `file` cameras).
+LIVE_SOURCES = (ExternalSource, RelaySource, RtspSource)
 
 
 class HandoffRule(BaseModel):
@@ -145,15 +179,6 @@ class CameraConfig(BaseModel):
     homography: HomographyPoints | HomographyNpz | None = None
     handoff_rules: Annotated[list[HandoffRule], Field(max_length=4)] = []
 
-    @model_validator(mode="before")
-    @classmethod
-    def _source_kind(cls, data: Any) -> Any:
-        source = data.get("source") if isinstance(data, dict) else None
-        kind = source.get("kind") if isinstance(source, dict) else None
-        if isinstance(kind, str) and kind in NOT_YET:
-            raise ValueError(f"{NOT_YET[kind]}; use file or external")
-        return data
-
 
 class EnvironmentSpec(BaseModel):
     """A named set of cameras: what `POST /api/v1/environments` takes."""
@@ -173,6 +198,12 @@ class EnvironmentSpec(BaseModel):
         if duplicates:
             raise ValueError(f"camera ids must be unique: {duplicates} appear more than once")
         known = set(ids)
+        devices = [c.source.device for c in self.cameras if isinstance(c.source, RelaySource)]
+        shared = sorted({d for d in devices if devices.count(d) > 1})
+        if shared:
+            raise ValueError(
+                f"relay devices must be one camera each: {shared} appear more than once"
+            )
         for a, b in self.overlaps:
             if a == b:
                 raise ValueError(f"overlap ({a}, {b}) names one camera twice")
@@ -313,6 +344,19 @@ class QueryTracks(BaseModel):
     format: Literal["json", "mot"] = "json"
 
 
+class ReadMedia(BaseModel):
+    """`GET MEDIA_PATH`: the video's size and type, and `length` bytes from `offset` (base64),
+    or where to fetch it instead (`redirect`, a presigned URL)."""
+
+    command: Literal["media"] = "media"
+    task_id: str
+    environment_id: ResourceId
+    camera_id: ResourceId
+    filename: Annotated[str, Field(pattern=MEDIA_FILE_PATTERN)]
+    offset: Annotated[int, Field(ge=0)] = 0
+    length: Annotated[int, Field(ge=0, le=MAX_MEDIA_CHUNK)] = 0
+
+
 TrackingRequest = Annotated[
     CreateEnvironment
     | ListEnvironments
@@ -323,7 +367,8 @@ TrackingRequest = Annotated[
     | StartTask
     | GetTaskStatus
     | StopTask
-    | QueryTracks,
+    | QueryTracks
+    | ReadMedia,
     Field(discriminator="command"),
 ]
 TRACKING_REQUEST: TypeAdapter[TrackingRequest] = TypeAdapter(TrackingRequest)

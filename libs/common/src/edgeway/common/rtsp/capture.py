@@ -33,14 +33,14 @@ from av.video.frame import VideoFrame
 from numpy.typing import NDArray
 
 from edgeway.common.logging import get_logger, mask_secrets
-from edgeway.common.schemas.ingest import CaptureMode  # the API's enum, so jobs pass it through
-from edgeway.ingestion.destinations import (
+from edgeway.common.rtsp.destinations import (
     DEFAULT_POLICY,
     Destination,
     DestinationPolicy,
     DestinationRefusedError,
 )
-from edgeway.ingestion.relay import Relay
+from edgeway.common.rtsp.relay import Relay
+from edgeway.common.schemas.ingest import CaptureMode  # the API's enum, so jobs pass it through
 
 __all__ = [
     "Capture",

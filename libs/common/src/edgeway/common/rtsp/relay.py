@@ -27,9 +27,9 @@ import re
 import ssl
 
 from edgeway.common.logging import get_logger, mask_secrets
-from edgeway.ingestion.destinations import Destination, DestinationPolicy, IPAddress
+from edgeway.common.rtsp.destinations import Destination, DestinationPolicy, IPAddress
 
-log = get_logger("edgeway.ingestion.relay")
+log = get_logger("edgeway.common.rtsp.relay")
 
 # FFmpeg keeps 4095 bytes of a line and atoi()s a status word: lines and codes past what it
 # reads exactly are refused rather than guessed at.

@@ -17,9 +17,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from edgeway.common.testing.processes import free_port
-from edgeway.common.testing.rtsp import RtspServer, rtsp_server_available
-from edgeway.ingestion.capture import (
+from edgeway.common.rtsp.capture import (
     Capture,
     CapturedFrame,
     CaptureError,
@@ -30,7 +28,9 @@ from edgeway.ingestion.capture import (
     mask_credentials,
     thumbnail,
 )
-from edgeway.ingestion.destinations import DestinationPolicy
+from edgeway.common.rtsp.destinations import DestinationPolicy
+from edgeway.common.testing.processes import free_port
+from edgeway.common.testing.rtsp import RtspServer, rtsp_server_available
 
 USER = "camera"
 PASSWORD = "s3cret/p@ss"  # a '/' and an '@' that must be percent-encoded and still masked

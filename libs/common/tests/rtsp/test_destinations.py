@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from edgeway.ingestion.destinations import (
+from edgeway.common.rtsp.destinations import (
     DEFAULT_POLICY,
     Destination,
     DestinationPolicy,

@@ -22,16 +22,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeway.common.testing.listener import RecordingListener
-from edgeway.ingestion.capture import (
+from edgeway.common.rtsp.capture import (
     Capture,
     CaptureError,
     CaptureLimits,
     CaptureMode,
     CapturePlan,
 )
-from edgeway.ingestion.destinations import DEFAULT_POLICY, DestinationPolicy
-from edgeway.ingestion.relay import MAX_LINE, RedirectGuard, RelayRefusedError
+from edgeway.common.rtsp.destinations import DEFAULT_POLICY, DestinationPolicy
+from edgeway.common.rtsp.relay import MAX_LINE, RedirectGuard, RelayRefusedError
+from edgeway.common.testing.listener import RecordingListener
 
 FAST = CaptureLimits(
     open_timeout_s=2.0, stall_timeout_s=2.0, reconnect_attempts=2, backoff_initial_s=0.1
