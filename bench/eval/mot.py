@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -165,3 +166,176 @@ def rows_from_tracks(
         for obj_id, (x1, y1, x2, y2) in items:
             rows.append(MotRow(frame, obj_id, x1, y1, x2 - x1, y2 - y1, 1.0, -1.0, -1.0))
     return rows
+
+
+def without_ignored(gt: list[MotRow], tracker: list[MotRow]) -> tuple[list[MotRow], list[MotRow]]:
+    """Drop GT rows marked ignore (``conf == 0``) and the tracker boxes that cover them.
+
+    TrackEval's ``MotChallenge2DBox`` rule for distractors: per frame, every GT box (kept or
+    ignored) is matched to the tracker boxes by Hungarian assignment on IoU >= 0.5, and
+    tracker boxes matched to an ignored GT box are removed, so tracking a barely visible
+    person is neither a hit nor a false positive.
+    """
+    gt_by = frames_of(gt)
+    tr_by = frames_of(tracker)
+    kept: list[MotRow] = []
+    for frame, tr_rows in tr_by.items():
+        g = gt_by.get(frame, [])
+        ignored = [k for k, r in enumerate(g) if r.conf == 0]
+        if not ignored:
+            kept += tr_rows
+            continue
+        iou = _box_ious(
+            np.array([[r.x, r.y, r.w, r.h] for r in g], dtype=float),
+            np.array([[r.x, r.y, r.w, r.h] for r in tr_rows], dtype=float),
+        )
+        score = np.where(iou >= 0.5 - np.finfo(float).eps, iou, 0.0)
+        rows, cols = linear_sum_assignment(-score)
+        drop = {c for r, c in zip(rows, cols, strict=True) if score[r, c] > 0 and r in ignored}
+        kept += [t for c, t in enumerate(tr_rows) if c not in drop]
+    return [r for r in gt if r.conf != 0], kept
+
+
+def concatenate_cameras(
+    rows_by_camera: Mapping[str, Sequence[MotRow]], cameras: Sequence[str], num_frames: int
+) -> list[MotRow]:
+    """All cameras as one sequence: camera k's frame f becomes ``k * num_frames + f``.
+
+    Global IDF1 (Ristani et al. 2016, AIC23's "IDF1 over all cameras") is IDF1 with one id
+    space across cameras: a single bipartite matching of GT identities to tracker identities
+    over every camera's boxes. TrackEval's ``Identity`` builds exactly that matching over a
+    sequence's timesteps, and boxes are only compared within one timestep, so laying the
+    cameras end to end (frames never shared between cameras) makes its IDF1 the global one;
+    the ids must already be global (person ids, global ids), not per camera.
+    """
+    out: list[MotRow] = []
+    for k, camera in enumerate(cameras):
+        for r in rows_by_camera.get(camera, ()):
+            if not 1 <= r.frame <= num_frames:
+                raise ValueError(f"{camera}: frame {r.frame} outside 1..{num_frames}")
+            out.append(
+                MotRow(
+                    k * num_frames + r.frame,
+                    r.obj_id,
+                    r.x,
+                    r.y,
+                    r.w,
+                    r.h,
+                    r.conf,
+                    r.world_x,
+                    r.world_y,
+                )
+            )
+    return out
+
+
+def evaluate_cameras(
+    gt_by_camera: Mapping[str, Sequence[MotRow]],
+    tracker_by_camera: Mapping[str, Sequence[MotRow]],
+    num_frames: int,
+) -> dict[str, dict[str, float]]:
+    """Per-camera metrics and ``"global"`` (all cameras in one id space, see
+    ``concatenate_cameras``). Ignore rows (``conf == 0``) are applied per camera first."""
+    cameras = sorted(gt_by_camera)
+    extra = set(tracker_by_camera) - set(cameras)
+    if extra:
+        raise ValueError(f"tracker output for cameras without GT: {sorted(extra)}")
+    gt_kept: dict[str, list[MotRow]] = {}
+    tr_kept: dict[str, list[MotRow]] = {}
+    out: dict[str, dict[str, float]] = {}
+    for camera in cameras:
+        gt_kept[camera], tr_kept[camera] = without_ignored(
+            list(gt_by_camera[camera]), list(tracker_by_camera.get(camera, ()))
+        )
+        out[camera] = evaluate(gt_kept[camera], tr_kept[camera], num_frames)
+    out["global"] = evaluate(
+        concatenate_cameras(gt_kept, cameras, num_frames),
+        concatenate_cameras(tr_kept, cameras, num_frames),
+        len(cameras) * num_frames,
+    )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityLinks:
+    """Which tracker id covered which GT id, and for how many boxes (IoU >= 0.5, per frame)."""
+
+    frames: dict[tuple[int, int], int]  # (gt id, tracker id) -> matched boxes
+    map_errors: list[float]  # distance between GT and tracker world x, y of matched boxes
+
+    def splits(self, min_frames: int) -> int:
+        """GT identities covered by more than one tracker id, each for ``min_frames`` or more."""
+        return _more_than_one(self.frames, min_frames, side=0)
+
+    def merges(self, min_frames: int) -> int:
+        """Tracker ids that covered more than one GT identity, each for ``min_frames`` or more."""
+        return _more_than_one(self.frames, min_frames, side=1)
+
+
+def _more_than_one(frames: Mapping[tuple[int, int], int], min_frames: int, side: int) -> int:
+    partners: dict[int, int] = {}
+    for pair, count in frames.items():
+        if count >= min_frames:
+            partners[pair[side]] = partners.get(pair[side], 0) + 1
+    return sum(1 for n in partners.values() if n > 1)
+
+
+def _matches(g: Sequence[MotRow], t: Sequence[MotRow]) -> list[tuple[int, int]]:
+    """One-to-one pairs (GT index, tracker index) of one frame: Hungarian on IoU >= 0.5."""
+    if not g or not t:
+        return []
+    iou = _box_ious(
+        np.array([[r.x, r.y, r.w, r.h] for r in g], dtype=float),
+        np.array([[r.x, r.y, r.w, r.h] for r in t], dtype=float),
+    )
+    rows, cols = linear_sum_assignment(-iou)
+    eps = np.finfo(float).eps
+    return [(int(i), int(j)) for i, j in zip(rows, cols, strict=True) if iou[i, j] >= 0.5 - eps]
+
+
+def with_true_ids(
+    gt_by_camera: Mapping[str, Sequence[MotRow]],
+    tracker_by_camera: Mapping[str, Sequence[MotRow]],
+) -> dict[str, list[MotRow]]:
+    """The tracker's boxes with perfect identities: each box matched to a GT box (IoU >= 0.5,
+    per frame) takes that person's id; the others keep ids of their own, one per box. Scored,
+    it is the most the association could reach with these boxes (the detection's ceiling)."""
+    out: dict[str, list[MotRow]] = {}
+    spare = -1
+    for camera, tr_rows in tracker_by_camera.items():
+        gt_by = frames_of(r for r in gt_by_camera.get(camera, ()) if r.conf != 0)
+        out[camera] = []
+        for frame, t in sorted(frames_of(tr_rows).items()):
+            g = gt_by.get(frame, [])
+            true_id = {j: g[i].obj_id for i, j in _matches(g, t)}
+            for j, r in enumerate(t):
+                if j not in true_id:
+                    true_id[j], spare = spare, spare - 1
+                out[camera].append(
+                    MotRow(r.frame, true_id[j], r.x, r.y, r.w, r.h, r.conf, r.world_x, r.world_y)
+                )
+    return out
+
+
+def identity_links(
+    gt_by_camera: Mapping[str, Sequence[MotRow]],
+    tracker_by_camera: Mapping[str, Sequence[MotRow]],
+) -> IdentityLinks:
+    """Per camera and frame, GT boxes (ignore rows left out) matched one-to-one to tracker
+    boxes by Hungarian assignment on IoU >= 0.5 (CLEAR's rule, without its carry-over of last
+    frame's pairs); the hand-off errors of tracking research §6.6 are counted from these pairs.
+    Map errors are measured where both rows carry world coordinates (not -1, -1)."""
+    frames: dict[tuple[int, int], int] = {}
+    errors: list[float] = []
+    for camera, gt_rows in gt_by_camera.items():
+        tr_by = frames_of(tracker_by_camera.get(camera, ()))
+        for frame, g in frames_of(r for r in gt_rows if r.conf != 0).items():
+            t = tr_by.get(frame, [])
+            for i, j in _matches(g, t):
+                key = (g[i].obj_id, t[j].obj_id)
+                frames[key] = frames.get(key, 0) + 1
+                if (t[j].world_x, t[j].world_y) != (-1.0, -1.0):
+                    errors.append(
+                        float(np.hypot(g[i].world_x - t[j].world_x, g[i].world_y - t[j].world_y))
+                    )
+    return IdentityLinks(frames, errors)

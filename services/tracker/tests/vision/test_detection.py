@@ -19,6 +19,7 @@ from edgeway.tracker.vision.detection import (
     OnnxDetector,
     make_detector,
 )
+from edgeway.tracker.vision.tracking import iou_matrix
 from edgeway.tracker.vision.types import Detection
 
 
@@ -200,3 +201,20 @@ def test_external_detections_apply_the_same_threshold() -> None:
     assert [d.confidence for d in kept] == [0.6]
     with pytest.raises(TypeError):
         external.detect([np.zeros((4, 4, 3), np.uint8)])
+
+
+def test_hog_tight_boxes_fit_the_figure_better_than_its_window() -> None:
+    scene = _background()
+    _draw_person(scene, 320, 120, 240)  # the figure spans x 266..374, y 120..360
+    drawn = np.array([[266.0, 120.0, 374.0, 360.0]])
+    (window,) = HogDetector().detect([scene])[0]
+    (tight,) = HogDetector(tight_boxes=True).detect([scene])[0]
+    assert tight.confidence == window.confidence
+    x1, y1, x2, y2 = window.bbox_xyxy
+    assert tight.bbox_xyxy == pytest.approx(
+        (x1 + 0.1 * (x2 - x1), y1 + 0.07 * (y2 - y1), x2 - 0.1 * (x2 - x1), y1 + 0.87 * (y2 - y1))
+    )
+    iou_window = iou_matrix(drawn, np.array([window.bbox_xyxy]))[0, 0]
+    iou_tight = iou_matrix(drawn, np.array([tight.bbox_xyxy]))[0, 0]
+    assert iou_tight > iou_window
+    assert abs(tight.bbox_xyxy[3] - 360) < abs(window.bbox_xyxy[3] - 360)  # feet closer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeway.tracker.vision import kalman
-from edgeway.tracker.vision.tracking import CameraTracker, TrackerSettings
+from edgeway.tracker.vision.tracking import CameraTracker, TrackerSettings, occluded
 from edgeway.tracker.vision.types import Detection
 
 
@@ -100,6 +100,40 @@ def test_appearance_resolves_what_iou_cannot() -> None:
     blind.update([])
     out = blind.update([Detection(_box(110), 0.9), Detection(_box(100), 0.9)])
     assert next(o.track_id for o in out if o.detection_index == 0) != id_a
+
+
+def _ids_after_a_gap(settings: TrackerSettings | None, second_look: int) -> tuple[int, int]:
+    """A walks 10 frames with look 0 and vanishes for 3; then a box appears where A's track
+    predicts, with look ``second_look``. Returns (A's id, the newcomer's id)."""
+    tracker = CameraTracker(settings)
+    look = np.eye(8, dtype=np.float32)
+    first = 0
+    for t in range(10):
+        (o,) = tracker.update([Detection(_box(100 + 5 * t), 0.9, look[0])])
+        first = o.track_id
+    for _ in range(3):
+        tracker.update([])
+    later = tracker.update([Detection(_box(165), 0.9, look[second_look])])
+    later += tracker.update([Detection(_box(170), 0.9, look[second_look])])
+    return first, later[-1].track_id
+
+
+def test_a_lost_track_never_takes_a_box_that_looks_like_someone_else() -> None:
+    same_id, same_look_id = _ids_after_a_gap(None, second_look=0)
+    assert same_look_id == same_id  # the same person back: same track
+    first, other = _ids_after_a_gap(None, second_look=3)
+    assert other != first  # a different-looking person on the same spot: a new track
+    # BoT-SORT's rule alone (appearance can only lower a cost) would have given it A's id.
+    first, other = _ids_after_a_gap(TrackerSettings(appearance_veto=1.0), second_look=3)
+    assert other == first
+
+
+def test_occluded_means_under_a_nearer_box() -> None:
+    behind = (260.0, 180.0, 340.0, 300.0)
+    front = (270.0, 220.0, 350.0, 340.0)  # lower bottom edge: nearer the camera
+    apart = (500.0, 100.0, 540.0, 200.0)
+    assert occluded([behind, front, apart], 0.3) == [True, False, False]
+    assert occluded([behind, front], 0.7) == [False, False]  # 58 % covered
 
 
 def test_kalman_predicts_constant_velocity() -> None:

@@ -34,9 +34,22 @@ Box = tuple[float, float, float, float]
 PERSON_HEIGHT_M = 2.2
 
 
-def draw_person(img: npt.NDArray[np.uint8], x: float, y: float, h: float, colour: Colour) -> Box:
+def person_box(x: float, y: float, h: float) -> Box:
+    """The tight xyxy box of `draw_person`'s silhouette with its top at (x, y), `h` tall."""
+    w = h * 0.28
+    return (x - w / 2 - h * 0.06, y, x + w / 2 + h * 0.06, y + h)
+
+
+def draw_person(
+    img: npt.NDArray[np.uint8],
+    x: float,
+    y: float,
+    h: float,
+    colour: Colour,
+    legs: Colour = (40, 40, 40),
+) -> Box:
     """A standing silhouette (head, torso, arms, legs) with its top at (x, y), `h` pixels
-    tall; returns its tight xyxy box."""
+    tall, wearing `colour` above and `legs` below; returns its tight xyxy box."""
     w = h * 0.28
     cv2.ellipse(
         img,
@@ -63,10 +76,10 @@ def draw_person(img: npt.NDArray[np.uint8], x: float, y: float, h: float, colour
             img,
             (int(x + side * w / 4), int(y + h * 0.52)),
             (int(x + side * w / 3), int(y + h)),
-            (40, 40, 40),
+            legs,
             max(1, int(h * 0.09)),
         )
-    return (x - w / 2 - h * 0.06, y, x + w / 2 + h * 0.06, y + h)
+    return person_box(x, y, h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +123,52 @@ class Walker:
     start: tuple[float, float]
     velocity: tuple[float, float]  # metres per second
     colour: Colour
+    legs: Colour = (40, 40, 40)
+
+    def position(self, t: float, room: tuple[float, float]) -> tuple[float, float] | None:
+        return (
+            _bounce(self.start[0] + self.velocity[0] * t, 0.0, room[0]),
+            _bounce(self.start[1] + self.velocity[1] * t, 0.0, room[1]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Wanderer:
+    """A person following `keyframes` ``(t seconds, x, y)`` in time order, in a straight line
+    between them (two keyframes at one place make a pause); absent before the first and after
+    the last, so people can enter and leave the floor."""
+
+    person_id: int
+    keyframes: tuple[tuple[float, float, float], ...]
+    colour: Colour
+    legs: Colour = (40, 40, 40)
+
+    def __post_init__(self) -> None:
+        times = [k[0] for k in self.keyframes]
+        if len(times) < 2 or any(b < a for a, b in itertools.pairwise(times)):
+            raise ValueError("a Wanderer needs two or more keyframes in time order")
+
+    def position(self, t: float, room: tuple[float, float]) -> tuple[float, float] | None:
+        times = [k[0] for k in self.keyframes]
+        if not times[0] <= t <= times[-1]:
+            return None
+        x = float(np.interp(t, times, [k[1] for k in self.keyframes]))
+        y = float(np.interp(t, times, [k[2] for k in self.keyframes]))
+        return (x, y)
+
+
+Person = Walker | Wanderer
 
 
 @dataclass(frozen=True, slots=True)
 class Sighting:
-    """One person in one rendered frame: who, the drawn box, where they stand on the map."""
+    """One person in one rendered frame: who, the drawn box, where they stand on the map, and
+    the share of the box that no nearer person's box covers (1.0: nobody in front)."""
 
     person_id: int
     bbox_xyxy: Box
     map_xy: tuple[float, float]
+    visibility: float = 1.0
 
 
 def _bounce(position: float, low: float, high: float) -> float:
@@ -127,13 +177,31 @@ def _bounce(position: float, low: float, high: float) -> float:
     return low + (phase if phase <= span else 2 * span - phase)
 
 
+def _visibility(box: Box, nearer: Sequence[Box]) -> float:
+    """Share of `box` outside the union of the `nearer` boxes (a pixel grid over the box)."""
+    x1, y1, x2, y2 = (round(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        return 0.0
+    covered = np.zeros((y2 - y1, x2 - x1), dtype=bool)
+    for a1, b1, a2, b2 in nearer:
+        cx1, cy1 = max(round(a1), x1), max(round(b1), y1)
+        cx2, cy2 = min(round(a2), x2), min(round(b2), y2)
+        if cx2 > cx1 and cy2 > cy1:
+            covered[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1] = True
+    return 1.0 - float(covered.mean())
+
+
+#: (person, map position, foot x, foot y, pixel height) for everyone on the floor, far first.
+_Layout = list[tuple[Person, tuple[float, float], float, float, float]]
+
+
 class Scene:
     """People on a floor `room` = (width, depth) metres, seen by `cameras`, at `fps`."""
 
     def __init__(
         self,
         cameras: Sequence[SceneCamera],
-        walkers: Sequence[Walker],
+        walkers: Sequence[Person],
         *,
         room: tuple[float, float],
         fps: float,
@@ -147,43 +215,47 @@ class Scene:
         self._backgrounds = {c.camera_id: _background(c, rng) for c in self.cameras}
 
     def positions(self, frame: int) -> dict[int, tuple[float, float]]:
-        """Where everyone stands at a frame, in metres."""
+        """Where everyone on the floor stands at a frame, in metres."""
         t = frame / self.fps
-        width, depth = self.room
-        return {
-            w.person_id: (
-                _bounce(w.start[0] + w.velocity[0] * t, 0.0, width),
-                _bounce(w.start[1] + w.velocity[1] * t, 0.0, depth),
-            )
-            for w in self.walkers
-        }
+        out = {}
+        for walker in self.walkers:
+            position = walker.position(t, self.room)
+            if position is not None:
+                out[walker.person_id] = position
+        return out
 
-    def render(
-        self, camera: SceneCamera, frame: int
-    ) -> tuple[npt.NDArray[np.uint8], list[Sighting]]:
-        """One camera's frame (BGR) and the people drawn in it, far ones first."""
-        image = self._backgrounds[camera.camera_id].copy()
+    def _layout(self, camera: SceneCamera, frame: int) -> _Layout:
+        """Everyone on the floor as (person, map position, foot x, foot y, pixel height) in
+        this camera, far ones (smaller foot y) first: the order they are drawn in."""
         to_image = camera.to_image
+        positions = self.positions(frame)
         people = []
         for walker in self.walkers:
-            position = self.positions(frame)[walker.person_id]
+            position = positions.get(walker.person_id)
+            if position is None:
+                continue
             foot = project_points(to_image, [position])[0]
             # Pixels per metre at the foot, across the floor: the person's scale there.
             left, right = project_points(
                 to_image, [(position[0] - 0.5, position[1]), (position[0] + 0.5, position[1])]
             )
             height = float(np.linalg.norm(right - left)) * PERSON_HEIGHT_M
-            people.append((float(foot[1]), walker, position, float(foot[0]), height))
-        sightings = []
-        for foot_y, walker, position, foot_x, height in sorted(people, key=lambda p: p[0]):
-            box = draw_person(image, foot_x, foot_y - height, height, walker.colour)
-            x1, y1, x2, y2 = box
-            # In view: the feet on the image and most of the body inside it.
-            if 0 <= foot_x < camera.width and 0 <= foot_y <= camera.height and y1 >= 0:
-                clipped = (max(0.0, x1), y1, min(float(camera.width), x2), y2)
-                if clipped[2] - clipped[0] > 0.6 * (x2 - x1):
-                    sightings.append(Sighting(walker.person_id, clipped, position))
-        return image, sightings
+            people.append((walker, position, float(foot[0]), float(foot[1]), height))
+        return sorted(people, key=lambda p: p[3])
+
+    def sightings(self, camera: SceneCamera, frame: int) -> list[Sighting]:
+        """The people in view of one camera at a frame: `render`'s list, without drawing."""
+        return _in_view(camera, self._layout(camera, frame))
+
+    def render(
+        self, camera: SceneCamera, frame: int
+    ) -> tuple[npt.NDArray[np.uint8], list[Sighting]]:
+        """One camera's frame (BGR) and the people in view in it, far ones drawn first."""
+        image = self._backgrounds[camera.camera_id].copy()
+        layout = self._layout(camera, frame)
+        for walker, _, foot_x, foot_y, height in layout:
+            draw_person(image, foot_x, foot_y - height, height, walker.colour, walker.legs)
+        return image, _in_view(camera, layout)
 
     def frames(self, camera: SceneCamera, count: int) -> Iterator[npt.NDArray[np.uint8]]:
         for frame in range(count):
@@ -192,6 +264,21 @@ class Scene:
     def write_video(self, camera: SceneCamera, path: Path, frames: int) -> None:
         """Encode `frames` frames of one camera as H.264 in MP4 (PyAV)."""
         write_video(path, self.frames(camera, frames), fps=self.fps)
+
+
+def _in_view(camera: SceneCamera, layout: _Layout) -> list[Sighting]:
+    """The people of a layout in view: the feet on the image and most of the body inside it.
+    Visibility counts every nearer person drawn, in view or not."""
+    boxes = [person_box(fx, fy - h, h) for _, _, fx, fy, h in layout]
+    out = []
+    for k, (walker, position, foot_x, foot_y, _) in enumerate(layout):
+        x1, y1, x2, y2 = boxes[k]
+        if 0 <= foot_x < camera.width and 0 <= foot_y <= camera.height and y1 >= 0:
+            clipped = (max(0.0, x1), y1, min(float(camera.width), x2), y2)
+            if clipped[2] - clipped[0] > 0.6 * (x2 - x1):
+                visibility = _visibility(clipped, boxes[k + 1 :])
+                out.append(Sighting(walker.person_id, clipped, position, visibility))
+    return out
 
 
 def _background(camera: SceneCamera, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
@@ -235,7 +322,7 @@ DEMO_ENVIRONMENT_ID = "demo-lab"
 DEMO_SEED = 20251201
 
 
-def _camera(camera_id: str, x0: float, x1: float, width: int, height: int) -> SceneCamera:
+def strip_camera(camera_id: str, x0: float, x1: float, width: int, height: int) -> SceneCamera:
     """A camera above the floor's near edge looking across it: the strip x0..x1 of the floor,
     y 0 (near, the image's bottom) to 6 m (far), as a trapezoid."""
     w, h = float(width), float(height)
@@ -257,9 +344,9 @@ def demo_scene(*, width: int = 640, height: int = 480, fps: float = 10.0) -> Sce
     """Three cameras along a 13 m room: c01 sees 0-5 m, c02 4-9 m, c03 8-13 m (c01 and c02,
     c02 and c03 overlap by a metre), and four people walking across."""
     cameras = [
-        _camera("c01", 0.0, 5.0, width, height),
-        _camera("c02", 4.0, 9.0, width, height),
-        _camera("c03", 8.0, 13.0, width, height),
+        strip_camera("c01", 0.0, 5.0, width, height),
+        strip_camera("c02", 4.0, 9.0, width, height),
+        strip_camera("c03", 8.0, 13.0, width, height),
     ]
     walkers = [
         Walker(1, (1.0, 1.5), (1.1, 0.0), (200, 40, 40)),

@@ -14,7 +14,7 @@ and resume after a worker crash without re-identifying everyone from scratch.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,17 +117,20 @@ class ReIDGallery:
         frame: int,
         embeddings: Sequence[Embedding | None],
         exclude: Iterable[str] = (),
+        exclude_each: Sequence[Collection[str]] | None = None,
     ) -> list[tuple[str, float] | None]:
         """Best gallery id for each new track of one camera, one id per track at most.
 
         Hungarian assignment on cosine similarity, so when two tracks want the same id the
         closer one wins and the other gets its next best or nothing (SpotOn's "one track per
-        (camera, global id)", decided by similarity rather than by order).
+        (camera, global id)", decided by similarity rather than by order). ``exclude`` holds
+        for every track, ``exclude_each[k]`` for the k-th only.
         """
         result: list[tuple[str, float] | None] = [None] * len(embeddings)
         rows = [i for i, emb in enumerate(embeddings) if emb is not None]
         if not rows:
             return result
+        rows_all = list(rows)
         queries = [normalise(e) for e in embeddings if e is not None]
         dim = queries[0].shape[0]
         # Vectors of another size come from another embedder: they are not comparable.
@@ -147,11 +150,21 @@ class ReIDGallery:
         query = np.stack([queries[k] for k in keep])
         gallery = np.stack([c.embedding for c in candidates if c.embedding is not None])
         sim = query @ gallery.T
+        if exclude_each is not None:
+            for r, k in enumerate(keep):
+                banned = exclude_each[rows_all[k]]
+                for c, cand in enumerate(candidates):
+                    if cand.global_id in banned:
+                        sim[r, c] = -1.0  # below any threshold: never chosen
         r_idx, c_idx = linear_sum_assignment(-sim)
         for r, c in zip(r_idx, c_idx, strict=True):
             if sim[r, c] >= self.settings.similarity_threshold:
                 result[rows[r]] = (candidates[c].global_id, float(sim[r, c]))
         return result
+
+    def forget(self, global_id: str) -> None:
+        """Drop an id (a provisional one that turned out to be someone known)."""
+        self._entries.pop(global_id, None)
 
     def prune(self, frame: int, keep: Iterable[str] = ()) -> None:
         """Forget ids unseen for longer than the lost buffer, except those still held."""

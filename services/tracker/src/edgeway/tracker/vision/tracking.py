@@ -12,7 +12,8 @@ One frame (``update``):
 2. High-confidence detections against tracked and recently lost tracks. Cost is ``1 - IoU``,
    fused with the detection score (ByteTrack); with embeddings, BoT-SORT's rule: the cosine
    distance (halved) replaces the IoU distance where the boxes overlap enough and the appearance
-   is close enough, and the smaller of the two wins.
+   is close enough, and the smaller of the two wins; and, unlike BoT-SORT, a pair whose looks
+   are far apart is never matched (``appearance_veto``).
 3. Low-confidence detections against the still-unmatched tracked tracks, IoU only (ByteTrack's
    second stage: occluded people score low, and dropping those boxes is what breaks tracks).
 4. Unconfirmed (one-frame) tracks against what is left of the high detections; unmatched ones die.
@@ -65,6 +66,17 @@ class TrackerSettings:
     appearance_threshold: float = 0.25
     #: BoT-SORT's feature EMA: 0.9 of the old appearance, 0.1 of the new one.
     embedding_momentum: float = 0.9
+    #: Not in BoT-SORT, where appearance can only lower a cost: a track and a box whose
+    #: cosine distance / 2 is above this (cosine below 0.2) are never matched, however well
+    #: they overlap (DeepSORT gates on appearance too). Without it a lost track's predicted box
+    #: handed its id to the next person walking through the same spot (``make eval``'s
+    #: multi-camera tuning seeds 1100-1102: 3 of 5 clean-detection id errors on seed 1100).
+    appearance_veto: float = 0.4
+    #: A box with this share of its area under a nearer box (lower bottom edge, so in front)
+    #: is occluded: its crop shows the person in front too, so its embedding does not update
+    #: the track's look (nor, in ``multicam``, match or update the Re-ID gallery). 0.3:
+    #: ``make eval``'s multi-camera tuning seeds.
+    occlusion_share: float = 0.3
 
 
 @dataclass(slots=True)
@@ -108,6 +120,22 @@ def iou_matrix(a: FloatArray, b: FloatArray) -> FloatArray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def occluded(boxes: Sequence[BBox], share: float) -> list[bool]:
+    """For each box of one frame: is ``share`` or more of its area under a single nearer box
+    (one whose bottom edge is lower on the image, so closer to the camera)?"""
+    out = []
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+        covered = 0.0
+        for j, (a1, b1, a2, b2) in enumerate(boxes):
+            if j == i or b2 <= y2:
+                continue
+            inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
+            covered = max(covered, inter)
+        out.append(area > 0 and covered >= share * area)
+    return out
 
 
 def normalise(vector: npt.NDArray[np.floating]) -> Embedding:
@@ -178,6 +206,7 @@ class CameraTracker:
         embeddings = [
             normalise(d.embedding) if d.embedding is not None else None for d in detections
         ]
+        hidden = occluded([d.bbox_xyxy for d in detections], s.occlusion_share)
 
         confirmed = [t for t in tracks if t.confirmed]
         unconfirmed = [t for t in tracks if not t.confirmed]
@@ -204,7 +233,7 @@ class CameraTracker:
         starters = [remaining_high[c] for c in left_new]
 
         if matched:
-            self._correct(matched, boxes, scores, embeddings)
+            self._correct(matched, boxes, scores, embeddings, hidden)
 
         first_frame = self._frames_seen == 1
         for i in starters:
@@ -287,9 +316,15 @@ class CameraTracker:
         d_mat: FloatArray = np.stack([zeros if e is None else e for e in det_emb]).astype(float)
         # Cosine distance halved (0..1), as BoT-SORT does; a missing vector gives distance 0.5.
         emb_cost = (1.0 - t_mat @ d_mat.T) / 2.0
+        both = np.outer(
+            [e is not None for e in track_emb], [e is not None for e in det_emb]
+        ).astype(bool)
+        veto = both & (emb_cost > s.appearance_veto)
         emb_cost[emb_cost > s.appearance_threshold] = 1.0
         emb_cost[(1.0 - ious) > s.proximity_threshold] = 1.0
-        return np.asarray(np.minimum(cost, emb_cost), dtype=np.float64)
+        fused = np.minimum(cost, emb_cost)
+        fused[veto] = 1.0  # above every limit: never a pair
+        return np.asarray(fused, dtype=np.float64)
 
     def _correct(
         self,
@@ -297,6 +332,7 @@ class CameraTracker:
         boxes: FloatArray,
         scores: FloatArray,
         embeddings: Sequence[Embedding | None],
+        hidden: Sequence[bool],
     ) -> None:
         s = self.settings
         means, covs = kalman.update(
@@ -311,7 +347,7 @@ class CameraTracker:
             track.confidence = float(scores[i])
             track.last_detection_index = i
             emb = embeddings[i]
-            if emb is not None:
+            if emb is not None and (not hidden[i] or track.embedding is None):
                 if track.embedding is None:
                     track.embedding = emb
                 else:
