@@ -1133,7 +1133,8 @@ async def test_a_database_outage_longer_than_the_delivery_limit_loses_no_file(
 
 
 def test_the_embedded_defaults_store_frames_in_a_local_directory(tmp_path: Path) -> None:
-    """`make run`'s profile: SQLite and a local object directory, no S3 server, no URL."""
+    """`make run`'s profile: SQLite and a local object directory, no S3 server; the frames'
+    URLs are the ingestion service's own, signed and expiring."""
     # A virtual host of its own: the module's stack (another ingestion service) still runs.
     vhost, amqp_url = create_vhost()
     occupancy_db = create_postgres_database()
@@ -1142,13 +1143,18 @@ def test_the_embedded_defaults_store_frames_in_a_local_directory(tmp_path: Path)
         response = upload(stack, [("local.jpg", jpeg())], camera_id="local-cam")
         assert response.status_code == 202, response.text
         final = wait_final(stack, response.json()["request_id"])
+        assert final["status"] == "completed", final
+        (frame,) = final["frames"]
+        served = httpx.get(frame["storage_url"], timeout=10)
+        tampered = httpx.get(frame["storage_url"].replace("expires=", "expires=9"), timeout=10)
     finally:
         stack.stop()
         drop_postgres_database(occupancy_db)
         drop_vhost(vhost)
-    assert final["status"] == "completed", final
-    (frame,) = final["frames"]
-    assert frame["storage_url"] is None  # nothing to presign on a local directory
     stored = tmp_path / "objects" / "trackshift-frames" / frame["storage_path"]
     assert Image.open(stored).size == (320, 240)
+    assert frame["storage_url"].startswith(stack.ingestion.url + "/objects?")
+    assert (served.status_code, served.headers["content-type"]) == (200, "image/jpeg")
+    assert served.content == stored.read_bytes()
+    assert tampered.status_code == 403
     assert (tmp_path / "ingestion.sqlite3").exists()

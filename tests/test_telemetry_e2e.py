@@ -170,19 +170,21 @@ async def test_a_logger_streams_to_the_database_and_every_dashboard(
         await logger(stack, SEED_VIN, samples, tmp_path, control=False).run()
         live = await messages(dashboard, 40, "telemetry")
 
-    # The seed's message, with what Edgeway adds (`reconstructed`, `uncertain`) at the top level.
+    # The seed's message, with what Edgeway adds (`vin`, `reconstructed`, `uncertain`) at the
+    # top level.
     for message in live:
         assert set(message) == {
             "type",
             "data",
             "vehicle_vin",
+            "vin",
             "compression_stats",
             "reconstructed",
             "uncertain",
         }
         assert set(message["data"]) == DATA_KEYS
         assert set(message["compression_stats"]) == STATS_KEYS
-        assert message["vehicle_vin"] == SEED_VIN[-6:]
+        assert (message["vehicle_vin"], message["vin"]) == (SEED_VIN[-6:], SEED_VIN)
         assert message["uncertain"] is False
     assert [m["data"]["timestamp"] for m in live] == [s.timestamp_ms for s in samples]
     last_stats = live[-1]["compression_stats"]
@@ -567,6 +569,25 @@ async def test_logger_control_needs_its_scope_and_reaches_the_logger(
             await eventually(lambda: not vehicle.running)
             assert (await http.post("/logger/start", headers=operator)).status_code == 202
             await eventually(lambda: vehicle.running)
+            # The answer says the new state, once the logger acknowledged the command.
+            toggled = await http.post("/toggle_offline", headers=operator)
+            assert toggled.status_code == 202
+            assert vehicle.offline
+            (state,) = toggled.json()["loggers"]
+            assert (state["vin"], state["acknowledged"], state["offline"]) == (SEED_VIN, True, True)
+            # `?vin=` takes the six characters dashboards show; an unknown vehicle is a 404
+            # that says how to register it.
+            back = await http.post(
+                "/toggle_offline", params={"vin": SEED_VIN[-6:]}, headers=operator
+            )
+            assert (back.json()["vin"], back.json()["loggers"][0]["offline"]) == (SEED_VIN, False)
+            unknown = await http.post(
+                "/toggle_offline", params={"vin": "5YJ3E1EA1KF000099"}, headers=operator
+            )
+            assert unknown.status_code == 404
+            assert "POST /api/v1/vehicles" in unknown.json()["reason"]
+            cleared = await http.post("/clear_data", headers=operator)
+            assert "deletes nothing on the server" in cleared.json()["effect"]
             assert (await http.post("/toggle_offline", headers=operator)).status_code == 202
             await eventually(lambda: vehicle.offline)
             logs = [m["message"] for m in await messages(dashboard, 3, "log")]

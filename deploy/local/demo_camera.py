@@ -1,4 +1,5 @@
-"""A demo camera model: Omega-style frame results for the seven Omega cameras, forever.
+"""A demo camera model: Omega-style frame results for the seven Omega cameras (or the
+`--camera` ids given), forever.
 
 Each camera watches a few tables (ROI zones with a seat capacity); people come and go in a
 random walk, and a zone is "occupied" when it holds more people than seats, as Omega's model
@@ -64,9 +65,9 @@ class Camera:
         }
 
 
-async def run(url: str, token: str, interval: float, seed: int) -> None:
+async def run(url: str, token: str, interval: float, seed: int, names: list[str]) -> None:
     rng = random.Random(seed)
-    cameras = [Camera(name, rng) for name in CAMERAS]
+    cameras = [Camera(name, rng) for name in names]
     while True:
         try:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -96,10 +97,16 @@ def main() -> None:
     add_token_options(parser, env=TOKEN_ENV, scope="occupancy:publish")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--camera",
+        action="append",
+        dest="cameras",
+        help="a camera id to send for (repeat it; default: Omega's seven)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo-camera %(message)s")
     token = read_token(parser, args, env=TOKEN_ENV)
-    asyncio.run(run(args.url, token, args.interval, args.seed))
+    asyncio.run(run(args.url, token, args.interval, args.seed, args.cameras or list(CAMERAS)))
 
 
 if __name__ == "__main__":

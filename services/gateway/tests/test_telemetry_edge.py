@@ -38,7 +38,7 @@ PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
 def make_token(*scopes: str, vin: list[str] | None = None) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="telemetry-edge", ttl=600, vin=vin)
+    return mint_with_secret(SECRET, *scopes, subject="telemetry-edge", ttl=86_400, vin=vin)
 
 
 # A logger's token names the vehicles it uploads for: this test's and the seed's default.
@@ -280,7 +280,7 @@ async def test_a_logger_token_cannot_upload_for_another_vehicle(
     body = wire.encode_packet(packets(1)[0])
     compressed = {**PROTOBUF, "X-Compressed": "true"}
     unbound = make_token("telemetry:publish")  # subject "telemetry-edge", no vin claim
-    by_subject = mint_with_secret(SECRET, "telemetry:publish", subject=OTHER_VIN, ttl=600)
+    by_subject = mint_with_secret(SECRET, "telemetry:publish", subject=OTHER_VIN, ttl=86_400)
     async with httpx.AsyncClient(base_url=gateway.url) as http:
         other = await http.post(
             "/telemetry", content=body, headers={**compressed, **LOGGER, "X-Vehicle-VIN": OTHER_VIN}

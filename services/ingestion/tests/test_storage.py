@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from minio import Minio
 from edgeway.common.testing import free_port
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import LocalStore, ObjectStore, S3Store, make_store
+from edgeway.ingestion.storage import LocalStore, LocalUrls, ObjectStore, S3Store, make_store
 
 JPEG = "image/jpeg"
 DAY = "frames/2025/11/21/"
@@ -209,12 +210,45 @@ async def test_the_local_store_refuses_a_key_leaving_its_root(tmp_path: Path, ke
     assert files_under(tmp_path) == []
 
 
-async def test_the_local_store_has_no_url(tmp_path: Path) -> None:
+async def test_the_local_store_has_no_url_without_a_signer(tmp_path: Path) -> None:
     # Nothing serves its files: the status shows no URL rather than a dead one.
     objects = LocalStore(tmp_path, "frames")
     assert objects.url(f"{DAY}cam-1/a.jpg", expires=timedelta(hours=1)) is None
     keys = [f"{DAY}cam-1/a.jpg", f"{DAY}cam-1/b.jpg"]
     assert list(await objects.urls(keys, expires=timedelta(hours=1))) == [None, None]
+
+
+def test_a_local_url_is_signed_for_its_key_and_expires() -> None:
+    now = [1_800_000_000.0]
+    urls = LocalUrls("http://127.0.0.1:8084/", b"k" * 32, clock=lambda: now[0])
+    url = urls.sign("frames", f"{DAY}cam-1/a.jpg", expires=timedelta(hours=1))
+    assert url.startswith("http://127.0.0.1:8084/objects?key=")
+    parts = {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
+    assert parts["key"] == f"{DAY}cam-1/a.jpg"
+    assert parts["expires"] == "1800003600"
+    assert urls.refusal("frames", parts["key"], parts["expires"], parts["signature"]) is None
+    # Another key, a longer life, another bucket or another secret: refused.
+    assert urls.refusal("frames", f"{DAY}cam-1/b.jpg", parts["expires"], parts["signature"])
+    assert urls.refusal("frames", parts["key"], "1800007200", parts["signature"])
+    assert urls.refusal("other", parts["key"], parts["expires"], parts["signature"])
+    stranger = LocalUrls("http://127.0.0.1:8084", b"x" * 32, clock=lambda: now[0])
+    assert stranger.refusal("frames", parts["key"], parts["expires"], parts["signature"])
+    assert urls.refusal("frames", parts["key"], "soon", parts["signature"]) == (
+        "expires must be a Unix time"
+    )
+    now[0] += 3601
+    reason = urls.refusal("frames", parts["key"], parts["expires"], parts["signature"])
+    assert reason is not None
+    assert "expired" in reason
+
+
+async def test_the_local_store_signs_urls_for_its_own_keys_only(tmp_path: Path) -> None:
+    objects = LocalStore(tmp_path, "frames", urls=LocalUrls("http://h:1", b"k" * 32))
+    keys = [f"{DAY}cam-1/a.jpg", f"{DAY}cam-1/b.jpg"]
+    signed = list(await objects.urls(keys, expires=timedelta(hours=1)))
+    assert all(url is not None and url.startswith("http://h:1/objects?") for url in signed)
+    with pytest.raises(ValueError, match="leaves the store"):
+        objects.url("../escape.jpg", expires=timedelta(hours=1))
 
 
 async def test_the_local_store_lists_no_half_written_file(tmp_path: Path) -> None:

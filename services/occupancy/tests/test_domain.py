@@ -174,4 +174,57 @@ def test_unknown_camera_error_frame_names_the_camera_and_the_message() -> None:
     assert sent["code"] == "unknown_camera"
     assert sent["message_id"] == "m-1"
     assert "Nowhere_9" in sent["reason"]
+    # It says how to map the camera: the setting that adds cameras.
+    assert "EDGEWAY_OCCUPANCY_EXTRA_CAMERAS" in sent["reason"]
     assert "details" not in sent
+
+
+# --- history --------------------------------------------------------------------------------------
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def test_a_history_query_defaults_to_the_last_hour_by_the_minute() -> None:
+    since, bucket = domain.history_query({"query": "history"}, now=NOW)
+    assert (NOW - since).total_seconds() == 3600
+    assert bucket == 60
+
+
+@pytest.mark.parametrize(
+    ("request_body", "complaint"),
+    [
+        ({"seconds": "3600"}, "seconds must be an integer"),
+        ({"seconds": True}, "seconds must be an integer"),
+        ({"seconds": 0}, "seconds must be between"),
+        ({"seconds": 7 * 24 * 3600}, "seconds must be between"),
+        ({"bucket_s": 0}, "bucket_s must be between"),
+        ({"bucket_s": 1.5}, "bucket_s must be an integer"),
+    ],
+)
+def test_a_history_query_out_of_bounds_says_what_is_wrong(
+    request_body: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(domain.DomainError, match=complaint):
+        domain.history_query({"query": "history", **request_body}, now=NOW)
+
+
+def test_history_averages_each_window_per_location() -> None:
+    def row(name: str, second: float, percent: float, people: int) -> domain.HistoryRow:
+        at = datetime.fromtimestamp(1_800_000_000 + second, tz=UTC)
+        return domain.HistoryRow(name, at, percent, people)
+
+    rows = [
+        row("Library", 0, 10.0, 2),
+        row("Library", 59, 30.0, 4),  # the same minute: averaged
+        row("Library", 125, 50.0, 7),  # two minutes on; the minute between has nothing
+        row("Flint Loop", 5, 100.0, 9),
+    ]
+    series = domain.history_series(rows, bucket_s=60)
+    assert series == [
+        {"location_name": "Flint Loop", "points": [[1_800_000_000, 100.0, 9.0]]},
+        {
+            "location_name": "Library",
+            "points": [[1_800_000_000, 20.0, 3.0], [1_800_000_120, 50.0, 7.0]],
+        },
+    ]
+    assert domain.history_series([], bucket_s=60) == []

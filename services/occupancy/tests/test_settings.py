@@ -34,6 +34,14 @@ def test_cameras_and_database_come_from_the_environment(monkeypatch: pytest.Monk
     assert settings.database_url == "postgresql://db/occupancy"
 
 
+def test_extra_cameras_are_added_to_omegas_seven(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGEWAY_OCCUPANCY_CAMERAS", raising=False)
+    monkeypatch.setenv("EDGEWAY_OCCUPANCY_EXTRA_CAMERAS", '{"Lib_1": "Library", "SU_1": "Union"}')
+    cameras = OccupancySettings().all_cameras
+    assert len(cameras) == 8
+    assert (cameras["Lib_1"], cameras["OW_1"], cameras["SU_1"]) == ("Library", "One World", "Union")
+
+
 def test_an_unprefixed_cameras_variable_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGEWAY_OCCUPANCY_CAMERAS", raising=False)
     monkeypatch.setenv("CAMERAS", '{"Other_1": "Someone else"}')

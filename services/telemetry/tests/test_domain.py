@@ -276,7 +276,7 @@ def test_the_client_message_is_the_seeds_with_two_additions() -> None:
         b'{"type":"telemetry","data":{"timestamp":1763726400000,"speed":65.30000305175781,'
         b'"battery":80.5,"power":-12.25,"odometer":12000.5,"heading":359.0,'
         b'"received_at":"2025-11-21T12:00:00.000005+00:00"},"vehicle_vin":"000001",'
-        b'"compression_stats":{"total_readings":12,"transmitted_readings":9,'
+        b'"vin":"5YJ3E1EA1KF000001","compression_stats":{"total_readings":12,"transmitted_readings":9,'
         b'"skipped_readings":3,"compression_ratio":25.0},'
         b'"reconstructed":["speed","heading"],"uncertain":true}'
     )

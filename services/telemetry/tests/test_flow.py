@@ -336,6 +336,7 @@ async def test_a_compressed_stream_is_reconstructed_stored_and_broadcast_in_the_
                 )
             },
             "vehicle_vin": "000001",
+            "vin": SEED_VIN,
             "compression_stats": {
                 "total_readings": total,
                 "transmitted_readings": total - skipped,
@@ -624,7 +625,12 @@ async def test_history_status_and_vehicles_are_answered_over_request_reply(
     assert await gateway.ask({"query": "history", "limit": 1000}) == records  # at most 100
     status = await gateway.ask({"query": "status"})
     assert status["total_records"] == 16
-    assert status["latest"] == records[-10:]
+    # `latest` says whose each record is, as the live messages do: the full VIN and its tag.
+    assert status["latest"] == [
+        {"vin": m["vin"], "vehicle_vin": m["vehicle_vin"], **m["data"]} for m in sent[-10:]
+    ]
+    assert {m["vin"] for m in sent} == set(cars)
+    assert all(m["vehicle_vin"] == m["vin"][-6:] for m in sent)
     fleet = status["compression_stats"]
     assert fleet["total_readings"] == 64
     assert fleet["skipped_readings"] == sum(len(m["reconstructed"]) for m in sent)

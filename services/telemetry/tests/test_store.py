@@ -320,6 +320,7 @@ async def test_a_large_group_keeps_its_order_and_a_rollback_stores_nothing(
     # The last three stored, oldest first: the last three of the reversed group.
     assert [r.timestamp_ms for r in last] == [T0 + 600, T0 + 300, T0]
     assert last[0].received_at == RECEIVED
+    assert {r.vin for r in last} == {SEED_VIN}
 
 
 async def test_a_small_group_keeps_its_order_and_its_second_copy_is_not_new(

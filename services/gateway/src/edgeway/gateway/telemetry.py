@@ -28,12 +28,14 @@ from fastapi import APIRouter, Header, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from edgeway.common.envelope import Envelope
+from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.uploads import PROTOBUF, UPLOAD_TYPE
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Identity, Principal, Scope
+from edgeway.gateway.docs import binary_body
 from edgeway.gateway.fanout import (
     ClientQueue,
     Message,
@@ -86,8 +88,21 @@ def _flag(value: str | None, header: str) -> bool:
 # --- upload ---------------------------------------------------------------------------------
 
 
-@router.post(UPLOAD_ENDPOINT, status_code=202)
-@router.post("/api/telemetry", status_code=202)  # the seed README's documented path
+UPLOAD_DOCS: dict[str, Any] = {
+    "status_code": 202,
+    "responses": error_responses(400, 403, 413, 415, 422, 503),
+    "openapi_extra": binary_body(
+        PROTOBUF,
+        "application/octet-stream",
+        description="A protobuf `VehicleData` or `CompressedVehicleData` (`X-Compressed: true`), "
+        "or a batch of them (`X-Batch: true`), for the vehicle of `X-Vehicle-VIN`.",
+    ),
+}
+
+
+@router.post(UPLOAD_ENDPOINT, summary="Upload telemetry", **UPLOAD_DOCS)
+# The seed README's documented path.
+@router.post("/api/telemetry", summary="Upload telemetry (the seed README's path)", **UPLOAD_DOCS)
 async def upload(
     request: Request,
     gateway: GatewayDep,
@@ -223,7 +238,12 @@ async def dashboard(websocket: WebSocket, gateway: GatewayDep) -> None:
         state.dashboards -= 1
 
 
-@router.get("/status", dependencies=[require(Scope.TELEMETRY_SUBSCRIBE, "/status")])
+@router.get(
+    "/status",
+    summary="Telemetry status (the seed's fields)",
+    responses=error_responses(504),
+    dependencies=[require(Scope.TELEMETRY_SUBSCRIBE, "/status")],
+)
 async def status(gateway: GatewayDep) -> dict[str, Any]:
     """The seed's `/status`; records and statistics from the telemetry service (504 if down).
 
@@ -256,14 +276,111 @@ COMMANDS = {
 }
 
 
+# What each command does, said in its answer (the seed's names do not say it all).
+COMMAND_EFFECTS = {
+    "start": "the loggers record and send",
+    "stop": "the loggers stop recording; what they buffered stays and is sent after a start",
+    "toggle_offline": (
+        "each logger enters or leaves a simulated dead zone (recording to its buffer, sending "
+        "nothing); `loggers` shows each one's new `offline`"
+    ),
+    "clear_data": (
+        "resets the loggers' own counters and restarts their encoders (the next packet is a "
+        "resync); deletes nothing on the server, and packets not sent yet stay buffered"
+    ),
+}
+# How long a command's answer waits for the loggers on this replica to acknowledge it, so it
+# can say their new state (they answer in milliseconds; a logger that does not is listed as
+# not acknowledged, with the state it last reported).
+CONTROL_ACK_WAIT_S = 2.0
+# The seed dashboards' `vehicle_vin` (the last six characters), which `?vin=` also takes.
+VEHICLE_TAG_LENGTH = 6
+
+
+def _unregistered(vin: str) -> JSONResponse:
+    return _error(
+        404,
+        ErrorCode.UNKNOWN_VEHICLE,
+        f"vehicle {vin} is not registered: register it with POST {VEHICLES_ENDPOINT} "
+        f'{{"vin": "{vin}"}} (a telemetry:admin token), then start its logger',
+    )
+
+
+async def _control_target(gateway: Gateway, vin: str) -> str | JSONResponse:
+    """The registered vehicle `?vin=` names: a full VIN, or the six characters the dashboards
+    show as `vehicle_vin` when exactly one registered vehicle ends with them."""
+    vin = vin.strip().upper()
+    if len(vin) == VEHICLE_TAG_LENGTH:
+        answer = await _ask_registry(gateway, {"query": "vehicles"})
+        if isinstance(answer, JSONResponse):
+            return answer
+        matches = [known for known in answer.get("vehicles", []) if known.endswith(vin)]
+        if not matches:
+            return _error(
+                404,
+                ErrorCode.UNKNOWN_VEHICLE,
+                f"no registered vehicle's VIN ends with {vin}: register one with POST "
+                f'{VEHICLES_ENDPOINT} {{"vin": "<17-character VIN>"}} (a telemetry:admin token)',
+            )
+        if len(matches) > 1:
+            return _error(
+                400,
+                ErrorCode.INVALID_VIN,
+                f"{vin} ends more than one registered VIN ({', '.join(matches)}): "
+                "give the full VIN",
+            )
+        return str(matches[0])
+    try:
+        vin = wire.check_vin(vin)
+    except wire.WireError as error:
+        return _error(
+            400,
+            ErrorCode.INVALID_VIN,
+            f"{error.reason} (or the last {VEHICLE_TAG_LENGTH}, as dashboards show it)",
+        )
+    known = await gateway.telemetry.vehicles.check(gateway.link, vin)
+    if known is VehicleCheck.UNKNOWN:
+        return _unregistered(vin)
+    if known is VehicleCheck.UNAVAILABLE:
+        return _retry_later(
+            gateway, f"vehicle {vin} cannot be confirmed: the telemetry service is unavailable"
+        )
+    return vin
+
+
+async def _acknowledged(gateway: Gateway, vin: str | None, command_id: str) -> list[dict[str, Any]]:
+    """The loggers on this replica the command went to, once each acknowledged it (or
+    CONTROL_ACK_WAIT_S passed): their state after it."""
+    sessions = [s for s in gateway.telemetry.loggers if vin is None or s.vin == vin]
+    deadline = asyncio.get_running_loop().time() + CONTROL_ACK_WAIT_S
+    while not all(command_id in s.acked for s in sessions):
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    return [
+        {
+            "vin": s.vin,
+            "vehicle_vin": s.vin[-VEHICLE_TAG_LENGTH:],
+            "acknowledged": command_id in s.acked,
+            "running": s.running,
+            "offline": s.offline,
+            "buffered": s.buffered,
+        }
+        for s in sorted(sessions, key=lambda s: s.vin)
+    ]
+
+
 def _control_endpoint(path: str, command: str) -> None:
     async def relay(gateway: GatewayDep, vin: str | None = None) -> JSONResponse:
-        """Send the command to the edge loggers (one vehicle with `?vin=`, else all)."""
+        """Send the command to the edge loggers (one registered vehicle with `?vin=`: its full
+        VIN or the dashboards' six characters; else all). 202 with `loggers`: the state of
+        each logger connected here after it acknowledged the command (waited for up to
+        CONTROL_ACK_WAIT_S); 404 for a vehicle that is not registered."""
         if vin is not None:
-            try:
-                vin = wire.check_vin(vin)
-            except wire.WireError as error:
-                return _error(400, ErrorCode.INVALID_TELEMETRY, error.reason)
+            target = await _control_target(gateway, vin)
+            if isinstance(target, JSONResponse):
+                return target
+            vin = target
         command_id = uuid.uuid4().hex
         body = {"type": "command", "command": command, "command_id": command_id}
         try:
@@ -276,7 +393,14 @@ def _control_endpoint(path: str, command: str) -> None:
             log.warning("command not published", command=command, error=repr(exc))
             return _error(503, ErrorCode.UNAVAILABLE, "the broker did not take the command")
         return JSONResponse(
-            {"status": "accepted", "command": command, "command_id": command_id, "vin": vin},
+            {
+                "status": "accepted",
+                "command": command,
+                "command_id": command_id,
+                "vin": vin,
+                "effect": COMMAND_EFFECTS[command],
+                "loggers": await _acknowledged(gateway, vin, command_id),
+            },
             202,
         )
 
@@ -285,6 +409,8 @@ def _control_endpoint(path: str, command: str) -> None:
         relay,
         methods=["POST"],
         status_code=202,
+        summary=f"Logger command: {command}",
+        responses=error_responses(400, 404, 503, 504),
         dependencies=[require(Scope.TELEMETRY_CONTROL, path)],
         name=f"control {path}",
     )
@@ -387,6 +513,7 @@ class LoggerLink:
                 self.reject(ErrorCode.INVALID_SHAPE, f"{kind}: {reason}")
                 return
             if kind == "ack":
+                self.session.acked.append(str(message.get("command_id")))
                 outcome = f"failed: {message['error']}" if message.get("error") else "done"
                 await self.tell_dashboards(
                     f"command {message.get('command_id', '?')} {outcome}; running="
@@ -513,6 +640,22 @@ async def _ask_registry(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any
 @router.post(
     VEHICLES_ENDPOINT,
     status_code=201,
+    summary="Register a vehicle",
+    responses=error_responses(400, 413, 503, 504),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["vin"],
+                        "properties": {"vin": {"type": "string", "minLength": 17, "maxLength": 17}},
+                    }
+                }
+            },
+        }
+    },
     dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)],
 )
 async def register_vehicle(request: Request, gateway: GatewayDep) -> JSONResponse:
@@ -550,7 +693,12 @@ async def register_vehicle(request: Request, gateway: GatewayDep) -> JSONRespons
     )
 
 
-@router.get(VEHICLES_ENDPOINT, dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)])
+@router.get(
+    VEHICLES_ENDPOINT,
+    summary="Registered vehicles",
+    responses=error_responses(503, 504),
+    dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)],
+)
 async def list_vehicles(gateway: GatewayDep) -> JSONResponse:
     """The registered (active) vehicles' VINs, oldest registration first."""
     answer = await _ask_registry(gateway, {"query": "vehicles"})
@@ -562,6 +710,8 @@ async def list_vehicles(gateway: GatewayDep) -> JSONResponse:
 @router.delete(
     VEHICLE_ENDPOINT,
     status_code=204,
+    summary="Retire a vehicle",
+    responses=error_responses(400, 404, 503, 504),
     dependencies=[require(Scope.TELEMETRY_ADMIN, VEHICLES_ENDPOINT)],
 )
 async def retire_vehicle(vin: str, gateway: GatewayDep) -> Response:

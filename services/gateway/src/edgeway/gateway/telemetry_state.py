@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from edgeway.common.logging import get_logger
@@ -156,6 +157,8 @@ class LoggerSession:
     running: bool = False
     offline: bool = False
     buffered: int = 0
+    # The last commands it acknowledged (their ids), which a command's answer waits for.
+    acked: deque[str] = field(default_factory=lambda: deque(maxlen=32))
 
 
 class TelemetryState:

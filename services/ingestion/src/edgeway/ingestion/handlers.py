@@ -8,17 +8,22 @@
   a commit waits out a database outage, holding its delivery).
 - Cancellations (a fanout every replica hears): the replica running the capture stops it.
 - Background: the outbox relay (events committed with their rows), RTSP jobs, the sweeper.
+- With the local store (no S3 endpoint): `GET /objects` on the HTTP port serves its objects at
+  the signed, expiring URLs the status gives (`storage.LocalUrls`), as S3 serves presigned ones.
 """
 
 from __future__ import annotations
 
+import mimetypes
 import uuid
 from datetime import timedelta
 from typing import Protocol
+from urllib.parse import parse_qs
 
 import orjson
 from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream
+from faststream.asgi import AsgiFastStream, AsgiResponse
+from faststream.asgi.types import ASGIApp, Receive, Scope, Send
 from faststream.exceptions import RejectMessage
 from faststream.rabbit import Channel
 from faststream.rabbit.message import RabbitMessage
@@ -36,6 +41,7 @@ from edgeway.common.broker import (
 )
 from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.envelope import Envelope
+from edgeway.common.errors import ErrorObject, code_for
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.ingest import (
     FRAMES_PAGE_DEFAULT,
@@ -54,12 +60,12 @@ from edgeway.common.service import database_service_app
 from edgeway.common.settings import async_database_url
 from edgeway.common.topology import Topology
 from edgeway.ingestion import domain, store
-from edgeway.ingestion.credentials import load_cipher
+from edgeway.ingestion.credentials import load_cipher, object_url_secret
 from edgeway.ingestion.images import ImageLimits, ImageSanitizer
 from edgeway.ingestion.jobs import CaptureJobs, JobMetrics
 from edgeway.ingestion.outbox import OutboxRelay
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import ObjectStore, make_store
+from edgeway.ingestion.storage import OBJECTS_PATH, LocalStore, ObjectStore, make_store
 from edgeway.ingestion.sweeper import Sweeper
 from edgeway.ingestion.uploads import Uploads
 
@@ -86,7 +92,7 @@ def build_app(
     url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
-    objects = make_store(settings)
+    objects = make_store(settings, url_secret=object_url_secret(settings))
     sanitizer = ImageSanitizer(
         ImageLimits(
             max_pixels=settings.max_pixels,
@@ -287,7 +293,46 @@ def build_app(
 
     app.after_startup(start_background)
     app.on_shutdown(stop_background)
+    if isinstance(objects, LocalStore) and objects.urls_signer is not None:
+        app.mount(OBJECTS_PATH, local_objects(objects))
     return app
+
+
+def local_objects(objects: LocalStore) -> ASGIApp:
+    """`GET /objects?key=&expires=&signature=`: a local store's object at a URL it signed.
+    400 when a part is missing, 403 for a signature that does not match or has expired, 404
+    for an object that is gone (swept after its retention)."""
+    signer = objects.urls_signer
+    assert signer is not None
+
+    def refused(status: int, reason: str) -> AsgiResponse:
+        body = orjson.dumps(ErrorObject(code=code_for(status), reason=reason).body())
+        return AsgiResponse(body, status, headers={"content-type": "application/json"})
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        parts = {name: query.get(name, [""])[0] for name in ("key", "expires", "signature")}
+        response: AsgiResponse
+        if scope.get("method") not in ("GET", "HEAD"):
+            response = refused(405, "only GET")
+        elif not all(parts.values()):
+            response = refused(400, "key, expires and signature are required")
+        elif reason := signer.refusal(
+            objects.bucket, parts["key"], parts["expires"], parts["signature"]
+        ):
+            response = refused(403, reason)
+        else:
+            try:
+                data = await objects.get(parts["key"])
+            except (FileNotFoundError, ValueError):
+                response = refused(404, "no such object (it may have been swept)")
+            else:
+                kind = mimetypes.guess_type(parts["key"])[0] or "application/octet-stream"
+                headers = {"content-type": kind, "cache-control": "private, max-age=60"}
+                response = AsgiResponse(data, 200, headers=headers)
+        await response(scope, receive, send)
+
+    return serve
 
 
 class StatusReader(Protocol):

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import io
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlencode
 
 import certifi
 import urllib3
@@ -183,12 +187,56 @@ class S3Store:
         return await self._call(lambda: [self.url(key, expires=expires) for key in keys])
 
 
-class LocalStore:
-    """The embedded default: objects as files under `<root>/<bucket>/<key>`."""
+# The path the service serves a local store's objects on (handlers.object_route), at the URLs
+# LocalUrls signs.
+OBJECTS_PATH = "/objects"
 
-    def __init__(self, root: Path, bucket: str) -> None:
+
+class LocalUrls:
+    """Signed, expiring URLs for the local store's objects, served by the service's own HTTP
+    port (`GET /objects?key=...&expires=...&signature=...`): what a presigned S3 URL is to a
+    bucket. The signature is an HMAC-SHA256 of the bucket, key and expiry time, so a URL cannot
+    be changed to reach another object or to last longer."""
+
+    def __init__(
+        self, base_url: str, secret: bytes, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._secret = secret
+        self._clock = clock
+
+    def _signature(self, bucket: str, key: str, expires: int) -> str:
+        message = f"{bucket}\n{key}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def sign(self, bucket: str, key: str, *, expires: timedelta) -> str:
+        until = int(self._clock() + expires.total_seconds())
+        query = urlencode(
+            {"key": key, "expires": until, "signature": self._signature(bucket, key, until)}
+        )
+        return f"{self.base_url}{OBJECTS_PATH}?{query}"
+
+    def refusal(self, bucket: str, key: str, expires: str, signature: str) -> str | None:
+        """None when the URL's parts are ones `sign` made and it has not expired; else why not."""
+        try:
+            until = int(expires)
+        except ValueError:
+            return "expires must be a Unix time"
+        if not hmac.compare_digest(self._signature(bucket, key, until), signature):
+            return "the signature does not match the key and expiry"
+        if until < self._clock():
+            return "the URL has expired: read the request's status again for a fresh one"
+        return None
+
+
+class LocalStore:
+    """The embedded default: objects as files under `<root>/<bucket>/<key>`, with signed URLs
+    the service serves when `urls` is given (none otherwise)."""
+
+    def __init__(self, root: Path, bucket: str, *, urls: LocalUrls | None = None) -> None:
         self.root = root / bucket
         self.bucket = bucket
+        self.urls_signer = urls
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -242,15 +290,23 @@ class LocalStore:
         return await asyncio.to_thread(listing)
 
     def url(self, key: str, *, expires: timedelta) -> str | None:
-        return None
+        if self.urls_signer is None:
+            return None
+        self._path(key)  # the same refusal as get() for a key leaving the store
+        return self.urls_signer.sign(self.bucket, key, expires=expires)
 
     async def urls(self, keys: Sequence[str], *, expires: timedelta) -> Sequence[str | None]:
-        return [None] * len(keys)
+        return [self.url(key, expires=expires) for key in keys]
 
 
-def make_store(settings: IngestionSettings) -> ObjectStore:
+def make_store(settings: IngestionSettings, *, url_secret: bytes | None = None) -> ObjectStore:
+    """The S3 store when an endpoint is set, else the local one; `url_secret` signs the local
+    store's URLs (without it, its frames have none)."""
     if settings.storage_endpoint is None:
-        return LocalStore(settings.data_dir / "objects", settings.storage_bucket)
+        urls = None
+        if url_secret is not None:
+            urls = LocalUrls(settings.objects_base_url, url_secret)
+        return LocalStore(settings.data_dir / "objects", settings.storage_bucket, urls=urls)
     # The minio client's own pool settings (minio/api.py), with one connection per thread.
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=60, read=300),

@@ -7,8 +7,9 @@ code the producer is told.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -95,7 +96,12 @@ def read_observation(body: bytes) -> Reading | Rejection:
 
 
 def unknown_camera(camera: str) -> Rejection:
-    return Rejection(ErrorCode.UNKNOWN_CAMERA, f"camera {camera!r} is not mapped to a location")
+    return Rejection(
+        ErrorCode.UNKNOWN_CAMERA,
+        f"camera {camera!r} is not mapped to a location: add it to the occupancy service's "
+        f"EDGEWAY_OCCUPANCY_EXTRA_CAMERAS (JSON camera id -> location name, e.g. "
+        f'\'{{"{camera}": "Library"}}\') or to its cameras table',
+    )
 
 
 def client_update(reading: Reading, *, location_name: str) -> ClientUpdate:
@@ -106,3 +112,57 @@ def client_update(reading: Reading, *, location_name: str) -> ClientUpdate:
         people_detected=reading.frame.summary.total_people,
         occupancy_percent=reading.occupancy_percent,
     )
+
+
+# --- history ----------------------------------------------------------------------------------
+
+# What a history query may ask: a day at most, in buckets of a second to an hour.
+HISTORY_MAX_S = 24 * 3600
+HISTORY_BUCKET_RANGE_S = (1, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One stored observation, as much of it as a history needs."""
+
+    location_name: str
+    captured_at: datetime
+    occupancy_percent: float
+    people: int
+
+
+def history_query(request: dict[str, Any], *, now: datetime) -> tuple[datetime, int]:
+    """`{"query": "history", "seconds": 3600, "bucket_s": 60}` -> (since, bucket_s); raises
+    DomainError with what is wrong."""
+    seconds, bucket = request.get("seconds", 3600), request.get("bucket_s", 60)
+    for name, value in (("seconds", seconds), ("bucket_s", bucket)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DomainError(f"{name} must be an integer")
+    if not 0 < seconds <= HISTORY_MAX_S:
+        raise DomainError(f"seconds must be between 1 and {HISTORY_MAX_S}")
+    low, high = HISTORY_BUCKET_RANGE_S
+    if not low <= bucket <= high:
+        raise DomainError(f"bucket_s must be between {low} and {high}")
+    return now - timedelta(seconds=seconds), bucket
+
+
+def history_series(rows: Iterable[HistoryRow], *, bucket_s: int) -> list[dict[str, Any]]:
+    """Per location (by name), the mean percentage and people count of each `bucket_s` window
+    that has observations: `points` of `[window start (s), percent, people]`, oldest first."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        start = int(row.captured_at.timestamp()) // bucket_s * bucket_s
+        total = sums.setdefault(row.location_name, {}).setdefault(start, [0.0, 0.0, 0])
+        total[0] += row.occupancy_percent
+        total[1] += row.people
+        total[2] += 1
+    return [
+        {
+            "location_name": name,
+            "points": [
+                [start, round(percent / count, 2), round(people / count, 2)]
+                for start, (percent, people, count) in sorted(windows.items())
+            ],
+        }
+        for name, windows in sorted(sums.items())
+    ]

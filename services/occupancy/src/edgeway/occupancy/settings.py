@@ -38,5 +38,16 @@ class OccupancySettings(CommonSettings):
         default_factory=lambda: dict(OMEGA_PLACES),
         validation_alias="EDGEWAY_OCCUPANCY_CAMERAS",
     )
+    # Cameras added to `cameras` (Omega's seven unless that is set): the way to add one without
+    # repeating the seven. `EDGEWAY_OCCUPANCY_EXTRA_CAMERAS='{"Lib_1": "Library"}'`; a camera
+    # in both takes this location.
+    extra_cameras: dict[CameraId, LocationName] = Field(
+        default_factory=dict, validation_alias="EDGEWAY_OCCUPANCY_EXTRA_CAMERAS"
+    )
     # Most observations committed in one transaction (group commit; see edgeway.common.batching).
     commit_group_size: int = Field(default=128, ge=1, le=1000)
+
+    @property
+    def all_cameras(self) -> dict[str, str]:
+        """Every camera upserted at start: `cameras`, then `extra_cameras` over them."""
+        return {**self.cameras, **self.extra_cameras}

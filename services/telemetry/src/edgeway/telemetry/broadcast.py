@@ -489,6 +489,7 @@ class AmqpSender:
         body = orjson.dumps(
             domain.record_message(
                 record.decoded,
+                vin=prepared.upload.vin,
                 vehicle=prepared.vehicle,
                 received=prepared.received,
                 stats=record.stats,

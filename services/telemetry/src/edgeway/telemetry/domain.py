@@ -380,7 +380,8 @@ def data_object(sample: Sample, *, received_at: datetime) -> dict[str, Any]:
 
 
 def vehicle_tag(vin: str) -> str:
-    """The seed's `vehicle_vin`: the last six characters."""
+    """The seed's `vehicle_vin`: the last six characters. Kept for the seed's dashboards; every
+    message that carries it carries the full VIN beside it (`vin`), which `?vin=` takes."""
     return vin[-6:]
 
 
@@ -393,15 +394,15 @@ def client_message(
 ) -> dict[str, Any]:
     """The seed's per-record dashboard message, plus `reconstructed` and `uncertain`."""
     return record_message(
-        decoded, vehicle=vehicle_tag(vin), received=received_text(received_at), stats=stats
+        decoded, vin=vin, vehicle=vehicle_tag(vin), received=received_text(received_at), stats=stats
     )
 
 
 def record_message(
-    decoded: Decoded, *, vehicle: str, received: str, stats: StatsCounts
+    decoded: Decoded, *, vin: str, vehicle: str, received: str, stats: StatsCounts
 ) -> dict[str, Any]:
     """`client_message` from what every record of an upload shares, worked out once: the
-    vehicle's tag and the `received_at` text."""
+    vehicle's VIN and tag and the `received_at` text."""
     sample = decoded.sample
     return {
         "type": "telemetry",
@@ -415,6 +416,7 @@ def record_message(
             "received_at": received,
         },
         "vehicle_vin": vehicle,
+        "vin": vin,
         "compression_stats": stats.client_view(),
         "reconstructed": [name for name in FIELDS if name in decoded.reconstructed],
         "uncertain": decoded.uncertain,

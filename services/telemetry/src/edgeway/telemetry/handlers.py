@@ -144,7 +144,7 @@ async def answer_query(
                 elif query == "status":
                     answer = {
                         "total_records": await store.total_records(session=session),
-                        "latest": await _history(session, STATUS_LATEST),
+                        "latest": await _history(session, STATUS_LATEST, with_vehicle=True),
                         "compression_stats": (
                             await store.fleet_stats(session=session, day=datetime.now(UTC).date())
                         ).client_view(),
@@ -157,11 +157,22 @@ async def answer_query(
     return encode(answer)
 
 
-async def _history(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
+async def _history(
+    session: AsyncSession, limit: int, *, with_vehicle: bool = False
+) -> list[dict[str, Any]]:
+    """The last `limit` records' `data` objects, oldest first. `with_vehicle` (`/status`'s
+    `latest`) adds whose each is: `vin` and the seed's `vehicle_vin` tag, as the live messages
+    carry them. History items stay the seed's `data`, which the gateway matches against the
+    live records' `data` (edgeway.gateway.fanout.SnapshotEcho)."""
     if limit == 0:
         return []
     return [
         {
+            **(
+                {"vin": record.vin, "vehicle_vin": domain.vehicle_tag(record.vin)}
+                if with_vehicle
+                else {}
+            ),
             "timestamp": record.timestamp_ms,
             "speed": record.speed,
             "battery": record.battery,

@@ -905,8 +905,9 @@ async def record_rejection(
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """A record as the queries give it back."""
+    """A record as the queries give it back, with its vehicle's VIN."""
 
+    vin: str
     timestamp_ms: int
     speed: float
     battery: float
@@ -920,6 +921,7 @@ async def last_records(*, session: AsyncSession, limit: int) -> list[StoredRecor
     """The last `limit` records stored, every vehicle, oldest first (in the order they came)."""
     rows = await session.execute(
         select(
+            Vehicle.vin,
             TelemetryRecord.timestamp_ms,
             TelemetryRecord.speed,
             TelemetryRecord.battery,
@@ -928,6 +930,7 @@ async def last_records(*, session: AsyncSession, limit: int) -> list[StoredRecor
             TelemetryRecord.heading,
             TelemetryRecord.received_at,
         )
+        .join(Vehicle, Vehicle.id == TelemetryRecord.vehicle_id)
         .order_by(TelemetryRecord.id.desc())
         .limit(limit)
     )
