@@ -38,6 +38,22 @@ MSG
   exit 1
 fi
 
+# The web console's browser tests (tests/test_console.py) drive Debian's Chromium with
+# playwright-core (whose own browser download cannot work here): install it when it is missing.
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then
+    as_root=()
+    [ "$(id -u)" = 0 ] || as_root=(sudo)
+    echo "Installing Chromium for the web console's browser tests"
+    ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+      || { ${as_root[@]+"${as_root[@]}"} apt-get update && ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+  fi
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "The web console's browser tests need Chromium at /usr/bin/chromium: as root, run: apt-get install -y chromium" >&2
+    exit 1
+  fi
+fi
+
 have_tools && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -300,6 +300,16 @@ def test_origin_allowlist() -> None:
     assert refused.value.status == 403
 
 
+def test_the_gateways_own_pages_may_connect() -> None:
+    """The web console is served by the gateway: its origin is the host it asked."""
+    nobody = settings()
+    own = {"Host": "gw.example:8000", "Origin": "http://gw.example:8000"}
+    check_origin(nobody, connection(headers=own))
+    with pytest.raises(AuthError) as refused:
+        check_origin(nobody, connection(headers={**own, "Origin": "http://evil.example:8000"}))
+    assert refused.value.status == 403
+
+
 def test_token_command_mints_a_verifiable_token(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -257,8 +257,30 @@ async def test_latest_state_is_answered_over_request_reply(edge: Edge) -> None:
             "occupancy_percent": 25.0,
         },
     ]
-    assert "error" in await edge.ask(b'{"query": "history"}')
+    assert "error" in await edge.ask(b'{"query": "everything"}')
     assert "error" in await edge.ask(b"latest please")
+
+
+async def test_history_is_answered_over_request_reply(edge: Edge) -> None:
+    now = time.time()
+    hour = int(now) // 3600 * 3600  # this hour's window: both frames fall in it
+    for second, people in ((1, 2), (2, 4)):
+        sent = await edge.send(
+            frame("OW_1", timestamp=hour + second, summary=summary(people=people))
+        )
+        await edge.result_of(sent)
+    long_ago = await edge.send(frame("Tims_1", timestamp=now - 7200))
+    await edge.result_of(long_ago)
+
+    history = await edge.ask(b'{"query": "history", "seconds": 3600, "bucket_s": 3600}')
+    assert history["bucket_s"] == 3600
+    # One window (the two frames averaged); the frame of two hours ago is older than asked.
+    [one_world] = history["locations"]
+    assert one_world["location_name"] == "One World"
+    assert one_world["points"] == [[hour, 50.0, 3.0]]
+    refused = await edge.ask(b'{"query": "history", "bucket_s": 0}')
+    assert refused["code"] == "invalid_query"
+    assert "bucket_s" in refused["error"]
 
 
 def summary(*, people: int) -> dict[str, Any]:

@@ -262,6 +262,37 @@ async def test_latest_lists_every_location_with_state_in_id_order(
         assert names == ["Student Union 2", "Tim Hortons"]
 
 
+async def test_history_lists_what_was_captured_since_by_location_and_time(
+    seeded: dict[str, store.CameraLocation], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    start = CAPTURED.timestamp()
+    await record(
+        sessions, seeded["Tims_1"], reading(camera="Tims_1", timestamp=start + 20), message_id="a"
+    )
+    await record(
+        sessions,
+        seeded["Tims_1"],
+        reading(camera="Tims_1", timestamp=start + 10, people=8),
+        message_id="b",
+    )
+    await record(
+        sessions, seeded["OW_1"], reading(camera="OW_1", timestamp=start + 15), message_id="c"
+    )
+    await record(
+        sessions, seeded["OW_1"], reading(camera="OW_1", timestamp=start - 60), message_id="old"
+    )
+    async with sessions() as session:
+        rows = await store.history(session=session, since=CAPTURED)
+    by_place: dict[str, list[tuple[float, int]]] = {}
+    for row in rows:
+        by_place.setdefault(row.location_name, []).append((row.captured_at.timestamp(), row.people))
+    assert by_place == {
+        "Tim Hortons": [(start + 10, 8), (start + 20, 5)],  # oldest first, whatever the arrival
+        "One World": [(start + 15, 5)],
+    }
+    assert all(row.occupancy_percent == 25.0 for row in rows)
+
+
 # --- rejections -----------------------------------------------------------------------------------
 
 

@@ -7,17 +7,20 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeway.common.errors import error_responses, install_error_handlers
 from edgeway.common.http_limits import uvicorn_config
 from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
-from edgeway.gateway import ingest, omega, telemetry, tracking, video
+from edgeway.gateway import console, docs, ingest, omega, telemetry, tracking, video
 from edgeway.gateway.auth import AuthError
 from edgeway.gateway.link import NotConnectedError, ServiceUnavailableError
 from edgeway.gateway.settings import GatewaySettings
@@ -25,6 +28,16 @@ from edgeway.gateway.state import Gateway, GatewayDep
 
 log = get_logger("edgeway.gateway")
 access_log = get_logger("edgeway.gateway.access")
+
+DOCS_URL = "/docs"
+DOCS_ASSETS_URL = "/docs/assets"
+TAGS = [
+    {"name": "occupancy", "description": "Project Omega's camera models and room occupancy."},
+    {"name": "telemetry", "description": "Vehicle loggers, dashboards and the vehicle registry."},
+    {"name": "video", "description": "Phone and drone video, IMU, viewers and their commands."},
+    {"name": "ingestion", "description": "Image uploads and RTSP captures (TrackShift's API)."},
+    {"name": "tracking", "description": "Multi-camera tracking environments and tasks (SpotOn)."},
+]
 
 
 class AccessLog:
@@ -109,54 +122,59 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             server.should_exit = True  # closes its port, as the main server does its own
             await serving
 
-    app = FastAPI(
-        title="Edgeway gateway",
-        version="0.1.0",
-        lifespan=lifespan,
-        docs_url="/docs" if settings.docs_enabled else None,
-        redoc_url="/redoc" if settings.docs_enabled else None,
-        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    options: dict[str, Any] = {
+        "title": "Edgeway gateway",
+        "version": "0.1.0",
+        "lifespan": lifespan,
         # FastAPI's own OpenTelemetry: HTTP spans only when traces go somewhere (with the
         # provider's sampler off it still built a span's context per request); metrics are
         # Prometheus's (/metrics), logs structlog's.
-        telemetry={
+        "telemetry": {
             "tracer_provider": tracer_provider,
             "tracing": settings.otel_exporter != "none",
             "metrics": False,
             "logs": False,
         },
-    )
+    }
+    docs_url = DOCS_URL if settings.docs_enabled else None
+    if docs_url is not None:
+        # Swagger UI's and ReDoc's assets from the fastapi-offline package, served here: the
+        # documents load on a machine without internet (FastAPI's own pages use a CDN).
+        app = FastAPIOffline(
+            docs_url=docs_url,
+            redoc_url="/redoc",
+            static_url=DOCS_ASSETS_URL,
+            description=docs.description(docs_url=docs_url),
+            openapi_tags=TAGS,
+            swagger_ui_parameters={"persistAuthorization": True},
+            **options,
+        )
+    else:
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, **options)
     app.state.gateway = gateway
     app.add_middleware(AccessLog)
-    app.include_router(omega.router)
-    app.include_router(telemetry.router)
-    app.include_router(video.router)
-    app.include_router(ingest.router)
-    app.include_router(tracking.router)
+    app.include_router(omega.router, tags=["occupancy"])
+    app.include_router(telemetry.router, tags=["telemetry"])
+    app.include_router(video.router, tags=["video"])
+    app.include_router(ingest.router, tags=["ingestion"])
+    # Every tracking route asks the tracker (504 when it does not answer); their other errors
+    # are listed where tracking.py declares them.
+    app.include_router(tracking.router, tags=["tracking"], responses=error_responses(504))
+    app.include_router(console.router)  # the web console (web/), at /
+    install_error_handlers(app, docs_url=docs_url)
+    docs.document(app)
 
     @app.exception_handler(AuthError)
-    async def auth_error(_: Request, error: AuthError) -> JSONResponse:
-        code = "unauthorized" if error.status == 401 else "forbidden"
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return JSONResponse(
-            {"type": "error", "code": code, "reason": error.reason},
-            status_code=error.status,
-            headers=headers,
-        )
+    async def auth_error(_: Request, error: AuthError) -> Response:
+        return error.response()
 
     @app.exception_handler(ServiceUnavailableError)
-    async def service_unavailable(_: Request, error: ServiceUnavailableError) -> JSONResponse:
-        return JSONResponse(
-            {"type": "error", "code": "timeout", "reason": str(error)}, status_code=504
-        )
+    async def service_unavailable(_: Request, error: ServiceUnavailableError) -> Response:
+        return error.response()
 
     @app.exception_handler(NotConnectedError)
-    async def not_connected(_: Request, error: NotConnectedError) -> JSONResponse:
-        return JSONResponse(
-            {"type": "error", "code": "unavailable", "reason": str(error)},
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
+    async def not_connected(_: Request, error: NotConnectedError) -> Response:
+        return error.response()
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 
 import jwt
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 
+from edgeway.common.errors import ErrorObject
 from edgeway.gateway.settings import GatewaySettings
 
 
@@ -80,6 +82,13 @@ class AuthError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+    def response(self) -> Response:
+        """The refusal as an HTTP answer (also a refused WebSocket upgrade's)."""
+        if self.status == 401:
+            error = ErrorObject(code="unauthorized", reason=self.reason)
+            return error.response(401, headers={"WWW-Authenticate": "Bearer"})
+        return ErrorObject(code="forbidden", reason=self.reason).response(self.status)
 
 
 # Verified tokens remembered, at most: a logger or a dashboard sends the same token with every
@@ -252,8 +261,14 @@ def authorize(verifier: Verifier, connection: HTTPConnection, scope: Scope) -> P
 
 
 def check_origin(settings: GatewaySettings, connection: HTTPConnection) -> None:
-    """Browsers send Origin on WebSocket upgrades; only allowlisted pages may connect."""
+    """Browsers send Origin on WebSocket upgrades; only allowlisted pages may connect, and the
+    gateway's own pages (the web console, whose origin is the host it asked)."""
     origin = connection.headers.get("origin")
     if origin is None or "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return
+    if origin in (
+        f"http://{connection.headers.get('host')}",
+        f"https://{connection.headers.get('host')}",
+    ):
         return
     raise AuthError(403, f"origin {origin} is not allowed")

@@ -7,21 +7,24 @@
 - `WS /client/ws/connect`: clients get the latest state of every location at once, then every
   update, in Omega's exact shape.
 - `GET /model/count`, `GET /discover/health`: as Omega answers them.
+- `GET /api/v1/occupancy/history`: each location's recent occupancy per time window (the web
+  console's sparklines), from the occupancy service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Query, WebSocket
 from opentelemetry import trace
 from opentelemetry.context import Context
 from pydantic import ValidationError
 
 from edgeway.common.envelope import Envelope
+from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
@@ -248,12 +251,44 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
         CONNECTIONS.labels(CLIENT_ENDPOINT).dec()
 
 
-@router.get("/model/count", dependencies=[require(Scope.OCCUPANCY_SUBSCRIBE, "/model/count")])
+@router.get(
+    "/model/count",
+    summary="Connected camera models",
+    dependencies=[require(Scope.OCCUPANCY_SUBSCRIBE, "/model/count")],
+)
 async def model_count(gateway: GatewayDep) -> dict[str, int]:
     return {"count": gateway.producer_count(MODEL_ENDPOINT)}
 
 
-@router.get("/discover/health")
+@router.get("/discover/health", summary="Omega's liveness reply")
 async def discover_health() -> dict[str, str]:
     """Omega's fixed liveness reply, kept for its clients (readiness is `/readyz`)."""
     return {"status": "ok", "message": "Server is running!"}
+
+
+HISTORY_ENDPOINT = "/api/v1/occupancy/history"
+
+
+@router.get(
+    HISTORY_ENDPOINT,
+    summary="Each location's recent occupancy, averaged per time window",
+    responses=error_responses(504),
+    dependencies=[require(Scope.OCCUPANCY_SUBSCRIBE, HISTORY_ENDPOINT)],
+)
+async def occupancy_history(
+    gateway: GatewayDep,
+    seconds: Annotated[int, Query(ge=1, le=24 * 3600, description="how far back")] = 3600,
+    bucket_s: Annotated[int, Query(ge=1, le=3600, description="window length")] = 60,
+) -> dict[str, Any]:
+    """`{"bucket_s", "since", "locations": [{"location_name", "points": [[window start (s),
+    percent, people], ...]}]}` from the occupancy service's stored observations (what the web
+    console's sparklines draw)."""
+    link = gateway.link
+    answer = await link.request(
+        service="occupancy",
+        queue=link.topology.occupancy_requests_queue,
+        body={"query": "history", "seconds": seconds, "bucket_s": bucket_s},
+    )
+    if not isinstance(answer, dict) or "locations" not in answer:
+        raise ServiceUnavailableError(f"occupancy did not give the history: {answer}")
+    return answer

@@ -2,7 +2,8 @@
 
 - `on_observation`: a camera model's frame: read (`domain`), stored with the others of its
   commit group (`flows`), its update or error frame published after the commit, then acked;
-- `answer_query`: the gateway's `{"query": "latest"}` (every location's latest update).
+- `answer_query`: the gateway's `{"query": "latest"}` (every location's latest update) and
+  `{"query": "history"}` (each location's recent observations, averaged per time window).
 
 An outage is ridden out inside the handler, however long it lasts (`forever`): a delivery given
 up on would be requeued and count toward the queue's delivery limit, which is meant for messages
@@ -14,7 +15,8 @@ between tries are `settings.db_retry_delays`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from faststream import AckPolicy
@@ -62,14 +64,21 @@ async def on_observation(message: RabbitMessage, deps: Deps) -> None:
         )
 
 
+QUERIES = '{"query": "latest"} or {"query": "history", "seconds": 3600, "bucket_s": 60}'
+
+
 async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession]) -> bytes:
-    """`{"query": "latest"}` -> the JSON list of every location's latest client message."""
+    """`{"query": "latest"}` -> the JSON list of every location's latest client message;
+    `{"query": "history", ...}` -> each location's bucketed series (`domain.history_series`)."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
         return encode({"error": "request is not valid JSON"})
-    if not isinstance(request, dict) or request.get("query") != "latest":
-        return encode({"error": 'unknown query; supported: {"query": "latest"}'})
+    query = request.get("query") if isinstance(request, dict) else None
+    if query == "history":
+        return await _answer_history(request, sessions=sessions)
+    if query != "latest":
+        return encode({"error": f"unknown query; supported: {QUERIES}"})
     try:
         async with sessions() as session:
             updates = await store.latest_updates(session=session)
@@ -78,6 +87,23 @@ async def answer_query(body: bytes, *, sessions: async_sessionmaker[AsyncSession
         return encode({"error": "occupancy database unavailable"})
     # The stored messages are JSON already: joined, not decoded and encoded again.
     return b"[" + b",".join(update.encode() for update in updates) + b"]"
+
+
+async def _answer_history(
+    request: dict[str, Any], *, sessions: async_sessionmaker[AsyncSession]
+) -> bytes:
+    try:
+        since, bucket_s = domain.history_query(request, now=datetime.now(UTC))
+    except domain.DomainError as exc:
+        return encode({"error": exc.reason, "code": "invalid_query"})
+    try:
+        async with sessions() as session:
+            rows = await store.history(session=session, since=since)
+    except SQLAlchemyError as exc:
+        log.warning("history query failed", error=str(exc))
+        return encode({"error": "occupancy database unavailable"})
+    series = domain.history_series(rows, bucket_s=bucket_s)
+    return encode({"bucket_s": bucket_s, "since": since.timestamp(), "locations": series})
 
 
 def register(broker: RabbitBroker, deps: Deps) -> None:

@@ -38,7 +38,7 @@ from edgeway.common.db import (
     per_dialect,
     table_of,
 )
-from edgeway.occupancy.domain import Reading
+from edgeway.occupancy.domain import HistoryRow, Reading
 
 MIGRATIONS = Migrations(
     Path(__file__).with_name("migrations"), version_table="alembic_version_occupancy"
@@ -369,3 +369,20 @@ async def latest_updates(*, session: AsyncSession) -> list[str]:
         select(LocationState.client_update).order_by(LocationState.location_id)
     )
     return list(rows)
+
+
+async def history(*, session: AsyncSession, since: datetime) -> list[HistoryRow]:
+    """Every observation captured since `since`, with its location's name, by location and
+    oldest first."""
+    rows = await session.execute(
+        select(
+            Location.name,
+            Observation.captured_at,
+            Observation.occupancy_percent,
+            Observation.total_people,
+        )
+        .join(Location, Observation.location_id == Location.id)
+        .where(Observation.captured_at >= since)
+        .order_by(Observation.location_id, Observation.captured_at)
+    )
+    return [HistoryRow(name, captured, percent, people) for name, captured, percent, people in rows]
