@@ -6,12 +6,13 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
+CONSOLE := web/dist/index.html
 MEMBERS := libs/common libs/edge services/gateway services/ingestion services/occupancy \
 	services/telemetry services/tracker services/video-relay
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: help setup run up test test-fast lint format fuzz bench eval constraints clean
+.PHONY: help setup run up test test-fast lint format fuzz bench faults eval constraints clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -23,7 +24,7 @@ $(UV):
 
 $(VENV)/.installed: $(UV) constraints.txt pyproject.toml $(addsuffix /pyproject.toml,$(MEMBERS))
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(PY) -c constraints.txt \
+	$(UV) pip install --quiet --python $(PY) -c constraints.txt -b constraints.txt \
 		$(addprefix -e ,$(MEMBERS)) --group dev
 	@# The tracker's wheels whose declared deps would replace opencv-python-headless (HOG) with
 	@# opencv-python 5 or pull TensorFlow; and torch only as the local CPU wheel, never resolved
@@ -36,7 +37,14 @@ $(VENV)/.installed: $(UV) constraints.txt pyproject.toml $(addsuffix /pyproject.
 	else echo "no CPU torch wheel in PIP_FIND_LINKS: tracker embedders off (tests skip them)"; fi
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv with every member and the dev tools
+setup: $(VENV)/.installed $(CONSOLE) ## create .venv with every member and the dev tools, build the web console
+
+# The web console (web/): npm ci from the committed lock file, then Vite's build into web/dist,
+# which the gateway serves at /. Node.js 20 and npm 11 (Vite 8 needs npm 11).
+$(CONSOLE): web/package.json web/package-lock.json web/index.html web/vite.config.ts web/tsconfig.json \
+		$(shell find web/src -type f 2>/dev/null)
+	@command -v npm >/dev/null || { echo "The web console needs Node.js 20 and npm 11 (apt-get install nodejs npm, or https://nodejs.org)." >&2; exit 1; }
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
 run: setup ## start the stack with live demo data on the embedded defaults
 	@deploy/local/ensure-services.sh
@@ -74,7 +82,7 @@ lint: setup ## ruff and mypy (strict)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(addsuffix /src,$(MEMBERS))
 
-format: setup
+format: setup ## ruff format and ruff check --fix on the tree
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
@@ -85,6 +93,13 @@ bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	$(PY) -m bench.occupancy_fanout
 	$(PY) -m bench.video_fanout
 	$(PY) -m bench.ingest_upload
+
+# `make test` runs the short fault scenarios (tests/test_faults.py: a kill -9, a broker cut and a
+# database cut, seconds each). `make faults` runs every scenario at full length (30 s broker
+# cuts, a 90 s PostgreSQL cut): about 15 minutes. bench/README.md, "Fault suite".
+faults: setup ## fault suite: kill -9, broker and database cuts, slow clients; table + JSON
+	@deploy/local/ensure-services.sh --postgres
+	$(PY) -m bench.faults
 
 eval: setup var/models/ssdlite_coco.onnx ## tracker vision: TrackEval tables, JSON in bench/results/
 	$(PY) -m bench.eval
@@ -98,9 +113,10 @@ var/models/ssdlite_coco.onnx: | setup
 	$(PY) -m bench.eval.convert_ssdlite --tf-python var/tf2onnx-venv/bin/python --output $@
 
 constraints: $(UV) ## re-pin every dependency (writes constraints.txt, no index URLs)
-	printf -- '-e %s\n' $(MEMBERS) | $(UV) pip compile - --group pyproject.toml:dev \
+	@# hatchling: the members' build backend, pinned too (setup passes the file as -b).
+	(printf -- '-e %s\n' $(MEMBERS); echo hatchling) | $(UV) pip compile - --group pyproject.toml:dev \
 		--python-version 3.11 --no-header --no-annotate --no-emit-index-url \
 		| grep -v '^-e ' > constraints.txt
 
-clean:
-	rm -rf $(VENV) $(TOOLS) var
+clean: ## delete .venv, .tools and var (the dev stack's data included), and the console's build
+	rm -rf $(VENV) $(TOOLS) var web/node_modules web/dist

@@ -52,6 +52,10 @@ class Stack:
     ingestion_env: dict[str, str] | None = None
     # The tracker's own settings (database, detector, checkpoints); None: not started.
     tracker_env: dict[str, str] | None = None
+    # Per service ("gateway", "occupancy", "telemetry", "video-relay", "ingestion", "tracker"),
+    # settings that override every other: the fault suite gives each its own broker and
+    # database addresses, each through its own fault proxy.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     occupancy: ServiceProcess = field(init=False)
     gateway: ServiceProcess = field(init=False)
     telemetry: ServiceProcess | None = field(init=False, default=None)
@@ -71,41 +75,63 @@ class Stack:
         }
         self.occupancy = ServiceProcess(
             "edgeway.occupancy",
-            env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "occupancy.spans.jsonl")},
+            env={
+                **common,
+                "EDGEWAY_OTEL_FILE": str(self.workdir / "occupancy.spans.jsonl"),
+                **self.service_env.get("occupancy", {}),
+            },
             port=free_port(),
             log_path=self.workdir / "occupancy.log",
         )
         if self.telemetry_database_url is not None:
             self.telemetry = ServiceProcess(
                 "edgeway.telemetry",
-                env={**common, "EDGEWAY_TELEMETRY_DATABASE_URL": self.telemetry_database_url},
+                env={
+                    **common,
+                    "EDGEWAY_TELEMETRY_DATABASE_URL": self.telemetry_database_url,
+                    **self.service_env.get("telemetry", {}),
+                },
                 port=free_port(),
                 log_path=self.workdir / "telemetry.log",
             )
         if self.video_relay:
             self.relay = ServiceProcess(
                 "edgeway.video_relay",
-                env=common,
+                env={**common, **self.service_env.get("video-relay", {})},
                 port=free_port(),
                 log_path=self.workdir / "video-relay.log",
             )
         if self.ingestion_env is not None:
             self.ingestion = ServiceProcess(
                 "edgeway.ingestion",
-                env={**common, "EDGEWAY_DATA_DIR": str(self.workdir), **self.ingestion_env},
+                env={
+                    **common,
+                    "EDGEWAY_DATA_DIR": str(self.workdir),
+                    **self.ingestion_env,
+                    **self.service_env.get("ingestion", {}),
+                },
                 port=free_port(),
                 log_path=self.workdir / "ingestion.log",
             )
         if self.tracker_env is not None:
             self.tracker = ServiceProcess(
                 "edgeway.tracker",
-                env={**common, "EDGEWAY_DATA_DIR": str(self.workdir), **self.tracker_env},
+                env={
+                    **common,
+                    "EDGEWAY_DATA_DIR": str(self.workdir),
+                    **self.tracker_env,
+                    **self.service_env.get("tracker", {}),
+                },
                 port=free_port(),
                 log_path=self.workdir / "tracker.log",
             )
         self.gateway = ServiceProcess(
             "edgeway.gateway",
-            env={**common, "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl")},
+            env={
+                **common,
+                "EDGEWAY_OTEL_FILE": str(self.workdir / "gateway.spans.jsonl"),
+                **self.service_env.get("gateway", {}),
+            },
             port=free_port(),
             log_path=self.workdir / "gateway.log",
         )
