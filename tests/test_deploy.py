@@ -397,9 +397,11 @@ def test_dockerfile_follows_the_uv_recipe(service: str) -> None:
     stages = _stages(instructions)
     assert len(stages) >= 2, "multi-stage: a builder and a slim runtime"
     for stage in stages:
-        base = stage[0][1].split()[0]
+        base, *name = stage[0][1].split()
         base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-        assert base.startswith("python:3.11-slim"), f"{service}: FROM {base}"
+        # The web console is built in a Node stage; only its output reaches the runtime.
+        wanted = "node:20-slim" if name == ["AS", "console"] else "python:3.11-slim"
+        assert base.startswith(wanted), f"{service}: FROM {base}"
 
     builder = [arguments for _, arguments in stages[0]]
     assert f"--from=ghcr.io/astral-sh/uv:{_uv_version()} /uv /bin/" in builder, (

@@ -7,6 +7,7 @@
 #       --build-arg PORT=8082 -t edgeway/telemetry .
 # PyAV's and Pillow's wheels bring their own FFmpeg and codecs: no system packages are needed.
 ARG PYTHON_IMAGE=python:3.11-slim
+ARG NODE_IMAGE=node:20-slim
 
 # ---- builder: a virtual environment with libs/common and the service, pinned by constraints.txt
 FROM ${PYTHON_IMAGE} AS builder
@@ -31,6 +32,15 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 RUN test -x /app/.venv/bin/edgeway-${SERVICE} \
     && ln -s edgeway-${SERVICE} /app/.venv/bin/edgeway-service
 
+# ---- console: the web console (web/), built as `make setup` builds it; the gateway serves it
+# (EDGEWAY_CONSOLE_DIR), the other services carry its ~100 KB unused.
+FROM ${NODE_IMAGE} AS console
+WORKDIR /web
+COPY web/package.json web/package-lock.json web/.npmrc ./
+RUN --mount=type=cache,target=/root/.npm npm ci --no-audit --no-fund
+COPY web ./
+RUN npm run build
+
 # ---- runtime: the venv only, a non-root user, no build tools
 FROM ${PYTHON_IMAGE} AS runtime
 ARG SERVICE
@@ -42,7 +52,9 @@ RUN groupadd --system --gid 10001 edgeway \
         --shell /usr/sbin/nologin edgeway \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/edgeway
 COPY --from=builder /app/.venv /app/.venv
+COPY --from=console /web/dist /app/console
 ENV PATH=/app/.venv/bin:$PATH \
+    EDGEWAY_CONSOLE_DIR=/app/console \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     EDGEWAY_HTTP_HOST=0.0.0.0 \

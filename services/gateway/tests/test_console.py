@@ -56,6 +56,16 @@ async def test_nothing_but_the_build_is_served(
     assert "not for browsers" not in answer.text
 
 
+async def test_the_console_dir_setting_names_the_build(
+    build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "BUILD_DIR", tmp_path / "missing")  # not the default's
+    app = create_app(GatewaySettings(environment=Environment.DEVELOPMENT, console_dir=build))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        assert "index-1a2b.js" in (await client.get("/")).text
+
+
 async def test_before_the_build_the_page_says_how_to_build_it(
     http: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -160,7 +160,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Every tracking route asks the tracker (504 when it does not answer); their other errors
     # are listed where tracking.py declares them.
     app.include_router(tracking.router, tags=["tracking"], responses=error_responses(504))
-    app.include_router(console.router)  # the web console (web/), at /
+    app.include_router(console.routes(settings.console_dir))  # the web console (web/), at /
     install_error_handlers(app, docs_url=docs_url)
     docs.document(app)
 

@@ -104,6 +104,9 @@ class GatewaySettings(CommonSettings):
     # The API documents (/docs, /redoc, /openapi.json): on in development, off elsewhere unless
     # asked for (they map every endpoint for whoever finds the gateway).
     docs: bool | None = None
+    # The web console's build (`npm run build` in web/); None: the repository's web/dist. The
+    # images carry it at /app/console (deploy/docker/service.Dockerfile).
+    console_dir: Path | None = None
     # Where Prometheus reads /metrics. Outside development only on this internal port (default
     # METRICS_PORT), never on the public one; in development on the public port unless set.
     metrics_port: int | None = None
