@@ -103,7 +103,9 @@ class Inference:
         detector: Detector
         if settings.detector == "hog":
             detector = HogDetector(
-                confidence_threshold=settings.detection_confidence, scale=settings.hog_scale
+                confidence_threshold=settings.detection_confidence,
+                scale=settings.hog_scale,
+                tight_boxes=settings.hog_tight_boxes,
             )
         else:
             detector = make_detector(

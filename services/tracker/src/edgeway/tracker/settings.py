@@ -36,6 +36,11 @@ class TrackerSettings(CommonSettings):
     # HOG's image pyramid step: 1.05 (the vision core's default, best recall) costs about
     # twice 1.1 per frame on the rendered scenes (scenes.py), for a few points of recall.
     hog_scale: float = Field(default=1.05, gt=1.0, le=1.5)
+    # HOG's box is its 64x128 detection window, a margin around the person: shrunk as OpenCV's
+    # peopledetect sample does, its bottom is nearer the feet. On the demo scene (every 10th
+    # frame of its three cameras): recall at IoU 0.3 0.50 -> 0.77, false boxes 31 -> 1, map
+    # error of the bottom-centre median 1.37 -> 0.48 m.
+    hog_tight_boxes: bool = True
     embedder: Literal["none", "mobilenetv2", "osnet"] = "none"
     embedder_weights: Path | None = None
     device: str = "auto"  # torch/onnxruntime device: auto, cpu, cuda
