@@ -81,7 +81,13 @@ from edgeway.common.schemas.tracking import (
 )
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone
+from edgeway.gateway.fanout import (
+    ClientQueue,
+    Policy,
+    SnapshotEcho,
+    canonical,
+    read_until_gone,
+)
 from edgeway.gateway.limits import TokenBucket, read_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
@@ -594,6 +600,12 @@ async def media(
 # --- live tracks -----------------------------------------------------------------------------
 
 
+def _media_key(message: Any) -> bytes | None:
+    if isinstance(message, dict) and message.get("type") == "media_available":
+        return canonical(message)
+    return None
+
+
 @router.websocket(TRACKING_ENDPOINT)
 async def tracking_socket(websocket: WebSocket, task_id: str, gateway: GatewayDep) -> None:
     """The task's status now, then its messages, SpotOn's shapes, until the client leaves."""
@@ -644,6 +656,9 @@ async def tracking_socket(websocket: WebSocket, task_id: str, gateway: GatewayDe
             first = [reply.body["message"]]
             if reply.body.get("media"):
                 first.append(reply.body["media"])
+                # The task may have announced its videos while this client subscribed: that
+                # live copy is the one it just got, dropped once.
+                SnapshotEcho(client, [canonical(reply.body["media"])], _media_key).install()
             client.push_front([orjson.dumps(message).decode() for message in first])
 
     try:
