@@ -40,6 +40,7 @@ from pamqp.commands import Basic
 
 from edgeway.common.envelope import Envelope, new_message_id
 from edgeway.common.logging import get_logger
+from edgeway.common.tasks import spawn
 from edgeway.common.topology import Channels
 from edgeway.telemetry import domain
 from edgeway.telemetry.ingest import Outcome, StoredRecord
@@ -249,8 +250,7 @@ class Broadcaster:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="telemetry-broadcaster")
-            self._task.add_done_callback(_log_crash)
+            self._task = spawn(self.run(), name="telemetry-broadcaster")
 
     async def run(self) -> None:
         """Publish what is queued, in order, for ever (until cancelled)."""
@@ -525,8 +525,3 @@ class AmqpSender:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("broadcaster stopped", error=repr(task.exception()))
