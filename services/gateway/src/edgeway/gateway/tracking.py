@@ -51,6 +51,7 @@ from pydantic import BaseModel, ValidationError
 
 from edgeway.common.broker import publish
 from edgeway.common.envelope import Envelope
+from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.tracking import (
@@ -80,6 +81,7 @@ from edgeway.common.schemas.tracking import (
     TrackingReply,
 )
 from edgeway.common.topology import Channels
+from edgeway.gateway import docs
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.fanout import (
     ClientQueue,
@@ -123,6 +125,16 @@ VIDEO_TYPES = frozenset(
 REPLY_QUEUE_SIZE = 256
 
 router = APIRouter()
+
+# What the routes document (edgeway.gateway.docs): the bodies they read themselves, the errors
+# they answer besides the token check's (401, 403, 503) and the 504 of a tracker that is silent.
+ENVIRONMENT_BODY = docs.json_body(
+    EnvironmentSpec, description="The environment: its cameras, homographies, overlaps."
+)
+START_BODY = docs.json_body(StartTaskBody, description="The environment to process, and the mode.")
+VIDEO_BODY = docs.binary_body(
+    *sorted(VIDEO_TYPES), description="The camera's video file, as the request's body."
+)
 log = get_logger("edgeway.gateway.tracking")
 _ID = re.compile(ID_PATTERN)
 _MEDIA_FILE = re.compile(MEDIA_FILE_PATTERN)
@@ -211,7 +223,12 @@ async def _environment_body(request: Request, *, endpoint: str) -> EnvironmentSp
         return shape_error(exc, endpoint=endpoint)
 
 
-@router.post(ENVIRONMENTS, status_code=201)
+@router.post(
+    ENVIRONMENTS,
+    status_code=201,
+    openapi_extra=ENVIRONMENT_BODY,
+    responses=error_responses(400, 409, 413, 415, 504),
+)
 async def create_environment(
     request: Request,
     gateway: GatewayDep,
@@ -224,14 +241,14 @@ async def create_environment(
     return respond(reply, endpoint=ENVIRONMENTS)
 
 
-@router.get(ENVIRONMENTS)
+@router.get(ENVIRONMENTS, responses=error_responses(504))
 async def list_environments(
     gateway: GatewayDep, _: Annotated[Principal, require(Scope.TRACKING_READ, ENVIRONMENTS)]
 ) -> Response:
     return respond(await ask(gateway, ListEnvironments()), endpoint=ENVIRONMENTS)
 
 
-@router.get(SPOTON_ENVIRONMENTS)
+@router.get(SPOTON_ENVIRONMENTS, responses=error_responses(504))
 async def spoton_environments(
     gateway: GatewayDep,
     _: Annotated[Principal, require(Scope.TRACKING_READ, SPOTON_ENVIRONMENTS)],
@@ -252,7 +269,7 @@ async def spoton_environments(
     return JSONResponse({"environments": summary, "total": len(summary)})
 
 
-@router.get(ENVIRONMENT)
+@router.get(ENVIRONMENT, responses=error_responses(400, 404, 504))
 async def get_environment(
     environment_id: str,
     gateway: GatewayDep,
@@ -264,7 +281,11 @@ async def get_environment(
     return respond(reply, endpoint=ENVIRONMENT)
 
 
-@router.put(ENVIRONMENT)
+@router.put(
+    ENVIRONMENT,
+    openapi_extra=ENVIRONMENT_BODY,
+    responses=error_responses(400, 404, 409, 413, 415, 504),
+)
 async def replace_environment(
     environment_id: str,
     request: Request,
@@ -280,7 +301,7 @@ async def replace_environment(
     return respond(reply, endpoint=ENVIRONMENT)
 
 
-@router.delete(ENVIRONMENT)
+@router.delete(ENVIRONMENT, responses=error_responses(400, 404, 409, 504))
 async def delete_environment(
     environment_id: str,
     gateway: GatewayDep,
@@ -302,7 +323,12 @@ def video_container(data: bytes) -> bool:
     )
 
 
-@router.put(VIDEO, status_code=202)
+@router.put(
+    VIDEO,
+    status_code=202,
+    openapi_extra=VIDEO_BODY,
+    responses=error_responses(400, 404, 409, 413, 415, 504),
+)
 async def upload_video(
     environment_id: str,
     camera_id: str,
@@ -406,7 +432,12 @@ async def _start(request: Request, gateway: Gateway, prefix: str) -> Response:
     )
 
 
-@router.post(TASKS + "/start", status_code=202)
+@router.post(
+    TASKS + "/start",
+    status_code=202,
+    openapi_extra=START_BODY,
+    responses=error_responses(400, 404, 409, 413, 415, 504),
+)
 async def start_task(
     request: Request,
     gateway: GatewayDep,
@@ -415,7 +446,12 @@ async def start_task(
     return await _start(request, gateway, TASKS)
 
 
-@router.post(SPOTON_TASKS + "/start", status_code=202)
+@router.post(
+    SPOTON_TASKS + "/start",
+    status_code=202,
+    openapi_extra=START_BODY,
+    responses=error_responses(400, 404, 409, 413, 415, 504),
+)
 async def start_task_spoton(
     request: Request,
     gateway: GatewayDep,
@@ -457,15 +493,27 @@ def _task_routes(prefix: str) -> None:
         prefix + "/{task_id}",
     )
 
-    @router.get(status_path, dependencies=[require(Scope.TRACKING_READ, status_path)])
+    @router.get(
+        status_path,
+        dependencies=[require(Scope.TRACKING_READ, status_path)],
+        responses=error_responses(404, 504),
+    )
     async def task_status(task_id: str, gateway: GatewayDep) -> Response:
         return await _status(task_id, gateway, status_path)
 
-    @router.post(stop_path, dependencies=[require(Scope.TRACKING_ADMIN, stop_path)])
+    @router.post(
+        stop_path,
+        dependencies=[require(Scope.TRACKING_ADMIN, stop_path)],
+        responses=error_responses(404, 504),
+    )
     async def stop_task(task_id: str, gateway: GatewayDep) -> Response:
         return await _stop(task_id, gateway, stop_path)
 
-    @router.delete(task_path, dependencies=[require(Scope.TRACKING_ADMIN, task_path)])
+    @router.delete(
+        task_path,
+        dependencies=[require(Scope.TRACKING_ADMIN, task_path)],
+        responses=error_responses(404, 504),
+    )
     async def delete_task(task_id: str, gateway: GatewayDep) -> Response:
         """SpotOn HEAD's DELETE: stops the task (its stored tracks stay until retention)."""
         return await _stop(task_id, gateway, task_path)
@@ -475,7 +523,7 @@ for _prefix in (TASKS, SPOTON_TASKS):
     _task_routes(_prefix)
 
 
-@router.get(TRACKS)
+@router.get(TRACKS, responses=error_responses(400, 404, 504))
 async def tracks(
     task_id: str,
     request: Request,
@@ -526,7 +574,7 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     return start, end
 
 
-@router.get(MEDIA_PATH)
+@router.get(MEDIA_PATH, responses=error_responses(400, 404, 416, 504))
 async def media(
     task_id: str,
     environment_id: str,
