@@ -20,13 +20,13 @@ producer retrying as its real counterpart does:
   synthetic pattern, each frame's number drawn into its pixels, and a viewer on
   `WS /ws/video/consume` that decodes and reads the numbers back: frames sent and decoded.
 
-Accepted means what the producer was told was taken: 202 for HTTP, and for the Omega socket
-every frame sent, less one per error frame (Omega's frames carry no id of the producer's, so an
-error frame cannot name which frame it refused). Lost = accepted and never stored; duplicated
-= stored more than once. Told = the answers that said "not taken" (503, error frames, a refused
-or dropped connection). Recovery = from the fault's end until a probe goes end to end on every
-path again (a probe frame reaches the healthy client; a probe record and a probe file are stored;
-the viewer decodes a frame the phone sent after the fault's end).
+Accepted means what the producer was told was taken: 202 for HTTP, and for the Omega socket an
+ack (the camera speaks the acknowledged wire, `?ack=1`: Omega's own has no acknowledgement, so
+a frame in flight when the gateway dies would be lost unknown to it). Lost = accepted and never
+stored; duplicated = stored more than once. Told = the answers that said "not taken" (503,
+error frames, a refused or dropped connection). Recovery = from the fault's end until a probe
+goes end to end on every path again (a probe frame reaches the healthy client; a probe record
+and a probe file are stored; the viewer decodes a frame the phone sent after the fault's end).
 
     .venv/bin/python -m bench.faults            # every scenario, full durations (`make faults`)
     .venv/bin/python -m bench.faults --short    # seconds per fault (what `make test` runs)
@@ -275,15 +275,24 @@ def vin(index: int) -> str:
 
 class OmegaCamera:
     """Frames for the seven cameras at `rate`, reconnecting when the socket goes, as Omega's
-    camera does. Frame n is (CAMERAS[n % 7], base + n // 7)."""
+    camera does, on the acknowledged wire (`?ack=1`): each frame is answered with an ack once
+    the broker confirmed it, or an error frame naming it, and what a dropped connection left
+    unanswered is sent again, unchanged, on the next one (the gateway gives it the same message
+    id, so it is stored once). Frame n is (CAMERAS[n % 7], base + n // 7)."""
 
     def __init__(self, url: str, *, base: int, rate: float = OCCUPANCY_RATE) -> None:
-        self.url = url
+        self.url = url + ("&" if "?" in url else "?") + "ack=1"
         self.base = base
         self.rate = rate
-        self.sent: list[tuple[str, int]] = []
+        self.sent: list[tuple[str, int]] = []  # each frame once, however often it was sent
+        self.acked: set[tuple[str, int]] = set()
         self.errors: Counter[str] = Counter()  # error frames by code
+        self.refused: set[tuple[str, int]] = set()
+        self.resent = 0
         self.dropped = 0  # connections refused or broken under it
+        # Sent on the connection that is open, by seq, until answered.
+        self._waiting: dict[int, tuple[tuple[str, int], str]] = {}
+        self._answered = asyncio.Event()  # nothing waits for an answer
 
     def identity(self, index: int) -> tuple[str, int]:
         return CAMERAS_LIST[index % len(CAMERAS_LIST)], self.base + index // len(CAMERAS_LIST)
@@ -294,32 +303,59 @@ class OmegaCamera:
 
     @property
     def accepted(self) -> int:
-        return len(self.sent) - sum(self.errors.values())
+        return len(self.acked)
 
     async def run(self, stop: asyncio.Event) -> None:
         index = 0
+        unanswered: list[tuple[tuple[str, int], str]] = []
         while not stop.is_set():
+            self._waiting = {}
+            seq = 0
             try:
                 async with websockets.connect(self.url, open_timeout=3, compression=None) as ws:
                     reader = asyncio.create_task(self._read(ws))
+                    for key, raw in unanswered:  # what the last connection left unanswered
+                        seq += 1
+                        self._waiting[seq] = (key, raw)
+                        await ws.send(raw)
+                        self.resent += 1
+                    unanswered = []
                     while not stop.is_set():
-                        camera, people = self.identity(index)
-                        if people >= self.base + PEOPLE_PER_SCENARIO:
+                        key = self.identity(index)
+                        if key[1] >= self.base + PEOPLE_PER_SCENARIO:
                             raise RuntimeError("the scenario outran its range of frame ids")
-                        await ws.send(json.dumps(frame(camera, people=people)))
-                        self.sent.append((camera, people))
+                        raw = json.dumps(frame(key[0], people=key[1]))
+                        seq += 1
+                        self._waiting[seq] = (key, raw)
+                        self.sent.append(key)
                         index += 1
+                        await ws.send(raw)
                         await asyncio.sleep(1 / self.rate)
-                    await asyncio.sleep(1.0)  # error frames for the last frames sent
+                    if self._waiting:  # answers for the last frames sent
+                        self._answered.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._answered.wait(), 5.0)
                     reader.cancel()
             except (OSError, TimeoutError, websockets.WebSocketException):
                 self.dropped += 1
                 await asyncio.sleep(RECONNECT_S)
+            unanswered = [self._waiting[seq] for seq in sorted(self._waiting)]
 
     async def _read(self, ws: websockets.ClientConnection) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
             async for reply in ws:
-                self.errors[json.loads(reply).get("code", "?")] += 1
+                answer = json.loads(reply)
+                if answer.get("type") == "ack":
+                    key, _ = self._waiting.pop(answer["seq"])
+                    self.acked.add(key)
+                else:
+                    self.errors[answer.get("code", "?")] += 1
+                    seq = (answer.get("details") or {}).get("seq")
+                    if seq in self._waiting:  # refused at the gateway (else by the service)
+                        key, _ = self._waiting.pop(seq)
+                        self.refused.add(key)
+                if not self._waiting:
+                    self._answered.set()
 
 
 CAMERAS_LIST = list(CAMERAS)
@@ -962,22 +998,23 @@ def occupancy_result(suite: FaultStack, traffic: Traffic, index: int) -> PathRes
     )
     stored = Counter({(camera_id, people): count for camera_id, people, count in rows})
     sent = set(camera.sent)
-    missing = sent - set(stored)
-    refused = sum(camera.errors.values())
+    acked = camera.acked
     delivered = {key for key in traffic.client.delivered if key in sent}
     return PathResult(
-        accepted=camera.accepted,
-        stored=len(set(stored) & sent),
+        accepted=len(acked),
+        stored=len(set(stored) & acked),
         delivered=len(delivered),
-        # An error frame names no frame of the producer's: each one accounts for one missing.
-        lost=max(0, len(missing) - refused),
+        # Exact: each frame was acked (the broker confirmed it) or not.
+        lost=len(acked - set(stored)),
         duplicated=sum(count - 1 for count in stored.values()),
         told=camera.told,
         detail={
             "sent": len(camera.sent),
+            "resent": camera.resent,
+            "unanswered": len(sent - acked - camera.refused),
             "error_frames": dict(camera.errors),
             "connections_dropped": camera.dropped,
-            "missing": sorted(missing)[:20],
+            "missing": sorted(acked - set(stored))[:20],
             "not_delivered": len(sent & set(stored)) - len(delivered),
             "delivered_twice": sum(
                 count - 1 for key, count in traffic.client.delivered.items() if key in sent

@@ -1,5 +1,6 @@
-"""The fault suite's short run (`bench.faults`, a few seconds per fault): a kill -9, a broker cut
-and a database cut, all real processes behind fault proxies, while the producers keep sending.
+"""The fault suite's short run (`bench.faults`, a few seconds per fault): kill -9 of a service
+and of the gateway, a broker cut and a database cut, all real processes behind fault proxies,
+while the producers keep sending.
 
 What it holds to, on every path (occupancy frames, telemetry records, ingested files): nothing
 accepted is lost, nothing is stored twice, producers are told when something is not taken, and
@@ -53,6 +54,17 @@ async def test_kill_9_of_occupancy_mid_stream_loses_and_doubles_nothing(
     assert_nothing_lost_or_doubled(row)
     # The broker held the frames while the service was down: nobody had to be told.
     assert row.paths["occupancy"].detail["error_frames"] == {}
+
+
+async def test_kill_9_of_the_gateway_loses_and_doubles_nothing_it_acknowledged(
+    suite: FaultStack, tmp_path: Path
+) -> None:
+    """The producers' own connections die with it: what they were not told was taken they
+    send again (the camera on the acknowledged wire, the logger and the uploader on their 202),
+    and the resends are stored once."""
+    row = await run(suite, "kill -9 gateway", tmp_path)
+    assert_nothing_lost_or_doubled(row)
+    assert row.paths["occupancy"].detail["connections_dropped"] > 0
 
 
 async def test_a_broker_cut_tells_every_producer_and_loses_nothing(

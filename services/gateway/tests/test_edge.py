@@ -180,6 +180,42 @@ async def test_bad_input_gets_an_error_frame_and_the_stream_continues(
         )
 
 
+async def test_an_acknowledged_producer_hears_of_every_message_and_a_resend_keeps_its_id(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    """`?ack=1`: an ack once the broker confirmed it, or an error frame naming the message by
+    its place on the connection; the same frame sent again (after a reconnect) has the same
+    message id, so the occupancy service stores it once."""
+    await drain_queue(amqp_url, expected=10_000, wait=0.5)  # start from an empty queue
+    good = frame("Flint_1", total_people=7)
+    url = ws_url(gateway, "/model/ws/connect", PUBLISH) + "&ack=1"
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps(good))
+        await ws.send("{not json")
+        await ws.send(json.dumps(frame("Flint_2")))
+        replies = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+    by_seq = {reply.get("seq") or reply["details"]["seq"]: reply for reply in replies}
+    assert sorted(by_seq) == [1, 2, 3]
+    assert by_seq[1]["type"] == "ack"
+    assert (by_seq[2]["type"], by_seq[2]["code"]) == ("error", "malformed_json")
+    assert by_seq[3]["type"] == "ack"
+    assert by_seq[1]["message_id"] != by_seq[3]["message_id"]
+    async with websockets.connect(url) as again:  # a reconnect sends what was not acked
+        await again.send(json.dumps(good))
+        resent = json.loads(await asyncio.wait_for(again.recv(), 5))
+    assert (resent["type"], resent["seq"]) == ("ack", 1)
+    assert resent["message_id"] == by_seq[1]["message_id"]
+    published = await drain_queue(amqp_url, expected=3)
+    assert [m.message_id for m in published].count(by_seq[1]["message_id"]) == 2
+
+    async with websockets.connect(ws_url(gateway, "/model/ws/connect", PUBLISH)) as plain:
+        await plain.send(json.dumps(good))  # Omega's own wire: no answer to a good frame
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(plain.recv(), 0.5)
+    (legacy,) = await drain_queue(amqp_url, expected=1)
+    assert legacy.message_id != by_seq[1]["message_id"]
+
+
 async def test_a_client_whose_snapshot_fails_still_gets_live_updates(
     gateway: ServiceProcess, amqp_url: str
 ) -> None:

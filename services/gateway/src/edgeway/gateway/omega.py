@@ -3,7 +3,12 @@
 - `WS /model/ws/connect`: camera models push frame results. Each is checked at the edge and
   published to the occupancy work exchange; bad input gets an error frame on the same socket,
   which stays open. What the occupancy service rejects later (an unknown camera) comes back as
-  an error frame too, through this connection's reply channel.
+  an error frame too, through this connection's reply channel. Omega's wire has no
+  acknowledgement, so a frame in flight when the gateway dies is lost unknown to its camera;
+  with `?ack=1` (Edgeway's, opt-in) each message is answered: `{"type": "ack", "seq", "message_id"}`
+  once the broker confirmed it, or an error frame whose `details.seq` names it. `seq` counts the
+  connection's messages from 1. The message id is then derived from the token's subject, the
+  camera and the timestamp, so a frame sent again after a reconnect is stored once.
 - `WS /client/ws/connect`: clients get the latest state of every location at once, then every
   update, in Omega's exact shape.
 - `GET /model/count`, `GET /discover/health`: as Omega answers them.
@@ -23,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from pydantic import ValidationError
 
-from edgeway.common.envelope import Envelope
+from edgeway.common.envelope import Envelope, new_message_id
 from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
@@ -44,8 +49,10 @@ from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
 MODEL_ENDPOINT = "/model/ws/connect"
 CLIENT_ENDPOINT = "/client/ws/connect"
-# Error frames waiting for a producer that does not read them; older ones are dropped.
+# Error frames (and acks) waiting for a producer that does not read them; older ones are dropped.
 REPLY_QUEUE_SIZE = 256
+# Message ids of acknowledged producers: the same frame from the same subject, the same id.
+ACKED_FRAME_IDS = uuid.UUID("5f0c9a43-2b1e-4c44-9d8e-0e6b1d2f7a10")
 
 router = APIRouter()
 log = get_logger("edgeway.gateway.omega")
@@ -65,8 +72,12 @@ def _shape_error(error: ValidationError) -> ErrorFrame:
 class ModelSession:
     """One camera model's connection: edge checks, confirmed publishes, error frames back."""
 
-    def __init__(self, gateway: Gateway, websocket: WebSocket, principal: Principal) -> None:
+    def __init__(
+        self, gateway: Gateway, websocket: WebSocket, principal: Principal, *, acks: bool = False
+    ) -> None:
         settings = gateway.settings
+        self.acks = acks
+        self.seq = 0  # messages received on this connection
         self.gateway = gateway
         self.link = gateway.link
         self.websocket = websocket
@@ -87,9 +98,18 @@ class ModelSession:
         connection_span = trace.get_current_span().get_span_context()
         self.trace_links = [trace.Link(connection_span)] if connection_span.is_valid else []
 
-    def reject(self, frame: ErrorFrame) -> None:
+    def reject(self, frame: ErrorFrame, seq: int) -> None:
         REJECTED.labels(MODEL_ENDPOINT, frame.code.value).inc()
+        if self.acks:
+            frame = frame.model_copy(update={"details": {"seq": seq}})
         self.replies.offer(frame.encode())
+
+    def message_id(self, frame: FrameResult) -> str:
+        """A fresh id; for an acknowledged producer, the frame's own (see the module)."""
+        if not self.acks:
+            return new_message_id()
+        name = f"{self.principal.subject}\x1f{frame.camera}\x1f{orjson.dumps(frame.timestamp)!r}"
+        return str(uuid.uuid5(ACKED_FRAME_IDS, name))
 
     async def run(self) -> None:
         producers = self.gateway.producers.setdefault(MODEL_ENDPOINT, set())
@@ -119,38 +139,43 @@ class ModelSession:
 
     async def take(self, raw: bytes) -> None:
         """Check one message at the edge and start publishing it (bounded in-flight window)."""
+        self.seq += 1
+        seq = self.seq
         if len(raw) > self.max_bytes:
             self.reject(
                 ErrorFrame(
                     code=ErrorCode.TOO_LARGE,
                     reason=f"message is {len(raw)} bytes; the limit is {self.max_bytes}",
-                )
+                ),
+                seq,
             )
             return
         if not self.bucket.take():
-            self.reject(ErrorFrame(code=ErrorCode.RATE_LIMITED, reason="too many messages"))
+            self.reject(ErrorFrame(code=ErrorCode.RATE_LIMITED, reason="too many messages"), seq)
             return
         try:
             frame = FrameResult.model_validate_json(raw)
         except ValidationError as error:
-            self.reject(_shape_error(error))
+            self.reject(_shape_error(error), seq)
             return
         if frame.summary.zones == 0:
             self.reject(
                 ErrorFrame(
                     code=ErrorCode.ZERO_ZONES,
                     reason="summary.free and summary.occupied are both empty: no zones to count",
-                )
+                ),
+                seq,
             )
             return
         envelope = Envelope(
+            message_id=self.message_id(frame),
             type=OBSERVATION_TYPE,
             producer=f"omega-model/{self.principal.subject}",
             captured_at=frame.captured_at().timestamp(),
             reply_channel=self.reply_channel,
         )
         await self.window.acquire()
-        task = asyncio.create_task(self.publish(raw, envelope))
+        task = asyncio.create_task(self.publish(raw, envelope, seq))
         self.in_flight.add(task)
         task.add_done_callback(self._published)
 
@@ -158,7 +183,7 @@ class ModelSession:
         self.in_flight.discard(task)
         self.window.release()
 
-    async def publish(self, raw: bytes, envelope: Envelope) -> None:
+    async def publish(self, raw: bytes, envelope: Envelope, seq: int) -> None:
         with tracer.start_as_current_span(
             "receive " + MODEL_ENDPOINT,
             context=Context(),
@@ -177,21 +202,27 @@ class ModelSession:
                         code=ErrorCode.UNAVAILABLE,
                         reason="not accepted: the broker did not confirm it; send it again",
                         message_id=envelope.message_id,
-                    )
+                    ),
+                    seq,
                 )
                 return
         PUBLISHED.labels(MODEL_ENDPOINT).inc()
+        if self.acks:
+            ack = {"type": "ack", "seq": seq, "message_id": envelope.message_id}
+            self.replies.offer(orjson.dumps(ack).decode())
 
 
 @router.websocket(MODEL_ENDPOINT)
-async def model_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
+async def model_connect(
+    websocket: WebSocket, gateway: GatewayDep, ack: Annotated[bool, Query()] = False
+) -> None:
     principal = await admit_websocket(
         websocket, gateway, scope=Scope.OCCUPANCY_PUBLISH, endpoint=MODEL_ENDPOINT
     )
     if principal is None:
         return
     await websocket.accept()
-    await ModelSession(gateway, websocket, principal).run()
+    await ModelSession(gateway, websocket, principal, acks=ack).run()
 
 
 async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
