@@ -307,6 +307,7 @@ class OmegaCamera:
 
     async def run(self, stop: asyncio.Event) -> None:
         index = 0
+        # Sent on a connection that went before answering: sent again, in order, on the next.
         unanswered: list[tuple[tuple[str, int], str]] = []
         while not stop.is_set():
             self._waiting = {}
@@ -314,12 +315,11 @@ class OmegaCamera:
             try:
                 async with websockets.connect(self.url, open_timeout=3, compression=None) as ws:
                     reader = asyncio.create_task(self._read(ws))
-                    for key, raw in unanswered:  # what the last connection left unanswered
+                    while unanswered:
                         seq += 1
-                        self._waiting[seq] = (key, raw)
-                        await ws.send(raw)
+                        self._waiting[seq] = unanswered.pop(0)
+                        await ws.send(self._waiting[seq][1])
                         self.resent += 1
-                    unanswered = []
                     while not stop.is_set():
                         key = self.identity(index)
                         if key[1] >= self.base + PEOPLE_PER_SCENARIO:
@@ -339,7 +339,8 @@ class OmegaCamera:
             except (OSError, TimeoutError, websockets.WebSocketException):
                 self.dropped += 1
                 await asyncio.sleep(RECONNECT_S)
-            unanswered = [self._waiting[seq] for seq in sorted(self._waiting)]
+            # A connection that never opened leaves `unanswered` as it was.
+            unanswered = [self._waiting[seq] for seq in sorted(self._waiting)] + unanswered
 
     async def _read(self, ws: websockets.ClientConnection) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
