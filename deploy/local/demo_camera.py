@@ -3,7 +3,7 @@
 
 Each camera watches a few tables (ROI zones with a seat capacity); people come and go in a
 random walk, and a zone is "occupied" when it holds more people than seats, as Omega's model
-decides it (docs/seed-systems.md §1). Reconnects every 5 s when the gateway is away, like Omega's.
+decides it. Reconnects every 5 s when the gateway is away, like Omega's.
 
     EDGEWAY_CAMERA_TOKEN=... python deploy/local/demo_camera.py \
         --url ws://127.0.0.1:8000/model/ws/connect

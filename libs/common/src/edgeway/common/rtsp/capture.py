@@ -1,10 +1,11 @@
 """RTSP capture: frames from a camera, sampled by time or by scene change, off the event loop.
 
-The seed (docs/seed-systems.md §5) read RTSP synchronously on the event loop, cut every capture at
-about 5 s, treated `event_driven` as `continuous` and reconnected with a linear backoff. Here PyAV
-runs in a worker thread that hands kept frames to the loop through a bounded buffer (oldest dropped
-when full, as the seed's 100-frame queue did); a watchdog reopens a stalled connection; reconnects
-back off exponentially; the capture ends `duration_s` after its first frame, however long that is.
+TrackShift, the ingestion backend Edgeway replaces, read RTSP synchronously on the event loop,
+cut every capture at about 5 s, treated `event_driven` as `continuous` and reconnected with a
+linear backoff. Here PyAV runs in a worker thread that hands kept frames to the loop through a
+bounded buffer (oldest dropped when full, as the seed's 100-frame queue did); a watchdog reopens
+a stalled connection; reconnects back off exponentially; the capture ends `duration_s` after
+its first frame, however long that is.
 
 FFmpeg never connects to the camera itself: each connection goes through a loopback relay to an
 address checked against the destination allowlist, which drops redirects (`relay.py`).
