@@ -1,9 +1,11 @@
-"""File messages and object keys: what the service takes from the uploads queue, where it stores."""
+"""File messages and object keys (what the service takes from the uploads queue, where it stores),
+who may see a request and how one ends, page cursors."""
 
 from __future__ import annotations
 
 import base64
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -17,16 +19,26 @@ from edgeway.common.schemas.ingest import (
     HEADER_KIND,
     HEADER_REQUEST_ID,
     MAX_FILE_NAME,
+    Caller,
     FileKind,
+    RequestStatus,
 )
 from edgeway.ingestion.domain import (
+    CAPTURE_FAILED,
+    NO_FILE_STORED,
     BadCursorError,
     BadFileMessageError,
+    Ending,
     FramePosition,
+    capture_ending,
     file_key,
     frame_key,
+    lost_files_ending,
+    may_end,
+    may_see,
     new_frame_id,
     read_file_message,
+    upload_ending,
 )
 
 FILE_ID = "6f1c2a8e-3b7d-4c5e-9f0a-1b2c3d4e5f60"
@@ -182,3 +194,51 @@ def test_a_cursor_comes_back_as_the_position_it_was_made_from() -> None:
 def test_a_cursor_this_service_did_not_make_is_refused(cursor: str) -> None:
     with pytest.raises(BadCursorError, match="not one this service made"):
         FramePosition.from_cursor(cursor)
+
+
+# --- requests: who may see one, how one ends ------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    files_expected: int | None
+    frames_stored: int
+    files_rejected: int
+
+
+def test_a_request_is_seen_by_its_requester_and_operators_only() -> None:
+    assert may_see(Caller(subject="alice"), "alice")
+    assert not may_see(Caller(subject="bob"), "alice")
+    assert may_see(Caller(subject="ops", operator=True), "alice")
+    # A request from before requesters were kept: operators only.
+    assert not may_see(Caller(subject="alice"), None)
+    assert may_see(Caller(subject="ops", operator=True), None)
+
+
+def test_only_a_request_under_way_may_end() -> None:
+    assert may_end(RequestStatus.PENDING.value)
+    assert may_end(RequestStatus.IN_PROGRESS.value)
+    for final in (RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.CANCELLED):
+        assert not may_end(final.value)
+
+
+def test_an_upload_ends_once_every_file_was_stored_or_refused() -> None:
+    assert upload_ending(Counts(3, 1, 1)) is None  # one still on its way
+    assert upload_ending(Counts(3, 2, 1)) == Ending(RequestStatus.COMPLETED)
+    assert upload_ending(Counts(2, 0, 2)) == Ending(RequestStatus.FAILED, NO_FILE_STORED)
+    assert upload_ending(Counts(None, 5, 0)) is None  # a capture: it ends otherwise
+
+
+def test_an_upload_whose_files_stopped_arriving_says_how_many_were_lost() -> None:
+    ending = lost_files_ending(Counts(5, 2, 1))
+    assert ending.status is RequestStatus.FAILED
+    assert ending.message == "2 accepted file(s) never reached the ingestion service"
+
+
+def test_a_capture_that_ran_out_without_a_frame_failed() -> None:
+    ran_out = Ending(RequestStatus.COMPLETED)
+    assert capture_ending(ran_out, frames_stored=0) == Ending(RequestStatus.FAILED, CAPTURE_FAILED)
+    assert capture_ending(ran_out, frames_stored=3) == ran_out
+    # Cancelled or failed otherwise: it says so, frames or not.
+    cancelled = Ending(RequestStatus.CANCELLED, "cancelled by request")
+    assert capture_ending(cancelled, frames_stored=0) == cancelled

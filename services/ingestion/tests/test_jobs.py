@@ -19,6 +19,8 @@ from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.objects import LocalStore
+from edgeway.common.rtsp.credentials import CredentialCipher
 from edgeway.common.schemas.ingest import (
     URL_REFUSED,
     Caller,
@@ -32,12 +34,11 @@ from edgeway.common.testing import DIALECTS, migrated_database
 from edgeway.common.testing.listener import RecordingListener
 from edgeway.common.testing.processes import free_port
 from edgeway.ingestion import store
-from edgeway.ingestion.credentials import CredentialCipher
-from edgeway.ingestion.handlers import status_reader
+from edgeway.ingestion.domain import CAPTURE_FAILED
 from edgeway.ingestion.images import ImageLimits, ImageSanitizer
-from edgeway.ingestion.jobs import CAPTURE_FAILED, URL_NOT_ALLOWED, CaptureJobs
+from edgeway.ingestion.jobs import URL_NOT_ALLOWED, CaptureJobs
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import LocalStore
+from edgeway.ingestion.status import status_reader
 
 ALICE, BOB = Caller(subject="alice"), Caller(subject="bob")
 OPERATOR = Caller(subject="ops", operator=True)

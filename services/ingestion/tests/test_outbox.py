@@ -30,7 +30,7 @@ from edgeway.common.envelope import HEADER_PRODUCER, JSON
 from edgeway.common.schemas.ingest import FRAME_STORED_TYPE, PROGRESS_TYPE
 from edgeway.common.settings import CommonSettings, ExchangeNames, async_database_url
 from edgeway.common.topology import Channels, Topology
-from edgeway.ingestion import store
+from edgeway.ingestion import events, store
 from edgeway.ingestion.outbox import OutboxRelay
 
 pytestmark = pytest.mark.connected
@@ -107,7 +107,10 @@ def make_relay(
     return OutboxRelay(
         sessions=sessions,
         broker=broker,
-        exchanges={store.TO_BROADCAST: topology.broadcast, store.TO_FRAMES: topology.ingest_frames},
+        exchanges={
+            events.TO_BROADCAST: topology.broadcast,
+            events.TO_FRAMES: topology.ingest_frames,
+        },
         producer=PRODUCER,
         on_published=counted,
     )
@@ -140,18 +143,13 @@ async def receive(
 
 
 async def add_events(
-    sessions: async_sessionmaker[AsyncSession], *events: tuple[str, str, str, Any]
+    sessions: async_sessionmaker[AsyncSession], *added: tuple[str, str, str, Any]
 ) -> list[int]:
     """Commit (target, routing key, type, body) events as a change would; their ids in order."""
     async with sessions.begin() as session:
-        for target, routing_key, type_, body in events:
+        for target, routing_key, type_, body in added:
             store.add_event(
-                session=session,
-                target=target,
-                routing_key=routing_key,
-                type=type_,
-                body=body,
-                now=NOW,
+                session=session, event=events.Event(target, routing_key, type_, body), now=NOW
             )
     async with sessions() as session:
         rows = await session.execute(select(store.OutboxEvent.id).order_by(store.OutboxEvent.id))
@@ -179,8 +177,8 @@ async def test_events_reach_their_exchange_with_stable_ids_and_leave_the_table(
     progress_body = {"type": "ingest_progress", "request_id": request_id, "status": "completed"}
     ids = await add_events(
         sessions,
-        (store.TO_FRAMES, "", FRAME_STORED_TYPE, frame_body),
-        (store.TO_BROADCAST, channel_key, PROGRESS_TYPE, progress_body),
+        (events.TO_FRAMES, "", FRAME_STORED_TYPE, frame_body),
+        (events.TO_BROADCAST, channel_key, PROGRESS_TYPE, progress_body),
     )
 
     assert await relay.publish_pending() == 2
@@ -226,8 +224,8 @@ async def test_a_progress_event_nobody_listens_to_is_still_taken_off_the_outbox(
     relay = make_relay(sessions, broker, topology, [])
     ids = await add_events(
         sessions,
-        (store.TO_BROADCAST, Channels.ingest_request(str(uuid.uuid4())), PROGRESS_TYPE, {"n": 1}),
-        (store.TO_BROADCAST, watched, PROGRESS_TYPE, {"n": 2}),
+        (events.TO_BROADCAST, Channels.ingest_request(str(uuid.uuid4())), PROGRESS_TYPE, {"n": 1}),
+        (events.TO_BROADCAST, watched, PROGRESS_TYPE, {"n": 2}),
     )
     assert await relay.publish_pending() == 2
     assert await waiting(sessions) == 0
@@ -245,7 +243,7 @@ async def test_events_stay_in_the_outbox_when_the_broker_refuses_them(
     missing = Topology(ExchangeNames(ingest_frames=f"test.absent.{uuid.uuid4().hex[:10]}"))
     published: list[int] = []
     refused = make_relay(sessions, broker, missing, published)
-    await add_events(sessions, (store.TO_FRAMES, "", FRAME_STORED_TYPE, {"frame_id": "f1"}))
+    await add_events(sessions, (events.TO_FRAMES, "", FRAME_STORED_TYPE, {"frame_id": "f1"}))
 
     with pytest.raises(ChannelNotFoundEntity, match="NOT_FOUND - no exchange"):
         await refused.publish_pending()
@@ -278,7 +276,7 @@ async def test_the_running_relay_publishes_what_is_committed(
     relay.start()
     try:
         for n in range(3):
-            await add_events(sessions, (store.TO_FRAMES, "", FRAME_STORED_TYPE, {"n": n}))
+            await add_events(sessions, (events.TO_FRAMES, "", FRAME_STORED_TYPE, {"n": n}))
             relay.nudge()
         messages = await receive(probe, 3)
         # The broker has them before the relay's commit takes them off the table.

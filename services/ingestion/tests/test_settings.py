@@ -3,25 +3,19 @@ everything named by `EDGEWAY_` environment variables."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 from pydantic import ValidationError
 
+from edgeway.common.testing.environment import isolate_settings
 from edgeway.ingestion.settings import MIB, IngestionSettings
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: the machine's own EDGEWAY_ variables must not leak in. The
-    environment is development, as for every test process (the default is production); the
-    tests of production say so."""
-    for name in list(os.environ):
-        if name.startswith("EDGEWAY_") or name == "DATABASE_URL":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "development")
+    isolate_settings(monkeypatch)
 
 
 def test_defaults_are_the_seeds_bucket_expiry_limits_and_an_embedded_store() -> None:

@@ -1,6 +1,6 @@
 """The status as the service answers it: one page of frames, presigned off the event loop.
 
-`handlers.status_reader` on a real database (SQLite, and PostgreSQL with a real S3 server when
+`status.status_reader` on a real database (SQLite, and PostgreSQL with a real S3 server when
 connected): a request with more frames than a page comes in pages that a cursor walks, each
 frame once, and only the page's keys are presigned.
 """
@@ -18,6 +18,7 @@ from minio import Minio
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.objects import LocalStore, ObjectStore, S3Store
 from edgeway.common.schemas.ingest import (
     FRAMES_PAGE_DEFAULT,
     Caller,
@@ -27,8 +28,7 @@ from edgeway.common.schemas.ingest import (
 from edgeway.common.testing import DIALECTS, migrated_database
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from edgeway.ingestion import store
-from edgeway.ingestion.handlers import status_reader
-from edgeway.ingestion.storage import LocalStore, ObjectStore, S3Store
+from edgeway.ingestion.status import status_reader
 
 ALICE = Caller(subject="alice")
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -71,7 +71,7 @@ async def capture_with_frames(sessions: async_sessionmaker[AsyncSession], count:
             )
         )
         await session.execute(
-            insert(store.Frame),
+            insert(store.StoredFrame),
             [
                 {
                     # Two frames share each capture time: ids (in the index's order) part them.

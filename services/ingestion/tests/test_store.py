@@ -29,6 +29,7 @@ from edgeway.common.settings import async_database_url
 from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.common.topology import Channels
 from edgeway.ingestion import domain, store
+from edgeway.ingestion.events import TO_BROADCAST, TO_FRAMES
 
 NOW = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
 BUCKET = "trackshift-frames"
@@ -87,7 +88,7 @@ def capture(
 
 def frame(
     request: store.IngestionRequest, *, taken: datetime = NOW, **changes: Any
-) -> store.NewFrame:
+) -> domain.NewFrame:
     frame_id = changes.pop("id", None) or str(uuid.uuid4())
     values: dict[str, Any] = {
         "id": frame_id,
@@ -106,7 +107,7 @@ def frame(
         "original_name": "gate.jpg",
     }
     values.update(changes)
-    return store.NewFrame(**values)
+    return domain.NewFrame(**values)
 
 
 async def add(
@@ -126,15 +127,26 @@ async def reload(
     return request
 
 
+def finish_if_done(
+    session: AsyncSession, request: store.IngestionRequest, *, now: datetime
+) -> None:
+    """What a group commit does once a request's files are in: end the upload if it is done."""
+    ending = domain.upload_ending(request)
+    if ending is not None:
+        store.finish(
+            session=session, request=request, status=ending.status, message=ending.message, now=now
+        )
+
+
 async def store_frame(
-    sessions: async_sessionmaker[AsyncSession], new: store.NewFrame, *, now: datetime = NOW
+    sessions: async_sessionmaker[AsyncSession], new: domain.NewFrame, *, now: datetime = NOW
 ) -> bool:
     """What a file's handler does: lock its request, add the frame, finish when it was the last."""
     async with sessions.begin() as session:
         request = await store.lock_request(session=session, request_id=new.request_id)
         assert request is not None
         added = await store.add_frame(session=session, request=request, frame=new, now=now)
-        store.finish_upload_if_done(session=session, request=request, now=now)
+        finish_if_done(session, request, now=now)
     return added
 
 
@@ -151,7 +163,7 @@ async def reject_file(
             rejected=RejectedFile(filename="bad.jpg", code="undecodable", reason="not an image"),
             now=NOW,
         )
-        store.finish_upload_if_done(session=session, request=request, now=NOW)
+        finish_if_done(session, request, now=NOW)
     return added
 
 
@@ -246,10 +258,10 @@ async def test_a_redelivered_frame_is_stored_counted_and_announced_once(
     assert await store_frame(sessions, new) is False
 
     assert (await reload(sessions, request.id)).frames_stored == 1
-    assert await count(sessions, store.Frame) == 1
+    assert await count(sessions, store.StoredFrame) == 1
     announced = [event for event in await events(sessions) if event.type == FRAME_STORED_TYPE]
     assert len(announced) == 1
-    assert announced[0].target == store.TO_FRAMES
+    assert announced[0].target == TO_FRAMES
     body = orjson.loads(announced[0].body)
     assert body["frame_id"] == new.id
     assert body["storage_path"] == new.storage_path
@@ -266,7 +278,7 @@ async def test_a_frames_metadata_keeps_exposure_and_sensor_info(
     new = frame(request)
     await store_frame(sessions, new)
     async with sessions() as session:
-        row = await session.get(store.Frame, new.id)
+        row = await session.get(store.StoredFrame, new.id)
     assert row is not None
     assert row.exposure == 0.01
     assert row.sensor_info == {"iso": 100}
@@ -283,7 +295,7 @@ async def test_a_redelivered_rejection_is_counted_once(
     assert await reject_file(sessions, request.id, file_id) is True
     assert await reject_file(sessions, request.id, file_id) is False
     assert (await reload(sessions, request.id)).files_rejected == 1
-    assert await count(sessions, store.RejectedUpload) == 1
+    assert await count(sessions, store.FileRejection) == 1
 
 
 # --- finishing ------------------------------------------------------------------------------------
@@ -307,7 +319,7 @@ async def test_an_upload_completes_when_every_file_was_stored_or_refused(
 
     progress = [event for event in await events(sessions) if event.type == PROGRESS_TYPE]
     assert len(progress) == 1  # the completion (this test announces nothing else)
-    assert progress[0].target == store.TO_BROADCAST
+    assert progress[0].target == TO_BROADCAST
     assert progress[0].routing_key == Channels.ingest_request(request.id)
     assert orjson.loads(progress[0].body)["status"] == "completed"
 
@@ -523,7 +535,7 @@ async def test_a_cursor_walks_every_frame_once_in_capture_order_through_ties(
 ) -> None:
     request = capture()
     await add(sessions, request)
-    stored: list[store.NewFrame] = []
+    stored: list[domain.NewFrame] = []
     async with sessions.begin() as session:
         locked = await store.lock_request(session=session, request_id=request.id)
         assert locked is not None
@@ -628,7 +640,7 @@ async def test_files_of_one_upload_stored_at_once_all_count(
     await add(sessions, request)
     results = await asyncio.gather(*(store_frame(sessions, frame(request)) for _ in range(8)))
     assert results == [True] * 8
-    assert await count(sessions, store.Frame) == 8
+    assert await count(sessions, store.StoredFrame) == 8
     done = await reload(sessions, request.id)
     assert done.frames_stored == 8
     assert done.status == RequestStatus.COMPLETED.value

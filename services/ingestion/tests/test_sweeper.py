@@ -21,13 +21,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.db import make_engine, make_sessionmaker
+from edgeway.common.objects import LocalStore, ObjectStore, S3Store
 from edgeway.common.schemas.ingest import PROGRESS_TYPE, RequestStatus, SourceType
 from edgeway.common.settings import async_database_url
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from edgeway.common.topology import Channels
-from edgeway.ingestion import domain, store
+from edgeway.ingestion import domain, events, store
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import LocalStore, ObjectStore, S3Store
 from edgeway.ingestion.sweeper import Sweeper
 
 GRACE = timedelta(minutes=10)
@@ -120,9 +120,9 @@ def new_request(
     )
 
 
-def frame_row(request: store.IngestionRequest, created: datetime) -> store.Frame:
+def frame_row(request: store.IngestionRequest, created: datetime) -> store.StoredFrame:
     frame_id = str(uuid.uuid4())
-    return store.Frame(
+    return store.StoredFrame(
         id=frame_id,
         request_id=request.id,
         camera_id=request.camera_id,
@@ -261,7 +261,7 @@ async def test_a_capture_whose_lease_ran_out_fails_and_says_so(
     assert running.status == RequestStatus.IN_PROGRESS.value
 
     (event,) = await progress_events(h.sessions)
-    assert event.target == store.TO_BROADCAST
+    assert event.target == events.TO_BROADCAST
     assert event.routing_key == Channels.ingest_request(dead.id)
     body = orjson.loads(event.body)
     assert (body["request_id"], body["status"]) == (dead.id, "failed")
@@ -420,7 +420,7 @@ async def test_retention_removes_old_objects_and_rows_and_keeps_newer_ones(
     )
     lost_object = frame_row(mixed, old)  # a crash removed its object but not its row
     old_file, new_file = phone_row(old), phone_row(new)
-    refused = store.RejectedUpload(
+    refused = store.FileRejection(
         request_id=old_empty.id, filename="x.txt", code="unsupported", reason="no", created_at=old
     )
     await add_rows(h.sessions, only_old, mixed, recent_empty, old_empty)
@@ -438,10 +438,10 @@ async def test_retention_removes_old_objects_and_rows_and_keeps_newer_ones(
     assert await stored_keys(h.objects) == kept
 
     async with h.sessions() as session:
-        frames = set((await session.execute(select(store.Frame.id))).scalars())
+        frames = set((await session.execute(select(store.StoredFrame.id))).scalars())
         files = set((await session.execute(select(store.PhoneFile.id))).scalars())
         requests = set((await session.execute(select(store.IngestionRequest.id))).scalars())
-        rejected = await session.scalar(select(func.count()).select_from(store.RejectedUpload))
+        rejected = await session.scalar(select(func.count()).select_from(store.FileRejection))
     assert frames == {mixed_new.id}
     assert files == {new_file.id}
     assert requests == {mixed.id, recent_empty.id}

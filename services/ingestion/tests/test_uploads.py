@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.objects import LocalStore
 from edgeway.common.schemas.ingest import (
     AcceptedFile,
     Caller,
@@ -30,8 +31,7 @@ from edgeway.common.testing import DIALECTS, migrated_database
 from edgeway.ingestion import store
 from edgeway.ingestion.domain import FileMessage
 from edgeway.ingestion.images import ImageLimits, ImageSanitizer
-from edgeway.ingestion.storage import LocalStore
-from edgeway.ingestion.uploads import Uploads
+from edgeway.ingestion.uploads import UploadIntake
 
 ALICE = Caller(subject="alice")
 RECEIVED = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -60,8 +60,8 @@ async def objects(tmp_path: Path) -> LocalStore:
 
 
 @pytest.fixture
-def uploads(sessions: async_sessionmaker[AsyncSession], objects: LocalStore) -> Uploads:
-    return Uploads(
+def uploads(sessions: async_sessionmaker[AsyncSession], objects: LocalStore) -> UploadIntake:
+    return UploadIntake(
         sessions=sessions,
         objects=objects,
         sanitizer=ImageSanitizer(ImageLimits()),
@@ -75,7 +75,7 @@ def image_message(request_id: str, name: str) -> FileMessage:
 
 
 async def test_a_file_over_the_size_limit_fails_alone_with_its_reason(
-    uploads: Uploads, sessions: async_sessionmaker[AsyncSession], objects: LocalStore
+    uploads: UploadIntake, sessions: async_sessionmaker[AsyncSession], objects: LocalStore
 ) -> None:
     request_id = str(uuid.uuid4())
     files = {"ok.jpg": SMALL, "huge.jpg": LARGE}
@@ -106,8 +106,8 @@ async def test_a_file_over_the_size_limit_fails_alone_with_its_reason(
             1,
             1,
         )
-        (rejection,) = (await session.execute(select(store.RejectedUpload))).scalars()
-        frames = list((await session.execute(select(store.Frame))).scalars())
+        (rejection,) = (await session.execute(select(store.FileRejection))).scalars()
+        frames = list((await session.execute(select(store.StoredFrame))).scalars())
     assert (rejection.filename, rejection.code) == ("huge.jpg", "too_large")
     assert f"{len(LARGE)} bytes" in rejection.reason
     assert f"{LIMIT} bytes" in rejection.reason
@@ -117,7 +117,7 @@ async def test_a_file_over_the_size_limit_fails_alone_with_its_reason(
 
 
 async def test_a_phone_file_over_the_size_limit_is_not_stored(
-    uploads: Uploads, sessions: async_sessionmaker[AsyncSession], objects: LocalStore
+    uploads: UploadIntake, sessions: async_sessionmaker[AsyncSession], objects: LocalStore
 ) -> None:
     big = b"t,ax\n" + b"1,0.5\n" * LIMIT
     message = FileMessage(FileKind.CSV, str(uuid.uuid4()), "imu.csv", None, "phone-7")
@@ -132,8 +132,8 @@ def counting_uploads(
     objects: LocalStore,
     outcomes: list[str],
     **options: Any,
-) -> Uploads:
-    return Uploads(
+) -> UploadIntake:
+    return UploadIntake(
         sessions=sessions,
         objects=objects,
         sanitizer=ImageSanitizer(ImageLimits()),
@@ -144,7 +144,7 @@ def counting_uploads(
     )
 
 
-async def open_upload(uploads: Uploads, *messages: FileMessage) -> None:
+async def open_upload(uploads: UploadIntake, *messages: FileMessage) -> None:
     request_id = messages[0].request_id
     assert request_id is not None
     refused = await uploads.open(
@@ -176,7 +176,7 @@ async def test_a_file_delivered_again_after_its_upload_completed_keeps_its_objec
     assert outcomes == ["stored", "duplicate"]
     async with sessions() as session:
         request = await session.get(store.IngestionRequest, message.request_id)
-        (row,) = (await session.execute(select(store.Frame))).scalars()
+        (row,) = (await session.execute(select(store.StoredFrame))).scalars()
     assert request is not None
     assert (request.status, request.frames_stored) == (RequestStatus.COMPLETED.value, 1)
     assert await objects.exists(row.storage_path), "the object the frame row names is gone"
@@ -244,6 +244,6 @@ async def test_a_commit_waits_out_a_database_outage_instead_of_failing_its_deliv
     await uploads.store(message, body, received=RECEIVED)
     assert outcomes == ["stored"]
     assert len(lost) == 12
-    table = store.Frame if kind is FileKind.IMAGE else store.PhoneFile
+    table = store.StoredFrame if kind is FileKind.IMAGE else store.PhoneFile
     async with sessions() as session:
         assert (await session.execute(select(func.count(table.id)))).scalar_one() == 1

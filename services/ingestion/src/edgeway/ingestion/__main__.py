@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeway.common.service import serve
-from edgeway.ingestion.handlers import SERVICE, build_app
+from edgeway.ingestion.app import SERVICE, build_app
 from edgeway.ingestion.settings import IngestionSettings
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.db import dialect_of
 from edgeway.common.logging import get_logger
+from edgeway.common.objects import ObjectStore
 from edgeway.common.rtsp.capture import (
     Capture,
     CapturedFrame,
@@ -36,6 +37,7 @@ from edgeway.common.rtsp.capture import (
     CapturePlan,
     mask_credentials,
 )
+from edgeway.common.rtsp.credentials import CredentialCipher
 from edgeway.common.rtsp.destinations import Destination, DestinationPolicy
 from edgeway.common.schemas.ingest import (
     URL_REFUSED,
@@ -47,18 +49,12 @@ from edgeway.common.schemas.ingest import (
     StartCapture,
 )
 from edgeway.ingestion import domain, store
-from edgeway.ingestion.credentials import CredentialCipher
+from edgeway.ingestion.domain import CANCELLED_BY_REQUEST, CAPTURE_FAILED, Ending, NewFrame
 from edgeway.ingestion.images import ImageSanitizer
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import ObjectStore
 
 # Any constant: the key of the PostgreSQL advisory lock that serialises admissions.
 ADMISSION_LOCK = 0x1A6E57
-# What a request says of every capture that got no frame (the reason is in the log).
-CAPTURE_FAILED = (
-    "no frame could be captured: the camera could not be reached, refused the connection or "
-    "the credentials, or sent no usable video"
-)
 URL_NOT_ALLOWED = "rtsp_url names a host or port this service may not connect to"
 
 log = get_logger("edgeway.ingestion.jobs")
@@ -234,7 +230,7 @@ class CaptureJobs:
                 request=request,
                 status=RequestStatus.CANCELLED,
                 now=_now(),
-                message="cancelled by request",
+                message=CANCELLED_BY_REQUEST,
             )
         self._committed()
         self.stop_local(request_id)
@@ -293,7 +289,7 @@ class CaptureJobs:
                     taken = frame_timestamp + (frame.captured_at - first)
                 await self._store(request_id, running, frame, taken)
             if running.cancelled:
-                status, message = RequestStatus.CANCELLED, "cancelled by request"
+                status, message = RequestStatus.CANCELLED, CANCELLED_BY_REQUEST
         except CaptureError as exc:
             log.warning("capture failed", request_id=request_id, reason=exc.reason)
             status, message = RequestStatus.FAILED, CAPTURE_FAILED
@@ -330,14 +326,14 @@ class CaptureJobs:
         now = _now()
         async with self._sessions.begin() as session:
             request = await store.lock_request(session=session, request_id=request_id)
-            if request is None or RequestStatus(request.status).final:
+            if request is None or not domain.may_end(request.status):
                 # Cancelled while this frame was on its way: it is not part of the request.
                 await self._objects.delete(key)
                 return
             await store.add_frame(
                 session=session,
                 request=request,
-                frame=store.NewFrame.stored(
+                frame=NewFrame.stored(
                     image,
                     id=frame_id,
                     request_id=request_id,
@@ -378,9 +374,14 @@ class CaptureJobs:
             request = await store.lock_request(session=session, request_id=request_id)
             if request is None:
                 return
-            if status is RequestStatus.COMPLETED and request.frames_stored == 0:
-                status, message = RequestStatus.FAILED, CAPTURE_FAILED
+            ending = domain.capture_ending(
+                Ending(status, message), frames_stored=request.frames_stored
+            )
             store.finish(
-                session=session, request=request, status=status, now=_now(), message=message
+                session=session,
+                request=request,
+                status=ending.status,
+                now=_now(),
+                message=ending.message,
             )
         self._committed()

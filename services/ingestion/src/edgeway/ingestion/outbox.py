@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.envelope import HEADER_PRODUCER, JSON
 from edgeway.common.logging import get_logger
-from edgeway.ingestion import store
+from edgeway.ingestion import events, store
 
 BATCH = 200
 # Events wait at most this long when nobody nudged the relay (another replica's, or a missed
@@ -78,8 +78,8 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one batch of waiting events; how many there were."""
         async with self._sessions.begin() as session:
-            events = await store.pending_events(session=session, limit=BATCH)
-            if not events:
+            pending = await store.pending_events(session=session, limit=BATCH)
+            if not pending:
                 return 0
             await asyncio.gather(
                 *(
@@ -88,7 +88,7 @@ class OutboxRelay:
                         exchange=self._exchanges[event.target],
                         routing_key=event.routing_key,
                         # Frames are durable facts for the tracker; progress is a live result.
-                        persist=event.target == store.TO_FRAMES,
+                        persist=event.target == events.TO_FRAMES,
                         mandatory=False,
                         message_id=f"ingestion-outbox-{event.id}",
                         message_type=event.type,
@@ -96,9 +96,9 @@ class OutboxRelay:
                         headers={HEADER_PRODUCER: self._producer},
                         timestamp=event.created_at,
                     )
-                    for event in events
+                    for event in pending
                 )
             )
-            await store.delete_events(session=session, ids=[event.id for event in events])
-        self._on_published(len(events))
-        return len(events)
+            await store.delete_events(session=session, ids=[event.id for event in pending])
+        self._on_published(len(pending))
+        return len(pending)

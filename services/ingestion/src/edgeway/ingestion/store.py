@@ -1,7 +1,8 @@
 """The ingestion database: requests, stored frames, refused files, phone files, the outbox.
 
 Functions take the session as a keyword and never commit: the caller's transaction holds an
-object's row and its outbox events together. Every change to a request locks its row first
+object's row and its outbox events together (what the rows and events say is decided in
+`domain` and `events`). Every change to a request locks its row first
 (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite writes one transaction at a time), so two files of
 one upload finishing at once both count, and exactly one of them completes it (on SQLite, by
 taking its write lock first: `lock_request`).
@@ -10,7 +11,6 @@ taking its write lock first: `lock_request`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,7 @@ from edgeway.common.db import (
     dialect_of,
 )
 from edgeway.common.schemas.ingest import (
-    FRAME_STORED_TYPE,
     FRAMES_PAGE_DEFAULT,
-    PROGRESS_TYPE,
     Caller,
     CaptureMode,
     FrameInfo,
@@ -55,9 +53,8 @@ from edgeway.common.schemas.ingest import (
     RequestStatus,
     SourceType,
 )
-from edgeway.common.topology import Channels
-from edgeway.ingestion import domain
-from edgeway.ingestion.images import CleanImage
+from edgeway.ingestion import domain, events
+from edgeway.ingestion.domain import ACTIVE, NewFrame
 
 MIGRATIONS = Migrations(
     Path(__file__).with_name("migrations"), version_table="alembic_version_ingestion"
@@ -65,10 +62,6 @@ MIGRATIONS = Migrations(
 
 UUID_LENGTH = 36
 CAMERA_ID_LENGTH = 100
-# Where an outbox event goes: the broadcast exchange (clients) or the frames exchange (tracker).
-TO_BROADCAST = "broadcast"
-TO_FRAMES = "frames"
-ACTIVE = (RequestStatus.PENDING.value, RequestStatus.IN_PROGRESS.value)
 
 
 class Base(DeclarativeBase):
@@ -120,7 +113,7 @@ class IngestionRequest(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Frame(Base):
+class StoredFrame(Base):
     """A stored image: the seed's `frames`, without a stored (staling) presigned URL."""
 
     __tablename__ = "frames"
@@ -151,7 +144,7 @@ class Frame(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class RejectedUpload(Base):
+class FileRejection(Base):
     """A file of an upload that was not stored: refused at the edge, or by the full check here."""
 
     __tablename__ = "rejected_files"
@@ -190,7 +183,7 @@ class OutboxEvent(Base):
     __tablename__ = "outbox"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    target: Mapped[str] = mapped_column(String(16))  # TO_BROADCAST or TO_FRAMES
+    target: Mapped[str] = mapped_column(String(16))  # events.TO_BROADCAST or TO_FRAMES
     routing_key: Mapped[str] = mapped_column(String(255))
     type: Mapped[str] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text)  # JSON
@@ -198,61 +191,6 @@ class OutboxEvent(Base):
 
 
 # --- requests -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NewFrame:
-    id: str
-    request_id: str
-    camera_id: str
-    source_type: SourceType
-    storage_path: str
-    storage_bucket: str
-    width: int
-    height: int
-    size_bytes: int
-    format: str
-    content_type: str
-    capture_timestamp: datetime
-    meta: dict[str, Any] | None
-    original_name: str | None = None
-    change_score: float | None = None
-
-    @classmethod
-    def stored(
-        cls,
-        image: CleanImage,
-        *,
-        id: str,
-        request_id: str,
-        camera_id: str,
-        source_type: SourceType,
-        storage_path: str,
-        storage_bucket: str,
-        capture_timestamp: datetime,
-        meta: dict[str, Any] | None,
-        original_name: str | None = None,
-        change_score: float | None = None,
-    ) -> NewFrame:
-        """The row of `image` once it is stored at `storage_path`: what the image says of itself
-        (size, format, dimensions) comes from it."""
-        return cls(
-            id=id,
-            request_id=request_id,
-            camera_id=camera_id,
-            source_type=source_type,
-            storage_path=storage_path,
-            storage_bucket=storage_bucket,
-            width=image.width,
-            height=image.height,
-            size_bytes=len(image.data),
-            format=image.format.value,
-            content_type=image.content_type,
-            capture_timestamp=capture_timestamp,
-            meta=meta,
-            original_name=original_name,
-            change_score=change_score,
-        )
 
 
 async def lock_request(*, session: AsyncSession, request_id: str) -> IngestionRequest | None:
@@ -285,7 +223,7 @@ async def add_rejections(
     now: datetime,
 ) -> None:
     session.add_all(
-        RejectedUpload(
+        FileRejection(
             request_id=request_id,
             filename=item.filename[:255],
             code=item.code[:32],
@@ -316,7 +254,7 @@ async def add_frame(
     *, session: AsyncSession, request: IngestionRequest, frame: NewFrame, now: datetime
 ) -> bool:
     """Store a frame's row and announce it; False if it was stored before (a redelivery)."""
-    insert = dialect_insert(session, Frame.__table__)  # type: ignore[arg-type]
+    insert = dialect_insert(session, StoredFrame.__table__)  # type: ignore[arg-type]
     statement = (
         insert.values(
             id=frame.id,
@@ -339,20 +277,13 @@ async def add_frame(
             created_at=now,
         )
         .on_conflict_do_nothing(index_elements=["id"])
-        .returning(Frame.id)
+        .returning(StoredFrame.id)
     )
     if (await session.execute(statement)).scalar_one_or_none() is None:
         return False
     request.frames_stored += 1
     request.updated_at = now
-    add_event(
-        session=session,
-        target=TO_FRAMES,
-        routing_key="",
-        type=FRAME_STORED_TYPE,
-        body=frame_announcement(frame),
-        now=now,
-    )
+    add_event(session=session, event=events.frame_stored(frame), now=now)
     return True
 
 
@@ -365,7 +296,7 @@ async def add_file_rejection(
     now: datetime,
 ) -> bool:
     """Record a file refused by the full check; False if it was recorded before."""
-    insert = dialect_insert(session, RejectedUpload.__table__)  # type: ignore[arg-type]
+    insert = dialect_insert(session, FileRejection.__table__)  # type: ignore[arg-type]
     statement = (
         insert.values(
             request_id=request.id,
@@ -376,7 +307,7 @@ async def add_file_rejection(
             created_at=now,
         )
         .on_conflict_do_nothing(index_elements=["file_id"])
-        .returning(RejectedUpload.id)
+        .returning(FileRejection.id)
     )
     if (await session.execute(statement)).scalar_one_or_none() is None:
         return False
@@ -387,32 +318,12 @@ async def add_file_rejection(
 
 async def file_recorded(*, session: AsyncSession, file_id: str) -> bool:
     """Whether an upload's file was committed before: stored as a frame, or refused."""
-    stored = select(Frame.id).where(Frame.id == file_id)
-    refused = select(RejectedUpload.id).where(RejectedUpload.file_id == file_id)
+    stored = select(StoredFrame.id).where(StoredFrame.id == file_id)
+    refused = select(FileRejection.id).where(FileRejection.file_id == file_id)
     for statement in (stored, refused):
         if (await session.execute(statement.limit(1))).first() is not None:
             return True
     return False
-
-
-def finish_upload_if_done(
-    *, session: AsyncSession, request: IngestionRequest, now: datetime
-) -> None:
-    """Complete an upload once every accepted file was stored or refused."""
-    if request.files_expected is None or RequestStatus(request.status).final:
-        return
-    if request.frames_stored + request.files_rejected < request.files_expected:
-        return
-    if request.frames_stored:
-        finish(session=session, request=request, status=RequestStatus.COMPLETED, now=now)
-    else:
-        finish(
-            session=session,
-            request=request,
-            status=RequestStatus.FAILED,
-            now=now,
-            message="no file of the upload could be stored",
-        )
 
 
 def finish(
@@ -425,7 +336,7 @@ def finish(
     details: Any = None,
 ) -> bool:
     """Move an active request to a final status and announce it; False if it already was final."""
-    if RequestStatus(request.status).final:
+    if not domain.may_end(request.status):
         return False
     request.status = status.value
     request.completed_at = now
@@ -443,54 +354,16 @@ def announce(
     *, session: AsyncSession, request: IngestionRequest, now: datetime, frame_id: str | None = None
 ) -> None:
     """A progress event on `ingest.request.<id>`, committed with the change it reports."""
-    body: dict[str, Any] = {
-        "type": "ingest_progress",
-        "request_id": request.id,
-        "status": request.status,
-        "camera_id": request.camera_id,
-        "source_type": request.source_type,
-        "frames_stored": request.frames_stored,
-        "files_rejected": request.files_rejected,
-        "message": request.message,
-    }
-    if frame_id is not None:
-        body["frame_id"] = frame_id
-    add_event(
-        session=session,
-        target=TO_BROADCAST,
-        routing_key=Channels.ingest_request(request.id),
-        type=PROGRESS_TYPE,
-        body=body,
-        now=now,
-    )
+    add_event(session=session, event=events.progress(request, frame_id=frame_id), now=now)
 
 
-def frame_announcement(frame: NewFrame) -> dict[str, Any]:
-    """What the frames exchange says of a stored frame (the tracker reads the object itself)."""
-    return {
-        "frame_id": frame.id,
-        "request_id": frame.request_id,
-        "camera_id": frame.camera_id,
-        "source_type": frame.source_type.value,
-        "storage_bucket": frame.storage_bucket,
-        "storage_path": frame.storage_path,
-        "content_type": frame.content_type,
-        "width": frame.width,
-        "height": frame.height,
-        "size_bytes": frame.size_bytes,
-        "capture_timestamp": frame.capture_timestamp.isoformat(),
-    }
-
-
-def add_event(
-    *, session: AsyncSession, target: str, routing_key: str, type: str, body: Any, now: datetime
-) -> None:
+def add_event(*, session: AsyncSession, event: events.Event, now: datetime) -> None:
     session.add(
         OutboxEvent(
-            target=target,
-            routing_key=routing_key,
-            type=type,
-            body=orjson.dumps(body).decode(),
+            target=event.target,
+            routing_key=event.routing_key,
+            type=event.type,
+            body=orjson.dumps(event.body).decode(),
             created_at=now,
         )
     )
@@ -556,19 +429,19 @@ async def response(
     request = await session.get(IngestionRequest, request_id)
     if request is None or not domain.may_see(caller, request.requester):
         return None
-    order = (Frame.capture_timestamp, Frame.created_at, Frame.id)
+    order = (StoredFrame.capture_timestamp, StoredFrame.created_at, StoredFrame.id)
     page = (
         select(
-            Frame.id,
-            Frame.storage_path,
-            Frame.capture_timestamp,
-            Frame.created_at,
-            Frame.width,
-            Frame.height,
-            Frame.size_bytes,
-            Frame.format,
+            StoredFrame.id,
+            StoredFrame.storage_path,
+            StoredFrame.capture_timestamp,
+            StoredFrame.created_at,
+            StoredFrame.width,
+            StoredFrame.height,
+            StoredFrame.size_bytes,
+            StoredFrame.format,
         )
-        .where(Frame.request_id == request_id)
+        .where(StoredFrame.request_id == request_id)
         .order_by(*order)
         .limit(limit + 1)  # one more: whether there is a next page
     )
@@ -583,14 +456,16 @@ async def response(
     rows = rows[:limit]
     total = (
         await session.execute(
-            select(func.count()).select_from(Frame).where(Frame.request_id == request_id)
+            select(func.count())
+            .select_from(StoredFrame)
+            .where(StoredFrame.request_id == request_id)
         )
     ).scalar_one()
     rejected = (
         await session.execute(
-            select(RejectedUpload)
-            .where(RejectedUpload.request_id == request_id)
-            .order_by(RejectedUpload.id)
+            select(FileRejection)
+            .where(FileRejection.request_id == request_id)
+            .order_by(FileRejection.id)
         )
     ).scalars()
     last = rows[-1] if more else None
@@ -651,7 +526,7 @@ async def known_keys(*, session: AsyncSession, keys: Sequence[str]) -> set[str]:
     known: set[str] = set()
     for start in range(0, len(keys), 500):
         chunk = keys[start : start + 500]
-        for model in (Frame, PhoneFile):
+        for model in (StoredFrame, PhoneFile):
             rows = await session.execute(
                 select(model.storage_path).where(model.storage_path.in_(chunk))
             )
@@ -659,12 +534,12 @@ async def known_keys(*, session: AsyncSession, keys: Sequence[str]) -> set[str]:
     return known
 
 
-# The tables whose rows name stored objects (retention deletes both).
-StoredObjects = type[Frame] | type[PhoneFile]
+# A table whose rows name stored objects (retention deletes from both).
+ObjectTable = type[StoredFrame] | type[PhoneFile]
 
 
 async def expired_objects(
-    *, session: AsyncSession, table: StoredObjects, before: datetime, limit: int
+    *, session: AsyncSession, table: ObjectTable, before: datetime, limit: int
 ) -> Sequence[tuple[str, str]]:
     """(id, key) of `table`'s rows stored before `before`, oldest first."""
     rows = await session.execute(
@@ -676,13 +551,15 @@ async def expired_objects(
     return [(row[0], row[1]) for row in rows]
 
 
-async def delete_rows(*, session: AsyncSession, table: StoredObjects, ids: Sequence[str]) -> None:
+async def delete_rows(*, session: AsyncSession, table: ObjectTable, ids: Sequence[str]) -> None:
     await session.execute(delete(table).where(table.id.in_(ids)))
 
 
 async def delete_finished_requests(*, session: AsyncSession, before: datetime) -> int:
     """Final requests that ended before `before` and have no frame left."""
-    has_frames = select(Frame.id).where(Frame.request_id == IngestionRequest.id).exists()
+    has_frames = (
+        select(StoredFrame.id).where(StoredFrame.request_id == IngestionRequest.id).exists()
+    )
     old = select(IngestionRequest.id).where(
         IngestionRequest.status.notin_(ACTIVE),
         IngestionRequest.completed_at < before,
@@ -691,7 +568,7 @@ async def delete_finished_requests(*, session: AsyncSession, before: datetime) -
     ids = list((await session.execute(old)).scalars())
     if not ids:
         return 0
-    await session.execute(delete(RejectedUpload).where(RejectedUpload.request_id.in_(ids)))
+    await session.execute(delete(FileRejection).where(FileRejection.request_id.in_(ids)))
     await session.execute(delete(IngestionRequest).where(IngestionRequest.id.in_(ids)))
     return len(ids)
 

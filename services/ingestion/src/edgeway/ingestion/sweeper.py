@@ -29,10 +29,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.db import is_outage
 from edgeway.common.logging import get_logger
+from edgeway.common.objects import ObjectStore
 from edgeway.common.schemas.ingest import RequestStatus
 from edgeway.ingestion import domain, store
 from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import ObjectStore
 
 RETENTION_BATCH = 500
 
@@ -120,7 +120,7 @@ class Sweeper:
                     request=request,
                     status=RequestStatus.FAILED,
                     now=now,
-                    message="interrupted: the replica running the capture stopped",
+                    message=domain.CAPTURE_INTERRUPTED,
                 )
             if self._outage:  # the database answers again (this sweep just reached it)
                 self._outage = False
@@ -134,15 +134,13 @@ class Sweeper:
                 else []
             )
             for request in stale:
-                missing = (request.files_expected or 0) - (
-                    request.frames_stored + request.files_rejected
-                )
+                ending = domain.lost_files_ending(request)
                 report.stale_uploads += store.finish(
                     session=session,
                     request=request,
-                    status=RequestStatus.FAILED,
+                    status=ending.status,
                     now=now,
-                    message=f"{missing} accepted file(s) never reached the ingestion service",
+                    message=ending.message,
                 )
         if report.expired_captures or report.stale_uploads:
             self._committed()
@@ -176,7 +174,7 @@ class Sweeper:
 
     async def _apply_retention(self, now: datetime, report: SweepReport) -> None:
         before = now - timedelta(days=self._settings.retention_days)
-        for table in (store.Frame, store.PhoneFile):
+        for table in (store.StoredFrame, store.PhoneFile):
             while True:
                 async with self._sessions() as session:
                     rows = await store.expired_objects(

@@ -4,12 +4,12 @@ The gateway opens an upload (request/reply) before it publishes the files, so th
 exists as soon as the client has its 202. Each file then arrives as its own durable message. The
 file is decoded and re-encoded here (`images.ImageSanitizer`), stored as an object under a key
 made from checked parts only, and then its row, the request's counts and the announcements are
-committed together, in one transaction with the other files checked meanwhile (a group commit:
-one progress event per request and group). A redelivered file has the same id and key: the put
-overwrites the same object, and the row insert finds it there. That holds after its request has
-completed too (the service died between the commit and the ack): a file the request already
-recorded is a duplicate, and the object its row names stays. Only a file no row will ever name
-(its request is gone, or ended without it) has its object removed.
+committed together, in one transaction with the other files checked meanwhile (a group commit,
+`flows`: one progress event per request and group). A redelivered file has the same id and key:
+the put overwrites the same object, and the row insert finds it there. That holds after its
+request has completed too (the service died between the commit and the ack): a file the request
+already recorded is a duplicate, and the object its row names stays. Only a file no row will ever
+name (its request is gone, or ended without it) has its object removed.
 
 A database outage is waited out inside the commit, however long it lasts (`with_db_retry(...,
 forever=True)`, pausing `retry_delays`), as the occupancy service does: a delivery given up on
@@ -24,9 +24,7 @@ of another version, or with other settings): that file fails with its reason, th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -36,6 +34,7 @@ from edgeway.common.batching import GroupCommit
 from edgeway.common.db import is_outage, with_db_retry
 from edgeway.common.logging import get_logger
 from edgeway.common.media import MediaRejected, check_csv
+from edgeway.common.objects import ObjectStore
 from edgeway.common.schemas.ingest import (
     CreateUpload,
     FileKind,
@@ -44,10 +43,10 @@ from edgeway.common.schemas.ingest import (
     RequestStatus,
     SourceType,
 )
-from edgeway.ingestion import domain, store
-from edgeway.ingestion.domain import FileMessage
+from edgeway.ingestion import domain, flows, store
+from edgeway.ingestion.domain import FileMessage, NewFrame
+from edgeway.ingestion.flows import DROPPED, DUPLICATE, STORED, CheckedFile
 from edgeway.ingestion.images import ImageSanitizer
-from edgeway.ingestion.storage import ObjectStore
 
 CSV_CONTENT_TYPE = "text/csv"
 # CommonSettings.db_retry_delays' default: pauses between tries while the database is away.
@@ -62,21 +61,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """A file after the full check: its frame (object already stored), or why it was refused."""
+class UploadIntake:
+    """Uploaded files: their request opened, then each file checked, stored and committed."""
 
-    file: FileMessage
-    frame: store.NewFrame | None = None
-    refusal: RejectedFile | None = None
-
-    @property
-    def request_id(self) -> str:
-        assert self.file.request_id is not None
-        return self.file.request_id
-
-
-class Uploads:
     def __init__(
         self,
         *,
@@ -93,14 +80,15 @@ class Uploads:
         self._objects = objects
         self._sanitizer = sanitizer
         self._max_file_bytes = max_file_bytes
-        self._committed = committed
         self._counted = counted  # (kind, outcome: stored | duplicate | rejected | dropped)
         self._retry_delays = retry_delays
         self._database_lost = database_lost
         # Files checked at the same time commit together (edgeway.common.batching): one
         # transaction, one progress event per request, instead of one of each per file.
-        self._group: GroupCommit[_Checked, str] = GroupCommit(
-            lambda checked: self._through_outages(lambda: self._commit(checked)),
+        self._group: GroupCommit[CheckedFile, str] = GroupCommit(
+            lambda checked: self._through_outages(
+                lambda: flows.commit_files(checked, sessions=sessions, committed=committed)
+            ),
             max_size=64,
             # An outage fails every item alike (and is waited out above); anything else may
             # be one bad file.
@@ -181,7 +169,7 @@ class Uploads:
             refusal = RejectedFile(
                 filename=file.filename, code=rejected.code, reason=rejected.reason
             )
-            outcome = await self._group.submit(_Checked(file, refusal=refusal))
+            outcome = await self._group.submit(CheckedFile(file, refusal=refusal))
             self._counted(file.kind.value, outcome)
             return
         key = domain.frame_key(received, file.owner, file.file_id, image.extension)
@@ -195,7 +183,7 @@ class Uploads:
                 "capture_timestamp": received.isoformat(),
             },
         )
-        frame = store.NewFrame.stored(
+        frame = NewFrame.stored(
             image,
             id=file.file_id,
             request_id=file.request_id,
@@ -207,62 +195,14 @@ class Uploads:
             meta=None,  # the request's, filled in at commit
             original_name=file.filename,
         )
-        outcome = await self._group.submit(_Checked(file, frame=frame))
-        if outcome == "dropped":
+        outcome = await self._group.submit(CheckedFile(file, frame=frame))
+        if outcome == DROPPED:
             # No request to belong to, or it ended without this file: no row names the object,
             # and none ever will (a request never reopens), so it must not stay. A file its
             # request recorded before is a "duplicate" instead, and keeps its object.
             await self._objects.delete(key)
             log.warning("file for no open request dropped", request_id=file.request_id)
         self._counted(file.kind.value, outcome)
-
-    async def _commit(self, checked: Sequence[_Checked]) -> list[str]:
-        """One transaction for the files checked meanwhile: rows, counts, events; outcomes."""
-        now = _now()
-        outcomes: list[str] = []
-        async with self._sessions.begin() as session:
-            # Locked in one order, so two groups never wait for each other crosswise.
-            requests = {
-                request_id: await store.lock_request(session=session, request_id=request_id)
-                for request_id in sorted({item.request_id for item in checked})
-            }
-            changed: dict[str, store.IngestionRequest] = {}
-            for item in checked:
-                request = requests[item.request_id]
-                if request is None or RequestStatus(request.status).final:
-                    # A file recorded before its request ended is delivered again (the service
-                    # stopped between commit and ack, or this is a commit tried again whose
-                    # first try did commit): a duplicate, whose row and object stay.
-                    recorded = request is not None and await store.file_recorded(
-                        session=session, file_id=item.file.file_id
-                    )
-                    outcomes.append("duplicate" if recorded else "dropped")
-                    continue
-                if item.frame is not None:
-                    frame = dataclasses.replace(item.frame, meta=request.meta_info)
-                    new = await store.add_frame(
-                        session=session, request=request, frame=frame, now=now
-                    )
-                    outcomes.append("stored" if new else "duplicate")
-                else:
-                    assert item.refusal is not None
-                    new = await store.add_file_rejection(
-                        session=session,
-                        request=request,
-                        file_id=item.file.file_id,
-                        rejected=item.refusal,
-                        now=now,
-                    )
-                    outcomes.append("rejected" if new else "duplicate")
-                if new:
-                    changed[request.id] = request
-            # One progress event per request and group (its counts say how far it got).
-            for request in changed.values():
-                store.announce(session=session, request=request, now=now)
-                store.finish_upload_if_done(session=session, request=request, now=now)
-        if changed:
-            self._committed()
-        return outcomes
 
     async def _store_csv(self, file: FileMessage, body: bytes, *, received: datetime) -> None:
         try:
@@ -272,7 +212,7 @@ class Uploads:
             # The gateway ran the same checks: only a gateway of another version (or with a
             # larger cap) gets here.
             log.warning("phone file refused", device=file.owner, reason=rejected.reason)
-            self._counted(file.kind.value, "rejected")
+            self._counted(file.kind.value, flows.REJECTED)
             return
         key = domain.file_key(received, file.owner, file.file_id)
         await self._objects.put(
@@ -297,4 +237,4 @@ class Uploads:
                 return await store.add_phone_file(session=session, file=row)
 
         new = await self._through_outages(commit)
-        self._counted(file.kind.value, "stored" if new else "duplicate")
+        self._counted(file.kind.value, STORED if new else DUPLICATE)

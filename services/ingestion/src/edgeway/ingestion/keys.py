@@ -1,5 +1,6 @@
-"""RTSP URLs at rest: the masked form for reading (`capture.mask_credentials`), the whole URL
-sealed with Fernet (`edgeway.common.rtsp.credentials`), with ingestion's key.
+"""The ingestion service's secrets: the key that seals RTSP URLs at rest
+(`edgeway.common.rtsp.credentials`), and the secret that signs the local store's object URLs,
+derived from it.
 
 The seed kept camera passwords in plain text. Here a URL's credentials exist in clear only in the
 capture's memory: the row keeps `rtsp://***@host/path` for people and logs, and the full URL
@@ -13,8 +14,6 @@ import hmac
 
 from edgeway.common.rtsp.credentials import CredentialCipher, credentials_key
 from edgeway.ingestion.settings import IngestionSettings
-
-__all__ = ["KEY_FILE", "CredentialCipher", "load_cipher", "object_url_secret"]
 
 KEY_FILE = "ingestion-credentials.key"
 

@@ -1,7 +1,10 @@
-"""Object storage: any S3 API through the `minio` client, or a local directory by default.
+"""Object storage for any service: any S3 API through the `minio` client, or a local directory
+by default, with signed, expiring URLs the service serves itself for the local store.
 
-Keys are always made by the service (`domain.object_key`), never taken from a client. The minio
-client is synchronous (urllib3): every call runs in a worker thread, off the event loop.
+Keys are always made by the service that stores, never taken from a client. The minio client
+is synchronous (urllib3): every call runs in a worker thread, off the event loop.
+
+It needs the `objects` extra of edgeway-common (minio, certifi, urllib3).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import functools
 import hashlib
 import hmac
 import io
+import mimetypes
 import os
 import tempfile
 import time
@@ -20,15 +24,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import certifi
+import orjson
 import urllib3
+from faststream.asgi import AsgiResponse
+from faststream.asgi.types import ASGIApp, Receive, Scope, Send
 from minio import Minio
 from minio.error import S3Error, ServerError
+from pydantic import SecretStr, model_validator
 
+from edgeway.common.errors import ErrorObject, code_for
 from edgeway.common.logging import get_logger
-from edgeway.ingestion.settings import IngestionSettings
+from edgeway.common.settings import CommonSettings
 
 # Object requests in flight at once, per process (the minio client's connection pool is sized
 # to match in make_store).
@@ -38,7 +47,9 @@ T = TypeVar("T")
 # Pauses between tries of a put that failed on the way (connection, 5xx, throttling).
 PUT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
-log = get_logger("edgeway.ingestion.storage")
+log = get_logger("edgeway.common.objects")
+
+DEFAULT_STORAGE_KEY = "minioadmin"  # MinIO's default, refused outside development
 
 
 def _transient(exc: S3Error) -> bool:
@@ -187,7 +198,7 @@ class S3Store:
         return await self._call(lambda: [self.url(key, expires=expires) for key in keys])
 
 
-# The path the service serves a local store's objects on (handlers.object_route), at the URLs
+# The path a service serves its local store's objects on (`local_objects`), at the URLs
 # LocalUrls signs.
 OBJECTS_PATH = "/objects"
 
@@ -299,14 +310,61 @@ class LocalStore:
         return [self.url(key, expires=expires) for key in keys]
 
 
-def make_store(settings: IngestionSettings, *, url_secret: bytes | None = None) -> ObjectStore:
-    """The S3 store when an endpoint is set, else the local one; `url_secret` signs the local
-    store's URLs (without it, its frames have none)."""
+class ObjectStoreSettings(CommonSettings):
+    """The object store's settings (`EDGEWAY_STORAGE_*`), for a service's settings to derive from.
+
+    No endpoint: a local directory under the data directory (the embedded default, for `make
+    run`); otherwise any S3 API through the `minio` client."""
+
+    storage_endpoint: str | None = None  # host:port, e.g. minio:9000
+    # MinIO's own defaults, so a development stack talks to a fresh MinIO; refused elsewhere.
+    storage_access_key: str = DEFAULT_STORAGE_KEY
+    storage_secret_key: SecretStr = SecretStr(DEFAULT_STORAGE_KEY)
+    storage_secure: bool = False
+    storage_region: str | None = None
+    storage_bucket: str = "edgeway-objects"  # a service names its own
+    # Without an endpoint the service serves the local store's objects itself, on its HTTP
+    # port, at signed URLs made with this base (default: http://<http_host>:<http_port>, with
+    # 127.0.0.1 for a wildcard host). Set it where clients reach the service by another name.
+    storage_public_url: str | None = None
+
+    @property
+    def objects_base_url(self) -> str:
+        """Where clients reach the local store's signed URLs."""
+        if self.storage_public_url is not None:
+            return self.storage_public_url
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
+
+    @model_validator(mode="after")
+    def _no_default_storage_credentials_outside_development(self) -> ObjectStoreSettings:
+        secret = self.storage_secret_key.get_secret_value()
+        if (
+            self.storage_endpoint
+            and not self.is_development
+            and DEFAULT_STORAGE_KEY in (self.storage_access_key, secret)
+        ):
+            raise ValueError(
+                "the S3 storage uses MinIO's default credentials (minioadmin), which anyone "
+                "can guess: set EDGEWAY_STORAGE_ACCESS_KEY and EDGEWAY_STORAGE_SECRET_KEY"
+            )
+        return self
+
+
+def make_store(
+    settings: ObjectStoreSettings, *, url_secret: bytes | None = None, root: Path | None = None
+) -> ObjectStore:
+    """The S3 store when an endpoint is set, else the local one, under `root` (default
+    `<data_dir>/objects`); `url_secret` signs the local store's URLs (without it, its objects
+    have none)."""
     if settings.storage_endpoint is None:
         urls = None
         if url_secret is not None:
             urls = LocalUrls(settings.objects_base_url, url_secret)
-        return LocalStore(settings.data_dir / "objects", settings.storage_bucket, urls=urls)
+        local_root = settings.data_dir / "objects" if root is None else root
+        return LocalStore(local_root, settings.storage_bucket, urls=urls)
     # The minio client's own pool settings (minio/api.py), with one connection per thread.
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=60, read=300),
@@ -324,3 +382,41 @@ def make_store(settings: IngestionSettings, *, url_secret: bytes | None = None) 
         http_client=http,
     )
     return S3Store(client, settings.storage_bucket)
+
+
+def local_objects(objects: LocalStore) -> ASGIApp:
+    """`GET /objects?key=&expires=&signature=`: a local store's object at a URL it signed, for
+    the service to mount on its HTTP port at OBJECTS_PATH. 400 when a part is missing, 403 for a
+    signature that does not match or has expired, 404 for an object that is gone."""
+    signer = objects.urls_signer
+    if signer is None:
+        raise ValueError("the local store signs no URLs: there is nothing to serve")
+
+    def refused(status: int, reason: str) -> AsgiResponse:
+        body = orjson.dumps(ErrorObject(code=code_for(status), reason=reason).body())
+        return AsgiResponse(body, status, headers={"content-type": "application/json"})
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        parts = {name: query.get(name, [""])[0] for name in ("key", "expires", "signature")}
+        response: AsgiResponse
+        if scope.get("method") not in ("GET", "HEAD"):
+            response = refused(405, "only GET")
+        elif not all(parts.values()):
+            response = refused(400, "key, expires and signature are required")
+        elif reason := signer.refusal(
+            objects.bucket, parts["key"], parts["expires"], parts["signature"]
+        ):
+            response = refused(403, reason)
+        else:
+            try:
+                data = await objects.get(parts["key"])
+            except (FileNotFoundError, ValueError):
+                response = refused(404, "no such object (it may have been swept)")
+            else:
+                kind = mimetypes.guess_type(parts["key"])[0] or "application/octet-stream"
+                headers = {"content-type": kind, "cache-control": "private, max-age=60"}
+                response = AsgiResponse(data, 200, headers=headers)
+        await response(scope, receive, send)
+
+    return serve

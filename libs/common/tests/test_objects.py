@@ -1,5 +1,6 @@
 """Object storage: the same behaviour from the local directory store and from a real S3 server
-(moto's, spoken to by the `minio` client as MinIO would be)."""
+(moto's, spoken to by the `minio` client as MinIO would be), the local store's signed URLs and
+the route that serves them."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ import pytest
 import urllib3
 from minio import Minio
 
+from edgeway.common.objects import (
+    LocalStore,
+    LocalUrls,
+    ObjectStore,
+    ObjectStoreSettings,
+    S3Store,
+    local_objects,
+    make_store,
+)
 from edgeway.common.testing import free_port
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
-from edgeway.ingestion.settings import IngestionSettings
-from edgeway.ingestion.storage import LocalStore, LocalUrls, ObjectStore, S3Store, make_store
 
 JPEG = "image/jpeg"
 DAY = "frames/2025/11/21/"
@@ -30,17 +38,15 @@ CLOCK_SLACK = timedelta(seconds=2)
 
 def settings_for(
     monkeypatch: pytest.MonkeyPatch, data_dir: Path, env: dict[str, str]
-) -> IngestionSettings:
-    """Settings as the service reads them: from its environment variables."""
+) -> ObjectStoreSettings:
+    """Settings as a service reads them: from its environment variables."""
     monkeypatch.setenv("EDGEWAY_DATA_DIR", str(data_dir))
     monkeypatch.setenv("EDGEWAY_STORAGE_BUCKET", f"frames-{uuid.uuid4().hex[:12]}")
-    for name in ("EDGEWAY_STORAGE_ENDPOINT", "EDGEWAY_CREDENTIALS_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    # Development (the default is production): the credentials key is made, not required.
+    monkeypatch.delenv("EDGEWAY_STORAGE_ENDPOINT", raising=False)
     monkeypatch.setenv("EDGEWAY_ENVIRONMENT", "development")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return IngestionSettings()
+    return ObjectStoreSettings()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -69,6 +75,10 @@ def test_the_settings_pick_the_store(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     local = make_store(settings_for(monkeypatch, tmp_path, {}))
     assert isinstance(local, LocalStore)
     assert local.root == tmp_path / "objects" / local.bucket
+    assert local.urls_signer is None
+    elsewhere = make_store(settings_for(monkeypatch, tmp_path, {}), root=tmp_path / "videos")
+    assert isinstance(elsewhere, LocalStore)
+    assert elsewhere.root == tmp_path / "videos" / elsewhere.bucket
     remote = make_store(
         settings_for(monkeypatch, tmp_path, {"EDGEWAY_STORAGE_ENDPOINT": "s3:9000"})
     )
@@ -321,3 +331,43 @@ async def test_a_put_gives_up_when_the_storage_stays_down() -> None:
     with pytest.raises(urllib3.exceptions.MaxRetryError):
         await store.put("k", b"x", content_type="text/plain", metadata={})
     assert asyncio.get_running_loop().time() - started >= 0.4
+
+
+# --- the local store's route ------------------------------------------------------------------
+
+
+SERVED_KEY = "frames/2026/12/06/cam-1/a.jpg"
+
+
+async def test_objects_are_served_at_signed_urls_and_refusals_are_the_error_object(
+    tmp_path: Path,
+) -> None:
+    urls = LocalUrls("http://ingestion", b"k" * 32)
+    objects = LocalStore(tmp_path, "frames", urls=urls)
+    await objects.put(SERVED_KEY, b"\xff\xd8jpeg", content_type="image/jpeg", metadata={})
+    signed = urlsplit(urls.sign("frames", SERVED_KEY, expires=timedelta(minutes=5)))
+    transport = httpx.ASGITransport(app=local_objects(objects))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingestion") as http:
+        served = await http.get(f"{signed.path}?{signed.query}")
+        assert (served.status_code, served.content) == (200, b"\xff\xd8jpeg")
+        gone = urlsplit(urls.sign("frames", SERVED_KEY + ".swept", expires=timedelta(minutes=5)))
+        cases = [
+            (await http.get(f"{gone.path}?{gone.query}"), 404, "not_found"),
+            (await http.get("/objects?key=x"), 400, "bad_request"),
+            (
+                await http.get(f"/objects?{signed.query.replace('signature=', 'signature=0')}"),
+                403,
+                "forbidden",
+            ),
+            (await http.post(f"/objects?{signed.query}"), 405, "method_not_allowed"),
+        ]
+    for response, status, code in cases:
+        assert response.status_code == status
+        body = response.json()
+        assert (body["type"], body["code"]) == ("error", code), body
+        assert body["reason"]
+
+
+def test_a_local_store_that_signs_nothing_has_nothing_to_serve(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="signs no URLs"):
+        local_objects(LocalStore(tmp_path, "frames"))

@@ -10,7 +10,8 @@ import pytest
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from edgeway.ingestion.credentials import KEY_FILE, CredentialCipher, load_cipher
+from edgeway.common.rtsp.credentials import CredentialCipher
+from edgeway.ingestion.keys import KEY_FILE, load_cipher
 from edgeway.ingestion.settings import IngestionSettings
 
 PASSWORD = "s3cret/p@ss"  # a made-up camera password
