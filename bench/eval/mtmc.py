@@ -6,7 +6,9 @@ committed. The knobs are fixed here, before any run (tracking research §7):
 * Floor 24 x 6 m, 10 fps, 30 s. Cameras (``CAMERAS``): c1 and c2 overlap (their views share
   the floor around x 5-8 m, both with homographies, so new tracks take ids by map position);
   c3 sees x 15-23 m, out of sight of c2 (no overlap: people reach it through an unseen gap and
-  are re-identified by appearance under SpotOn's quadrant hand-off rules). c3 has a 16:9 frame.
+  are re-identified by appearance; SpotOn's quadrant hand-off rules are configured, but with
+  homographies on both sides the gallery asks the map whether the walk was possible instead).
+  c3 has a 16:9 frame.
 * 10 people (``people``): some on the floor at the start, the rest walk in from an end of the
   room later; each walks through random waypoints at 0.9-1.5 m/s, pauses now and then, and
   some leave. Two pairs are dressed alike (same clothes; in the simulated embeddings their

@@ -287,7 +287,7 @@ def test_relayed_frames_are_read_from_the_relays_headers() -> None:
     assert domain.relay_frame({"width": "640", "height": "480"}, b"", NOW) is None
 
 
-def test_the_newest_relayed_frame_of_a_camera_wins_and_others_are_refused() -> None:
+def test_the_newest_relayed_frame_of_a_camera_wins_and_other_devices_are_ignored() -> None:
     latest = domain.LatestFrames(relay_environment())
 
     def frame(device: str, n: int, size: tuple[int, int] = (640, 480)) -> domain.RelayFrame:
@@ -296,9 +296,10 @@ def test_the_newest_relayed_frame_of_a_camera_wins_and_others_are_refused() -> N
     assert latest.put(frame("phone-1", 1)) == "waiting"
     assert latest.put(frame("phone-1", 2)) == "dropped"  # the detector was busy: 1 goes
     assert latest.put(frame("phone-2", 3)) == "ignored"  # not a device of this environment
-    assert latest.put(frame("phone-1", 4, (320, 240))) == "rejected"
+    # Another size is kept (scaled once decoded): the newest still wins.
+    assert latest.put(frame("phone-1", 4, (320, 240))) == "dropped"
     assert len(latest) == 1
-    assert latest.take() == {"c01": frame("phone-1", 2)}
+    assert latest.take() == {"c01": frame("phone-1", 4, (320, 240))}
     assert latest.take() == {}
 
 

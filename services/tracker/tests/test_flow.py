@@ -21,6 +21,7 @@ import httpx
 import orjson
 import pytest
 from faststream.rabbit import RabbitBroker, RabbitQueue
+from minio import Minio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -36,6 +37,7 @@ from edgeway.common.schemas.tracking import (
 from edgeway.common.settings import async_database_url
 from edgeway.common.testing import ServiceProcess, free_port
 from edgeway.common.testing.rtsp import RtspServer, rtsp_server_available
+from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from edgeway.common.topology import Channels, Topology
 from edgeway.tracker.scenes import Scene, demo_environment, demo_scene
 
@@ -257,6 +259,53 @@ async def test_a_batch_task_tracks_every_camera_to_the_end(
     assert len(page["tracks"]) == sum(len(u["cameras"]["c02"]["tracks"]) for u in updates)
 
 
+async def test_videos_in_an_s3_bucket_are_tracked_and_served_at_presigned_urls(
+    trackers: Trackers,
+    gateway: Gateway,
+    scene: Scene,
+    videos: dict[str, bytes],
+    s3_server: S3Server,
+) -> None:
+    """With EDGEWAY_STORAGE_* naming an S3 server (moto's), the videos go to its bucket, a batch
+    task reads them from there (fetched copies, deleted after), and the media route answers
+    with a presigned URL that serves the very file."""
+    bucket = f"tracker-{uuid.uuid4().hex[:12]}"
+    trackers.env.update(s3_server.env, EDGEWAY_STORAGE_BUCKET=bucket)
+    trackers.start()
+    await prepared(gateway, scene, videos)
+    client = Minio(s3_server.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False)
+    keys = [o.object_name for o in client.list_objects(bucket, prefix="videos/", recursive=True)]
+    assert sorted(k.split("/")[2] for k in keys if k) == ["c01", "c02", "c03"]
+    local = trackers.workdir / "var"
+    assert not [p for p in local.rglob("*") if p.suffix in (".mp4", ".mkv")]  # none on disk
+
+    status, started = await gateway.ask("start_task", environment_id="demo-lab", mode="batch")
+    assert status == 202, started
+    task_id = started["task_id"]
+    messages = await gateway.messages(task_id, until="batch_processing_complete")
+    assert sum(m["type"] == "tracking_update" for m in messages) == FRAMES
+    status, final = await gateway.ask("task_status", task_id=task_id)
+    assert final["status"]["status"] == "COMPLETED"
+    assert not [p for p in local.rglob("*") if p.suffix in (".mp4", ".mkv")]  # copies gone
+
+    (media,) = [m["payload"] for m in messages if m["type"] == "media_available"]
+    c01 = next(u for u in media["media_urls"] if u["camera_id"] == "c01")
+    status, head = await gateway.ask(
+        "media",
+        task_id=task_id,
+        environment_id="demo-lab",
+        camera_id="c01",
+        filename=c01["sub_video_filename"],
+    )
+    assert status == 200, head
+    assert set(head) == {"redirect"}
+    assert head["redirect"].startswith(f"http://{s3_server.endpoint}/{bucket}/videos/demo-lab/")
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        fetched = await http.get(head["redirect"])
+    assert fetched.status_code == 200
+    assert fetched.content == videos["c01"]
+
+
 async def test_a_killed_worker_hands_its_task_to_another_that_stores_no_frame_twice(
     trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene, videos: dict[str, bytes]
 ) -> None:
@@ -368,14 +417,17 @@ def relayed_environment(scene: Scene) -> dict[str, Any]:
     return body
 
 
-async def relay_jpeg(broker: RabbitBroker, device: str, image: Any, *, at: float) -> None:
-    """A frame as the video relay publishes it: a JPEG and the seed's headers, as strings."""
+async def relay_jpeg(
+    broker: RabbitBroker, device: str, image: Any, *, at: float, body: bytes | None = None
+) -> None:
+    """A frame as the video relay publishes it: a JPEG (or `body`, as sent) and the seed's
+    headers, as strings."""
     ok, jpeg = cv2.imencode(".jpg", image)
     assert ok
     height, width = image.shape[:2]
     received = str(int(at * 1e9))
     await broker.publish(
-        jpeg.tobytes(),
+        jpeg.tobytes() if body is None else body,
         exchange=TOPOLOGY.worldsystem("video_frames"),
         headers={
             "timestamp_ns": received,
@@ -391,22 +443,36 @@ async def relay_jpeg(broker: RabbitBroker, device: str, image: Any, *, at: float
     )
 
 
-async def test_a_live_task_tracks_relayed_phone_frames_and_drops_what_it_cannot_detect(
-    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene
-) -> None:
-    (tracker,) = trackers.start()
-    status, body = await gateway.ask("create_environment", environment=relayed_environment(scene))
+async def started_live(gateway: Gateway, environment: dict[str, Any]) -> str:
+    """Create an environment and start a live task on it; its id, once it is PROCESSING."""
+    status, body = await gateway.ask("create_environment", environment=environment)
     assert status == 201, body
     assert body["ready"]
-    status, started = await gateway.ask("start_task", environment_id="relay-lab", mode="live")
+    status, started = await gateway.ask(
+        "start_task", environment_id=environment["environment_id"], mode="live"
+    )
     assert status == 202, started
-    task_id = started["task_id"]
+    task_id = str(started["task_id"])
     deadline = time.monotonic() + WAIT
     while (await gateway.ask("task_status", task_id=task_id))[1]["status"]["status"] != (
         "PROCESSING"
     ):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
+    return task_id
+
+
+def relay_metric(tracker: ServiceProcess, outcome: str) -> float:
+    return metric(
+        tracker, f'edgeway_tracker_camera_frames_total{{outcome="{outcome}",source="relay"}}'
+    )
+
+
+async def test_a_live_task_tracks_relayed_phone_frames_and_drops_what_it_cannot_detect(
+    trackers: Trackers, gateway: Gateway, db: AsyncEngine, scene: Scene
+) -> None:
+    (tracker,) = trackers.start()
+    task_id = await started_live(gateway, relayed_environment(scene))
 
     cameras = {camera.camera_id: camera for camera in scene.cameras}
     sent = 40
@@ -419,7 +485,8 @@ async def test_a_live_task_tracks_relayed_phone_frames_and_drops_what_it_cannot_
             await relay_jpeg(gateway.broker, f"phone-{camera_id}", image, at=at)
     other = scene.render(cameras["c03"], 0)[0]
     await relay_jpeg(gateway.broker, "phone-c03", other, at=time.time())  # not this task's
-    await relay_jpeg(gateway.broker, "phone-c01", other[:200], at=time.time())  # wrong size
+    # Not a JPEG: refused.
+    await relay_jpeg(gateway.broker, "phone-c01", other, at=time.time(), body=b"\xff\xd8 not")
 
     updates: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + WAIT
@@ -439,9 +506,7 @@ async def test_a_live_task_tracks_relayed_phone_frames_and_drops_what_it_cannot_
     assert all(-2 < t["map_coords"][0] < 15 and -3 < t["map_coords"][1] < 8 for t in tracks)
 
     count = {
-        outcome: metric(
-            tracker, f'edgeway_tracker_camera_frames_total{{outcome="{outcome}",source="relay"}}'
-        )
+        outcome: relay_metric(tracker, outcome)
         for outcome in ("tracked", "dropped", "ignored", "rejected")
     }
     assert count["tracked"] == sum(len(cams) for cams in updates.values())
@@ -458,6 +523,46 @@ async def test_a_live_task_tracks_relayed_phone_frames_and_drops_what_it_cannot_
         db, "SELECT count(*) FROM track_observations WHERE task_id = :t", t=task_id
     )
     assert stored[0][0] <= len(tracks)  # what the last checkpoint held
+
+
+def iou(a: list[float], b: tuple[float, float, float, float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+async def test_relayed_frames_of_another_size_are_scaled_to_the_cameras_and_tracked(
+    trackers: Trackers, gateway: Gateway, scene: Scene
+) -> None:
+    """A phone that sends twice the declared size: its frames are scaled down to it, so boxes
+    land on the people in the camera's own pixels (and map coordinates follow)."""
+    (tracker,) = trackers.start()
+    task_id = await started_live(gateway, relayed_environment(scene))
+    camera = next(c for c in scene.cameras if c.camera_id == "c01")
+    matched = boxes = 0
+    for frame in range(0, 30, 6):
+        image, sightings = scene.render(camera, frame)
+        bigger = cv2.resize(image, (2 * camera.width, 2 * camera.height))
+        await relay_jpeg(gateway.broker, "phone-c01", bigger, at=time.time())
+        payload = (await gateway.messages(task_id, until="tracking_update", within=WAIT))[-1]
+        tracks = payload["payload"]["cameras"]["c01"]["tracks"]
+        for track in tracks:
+            x1, y1, x2, y2 = track["bbox_xyxy"]
+            assert 0 <= x1 < x2 <= camera.width, track
+            assert 0 <= y1 < y2 <= camera.height, track
+            boxes += 1
+            matched += any(iou(track["bbox_xyxy"], s.bbox_xyxy) >= 0.3 for s in sightings)
+    assert boxes >= 5
+    assert matched >= 0.7 * boxes, (matched, boxes)
+    scaled = 'edgeway_tracker_camera_frames_scaled_total{source="relay"}'
+    assert metric(tracker, scaled) == 5
+    assert relay_metric(tracker, "tracked") == 5
+    assert relay_metric(tracker, "rejected") == 0
+    status, stopped = await gateway.ask("stop_task", task_id=task_id)
+    assert (status, stopped["status"]) == (200, "STOPPED")
 
 
 RTSP_USER, RTSP_PASSWORD = "operator", "s3cret/pass@word"

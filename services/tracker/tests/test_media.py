@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
-from edgeway.tracker.media import VideoError, VideoReader, VideoStore, probe_video
+from edgeway.common.objects import LocalStore
+from edgeway.tracker.media import (
+    LocalVideo,
+    VideoError,
+    VideoReader,
+    VideoStore,
+    decode_jpeg,
+    fit,
+    probe_video,
+)
 from edgeway.tracker.scenes import demo_scene
 from edgeway.tracker.vision.homography import fit_homography, project_box
 
@@ -44,17 +55,54 @@ def test_a_reader_keeps_every_skipth_frame_from_where_it_resumes(video: Path) ->
     assert indexes == [6, 9]
 
 
-def test_the_store_keeps_keys_inside_its_root(tmp_path: Path) -> None:
-    store = VideoStore(tmp_path)
+def test_a_frame_of_another_size_is_scaled_to_the_cameras_in_its_pixels() -> None:
+    image = np.zeros((960, 1280, 3), dtype=np.uint8)
+    image[200:600, 400:600] = 255  # a person-sized block at (400, 200)-(600, 600)
+    smaller = fit(image, 640, 480)
+    assert smaller.shape == (480, 640, 3)
+    ys, xs = np.nonzero(smaller[..., 0] > 127)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (200, 100, 300, 300)
+    # Area averaging when shrinking: an edge is a blend, not a pick of one pixel.
+    stripes = np.zeros((480, 640, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255
+    assert np.allclose(fit(stripes, 320, 240), 127.5, atol=1)
+    larger = fit(smaller, 1280, 960)
+    assert larger.shape == (960, 1280, 3)
+    assert fit(smaller, 640, 480) is smaller  # already the camera's size: untouched
+
+
+def test_a_relayed_frame_decodes_at_its_own_size_and_garbage_does_not() -> None:
+    ok, jpeg = cv2.imencode(".jpg", np.full((240, 320, 3), 90, dtype=np.uint8))
+    assert ok
+    image = decode_jpeg(jpeg.tobytes())
+    assert image is not None
+    assert image.shape == (240, 320, 3)
+    assert decode_jpeg(b"\xff\xd8 not a jpeg") is None
+    assert decode_jpeg(b"") is None
+
+
+async def test_a_local_stores_videos_are_read_where_they_lie_and_keys_stay_inside(
+    tmp_path: Path,
+) -> None:
+    store = VideoStore(LocalStore(tmp_path / "objects", "tracker"), scratch=tmp_path / "scratch")
+    await store.prepare()
     staged = store.stage(b"data")
+    assert staged.parent == tmp_path / "scratch" / "staging"
     key = store.key("lab", "c01", "v1", "mp4")
-    store.commit(staged, key)
-    assert store.exists(key)
-    assert store.path(key).read_bytes() == b"data"
+    await store.put(key, b"data")
+    assert await store.exists(key)
+    video = await store.open(key)
+    assert video == LocalVideo(tmp_path / "objects" / "tracker" / key, fetched=False)
+    assert store.read(key, offset=1, length=2) == (4, b"at")
+    assert await store.redirect(key, expires=timedelta(minutes=5)) is None  # streamed instead
+    store.close(video)
+    assert video.path.is_file()  # the store's own file is not a copy
     with pytest.raises(ValueError, match="leaves the store"):
-        store.path("../../etc/passwd")
-    store.delete(key)
-    assert not store.exists(key)
+        store.read("../../etc/passwd", offset=0, length=1)
+    await store.delete(key)
+    assert not await store.exists(key)
+    with pytest.raises(FileNotFoundError):
+        await store.open(key)
 
 
 def test_scene_sightings_stand_where_the_cameras_homography_says() -> None:

@@ -82,3 +82,35 @@ def test_snapshot_is_plain_json_and_restores_the_same_matches() -> None:
     assert restored.entry(gid).exit_targets == frozenset({"c2"})
     with pytest.raises(ValueError, match="version"):
         restored.restore({"version": 99, "entries": []})
+
+
+def test_where_both_map_positions_are_known_the_walk_decides_not_the_quadrant() -> None:
+    g = ReIDGallery(settings=GallerySettings(reach_per_frame=0.25, reach_slack=2.0))
+    gid = g.new_identity("c2", 0, _vec(1, 0))
+    # Last seen in c2 at x = 12 m, in no exit quadrant (missed on the way out): c3 is neither
+    # an overlap nor a hand-off target, but the map says whether they could have walked there.
+    g.observe(gid, "c2", 10, map_xy=(12.0, 2.0))
+    assert g.match("c3", 30, [_vec(1, 0)], positions=[(16.0, 2.0)])[0] is not None  # 4 <= 7
+    assert g.match("c3", 12, [_vec(1, 0)], positions=[(16.0, 2.0)]) == [None]  # 4 > 2.5
+    assert g.match("c3", 30, [_vec(1, 0)]) == [None]  # no position: the quadrant rule
+    # Nor can an overlapping camera give the id to someone too far away for the time.
+    g2 = ReIDGallery(overlaps=[("c1", "c2")])
+    a = g2.new_identity("c1", 0, _vec(1, 0))
+    g2.observe(a, "c1", 5, map_xy=(3.0, 1.0))
+    assert g2.match("c2", 6, [_vec(1, 0)], positions=[(9.0, 1.0)]) == [None]
+    assert g2.match("c2", 6, [_vec(1, 0)], positions=[(4.0, 1.0)])[0] == (a, pytest.approx(1.0))
+
+
+def test_snapshot_keeps_the_last_map_position() -> None:
+    g = ReIDGallery()
+    gid = g.new_identity("c1", 0, _vec(1, 0))
+    g.observe(gid, "c1", 3, map_xy=(1.5, 2.5))
+    restored = ReIDGallery()
+    restored.restore(json.loads(json.dumps(g.snapshot())))
+    assert restored.entry(gid).last_map_xy == (1.5, 2.5)
+    # A snapshot written before positions were kept still restores (no position).
+    old = g.snapshot()
+    for entry in old["entries"]:  # type: ignore[attr-defined]
+        del entry["last_map_xy"]
+    restored.restore(old)
+    assert restored.entry(gid).last_map_xy is None

@@ -7,6 +7,7 @@ import uuid
 
 import numpy as np
 
+from edgeway.tracker.vision.gallery import GallerySettings
 from edgeway.tracker.vision.homography import fit_homography
 from edgeway.tracker.vision.multicam import (
     MultiCameraSettings,
@@ -243,9 +244,13 @@ def _far_apart_lookalike(settings: MultiCameraSettings | None) -> tuple[str, str
 def test_an_id_seen_elsewhere_on_the_map_is_not_given_to_a_lookalike() -> None:
     a, newcomer = _far_apart_lookalike(None)
     assert newcomer != a
-    # Appearance alone (no map exclusion) would have merged the two people.
-    a, newcomer = _far_apart_lookalike(MultiCameraSettings(map_exclusion_radius=1e9))
+    # Appearance alone (no map exclusion, no walking reach) would have merged the two people.
+    free = MultiCameraSettings(map_exclusion_radius=1e9, gallery=GallerySettings(reach_slack=1e9))
+    a, newcomer = _far_apart_lookalike(free)
     assert newcomer == a
+    # The reach alone keeps them apart too: A was seen 6.5 m away this very frame.
+    a, newcomer = _far_apart_lookalike(MultiCameraSettings(map_exclusion_radius=1e9))
+    assert newcomer != a
 
 
 def _occluded_start(settings: MultiCameraSettings | None) -> tuple[str, list[str]]:
@@ -275,3 +280,62 @@ def test_an_occluded_start_gets_the_known_id_once_seen_clearly() -> None:
     # Without the second chance the provisional id stays.
     a, in_c2 = _occluded_start(MultiCameraSettings(rematch_frames=0))
     assert in_c2[-1] != a
+
+
+def test_two_people_at_one_map_spot_take_their_own_ids_by_look() -> None:
+    """A and B stand together in c1; c2 (overlapping) starts seeing them. Both are within the
+    match radius of both; their looks decide who is who."""
+    cams = [
+        CameraSpec("c1", SIZE, homography=_scale_h(0.01)),
+        CameraSpec("c2", SIZE, homography=_scale_h(0.01)),
+    ]
+    mct = MultiCameraTracker(cams, overlaps=[("c1", "c2")])
+    c1 = [Detection(_box(300, 400), 0.9, _look(0)), Detection(_box(340, 410), 0.9, _look(1))]
+    for f in range(3):
+        out = mct.update(f, {"c1": c1})
+    ids = {t.bbox_xyxy[3] // 10: t.global_id for t in out["c1"]}
+    # In c2, A's box is where c1 sees B's, and B's where c1 sees A's (0.1-0.4 m off each).
+    c2 = [Detection(_box(335, 410), 0.9, _look(0)), Detection(_box(305, 400), 0.9, _look(1))]
+    for f in range(3, 6):
+        out = mct.update(f, {"c1": c1, "c2": c2})
+    by_look = {round(t.bbox_xyxy[3]): t.global_id for t in out["c2"]}
+    assert by_look[410] == ids[40]  # A (look 0) in c2 has A's id from c1
+    assert by_look[400] == ids[41]
+
+
+def test_a_track_back_after_a_miss_takes_its_id_and_the_lost_track_goes() -> None:
+    """A is tracked in c1, missed for a while, then found again too far from the lost track's
+    prediction: a new track, which takes A's id by look, and A's lost track is dropped (one
+    track per id in a camera)."""
+    mct = MultiCameraTracker([CameraSpec("c1", SIZE)])
+    for f in range(5):
+        out = mct.update(f, {"c1": [Detection(_box(100, 300), 0.9, _look(0))]})
+    a = out["c1"][0].global_id
+    for f in range(5, 8):
+        mct.update(f, {"c1": []})
+    for f in range(8, 14):
+        out = mct.update(f, {"c1": [Detection(_box(400, 300), 0.9, _look(0))]})
+    (track,) = out["c1"]
+    assert track.global_id == a
+    assert track.track_id != 1  # a new track, not the old one matched by motion
+    assert mct._trackers["c1"].live_track_ids == {track.track_id}  # the lost one went
+
+
+def test_a_new_track_never_takes_the_id_of_someone_seen_beside_it() -> None:
+    """Two lookalikes start together in one camera; when one is missed, the other (whose id
+    is new) does not take its id: the camera saw them side by side."""
+    mct = MultiCameraTracker([CameraSpec("c1", SIZE)])
+    for f in range(2):
+        out = mct.update(
+            f,
+            {
+                "c1": [
+                    Detection(_box(100, 300), 0.9, _look(0)),
+                    Detection(_box(400, 300), 0.9, _look(0)),
+                ]
+            },
+        )
+    first, second = (t.global_id for t in out["c1"])
+    for f in range(2, 10):
+        out = mct.update(f, {"c1": [Detection(_box(400, 300), 0.9, _look(0))]})
+    assert out["c1"][0].global_id == second != first

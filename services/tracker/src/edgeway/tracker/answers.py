@@ -10,7 +10,7 @@ import asyncio
 import base64
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -219,7 +219,7 @@ async def replace_environment(request: ReplaceEnvironment, deps: Deps) -> Tracki
         assert environment is not None
         view = await _view(session, environment)
     for key in stale:
-        deps.objects.delete(key)
+        await deps.objects.delete(key)
     return TrackingReply(status=200, body=view)
 
 
@@ -242,7 +242,7 @@ async def delete_environment(request: DeleteEnvironment, deps: Deps) -> Tracking
         )
         await store.delete_environment(session=session, environment_id=request.environment_id)
     for key in stale:
-        deps.objects.delete(key)
+        await deps.objects.delete(key)
     return TrackingReply(status=204)
 
 
@@ -486,6 +486,11 @@ async def read_media(request: ReadMedia, deps: Deps) -> TrackingReply:
             f"{request.environment_id}/{request.camera_id}",
         ).reply()
     try:
+        if request.length == 0:  # the gateway's first ask: an S3 store's video is fetched there
+            expires = timedelta(seconds=deps.settings.presign_expiry_s)
+            redirect = await deps.objects.redirect(key, expires=expires)
+            if redirect is not None:
+                return TrackingReply(status=200, body={"redirect": redirect})
         size, data = await asyncio.to_thread(
             deps.objects.read, key, offset=request.offset, length=request.length
         )

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from edgeway.common.broker import declare_shared, declare_work, make_broker
 from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.logging import get_logger
+from edgeway.common.objects import LocalStore, ObjectStore, make_store
 from edgeway.common.rtsp.credentials import CredentialCipher, credentials_key
 from edgeway.common.rtsp.destinations import DestinationPolicy
 from edgeway.common.service import database_service_app
@@ -54,6 +55,18 @@ class Deps:
     destinations: DestinationPolicy  # where rtsp cameras may be
 
 
+def video_store(settings: TrackerSettings) -> VideoStore:
+    """The videos' object store: an S3 bucket when `EDGEWAY_STORAGE_ENDPOINT` is set, else a
+    directory (`EDGEWAY_OBJECTS_DIR`, default `<data_dir>/objects/<bucket>`)."""
+    objects: ObjectStore
+    if settings.storage_endpoint is None and settings.objects_dir is not None:
+        directory = settings.objects_dir
+        objects = LocalStore(directory.parent, directory.name)
+    else:
+        objects = make_store(settings)
+    return VideoStore(objects, scratch=settings.data_dir / "tracker-scratch")
+
+
 def build_deps(
     settings: TrackerSettings,
     *,
@@ -80,7 +93,7 @@ def build_deps(
         broker=broker,
         sessions=sessions,
         metrics=Metrics.create(registry),
-        objects=VideoStore(settings.objects_dir or settings.data_dir / "objects" / "tracker"),
+        objects=video_store(settings),
         inference=Inference.create(settings),
         runs=TaskRuns(),
         live=live,
@@ -102,7 +115,7 @@ async def sweep_forever(deps: Deps) -> None:
                         session=session, cutoff=cutoff
                     )
                 for key in unused:  # videos that only these tasks still served
-                    await asyncio.to_thread(deps.objects.delete, key)
+                    await deps.objects.delete(key)
                 if gone:
                     log.info("old tasks deleted", tasks=len(gone), videos=len(unused))
                 if len(gone) < 100:
@@ -130,8 +143,8 @@ def build_app(
     topology = deps.topology
 
     async def prepare() -> None:
-        deps.objects.root.mkdir(parents=True, exist_ok=True)
-        log.info("database ready", objects=str(deps.objects.root))
+        await deps.objects.prepare()
+        log.info("database and object store ready", bucket=deps.objects.objects.bucket)
 
     async def declare() -> None:
         await declare_shared(broker, topology)

@@ -1,7 +1,7 @@
 """Tracker rules as pure functions and small state machines: no I/O, no clocks of their own.
 
 What an environment must be to be stored, what a task needs to start, SpotOn's message shapes
-(docs/seed-systems.md §2a), MOTChallenge text, how a live task groups edge frames into steps, and
+(docs/seed-systems.md), MOTChallenge text, how a live task groups edge frames into steps, and
 how often clients hear about a task's status.
 """
 
@@ -48,7 +48,7 @@ from edgeway.tracker.vision import (
     fit_homography,
 )
 
-# SpotOn's default when a video does not say its frame rate (docs/seed-systems.md §2a).
+# SpotOn's default when a video does not say its frame rate (docs/seed-systems.md, SpotOn).
 FALLBACK_FPS = 25.0
 MAX_ERROR_DETAILS = 5
 
@@ -362,7 +362,7 @@ def tracking_update(
     processed_at: datetime,
     tracks: Mapping[str, Sequence[TrackOutput]],
 ) -> dict[str, Any]:
-    """SpotOn's `tracking_update` (docs/seed-systems.md §2a): every camera, its tracks."""
+    """SpotOn's `tracking_update` (docs/seed-systems.md, SpotOn): every camera, its tracks."""
     return {
         "type": "tracking_update",
         "payload": {
@@ -650,8 +650,8 @@ class LatestFrames:
 
     A frame that comes while an older one of its camera still waits replaces it (latest wins:
     a live task tracks what is seen now, never a backlog); `take` empties it. Relayed frames of
-    other devices are ignored, and frames whose size is not the camera's are refused (its
-    homography and hand-off rules are in the declared size's pixels).
+    other devices are ignored. A frame of another size than the camera's is kept: it is scaled
+    to the declared size once decoded (`media.fit`).
     """
 
     def __init__(self, spec: EnvironmentSpec) -> None:
@@ -664,12 +664,10 @@ class LatestFrames:
 
     def put(self, frame: RelayFrame) -> str:
         """Keep a relayed frame; its outcome: `waiting`, `dropped` (it replaced one that
-        waited), `ignored` (not a device of this task) or `rejected` (not the camera's size)."""
+        waited) or `ignored` (not a device of this task)."""
         camera = self.cameras.get(frame.device)
         if camera is None:
             return "ignored"
-        if (frame.width, frame.height) != (camera.width, camera.height):
-            return "rejected"
         return self.keep(camera.camera_id, frame)
 
     def keep(self, camera_id: str, frame: RelayFrame | CameraFrame) -> str:

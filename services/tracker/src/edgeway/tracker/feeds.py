@@ -11,7 +11,10 @@
 
 Either way the feed keeps the newest frame of each camera (`domain.LatestFrames`) and hands
 them to the detector as fast as it goes; frames that came meanwhile are dropped and counted
-(`edgeway_tracker_camera_frames_total`).
+(`edgeway_tracker_camera_frames_total`). A frame of another size than the camera declares is
+scaled to it before detection (`media.fit`; boxes, hand-off rules and the homography are in the
+declared pixels) and counted in `edgeway_tracker_camera_frames_scaled_total`; a relayed frame
+that is not a JPEG is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from edgeway.common.rtsp.capture import (
 )
 from edgeway.common.schemas.tracking import CameraConfig, EnvironmentSpec, RtspSource
 from edgeway.tracker import domain
-from edgeway.tracker.media import decode_jpeg
+from edgeway.tracker.media import decode_jpeg, fit
 from edgeway.tracker.vision import Detection, Frame
 
 if TYPE_CHECKING:
@@ -61,6 +64,16 @@ class FeedError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Detected:
+    """A detection round: the cameras seen, those whose frame did not decode, and those whose
+    frame was scaled to the camera's size (with the size it came in)."""
+
+    seen: dict[str, Seen]
+    undecoded: list[str]
+    scaled: dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
 class Seen:
     """A camera's frame, detected: what a step takes from it."""
 
@@ -76,6 +89,7 @@ class CameraFeed:
         self.deps = deps
         self.latest = domain.LatestFrames(spec)
         self.sources = {camera.camera_id: camera.source.kind for camera in spec.cameras}
+        self.cameras = {camera.camera_id: camera for camera in spec.cameras}
         self._ready = asyncio.Event()
         self._warned: set[str] = set()
         self._subscriber: RabbitSubscriber | None = None
@@ -97,6 +111,21 @@ class CameraFeed:
     def count(self, camera_id: str, outcome: str, amount: int = 1) -> None:
         source = self.sources.get(camera_id, "relay")
         self.deps.metrics.camera_frames.labels(source, outcome).inc(amount)
+
+    def scaled(self, camera_id: str, size: tuple[int, int]) -> None:
+        """A camera's frame came in another size and was scaled to the declared one (counted;
+        logged once per camera)."""
+        self.deps.metrics.camera_frames_scaled.labels(self.sources.get(camera_id, "relay")).inc()
+        if camera_id in self._warned:
+            return
+        self._warned.add(camera_id)
+        camera = self.cameras[camera_id]
+        log.info(
+            "camera frames scaled to the camera's size",
+            camera_id=camera_id,
+            frame_size=f"{size[0]}x{size[1]}",
+            camera_size=f"{camera.width}x{camera.height}",
+        )
 
     # --- relay ------------------------------------------------------------------------------
 
@@ -124,30 +153,13 @@ class CameraFeed:
         """A relayed frame (any device's: the exchange is a fanout)."""
         frame = domain.relay_frame(headers, body, datetime.now(UTC))
         outcome = "rejected" if frame is None else self.latest.put(frame)
-        camera = None if frame is None else self.latest.cameras.get(frame.device)
         if outcome != "waiting":  # a waiting frame is counted once tracked (or dropped)
             self.deps.metrics.camera_frames.labels("relay", outcome).inc()
         if outcome in ("waiting", "dropped"):
             self._ready.set()
-        elif outcome == "rejected":
-            self._warn_relay(frame, camera)
-
-    def _warn_relay(self, frame: domain.RelayFrame | None, camera: CameraConfig | None) -> None:
-        """Once per device: why its frames are not tracked."""
-        device = "?" if frame is None else frame.device
-        if device in self._warned:
-            return
-        self._warned.add(device)
-        if frame is None or camera is None:
+        elif outcome == "rejected" and "?" not in self._warned:
+            self._warned.add("?")
             log.warning("relayed frame without its device or size refused")
-            return
-        log.warning(
-            "relayed frames refused: not the camera's size",
-            device=frame.device,
-            camera_id=camera.camera_id,
-            frame_size=f"{frame.width}x{frame.height}",
-            camera_size=f"{camera.width}x{camera.height}",
-        )
 
     # --- rtsp -------------------------------------------------------------------------------
 
@@ -172,18 +184,6 @@ class CameraFeed:
         dropped = 0
         try:
             async for captured in capture.frames():
-                height, width = captured.image.shape[:2]
-                if (width, height) != (camera.width, camera.height):
-                    self.count(camera.camera_id, "rejected")
-                    if camera.camera_id not in self._warned:
-                        self._warned.add(camera.camera_id)
-                        log.warning(
-                            "rtsp frames refused: not the camera's size",
-                            camera_id=camera.camera_id,
-                            frame_size=f"{width}x{height}",
-                            camera_size=f"{camera.width}x{camera.height}",
-                        )
-                    continue
                 image: Frame = np.ascontiguousarray(captured.image[..., ::-1])  # RGB to BGR
                 frame = domain.CameraFrame(image, captured.captured_at)
                 if self.latest.keep(camera.camera_id, frame) == "dropped":
@@ -226,22 +226,28 @@ class CameraFeed:
 
 
 def detect(
-    inference: Inference, frames: dict[str, domain.RelayFrame | domain.CameraFrame]
-) -> tuple[dict[str, Seen], list[str]]:
-    """Decode and detect the frames, every camera in one detector call (blocking: a worker
-    thread). The cameras seen, and those whose frame did not decode."""
+    inference: Inference,
+    spec: EnvironmentSpec,
+    frames: dict[str, domain.RelayFrame | domain.CameraFrame],
+) -> Detected:
+    """Decode the frames, scale each to its camera's declared size, and detect them, every
+    camera in one detector call (blocking: a worker thread)."""
     images: dict[str, Frame] = {}
+    scaled: dict[str, tuple[int, int]] = {}
     for camera_id, frame in frames.items():
-        if isinstance(frame, domain.CameraFrame):
-            images[camera_id] = frame.image
+        image = frame.image if isinstance(frame, domain.CameraFrame) else decode_jpeg(frame.jpeg)
+        if image is None:
             continue
-        image = decode_jpeg(frame.jpeg, width=frame.width, height=frame.height)
-        if image is not None:
-            images[camera_id] = image
+        camera = spec.camera(camera_id)  # frames are only kept for the spec's cameras
+        height, width = image.shape[:2]
+        if camera is not None and (width, height) != (camera.width, camera.height):
+            scaled[camera_id] = (width, height)
+            image = fit(image, camera.width, camera.height)
+        images[camera_id] = image
     cameras = list(images)
     found = inference.detect([images[c] for c in cameras]) if cameras else []
     seen = {
         camera_id: Seen(images[camera_id], detections, frames[camera_id].captured_at)
         for camera_id, detections in zip(cameras, found, strict=True)
     }
-    return seen, [c for c in frames if c not in images]
+    return Detected(seen, [c for c in frames if c not in images], scaled)

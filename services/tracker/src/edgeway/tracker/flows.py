@@ -47,7 +47,7 @@ from edgeway.common.schemas.tracking import (
 )
 from edgeway.common.topology import Channels, Topology
 from edgeway.tracker import domain, feeds, store
-from edgeway.tracker.media import VideoReader
+from edgeway.tracker.media import LocalVideo, VideoReader
 from edgeway.tracker.settings import TrackerSettings
 from edgeway.tracker.vision import (
     Detection,
@@ -384,7 +384,6 @@ class BatchRun(Run):
     """Every camera's video, in lockstep, to the end (SpotOn's batch processing)."""
 
     async def execute(self) -> None:
-        inference = self.deps.inference
         await self.commit(
             TaskStatus.INITIALIZING, step="Initializing", details="loading the tracker"
         )
@@ -395,13 +394,32 @@ class BatchRun(Run):
             details=f"{len(self.spec.cameras)} cameras from the object store",
         )
         skips = {}
-        paths = {}
-        for camera in self.spec.cameras:
-            facts = self.videos[camera.camera_id]
-            if facts.object_key is None or not self.deps.objects.exists(facts.object_key):
-                raise TaskFailedError(f"the video of camera {camera.camera_id} is not in the store")
-            paths[camera.camera_id] = self.deps.objects.path(facts.object_key)
-            skips[camera.camera_id] = domain.frame_skip(facts.fps, self.settings.target_fps)
+        opened: dict[str, LocalVideo] = {}
+        try:
+            for camera in self.spec.cameras:
+                facts = self.videos[camera.camera_id]
+                try:
+                    if facts.object_key is None:
+                        raise FileNotFoundError(camera.camera_id)
+                    opened[camera.camera_id] = await self.deps.objects.open(facts.object_key)
+                except FileNotFoundError:
+                    raise TaskFailedError(
+                        f"the video of camera {camera.camera_id} is not in the store"
+                    ) from None
+                skips[camera.camera_id] = domain.frame_skip(facts.fps, self.settings.target_fps)
+            await self._track_videos(tracker, opened, skips)
+        finally:
+            await asyncio.to_thread(lambda: [self.deps.objects.close(v) for v in opened.values()])
+
+    async def _track_videos(
+        self,
+        tracker: MultiCameraTracker,
+        opened: Mapping[str, LocalVideo],
+        skips: Mapping[str, int],
+    ) -> None:
+        """Read every camera's video in lockstep from the checkpoint on, to the end."""
+        inference = self.deps.inference
+        paths = {camera: video.path for camera, video in opened.items()}
         start = self.checkpoint_frame + 1
 
         def open_pipeline() -> BatchPipeline:
@@ -597,15 +615,17 @@ class LiveRun(Run):
                 frames = await feed.next()
             except feeds.FeedError as exc:
                 raise TaskFailedError(str(exc)) from None
-            seen, undecoded = await self.deps.inference.call(
-                lambda f=frames: feeds.detect(self.deps.inference, f)  # type: ignore[misc]
+            detected = await self.deps.inference.call(
+                lambda f=frames: feeds.detect(self.deps.inference, self.spec, f)  # type: ignore[misc]
             )
-            for camera_id in undecoded:
+            for camera_id in detected.undecoded:
                 feed.count(camera_id, "rejected")
-            for camera_id in self.fed.keys() & seen.keys():
+            for camera_id, size in detected.scaled.items():
+                feed.scaled(camera_id, size)
+            for camera_id in self.fed.keys() & detected.seen.keys():
                 feed.count(camera_id, "dropped")
-            self.fed.update(seen)
-            if seen:
+            self.fed.update(detected.seen)
+            if detected.seen:
                 self.fed_ready.set()
 
     def _take_fed(self) -> dict[str, feeds.Seen]:

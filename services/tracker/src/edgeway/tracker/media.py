@@ -1,19 +1,23 @@
-"""Video files: the tracker's object store (a local directory), checking an upload, reading one;
-and the relay's JPEG frames, decoded.
+"""Video files: the tracker's videos in the object store, checking an upload, reading one; and
+the relay's JPEG frames, decoded.
 
-Everything here blocks (files, PyAV's decoder): callers run it in a worker thread.
+Everything here blocks (files, PyAV's decoder) except `VideoStore`'s object calls: callers run
+the rest in a worker thread.
 
-The store is the embedded default of the architecture's object storage: a directory, one file per
-object, written beside and renamed into place, so a reader sees a video whole or not at all.
-Several replicas must share the directory (a shared volume); an S3 store is not built for the
-tracker yet. Keys are made here from checked ids and a UUID, never from a client's file name.
+Videos live in the object store of `edgeway.common.objects`: a local directory by default
+(several replicas share it as a volume), or an S3 bucket when `EDGEWAY_STORAGE_ENDPOINT` is set
+(every replica reaches it). Keys are made here from checked ids and a UUID, never from a
+client's file name. PyAV reads files: a local store's video is read where it lies, an S3 one
+from a copy a task fetches into the replica's scratch directory and deletes when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import av.error
 import cv2
 import numpy as np
 
+from edgeway.common.objects import LocalStore, ObjectStore
 from edgeway.tracker.vision import Frame
 
 
@@ -40,53 +45,117 @@ class VideoProbe:
 
 # The containers people record cameras in, by the name FFmpeg gives their demuxer.
 EXTENSIONS = (("mp4", "mp4"), ("matroska", "mkv"), ("avi", "avi"), ("mpegts", "ts"))
+CONTENT_TYPES = {
+    "mp4": "video/mp4",
+    "mkv": "video/x-matroska",
+    "avi": "video/x-msvideo",
+    "ts": "video/mp2t",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LocalVideo:
+    """A video as a file PyAV can open; `fetched` when it is a copy to delete after use."""
+
+    path: Path
+    fetched: bool
 
 
 class VideoStore:
-    """Videos as files under `root` (`videos/<environment>/<camera>/<video_id>.<ext>`)."""
+    """Videos in an object store (`videos/<environment>/<camera>/<video_id>.<ext>`), with a
+    local `scratch` directory for uploads being checked and for S3 videos being read."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, objects: ObjectStore, *, scratch: Path) -> None:
+        self.objects = objects
+        self.scratch = scratch
 
     @staticmethod
     def key(environment_id: str, camera_id: str, video_id: str, extension: str) -> str:
         return f"videos/{environment_id}/{camera_id}/{video_id}.{extension}"
 
-    def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        # Keys are the service's own; this only guards against a bug producing '..'.
-        if not path.is_relative_to(self.root.resolve()):
-            raise ValueError(f"object key {key!r} leaves the store")
-        return path
+    @staticmethod
+    def content_type(key: str) -> str:
+        return CONTENT_TYPES.get(key.rpartition(".")[2], "application/octet-stream")
+
+    async def prepare(self) -> None:
+        """Make the bucket (or directory) and the scratch directory."""
+        await self.objects.ensure_bucket()
+        (self.scratch / "staging").mkdir(parents=True, exist_ok=True)
 
     def stage(self, data: bytes) -> Path:
-        """Write an upload to a temporary file in the store (for PyAV to read)."""
-        staging = self.root / "staging"
+        """Write an upload to a temporary file (for PyAV to probe; blocking)."""
+        staging = self.scratch / "staging"
         staging.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=staging, prefix=".upload-")
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         return Path(name)
 
-    def commit(self, staged: Path, key: str) -> None:
-        """Move a staged file to its key (atomic on one file system)."""
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, path)
+    async def put(self, key: str, data: bytes) -> None:
+        await self.objects.put(key, data, content_type=self.content_type(key), metadata={})
 
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+    async def exists(self, key: str) -> bool:
+        return await self.objects.exists(key)
+
+    async def delete(self, key: str) -> None:
+        await self.objects.delete(key)
+
+    def _local_path(self, key: str) -> Path | None:
+        """The file of a local store's object (None for an S3 store)."""
+        if not isinstance(self.objects, LocalStore):
+            return None
+        path = (self.objects.root / key).resolve()
+        # Keys are the service's own; this only guards against a bug producing '..'.
+        if not path.is_relative_to(self.objects.root.resolve()):
+            raise ValueError(f"object key {key!r} leaves the store")
+        return path
+
+    async def open(self, key: str) -> LocalVideo:
+        """The video as a file: the local store's own, or a fetched copy of the S3 object
+        (FileNotFoundError when it is not in the store)."""
+        path = self._local_path(key)
+        if path is not None:
+            if not await asyncio.to_thread(path.is_file):
+                raise FileNotFoundError(key)
+            return LocalVideo(path, fetched=False)
+        if not await self.objects.exists(key):
+            raise FileNotFoundError(key)
+        data = await self.objects.get(key)
+        fetched = await asyncio.to_thread(self._write_copy, key, data)
+        return LocalVideo(fetched, fetched=True)
+
+    def _write_copy(self, key: str, data: bytes) -> Path:
+        folder = self.scratch / "fetched"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, suffix="." + key.rpartition(".")[2])
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        return Path(name)
+
+    @staticmethod
+    def close(video: LocalVideo) -> None:
+        """Done reading: a fetched copy goes (blocking)."""
+        if video.fetched:
+            video.path.unlink(missing_ok=True)
+
+    async def redirect(self, key: str, *, expires: timedelta) -> str | None:
+        """Where a client may fetch the video itself: a presigned URL of an S3 store (None
+        for the local store, whose videos the media route streams)."""
+        if self._local_path(key) is not None:
+            return None
+        (url,) = await self.objects.urls([key], expires=expires)
+        return url
 
     def read(self, key: str, *, offset: int, length: int) -> tuple[int, bytes]:
-        """The object's size and up to `length` of its bytes from `offset`
-        (FileNotFoundError when it is not there)."""
-        with self.path(key).open("rb") as file:
+        """A local store's video: its size and up to `length` of its bytes from `offset`
+        (FileNotFoundError when it is not there; blocking)."""
+        path = self._local_path(key)
+        if path is None:
+            raise ValueError("an S3 store's videos are fetched at their presigned URLs")
+        with path.open("rb") as file:
             size = os.fstat(file.fileno()).st_size
             file.seek(min(offset, size))
             return size, file.read(length)
-
-    def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
 
 
 def probe_video(path: Path, *, max_frames: int = 1_000_000) -> VideoProbe:
@@ -152,9 +221,20 @@ class VideoReader:
         self._container.close()
 
 
-def decode_jpeg(data: bytes, *, width: int, height: int) -> Frame | None:
-    """A relayed JPEG as a BGR image of the size its headers said (None: it is not one)."""
+def decode_jpeg(data: bytes) -> Frame | None:
+    """A relayed JPEG as a BGR image (None: it is not one)."""
+    if not data:
+        return None  # OpenCV raises on an empty buffer
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.shape[:2] != (height, width):
-        return None
-    return np.asarray(image, dtype=np.uint8)
+    return None if image is None else np.asarray(image, dtype=np.uint8)
+
+
+def fit(image: Frame, width: int, height: int) -> Frame:
+    """An image at a camera's declared size: as it is when it already is, else scaled (area
+    averaging when shrinking, bilinear when enlarging), so boxes, hand-off rules and the
+    homography stay in the declared pixels."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrink = width * height < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(image, (width, height), interpolation=interpolation))

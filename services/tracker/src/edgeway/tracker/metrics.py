@@ -11,8 +11,8 @@ from edgeway.common.schemas.tracking import TaskStatus
 DETECTION_OUTCOMES = ("tracked", "late", "rejected", "not_tracking")
 VIDEO_OUTCOMES = ("ready", "rejected", "duplicate")
 # Frames of a live task's relay and rtsp cameras: tracked, dropped (a newer one of its camera
-# came before it was), ignored (another device's), rejected (no device or size header, not the
-# camera's size, not a JPEG).
+# came before it was), ignored (another device's), rejected (no device or size header, not a
+# JPEG). Frames of another size than the camera's are scaled to it and counted apart.
 CAMERA_SOURCES = ("relay", "rtsp")
 CAMERA_OUTCOMES = ("tracked", "dropped", "ignored", "rejected")
 
@@ -28,6 +28,7 @@ class Metrics:
     edge_frames: Counter
     videos: Counter
     camera_frames: Counter
+    camera_frames_scaled: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -80,6 +81,12 @@ class Metrics:
                 ["source", "outcome"],
                 registry=registry,
             ),
+            camera_frames_scaled=Counter(
+                "edgeway_tracker_camera_frames_scaled_total",
+                "Frames of live tasks' relay and rtsp cameras scaled to the camera's declared size",
+                ["source"],
+                registry=registry,
+            ),
         )
         for status in TaskStatus:
             if status.terminal:
@@ -89,6 +96,7 @@ class Metrics:
         for outcome in VIDEO_OUTCOMES:
             metrics.videos.labels(outcome)
         for source in CAMERA_SOURCES:
+            metrics.camera_frames_scaled.labels(source)
             for outcome in CAMERA_OUTCOMES:
                 metrics.camera_frames.labels(source, outcome)
         return metrics

@@ -6,23 +6,30 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field
 
-from edgeway.common.rtsp.credentials import check_key
-from edgeway.common.rtsp.destinations import DEFAULT_DESTINATIONS, parse_rule
-from edgeway.common.settings import CommonSettings, database_url_field
+from edgeway.common.objects import ObjectStoreSettings
+from edgeway.common.rtsp.settings import RtspSettings
+from edgeway.common.settings import database_url_field
 
 
-class TrackerSettings(CommonSettings):
-    """What the tracker reads from its environment."""
+class TrackerSettings(ObjectStoreSettings, RtspSettings):
+    """What the tracker reads from its environment (the videos' object store is
+    `ObjectStoreSettings`, `EDGEWAY_STORAGE_*`; `rtsp` cameras' destinations and URL key are
+    `RtspSettings`)."""
 
     database_url: str | None = database_url_field("tracker")
     http_port: int = 8085
     # Names this replica's own queues (edge detections, stops); unique per process.
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
-    # Where uploaded videos are kept (the embedded object store: a local directory). Several
-    # replicas must share it (a shared volume); default `<data_dir>/objects/tracker`.
+    # Uploaded videos: in an S3 bucket when EDGEWAY_STORAGE_ENDPOINT is set (every replica
+    # reaches it), else in a local directory, which several replicas must share as a volume:
+    # `objects_dir`, default `<data_dir>/objects/<storage_bucket>`.
+    storage_bucket: str = "tracker"
     objects_dir: Path | None = None
+    # How long the media route's presigned URLs of an S3 store's videos work (each ask signs
+    # a fresh one).
+    presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     # Tasks one replica runs at once: the prefetch of its consumer on the commands queue, so
     # a replica never takes more than it runs and the others take the rest.
@@ -66,33 +73,6 @@ class TrackerSettings(CommonSettings):
     retention_days: float = Field(default=30.0, gt=0)
     retention_sweep_s: float = Field(default=3600.0, gt=0)
 
-    # `rtsp` cameras. Where a live task may connect: the same allowlist as ingestion's captures
-    # (edgeway.common.rtsp.destinations; default: public cameras on the RTSP ports only).
-    rtsp_allowed_destinations: list[str] = Field(default_factory=lambda: list(DEFAULT_DESTINATIONS))
+    # `rtsp` cameras (where they may be and the key sealing their URLs: `RtspSettings`).
     # Consecutive connections without a frame before the task fails (with the masked reason).
     rtsp_reconnect_attempts: int = Field(default=3, ge=1)
-    # Fernet key sealing rtsp URLs at rest (environments and tasks). In development a key is
-    # made once and kept in the data directory; elsewhere it must be set, the same on every
-    # replica (any replica may run a task another stored).
-    credentials_key: SecretStr | None = None
-
-    @field_validator("credentials_key")
-    @classmethod
-    def _a_fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
-        return check_key(value, setting="EDGEWAY_CREDENTIALS_KEY")
-
-    @field_validator("rtsp_allowed_destinations")
-    @classmethod
-    def _destinations(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            parse_rule(entry)  # a ValueError says which entry and what is wrong with it
-        return value
-
-    @model_validator(mode="after")
-    def _key_outside_development(self) -> TrackerSettings:
-        if self.credentials_key is None and not self.is_development:
-            raise ValueError(
-                "EDGEWAY_CREDENTIALS_KEY must be set outside development (a Fernet key: "
-                "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key())')"
-            )
-        return self

@@ -2,9 +2,10 @@
 
 The gateway asked first (`answers.prepare_video`) and published the file as one persistent
 message; here it is written to a staging file, opened with PyAV in a worker thread (a video
-stream whose first frame decodes, the camera's frame size), moved to its key and recorded, all
-before the delivery is acked. A refused file is recorded with its reason (the environment's
-`video.status` says it) and not kept. The video id is the upload's, so a redelivery is a no-op.
+stream whose first frame decodes, the camera's frame size), put in the object store under its
+key and recorded, all before the delivery is acked. A refused file is recorded with its reason
+(the environment's `video.status` says it) and not kept. The video id is the upload's, so a
+redelivery is a no-op.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Upload:
 
 def check(
     objects: VideoStore, upload: Upload, *, width: int, height: int, max_bytes: int
-) -> tuple[VideoProbe, str] | str:
-    """Stage and probe the file (blocking): its probe and staged key, or why it is refused."""
+) -> VideoProbe | str:
+    """Stage and probe the file (blocking): its probe, or why it is refused."""
     if len(upload.data) > max_bytes:
         return f"the video is {len(upload.data)} bytes; the limit is {max_bytes}"
     staged = objects.stage(upload.data)
@@ -64,11 +65,10 @@ def check(
                 f"declared {width}x{height}"
             )
     except VideoError as exc:
-        staged.unlink(missing_ok=True)
         return str(exc)
-    key = objects.key(upload.environment_id, upload.camera_id, upload.video_id, probe.extension)
-    objects.commit(staged, key)
-    return probe, key
+    finally:
+        staged.unlink(missing_ok=True)
+    return probe
 
 
 async def take(upload: Upload, deps: Deps) -> str:
@@ -85,7 +85,7 @@ async def take(upload: Upload, deps: Deps) -> str:
     if camera is None or not isinstance(camera.source, FileSource):
         log.info("video for a camera that is gone dropped", video_id=upload.video_id)
         return "rejected"
-    outcome: tuple[VideoProbe, str] | str
+    outcome: VideoProbe | str
     if busy:
         outcome = f"tasks ran on the environment when the video arrived ({', '.join(busy)})"
     else:
@@ -97,7 +97,14 @@ async def take(upload: Upload, deps: Deps) -> str:
             height=camera.height,
             max_bytes=deps.settings.max_video_bytes,
         )
-    probe, key = outcome if isinstance(outcome, tuple) else (None, None)
+    probe = outcome if isinstance(outcome, VideoProbe) else None
+    key = None
+    if probe is not None:
+        ids = (upload.environment_id, upload.camera_id, upload.video_id)
+        key = deps.objects.key(*ids, probe.extension)
+        # Stored before it is recorded: a crash between the two leaves an object no record
+        # names (the redelivery puts it again under the same key), never a record without one.
+        await deps.objects.put(key, upload.data)
     record = store.VideoRecord(
         environment_id=upload.environment_id,
         camera_id=upload.camera_id,
@@ -123,7 +130,7 @@ async def take(upload: Upload, deps: Deps) -> str:
 
     replaced = await with_db_retry(save, delays=deps.settings.db_retry_delays, forever=True)
     if replaced is not None:
-        await asyncio.to_thread(deps.objects.delete, replaced)
+        await deps.objects.delete(replaced)
     log.info(
         "video taken",
         environment_id=upload.environment_id,

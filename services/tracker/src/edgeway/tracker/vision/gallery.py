@@ -1,11 +1,18 @@
 """The cross-camera Re-ID gallery: one appearance per global id, and who may match whom.
 
-SpotOn's parameters and rules (docs/seed-systems.md §2a), with its two bugs fixed: features are real
+SpotOn's parameters and rules (docs/seed-systems.md), with its two bugs fixed: features are real
 embeddings (SpotOn read the detection index as the feature), and an EMA update takes effect
 (SpotOn's raised ``TypeError``). A gallery entry can match a new track in camera C only if it was
 last seen in C, in a camera that overlaps C, or leaving through a hand-off quadrant towards C;
 and never if a live track in C already holds it, or if it is being seen right now by a camera
 that does not overlap C (one person cannot be in two unconnected places at once).
+
+Where both the entry's last sighting and the new track have map positions (cameras with
+homographies), the map decides instead of the quadrants: the id may match if a person could
+have walked from where it was last seen to where the track is in the frames between
+(``reach_per_frame``, plus ``reach_slack`` for two cameras' projection errors), whichever
+quadrant it left by. A person missed on their way out of a camera (their last box was not in an
+exit quadrant) is still handed over, and one who could not have got there is not.
 
 The gallery is plain data (``snapshot``/``restore``), so the service can persist it with the task
 and resume after a worker crash without re-identifying everyone from scratch.
@@ -13,6 +20,7 @@ and resume after a worker crash without re-identifying everyone from scratch.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +42,12 @@ class GallerySettings:
     ema_momentum: float = 0.9
     #: SpotOn ``REID_LOST_TRACK_BUFFER_FRAMES`` = 200: how long an unseen id can come back.
     lost_buffer_frames: int = 200
+    #: Map units a person may cover per frame between two sightings: 0.25 is 2.5 m/s at 10 fps
+    #: (a brisk walk is 1.5-2 m/s; the multi-camera scenes walk at 0.9-1.5).
+    reach_per_frame: float = 0.25
+    #: Map distance allowed on top of the walk: the projection errors of two cameras (twice
+    #: ``MultiCameraSettings.map_match_radius``, like its exclusion radius). Map units.
+    reach_slack: float = 2.0
 
 
 @dataclass(slots=True)
@@ -43,6 +57,8 @@ class GalleryEntry:
     last_seen_frame: int
     last_camera_id: str
     exit_targets: frozenset[str] = frozenset()
+    #: Where it was last seen on the map (None: that camera has no homography).
+    last_map_xy: tuple[float, float] | None = None
 
 
 class ReIDGallery:
@@ -82,6 +98,7 @@ class ReIDGallery:
         *,
         embedding: Embedding | None = None,
         exit_targets: frozenset[str] = frozenset(),
+        map_xy: tuple[float, float] | None = None,
     ) -> None:
         """Record a sighting; with an embedding, fold it in with the EMA."""
         entry = self._entries.get(global_id)
@@ -92,6 +109,7 @@ class ReIDGallery:
             entry.last_seen_frame = frame
             entry.last_camera_id = camera_id
             entry.exit_targets = exit_targets
+            entry.last_map_xy = map_xy
         if embedding is not None:
             new = normalise(embedding)
             if entry.embedding is None or entry.embedding.shape != new.shape:
@@ -100,16 +118,26 @@ class ReIDGallery:
                 m = self.settings.ema_momentum
                 entry.embedding = normalise(m * entry.embedding + (1.0 - m) * new)
 
-    def eligible(self, global_id: str, camera_id: str, frame: int) -> bool:
-        """May this id re-appear in ``camera_id`` now? (hand-off and overlap rules)."""
+    def eligible(
+        self,
+        global_id: str,
+        camera_id: str,
+        frame: int,
+        position: tuple[float, float] | None = None,
+    ) -> bool:
+        """May this id re-appear in ``camera_id`` now, at map ``position`` if known? (the map's
+        reach where both positions are known, else the overlap and hand-off rules)"""
         e = self._entries[global_id]
-        if frame - e.last_seen_frame > self.settings.lost_buffer_frames:
+        gap = frame - e.last_seen_frame
+        if gap > self.settings.lost_buffer_frames:
             return False
-        if self.overlapping(e.last_camera_id, camera_id):
-            return True
-        if e.last_seen_frame >= frame:  # seen this very frame by an unconnected camera
+        overlapping = self.overlapping(e.last_camera_id, camera_id)
+        if gap <= 0 and not overlapping:  # seen this very frame by an unconnected camera
             return False
-        return camera_id in e.exit_targets
+        if position is not None and e.last_map_xy is not None:
+            reach = self.settings.reach_slack + self.settings.reach_per_frame * max(gap, 0)
+            return math.dist(position, e.last_map_xy) <= reach
+        return overlapping or camera_id in e.exit_targets
 
     def match(
         self,
@@ -118,13 +146,15 @@ class ReIDGallery:
         embeddings: Sequence[Embedding | None],
         exclude: Iterable[str] = (),
         exclude_each: Sequence[Collection[str]] | None = None,
+        positions: Sequence[tuple[float, float] | None] | None = None,
     ) -> list[tuple[str, float] | None]:
         """Best gallery id for each new track of one camera, one id per track at most.
 
         Hungarian assignment on cosine similarity, so when two tracks want the same id the
         closer one wins and the other gets its next best or nothing (SpotOn's "one track per
         (camera, global id)", decided by similarity rather than by order). ``exclude`` holds
-        for every track, ``exclude_each[k]`` for the k-th only.
+        for every track, ``exclude_each[k]`` for the k-th only; ``positions[k]`` is the k-th
+        track's map position, if known (``eligible``).
         """
         result: list[tuple[str, float] | None] = [None] * len(embeddings)
         rows = [i for i, emb in enumerate(embeddings) if emb is not None]
@@ -143,19 +173,23 @@ class ReIDGallery:
             if e.embedding is not None
             and e.embedding.shape[0] == dim
             and e.global_id not in excluded
-            and self.eligible(e.global_id, camera_id, frame)
         ]
-        if not candidates:
+        where = [None if positions is None else positions[rows_all[k]] for k in keep]
+        allowed = np.array(
+            [[self.eligible(c.global_id, camera_id, frame, p) for c in candidates] for p in where],
+            dtype=bool,
+        ).reshape(len(keep), len(candidates))
+        if not allowed.any():
             return result
         query = np.stack([queries[k] for k in keep])
         gallery = np.stack([c.embedding for c in candidates if c.embedding is not None])
-        sim = query @ gallery.T
+        sim = np.where(allowed, query @ gallery.T, -1.0)  # -1: below any threshold
         if exclude_each is not None:
             for r, k in enumerate(keep):
                 banned = exclude_each[rows_all[k]]
                 for c, cand in enumerate(candidates):
                     if cand.global_id in banned:
-                        sim[r, c] = -1.0  # below any threshold: never chosen
+                        sim[r, c] = -1.0
         r_idx, c_idx = linear_sum_assignment(-sim)
         for r, c in zip(r_idx, c_idx, strict=True):
             if sim[r, c] >= self.settings.similarity_threshold:
@@ -187,6 +221,7 @@ class ReIDGallery:
                     "last_seen_frame": e.last_seen_frame,
                     "last_camera_id": e.last_camera_id,
                     "exit_targets": sorted(e.exit_targets),
+                    "last_map_xy": None if e.last_map_xy is None else list(e.last_map_xy),
                 }
                 for e in self._entries.values()
             ],
@@ -203,11 +238,13 @@ class ReIDGallery:
         for item in entries:
             gid = str(uuid.UUID(str(item["global_id"])))
             emb = item.get("embedding")
+            xy = item.get("last_map_xy")  # absent in snapshots written before it was kept
             restored[gid] = GalleryEntry(
                 global_id=gid,
                 embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
                 last_seen_frame=int(item["last_seen_frame"]),
                 last_camera_id=str(item["last_camera_id"]),
                 exit_targets=frozenset(str(t) for t in item.get("exit_targets", [])),
+                last_map_xy=None if xy is None else (float(xy[0]), float(xy[1])),
             )
         self._entries = restored

@@ -6,12 +6,16 @@ One ``update`` per global frame index (all cameras in lockstep, as SpotOn reads 
    cameras in one batch (only with an embedder and frames).
 2. Each camera's ``CameraTracker`` associates its detections.
 3. Global ids. A new track takes, in order: the id of a person that an overlapping camera sees
-   at the same map position (within ``map_match_radius``, both cameras with homographies); else
-   the best gallery match by appearance under the hand-off rules (``gallery.py``), never an id
-   that another camera sees elsewhere on the map this frame, and only from an unoccluded look;
-   else a new UUID. A track keeps its id, except that one whose id was new may still take a
-   known one in its first ``rematch_frames`` (its first look may have been occluded or noisy).
-   A (camera, id) pair is held by one track at a time.
+   at the same map position (within ``map_match_radius``, both cameras with homographies; looks
+   break ties between people standing together and veto one who looks nothing alike); else
+   the best gallery match by appearance under the hand-off rules or, with map positions, the
+   walk the person could have made (``gallery.py``), never an id that another camera sees
+   elsewhere on the map this frame, and only from an unoccluded look; else a new UUID. A track
+   keeps its id, except that one whose id was new may still take a known one in its first
+   ``rematch_frames`` (its first look may have been occluded or noisy), never one seen far from
+   it or beside it while it lived. A (camera, id) pair is held by one track at a time: a new
+   track that takes the id of a lost track of its camera (the person back after a miss)
+   replaces it.
 4. Gallery upkeep: every sighting refreshes "last seen"; the appearance EMA is folded in every
    ``refresh_interval_frames`` frames (SpotOn's ``REID_REFRESH_INTERVAL_FRAMES`` = 10) and at a
    track's first sighting, never from a box a nearer one half hides (``occluded``); ids unseen
@@ -71,6 +75,11 @@ class MultiCameraSettings:
     rematch_frames: int = 30
     #: ... once it has this many unoccluded looks (their mean is steadier than one look).
     rematch_min_looks: int = 3
+    #: Two people close together on the map are told apart by their looks: a new track takes
+    #: an overlapping camera's id by map position only if its look (when unoccluded) is at
+    #: least this similar to the id's gallery look (cosine). Two views of one person score
+    #: ~0.7 with the noisy scene's simulated embeddings, two people ~0.
+    map_match_min_similarity: float = 0.3
 
 
 def quadrant_overlap(bbox: BBox, frame_size: tuple[int, int], quadrant: str) -> float:
@@ -106,6 +115,10 @@ class _Binding:
     #: While fresh: the sum of the track's unoccluded looks (L2-normalised) and their count.
     look_sum: Embedding | None = None
     looks: int = 0
+    #: While fresh: ids another camera saw far from this track, or this camera beside it,
+    #: while it lived (one person is never in two places: the track cannot take them on a
+    #: rematch).
+    apart: set[str] = field(default_factory=set)
 
 
 class MultiCameraTracker:
@@ -201,7 +214,15 @@ class MultiCameraTracker:
                 bound = binding.get(box.track_id)
                 gids[cid].append(None if bound is None else bound.global_id)
                 if bound is not None:
-                    self._observe(frame_index, cid, box, bound, detections[cid], clear[cid][i])
+                    self._observe(
+                        frame_index,
+                        cid,
+                        box,
+                        bound,
+                        detections[cid],
+                        clear[cid][i],
+                        positions[cid][i],
+                    )
         # Pass 2: new tracks, camera by camera; later cameras see earlier cameras' choices.
         for cid, boxes in tracked.items():
             new = [i for i, g in enumerate(gids[cid]) if g is None]
@@ -209,7 +230,15 @@ class MultiCameraTracker:
                 self._assign_new(frame_index, cid, boxes, new, gids, positions, clear[cid])
                 for i in new:
                     bound = self._bindings[cid][boxes[i].track_id]
-                    self._observe(frame_index, cid, boxes[i], bound, detections[cid], clear[cid][i])
+                    self._observe(
+                        frame_index,
+                        cid,
+                        boxes[i],
+                        bound,
+                        detections[cid],
+                        clear[cid][i],
+                        positions[cid][i],
+                    )
         # Pass 3: young tracks with a new id try the gallery again with an unoccluded look.
         if self.settings.rematch_frames > 0:
             for cid, boxes in tracked.items():
@@ -242,6 +271,7 @@ class MultiCameraTracker:
         bound: _Binding,
         detections: Sequence[Detection],
         unoccluded: bool,
+        position: tuple[float, float] | None,
     ) -> None:
         """A sighting; the look is folded in every ``refresh_interval_frames`` frames, or at
         once while the id has none, and never from an occluded box."""
@@ -256,6 +286,7 @@ class MultiCameraTracker:
             frame_index,
             embedding=detections[box.detection_index].embedding if refresh and unoccluded else None,
             exit_targets=exit_targets(box.bbox_xyxy, spec.frame_size, spec.handoff_rules),
+            map_xy=position,
         )
 
     def _with_embeddings(
@@ -312,9 +343,22 @@ class MultiCameraTracker:
         if seen and mine:
             cand = list(seen)
             dist = np.array([[math.dist(p, seen[g]) for g in cand] for _, p in mine])
-            rows, cols = linear_sum_assignment(dist)
+            # Looks break ties between people standing close together, and veto a stranger.
+            unlike = np.zeros_like(dist)
+            for r, (i, _) in enumerate(mine):
+                look = boxes[i].embedding if unoccluded[i] else None
+                for c, g in enumerate(cand):
+                    known = self.gallery.entry(g).embedding if g in self.gallery else None
+                    if look is not None and known is not None and known.shape == look.shape:
+                        sim = float(normalise(look) @ known)
+                        unlike[r, c] = 1.0 - sim
+                        if sim < self.settings.map_match_min_similarity:
+                            dist[r, c] = math.inf
+            radius = self.settings.map_match_radius
+            cost = np.where(np.isfinite(dist), dist / radius + unlike, 1e6)
+            rows, cols = linear_sum_assignment(cost)
             for r, c in zip(rows, cols, strict=True):
-                if dist[r, c] <= self.settings.map_match_radius:
+                if dist[r, c] <= radius:
                     chosen[mine[r][0]] = cand[c]
         # (b) Appearance, under the hand-off rules, from unoccluded looks only.
         rest = [i for i in new if i not in chosen]
@@ -325,6 +369,7 @@ class MultiCameraTracker:
             [boxes[i].embedding if unoccluded[i] else None for i in rest],
             exclude=taken,
             exclude_each=[self._elsewhere(cid, positions[cid][i], gids, positions) for i in rest],
+            positions=[positions[cid][i] for i in rest],
         )
         for i, m in zip(rest, matches, strict=True):
             if m is not None:
@@ -335,10 +380,20 @@ class MultiCameraTracker:
             if gid is None:
                 look = boxes[i].embedding if unoccluded[i] else None
                 gid = self.gallery.new_identity(cid, frame_index, look)
+            else:
+                self._release(cid, gid)
             gids[cid][i] = gid
             self._bindings[cid][boxes[i].track_id] = _Binding(
                 gid, frame_index, fresh=i not in chosen
             )
+
+    def _release(self, cid: str, global_id: str) -> None:
+        """A new track of camera ``cid`` takes ``global_id``: a lost track of the camera that
+        held it is that person's old track, and goes (one track per id in a camera)."""
+        bindings = self._bindings[cid]
+        for lost in [t for t, b in bindings.items() if b.global_id == global_id]:
+            self._trackers[cid].drop(lost)
+            del bindings[lost]
 
     def _elsewhere(
         self,
@@ -380,7 +435,11 @@ class MultiCameraTracker:
                 continue
             if frame_index - bound.first_frame > window:
                 bound.fresh, bound.look_sum = False, None
+                bound.apart.clear()
                 continue
+            bound.apart |= self._elsewhere(cid, positions[cid][i], gids, positions)
+            # Seen beside this track by this very camera: someone else.
+            bound.apart.update(g for k, g in enumerate(gids[cid]) if g is not None and k != i)
             if not unoccluded[i] or look is None:
                 continue
             look = normalise(look)
@@ -396,23 +455,24 @@ class MultiCameraTracker:
         for bindings in self._bindings.values():
             for b in bindings.values():
                 holders[b.global_id] = holders.get(b.global_id, 0) + 1
-        # Not the ids of this camera's live tracks, lost ones too: one may come back (a new
-        # track may still take such an id in pass 2, a person back after a miss; on the noisy
-        # tuning seeds barring those there cost 10 points of global IDF1, here it gained 7).
-        held_here = {b.global_id for b in self._bindings[cid].values()}
+        # Not the ids of this camera's tracks seen this frame. An id a lost track of this
+        # camera holds may be taken: the person came back as a new track (the lost one is
+        # dropped, so one track holds the id).
+        held_here = {g for g in gids[cid] if g is not None}
         matches = self.gallery.match(
             cid,
             frame_index,
             [look for _, _, look in todo],
             exclude=held_here,
-            exclude_each=[
-                self._elsewhere(cid, positions[cid][i], gids, positions) for i, _, _ in todo
-            ],
+            exclude_each=[bound.apart for _, bound, _ in todo],
+            positions=[positions[cid][i] for i, _, _ in todo],
         )
         for (i, bound, _), m in zip(todo, matches, strict=True):
             if m is None or holders.get(bound.global_id, 0) > 1:
                 continue
             self.gallery.forget(bound.global_id)
+            self._release(cid, m[0])
             bound.global_id, bound.fresh, bound.look_sum = m[0], False, None
+            bound.apart.clear()
             gids[cid][i] = m[0]
             held_here.add(m[0])
