@@ -8,17 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeway.common.testing import ServiceProcess, free_port
-from edgeway.gateway.tokens import mint_with_secret
+from edgeway.common.testing import TEST_SECRET, ServiceProcess, free_port, make_token
 from edgeway.occupancy.settings import OMEGA_PLACES
 
-SECRET = "e2e-test-secret-that-is-long-enough-for-hs256"
 CAMERAS = OMEGA_PLACES  # the seed the occupancy service starts with
-
-
-def token(*scopes: str, device: list[str] | None = None, vin: list[str] | None = None) -> str:
-    """A token for these tests; a producer's names the devices or vehicles it produces for."""
-    return mint_with_secret(SECRET, *scopes, subject="e2e", ttl=3600, device=device, vin=vin)
 
 
 def frame(
@@ -66,7 +59,7 @@ class Stack:
     def __post_init__(self) -> None:
         common = {
             "EDGEWAY_AMQP_URL": self.amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
+            "EDGEWAY_JWT_SECRET": TEST_SECRET,
             "EDGEWAY_OCCUPANCY_DATABASE_URL": self.database_url,
             "EDGEWAY_PRODUCER_RATE": "5000",
             "EDGEWAY_PRODUCER_BURST": "5000",
@@ -158,8 +151,8 @@ class Stack:
         (`&device=`)."""
         url = self.gateway.url.replace("http", "ws") + path
         if device is None:
-            return f"{url}?token={token(*scopes)}"
-        return f"{url}?token={token(*scopes, device=[device])}&device={device}"
+            return f"{url}?token={make_token(*scopes)}"
+        return f"{url}?token={make_token(*scopes, device=[device])}&device={device}"
 
     @property
     def model_url(self) -> str:

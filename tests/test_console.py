@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeway.common.testing import make_token
 from edgeway.gateway.settings import DEVELOPMENT_SECRET
-from edgeway.gateway.tokens import mint_with_secret
 from tests.test_readme_walk import Stack, stack  # noqa: F401 - the shared devstack fixture
 
 # The stack starts (up to 240 s on a busy machine) and the browser runs (up to 240 s) in setup.
@@ -57,8 +57,8 @@ def report(stack: Stack) -> dict[str, Any]:  # noqa: F811 - the imported fixture
     browser_ready()
     url = console_url(stack.banner)
     # A token for telemetry only: the occupancy page must refuse it and show no data.
-    limited = mint_with_secret(
-        DEVELOPMENT_SECRET, "telemetry:subscribe", subject="console-limited", ttl=86_400
+    limited = make_token(
+        "telemetry:subscribe", subject="console-limited", secret=DEVELOPMENT_SECRET
     )
     result = subprocess.run(
         ["node", str(WEB / "tests" / "console.browser.mjs")],
@@ -102,7 +102,7 @@ def test_the_gateway_serves_the_console(stack: Stack) -> None:  # noqa: F811
 
 
 def test_occupancy_history_through_the_gateway(stack: Stack) -> None:  # noqa: F811
-    token = mint_with_secret(DEVELOPMENT_SECRET, "occupancy:subscribe", subject="t", ttl=86_400)
+    token = make_token("occupancy:subscribe", secret=DEVELOPMENT_SECRET)
     headers = {"Authorization": f"Bearer {token}"}
     url = f"{stack.gateway}/api/v1/occupancy/history"
     answer = httpx.get(url, params={"seconds": 3600, "bucket_s": 10}, headers=headers, timeout=10)
@@ -118,9 +118,7 @@ def test_occupancy_history_through_the_gateway(stack: Stack) -> None:  # noqa: F
         )
     refused = httpx.get(url, params={"bucket_s": 0}, headers=headers, timeout=10)
     assert refused.status_code == 422
-    telemetry_only = mint_with_secret(
-        DEVELOPMENT_SECRET, "telemetry:subscribe", subject="t", ttl=60
-    )
+    telemetry_only = make_token("telemetry:subscribe", ttl=60, secret=DEVELOPMENT_SECRET)
     forbidden = httpx.get(url, headers={"Authorization": f"Bearer {telemetry_only}"}, timeout=10)
     assert forbidden.status_code == 403
 

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
+from edgeway.common.rtsp.credentials import CredentialCipher
 from edgeway.gateway.auth import Scope
 from edgeway.gateway.settings import DEVELOPMENT_SECRET, GatewaySettings
-from edgeway.ingestion.credentials import CredentialCipher
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "deploy" / "compose" / "compose.yaml"
@@ -140,7 +140,7 @@ def test_compose_every_service_has_a_healthcheck() -> None:
         ("telemetry", {"rabbitmq", "postgres"}),
         ("video-relay", {"rabbitmq"}),
         ("ingestion", {"rabbitmq", "postgres", "minio"}),
-        ("tracker", {"rabbitmq", "postgres"}),
+        ("tracker", {"rabbitmq", "postgres", "minio"}),
     ],
 )
 def test_compose_services_wait_for_healthy_dependencies(service: str, needs: set[str]) -> None:

@@ -51,19 +51,20 @@ from edgeway.common.schemas.ingest import (
 )
 from edgeway.common.testing import (
     POSTGRES_ADMIN_URL,
+    bearer,
     create_postgres_database,
     create_vhost,
     drop_postgres_database,
     drop_vhost,
+    make_token,
 )
 from edgeway.common.testing.listener import RecordingListener
 from edgeway.common.testing.processes import free_port
 from edgeway.common.testing.rtsp import RtspServer
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 from edgeway.common.topology import Topology
-from edgeway.gateway.tokens import mint_with_secret
-from edgeway.ingestion.jobs import CAPTURE_FAILED
-from tests.stack import SECRET, Stack, token
+from edgeway.ingestion.domain import CAPTURE_FAILED
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]
 
@@ -77,21 +78,13 @@ PER_CALLER = 2
 LEASE_S = 1.5
 RTSP_USER, RTSP_PASSWORD = "operator", "s3cret-pa55"
 FINAL = {"completed", "failed", "cancelled"}
-WRITER = {"Authorization": f"Bearer {token('ingest:write', 'ingest:read')}"}
-READER = {"Authorization": f"Bearer {token('ingest:read')}"}
-# Subjects: WRITER and READER are "e2e"; the tests of ownership and caps use others.
+WRITER = bearer("ingest:write", "ingest:read")
+READER = bearer("ingest:read")
+# Subjects: WRITER and READER are "test" (make_token's); ownership and caps tests use others.
 WRITE_READ = ("ingest:write", "ingest:read")
 
 
-def as_subject(subject: str, *scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject=subject, ttl=3600)
-
-
-def bearer(subject: str, *scopes: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {as_subject(subject, *scopes)}"}
-
-
-OPERATOR = bearer("operator", *WRITE_READ, "ingest:admin")
+OPERATOR = bearer(*WRITE_READ, "ingest:admin", subject="operator")
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -557,7 +550,7 @@ def add_capture_with_frames(stack: Stack, request_id: str, count: int) -> list[s
         connection.execute(
             "INSERT INTO ingestion_requests (id, camera_id, source_type, status, requester,"
             " capture_mode, frames_stored, files_rejected, created_at, updated_at, completed_at)"
-            " VALUES (%s, 'many-cam', 'rtsp', 'completed', 'e2e', 'continuous', %s, 0,"
+            " VALUES (%s, 'many-cam', 'rtsp', 'completed', 'test', 'continuous', %s, 0,"
             " %s, %s, %s)",
             (request_id, count, now, now, now),
         )
@@ -799,10 +792,14 @@ def test_the_stream_cap_refuses_with_a_reason_and_cancel_frees_a_slot(
     stack: Stack, camera: RtspServer
 ) -> None:
     # One caller each: the per-caller cap is not what this fills.
-    callers = [bearer(f"camera-operator-{index}", *WRITE_READ) for index in range(STREAM_CAP)]
+    callers = [
+        bearer(*WRITE_READ, subject=f"camera-operator-{index}") for index in range(STREAM_CAP)
+    ]
     running = [capture(stack, camera.url("static"), headers=headers, **LONG) for headers in callers]
     assert [response.status_code for response in running] == [202] * STREAM_CAP
-    over = capture(stack, camera.url("static"), headers=bearer("latecomer", *WRITE_READ), **LONG)
+    over = capture(
+        stack, camera.url("static"), headers=bearer(*WRITE_READ, subject="latecomer"), **LONG
+    )
     assert over.status_code == 429
     assert over.json()["error"] == "stream_limit"
     assert f"limit is {STREAM_CAP}" in over.json()["message"]
@@ -827,7 +824,7 @@ def test_the_stream_cap_refuses_with_a_reason_and_cancel_frees_a_slot(
 
 
 def test_one_caller_cannot_take_every_stream(stack: Stack, camera: RtspServer) -> None:
-    greedy, other = bearer("greedy", *WRITE_READ), bearer("patient", *WRITE_READ)
+    greedy, other = bearer(*WRITE_READ, subject="greedy"), bearer(*WRITE_READ, subject="patient")
     mine = [capture(stack, camera.url("static"), headers=greedy, **LONG) for _ in range(PER_CALLER)]
     assert [response.status_code for response in mine] == [202] * PER_CALLER
     refused = capture(stack, camera.url("static"), headers=greedy, **LONG)
@@ -891,7 +888,7 @@ def test_a_failed_capture_says_the_same_whether_the_port_was_open_or_closed(
 def test_another_callers_requests_do_not_exist_for_it_but_an_operator_sees_them(
     stack: Stack, camera: RtspServer
 ) -> None:
-    alice, bob = bearer("alice", *WRITE_READ), bearer("bob", *WRITE_READ)
+    alice, bob = bearer(*WRITE_READ, subject="alice"), bearer(*WRITE_READ, subject="bob")
     uploaded = upload(stack, [("a.jpg", jpeg())], headers=alice)
     started = capture(stack, camera.url("static"), headers=alice, **LONG)
     assert (uploaded.status_code, started.status_code) == (202, 202)
@@ -923,12 +920,12 @@ async def test_the_progress_socket_of_another_callers_request_tells_nothing(
     stack: Stack,
 ) -> None:
     response = await asyncio.to_thread(
-        upload, stack, [("a.jpg", jpeg())], headers=bearer("alice", *WRITE_READ)
+        upload, stack, [("a.jpg", jpeg())], headers=bearer(*WRITE_READ, subject="alice")
     )
     request_id = response.json()["request_id"]
     base = stack.gateway.url.replace("http", "ws") + f"/ws/ingest/{request_id}?token="
 
-    async with websockets.connect(base + as_subject("bob", "ingest:read")) as ws:
+    async with websockets.connect(base + make_token("ingest:read", subject="bob")) as ws:
         refused = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert (refused["type"], refused["code"]) == ("error", "not_found")
         with pytest.raises(websockets.ConnectionClosed):
@@ -936,7 +933,7 @@ async def test_the_progress_socket_of_another_callers_request_tells_nothing(
     assert ws.close_code == 1008
 
     for subject, scopes in (("alice", ["ingest:read"]), ("ops", ["ingest:read", "ingest:admin"])):
-        async with websockets.connect(base + as_subject(subject, *scopes)) as ws:
+        async with websockets.connect(base + make_token(*scopes, subject=subject)) as ws:
             first = json.loads(await asyncio.wait_for(ws.recv(), 5))
             assert (first["type"], first["request_id"]) == ("ingest_status", request_id)
 
@@ -1061,7 +1058,7 @@ async def test_a_database_outage_longer_than_the_delivery_limit_loses_no_file(
         files = {str(uuid.uuid4()): (f"{name}.jpg", jpeg(noise=True)) for name in ("a", "b", "c")}
         opened = CreateUpload(
             request_id=request_id,
-            caller=Caller(subject="e2e"),
+            caller=Caller(subject="test"),
             camera_id="outage-cam",
             files=[
                 AcceptedFile(file_id=file_id, filename=name, size_bytes=len(data))

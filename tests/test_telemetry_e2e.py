@@ -32,14 +32,16 @@ from edgeway.common.telemetry.predictor import FIELDS, PredictorConfig, Sample
 from edgeway.common.testing import (
     POSTGRES_ADMIN_URL,
     ServiceProcess,
+    bearer,
     create_postgres_database,
     drop_postgres_database,
     free_port,
+    make_token,
 )
 from edgeway.edge.pacing import Backoff
 from edgeway.edge.telemetry_logger import TelemetryLogger
 from edgeway.edge.traces import city, highway
-from tests.stack import Stack, token
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]
 
@@ -106,7 +108,7 @@ def logger(
     return TelemetryLogger(
         vin,
         stack.gateway.url,
-        token("telemetry:publish", vin=[vin]),
+        make_token("telemetry:publish", vin=[vin]),
         samples,
         tmp_path / f"outbox-{vin}.sqlite",
         period_s=options.pop("period_s", 0.01),
@@ -199,11 +201,7 @@ async def test_a_logger_streams_to_the_database_and_every_dashboard(
         within_band(record, sample, PredictorConfig())
 
     async with httpx.AsyncClient(base_url=stack.gateway.url) as http:
-        status = (
-            await http.get(
-                "/status", headers={"Authorization": f"Bearer {token('telemetry:subscribe')}"}
-            )
-        ).json()
+        status = (await http.get("/status", headers=bearer("telemetry:subscribe"))).json()
     assert set(status) == STATUS_KEYS
     assert status["total_records"] == 40
     assert [d["timestamp"] for d in status["latest"]] == [s.timestamp_ms for s in samples[-10:]]
@@ -317,7 +315,7 @@ async def test_bad_uploads_get_their_status_codes_and_store_nothing(
     stack: Stack, telemetry_database: str
 ) -> None:
     unregistered = "5YJ3E1EA1KF999999"
-    publisher = token("telemetry:publish", vin=[SEED_VIN, unregistered])
+    publisher = make_token("telemetry:publish", vin=[SEED_VIN, unregistered])
     publish = {"Authorization": f"Bearer {publisher}"}
     sample = take(highway(1, start_ms=now_ms()), 1)[0]
     good = wire.encode_sample(sample)
@@ -376,7 +374,7 @@ async def test_a_telemetry_outage_is_unavailable_to_uploads_never_unknown(
     aside. Only the service's answer, once it can give one, makes a vehicle unknown."""
     assert stack.telemetry is not None
     unregistered = "5YJ3E1EA1KF999999"
-    publisher = token("telemetry:publish", vin=[SEED_VIN, unregistered])
+    publisher = make_token("telemetry:publish", vin=[SEED_VIN, unregistered])
     readings = iter(take(highway(13, start_ms=now_ms() - 60_000, period_ms=100), 20))
     sent: list[int] = []
 
@@ -438,8 +436,8 @@ async def test_vehicles_are_registered_and_retired_through_the_gateway(
     retired one within its cache time (1 s here); what was stored for a retired vehicle stays,
     and registering it again reactivates the same vehicle."""
     new_vin = "1HGCM82633A004352"
-    admin = {"Authorization": f"Bearer {token('telemetry:admin')}"}
-    vehicle = {"Authorization": f"Bearer {token('telemetry:publish', vin=[new_vin])}"}
+    admin = bearer("telemetry:admin")
+    vehicle = bearer("telemetry:publish", vin=[new_vin])
     other = ServiceProcess(
         "edgeway.gateway",
         env={
@@ -467,7 +465,7 @@ async def test_vehicles_are_registered_and_retired_through_the_gateway(
             listed = await first.get("/api/v1/vehicles", headers=admin)
             assert (listed.status_code, listed.json()) == (200, {"vehicles": VEHICLES})
             assert (await first.get("/api/v1/vehicles")).status_code == 401
-            operator = {"Authorization": f"Bearer {token('telemetry:control')}"}
+            operator = bearer("telemetry:control")
             denied = await first.post("/api/v1/vehicles", json={"vin": new_vin}, headers=operator)
             assert denied.status_code == 403
             assert await upload(second) == 422  # not registered yet
@@ -554,7 +552,7 @@ async def test_logger_control_needs_its_scope_and_reaches_the_logger(
     samples = take(highway(5, start_ms=now_ms(), period_ms=50), 100_000)
     vehicle = logger(stack, SEED_VIN, samples, tmp_path, period_s=0.05)
     running = asyncio.create_task(vehicle.run())
-    operator = {"Authorization": f"Bearer {token('telemetry:control')}"}
+    operator = bearer("telemetry:control")
     try:
         async with (
             websockets.connect(stack.ws("/ws", "telemetry:subscribe")) as dashboard,
@@ -562,7 +560,8 @@ async def test_logger_control_needs_its_scope_and_reaches_the_logger(
         ):
             await eventually(lambda: stack_has_logger(stack))
             refused = await http.post(
-                "/logger/stop", headers={"Authorization": f"Bearer {token('telemetry:publish')}"}
+                "/logger/stop",
+                headers=bearer("telemetry:publish"),
             )
             assert refused.status_code == 403
             assert (await http.post("/stop_script", headers=operator)).status_code == 202

@@ -5,8 +5,8 @@ gateway, a batch task whose `/ws/tracking/{task_id}` gives SpotOn's tracking upd
 ids and map positions to COMPLETED, edge devices' boxes tracked live across two overlapping
 cameras, a live phone's video (the simulated phone through the video relay; JPEGs on
 `/ws/phone`) detected and tracked beside an edge camera, a batch task's videos served (with
-Range) after it ended, stored tracks as JSON and MOTChallenge text, and clear refusals that
-store nothing.
+Range) after it ended, or by a redirect to a presigned URL when they are kept in S3, stored
+tracks as JSON and MOTChallenge text, and clear refusals that store nothing.
 (The worker killed mid-task and the stop within a second: services/tracker/tests/test_flow.py.)
 """
 
@@ -31,16 +31,22 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from edgeway.common.schemas.tracking import MAX_MEDIA_CHUNK
-from edgeway.common.testing import create_postgres_database, drop_postgres_database
+from edgeway.common.testing import (
+    bearer,
+    create_postgres_database,
+    drop_postgres_database,
+    make_token,
+)
+from edgeway.common.testing.s3 import S3Server
 from edgeway.edge.phone.media import VideoLoop
 from edgeway.edge.phone.simulator import Phone
 from edgeway.tracker.scenes import Scene, demo_environment, demo_scene, write_video
-from tests.stack import Stack, token
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]
 
-ADMIN = {"Authorization": f"Bearer {token('tracking:admin', 'tracking:read')}"}
-SUBSCRIBER = token("tracking:subscribe")
+ADMIN = bearer("tracking:admin", "tracking:read")
+SUBSCRIBER = make_token("tracking:subscribe")
 FRAMES = 16
 
 
@@ -300,7 +306,7 @@ async def test_edge_detections_are_tracked_live_across_overlapping_cameras(
     device = (
         stack.gateway.url.replace("http", "ws")
         + "/ws/detections?token="
-        + token("tracking:publish", device=["live/c01", "live/c02", "live/c09", "nowhere/c01"])
+        + make_token("tracking:publish", device=["live/c01", "live/c02", "live/c09", "nowhere/c01"])
     )
     async with (
         websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as viewer,
@@ -453,7 +459,7 @@ async def test_a_live_task_tracks_the_simulated_phones_video_through_the_relay(
     )
     video = VideoLoop.encode(320, 180, 15, seconds=1.0, gop_s=0.5, bitrate=300_000)
     phone = Phone(
-        stack.gateway.url, device, token("video:publish", device=[device]), video, imu_hz=0
+        stack.gateway.url, device, make_token("video:publish", device=[device]), video, imu_hz=0
     )
     async with websockets.connect(
         stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")
@@ -495,7 +501,7 @@ async def test_a_phones_frames_are_tracked_beside_an_edge_camera(
     edge_url = (
         stack.gateway.url.replace("http", "ws")
         + "/ws/detections?token="
-        + token("tracking:publish", device=["mixed/c02"])
+        + make_token("tracking:publish", device=["mixed/c02"])
     )
     async with (
         websockets.connect(stack.ws(f"/ws/tracking/{task_id}", "tracking:subscribe")) as viewer,
@@ -617,3 +623,58 @@ async def test_a_batch_tasks_videos_are_served_with_ranges_after_it_ended(
     await put_video(api, "media", noise_video(tmp_path / "second.mp4", 5, seed=2))
     again = await api.get(url)
     assert (again.status_code, again.content) == (200, data)
+
+
+@pytest.fixture
+def s3_stack(
+    amqp_url: str, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A second stack whose tracker keeps its videos in a bucket of moto's S3 server."""
+    occupancy_db = create_postgres_database()
+    tracker_db = create_postgres_database("edgeway_tracker")
+    stack = Stack(
+        amqp_url,
+        occupancy_db,
+        tmp_path_factory.mktemp("tracking-s3-stack"),
+        tracker_env={
+            "EDGEWAY_TRACKER_DATABASE_URL": tracker_db,
+            **s3_server.env,
+            "EDGEWAY_STORAGE_BUCKET": f"tracker-{uuid.uuid4().hex[:12]}",
+        },
+    ).start()
+    yield stack
+    stack.stop()
+    drop_postgres_database(tracker_db)
+    drop_postgres_database(occupancy_db)
+
+
+async def test_an_s3_stores_videos_are_served_by_a_redirect_to_a_presigned_url(
+    s3_stack: Stack, s3_server: S3Server, tmp_path: Path
+) -> None:
+    data = noise_video(tmp_path / "s3.mp4", 8, seed=3)
+    async with httpx.AsyncClient(base_url=s3_stack.gateway.url, headers=ADMIN, timeout=30) as api:
+        camera = {"camera_id": "c01", "width": 320, "height": 240, "source": {"kind": "file"}}
+        body = {"environment_id": "media-s3", "name": "Media on S3", "cameras": [camera]}
+        assert (await api.post("/api/v1/environments", json=body)).status_code == 201
+        video_id = await put_video(api, "media-s3", data)
+        started = await api.post(
+            "/api/v1/processing-tasks/start", json={"environment_id": "media-s3"}
+        )
+        task_id = started.json()["task_id"]
+        path = f"/ws/tracking/{task_id}"
+        async with websockets.connect(s3_stack.ws(path, "tracking:subscribe")) as ws:
+            messages = await messages_until(ws, "batch_processing_complete")
+        assert sum(m["type"] == "tracking_update" for m in messages) == 8
+        url = (
+            f"/api/v1/media/tasks/{task_id}/environments/media-s3/cameras/c01/"
+            f"sub_videos/{video_id}.mp4"
+        )
+        moved = await api.get(url)
+        assert moved.status_code == 307, moved.text
+        location = moved.headers["location"]
+        assert location.startswith(f"http://{s3_server.endpoint}/tracker-")
+    async with httpx.AsyncClient(timeout=30) as anyone:  # the signature is the permission
+        whole = await anyone.get(location)
+        assert (whole.status_code, whole.content) == (200, data)
+        part = await anyone.get(location, headers={"Range": "bytes=10-29"})
+        assert (part.status_code, part.content) == (206, data[10:30])

@@ -22,10 +22,11 @@ import httpx
 import pytest
 import websockets
 
+from edgeway.common.testing import bearer
 from edgeway.common.topology import Topology
 from edgeway.edge.phone.media import frame_number, imu_samples, synthetic_stream
 from edgeway.edge.phone.wire import Chunking, stream_to
-from tests.stack import Stack, token
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.connected, pytest.mark.slow]
 
@@ -110,7 +111,7 @@ async def wait_for_consumers(stack: Stack, count: int) -> None:
             health = (
                 await http.get(
                     "/health/video",
-                    headers={"Authorization": f"Bearer {token('video:subscribe')}"},
+                    headers=bearer("video:subscribe"),
                 )
             ).json()
             if health["active_consumers"] >= count:

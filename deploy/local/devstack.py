@@ -512,7 +512,7 @@ Omega producers and clients; every endpoint also takes a token).
                   and {phone_environment}, the phone's relayed frames: the README starts a live task on it
   web console     {gw}/#token={console}
   operator token  export EDGEWAY_OPERATOR={operator}
-  API docs        {gw}/docs
+  API docs        {gw}/docs   (AsyncAPI: {gw}/docs/asyncapi)
   gateway         {gw}/readyz   {gw}/metrics
   occupancy       http://127.0.0.1:{OCCUPANCY_PORT}/readyz   http://127.0.0.1:{OCCUPANCY_PORT}/metrics
   telemetry       http://127.0.0.1:{TELEMETRY_PORT}/readyz   http://127.0.0.1:{TELEMETRY_PORT}/metrics

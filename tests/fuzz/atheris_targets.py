@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["edgeway"]):
     from edgeway.common.telemetry.predictor import PREDICTOR_VERSION, Packet, Sample
     from edgeway.common.telemetry.wire import encode_batch, encode_packet, encode_sample
     from edgeway.common.video.packets import PacketType, VideoPacket
-    from edgeway.gateway.multipart import UploadLimits
+    from edgeway.gateway.ingest.multipart import UploadLimits
     from tests.fuzz import oracles
     from tests.fuzz.strategies import b64url
 

@@ -21,11 +21,11 @@ from edgeway.common.testing import (
     create_vhost,
     drop_postgres_database,
     drop_vhost,
+    make_token,
 )
 from edgeway.gateway.auth import Scope
-from edgeway.gateway.tokens import mint_with_secret
 from tests.fuzz.harness import TALLIES, GatewayWatch, budget
-from tests.stack import SECRET, Stack
+from tests.stack import Stack
 
 # The fuzz tokens' subject: a VIN that is also a device id, so a token bound by its subject
 # (no `device` or `vin` claim) produces for this phone and this vehicle.
@@ -71,7 +71,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def token(*scopes: str, subject: str = PRODUCER) -> str:
-    return mint_with_secret(SECRET, *scopes, subject=subject, ttl=3 * 3600)
+    return make_token(*scopes, subject=subject)
 
 
 ALL_SCOPES = tuple(scope.value for scope in Scope)

@@ -29,9 +29,9 @@ from edgeway.common.telemetry.wire import (
 )
 from edgeway.common.video.packets import MAX_PACKET_BYTES, PacketParser, PacketType
 from edgeway.gateway.auth import AuthError, Principal, Verifier
-from edgeway.gateway.multipart import FormError, ParsedForm, UploadLimits, read_form
+from edgeway.gateway.ingest.multipart import FormError, ParsedForm, UploadLimits, read_form
 from edgeway.gateway.settings import GatewaySettings
-from edgeway.gateway.video import parse_gop
+from edgeway.gateway.video.consumers import parse_gop
 
 RANGES = {
     "odometer": (0.0, 2_000_000.0),

@@ -21,10 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgeway.common.telemetry.uploads import PROTOBUF
+from edgeway.common.testing import TEST_SECRET
 from tests.fuzz.conftest import FuzzStack
 from tests.fuzz.harness import fuzz_settings, tally
 from tests.fuzz.strategies import FuzzToken, jwt_tokens
-from tests.stack import SECRET
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.connected]
 
@@ -98,7 +98,7 @@ def test_fuzzed_tokens_get_401_or_403_never_5xx(fuzz_stack: FuzzStack) -> None:
     watch.new_crashes()
 
     @fuzz_settings(record.target, 2.0)
-    @given(jwt_tokens(secret=SECRET), st.booleans())
+    @given(jwt_tokens(secret=TEST_SECRET), st.booleans())
     def run(token: FuzzToken, in_header: bool) -> None:
         with record.case(token):
             header = in_header and token.text.isascii() and token.text.isprintable()

@@ -34,11 +34,11 @@ from schemathesis.schemas import APIOperation
 from edgeway.common.schemas.ingest import RtspIngestionRequest
 from edgeway.common.settings import Environment
 from edgeway.common.telemetry.uploads import PROTOBUF
+from edgeway.common.testing import TEST_SECRET
 from edgeway.gateway.app import create_app
 from edgeway.gateway.settings import GatewaySettings
 from tests.fuzz.conftest import FuzzStack
 from tests.fuzz.harness import Tally, examples, tally
-from tests.stack import SECRET
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.connected]
 
@@ -99,7 +99,7 @@ def with_bodies(document: dict[str, Any]) -> dict[str, Any]:
 def app_document() -> dict[str, Any]:
     """The OpenAPI document of the gateway app as `python -m edgeway.gateway` builds it, in
     development (as the fuzz stack runs it), built in this process without serving it."""
-    settings = GatewaySettings(jwt_secret=SECRET, environment=Environment.DEVELOPMENT)
+    settings = GatewaySettings(jwt_secret=TEST_SECRET, environment=Environment.DEVELOPMENT)
     return create_app(settings).openapi()
 
 

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgeway.gateway.auth import Verifier
-from edgeway.gateway.multipart import UploadLimits
+from edgeway.gateway.ingest.multipart import UploadLimits
 from tests.fuzz import oracles
 from tests.fuzz.harness import fuzz_settings, tally
 from tests.fuzz.oracles import Form

@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
+from edgeway.common.testing import TEST_SECRET
 from tests.fuzz.conftest import LIMITS, PRODUCER, FuzzStack, token
 from tests.fuzz.harness import Tally, fuzz_settings, tally
 from tests.fuzz.strategies import (
@@ -47,7 +48,6 @@ from tests.fuzz.strategies import (
     video_packets,
     video_streams,
 )
-from tests.stack import SECRET
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.connected]
 
@@ -497,7 +497,7 @@ def handshakes(draw: st.DrawFn) -> Handshake:
     if route == "/ws/ingest/{request_id}" and value is None:
         value = REQUEST_ID
     credential = draw(st.sampled_from(["all", "none", "scope-less", "fuzzed", "fuzzed"]))
-    fuzzed = draw(jwt_tokens(secret=SECRET)) if credential == "fuzzed" else None
+    fuzzed = draw(jwt_tokens(secret=TEST_SECRET)) if credential == "fuzzed" else None
     return Handshake(route, value, credential, fuzzed, draw(st.booleans()))
 
 

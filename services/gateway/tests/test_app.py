@@ -9,7 +9,7 @@ process (connected: it reaches a private RabbitMQ virtual host).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,24 +17,23 @@ import pytest
 import websockets
 
 from edgeway.common.settings import Environment
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    TEST_SECRET,
+    ServiceProcess,
+    bearer,
+    gateway_fixture,
+)
 from edgeway.gateway.app import create_app
-from edgeway.gateway.ingest import error_response
+from edgeway.gateway.ingest.api import seed_error
 from edgeway.gateway.settings import GatewaySettings
-from edgeway.gateway.tokens import mint_with_secret
 
-SECRET = "app-test-secret-that-is-long-enough-for-hs256"
 ERROR_KEYS = {"type", "code", "reason", "fix", "details"}
 SEED_INGEST_KEYS = {"error", "message", "details", "request_id", "timestamp"}
 
 
-def token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="app-test", ttl=86_400)
-
-
 def settings(**overrides: Any) -> GatewaySettings:
     return GatewaySettings(
-        jwt_secret=SECRET, environment=Environment.DEVELOPMENT, metrics_port=None, **overrides
+        jwt_secret=TEST_SECRET, environment=Environment.DEVELOPMENT, metrics_port=None, **overrides
     )
 
 
@@ -82,7 +81,7 @@ async def test_refused_tokens_are_the_error_object(http: httpx.AsyncClient) -> N
     body = error_of(missing, 401, "unauthorized")
     assert missing.headers["www-authenticate"] == "Bearer"
     assert "edgeway-token" in body["reason"]
-    wrong_scope = {"Authorization": f"Bearer {token('video:subscribe')}"}
+    wrong_scope = bearer("video:subscribe")
     body = error_of(await http.get("/model/count", headers=wrong_scope), 403, "forbidden")
     assert body["reason"] == "the token lacks scope occupancy:subscribe"
 
@@ -90,7 +89,7 @@ async def test_refused_tokens_are_the_error_object(http: httpx.AsyncClient) -> N
 async def test_before_the_broker_is_reached_routes_answer_503_with_retry_after(
     http: httpx.AsyncClient,
 ) -> None:
-    headers = {"Authorization": f"Bearer {token('occupancy:subscribe')}"}
+    headers = bearer("occupancy:subscribe")
     response = await http.get("/model/count", headers=headers)
     body = error_of(response, 503, "unavailable")
     assert response.headers["retry-after"] == "5"
@@ -99,9 +98,7 @@ async def test_before_the_broker_is_reached_routes_answer_503_with_retry_after(
 
 def test_ingestion_errors_keep_the_seed_fields_beside_the_error_object() -> None:
     """TrackShift's clients parse `error` and `message` (seed-systems.md §5)."""
-    response = error_response(
-        400, "invalid_camera_id", "camera_id must be ...", endpoint="/api/v1/ingest/upload"
-    )
+    response = seed_error(400, "invalid_camera_id", "camera_id must be ...")
     body = json.loads(bytes(response.body))
     assert set(body) == {"type", "code", "reason"} | SEED_INGEST_KEYS
     assert (body["type"], body["code"], body["reason"]) == (
@@ -126,16 +123,7 @@ async def test_without_documents_there_is_no_pointer_and_no_docs() -> None:
 # --- the real process ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={"EDGEWAY_AMQP_URL": amqp_url, "EDGEWAY_JWT_SECRET": SECRET, "EDGEWAY_DOCS": "true"},
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+gateway = gateway_fixture(EDGEWAY_DOCS="true")
 
 
 @pytest.mark.connected

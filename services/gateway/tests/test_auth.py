@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 
+from edgeway.common.testing import TEST_SECRET, make_token
+from edgeway.common.testing.gateway import AUDIENCE, ISSUER
 from edgeway.gateway.auth import AuthError, Identity, Scope, Verifier, authorize, check_origin
 from edgeway.gateway.settings import DEVELOPMENT_SECRET, GatewaySettings
 from edgeway.gateway.tokens import main as token_main
@@ -368,3 +370,17 @@ def test_parse_ttl() -> None:
     assert parse_ttl("15m") == 900
     assert parse_ttl("30d") == 30 * 86400
     assert parse_ttl("5y") == 5 * 365 * 86400  # was a traceback
+
+
+def test_the_tests_tokens_are_what_the_gateway_takes() -> None:
+    """`edgeway.common.testing.make_token` mints for the gateway's default audience and issuer,
+    with the claims that bind a producer."""
+    defaults = GatewaySettings.model_fields
+    assert (defaults["jwt_audience"].default, defaults["jwt_issuer"].default) == (AUDIENCE, ISSUER)
+    verifier = Verifier(settings(jwt_secret=TEST_SECRET))
+    phone = verifier.verify(make_token("video:publish", subject="p", device=["cam-a"]))
+    assert (phone.subject, phone.scopes) == ("p", frozenset({"video:publish"}))
+    assert phone.speaks_for(Identity.DEVICE, "cam-a")
+    assert not phone.speaks_for(Identity.DEVICE, "cam-b")
+    with pytest.raises(AuthError):
+        verifier.verify(make_token("video:publish", secret=SECRET))  # another gateway's secret

@@ -162,3 +162,25 @@ async def test_the_documents_load_only_local_assets(http: httpx.AsyncClient, pag
         assert response.status_code == 200, url
         assert len(response.content) > 1000, url
     assert '"/openapi.json"' in html or "'/openapi.json'" in html
+
+
+async def test_the_asyncapi_document_and_its_page_are_served(http: httpx.AsyncClient) -> None:
+    document = (await http.get("/docs/asyncapi.json")).json()
+    assert document["asyncapi"] == "3.0.0"
+    addresses = {channel["address"] for channel in document["channels"].values()}
+    assert {route.path for route in WEBSOCKET_ROUTES} <= addresses
+    assert SETTINGS.exchanges.broadcast in str(document["channels"])
+    page = await http.get("/docs/asyncapi")
+    assert page.headers["content-type"].startswith("text/html")
+    assert "/docs/asyncapi.json" in page.text
+    assert "http://" not in page.text
+    assert "https://" not in page.text
+    assert "/docs/asyncapi" in DOCUMENT["info"]["description"]
+
+
+async def test_no_document_is_served_where_docs_are_off() -> None:
+    app = create_app(SETTINGS.model_copy(update={"docs": False}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        for path in ("/docs", "/openapi.json", "/docs/asyncapi", "/docs/asyncapi.json"):
+            assert (await client.get(path)).status_code == 404, path

@@ -6,6 +6,7 @@ import asyncio
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from edgeway.gateway.fanout import (
     ClientQueue,
@@ -16,7 +17,10 @@ from edgeway.gateway.fanout import (
     _topic_regex,
     canonical,
 )
-from edgeway.gateway.metrics import DROPPED
+from edgeway.gateway.metrics import Metrics
+
+# The metrics these tests read, on a registry of their own.
+METRICS = Metrics.create(CollectorRegistry())
 
 
 class Recorder:
@@ -31,12 +35,14 @@ class Recorder:
 
 
 def dropped(endpoint: str, reason: str) -> float:
-    return DROPPED.labels(endpoint, reason)._value.get()
+    return METRICS.dropped.labels(endpoint, reason)._value.get()
 
 
 async def test_messages_reach_the_socket_in_order() -> None:
     recorder = Recorder()
-    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-order")
+    client = ClientQueue(
+        recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-order", metrics=METRICS
+    )
     writer = asyncio.create_task(client.run())
     for i in range(5):
         client.offer(str(i))
@@ -49,7 +55,9 @@ async def test_messages_reach_the_socket_in_order() -> None:
 async def test_a_stalled_client_loses_its_oldest_and_the_loss_is_counted() -> None:
     gate = asyncio.Event()
     recorder = Recorder(block=gate)
-    client = ClientQueue(recorder, size=3, policy=Policy.DROP_OLDEST, endpoint="t-drop")
+    client = ClientQueue(
+        recorder, size=3, policy=Policy.DROP_OLDEST, endpoint="t-drop", metrics=METRICS
+    )
     writer = asyncio.create_task(client.run())
     before = dropped("t-drop", "slow_client")
     client.offer("first")
@@ -67,7 +75,9 @@ async def test_a_stalled_client_loses_its_oldest_and_the_loss_is_counted() -> No
 
 async def test_a_client_on_a_reliable_channel_is_closed_when_it_overflows() -> None:
     gate = asyncio.Event()
-    client = ClientQueue(Recorder(block=gate), size=2, policy=Policy.CLOSE, endpoint="t-close")
+    client = ClientQueue(
+        Recorder(block=gate), size=2, policy=Policy.CLOSE, endpoint="t-close", metrics=METRICS
+    )
     writer = asyncio.create_task(client.run())
     client.offer("a")
     await asyncio.sleep(0.01)
@@ -105,9 +115,13 @@ async def test_hub_binds_a_pattern_once_and_unbinds_after_the_last_watcher() -> 
     async def unbind(pattern: str) -> None:
         calls.append(("unbind", pattern))
 
-    hub = Hub(bind=bind, unbind=unbind)
-    a = ClientQueue(Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-hub")
-    b = ClientQueue(Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-hub")
+    hub = Hub(bind=bind, unbind=unbind, metrics=METRICS)
+    a = ClientQueue(
+        Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-hub", metrics=METRICS
+    )
+    b = ClientQueue(
+        Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-hub", metrics=METRICS
+    )
     await asyncio.gather(hub.subscribe("x.*", a), hub.subscribe("x.*", b))
     assert calls == [("bind", "x.*")]
     assert hub.deliver("x.1", "m", kind="x") == 2
@@ -135,7 +149,12 @@ class Socket:
 async def test_a_client_that_keeps_up_is_written_to_at_once_without_its_writer() -> None:
     recorder, socket = Recorder(), Socket()
     client = ClientQueue(
-        recorder, write=socket, size=10, policy=Policy.DROP_OLDEST, endpoint="t-write"
+        recorder,
+        write=socket,
+        size=10,
+        policy=Policy.DROP_OLDEST,
+        endpoint="t-write",
+        metrics=METRICS,
     )
     writer = asyncio.create_task(client.run())
     await asyncio.sleep(0)  # the writer is waiting
@@ -150,7 +169,12 @@ async def test_a_client_that_keeps_up_is_written_to_at_once_without_its_writer()
 async def test_nothing_is_written_before_the_snapshot_in_front_went_out() -> None:
     recorder, socket = Recorder(), Socket()
     client = ClientQueue(
-        recorder, write=socket, size=10, policy=Policy.DROP_OLDEST, endpoint="t-write"
+        recorder,
+        write=socket,
+        size=10,
+        policy=Policy.DROP_OLDEST,
+        endpoint="t-write",
+        metrics=METRICS,
     )
     client.offer("live 1")  # published while the snapshot was being fetched
     client.push_front(["snapshot"])
@@ -168,7 +192,12 @@ async def test_what_the_socket_refuses_is_queued_and_later_messages_wait_behind_
     gate = asyncio.Event()
     recorder, socket = Recorder(block=gate), Socket()
     client = ClientQueue(
-        recorder, write=socket, size=10, policy=Policy.DROP_OLDEST, endpoint="t-write"
+        recorder,
+        write=socket,
+        size=10,
+        policy=Policy.DROP_OLDEST,
+        endpoint="t-write",
+        metrics=METRICS,
     )
     writer = asyncio.create_task(client.run())
     await asyncio.sleep(0)
@@ -190,7 +219,9 @@ async def test_what_the_socket_refuses_is_queued_and_later_messages_wait_behind_
 
 async def test_queued_messages_a_snapshot_holds_are_discarded_in_place() -> None:
     recorder = Recorder()
-    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-discard")
+    client = ClientQueue(
+        recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-discard", metrics=METRICS
+    )
     for message in ("live a", "live b", "live c"):
         client.offer(message)
     assert client.discard_queued(lambda message: message == "live b") == 1
@@ -209,7 +240,9 @@ async def test_a_snapshot_echo_drops_each_expected_copy_once_queued_or_live() ->
         )
 
     recorder = Recorder()
-    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-echo")
+    client = ClientQueue(
+        recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-echo", metrics=METRICS
+    )
     record = {"data": {"t": 1, "v": 2.5}}
     # Queued while the snapshot was read: its echo goes, a log line and another record stay.
     for message in (record, {"log": "x"}, {"data": {"t": 0}}):
@@ -238,7 +271,9 @@ async def test_a_snapshot_echo_drops_each_expected_copy_once_queued_or_live() ->
 async def test_a_snapshot_echo_takes_itself_off_when_done_or_expired(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    client = ClientQueue(Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-echo-off")
+    client = ClientQueue(
+        Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-echo-off", metrics=METRICS
+    )
     SnapshotEcho(client, [b"1"], lambda message: str(message).encode()).install()
     assert client.admit is not None
     client.offer("1")  # the echo: dropped, and nothing more is expected
@@ -256,7 +291,9 @@ async def test_a_snapshot_echo_takes_itself_off_when_done_or_expired(
 
 async def test_a_client_is_offered_only_what_its_admit_filter_lets_through() -> None:
     recorder = Recorder()
-    client = ClientQueue(recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-admit")
+    client = ClientQueue(
+        recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-admit", metrics=METRICS
+    )
     client.admit = lambda message: message != "echo"
     writer = asyncio.create_task(client.run())
     for message in ("a", "echo", "b"):

@@ -13,20 +13,22 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import websockets
 
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    TEST_SECRET,
+    ServiceProcess,
+    gateway_fixture,
+    make_token,
+)
 from edgeway.gateway.app import create_app
 from edgeway.gateway.settings import GatewaySettings
-from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
 
-SECRET = "http-limits-secret-that-is-long-enough-for-hs256"
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
 RETRY_AFTER = 7
@@ -34,31 +36,20 @@ CLOSED_WITHIN = 10.0
 KiB = 1024
 MiB = 1024 * KiB
 BOUNDARY = b"limits-boundary"
-PUBLISH = mint_with_secret(SECRET, "occupancy:publish", subject="camera", ttl=86_400)
-UPLOADER = mint_with_secret(SECRET, "ingest:write", subject="uploader", ttl=86_400)
-LOGGER = mint_with_secret(SECRET, "telemetry:publish", subject="logger", ttl=86_400)
+PUBLISH = make_token("occupancy:publish", subject="camera")
+UPLOADER = make_token("ingest:write", subject="uploader")
+LOGGER = make_token("telemetry:publish", subject="logger")
 
 
-@pytest.fixture(scope="module")
-def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_REQUEST_TIMEOUT": "0.3",
-            "EDGEWAY_NTP_SERVERS": "[]",
-            "EDGEWAY_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
-            "EDGEWAY_HTTP_BODY_TIMEOUT": str(BODY_TIMEOUT),
-            "EDGEWAY_INGEST_UPLOAD_SLOTS": "1",
-            "EDGEWAY_TELEMETRY_UPLOAD_SLOTS": "1",
-            "EDGEWAY_UPLOAD_RETRY_AFTER": str(RETRY_AFTER),
-        },
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+gateway = gateway_fixture(
+    EDGEWAY_REQUEST_TIMEOUT="0.3",
+    EDGEWAY_NTP_SERVERS="[]",
+    EDGEWAY_HTTP_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
+    EDGEWAY_HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT),
+    EDGEWAY_INGEST_UPLOAD_SLOTS="1",
+    EDGEWAY_TELEMETRY_UPLOAD_SLOTS="1",
+    EDGEWAY_UPLOAD_RETRY_AFTER=str(RETRY_AFTER),
+)
 
 
 def connect(gateway: ServiceProcess) -> socket.socket:
@@ -267,7 +258,7 @@ def test_upload_slots_cover_the_gateway_upload_routes() -> None:
     # Imported here, so the attack tests above still run against an entry point without it.
     from edgeway.gateway.__main__ import upload_slots
 
-    paths = create_app(GatewaySettings(jwt_secret=SECRET)).openapi()["paths"]
+    paths = create_app(GatewaySettings(jwt_secret=TEST_SECRET)).openapi()["paths"]
     posts = {path for path, methods in paths.items() if "post" in methods}
     groups = {slots.group: slots.paths for slots in upload_slots(GatewaySettings())}
     assert groups == {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeway.gateway.jpeg import JpegError, jpeg_size
+from edgeway.gateway.video.jpeg import JpegError, jpeg_size
 
 # A real 24x16 baseline JPEG (250 bytes: SOI, COM, DQT, SOF0, DHT, SOS, EOI), made with PyAV
 # 18.1's mjpeg encoder (yuvj420p); FFmpeg decodes it as 24x16.

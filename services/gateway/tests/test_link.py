@@ -17,13 +17,15 @@ import httpx
 import pytest
 import websockets
 
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    TEST_SECRET,
+    ServiceProcess,
+    free_port,
+    make_token,
+)
 from edgeway.common.testing.faults import FaultProxy
-from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
-
-SECRET = "link-test-secret-that-is-long-enough-for-hs256"
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def gateway_behind(proxy: FaultProxy, amqp_url: str, log_path: Path) -> ServiceP
     via_proxy = urlsplit(amqp_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}")
     return ServiceProcess(
         "edgeway.gateway",
-        env={"EDGEWAY_AMQP_URL": via_proxy.geturl(), "EDGEWAY_JWT_SECRET": SECRET},
+        env={"EDGEWAY_AMQP_URL": via_proxy.geturl(), "EDGEWAY_JWT_SECRET": TEST_SECRET},
         port=free_port(),
         log_path=log_path,
         ready_path="/healthz",  # liveness only: readiness waits for the broker
@@ -63,7 +65,7 @@ async def test_the_gateway_starts_without_its_broker_and_serves_once_it_answers(
         assert (await http.get("/healthz")).status_code == 200
         ready = await http.get("/readyz")
         assert (ready.status_code, ready.json()["failures"]) == (503, {"broker": "not reached yet"})
-        token = mint_with_secret(SECRET, "occupancy:subscribe", subject="t", ttl=86_400)
+        token = make_token("occupancy:subscribe", subject="t")
         ws = gateway.url.replace("http", "ws") + f"/client/ws/connect?token={token}"
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with websockets.connect(ws):

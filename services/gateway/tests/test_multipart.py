@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgeway.common.testing import free_port
-from edgeway.gateway.multipart import FormError, UploadLimits, read_form
+from edgeway.gateway.ingest.multipart import FormError, UploadLimits, read_form
 
 BOUNDARY = "edgeway-test-7d3c9a"
 FORM_TYPE = f"multipart/form-data; boundary={BOUNDARY}"

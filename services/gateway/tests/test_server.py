@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 import uvicorn
 import websockets
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -28,17 +29,20 @@ from edgeway.gateway.fanout import (
     read_until_gone,
     send_frames,
 )
-from edgeway.gateway.metrics import DROPPED
+from edgeway.gateway.metrics import Metrics
 from edgeway.gateway.server import PREPARED_FRAMES, PreparedFramesProtocol
 
 QUEUE_SIZE = 16
+
+# The metrics these tests read, on a registry of their own.
+METRICS = Metrics.create(CollectorRegistry())
 
 
 class App:
     """Clients on `/text` get text frames on channel `c`; on `/video`, also packets on `v`."""
 
     def __init__(self) -> None:
-        self.hub = Hub(bind=self._nothing, unbind=self._nothing)
+        self.hub = Hub(bind=self._nothing, unbind=self._nothing, metrics=METRICS)
         self.extensions: list[bool] = []
         self.app = Starlette(
             routes=[WebSocketRoute("/text", self.text), WebSocketRoute("/video", self.video)]
@@ -63,7 +67,11 @@ class App:
     async def text(self, websocket: WebSocket) -> None:
         await websocket.accept()
         client = ClientQueue.text(
-            websocket, size=QUEUE_SIZE, policy=Policy.DROP_OLDEST, endpoint="t-server"
+            websocket,
+            size=QUEUE_SIZE,
+            policy=Policy.DROP_OLDEST,
+            endpoint="t-server",
+            metrics=METRICS,
         )
         await self._serve(websocket, client)
 
@@ -74,6 +82,7 @@ class App:
             write=prepared_writer(websocket, binary=True),
             size=QUEUE_SIZE,
             endpoint="t-server-video",
+            metrics=METRICS,
         )
         await self._serve(websocket, client, ("c", "v"))
 
@@ -145,7 +154,7 @@ async def test_a_client_that_stops_reading_is_queued_for_and_nobody_else_waits(
     stalled_socket = socket.socket()
     stalled_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     stalled_socket.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-    before = DROPPED.labels("t-server", "slow_client")._value.get()
+    before = METRICS.dropped.labels("t-server", "slow_client")._value.get()
     async with (
         websockets.connect(url + "/text", compression=None) as steady,
         websockets.connect(
@@ -171,7 +180,7 @@ async def test_a_client_that_stops_reading_is_queued_for_and_nobody_else_waits(
                     await asyncio.wait_for(progress.wait_for(lambda i=i: len(received) > i), 10)
         await reading
         assert [int(m[:5]) for m in received] == list(range(count))
-        dropped = DROPPED.labels("t-server", "slow_client")._value.get() - before
+        dropped = METRICS.dropped.labels("t-server", "slow_client")._value.get() - before
         assert dropped > 0  # it fell a whole queue behind
         late: list[int] = []
         while not late or late[-1] != count - 1:

@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.telemetry.uploads import UPLOAD_TYPE, UPLOADS_TYPE, unpack
-from edgeway.gateway.telemetry_publisher import UploadPublisher, UploadsBackloggedError
+from edgeway.gateway.metrics import Metrics
+from edgeway.gateway.telemetry.publisher import UploadPublisher, UploadsBackloggedError
+
+# The metrics these tests read, on a registry of their own.
+METRICS = Metrics.create(CollectorRegistry())
 
 
 class Broker:
@@ -51,7 +56,7 @@ async def settle() -> None:
 
 async def test_an_upload_that_finds_the_broker_idle_goes_alone_and_unchanged() -> None:
     broker = Broker()
-    publisher = UploadPublisher(broker, window=2)
+    publisher = UploadPublisher(broker, window=2, metrics=METRICS)
     body, envelope = upload(1)
     await publisher.publish(body, envelope)
     assert broker.published == [(body, envelope)]
@@ -60,7 +65,7 @@ async def test_an_upload_that_finds_the_broker_idle_goes_alone_and_unchanged() -
 async def test_uploads_arriving_during_confirms_go_together_in_order() -> None:
     broker = Broker()
     broker.hold = True
-    publisher = UploadPublisher(broker, window=1)
+    publisher = UploadPublisher(broker, window=1, metrics=METRICS)
     sent = [upload(n) for n in range(6)]
     tasks = [asyncio.create_task(publisher.publish(*item)) for item in sent]
     await settle()
@@ -97,7 +102,9 @@ async def test_a_batch_is_bounded_by_count_and_bytes(
 ) -> None:
     broker = Broker()
     broker.hold = True
-    publisher = UploadPublisher(broker, window=1, max_uploads=max_uploads, max_bytes=max_bytes)
+    publisher = UploadPublisher(
+        broker, window=1, max_uploads=max_uploads, max_bytes=max_bytes, metrics=METRICS
+    )
     tasks = [asyncio.create_task(publisher.publish(*upload(n))) for n in range(8)]
     await settle()
     broker.confirm.set()
@@ -108,7 +115,7 @@ async def test_a_batch_is_bounded_by_count_and_bytes(
 async def test_a_failed_publish_fails_every_upload_it_carried_and_the_next_goes_on() -> None:
     broker = Broker()
     broker.hold = True
-    publisher = UploadPublisher(broker, window=1)
+    publisher = UploadPublisher(broker, window=1, metrics=METRICS)
     tasks = [asyncio.create_task(publisher.publish(*upload(n))) for n in range(4)]
     await settle()
     broker.fail = ConnectionError("broker gone")
@@ -125,7 +132,7 @@ async def test_a_failed_publish_fails_every_upload_it_carried_and_the_next_goes_
 async def test_a_client_that_leaves_does_not_take_its_upload_out() -> None:
     broker = Broker()
     broker.hold = True
-    publisher = UploadPublisher(broker, window=1)
+    publisher = UploadPublisher(broker, window=1, metrics=METRICS)
     first = asyncio.create_task(publisher.publish(*upload(0)))
     left = asyncio.create_task(publisher.publish(*upload(1)))
     await settle()
@@ -151,7 +158,11 @@ async def test_uploads_beyond_the_waiting_bound_are_refused_at_once(
     broker = Broker()
     broker.hold = True
     publisher = UploadPublisher(
-        broker, window=1, max_waiting=max_waiting, max_waiting_bytes=max_waiting_bytes
+        broker,
+        window=1,
+        max_waiting=max_waiting,
+        max_waiting_bytes=max_waiting_bytes,
+        metrics=METRICS,
     )
     in_flight = asyncio.create_task(publisher.publish(*upload(0)))
     waiting = [asyncio.create_task(publisher.publish(*upload(n))) for n in range(1, 1 + taken)]
@@ -175,7 +186,9 @@ async def test_uploads_beyond_the_waiting_bound_are_refused_at_once(
 async def test_an_upload_that_finds_none_waiting_is_taken_whatever_its_size() -> None:
     broker = Broker()
     broker.hold = True
-    publisher = UploadPublisher(broker, window=1, max_waiting=4, max_waiting_bytes=4)
+    publisher = UploadPublisher(
+        broker, window=1, max_waiting=4, max_waiting_bytes=4, metrics=METRICS
+    )
     first = asyncio.create_task(publisher.publish(*upload(0)))
     second = asyncio.create_task(publisher.publish(b"x" * 64, upload(1)[1]))
     await settle()

@@ -11,7 +11,8 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -20,42 +21,31 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    BrokerListener,
+    ServiceProcess,
+    bearer,
+    gateway_fixture,
+    make_token,
+)
 from edgeway.common.topology import Topology
-from edgeway.gateway.tokens import mint_with_secret
-from edgeway.gateway.tracking import byte_range
+from edgeway.gateway.tracking.api import byte_range
 
 pytestmark = pytest.mark.connected
 
-SECRET = "tracking-edge-secret-that-is-long-enough-for-hs256"
 TOPOLOGY = Topology()
 TASK = "3f1c3f5e-4a2d-4c1b-9b5e-2b3c4d5e6f70"
 
 
-def token(*scopes: str, device: list[str] | None = None) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="tracking-edge", ttl=86_400, device=device)
+ADMIN = bearer("tracking:admin", "tracking:read")
+READER = bearer("tracking:read")
 
 
-ADMIN = {"Authorization": f"Bearer {token('tracking:admin', 'tracking:read')}"}
-READER = {"Authorization": f"Bearer {token('tracking:read')}"}
-
-
-@pytest.fixture(scope="module")
-def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_REQUEST_TIMEOUT": "0.3",
-            "EDGEWAY_TRACKING_MAX_DETECTIONS_BYTES": "4096",
-            "EDGEWAY_NTP_SERVERS": "[]",
-        },
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+gateway = gateway_fixture(
+    EDGEWAY_REQUEST_TIMEOUT="0.3",
+    EDGEWAY_TRACKING_MAX_DETECTIONS_BYTES="4096",
+    EDGEWAY_NTP_SERVERS="[]",
+)
 
 
 def ws_url(gateway: ServiceProcess, path: str, token: str | None = None) -> str:
@@ -129,7 +119,9 @@ async def test_every_tracking_endpoint_needs_its_scope(gateway: ServiceProcess) 
             assert anonymous.status_code == 401, path
             assert "tracking:" in anonymous.json()["reason"]
             wrong = await http.request(
-                method, path, headers={"Authorization": f"Bearer {token('occupancy:subscribe')}"}
+                method,
+                path,
+                headers=bearer("occupancy:subscribe"),
             )
             assert wrong.status_code == 403, path
             assert needs in wrong.json()["reason"]
@@ -140,7 +132,7 @@ async def test_every_tracking_endpoint_needs_its_scope(gateway: ServiceProcess) 
         (f"/ws/tracking/{TASK}", "tracking:publish"),
     ]:
         with pytest.raises(websockets.InvalidStatus) as refused:
-            await websockets.connect(ws_url(gateway, path, token(scope)))
+            await websockets.connect(ws_url(gateway, path, make_token(scope)))
         assert refused.value.response.status_code == 403
 
 
@@ -275,38 +267,27 @@ async def test_without_a_tracker_questions_time_out_with_504(gateway: ServicePro
     assert response.json()["code"] == "timeout"
 
 
-async def detections_queue(amqp_url: str) -> tuple[aio_pika.abc.AbstractConnection, Any]:
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        TOPOLOGY.tracking_detections.name,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": TOPOLOGY.names.tracking_unrouted},
-    )
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(exchange, routing_key="#")
-    return connection, queue
-
-
-async def next_message(queue: aio_pika.abc.AbstractQueue, wait: float = 10.0) -> Any:
-    """The queue's next message, waiting for it (a basic.get does not wait)."""
-    deadline = asyncio.get_running_loop().time() + wait
-    while (message := await queue.get(fail=False)) is None:
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"nothing arrived in {wait} s")
-        await asyncio.sleep(0.05)
-    return message
+@asynccontextmanager
+async def detections(amqp_url: str) -> AsyncIterator[BrokerListener]:
+    """What the gateway publishes for edge devices, on every routing key."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(
+            TOPOLOGY.tracking_detections.name,
+            aio_pika.ExchangeType.TOPIC,
+            durable=True,
+            arguments={"alternate-exchange": TOPOLOGY.names.tracking_unrouted},
+        )
+        yield await BrokerListener.bind(channel, TOPOLOGY.tracking_detections.name, "#")
 
 
 async def test_bad_edge_frames_get_error_frames_and_the_socket_stays_open(
     gateway: ServiceProcess, amqp_url: str
 ) -> None:
-    connection, queue = await detections_queue(amqp_url)
     async with (
-        connection,
+        detections(amqp_url) as published_frames,
         websockets.connect(
-            ws_url(gateway, "/ws/detections", token("tracking:publish", device=["lab/c01"]))
+            ws_url(gateway, "/ws/detections", make_token("tracking:publish", device=["lab/c01"]))
         ) as ws,
     ):
         await ws.send("{not json")
@@ -334,7 +315,7 @@ async def test_bad_edge_frames_get_error_frames_and_the_socket_stays_open(
         assert refused["details"] == {"camera_id": "c02", "frame_index": 7}
         await ws.send(json.dumps(edge_frame(timestamp=math.pi)))  # good: published
 
-        published = await next_message(queue)
+        published = await published_frames.get(within=10)
     assert published.routing_key == "lab.c01"
     assert json.loads(published.body)["timestamp"] == math.pi
     assert published.headers["x-reply-channel"].startswith("gateway.")
@@ -342,7 +323,7 @@ async def test_bad_edge_frames_get_error_frames_and_the_socket_stays_open(
 
 
 async def test_a_newer_connection_for_a_camera_replaces_the_older(gateway: ServiceProcess) -> None:
-    url = ws_url(gateway, "/ws/detections", token("tracking:publish", device=["lab/c01"]))
+    url = ws_url(gateway, "/ws/detections", make_token("tracking:publish", device=["lab/c01"]))
     async with websockets.connect(url) as first:
         await first.send(json.dumps(edge_frame()))
         await asyncio.sleep(0.3)  # seated

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import CollectorRegistry
+
 from edgeway.gateway.fanout import (
     BEHIND_TO_KEYFRAME,
     ClientQueue,
@@ -13,7 +15,10 @@ from edgeway.gateway.fanout import (
     Policy,
     VideoQueue,
 )
-from edgeway.gateway.metrics import DROPPED
+from edgeway.gateway.metrics import Metrics
+
+# The metrics these tests read, on a registry of their own.
+METRICS = Metrics.create(CollectorRegistry())
 
 
 class Recorder:
@@ -51,7 +56,7 @@ class Stream:
 
 
 def dropped(endpoint: str) -> float:
-    return DROPPED.labels(endpoint, BEHIND_TO_KEYFRAME)._value.get()
+    return METRICS.dropped.labels(endpoint, BEHIND_TO_KEYFRAME)._value.get()
 
 
 def packets(sent: list[Message]) -> list[Packet]:
@@ -85,10 +90,10 @@ async def test_a_stalled_consumer_resumes_at_a_keyframe_and_others_are_not_delay
     async def bind(_: str) -> None:
         return None
 
-    hub = Hub(bind=bind, unbind=bind)
+    hub = Hub(bind=bind, unbind=bind, metrics=METRICS)
     slow_socket, fast_socket = Recorder(), Recorder()
-    slow = VideoQueue(slow_socket, size=8, endpoint="t-skip")
-    fast = VideoQueue(fast_socket, size=8, endpoint="t-skip")
+    slow = VideoQueue(slow_socket, size=8, endpoint="t-skip", metrics=METRICS)
+    fast = VideoQueue(fast_socket, size=8, endpoint="t-skip", metrics=METRICS)
     for client in (slow, fast):
         await hub.subscribe("video.stream.d1", client)
     writers = [asyncio.create_task(client.run()) for client in (slow, fast)]
@@ -140,7 +145,7 @@ async def test_a_stalled_consumer_resumes_at_a_keyframe_and_others_are_not_delay
 async def test_a_full_queue_drops_everything_queued_and_counts_it() -> None:
     socket = Recorder()
     socket.gate.clear()
-    client = VideoQueue(socket, size=4, endpoint="t-count")
+    client = VideoQueue(socket, size=4, endpoint="t-count", metrics=METRICS)
     stream = Stream(gop=100)
     before = dropped("t-count")
     for packet in [*stream.start(), stream.next(), stream.next()]:  # SPS PPS K F: full
@@ -161,7 +166,7 @@ async def test_a_full_queue_drops_everything_queued_and_counts_it() -> None:
 
 async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets() -> None:
     socket = Recorder()
-    client = VideoQueue(socket, size=64, endpoint="t-gop")
+    client = VideoQueue(socket, size=64, endpoint="t-gop", metrics=METRICS)
     # Live packets that arrived while the GOP was being fetched: 9 and 10 are in the GOP too.
     for seq in (9, 10, 11):
         client.offer(Packet(f"live-{seq}".encode(), kind="frame", seq=seq))
@@ -194,7 +199,7 @@ async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets() -> None
 
 async def test_without_a_gop_a_consumer_starts_at_the_next_keyframe() -> None:
     socket = Recorder()
-    client = VideoQueue(socket, size=64, endpoint="t-nogop")
+    client = VideoQueue(socket, size=64, endpoint="t-nogop", metrics=METRICS)
     client.offer(Packet(b"frame-5", kind="frame", seq=5))  # mid-GOP: undecodable alone
     client.start([Packet(b"sps", kind="sps"), Packet(b"pps", kind="pps")], last_seq=4)
     client.offer(Packet(b"frame-6", kind="frame", seq=6))
@@ -211,7 +216,9 @@ async def test_other_policies_are_unchanged_by_packets() -> None:
     """A text client never sees a packet; a drop-oldest queue still drops the oldest."""
     socket = Recorder()
     socket.gate.clear()
-    client = ClientQueue(socket, size=2, policy=Policy.DROP_OLDEST, endpoint="t-plain")
+    client = ClientQueue(
+        socket, size=2, policy=Policy.DROP_OLDEST, endpoint="t-plain", metrics=METRICS
+    )
     for message in ("a", "b", "c"):
         client.offer(message)
     assert list(client._queue) == ["b", "c"]

@@ -8,7 +8,8 @@ import pytest
 
 from edgeway.common.video import check_device
 from edgeway.common.video.packets import PacketType, VideoPacket
-from edgeway.gateway.video import check_imu, parse_gop
+from edgeway.gateway.video.consumers import parse_gop
+from edgeway.gateway.video.phones import check_imu
 
 GOP = [
     VideoPacket(PacketType.SPS, 1, b"\x00\x00\x00\x01\x67sps"),

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from prometheus_client import REGISTRY
+
 from edgeway.common.http_limits import LimitedConfig, UploadSlots, serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging
 from edgeway.common.service import tune_gc
-from edgeway.gateway import ingest, telemetry
 from edgeway.gateway.app import create_app
+from edgeway.gateway.ingest import api as ingest_api
 from edgeway.gateway.server import PreparedFramesProtocol
 from edgeway.gateway.settings import GatewaySettings
+from edgeway.gateway.telemetry import uploads
 
 # The endpoints that hold a whole upload body in memory while they check it. Each group has its
 # own slots, so a burst of one kind cannot shut out the other.
-INGEST_UPLOAD_PATHS = frozenset({ingest.UPLOAD_ENDPOINT})
-TELEMETRY_UPLOAD_PATHS = frozenset({telemetry.UPLOAD_ENDPOINT, "/api/telemetry"})
+INGEST_UPLOAD_PATHS = frozenset({ingest_api.UPLOAD_ENDPOINT})
+TELEMETRY_UPLOAD_PATHS = frozenset({uploads.UPLOAD_ENDPOINT, "/api/telemetry"})
 
 
 def upload_slots(settings: GatewaySettings) -> tuple[UploadSlots, ...]:
@@ -37,7 +40,7 @@ def server_config(settings: GatewaySettings) -> LimitedConfig:
     """The gateway app under the HTTP limits every Edgeway server has, plus its upload slots and
     its WebSocket protocol (`edgeway.gateway.server`)."""
     return uvicorn_config(
-        create_app(settings),
+        create_app(settings, registry=REGISTRY),
         settings,
         upload_slots=upload_slots(settings),
         ws=PreparedFramesProtocol,

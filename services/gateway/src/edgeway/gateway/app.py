@@ -7,24 +7,37 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import ModuleType
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, make_asgi_app
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    make_asgi_app,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeway.common.errors import error_responses, install_error_handlers
 from edgeway.common.http_limits import uvicorn_config
 from edgeway.common.logging import get_logger
 from edgeway.common.tracing import configure_tracing
-from edgeway.gateway import console, docs, ingest, omega, telemetry, tracking, video
+from edgeway.gateway import console, docs
 from edgeway.gateway.auth import AuthError
+from edgeway.gateway.ingest import api as ingest_api
 from edgeway.gateway.link import NotConnectedError, ServiceUnavailableError
+from edgeway.gateway.occupancy import cameras, clients
 from edgeway.gateway.settings import GatewaySettings
 from edgeway.gateway.state import Gateway, GatewayDep
+from edgeway.gateway.telemetry import dashboards, loggers, uploads, vehicles
+from edgeway.gateway.tracking import api as tracking_api
+from edgeway.gateway.tracking import detections, live
+from edgeway.gateway.video import api as video_api
+from edgeway.gateway.video import consumers, phones, streams, viewers
 
 log = get_logger("edgeway.gateway")
 access_log = get_logger("edgeway.gateway.access")
@@ -38,6 +51,14 @@ TAGS = [
     {"name": "ingestion", "description": "Image uploads and RTSP captures (TrackShift's API)."},
     {"name": "tracking", "description": "Multi-camera tracking environments and tasks (SpotOn)."},
 ]
+# Each tag's route modules, in the order the API documents list them.
+ROUTES: dict[str, tuple[ModuleType, ...]] = {
+    "occupancy": (cameras, clients),
+    "telemetry": (uploads, dashboards, loggers, vehicles),
+    "video": (phones, streams, consumers, viewers, video_api),
+    "ingestion": (ingest_api,),
+    "tracking": (tracking_api, live, detections),
+}
 
 
 class AccessLog:
@@ -79,19 +100,27 @@ class _InnerServer(uvicorn.Server):
         yield
 
 
-def metrics_server(settings: GatewaySettings, port: int) -> uvicorn.Server:
+def metrics_server(
+    settings: GatewaySettings, port: int, registry: CollectorRegistry
+) -> uvicorn.Server:
     """/metrics on the internal port, served on the gateway's own event loop (so its gauges read
     the loop's state) under the same HTTP limits as every Edgeway server."""
     config = uvicorn_config(
-        make_asgi_app(), settings, host=settings.metrics_host, port=port, lifespan="off"
+        make_asgi_app(registry), settings, host=settings.metrics_host, port=port, lifespan="off"
     )
     return _InnerServer(config)
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None, *, registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """The gateway app. Its metrics go to `registry`: the process's (`prometheus_client.REGISTRY`)
+    when it serves (`edgeway.gateway.__main__`); by default one of its own, so that a process may
+    build several apps (tests, the documents' builders)."""
     settings = settings or GatewaySettings()
+    registry = registry if registry is not None else CollectorRegistry()
     tracer_provider = configure_tracing(settings, service="gateway")
-    gateway = Gateway(settings, tracer_provider=tracer_provider)
+    gateway = Gateway(settings, tracer_provider=tracer_provider, registry=registry)
 
     metrics_port = settings.internal_metrics_port
 
@@ -99,7 +128,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         internal: tuple[uvicorn.Server, asyncio.Task[None]] | None = None
         if metrics_port is not None:
-            server = metrics_server(settings, metrics_port)
+            server = metrics_server(settings, metrics_port, registry)
             internal = server, asyncio.create_task(server.serve())
         gateway.clock.start()
         # In the background: the port opens (and /healthz answers, and SIGTERM is heard) while
@@ -149,17 +178,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             swagger_ui_parameters={"persistAuthorization": True},
             **options,
         )
+        app.include_router(docs.asyncapi_routes(settings.exchanges))
     else:
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, **options)
     app.state.gateway = gateway
     app.add_middleware(AccessLog)
-    app.include_router(omega.router, tags=["occupancy"])
-    app.include_router(telemetry.router, tags=["telemetry"])
-    app.include_router(video.router, tags=["video"])
-    app.include_router(ingest.router, tags=["ingestion"])
-    # Every tracking route asks the tracker (504 when it does not answer); their other errors
-    # are listed where tracking.py declares them.
-    app.include_router(tracking.router, tags=["tracking"], responses=error_responses(504))
+    for tag, modules in ROUTES.items():
+        # Every tracking route asks the tracker (504 when it does not answer); their other
+        # errors are listed where edgeway.gateway.tracking declares them.
+        responses = error_responses(504) if tag == "tracking" else None
+        for module in modules:
+            app.include_router(module.router, tags=[tag], responses=responses)
     app.include_router(console.routes(settings.console_dir))  # the web console (web/), at /
     install_error_handlers(app, docs_url=docs_url)
     docs.document(app)
@@ -193,6 +222,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics() -> Response:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -15,21 +15,28 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+import orjson
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from edgeway.common import asyncapi
 from edgeway.common.errors import ERROR_REF, STATUS_DESCRIPTIONS
+from edgeway.common.settings import ExchangeNames
 from edgeway.gateway.auth import HOW_TO_AUTHENTICATE, Scope
 
 # What the token check of a route with a scope can answer, besides the route's own errors.
 SECURITY_STATUSES = (401, 403, 503)
 COMPONENTS = "#/components/schemas/{model}"
+ASYNCAPI_URL = "/docs/asyncapi"
+ASYNCAPI_JSON_URL = "/docs/asyncapi.json"
 
 # Models of JSON bodies that routes read themselves, added to the document's components.
 _body_models: dict[str, type[BaseModel]] = {}
@@ -152,7 +159,9 @@ no route has is a 404 whose `fix` points here; plain HTTP on a WebSocket route i
 
 ## WebSocket routes
 
-OpenAPI cannot describe WebSockets, so they are listed here. Each takes its token as
+OpenAPI cannot describe WebSockets, so they are listed here; their messages, and every AMQP
+exchange, queue and routing key behind them, are in the AsyncAPI document (`{ASYNCAPI_URL}`,
+JSON at `{ASYNCAPI_JSON_URL}`). Each takes its token as
 `?token=` (browsers cannot set headers on a WebSocket) or the `Authorization` header, and
 refuses the upgrade with an HTTP status and the error object when it is missing or lacks
 the scope; an unknown WebSocket path is refused with 404.
@@ -161,6 +170,26 @@ the scope; an unknown WebSocket path is refused with 404.
 |---|---|---|
 {rows}
 """
+
+
+def asyncapi_routes(names: ExchangeNames) -> APIRouter:
+    """`/docs/asyncapi` (a page) and `/docs/asyncapi.json`: the AsyncAPI 3.0 document of every
+    WebSocket message and AMQP flow (`edgeway.common.asyncapi`), built once, on first ask."""
+    router = APIRouter(include_in_schema=False)
+
+    @functools.cache
+    def built() -> bytes:
+        return orjson.dumps(asyncapi.document(names))
+
+    @router.get(ASYNCAPI_JSON_URL)
+    async def asyncapi_json() -> Response:
+        return Response(built(), media_type="application/json")
+
+    @router.get(ASYNCAPI_URL)
+    async def asyncapi_page() -> HTMLResponse:
+        return HTMLResponse(asyncapi.html(ASYNCAPI_JSON_URL))
+
+    return router
 
 
 def document(app: FastAPI) -> None:

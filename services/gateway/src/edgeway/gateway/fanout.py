@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket
 from websockets.frames import Frame, Opcode
 
 from edgeway.common.logging import get_logger
-from edgeway.gateway.metrics import DELIVERED, DROPPED
+from edgeway.gateway.metrics import Metrics
 from edgeway.gateway.server import PREPARED_FRAMES, WriteFrame
 
 
@@ -84,13 +84,21 @@ class ClientQueue:
         "admit",
         "closed",
         "endpoint",
+        "metrics",
         "overflowed",
         "policy",
         "size",
     )
 
     def __init__(
-        self, send: Send, *, size: int, policy: Policy, endpoint: str, write: Write | None = None
+        self,
+        send: Send,
+        *,
+        size: int,
+        policy: Policy,
+        endpoint: str,
+        metrics: Metrics,
+        write: Write | None = None,
     ) -> None:
         self._send = send
         self._write = write
@@ -100,13 +108,16 @@ class ClientQueue:
         self.size = size
         self.policy = policy
         self.endpoint = endpoint
+        self.metrics = metrics
         self.closed = False
         self.overflowed = False
         # When set, a message offered is dropped unless admit(message) is true.
         self.admit: Callable[[Message], bool] | None = None
 
     @classmethod
-    def text(cls, websocket: WebSocket, *, size: int, policy: Policy, endpoint: str) -> ClientQueue:
+    def text(
+        cls, websocket: WebSocket, *, size: int, policy: Policy, endpoint: str, metrics: Metrics
+    ) -> ClientQueue:
         """A queue of text frames for `websocket`, written at once when the socket takes them."""
         return cls(
             send_text(websocket),
@@ -114,6 +125,7 @@ class ClientQueue:
             size=size,
             policy=policy,
             endpoint=endpoint,
+            metrics=metrics,
         )
 
     def offer(self, message: Message) -> None:
@@ -126,7 +138,7 @@ class ClientQueue:
                 self._event.set()
                 return
             self._queue.popleft()
-            DROPPED.labels(self.endpoint, "slow_client").inc()
+            self.metrics.dropped.labels(self.endpoint, "slow_client").inc()
         self._put(message)
 
     def _put(self, message: Message) -> None:
@@ -170,7 +182,7 @@ class ClientQueue:
     def close(self) -> None:
         self.closed = True
         if self._queue:
-            DROPPED.labels(self.endpoint, "disconnected").inc(len(self._queue))
+            self.metrics.dropped.labels(self.endpoint, "disconnected").inc(len(self._queue))
             self._queue.clear()
         self._event.set()
 
@@ -187,9 +199,22 @@ class VideoQueue(ClientQueue):
 
     __slots__ = ("_floor", "_pps", "_skipping", "_sps")
 
-    def __init__(self, send: Send, *, size: int, endpoint: str, write: Write | None = None) -> None:
+    def __init__(
+        self,
+        send: Send,
+        *,
+        size: int,
+        endpoint: str,
+        metrics: Metrics,
+        write: Write | None = None,
+    ) -> None:
         super().__init__(
-            send, size=size, policy=Policy.SKIP_TO_KEYFRAME, endpoint=endpoint, write=write
+            send,
+            size=size,
+            policy=Policy.SKIP_TO_KEYFRAME,
+            endpoint=endpoint,
+            metrics=metrics,
+            write=write,
         )
         self._sps: Packet | None = None
         self._pps: Packet | None = None
@@ -221,13 +246,13 @@ class VideoQueue(ClientQueue):
             self._remember(message)
         queue = self._queue
         if len(queue) >= self.size:
-            DROPPED.labels(self.endpoint, BEHIND_TO_KEYFRAME).inc(len(queue))
+            self.metrics.dropped.labels(self.endpoint, BEHIND_TO_KEYFRAME).inc(len(queue))
             queue.clear()
             self._skipping = True
         if self._skipping and isinstance(message, Packet):
             if message.kind != "keyframe":
                 if message.kind not in ("sps", "pps"):  # SPS and PPS go out before the keyframe
-                    DROPPED.labels(self.endpoint, BEHIND_TO_KEYFRAME).inc()
+                    self.metrics.dropped.labels(self.endpoint, BEHIND_TO_KEYFRAME).inc()
                 return
             self._skipping = False
             queue.extend(p for p in (self._sps, self._pps) if p is not None)
@@ -421,8 +446,9 @@ class Hub:
     the last one to leave unbinds it, so a replica receives only what its clients watch.
     """
 
-    def __init__(self, *, bind: Binder, unbind: Binder) -> None:
+    def __init__(self, *, bind: Binder, unbind: Binder, metrics: Metrics) -> None:
         self._bind = bind
+        self._metrics = metrics
         self._unbind = unbind
         self._watchers: dict[str, set[ClientQueue]] = {}
         self._regex: dict[str, re.Pattern[str]] = {}
@@ -463,7 +489,7 @@ class Hub:
                     client.offer(message)
                 count += len(watchers)
         if count:
-            DELIVERED.labels(kind).inc(count)
+            self._metrics.delivered.labels(kind).inc(count)
         return count
 
     def watchers(self, pattern: str) -> int:

@@ -14,6 +14,7 @@ from faststream import AckPolicy
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.message import RabbitMessage
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from edgeway.common.broker import (
@@ -28,7 +29,7 @@ from edgeway.common.errors import ErrorObject
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels, Topology
 from edgeway.gateway.fanout import Hub, Message, Packet
-from edgeway.gateway.metrics import REJECTED, REQUEST_SECONDS
+from edgeway.gateway.metrics import Metrics
 from edgeway.gateway.settings import GatewaySettings
 
 log = get_logger("edgeway.gateway.link")
@@ -75,16 +76,24 @@ def _header_int(value: Any) -> int:
 
 
 class BrokerLink:
-    def __init__(self, settings: GatewaySettings, *, tracer_provider: TracerProvider) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        tracer_provider: TracerProvider,
+        metrics: Metrics,
+        registry: CollectorRegistry,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         # Each replica reads the broadcast exchange through its own queue, named after it.
         self.gateway_id = uuid.uuid4().hex[:12]
         self.topology = Topology(settings.exchanges)
         self.broker: RabbitBroker = make_broker(
-            settings, service="gateway", tracer_provider=tracer_provider
+            settings, service="gateway", tracer_provider=tracer_provider, registry=registry
         )
         self._queue: RabbitQueue = self.topology.gateway_queue(self.gateway_id)
-        self.hub = Hub(bind=self._bind, unbind=self._unbind)
+        self.hub = Hub(bind=self._bind, unbind=self._unbind, metrics=metrics)
         self.connected = asyncio.Event()  # set once the broker answered and all is declared
 
         # Live results are lossy by design: ack on receipt, never redeliver a stale frame.
@@ -110,7 +119,9 @@ class BrokerLink:
             routing_key = raw.routing_key or ""
             kind = routing_key.split(".", 1)[0]
             if kind == "gateway":  # a service refused what a producer of ours sent
-                REJECTED.labels("service", orjson.loads(raw.body).get("code", "unknown")).inc()
+                self.metrics.rejected.labels(
+                    "service", orjson.loads(raw.body).get("code", "unknown")
+                ).inc()
             self.hub.deliver(routing_key, body, kind=kind)
 
     async def connect(self) -> None:
@@ -150,7 +161,7 @@ class BrokerLink:
         # Edge detections, and where the ones no live task takes go (the tracker answers).
         await self.broker.declare_exchange(self.topology.tracking_unrouted)
         await self.broker.declare_exchange(self.topology.tracking_detections)
-        # The WorldSystem exchanges the phone endpoints publish to (docs/seed-systems.md §3) ...
+        # The WorldSystem exchanges the phone endpoints publish to (the seed's) ...
         for name in ("video_frames", "analysis_mode", "restart"):
             await self.broker.declare_exchange(self.topology.worldsystem(name))
         # ... and the live queues the video relay reads, so a phone's stream waits for it.
@@ -219,12 +230,16 @@ class BrokerLink:
                 timeout=self.settings.request_timeout,
             )
         except TimeoutError:
-            REQUEST_SECONDS.labels(service, "timeout").observe(time.perf_counter() - started)
+            self.metrics.request_seconds.labels(service, "timeout").observe(
+                time.perf_counter() - started
+            )
             raise ServiceUnavailableError(f"{service} did not answer in time") from None
         except aiormq.exceptions.PublishError:
             # Nobody declared the service's request queue: the service has never run here.
-            REQUEST_SECONDS.labels(service, "no_route").observe(time.perf_counter() - started)
+            self.metrics.request_seconds.labels(service, "no_route").observe(
+                time.perf_counter() - started
+            )
             raise ServiceUnavailableError(f"{service} is not running") from None
-        REQUEST_SECONDS.labels(service, "ok").observe(time.perf_counter() - started)
+        self.metrics.request_seconds.labels(service, "ok").observe(time.perf_counter() - started)
         reply_body: bytes = reply.body
         return reply_body

@@ -66,7 +66,7 @@ class GatewaySettings(CommonSettings):
     telemetry_upload_slots: int = Field(default=128, ge=1)
     upload_retry_after: int = Field(default=2, ge=1)  # seconds, the 503's Retry-After
     # Telemetry uploads waiting for a publish while the broker confirms earlier ones
-    # (`edgeway.gateway.telemetry_publisher`): past either bound an upload gets 503 with
+    # (`edgeway.gateway.telemetry.publisher`): past either bound an upload gets 503 with
     # Retry-After instead of waiting. An upload left by its client stays waiting (it may be
     # published yet), so the upload slots alone do not bound them. 1024 uploads or 16 MiB is
     # four full publishes' worth (256 uploads, 4 MiB each): a broker that far behind is slow.

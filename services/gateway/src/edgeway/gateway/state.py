@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, Security, WebSocket
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 from starlette.requests import HTTPConnection
 
 from edgeway.common.logging import get_logger
@@ -21,39 +23,92 @@ from edgeway.gateway.auth import (
     authorize,
     check_origin,
 )
+from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import BrokerLink, NotConnectedError
-from edgeway.gateway.metrics import AUTH_REFUSED
+from edgeway.gateway.metrics import Metrics
 from edgeway.gateway.settings import GatewaySettings
-from edgeway.gateway.telemetry_state import TelemetryState
-from edgeway.gateway.tracking_state import TrackingState
-from edgeway.gateway.video_state import VideoState
+from edgeway.gateway.telemetry.state import TelemetryState
+from edgeway.gateway.tracking.state import TrackingState
+from edgeway.gateway.video.state import VideoState
 
 log = get_logger("edgeway.gateway")
 
 # Refused upgrades logged: 20 at once, then 5 a second.
 REFUSAL_LOG_BURST = 20
 REFUSAL_LOG_RATE = 5.0
+# Error frames, acks and commands waiting for a producer that does not read them; older ones go.
+PRODUCER_QUEUE_SIZE = 256
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, *, tracer_provider: TracerProvider) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        tracer_provider: TracerProvider,
+        registry: CollectorRegistry,
+    ) -> None:
         self.settings = settings
+        self.metrics = Metrics.create(registry)
         self.verifier = Verifier(settings)
-        self.link = BrokerLink(settings, tracer_provider=tracer_provider)
+        self.link = BrokerLink(
+            settings, tracer_provider=tracer_provider, metrics=self.metrics, registry=registry
+        )
         # Open producer connections per endpoint; a connection leaves its set however it ends.
         self.producers: dict[str, set[object]] = {}
         self.telemetry = TelemetryState(self.link)
         self.video = VideoState()
         self.tracking = TrackingState(settings)
         # Refused WebSocket upgrades logged: a client retrying with a bad token in a loop
-        # (or an attacker) must not flood the log; AUTH_REFUSED counts them all.
+        # (or an attacker) must not flood the log; metrics.auth_refused counts them all.
         self.refusals_logged = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST)
         # NTP-corrected time for the phone frames' `ntp_time` header (the seed's).
         self.clock = TimeSync(settings.ntp_servers)
 
     def producer_count(self, endpoint: str) -> int:
         return len(self.producers.get(endpoint, ()))
+
+    def producer_queue(self, websocket: WebSocket, endpoint: str) -> ClientQueue:
+        """What goes down a producer's socket (error frames, acks, commands), oldest dropped
+        first when it does not read."""
+        return ClientQueue.text(
+            websocket,
+            size=PRODUCER_QUEUE_SIZE,
+            policy=Policy.DROP_OLDEST,
+            endpoint=endpoint,
+            metrics=self.metrics,
+        )
+
+    def client_queue(self, websocket: WebSocket, endpoint: str) -> ClientQueue:
+        """A client's send queue. What clients watch is state (occupancy, records, poses, task
+        and request progress): one far behind is better served fresh than complete."""
+        return ClientQueue.text(
+            websocket,
+            size=self.settings.client_queue_size,
+            policy=Policy.DROP_OLDEST,
+            endpoint=endpoint,
+            metrics=self.metrics,
+        )
+
+    async def serve_client(
+        self,
+        websocket: WebSocket,
+        client: ClientQueue,
+        channels: Sequence[str],
+        *,
+        catch_up: Callable[[], Awaitable[None]],
+    ) -> None:
+        """`client` watches `channels` (its snapshot first, from `catch_up`) until it leaves;
+        what it sends is not read. Counted in the connections gauge meanwhile."""
+        connections = self.metrics.connections.labels(client.endpoint)
+        connections.inc()
+        try:
+            await self.link.hub.serve(
+                client, channels, catch_up=catch_up, read=lambda: read_until_gone(websocket)
+            )
+        finally:
+            connections.dec()
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency
@@ -93,7 +148,7 @@ class RequireScope(SecurityBase):
         try:
             principal = authorize(gateway.verifier, connection, self.scope)
         except AuthError as error:
-            AUTH_REFUSED.labels(self.endpoint, str(error.status)).inc()
+            gateway.metrics.auth_refused.labels(self.endpoint, str(error.status)).inc()
             raise
         gateway.link.check_connected()  # 503 until the broker is reached
         return principal
@@ -107,12 +162,13 @@ def require(scope: Scope, endpoint: str) -> Any:
 async def admit_websocket(
     websocket: WebSocket, gateway: Gateway, *, scope: Scope, endpoint: str
 ) -> Principal | None:
-    """Check origin and token before the upgrade; refuse with a real HTTP status and reason."""
+    """Check origin and token before the upgrade: refused with a real HTTP status and reason
+    (None), else accepted (the caller)."""
     try:
         check_origin(gateway.settings, websocket)
         principal = authorize(gateway.verifier, websocket, scope)
     except AuthError as error:
-        AUTH_REFUSED.labels(endpoint, str(error.status)).inc()
+        gateway.metrics.auth_refused.labels(endpoint, str(error.status)).inc()
         if gateway.refusals_logged.take():  # every refusal is counted; a flood is not all logged
             log.info(
                 "websocket refused", endpoint=endpoint, status=error.status, reason=error.reason
@@ -124,4 +180,5 @@ async def admit_websocket(
     except NotConnectedError as error:
         await websocket.send_denial_response(error.response())
         return None
+    await websocket.accept()
     return principal

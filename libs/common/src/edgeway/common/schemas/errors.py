@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from edgeway.common.errors import ErrorObject
+from pydantic import ValidationError
+
+from edgeway.common.errors import ErrorObject, validation_reason
 
 
 class ErrorCode(StrEnum):
@@ -37,3 +39,13 @@ class ErrorFrame(ErrorObject):
     def encode(self) -> str:
         """The frame as WebSocket text."""
         return self.model_dump_json(exclude_none=True)
+
+    @classmethod
+    def invalid(cls, error: ValidationError, *, what: str = "message") -> ErrorFrame:
+        """What a producer is told when its `what` does not validate, whichever endpoint caught
+        it: `malformed_json` when it is not JSON, else `invalid_shape` with the first problems
+        as `where: what; ...` (`edgeway.common.errors.validation_reason`, as HTTP's 422 says)."""
+        problems = error.errors(include_url=False, include_input=False)
+        if any(problem["type"] == "json_invalid" for problem in problems):
+            return cls(code=ErrorCode.MALFORMED_JSON, reason=f"the {what} is not valid JSON")
+        return cls(code=ErrorCode.INVALID_SHAPE, reason=validation_reason(list(problems)))

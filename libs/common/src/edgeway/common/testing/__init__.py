@@ -8,6 +8,14 @@ never see each other's messages or rows.
 from __future__ import annotations
 
 from edgeway.common.testing.databases import DIALECTS, migrated_database
+from edgeway.common.testing.gateway import (
+    TEST_SECRET,
+    bearer,
+    gateway_fixture,
+    make_token,
+    start_gateway,
+)
+from edgeway.common.testing.listener import BrokerListener, RecordingListener
 from edgeway.common.testing.processes import ServiceProcess, free_port
 from edgeway.common.testing.resources import (
     AMQP_HOST,
@@ -23,12 +31,19 @@ __all__ = [
     "AMQP_HOST",
     "DIALECTS",
     "POSTGRES_ADMIN_URL",
+    "TEST_SECRET",
+    "BrokerListener",
+    "RecordingListener",
     "ServiceProcess",
+    "bearer",
     "create_postgres_database",
     "create_vhost",
     "drop_postgres_database",
     "drop_vhost",
     "free_port",
+    "gateway_fixture",
+    "make_token",
     "migrated_database",
     "schema_differences",
+    "start_gateway",
 ]

@@ -58,8 +58,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            self._call(self._drop_all())
+            self._call(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
@@ -101,6 +100,12 @@ class FaultProxy:
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    async def _close(self) -> None:
+        # In the proxy's own loop: closing its server from another thread races the loop.
+        if self._server is not None:
+            self._server.close()
+        await self._drop_all()
 
     async def _drop_all(self) -> None:
         for writer in list(self._links):

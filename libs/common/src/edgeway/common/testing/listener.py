@@ -1,13 +1,19 @@
-"""A TCP listener on loopback that records every byte it receives: the proof that a request
-reached a host, or never did (an injected header, a redirect followed, a port probed).
+"""Listeners that record what arrived, for tests to assert on.
 
-`answer`, if given, is called once per connection with what arrived up to the first blank line
-(a request's head) and may return bytes to send back, as a server of any protocol would. With
-`tls`, connections are TLS (server side) and what is recorded is what came inside.
+`RecordingListener`: a TCP listener on loopback that records every byte it receives: the proof
+that a request reached a host, or never did (an injected header, a redirect followed, a port
+probed). `answer`, if given, is called once per connection with what arrived up to the first
+blank line (a request's head) and may return bytes to send back, as a server of any protocol
+would. With `tls`, connections are TLS (server side) and what is recorded is what came inside.
+
+`BrokerListener`: what a RabbitMQ queue delivers (a private one bound to an exchange, such as the
+broadcast exchange, or a queue a service would read), in arrival order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -15,6 +21,8 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 Answer = Callable[[bytes], bytes | None]
 
@@ -117,3 +125,69 @@ class RecordingListener:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class BrokerListener:
+    """Every message `queue` delivers, acknowledged on receipt and kept in arrival order."""
+
+    def __init__(self, queue: AbstractQueue) -> None:
+        self.queue = queue
+        self.received: list[AbstractIncomingMessage] = []
+        self.taken = 0  # messages `get` has returned
+        self._arrived = asyncio.Event()
+
+    @classmethod
+    async def bind(
+        cls, channel: AbstractChannel, exchange: str, *routing_keys: str
+    ) -> BrokerListener:
+        """A private queue bound to `exchange` with `routing_keys` (a fanout exchange: none),
+        consuming from now on."""
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in routing_keys or ("",):
+            await queue.bind(exchange, routing_key=key)
+        return await cls(queue).start()
+
+    @classmethod
+    async def drain(cls, channel: AbstractChannel, name: str) -> BrokerListener:
+        """The declared queue `name` (one nobody else reads in the test), emptied first."""
+        queue = await channel.get_queue(name, ensure=True)
+        await queue.purge()
+        return await cls(queue).start()
+
+    async def start(self) -> Self:
+        await self.queue.consume(self._take, no_ack=True)
+        return self
+
+    async def _take(self, message: AbstractIncomingMessage) -> None:
+        self.received.append(message)
+        self._arrived.set()
+
+    async def wait_for(
+        self,
+        count: int,
+        matches: Callable[[AbstractIncomingMessage], bool] = lambda _: True,
+        within: float = 5.0,
+    ) -> list[AbstractIncomingMessage]:
+        """The first `count` matching messages, once they have come (TimeoutError otherwise)."""
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            found = [message for message in self.received if matches(message)]
+            if len(found) >= count:
+                return found[:count]
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"{len(found)} of {count} messages in {within} s")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    async def get(self, within: float = 5.0) -> AbstractIncomingMessage:
+        """The next message not taken by `get` yet."""
+        messages = await self.wait_for(self.taken + 1, within=within)
+        self.taken += 1
+        return messages[-1]
+
+    async def none(self, wait: float = 0.3) -> None:
+        """Nothing more arrives within `wait` seconds (beyond what `get` took)."""
+        await asyncio.sleep(wait)
+        assert len(self.received) == self.taken, self.received[self.taken].body

@@ -35,7 +35,7 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """The ingestion service's storage settings for this server."""
+        """The object store settings (`ObjectStoreSettings`) for this server."""
         return {
             "EDGEWAY_STORAGE_ENDPOINT": self.endpoint,
             "EDGEWAY_STORAGE_ACCESS_KEY": ACCESS_KEY,

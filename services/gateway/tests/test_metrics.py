@@ -1,16 +1,20 @@
-"""The event-loop task gauge the fuzz tests read to find leaked tasks (tests/fuzz)."""
+"""The gateway's metrics: the event-loop task gauge the fuzz tests read to find leaked tasks
+(tests/fuzz)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
-import edgeway.gateway.metrics  # noqa: F401 - registers the gauge
+from edgeway.gateway.metrics import Metrics
+
+REGISTRY = CollectorRegistry()
+Metrics.create(REGISTRY)
 
 
 def scraped() -> float:
-    for line in generate_latest().decode().splitlines():
+    for line in generate_latest(REGISTRY).decode().splitlines():
         if line.startswith("edgeway_gateway_event_loop_tasks "):
             return float(line.split()[1])
     raise AssertionError("edgeway_gateway_event_loop_tasks is not exported")

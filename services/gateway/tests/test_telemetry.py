@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,27 +23,27 @@ import websockets
 from edgeway.common.telemetry import telemetry_pb2, wire
 from edgeway.common.telemetry.predictor import Encoder, Packet, Sample
 from edgeway.common.telemetry.uploads import UPLOADS_TYPE, unpack
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    ServiceProcess,
+    bearer,
+    gateway_fixture,
+    make_token,
+    start_gateway,
+)
 from edgeway.common.testing.faults import FaultProxy
-from edgeway.gateway.telemetry import SEED_VIN
-from edgeway.gateway.tokens import mint_with_secret
+from edgeway.gateway.telemetry.uploads import SEED_VIN
 
 pytestmark = pytest.mark.connected
 
-SECRET = "telemetry-edge-secret-that-is-long-enough-for-hs256"
 QUEUE = "edgeway.telemetry.raw"
 VIN = "5YJ3E1EA1KF000042"
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
-def make_token(*scopes: str, vin: list[str] | None = None) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="telemetry-edge", ttl=86_400, vin=vin)
-
-
 # A logger's token names the vehicles it uploads for: this test's and the seed's default.
-LOGGER = {"Authorization": f"Bearer {make_token('telemetry:publish', vin=[VIN, SEED_VIN])}"}
+LOGGER = bearer("telemetry:publish", vin=[VIN, SEED_VIN])
 DASHBOARD = make_token("telemetry:subscribe")
-OPERATOR = {"Authorization": f"Bearer {make_token('telemetry:control')}"}
+OPERATOR = bearer("telemetry:control")
 
 
 def samples(count: int, start_ms: int = 1_763_000_000_000) -> list[Sample]:
@@ -66,21 +65,10 @@ def packets(count: int) -> list[Packet]:
     return [encoder.encode(sample) for sample in samples(count)]
 
 
-@pytest.fixture(scope="module")
-def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_REQUEST_TIMEOUT": "0.3",
-            "EDGEWAY_MAX_UPLOAD_BYTES": "65536",
-        },
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+gateway = gateway_fixture(
+    EDGEWAY_REQUEST_TIMEOUT="0.3",
+    EDGEWAY_MAX_UPLOAD_BYTES="65536",
+)
 
 
 async def drain_queue(amqp_url: str, *, wait: float = 1.0) -> list[Any]:
@@ -280,7 +268,7 @@ async def test_a_logger_token_cannot_upload_for_another_vehicle(
     body = wire.encode_packet(packets(1)[0])
     compressed = {**PROTOBUF, "X-Compressed": "true"}
     unbound = make_token("telemetry:publish")  # subject "telemetry-edge", no vin claim
-    by_subject = mint_with_secret(SECRET, "telemetry:publish", subject=OTHER_VIN, ttl=86_400)
+    by_subject = make_token("telemetry:publish", subject=OTHER_VIN)
     async with httpx.AsyncClient(base_url=gateway.url) as http:
         other = await http.post(
             "/telemetry", content=body, headers={**compressed, **LOGGER, "X-Vehicle-VIN": OTHER_VIN}
@@ -396,17 +384,12 @@ async def test_uploads_beyond_the_waiting_bound_get_503_with_retry_after(
     broker = urlsplit(amqp_url)
     with FaultProxy(upstream=(broker.hostname or "127.0.0.1", broker.port or 5672)) as proxy:
         via_proxy = broker._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl()
-        gateway = ServiceProcess(
-            "edgeway.gateway",
-            env={
-                "EDGEWAY_AMQP_URL": via_proxy,
-                "EDGEWAY_JWT_SECRET": SECRET,
-                "EDGEWAY_REQUEST_TIMEOUT": "0.3",
-                "EDGEWAY_TELEMETRY_WAITING_UPLOADS": "2",
-            },
-            port=free_port(),
-            log_path=tmp_path / "gateway.log",
-        ).start()
+        gateway = start_gateway(
+            via_proxy,
+            tmp_path,
+            EDGEWAY_REQUEST_TIMEOUT="0.3",
+            EDGEWAY_TELEMETRY_WAITING_UPLOADS="2",
+        )
         try:
             await drain_queue(amqp_url, wait=0.2)
             body = wire.encode_packet(packets(1)[0])

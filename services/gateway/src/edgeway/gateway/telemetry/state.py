@@ -14,7 +14,7 @@ from edgeway.common.logging import get_logger
 from edgeway.gateway.auth import Identity
 from edgeway.gateway.link import BrokerLink, ServiceUnavailableError
 from edgeway.gateway.producers import ProducerSeats
-from edgeway.gateway.telemetry_publisher import UploadPublisher
+from edgeway.gateway.telemetry.publisher import UploadPublisher
 
 log = get_logger("edgeway.gateway.telemetry")
 
@@ -172,6 +172,7 @@ class TelemetryState:
             lambda body, envelope: link.publish_work(
                 body, envelope=envelope, exchange=link.topology.telemetry_raw
             ),
+            metrics=link.metrics,
             max_waiting=settings.telemetry_waiting_uploads,
             max_waiting_bytes=settings.telemetry_waiting_bytes,
         )

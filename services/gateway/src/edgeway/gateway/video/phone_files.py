@@ -1,5 +1,4 @@
-"""A phone's CSV file uploads on `/ws/phone` (WorldSystem, docs/seed-systems.md §3), checked and
-bounded.
+"""A phone's CSV file uploads on `/ws/phone` (WorldSystem's), checked and bounded.
 
 The seed wrote `fileName` under `./uploads` unsanitised (path traversal), had no size limit, and
 leaked the files of chunked uploads when a phone disconnected. Here the name is kept as a label

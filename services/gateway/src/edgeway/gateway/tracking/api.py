@@ -1,45 +1,16 @@
-"""Tracking (SpotOn, docs/seed-systems.md §2): environments, processing tasks, live tracks, edge
-boxes.
-
-The tracker service owns all of it; this module checks what clients send at the edge (ids,
-shapes, sizes, scopes), asks the tracker over request/reply (504 when it does not answer) and
-fans its messages out.
-
-- Environments (`tracking:admin` to write, `tracking:read` to read): `POST /api/v1/environments`,
-  `GET /api/v1/environments`, `GET`/`PUT`/`DELETE /api/v1/environments/{environment_id}`,
-  SpotOn's `GET /api/v1/detection-processing-tasks/environments`, and a `file` camera's video,
-  `PUT /api/v1/environments/{environment_id}/cameras/{camera_id}/video`: the body is the file
-  (MP4, Matroska/WebM, AVI or MPEG-TS), read under a cap and published to the tracker as one
-  persistent message, as ingestion's uploads are; 202, then the environment's `video.status`.
-- Tasks, SpotOn's API and shapes: `POST /api/v1/processing-tasks/start` (and
-  `/api/v1/detection-processing-tasks/start`) `{environment_id, mode}` → 202; `GET .../status`;
-  `POST .../stop` or `DELETE .../{task_id}`; `GET .../tracks` (JSON pages, or `format=mot`).
-- `WS /ws/tracking/{task_id}` (`tracking:subscribe`): the status at once (and a batch task's
-  `media_available`), then every `tracking_update`, `status_update`, `media_available` and
-  `batch_processing_complete` of the task.
-- `GET /api/v1/media/tasks/{task_id}/environments/{env}/cameras/{cam}/sub_videos/{file}`
-  (`tracking:read`): the video a batch task read, for as long as the task is kept, with HTTP
-  Range; the tracker reads it in chunks over request/reply (or names a presigned URL, which
-  this answers with a redirect).
-- `WS /ws/detections` (`tracking:publish`): edge devices' boxes, one message per camera frame;
-  a bad one gets an error frame and the socket stays open. A token's `device` claim names the
-  cameras it produces for, as `<environment_id>/<camera_id>` (phones are bound the same way);
-  one connection per camera on a replica (`ProducerSeats`).
-
-Errors are `{"type": "error", "code", "reason"}`.
-"""
+"""The tracking HTTP API (SpotOn's): environments, their cameras' videos, processing tasks, their
+tracks and media. Every route asks the tracker over request/reply (504 when it does not answer);
+the gateway checks ids, shapes and sizes first. Errors are `{"type": "error", "code", "reason"}`."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import orjson
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Request
 from fastapi.responses import (
     JSONResponse,
     PlainTextResponse,
@@ -49,13 +20,11 @@ from fastapi.responses import (
 )
 from pydantic import BaseModel, ValidationError
 
-from edgeway.common.broker import publish
 from edgeway.common.envelope import Envelope
 from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
-from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
+from edgeway.common.schemas.errors import ErrorFrame
 from edgeway.common.schemas.tracking import (
-    DETECTIONS_TYPE,
     HEADER_CAMERA_ID,
     HEADER_ENVIRONMENT_ID,
     HEADER_VIDEO_ID,
@@ -66,7 +35,6 @@ from edgeway.common.schemas.tracking import (
     VIDEO_TYPE,
     CreateEnvironment,
     DeleteEnvironment,
-    EdgeFrame,
     EnvironmentSpec,
     GetEnvironment,
     GetTaskStatus,
@@ -80,22 +48,11 @@ from edgeway.common.schemas.tracking import (
     StopTask,
     TrackingReply,
 )
-from edgeway.common.topology import Channels
 from edgeway.gateway import docs
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import (
-    ClientQueue,
-    Policy,
-    SnapshotEcho,
-    canonical,
-    read_until_gone,
-)
-from edgeway.gateway.limits import TokenBucket, read_body
+from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
-from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
-from edgeway.gateway.producers import SeatRefused
-from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
-from edgeway.gateway.tracking_state import DETECTIONS_ENDPOINT
+from edgeway.gateway.state import Gateway, GatewayDep, require
 
 ENVIRONMENTS = "/api/v1/environments"
 ENVIRONMENT = "/api/v1/environments/{environment_id}"
@@ -122,7 +79,7 @@ VIDEO_TYPES = frozenset(
     }
 )
 # Error frames waiting for an edge device that does not read them; older ones are dropped.
-REPLY_QUEUE_SIZE = 256
+
 
 router = APIRouter()
 
@@ -141,16 +98,17 @@ _MEDIA_FILE = re.compile(MEDIA_FILE_PATTERN)
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def error(status: int, code: str, reason: str, *, endpoint: str) -> JSONResponse:
-    REJECTED.labels(endpoint, code).inc()
+def error(gateway: Gateway, status: int, code: str, reason: str, *, endpoint: str) -> JSONResponse:
+    gateway.metrics.rejected.labels(endpoint, code).inc()
     return JSONResponse({"type": "error", "code": code, "reason": reason}, status_code=status)
 
 
-def bad_id(kind: str, value: str, *, endpoint: str) -> JSONResponse | None:
+def bad_id(gateway: Gateway, kind: str, value: str, *, endpoint: str) -> JSONResponse | None:
     """400 for an id that could never be one (a path, a dot, a space), before anything else."""
     if _ID.match(value):
         return None
     return error(
+        gateway,
         400,
         "invalid_id",
         f"{kind} {value[:80]!r} is not an id: 1-64 letters, digits, '-' or '_', starting with "
@@ -159,16 +117,9 @@ def bad_id(kind: str, value: str, *, endpoint: str) -> JSONResponse | None:
     )
 
 
-def shape_error(exc: ValidationError, *, endpoint: str) -> JSONResponse:
-    items = exc.errors(include_url=False, include_input=False)
-    if items and items[0]["type"] == "json_invalid":
-        return error(400, "malformed_json", "the body is not valid JSON", endpoint=endpoint)
-    reasons = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
-        f"{str(e['msg']).removeprefix('Value error, ')}"
-        for e in items[:5]
-    )
-    return error(400, "invalid_shape", reasons, endpoint=endpoint)
+def shape_error(gateway: Gateway, exc: ValidationError, *, endpoint: str) -> JSONResponse:
+    frame = ErrorFrame.invalid(exc, what="body")
+    return error(gateway, 400, frame.code.value, frame.reason, endpoint=endpoint)
 
 
 async def ask(gateway: Gateway, request: BaseModel) -> TrackingReply:
@@ -186,19 +137,22 @@ async def ask(gateway: Gateway, request: BaseModel) -> TrackingReply:
         raise ServiceUnavailableError("the tracker answered something unreadable") from None
 
 
-def respond(reply: TrackingReply, *, endpoint: str) -> Response:
+def respond(gateway: Gateway, reply: TrackingReply, *, endpoint: str) -> Response:
     """The tracker's answer as it is: its status and body (a refusal is counted)."""
     if reply.status == 204:
         return Response(status_code=204)
     if reply.status >= 400 and isinstance(reply.body, dict):
-        REJECTED.labels(endpoint, str(reply.body.get("code", "refused"))).inc()
+        gateway.metrics.rejected.labels(endpoint, str(reply.body.get("code", "refused"))).inc()
     return JSONResponse(reply.body, status_code=reply.status)
 
 
-async def json_body(request: Request, limit: int, *, endpoint: str) -> bytes | JSONResponse:
+async def json_body(
+    gateway: Gateway, request: Request, limit: int, *, endpoint: str
+) -> bytes | JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         return error(
+            gateway,
             415,
             "unsupported_media_type",
             f"content type {content_type or 'none'!r}: send application/json",
@@ -206,21 +160,25 @@ async def json_body(request: Request, limit: int, *, endpoint: str) -> bytes | J
         )
     body = await read_body(request, limit)
     if body is None:
-        return error(413, "too_large", f"the body is over {limit} bytes", endpoint=endpoint)
+        return error(
+            gateway, 413, "too_large", f"the body is over {limit} bytes", endpoint=endpoint
+        )
     return body
 
 
 # --- environments ----------------------------------------------------------------------------
 
 
-async def _environment_body(request: Request, *, endpoint: str) -> EnvironmentSpec | JSONResponse:
-    body = await json_body(request, MAX_ENVIRONMENT_BYTES, endpoint=endpoint)
+async def _environment_body(
+    gateway: Gateway, request: Request, *, endpoint: str
+) -> EnvironmentSpec | JSONResponse:
+    body = await json_body(gateway, request, MAX_ENVIRONMENT_BYTES, endpoint=endpoint)
     if isinstance(body, JSONResponse):
         return body
     try:
         return EnvironmentSpec.model_validate_json(body)
     except ValidationError as exc:
-        return shape_error(exc, endpoint=endpoint)
+        return shape_error(gateway, exc, endpoint=endpoint)
 
 
 @router.post(
@@ -234,18 +192,18 @@ async def create_environment(
     gateway: GatewayDep,
     _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENTS)],
 ) -> Response:
-    spec = await _environment_body(request, endpoint=ENVIRONMENTS)
+    spec = await _environment_body(gateway, request, endpoint=ENVIRONMENTS)
     if isinstance(spec, JSONResponse):
         return spec
     reply = await ask(gateway, CreateEnvironment(environment=spec))
-    return respond(reply, endpoint=ENVIRONMENTS)
+    return respond(gateway, reply, endpoint=ENVIRONMENTS)
 
 
 @router.get(ENVIRONMENTS, responses=error_responses(504))
 async def list_environments(
     gateway: GatewayDep, _: Annotated[Principal, require(Scope.TRACKING_READ, ENVIRONMENTS)]
 ) -> Response:
-    return respond(await ask(gateway, ListEnvironments()), endpoint=ENVIRONMENTS)
+    return respond(gateway, await ask(gateway, ListEnvironments()), endpoint=ENVIRONMENTS)
 
 
 @router.get(SPOTON_ENVIRONMENTS, responses=error_responses(504))
@@ -256,7 +214,7 @@ async def spoton_environments(
     """SpotOn's list of what can be processed: each environment's id, name and cameras."""
     reply = await ask(gateway, ListEnvironments())
     if reply.status != 200:
-        return respond(reply, endpoint=SPOTON_ENVIRONMENTS)
+        return respond(gateway, reply, endpoint=SPOTON_ENVIRONMENTS)
     summary = [
         {
             "environment_id": env["environment_id"],
@@ -275,10 +233,10 @@ async def get_environment(
     gateway: GatewayDep,
     _: Annotated[Principal, require(Scope.TRACKING_READ, ENVIRONMENT)],
 ) -> Response:
-    if refused := bad_id("environment_id", environment_id, endpoint=ENVIRONMENT):
+    if refused := bad_id(gateway, "environment_id", environment_id, endpoint=ENVIRONMENT):
         return refused
     reply = await ask(gateway, GetEnvironment(environment_id=environment_id))
-    return respond(reply, endpoint=ENVIRONMENT)
+    return respond(gateway, reply, endpoint=ENVIRONMENT)
 
 
 @router.put(
@@ -292,13 +250,13 @@ async def replace_environment(
     gateway: GatewayDep,
     _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENT)],
 ) -> Response:
-    if refused := bad_id("environment_id", environment_id, endpoint=ENVIRONMENT):
+    if refused := bad_id(gateway, "environment_id", environment_id, endpoint=ENVIRONMENT):
         return refused
-    spec = await _environment_body(request, endpoint=ENVIRONMENT)
+    spec = await _environment_body(gateway, request, endpoint=ENVIRONMENT)
     if isinstance(spec, JSONResponse):
         return spec
     reply = await ask(gateway, ReplaceEnvironment(environment_id=environment_id, environment=spec))
-    return respond(reply, endpoint=ENVIRONMENT)
+    return respond(gateway, reply, endpoint=ENVIRONMENT)
 
 
 @router.delete(ENVIRONMENT, responses=error_responses(400, 404, 409, 504))
@@ -307,10 +265,10 @@ async def delete_environment(
     gateway: GatewayDep,
     _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENT)],
 ) -> Response:
-    if refused := bad_id("environment_id", environment_id, endpoint=ENVIRONMENT):
+    if refused := bad_id(gateway, "environment_id", environment_id, endpoint=ENVIRONMENT):
         return refused
     reply = await ask(gateway, DeleteEnvironment(environment_id=environment_id))
-    return respond(reply, endpoint=ENVIRONMENT)
+    return respond(gateway, reply, endpoint=ENVIRONMENT)
 
 
 def video_container(data: bytes) -> bool:
@@ -336,13 +294,14 @@ async def upload_video(
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.TRACKING_ADMIN, VIDEO)],
 ) -> Response:
-    if refused := bad_id("environment_id", environment_id, endpoint=VIDEO) or bad_id(
-        "camera_id", camera_id, endpoint=VIDEO
+    if refused := bad_id(gateway, "environment_id", environment_id, endpoint=VIDEO) or bad_id(
+        gateway, "camera_id", camera_id, endpoint=VIDEO
     ):
         return refused
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in VIDEO_TYPES:
         return error(
+            gateway,
             415,
             "unsupported_media_type",
             f"content type {content_type or 'none'!r}: send the file as video/mp4, "
@@ -351,7 +310,7 @@ async def upload_video(
         )
     slots = gateway.tracking.video_slots
     if slots.locked():
-        REJECTED.labels(VIDEO, "busy").inc()
+        gateway.metrics.rejected.labels(VIDEO, "busy").inc()
         return JSONResponse(
             {"type": "error", "code": "busy", "reason": "too many video uploads at once"},
             status_code=503,
@@ -360,13 +319,16 @@ async def upload_video(
     async with slots:
         reply = await ask(gateway, PrepareVideo(environment_id=environment_id, camera_id=camera_id))
         if reply.status != 200:
-            return respond(reply, endpoint=VIDEO)
+            return respond(gateway, reply, endpoint=VIDEO)
         limit = min(gateway.settings.tracking_max_video_bytes, int(reply.body["max_bytes"]))
         data = await read_body(request, limit)
         if data is None:
-            return error(413, "too_large", f"the video is over {limit} bytes", endpoint=VIDEO)
+            return error(
+                gateway, 413, "too_large", f"the video is over {limit} bytes", endpoint=VIDEO
+            )
         if not video_container(data):
             return error(
+                gateway,
                 415,
                 "unsupported_media_type",
                 "the body is not an MP4, Matroska/WebM, AVI or MPEG-TS file",
@@ -389,9 +351,13 @@ async def upload_video(
         except Exception as exc:  # noqa: BLE001 - any broker failure: the client sends it again
             log.warning("video publish failed", video_id=video_id, error=repr(exc))
             return error(
-                503, "unavailable", "not accepted: the broker did not confirm it", endpoint=VIDEO
+                gateway,
+                503,
+                "unavailable",
+                "not accepted: the broker did not confirm it",
+                endpoint=VIDEO,
             )
-    PUBLISHED.labels(VIDEO).inc()
+    gateway.metrics.published.labels(VIDEO).inc()
     return JSONResponse(
         {
             "environment_id": environment_id,
@@ -410,16 +376,16 @@ async def upload_video(
 
 async def _start(request: Request, gateway: Gateway, prefix: str) -> Response:
     endpoint = prefix + "/start"
-    body = await json_body(request, MAX_JSON_BYTES, endpoint=endpoint)
+    body = await json_body(gateway, request, MAX_JSON_BYTES, endpoint=endpoint)
     if isinstance(body, JSONResponse):
         return body
     try:
         start = StartTaskBody.model_validate_json(body)
     except ValidationError as exc:
-        return shape_error(exc, endpoint=endpoint)
+        return shape_error(gateway, exc, endpoint=endpoint)
     reply = await ask(gateway, StartTask(environment_id=start.environment_id, mode=start.mode))
     if reply.status != 202:
-        return respond(reply, endpoint=endpoint)
+        return respond(gateway, reply, endpoint=endpoint)
     task_id = reply.body["task_id"]
     return JSONResponse(
         {
@@ -460,28 +426,30 @@ async def start_task_spoton(
     return await _start(request, gateway, SPOTON_TASKS)
 
 
-def task_id_of(value: str, *, endpoint: str) -> str | JSONResponse:
+def task_id_of(gateway: Gateway, value: str, *, endpoint: str) -> str | JSONResponse:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        return error(404, "not_found", f"{value[:80]!r} is not a task id", endpoint=endpoint)
+        return error(
+            gateway, 404, "not_found", f"{value[:80]!r} is not a task id", endpoint=endpoint
+        )
 
 
 async def _status(task_id: str, gateway: Gateway, endpoint: str) -> Response:
-    checked = task_id_of(task_id, endpoint=endpoint)
+    checked = task_id_of(gateway, task_id, endpoint=endpoint)
     if isinstance(checked, JSONResponse):
         return checked
     reply = await ask(gateway, GetTaskStatus(task_id=checked))
     if reply.status != 200:
-        return respond(reply, endpoint=endpoint)
+        return respond(gateway, reply, endpoint=endpoint)
     return JSONResponse(reply.body["status"])
 
 
 async def _stop(task_id: str, gateway: Gateway, endpoint: str) -> Response:
-    checked = task_id_of(task_id, endpoint=endpoint)
+    checked = task_id_of(gateway, task_id, endpoint=endpoint)
     if isinstance(checked, JSONResponse):
         return checked
-    return respond(await ask(gateway, StopTask(task_id=checked)), endpoint=endpoint)
+    return respond(gateway, await ask(gateway, StopTask(task_id=checked)), endpoint=endpoint)
 
 
 def _task_routes(prefix: str) -> None:
@@ -532,17 +500,17 @@ async def tracks(
 ) -> Response:
     """Stored observations: `camera_id`, `global_id`, `since`/`until` (ISO 8601), `after` (the
     previous page's `next_after`), `limit` (<= 10 000); `format=mot` for MOTChallenge text."""
-    checked = task_id_of(task_id, endpoint=TRACKS)
+    checked = task_id_of(gateway, task_id, endpoint=TRACKS)
     if isinstance(checked, JSONResponse):
         return checked
     params: dict[str, Any] = dict(request.query_params)
     try:
         query = QueryTracks.model_validate({**params, "task_id": checked})
     except ValidationError as exc:
-        return shape_error(exc, endpoint=TRACKS)
+        return shape_error(gateway, exc, endpoint=TRACKS)
     reply = await ask(gateway, query)
     if reply.status != 200 or query.format != "mot":
-        return respond(reply, endpoint=TRACKS)
+        return respond(gateway, reply, endpoint=TRACKS)
     headers = {}
     if reply.body.get("next_after") is not None:
         headers["X-Next-After"] = str(reply.body["next_after"])
@@ -585,16 +553,20 @@ async def media(
     _: Annotated[Principal, require(Scope.TRACKING_READ, MEDIA_PATH)],
 ) -> Response:
     """A video a batch task read (`media_available` names it), with Range requests."""
-    checked = task_id_of(task_id, endpoint=MEDIA_PATH)
+    checked = task_id_of(gateway, task_id, endpoint=MEDIA_PATH)
     if isinstance(checked, JSONResponse):
         return checked
     for kind, value in (("environment_id", environment_id), ("camera_id", camera_id)):
-        refused = bad_id(kind, value, endpoint=MEDIA_PATH)
+        refused = bad_id(gateway, kind, value, endpoint=MEDIA_PATH)
         if refused is not None:
             return refused
     if not _MEDIA_FILE.match(filename):
         return error(
-            400, "invalid_id", f"{filename[:80]!r} is not a video's name", endpoint=MEDIA_PATH
+            gateway,
+            400,
+            "invalid_id",
+            f"{filename[:80]!r} is not a video's name",
+            endpoint=MEDIA_PATH,
         )
 
     def read(offset: int, length: int) -> ReadMedia:
@@ -609,13 +581,13 @@ async def media(
 
     head = await ask(gateway, read(0, 0))
     if head.status != 200:
-        return respond(head, endpoint=MEDIA_PATH)
+        return respond(gateway, head, endpoint=MEDIA_PATH)
     if head.body.get("redirect"):  # an S3 store: a presigned URL, made now
         return RedirectResponse(head.body["redirect"], status_code=307)
     size, content_type = int(head.body["size"]), str(head.body["content_type"])
     wanted = byte_range(request.headers.get("range"), size)
     if isinstance(wanted, str):
-        REJECTED.labels(MEDIA_PATH, "range_not_satisfiable").inc()
+        gateway.metrics.rejected.labels(MEDIA_PATH, "range_not_satisfiable").inc()
         return JSONResponse(
             {"type": "error", "code": "range_not_satisfiable", "reason": wanted},
             status_code=416,
@@ -643,199 +615,3 @@ async def media(
         media_type=content_type,
         headers=headers,
     )
-
-
-# --- live tracks -----------------------------------------------------------------------------
-
-
-def _media_key(message: Any) -> bytes | None:
-    if isinstance(message, dict) and message.get("type") == "media_available":
-        return canonical(message)
-    return None
-
-
-@router.websocket(TRACKING_ENDPOINT)
-async def tracking_socket(websocket: WebSocket, task_id: str, gateway: GatewayDep) -> None:
-    """The task's status now, then its messages, SpotOn's shapes, until the client leaves."""
-    principal = await admit_websocket(
-        websocket, gateway, scope=Scope.TRACKING_SUBSCRIBE, endpoint=TRACKING_ENDPOINT
-    )
-    if principal is None:
-        return
-    await websocket.accept()
-
-    async def refuse(code: str, reason: str, close_code: int) -> None:
-        REJECTED.labels(TRACKING_ENDPOINT, code).inc()
-        await websocket.send_text(
-            orjson.dumps({"type": "error", "code": code, "reason": reason}).decode()
-        )
-        await websocket.close(close_code, code)
-
-    try:
-        checked = str(uuid.UUID(task_id))
-    except ValueError:
-        await refuse("not_found", f"{task_id[:80]!r} is not a task id", 1008)
-        return
-    try:
-        known = await ask(gateway, GetTaskStatus(task_id=checked))
-    except ServiceUnavailableError as exc:
-        await refuse("unavailable", str(exc), 1011)
-        return
-    if known.status != 200:
-        await refuse(known.body.get("code", "not_found"), known.body.get("reason", ""), 1008)
-        return
-    client = ClientQueue.text(
-        websocket,
-        size=gateway.settings.client_queue_size,
-        # Tracking updates are overlays of a moment: a client far behind gets the newest.
-        policy=Policy.DROP_OLDEST,
-        endpoint=TRACKING_ENDPOINT,
-    )
-    CONNECTIONS.labels(TRACKING_ENDPOINT).inc()
-
-    async def status_first() -> None:
-        # Asked again once the channel is watched: no change between the two is lost.
-        try:
-            reply = await ask(gateway, GetTaskStatus(task_id=checked))
-        except ServiceUnavailableError as exc:
-            log.warning("no status for a new tracking client", reason=str(exc))
-            return
-        if reply.status == 200:
-            first = [reply.body["message"]]
-            if reply.body.get("media"):
-                first.append(reply.body["media"])
-                # The task may have announced its videos while this client subscribed: that
-                # live copy is the one it just got, dropped once.
-                SnapshotEcho(client, [canonical(reply.body["media"])], _media_key).install()
-            client.push_front([orjson.dumps(message).decode() for message in first])
-
-    try:
-        await gateway.link.hub.serve(
-            client,
-            (Channels.tracking_task(checked),),
-            catch_up=status_first,
-            read=lambda: read_until_gone(websocket),
-        )
-    finally:
-        CONNECTIONS.labels(TRACKING_ENDPOINT).dec()
-
-
-# --- edge detections -------------------------------------------------------------------------
-
-
-class DetectionsSession:
-    """One edge device's connection: edge checks, its cameras' seats, publishes, error frames
-    back (the tracker's too: unknown environments and cameras, boxes outside the frame)."""
-
-    def __init__(self, gateway: Gateway, websocket: WebSocket, principal: Principal) -> None:
-        settings = gateway.settings
-        self.gateway = gateway
-        self.link = gateway.link
-        self.websocket = websocket
-        self.principal = principal
-        self.connection_id = uuid.uuid4().hex[:12]
-        self.reply_channel = self.link.producer_channel(self.connection_id)
-        self.replies = ClientQueue.text(
-            websocket,
-            size=REPLY_QUEUE_SIZE,
-            policy=Policy.DROP_OLDEST,
-            endpoint=DETECTIONS_ENDPOINT,
-        )
-        self.bucket = TokenBucket(settings.producer_rate, settings.producer_burst)
-        self.max_bytes = settings.tracking_max_detections_bytes
-        self.seats = gateway.tracking.cameras
-        self.cameras: set[str] = set()
-
-    def reject(self, code: ErrorCode, reason: str, details: Any = None) -> None:
-        REJECTED.labels(DETECTIONS_ENDPOINT, code.value).inc()
-        self.replies.offer(ErrorFrame(code=code, reason=reason, details=details).encode())
-
-    async def run(self) -> None:
-        CONNECTIONS.labels(DETECTIONS_ENDPOINT).inc()
-        log.info(
-            "edge device connected", connection=self.connection_id, subject=self.principal.subject
-        )
-        writer = None
-        try:
-            await self.link.hub.subscribe(self.reply_channel, self.replies)
-            writer = asyncio.create_task(self.replies.run())
-            while True:
-                message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                text = message.get("text")
-                await self.take(text.encode() if text is not None else message.get("bytes") or b"")
-        finally:
-            CONNECTIONS.labels(DETECTIONS_ENDPOINT).dec()
-            for camera in self.cameras:
-                self.seats.leave(camera, self.websocket)
-            await self.link.hub.unsubscribe(self.reply_channel, self.replies)
-            self.replies.close()
-            if writer is not None:
-                writer.cancel()
-            log.info("edge device disconnected", connection=self.connection_id)
-
-    async def take(self, raw: bytes) -> None:
-        if len(raw) > self.max_bytes:
-            self.reject(
-                ErrorCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {self.max_bytes}"
-            )
-            return
-        if not self.bucket.take():
-            self.reject(ErrorCode.RATE_LIMITED, "too many messages")
-            return
-        try:
-            frame = EdgeFrame.model_validate_json(raw)
-        except ValidationError as exc:
-            items = exc.errors(include_url=False, include_input=False)
-            if items and items[0]["type"] == "json_invalid":
-                self.reject(ErrorCode.MALFORMED_JSON, "the message is not valid JSON")
-            else:
-                reasons = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'message'}: "
-                    f"{str(e['msg']).removeprefix('Value error, ')}"
-                    for e in items[:5]
-                )
-                self.reject(ErrorCode.INVALID_SHAPE, reasons)
-            return
-        camera = f"{frame.environment_id}/{frame.camera_id}"
-        where = {"camera_id": frame.camera_id, "frame_index": frame.frame_index}
-        if camera not in self.cameras:
-            try:
-                self.seats.take(camera, self.websocket, self.principal)
-            except SeatRefused as refused:
-                self.reject(refused.code, refused.reason, where)
-                return
-            self.cameras.add(camera)
-        envelope = Envelope(
-            type=DETECTIONS_TYPE,
-            producer=f"edge/{self.principal.subject}",
-            captured_at=frame.timestamp,
-            reply_channel=self.reply_channel,
-        )
-        topology = self.link.topology
-        try:
-            await publish(
-                self.link.broker,
-                raw,
-                envelope=envelope,
-                exchange=topology.tracking_detections,
-                routing_key=topology.tracking_detections_key(frame.environment_id, frame.camera_id),
-                durable=False,
-            )
-        except Exception as exc:  # noqa: BLE001 - any broker failure: tell the producer
-            log.warning("publish failed", error=repr(exc))
-            self.reject(ErrorCode.UNAVAILABLE, "not accepted: the broker did not confirm it", where)
-            return
-        PUBLISHED.labels(DETECTIONS_ENDPOINT).inc()
-
-
-@router.websocket(DETECTIONS_ENDPOINT)
-async def detections_socket(websocket: WebSocket, gateway: GatewayDep) -> None:
-    principal = await admit_websocket(
-        websocket, gateway, scope=Scope.TRACKING_PUBLISH, endpoint=DETECTIONS_ENDPOINT
-    )
-    if principal is None:
-        return
-    await websocket.accept()
-    await DetectionsSession(gateway, websocket, principal).run()

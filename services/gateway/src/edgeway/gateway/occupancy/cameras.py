@@ -1,26 +1,20 @@
-"""Project Omega compatibility (docs/seed-systems.md §1): camera models in, occupancy clients out.
+"""`WS /model/ws/connect`: camera models push frame results (Project Omega's wire). Each is checked
+at the edge and published to the occupancy work exchange; bad input gets an error frame on the same
+socket, which stays open. What the occupancy service rejects later (an unknown camera) comes back
+as an error frame too, through this connection's reply channel. Omega's wire has no
+acknowledgement, so a frame in flight when the gateway dies is lost unknown to its camera; with
+`?ack=1` (Edgeway's, opt-in) each message is answered: `{"type": "ack", "seq", "message_id"}`
+once the broker confirmed it, or an error frame whose `details.seq` names it. `seq` counts the
+connection's messages from 1. The message id is then derived from the token's subject, the camera
+and the timestamp, so a frame sent again after a reconnect is stored once.
 
-- `WS /model/ws/connect`: camera models push frame results. Each is checked at the edge and
-  published to the occupancy work exchange; bad input gets an error frame on the same socket,
-  which stays open. What the occupancy service rejects later (an unknown camera) comes back as
-  an error frame too, through this connection's reply channel. Omega's wire has no
-  acknowledgement, so a frame in flight when the gateway dies is lost unknown to its camera;
-  with `?ack=1` (Edgeway's, opt-in) each message is answered: `{"type": "ack", "seq", "message_id"}`
-  once the broker confirmed it, or an error frame whose `details.seq` names it. `seq` counts the
-  connection's messages from 1. The message id is then derived from the token's subject, the
-  camera and the timestamp, so a frame sent again after a reconnect is stored once.
-- `WS /client/ws/connect`: clients get the latest state of every location at once, then every
-  update, in Omega's exact shape.
-- `GET /model/count`, `GET /discover/health`: as Omega answers them.
-- `GET /api/v1/occupancy/history`: each location's recent occupancy per time window (the web
-  console's sparklines), from the occupancy service.
-"""
+`GET /model/count`: the camera models connected to this replica."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, WebSocket
@@ -29,44 +23,20 @@ from opentelemetry.context import Context
 from pydantic import ValidationError
 
 from edgeway.common.envelope import Envelope, new_message_id
-from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
-from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.fanout import (
-    ClientQueue,
-    Policy,
-    SnapshotEcho,
-    canonical,
-    read_until_gone,
-)
 from edgeway.gateway.limits import TokenBucket
-from edgeway.gateway.link import ServiceUnavailableError
-from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
 MODEL_ENDPOINT = "/model/ws/connect"
-CLIENT_ENDPOINT = "/client/ws/connect"
-# Error frames (and acks) waiting for a producer that does not read them; older ones are dropped.
-REPLY_QUEUE_SIZE = 256
 # Message ids of acknowledged producers: the same frame from the same subject, the same id.
 ACKED_FRAME_IDS = uuid.UUID("5f0c9a43-2b1e-4c44-9d8e-0e6b1d2f7a10")
 
 router = APIRouter()
-log = get_logger("edgeway.gateway.omega")
+log = get_logger("edgeway.gateway.occupancy")
 tracer = trace.get_tracer("edgeway.gateway")
-
-
-def _shape_error(error: ValidationError) -> ErrorFrame:
-    first = error.errors(include_url=False, include_input=False)
-    if first and first[0]["type"] == "json_invalid":
-        return ErrorFrame(code=ErrorCode.MALFORMED_JSON, reason="the message is not valid JSON")
-    reasons = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in first[:5]
-    )
-    return ErrorFrame(code=ErrorCode.INVALID_SHAPE, reason=reasons)
 
 
 class ModelSession:
@@ -84,12 +54,7 @@ class ModelSession:
         self.principal = principal
         self.connection_id = uuid.uuid4().hex[:12]
         self.reply_channel = self.link.producer_channel(self.connection_id)
-        self.replies = ClientQueue.text(
-            websocket,
-            size=REPLY_QUEUE_SIZE,
-            policy=Policy.DROP_OLDEST,
-            endpoint=MODEL_ENDPOINT,
-        )
+        self.replies = gateway.producer_queue(websocket, MODEL_ENDPOINT)
         self.bucket = TokenBucket(settings.producer_rate, settings.producer_burst)
         self.window = asyncio.Semaphore(settings.publish_window)
         self.max_bytes = settings.max_message_bytes
@@ -99,7 +64,7 @@ class ModelSession:
         self.trace_links = [trace.Link(connection_span)] if connection_span.is_valid else []
 
     def reject(self, frame: ErrorFrame, seq: int) -> None:
-        REJECTED.labels(MODEL_ENDPOINT, frame.code.value).inc()
+        self.gateway.metrics.rejected.labels(MODEL_ENDPOINT, frame.code.value).inc()
         if self.acks:
             frame = frame.model_copy(update={"details": {"seq": seq}})
         self.replies.offer(frame.encode())
@@ -114,7 +79,7 @@ class ModelSession:
     async def run(self) -> None:
         producers = self.gateway.producers.setdefault(MODEL_ENDPOINT, set())
         producers.add(self)
-        CONNECTIONS.labels(MODEL_ENDPOINT).inc()
+        self.gateway.metrics.connections.labels(MODEL_ENDPOINT).inc()
         writer = asyncio.create_task(self.replies.run())
         log.info("model connected", connection=self.connection_id, subject=self.principal.subject)
         try:
@@ -128,7 +93,7 @@ class ModelSession:
                 await self.take(raw)
         finally:
             producers.discard(self)
-            CONNECTIONS.labels(MODEL_ENDPOINT).dec()
+            self.gateway.metrics.connections.labels(MODEL_ENDPOINT).dec()
             # What was received is published even if the producer left meanwhile.
             if self.in_flight:
                 await asyncio.wait(self.in_flight, timeout=self.gateway.settings.graceful_timeout)
@@ -156,7 +121,7 @@ class ModelSession:
         try:
             frame = FrameResult.model_validate_json(raw)
         except ValidationError as error:
-            self.reject(_shape_error(error), seq)
+            self.reject(ErrorFrame.invalid(error), seq)
             return
         if frame.summary.zones == 0:
             self.reject(
@@ -206,7 +171,7 @@ class ModelSession:
                     seq,
                 )
                 return
-        PUBLISHED.labels(MODEL_ENDPOINT).inc()
+        self.gateway.metrics.published.labels(MODEL_ENDPOINT).inc()
         if self.acks:
             ack = {"type": "ack", "seq": seq, "message_id": envelope.message_id}
             self.replies.offer(orjson.dumps(ack).decode())
@@ -221,65 +186,7 @@ async def model_connect(
     )
     if principal is None:
         return
-    await websocket.accept()
     await ModelSession(gateway, websocket, principal, acks=ack).run()
-
-
-async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
-    """Every location's latest state, from the occupancy service (request/reply)."""
-    link = gateway.link
-    updates = await link.request(
-        service="occupancy",
-        queue=link.topology.occupancy_requests_queue,
-        body={"query": "latest"},
-    )
-    if not isinstance(updates, list):  # {"error": ...}: its database is unavailable, say
-        raise ServiceUnavailableError(f"occupancy did not give the latest state: {updates}")
-    return [update for update in updates if isinstance(update, dict)]
-
-
-def _update_key(update: Any) -> bytes | None:
-    return canonical(update) if isinstance(update, dict) else None
-
-
-@router.websocket(CLIENT_ENDPOINT)
-async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
-    principal = await admit_websocket(
-        websocket, gateway, scope=Scope.OCCUPANCY_SUBSCRIBE, endpoint=CLIENT_ENDPOINT
-    )
-    if principal is None:
-        return
-    await websocket.accept()
-    hub = gateway.link.hub
-    client = ClientQueue.text(
-        websocket,
-        size=gateway.settings.client_queue_size,
-        # Occupancy updates are state: a client far behind is better served fresh than complete.
-        policy=Policy.DROP_OLDEST,
-        endpoint=CLIENT_ENDPOINT,
-    )
-    CONNECTIONS.labels(CLIENT_ENDPOINT).inc()
-
-    async def latest_first() -> None:
-        try:
-            latest = await _latest_updates(gateway)
-        except ServiceUnavailableError as exc:
-            log.warning("no latest state for a new client", reason=str(exc))
-            return
-        # Per location, the live update equal to the snapshot's is dropped, once: a newer one
-        # of the same group, or an older one still on its way, goes through.
-        SnapshotEcho(client, map(canonical, latest), _update_key).install()
-        client.push_front([orjson.dumps(update).decode() for update in latest])
-
-    try:
-        await hub.serve(
-            client,
-            (Channels.OCCUPANCY_LOCATIONS,),
-            catch_up=latest_first,
-            read=lambda: read_until_gone(websocket),
-        )
-    finally:
-        CONNECTIONS.labels(CLIENT_ENDPOINT).dec()
 
 
 @router.get(
@@ -289,37 +196,3 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
 )
 async def model_count(gateway: GatewayDep) -> dict[str, int]:
     return {"count": gateway.producer_count(MODEL_ENDPOINT)}
-
-
-@router.get("/discover/health", summary="Omega's liveness reply")
-async def discover_health() -> dict[str, str]:
-    """Omega's fixed liveness reply, kept for its clients (readiness is `/readyz`)."""
-    return {"status": "ok", "message": "Server is running!"}
-
-
-HISTORY_ENDPOINT = "/api/v1/occupancy/history"
-
-
-@router.get(
-    HISTORY_ENDPOINT,
-    summary="Each location's recent occupancy, averaged per time window",
-    responses=error_responses(504),
-    dependencies=[require(Scope.OCCUPANCY_SUBSCRIBE, HISTORY_ENDPOINT)],
-)
-async def occupancy_history(
-    gateway: GatewayDep,
-    seconds: Annotated[int, Query(ge=1, le=24 * 3600, description="how far back")] = 3600,
-    bucket_s: Annotated[int, Query(ge=1, le=3600, description="window length")] = 60,
-) -> dict[str, Any]:
-    """`{"bucket_s", "since", "locations": [{"location_name", "points": [[window start (s),
-    percent, people], ...]}]}` from the occupancy service's stored observations (what the web
-    console's sparklines draw)."""
-    link = gateway.link
-    answer = await link.request(
-        service="occupancy",
-        queue=link.topology.occupancy_requests_queue,
-        body={"query": "history", "seconds": seconds, "bucket_s": bucket_s},
-    )
-    if not isinstance(answer, dict) or "locations" not in answer:
-        raise ServiceUnavailableError(f"occupancy did not give the history: {answer}")
-    return answer

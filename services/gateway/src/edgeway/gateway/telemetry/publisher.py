@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.telemetry.uploads import PROTOBUF, UPLOADS_TYPE, pack
-from edgeway.gateway.metrics import BATCHED_UPLOADS, UPLOAD_MESSAGES
+from edgeway.gateway.metrics import Metrics
 
 # Publish one message (the body and its envelope); returns once the broker confirmed it.
 Publish = Callable[[bytes, Envelope], Awaitable[None]]
@@ -39,6 +39,7 @@ class UploadPublisher:
         self,
         publish: Publish,
         *,
+        metrics: Metrics,
         window: int = 2,
         max_uploads: int = 256,
         max_bytes: int = 4 * 1024 * 1024,
@@ -49,6 +50,7 @@ class UploadPublisher:
         if window < 1 or max_uploads < 1 or max_waiting < 1:
             raise ValueError("window, max_uploads and max_waiting must be at least 1")
         self._publish = publish
+        self.metrics = metrics
         self._window = window
         self._max_uploads = max_uploads
         self._max_bytes = max_bytes
@@ -77,7 +79,7 @@ class UploadPublisher:
         """
         if self._in_flight < self._window and not self._waiting:
             self._in_flight += 1
-            UPLOAD_MESSAGES.labels("single").inc()
+            self.metrics.upload_messages.labels("single").inc()
             try:
                 await self._publish(body, envelope)
             finally:
@@ -116,10 +118,10 @@ class UploadPublisher:
         self._waiting_bytes -= size
         self._in_flight += 1
         if len(group) == 1:
-            UPLOAD_MESSAGES.labels("single").inc()
+            self.metrics.upload_messages.labels("single").inc()
         else:
-            UPLOAD_MESSAGES.labels("batched").inc()
-            BATCHED_UPLOADS.inc(len(group))
+            self.metrics.upload_messages.labels("batched").inc()
+            self.metrics.batched_uploads.inc(len(group))
         # Its own context: not a child of the request whose confirm happened to start it.
         task = asyncio.create_task(self._send(group), context=contextvars.Context())
         self._tasks.add(task)

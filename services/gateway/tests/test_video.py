@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,21 @@ import websockets
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from websockets.asyncio.client import ClientConnection
 
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    BrokerListener,
+    ServiceProcess,
+    gateway_fixture,
+    make_token,
+)
 from edgeway.common.video.packets import PacketType, VideoPacket
-from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
 
-SECRET = "video-edge-secret-that-is-long-enough-for-hs256"
 MAX_JPEG = 4096
 MAX_VIDEO_MESSAGE = 8192
 MAX_PHONE_FILE = 100_000
 BROADCAST = "edgeway.broadcast"
 JPEG_24X16 = (Path(__file__).parent / "data" / "24x16.jpg").read_bytes()  # see test_jpeg.py
-
-
-def make_token(*scopes: str, device: list[str] | None = None) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="video-edge", ttl=86_400, device=device)
 
 
 # The phones' token names the devices these tests stream as (its `device` claim).
@@ -49,27 +48,16 @@ PILOT = make_token("video:subscribe", "video:control")
 OPERATOR = make_token("video:control")
 
 
-@pytest.fixture(scope="module")
-def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_REQUEST_TIMEOUT": "0.5",
-            "EDGEWAY_NTP_SERVERS": "[]",  # no internet here: the clock is this host's
-            "EDGEWAY_MAX_JPEG_BYTES": str(MAX_JPEG),
-            "EDGEWAY_MAX_VIDEO_MESSAGE_BYTES": str(MAX_VIDEO_MESSAGE),
-            "EDGEWAY_MAX_PHONE_FILE_BYTES": str(MAX_PHONE_FILE),
-            "EDGEWAY_MAX_PHONE_UPLOADS": "2",
-            "EDGEWAY_VIEWER_COMMAND_RATE": "5",
-            "EDGEWAY_VIEWER_COMMAND_BURST": "10",
-        },
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+gateway = gateway_fixture(
+    EDGEWAY_REQUEST_TIMEOUT="0.5",
+    EDGEWAY_NTP_SERVERS="[]",  # no internet here: the clock is this host's
+    EDGEWAY_MAX_JPEG_BYTES=str(MAX_JPEG),
+    EDGEWAY_MAX_VIDEO_MESSAGE_BYTES=str(MAX_VIDEO_MESSAGE),
+    EDGEWAY_MAX_PHONE_FILE_BYTES=str(MAX_PHONE_FILE),
+    EDGEWAY_MAX_PHONE_UPLOADS="2",
+    EDGEWAY_VIEWER_COMMAND_RATE="5",
+    EDGEWAY_VIEWER_COMMAND_BURST="10",
+)
 
 
 def ws_url(gateway: ServiceProcess, path: str, token: str | None, **query: str) -> str:
@@ -108,46 +96,11 @@ async def synced(ws: ClientConnection) -> None:
     assert (error["type"], error["code"]) == ("error", "malformed_json")
 
 
-class Probe:
-    """Messages from a queue: the gateway's own, or a private one bound to an exchange."""
-
-    def __init__(self, queue: aio_pika.abc.AbstractQueue) -> None:
-        self.queue = queue
-        self.messages: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-
-    async def start(self) -> Probe:
-        await self.queue.consume(self._take, no_ack=True)
-        return self
-
-    async def _take(self, message: AbstractIncomingMessage) -> None:
-        await self.messages.put(message)
-
-    async def get(self) -> AbstractIncomingMessage:
-        return await asyncio.wait_for(self.messages.get(), 5)
-
-    async def none(self, wait: float = 0.3) -> None:
-        await asyncio.sleep(wait)
-        assert self.messages.empty(), self.messages.get_nowait().body
-
-
 @asynccontextmanager
 async def amqp(url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     connection: AbstractRobustConnection = await aio_pika.connect_robust(url)
     async with connection:
         yield await connection.channel()
-
-
-async def bound_probe(channel: aio_pika.abc.AbstractChannel, exchange: str) -> Probe:
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key="")
-    return await Probe(queue).start()
-
-
-async def queue_probe(channel: aio_pika.abc.AbstractChannel, name: str) -> Probe:
-    """The gateway's declared queue (the relay's, here nobody else reads it), emptied first."""
-    queue = await channel.get_queue(name, ensure=True)
-    await queue.purge()
-    return await Probe(queue).start()
 
 
 def frame(timestamp_ns: int, jpeg: bytes) -> bytes:
@@ -161,7 +114,7 @@ async def test_phone_frames_reach_video_frames_exchange_with_the_seed_headers(
     gateway: ServiceProcess, amqp_url: str
 ) -> None:
     async with amqp(amqp_url) as channel:
-        frames = await bound_probe(channel, "video_frames_exchange")
+        frames = await BrokerListener.bind(channel, "video_frames_exchange")
         async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-a")) as ws:
             before_ns = time.time_ns()
             await ws.send(frame(1_763_000_000_123_456_789, JPEG_24X16))
@@ -205,8 +158,8 @@ async def test_imu_and_analysis_mode_are_published_and_bad_messages_answered(
     }
     imu_text = json.dumps(imu, indent=1)  # the body goes on exactly as the phone sent it
     async with amqp(amqp_url) as channel:
-        imu_queue = await queue_probe(channel, "edgeway.video.imu")
-        modes = await bound_probe(channel, "analysis_mode_exchange")
+        imu_queue = await BrokerListener.drain(channel, "edgeway.video.imu")
+        modes = await BrokerListener.bind(channel, "analysis_mode_exchange")
         async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-b")) as ws:
             await ws.send(imu_text)
             await ws.send(json.dumps({"type": "analysis_mode", "data": "YOLO"}))
@@ -239,7 +192,7 @@ async def test_phone_csv_files_go_to_ingestion_whole_or_chunked_and_bounded(
 ) -> None:
     csv_text = "t,ax,ay\n1,0.1,9.8\n2,0.2,9.7\n"
     async with amqp(amqp_url) as channel:
-        files = await queue_probe(channel, "edgeway.ingest.uploads")
+        files = await BrokerListener.drain(channel, "edgeway.ingest.uploads")
         async with websockets.connect(ws_url(gateway, "/ws/phone", PHONE, device="cam-f")) as ws:
             # One piece, with a path for a name: kept as a label only.
             await ws.send(
@@ -299,7 +252,7 @@ async def test_video_chunks_reach_the_stream_queue_unchanged_and_numbered(
 ) -> None:
     chunks = [bytes([i]) * (100 + i) for i in range(1, 6)]
     async with amqp(amqp_url) as channel:
-        stream = await queue_probe(channel, "edgeway.video.stream")
+        stream = await BrokerListener.drain(channel, "edgeway.video.stream")
         url = ws_url(gateway, "/ws/video", PHONE, device="cam-c")
         async with websockets.connect(url) as ws:
             await ws.send(chunks[0])
@@ -428,7 +381,7 @@ async def test_viewer_commands_reach_only_the_addressed_phones(
 
 async def test_restart_reaches_restart_exchange(gateway: ServiceProcess, amqp_url: str) -> None:
     async with amqp(amqp_url) as channel, httpx.AsyncClient(base_url=gateway.url) as http:
-        restarts = await bound_probe(channel, "restart_exchange")
+        restarts = await BrokerListener.bind(channel, "restart_exchange")
         response = await http.post("/api/restart", headers={"Authorization": f"Bearer {OPERATOR}"})
         assert response.status_code == 202
         message = await restarts.get()
@@ -615,25 +568,12 @@ async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets(
 # --- identities: a phone's token speaks for its devices only ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def open_gateway(
-    amqp_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    """A gateway that lets phones in without a token, as the development profile does (the
-    seed's phones cannot send one)."""
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_NTP_SERVERS": "[]",
-            "EDGEWAY_ANONYMOUS_SCOPES": '["video:publish"]',
-        },
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("open-gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+# A gateway that lets phones in without a token, as the development profile does (the seed's
+# phones cannot send one).
+open_gateway = gateway_fixture(
+    EDGEWAY_NTP_SERVERS="[]",
+    EDGEWAY_ANONYMOUS_SCOPES='["video:publish"]',
+)
 
 
 async def refused_with(ws: ClientConnection) -> tuple[str, int | None]:
@@ -650,8 +590,8 @@ async def test_no_caller_takes_over_a_phone_it_does_not_speak_for(
     victim = make_token("video:publish", device=[device])
     other = make_token("video:publish", device=["someone-else"])
     async with amqp(amqp_url) as channel:
-        imu = await queue_probe(channel, "edgeway.video.imu")
-        stream = await queue_probe(channel, "edgeway.video.stream")
+        imu = await BrokerListener.drain(channel, "edgeway.video.imu")
+        stream = await BrokerListener.drain(channel, "edgeway.video.stream")
         async with websockets.connect(ws_url(open_gateway, path, victim, device=device)) as real:
             await synced(real)
             # A token bound to another device is refused outright; an anonymous caller (no

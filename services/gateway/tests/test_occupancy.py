@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,19 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import (
+    TEST_SECRET,
+    ServiceProcess,
+    free_port,
+    gateway_fixture,
+    make_token,
+    start_gateway,
+)
 from edgeway.common.topology import Channels, Topology
-from edgeway.gateway.tokens import mint_with_secret
 
 pytestmark = pytest.mark.connected
 
-SECRET = "edge-test-secret-that-is-long-enough-for-hs256"
 QUEUE = "edgeway.occupancy.observations"
-
-
-def make_token(*scopes: str) -> str:
-    return mint_with_secret(SECRET, *scopes, subject="edge-test", ttl=86_400)
 
 
 PUBLISH = make_token("occupancy:publish")
@@ -47,24 +47,13 @@ def frame(camera: str = "Flint_1", **summary: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def gateway(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_ALLOWED_ORIGINS": '["https://dash.example"]',
-            "EDGEWAY_PRODUCER_RATE": "20",
-            "EDGEWAY_PRODUCER_BURST": "40",
-            "EDGEWAY_REQUEST_TIMEOUT": "0.3",
-            "EDGEWAY_WS_MAX_SIZE": str(1024 * 1024),  # the protocol limit tested below
-        },
-        port=free_port(),
-        log_path=tmp_path_factory.mktemp("gateway") / "gateway.log",
-    ).start()
-    yield process
-    process.stop()
+gateway = gateway_fixture(
+    EDGEWAY_ALLOWED_ORIGINS='["https://dash.example"]',
+    EDGEWAY_PRODUCER_RATE="20",
+    EDGEWAY_PRODUCER_BURST="40",
+    EDGEWAY_REQUEST_TIMEOUT="0.3",
+    EDGEWAY_WS_MAX_SIZE=str(1024 * 1024),  # the protocol limit tested below
+)
 
 
 def ws_url(gateway: ServiceProcess, path: str, token: str | None = None) -> str:
@@ -330,7 +319,7 @@ async def test_tokens_never_reach_the_logs(gateway: ServiceProcess) -> None:
     assert "/model/count" in log  # the requests were logged...
     assert SUBSCRIBE not in log  # ...without their tokens
     assert PUBLISH not in log
-    assert SECRET not in log
+    assert TEST_SECRET not in log
 
 
 def test_readiness_and_liveness(gateway: ServiceProcess) -> None:
@@ -351,18 +340,13 @@ def test_production_keeps_docs_and_metrics_off_the_public_port(
     amqp_url: str, tmp_path: Path
 ) -> None:
     metrics_port = free_port()
-    production = ServiceProcess(
-        "edgeway.gateway",
-        env={
-            "EDGEWAY_ENVIRONMENT": "production",
-            "EDGEWAY_AMQP_URL": amqp_url,
-            "EDGEWAY_JWT_SECRET": SECRET,
-            "EDGEWAY_METRICS_PORT": str(metrics_port),
-            "EDGEWAY_METRICS_HOST": "127.0.0.1",
-        },
-        port=free_port(),
-        log_path=tmp_path / "gateway.log",
-    ).start()
+    production = start_gateway(
+        amqp_url,
+        tmp_path,
+        EDGEWAY_ENVIRONMENT="production",
+        EDGEWAY_METRICS_PORT=str(metrics_port),
+        EDGEWAY_METRICS_HOST="127.0.0.1",
+    )
     try:
         for path in ("/docs", "/redoc", "/openapi.json", "/metrics"):
             assert (path, httpx.get(production.url + path).status_code) == (path, 404)

@@ -1,26 +1,9 @@
-"""Ingestion compatibility (TrackShift, docs/seed-systems.md §5): uploads and RTSP captures as jobs.
-
-- `POST /api/v1/ingest/upload`: multipart `camera_id`, `files`, `meta`. The body is read as it
-  streams, under a cap; each file is held to the per-file cap and the batch count, and its type is
-  decided by its bytes (header only: the ingestion service decodes it in full). The request is
-  opened at the ingestion service (request/reply), each accepted file published as its own
-  durable message, and 202 comes once the broker confirmed them all.
-- `POST /api/v1/ingest/rtsp`: the seed's JSON body; the service admits the capture (or refuses
-  it at a stream cap: 429; a URL with a control character or space, or naming a destination
-  the service may not reach: 422) and runs it in the background. 202 at once.
-- `GET /api/v1/ingest/status/{request_id}`: the seed's `IngestionResponse`, from the service,
-  with one page of its frames: `?limit=` (default 100, at most 1000) after `?cursor=` (the
-  previous page's `next_cursor`); `frames_total` counts them all.
-- `POST /api/v1/ingest/rtsp/{request_id}/cancel`: stops a capture.
-- `WS /ws/ingest/{request_id}`: the status now (its first page of frames), then each
-  `ingest.request.<id>` event.
-
-Every request names its caller (the token's subject) to the service, which keeps it as the
-request's requester: status, progress and cancel are for the requester, or a token with
-`ingest:admin`; to anyone else the request does not exist (404).
-
-Errors are the error object (`edgeway.common.errors`) with the seed's `ErrorResponse` fields
-beside it (`{error, message, details, request_id, timestamp}`), which its clients parse.
+"""The ingestion HTTP API (TrackShift's): image uploads (`POST /api/v1/ingest/upload`, a multipart
+form read as it streams, under caps) and RTSP captures (`POST /api/v1/ingest/rtsp`) as requests
+the ingestion service opens and runs; their status, cancel and progress socket
+(`WS /ws/ingest/{request_id}`). A request is its caller's (the token's subject): to anyone else
+but an `ingest:admin` token it does not exist (404). Errors carry the seed's `ErrorResponse`
+fields beside the error object's, which its clients parse.
 """
 
 from __future__ import annotations
@@ -39,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, ValidationError
 
 from edgeway.common.envelope import Envelope
-from edgeway.common.errors import ErrorObject, error_responses
+from edgeway.common.errors import ErrorObject, error_responses, validation_reason
 from edgeway.common.logging import get_logger
 from edgeway.common.media import MediaRejected, inspect_image
 from edgeway.common.schemas.ingest import (
@@ -68,11 +51,9 @@ from edgeway.common.schemas.ingest import (
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.docs import json_body
-from edgeway.gateway.fanout import ClientQueue, Policy, read_until_gone
+from edgeway.gateway.ingest.multipart import FormError, UploadLimits, read_form
 from edgeway.gateway.limits import read_body
 from edgeway.gateway.link import ServiceUnavailableError
-from edgeway.gateway.metrics import CONNECTIONS, PUBLISHED, REJECTED
-from edgeway.gateway.multipart import FormError, UploadLimits, read_form
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
 UPLOAD_ENDPOINT = "/api/v1/ingest/upload"
@@ -97,8 +78,8 @@ log = get_logger("edgeway.gateway.ingest")
 
 
 class IngestError(ErrorObject):
-    """The error object, plus the fields of the seed's `ErrorResponse` (seed-systems.md §5:
-    `{error, message, details, request_id, timestamp}`), which TrackShift's clients parse:
+    """The error object, plus the fields of the seed's `ErrorResponse`
+    (`{error, message, details, request_id, timestamp}`), which TrackShift's clients parse:
     `error` repeats `code` and `message` repeats `reason`."""
 
     model_config = ConfigDict(
@@ -128,18 +109,16 @@ class IngestError(ErrorObject):
         return {**super().body(), "details": self.details, "request_id": self.request_id}
 
 
-def error_response(
+def seed_error(
     status: int,
     error: str,
     message: str,
     *,
-    endpoint: str,
     details: Any = None,
     request_id: str | None = None,
     fix: str | None = None,
 ) -> Response:
-    """The error object with the seed's fields, counted by endpoint template and code."""
-    REJECTED.labels(endpoint, error).inc()
+    """The error object with the seed's fields."""
     return IngestError(
         code=error,
         reason=message,
@@ -152,13 +131,29 @@ def error_response(
     ).response(status)
 
 
+def error_response(
+    gateway: Gateway,
+    status: int,
+    error: str,
+    message: str,
+    *,
+    endpoint: str,
+    details: Any = None,
+    request_id: str | None = None,
+    fix: str | None = None,
+) -> Response:
+    """`seed_error`, counted by endpoint template and code."""
+    gateway.metrics.rejected.labels(endpoint, error).inc()
+    return seed_error(status, error, message, details=details, request_id=request_id, fix=fix)
+
+
 def errors(*statuses: int) -> dict[int | str, Any]:
     """A route's documented error responses, in the seed-compatible shape."""
     return error_responses(*statuses, model=IngestError)
 
 
 # What `POST /api/v1/ingest/upload` takes, for the API documents: the form is read as it
-# streams (edgeway.gateway.multipart), not by FastAPI.
+# streams (edgeway.gateway.ingest.multipart), not by FastAPI.
 UPLOAD_FORM = {
     "requestBody": {
         "required": True,
@@ -208,8 +203,11 @@ async def ask(gateway: Gateway, command: Any) -> IngestReply:
         ) from None
 
 
-def _reply_error(reply: IngestReply, *, endpoint: str, request_id: str) -> Response:
+def _reply_error(
+    gateway: Gateway, reply: IngestReply, *, endpoint: str, request_id: str
+) -> Response:
     return error_response(
+        gateway,
         REPLY_STATUS.get(reply.error or "", 502),
         reply.error or "failed",
         reply.message or "the ingestion service refused the request",
@@ -227,8 +225,11 @@ def _accepted(reply: IngestReply, request_id: str) -> JSONResponse:
     return JSONResponse(body, 202)
 
 
-def _unavailable(exc: Exception, *, endpoint: str, request_id: str | None = None) -> Response:
+def _unavailable(
+    gateway: Gateway, exc: Exception, *, endpoint: str, request_id: str | None = None
+) -> Response:
     return error_response(
+        gateway,
         504,
         "unavailable",
         str(exc),
@@ -242,11 +243,13 @@ def _caller(principal: Principal) -> Caller:
     return Caller(subject=principal.subject, operator=Scope.INGEST_ADMIN in principal.scopes)
 
 
-def _request_id(value: str, *, endpoint: str) -> str | Response:
+def _request_id(gateway: Gateway, value: str, *, endpoint: str) -> str | Response:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        return error_response(404, "not_found", f"{value!r} is not a request id", endpoint=endpoint)
+        return error_response(
+            gateway, 404, "not_found", f"{value!r} is not a request id", endpoint=endpoint
+        )
 
 
 # --- uploads --------------------------------------------------------------------------------
@@ -274,17 +277,17 @@ async def upload(
         form = await read_form(request, limits)
     except FormError as exc:
         code = {413: "too_large", 415: "unsupported_media_type"}.get(exc.status, "invalid_form")
-        return error_response(exc.status, code, exc.reason, endpoint=UPLOAD_ENDPOINT)
+        return error_response(gateway, exc.status, code, exc.reason, endpoint=UPLOAD_ENDPOINT)
     try:
         camera_id = check_camera_id(form.fields.get("camera_id", ""))
         meta_text = form.fields.get("meta")
         meta = FrameMetadata.model_validate_json(meta_text) if meta_text else None
     except ValidationError as exc:
         return error_response(
-            400, "invalid_meta", _first_error(exc, "meta"), endpoint=UPLOAD_ENDPOINT
+            gateway, 400, "invalid_meta", _problems(exc, "meta"), endpoint=UPLOAD_ENDPOINT
         )
     except ValueError as exc:
-        return error_response(400, "invalid_camera_id", str(exc), endpoint=UPLOAD_ENDPOINT)
+        return error_response(gateway, 400, "invalid_camera_id", str(exc), endpoint=UPLOAD_ENDPOINT)
 
     rejected = [
         RejectedFile(filename=item.filename, code=item.code, reason=item.reason)
@@ -307,6 +310,7 @@ async def upload(
         accepted.append((described, file.data, header.format.content_type))
     if not accepted:
         return error_response(
+            gateway,
             422 if rejected else 400,
             "no_file_accepted",
             "no file could be accepted" if rejected else "the form has no `files` part",
@@ -326,9 +330,9 @@ async def upload(
     try:
         reply = await ask(gateway, command)
     except ServiceUnavailableError as exc:
-        return _unavailable(exc, endpoint=UPLOAD_ENDPOINT)
+        return _unavailable(gateway, exc, endpoint=UPLOAD_ENDPOINT)
     if not reply.ok:
-        return _reply_error(reply, endpoint=UPLOAD_ENDPOINT, request_id=request_id)
+        return _reply_error(gateway, reply, endpoint=UPLOAD_ENDPOINT, request_id=request_id)
 
     link = gateway.link
     producer = f"uploader/{principal.subject}"
@@ -353,13 +357,14 @@ async def upload(
     except Exception as exc:  # noqa: BLE001 - any broker failure: the client must send it again
         log.warning("upload publish failed", request_id=request_id, error=repr(exc))
         return error_response(
+            gateway,
             503,
             "unavailable",
             "not accepted: the broker did not confirm every file (the request will be failed)",
             endpoint=UPLOAD_ENDPOINT,
             request_id=request_id,
         )
-    PUBLISHED.labels(UPLOAD_ENDPOINT).inc(len(accepted))
+    gateway.metrics.published.labels(UPLOAD_ENDPOINT).inc(len(accepted))
     return _accepted(reply, request_id)
 
 
@@ -381,6 +386,7 @@ async def rtsp(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         return error_response(
+            gateway,
             415,
             "unsupported_media_type",
             f"content type {content_type or 'none'!r}: send the request as application/json",
@@ -389,25 +395,33 @@ async def rtsp(
     body = await read_body(request, MAX_JSON_BYTES)
     if body is None:
         return error_response(
-            413, "too_large", f"the body is over {MAX_JSON_BYTES} bytes", endpoint=RTSP_ENDPOINT
+            gateway,
+            413,
+            "too_large",
+            f"the body is over {MAX_JSON_BYTES} bytes",
+            endpoint=RTSP_ENDPOINT,
         )
     try:
         capture = RtspIngestionRequest.model_validate_json(body)
     except ValidationError as exc:
         unsafe = [error for error in exc.errors() if error["type"] == URL_REFUSED]
         if unsafe:  # not a mistake but an attempt to write into the RTSP request: 422
-            return error_response(422, URL_REFUSED, unsafe[0]["msg"], endpoint=RTSP_ENDPOINT)
+            return error_response(
+                gateway, 422, URL_REFUSED, unsafe[0]["msg"], endpoint=RTSP_ENDPOINT
+            )
         # The seed's mapping: a validation error is 400 (not FastAPI's 422).
-        return error_response(400, "validation_error", _first_error(exc), endpoint=RTSP_ENDPOINT)
+        return error_response(
+            gateway, 400, "validation_error", _problems(exc), endpoint=RTSP_ENDPOINT
+        )
     request_id = str(uuid.uuid4())
     command = StartCapture(request_id=request_id, request=capture, caller=_caller(principal))
     try:
         reply = await ask(gateway, command)
     except ServiceUnavailableError as exc:
-        return _unavailable(exc, endpoint=RTSP_ENDPOINT)
+        return _unavailable(gateway, exc, endpoint=RTSP_ENDPOINT)
     if not reply.ok:
-        return _reply_error(reply, endpoint=RTSP_ENDPOINT, request_id=request_id)
-    PUBLISHED.labels(RTSP_ENDPOINT).inc()
+        return _reply_error(gateway, reply, endpoint=RTSP_ENDPOINT, request_id=request_id)
+    gateway.metrics.published.labels(RTSP_ENDPOINT).inc()
     return _accepted(reply, request_id)
 
 
@@ -420,15 +434,15 @@ async def _about_request(
     endpoint: str,
 ) -> Response:
     """Ask the service about one request (status, cancel): its IngestionResponse, or why not."""
-    checked = _request_id(request_id, endpoint=endpoint)
+    checked = _request_id(gateway, request_id, endpoint=endpoint)
     if isinstance(checked, Response):
         return checked
     try:
         reply = await ask(gateway, command(request_id=checked, caller=_caller(principal)))
     except ServiceUnavailableError as exc:
-        return _unavailable(exc, endpoint=endpoint, request_id=checked)
+        return _unavailable(gateway, exc, endpoint=endpoint, request_id=checked)
     if not reply.ok or reply.response is None:
-        return _reply_error(reply, endpoint=endpoint, request_id=checked)
+        return _reply_error(gateway, reply, endpoint=endpoint, request_id=checked)
     return JSONResponse(reply.response.model_dump(mode="json"))
 
 
@@ -462,7 +476,9 @@ async def status(
     try:
         page = FramesPage.model_validate({key: query[key] for key in PAGE_QUERY if key in query})
     except ValidationError as exc:
-        return error_response(400, "validation_error", _first_error(exc), endpoint=STATUS_ENDPOINT)
+        return error_response(
+            gateway, 400, "validation_error", _problems(exc), endpoint=STATUS_ENDPOINT
+        )
     return await _about_request(
         gateway,
         request_id,
@@ -484,7 +500,6 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
     )
     if principal is None:
         return
-    await websocket.accept()
 
     async def refuse(code: str, reason: str, close_code: int) -> None:
         error = ErrorObject(code=code, reason=reason).body()
@@ -509,13 +524,7 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
     if allowed.response is None:
         await refuse(allowed.error or "not_found", allowed.message or "no such request", 1008)
         return
-    client = ClientQueue.text(
-        websocket,
-        size=gateway.settings.client_queue_size,
-        policy=Policy.DROP_OLDEST,
-        endpoint=PROGRESS_ENDPOINT,
-    )
-    CONNECTIONS.labels(PROGRESS_ENDPOINT).inc()
+    client = gateway.client_queue(websocket, PROGRESS_ENDPOINT)
 
     async def status_first() -> None:
         # Asked again once the channel is watched: no event between the two is lost.
@@ -534,19 +543,15 @@ async def progress(websocket: WebSocket, request_id: str, gateway: GatewayDep) -
                 first = {"type": "ingest_status", **reply.response.model_dump(mode="json")}
         client.push_front([orjson.dumps(first).decode()])
 
-    try:
-        await gateway.link.hub.serve(
-            client,
-            (Channels.ingest_request(checked),),
-            catch_up=status_first,
-            read=lambda: read_until_gone(websocket),
-        )
-    finally:
-        CONNECTIONS.labels(PROGRESS_ENDPOINT).dec()
+    await gateway.serve_client(
+        websocket, client, (Channels.ingest_request(checked),), catch_up=status_first
+    )
 
 
-def _first_error(exc: ValidationError, prefix: str | None = None) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in (prefix, *error.get("loc", ())) if part)
-    message = str(error.get("msg", "invalid"))
-    return f"{where}: {message}" if where else message
+def _problems(exc: ValidationError, prefix: str | None = None) -> str:
+    """What is wrong, as every other endpoint says it (`validation_reason`); `prefix` names the
+    field the problems are in (a form's `meta`)."""
+    problems = exc.errors(include_url=False, include_input=False)
+    if prefix:
+        return validation_reason([{**p, "loc": (prefix, *p["loc"])} for p in problems])
+    return validation_reason(list(problems))

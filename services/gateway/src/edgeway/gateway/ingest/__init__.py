@@ -1,0 +1,1 @@
+"""Ingestion (TrackShift's wire): image uploads and RTSP captures as jobs."""

@@ -1,0 +1,1 @@
+"""Occupancy (Project Omega's wire): camera models in, occupancy clients out."""

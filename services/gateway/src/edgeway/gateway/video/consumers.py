@@ -1,0 +1,129 @@
+"""`WS /ws/video/consume`: the relay's GOP for a late joiner, then live packets, as the seed's
+binary frames; a consumer that falls behind skips to the next keyframe."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, WebSocket
+
+from edgeway.common.logging import get_logger
+from edgeway.common.topology import Channels
+from edgeway.common.video.packets import PacketParser, PacketType
+from edgeway.gateway.auth import Scope
+from edgeway.gateway.fanout import (
+    ClientQueue,
+    Packet,
+    VideoQueue,
+    prepared_writer,
+    send_frames,
+)
+from edgeway.gateway.link import ServiceUnavailableError
+from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket
+from edgeway.gateway.video.sockets import DEFAULT_DEVICE, admit_device, read_message
+
+CONSUME_ENDPOINT = "/ws/video/consume"
+RELAY = "video-relay"
+GOP_SEQ_BYTES = 8  # the big-endian last_seq before the packets of a GOP reply
+PACKET_KINDS = {
+    PacketType.SPS: "sps",
+    PacketType.PPS: "pps",
+    PacketType.KEYFRAME: "keyframe",
+    PacketType.FRAME: "frame",
+}
+
+router = APIRouter()
+log = get_logger("edgeway.gateway.video")
+
+
+def parse_gop(body: bytes) -> tuple[list[Packet], int]:
+    """The relay's GOP reply: its packets, as the socket sends them, and its last_seq."""
+    if len(body) < GOP_SEQ_BYTES:
+        raise ValueError(f"a GOP reply of {len(body)} bytes has no last_seq")
+    last_seq = int.from_bytes(body[:GOP_SEQ_BYTES], "big")
+    parser = PacketParser()
+    packets = [
+        Packet(packet.payload, kind=PACKET_KINDS[packet.type])
+        for packet in parser.feed(body[GOP_SEQ_BYTES:])
+        if packet.type in PACKET_KINDS
+    ]
+    if parser.corrupt or parser.buffered:
+        raise ValueError("the GOP reply holds a corrupt or incomplete packet")
+    return packets, last_seq
+
+
+async def _gop(gateway: Gateway, device: str) -> tuple[list[Packet], int]:
+    """The relay's GOP for `device`; empty when it cannot give one (logged)."""
+    link = gateway.link
+    try:
+        reply = await link.request_raw(
+            service=RELAY,
+            queue=link.topology.video_requests_queue,
+            body={"query": "gop", "device": device},
+        )
+        return parse_gop(reply)
+    except (ServiceUnavailableError, ValueError) as exc:
+        log.warning(
+            "no GOP for a new consumer: it starts at the next keyframe",
+            device=device,
+            reason=str(exc),
+        )
+        return [], 0
+
+
+@router.websocket(CONSUME_ENDPOINT)
+async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT_DEVICE) -> None:
+    if not await admit_websocket(
+        websocket, gateway, scope=Scope.VIDEO_SUBSCRIBE, endpoint=CONSUME_ENDPOINT
+    ):
+        return
+    if not await admit_device(websocket, device):
+        return
+    hub, state = gateway.link.hub, gateway.video
+    client = VideoQueue(
+        send_frames(websocket),
+        write=prepared_writer(websocket, binary=True),
+        size=gateway.settings.video_queue_size,
+        endpoint=CONSUME_ENDPOINT,
+        metrics=gateway.metrics,
+    )
+    state.consumers[device] += 1
+    gateway.metrics.connections.labels(CONSUME_ENDPOINT).inc()
+
+    async def gop_first() -> None:
+        # What the GOP already holds is dropped from the live packets by sequence number.
+        gop, last_seq = await _gop(gateway, device)
+        if not gop:
+            # Not silence: the consumer hears why nothing comes (a device id with a typo, or
+            # a phone not connected yet); packets follow on their own once a stream starts.
+            client.offer(no_stream_yet(device))
+        client.start(gop, last_seq)
+
+    try:
+        await hub.serve(
+            client,
+            (Channels.video_stream(device),),
+            catch_up=gop_first,
+            read=lambda: _answer_pings(websocket, client),
+        )
+    finally:
+        state.consumer_left(device)
+        gateway.metrics.connections.labels(CONSUME_ENDPOINT).dec()
+
+
+def no_stream_yet(device: str) -> str:
+    """The one text message a consumer gets besides "pong": its device has no stream yet."""
+    return orjson.dumps(
+        {
+            "type": "status",
+            "code": "no_stream",
+            "reason": f"no stream for device {device} yet; it starts when the phone streams",
+            "device": device,
+        }
+    ).decode()
+
+
+async def _answer_pings(websocket: WebSocket, client: ClientQueue) -> None:
+    """The seed's keepalive: text "ping" gets "pong" (through the queue, in order)."""
+    while (data := await read_message(websocket)) is not None:
+        if data == "ping":
+            client.offer("pong")
