@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -132,3 +136,84 @@ def background(seconds: float = 1.0) -> float:
     meter.start()
     time.sleep(seconds)
     return meter.stop().get("machine", 0.0)
+
+
+# --- where the CPU goes: py-spy ---------------------------------------------------------------
+
+
+class Profiler:
+    """py-spy samples processes from outside while a step runs (`--nonblocking`: the target
+    is never paused), into collapsed stacks (`<label>.txt`, one `frame;frame;... count` a line:
+    flamegraph.pl and speedscope read them). Idle samples are left out, so the counts are where
+    the process spent CPU. Needs `py-spy` (dev group) and permission to trace the process."""
+
+    def __init__(self, pids: dict[str, int], directory: Path, *, rate: int = 200) -> None:
+        self.pids = pids
+        self.directory = directory
+        self.rate = rate
+        self._running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for label, pid in self.pids.items():
+            out = self.directory / f"{label}.txt"
+            out.unlink(missing_ok=True)
+            self._running[label] = subprocess.Popen(
+                [
+                    *(exe, "record", "--pid", str(pid), "--rate", str(self.rate)),
+                    *("--nonblocking", "--format", "raw", "--output", str(out)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+    def stop(self) -> dict[str, Path]:
+        """Stop sampling (py-spy writes its file on SIGINT); label -> file written."""
+        written = {}
+        for label, process in self._running.items():
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+            out = self.directory / f"{label}.txt"
+            if out.exists() and out.stat().st_size:
+                written[label] = out
+        self._running.clear()
+        return written
+
+
+def profile_summary(
+    path: Path, *, top: int = 20, trunk: float = 0.9
+) -> list[tuple[str, float, float]]:
+    """The costliest frames of collapsed stacks: (frame, % of samples in it or below it,
+    % of samples in it alone), by the first. A frame counts once per stack (recursion). The
+    trunk (start-up frames under at least `trunk` of the samples that do nothing themselves)
+    is left out."""
+    inclusive: dict[str, int] = {}
+    alone: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        alone[frames[-1]] = alone.get(frames[-1], 0) + count
+    if not total:
+        return []
+    ranked = sorted(
+        (
+            (frame, count)
+            for frame, count in inclusive.items()
+            if count < trunk * total or alone.get(frame, 0) >= 0.05 * total
+        ),
+        key=lambda item: item[1],
+        reverse=True,
+    )[:top]
+    return [
+        (frame, round(count / total * 100, 1), round(alone.get(frame, 0) / total * 100, 1))
+        for frame, count in ranked
+    ]

@@ -75,6 +75,7 @@ from edgeway.common.testing import (
     create_vhost,
     drop_postgres_database,
     drop_vhost,
+    make_token,
 )
 from edgeway.common.testing.faults import FaultProxy
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
@@ -84,7 +85,7 @@ from edgeway.edge.pacing import Backoff
 from edgeway.edge.phone.media import frame_number, synthetic_stream
 from edgeway.edge.telemetry_logger import TelemetryLogger
 from edgeway.edge.traces import highway
-from tests.stack import CAMERAS, Stack, frame, token
+from tests.stack import CAMERAS, Stack, frame
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUCKET = "fault-frames"
@@ -558,7 +559,7 @@ class Vehicle:
         self.logger = CountingLogger(
             vin,
             gateway_url,
-            token("telemetry:publish", vin=[vin]),
+            make_token("telemetry:publish", vin=[vin]),
             self._until_stopped(trace),
             outbox,
             period_s=TELEMETRY_PERIOD_S,
@@ -595,7 +596,7 @@ def small_jpeg() -> bytes:
 
 
 JPEG = small_jpeg()
-WRITER = {"Authorization": f"Bearer {token('ingest:write', 'ingest:read')}"}
+WRITER = {"Authorization": f"Bearer {make_token('ingest:write', 'ingest:read')}"}
 
 
 def retry_after(response: httpx.Response) -> float:
@@ -709,7 +710,7 @@ class Probes:
     async def _telemetry(self) -> float:
         url = self.suite.running.gateway.url + "/telemetry"
         headers = {
-            "Authorization": f"Bearer {token('telemetry:publish', vin=[PROBE_VIN])}",
+            "Authorization": f"Bearer {make_token('telemetry:publish', vin=[PROBE_VIN])}",
             "Content-Type": "application/x-protobuf",
             "X-Compressed": "false",
             "X-Vehicle-VIN": PROBE_VIN,

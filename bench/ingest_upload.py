@@ -44,9 +44,10 @@ from edgeway.common.testing import (
     create_vhost,
     drop_postgres_database,
     drop_vhost,
+    make_token,
 )
 from edgeway.common.testing.s3 import ACCESS_KEY, SECRET_KEY, S3Server
-from tests.stack import Stack, token
+from tests.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENTS = 8
@@ -103,7 +104,7 @@ async def suite_uploads(
     with psycopg.connect(database_url) as connection:
         before = connection.execute("SELECT count(*) FROM frames").fetchone()
     assert before is not None
-    headers = {"Authorization": f"Bearer {token('ingest:write')}"}
+    headers = {"Authorization": f"Bearer {make_token('ingest:write')}"}
     batches = [images[i : i + batch] for i in range(0, len(images), batch)]
     queue: asyncio.Queue[list[bytes]] = asyncio.Queue()
     for item in batches:

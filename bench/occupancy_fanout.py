@@ -37,7 +37,7 @@ import httpx
 import orjson
 
 from bench import loadgen
-from bench.cpu import CpuMeter, background, pids_named
+from bench.cpu import CpuMeter, Profiler, background, pids_named, profile_summary
 from edgeway.common.testing import (
     ServiceProcess,
     create_postgres_database,
@@ -72,6 +72,8 @@ class Config:
     drain_max: float = 5.0  # ... or this long after the last frame was sent
     ladder_budget: float = 110.0  # seconds of ladder per target at most
     quick: bool = False
+    # py-spy records the suite's services during the point step (collapsed stacks here).
+    profile: Path | None = None
 
     @classmethod
     def make(cls, *, quick: bool, clients: int, workers: int, ladder: str | None) -> Config:
@@ -94,7 +96,9 @@ class Config:
 Sample = tuple[str, dict[str, str], float]
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
-# (column, service, histogram, label filters; a value ending in "*" is a prefix)
+# (column, service, histogram, label filters; a value ending in "*" is a prefix). A service's
+# per-message paths report through `edgeway.common.amqp` (`edgeway_amqp_*`), its cold paths and
+# older versions through FastStream's middleware: a stage takes whichever the service has.
 STAGES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     (
         "gw publish ms",
@@ -105,8 +109,20 @@ STAGES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     (
         "occ handler ms",
         "occupancy",
+        "edgeway_amqp_handle_seconds",
+        {"queue": "edgeway.occupancy.observations"},
+    ),
+    (
+        "occ handler ms",
+        "occupancy",
         "edgeway_received_processed_messages_duration_seconds",
         {"handler": "edgeway.occupancy.observations*"},
+    ),
+    (
+        "occ publish ms",
+        "occupancy",
+        "edgeway_amqp_publish_seconds",
+        {"publisher": "occupancy"},
     ),
     (
         "occ publish ms",
@@ -126,6 +142,7 @@ COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("gw dropped", "gateway", "edgeway_gateway_dropped_total", {}),
 )
 GAUGES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+    ("occ in process", "occupancy", "edgeway_amqp_in_process", {"queue": "edgeway.occupancy.*"}),
     (
         "occ in process",
         "occupancy",
@@ -182,14 +199,14 @@ def stage_values(
     for column, service, histogram, wanted in STAGES:
         seconds = delta(service, histogram + "_sum", wanted)
         count = delta(service, histogram + "_count", wanted)
-        if seconds is not None and count:
+        if seconds is not None and count and column not in values:
             values[column] = round(seconds / count * 1000, 2)
     for column, service, counter, wanted in COUNTERS:
         if (value := delta(service, counter, wanted)) is not None:
             values[column] = value
     for column, service, gauge, wanted in GAUGES:
         value = metric_sum(after, service, gauge, wanted)
-        if value is not None:
+        if value is not None and (value or column not in values):
             values[column] = value
     return values
 
@@ -200,6 +217,9 @@ def stage_values(
 
 class Target:
     name = ""
+    profiled = False  # `--profile` records its processes with py-spy
+    workers: int | None = None  # client worker processes, when not the configured number
+    ladder = True  # after the point: the rate ladder
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
@@ -275,6 +295,7 @@ class RelayTarget(Target):
 
 class SuiteTarget(Target):
     name = "suite"
+    profiled = True
 
     def __init__(self, logs: Path) -> None:
         super().__init__(logs)
@@ -319,9 +340,9 @@ class SuiteTarget(Target):
         # While the occupancy service is behind, its prefetch is full; a pause in deliveries
         # (a slow transaction, a starved process) does not mean the backlog is gone.
         scraped = self.scrape()
-        name, wanted = GAUGES[0][2], GAUGES[0][3]
-        in_process = metric_sum(scraped, "occupancy", name, wanted)
-        return not in_process
+        return not any(
+            metric_sum(scraped, "occupancy", name, wanted) for _, _, name, wanted in GAUGES
+        )
 
     def wait_snapshots(self, clients: int, timeout: float = 30.0) -> float:
         # The gateway asks the occupancy service for each new client's snapshot after the
@@ -346,6 +367,22 @@ class SuiteTarget(Target):
             with contextlib.suppress(Exception):
                 drop_vhost(self.vhost)
             self.vhost = None
+
+
+class SuiteOneProcessTarget(SuiteTarget):
+    """The suite with every client in one load-generator process, as an outside user who
+    opens 100 connections from one program measures it: the point only."""
+
+    name = "suite-1p"
+    workers = 1
+    ladder = False
+
+
+TARGETS: dict[str, type[Target]] = {
+    "relay": RelayTarget,
+    "suite": SuiteTarget,
+    "suite-1p": SuiteOneProcessTarget,
+}
 
 
 def occupancy_available() -> bool:
@@ -392,6 +429,7 @@ class Step:
     settle_s: float = 0.0  # waited after the drain until nothing more arrived
     cpu: dict[str, float] = field(default_factory=dict)
     cpu_top_other: dict[str, float] = field(default_factory=dict)  # busiest other processes
+    profiles: dict[str, str] = field(default_factory=dict)  # service -> collapsed stacks file
     stages: dict[str, float] = field(default_factory=dict)
     duplicate_samples: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -415,7 +453,9 @@ class Session:
         self.target.start()
         model_url, client_url = self.target.urls()
         self.pool = loadgen.ClientPool(
-            client_url, clients=self.config.clients, workers=self.config.workers
+            client_url,
+            clients=self.config.clients,
+            workers=self.target.workers or self.config.workers,
         )
         connected = self.pool.wait_connected()
         connected["snapshots_wait_s"] = self.target.wait_snapshots(connected["connected"])
@@ -517,9 +557,14 @@ class Session:
         # Timers may fire a little early, so the first frame can carry a timestamp just before
         # `start`; the previous step's frames are older than `settle()`'s quiet period anyway.
         pool.arm(start - 0.1)
+        profiler = self.profiler(kind)
         meter.start()
+        if profiler is not None:
+            profiler.start()
         sent = producer.run(rate, seconds, start)
         step.cpu = meter.stop()
+        if profiler is not None:
+            step.profiles = {k: str(v) for k, v in profiler.stop().items()}
         step.cpu_top_other = meter.top_other
         step.sent = sent["sent"]
         step.send_rate = sent["achieved_rate"]
@@ -561,6 +606,17 @@ class Session:
         if data["errors"] or data["disconnected"]:
             step.failures.append(f"clients dropped: {data['errors'] or data['disconnected']}")
         return step
+
+    def profiler(self, kind: str) -> Profiler | None:
+        """With `--profile`, py-spy on each of the target's own processes in the point step."""
+        if self.config.profile is None or kind != "point" or not self.target.profiled:
+            return None
+        pids = {
+            label: process.process.pid
+            for label, process in self.target.processes.items()
+            if process.process is not None
+        }
+        return Profiler(pids, self.config.profile / self.target.name)
 
     def settle(self, quiet: float = 0.3, limit: float = 60.0) -> float:
         """Wait until no message has arrived for `quiet` s and the target has nothing queued;
@@ -619,7 +675,7 @@ def run_target(target: Target, config: Config, report: dict[str, Any]) -> None:
         steps.append(session.step("point", config.point_rate, config.point_seconds))
         print_progress(target.name, steps[-1])
         ladder_started = time.monotonic()
-        for rate in config.ladder:
+        for rate in config.ladder if target.ladder else ():
             if time.monotonic() - ladder_started > config.ladder_budget:
                 report["ladder_cut"] = f"ladder budget of {config.ladder_budget:.0f} s used up"
                 break
@@ -627,7 +683,7 @@ def run_target(target: Target, config: Config, report: dict[str, Any]) -> None:
             print_progress(target.name, steps[-1])
             if not steps[-1].sustained:
                 break
-        if not any(step.sustained for step in steps):
+        if target.ladder and not any(step.sustained for step in steps):
             # Not even the target point held: look below it, so the ratio has a numerator.
             for rate in (r for r in config.down_ladder if r < config.point_rate):
                 steps.append(session.step("down", rate, config.step_seconds))
@@ -786,9 +842,10 @@ def render(results: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    out += cpu_per_frame(cpu_rows)
     stage_rows = [(name, step) for name, step in cpu_rows if step.stages]
     if stage_rows:
-        columns = [c[0] for c in (*STAGES, *COUNTERS, *GAUGES)]
+        columns = list(dict.fromkeys(c[0] for c in (*STAGES, *COUNTERS, *GAUGES)))
         out += [
             "",
             "Suite stages per step (mean ms per message from the services' /metrics; "
@@ -880,8 +937,62 @@ def render(results: dict[str, Any]) -> str:
             f"  ratio suite/relay: {ratio if ratio is not None else '-'} "
             f"(goal >= {RATIO_GOAL}): {'met' if summary['ratio_met'] else 'NOT met'}"
         )
-    out += ["", "Summary", *lines, ""]
+    out += ["", "Summary", *lines, *profile_lines(results), ""]
     return "\n".join(out)
+
+
+# The processes that serve the path (the load generator's are not counted).
+SERVER_GROUPS = ("relay", "gateway", "occupancy", "rabbitmq", "postgres")
+
+
+def cpu_per_frame(cpu_rows: list[tuple[str, Step]]) -> list[str]:
+    """The CPU table divided out: ms of CPU per frame sent, per server process, and the
+    server's total in µs per delivered message."""
+    rows = []
+    for name, step in cpu_rows:
+        if step.kind == "idle" or not step.send_rate or not step.deliveries_per_s:
+            continue
+        # % of one core -> CPU seconds per second; over frames (or deliveries) per second.
+        per_frame = {k: step.cpu.get(k, 0.0) / 100 / step.send_rate * 1000 for k in SERVER_GROUPS}
+        server = sum(step.cpu.get(k, 0.0) for k in SERVER_GROUPS) / 100
+        rows.append(
+            [
+                name,
+                f"{step.offered:.0f}",
+                *(f"{per_frame[k]:.2f}" for k in SERVER_GROUPS),
+                f"{sum(per_frame.values()):.2f}",
+                f"{server / step.deliveries_per_s * 1e6:.1f}",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Server CPU per frame (ms per frame sent, per process; clients and producer excluded) "
+        "and per delivered message (µs)",
+        table(["target", "offered/s", *SERVER_GROUPS, "server ms/frame", "server µs/deliv"], rows),
+    ]
+
+
+def profile_lines(results: dict[str, Any], top: int = 25) -> list[str]:
+    """The costliest frames of each profiled service (`--profile`), in % of its samples."""
+    out = []
+    for name, report in results["targets"].items():
+        for step in report.get("steps", []):
+            for label, path in step.profiles.items():
+                ranked = profile_summary(Path(path), top=top)
+                if not ranked:
+                    continue
+                out += [
+                    "",
+                    f"Profile of {name} {label} at {step.offered:.0f} msg/s (py-spy, CPU samples; "
+                    f"{path})",
+                    table(
+                        ["% in or below", "% alone", "frame"],
+                        [[f"{a:.1f}", f"{b:.1f}", frame[:110]] for frame, a, b in ranked],
+                    ),
+                ]
+    return out
 
 
 def to_json(results: dict[str, Any]) -> bytes:
@@ -890,6 +1001,8 @@ def to_json(results: dict[str, Any]) -> bytes:
             data = asdict(value)
             data["sustained"] = value.sustained
             return data
+        if isinstance(value, Path):
+            return str(value)
         raise TypeError
 
     # orjson writes NaN (nothing received) as null.
@@ -953,19 +1066,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: short steps, 2 of the ladder"
     )
-    parser.add_argument("--target", choices=("relay", "suite", "both"), default="both")
+    parser.add_argument(
+        "--target",
+        choices=(*TARGETS, "both", "all"),
+        default="all",
+        help="both: relay and suite; all: those and suite-1p (the suite's point with every "
+        "client in one process)",
+    )
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2, help="client worker processes")
     parser.add_argument(
         "--ladder", help="comma-separated msg/s rates instead of the default ladder"
     )
+    parser.add_argument(
+        "--point", type=float, default=200.0, help="msg/s of the target point (default 200)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "occupancy_fanout.json")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy records the suite's services in the point step (bench/results/profiles/)",
+    )
     args = parser.parse_args(argv)
     config = Config.make(
         quick=args.quick, clients=args.clients, workers=args.workers, ladder=args.ladder
     )
+    config.point_rate = args.point
+    if args.profile:
+        config.profile = RESULTS / "profiles"
 
-    names = ["relay", "suite"] if args.target == "both" else [args.target]
+    names = {"both": ["relay", "suite"], "all": list(TARGETS)}.get(args.target, [args.target])
     results: dict[str, Any] = {
         "benchmark": "occupancy_fanout",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -985,11 +1115,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 report: dict[str, Any] = {}
                 results["targets"][name] = report
-                if name == "suite" and not occupancy_available():
+                if name != "relay" and not occupancy_available():
                     report["skipped"] = "edgeway.occupancy has no __main__ yet"
                     print(f"  suite: skipped ({report['skipped']})", flush=True)
                     continue
-                target: Target = RelayTarget(logs) if name == "relay" else SuiteTarget(logs)
+                target = TARGETS[name](logs)
                 try:
                     run_target(target, config, report)
                 except KeyboardInterrupt:

@@ -64,6 +64,21 @@ def observation_record(
     )
 
 
+async def write(
+    sessions: async_sessionmaker[AsyncSession],
+    observations: list[store.ObservationRecord],
+    rejections: list[store.RejectionRecord] = [],  # noqa: B006 - never changed
+) -> tuple[list[bool], list[bool]]:
+    """One commit group through the service's write path for this database (on PostgreSQL
+    its one-statement writer, on SQLite its session writer)."""
+    engine = sessions.kw["bind"]
+    writer = store.make_writer(engine.url.render_as_string(hide_password=False), sessions)
+    try:
+        return await writer.write(observations, rejections)
+    finally:
+        await writer.close()
+
+
 async def record(
     sessions: async_sessionmaker[AsyncSession],
     location: store.CameraLocation,
@@ -71,11 +86,9 @@ async def record(
     *,
     message_id: str,
 ) -> bool:
-    async with sessions.begin() as session:
-        [fresh] = await store.record_observations(
-            session=session,
-            records=[observation_record(location, observation, message_id=message_id)],
-        )
+    [fresh], _ = await write(
+        sessions, [observation_record(location, observation, message_id=message_id)]
+    )
     return fresh
 
 
@@ -239,8 +252,7 @@ async def test_a_group_is_stored_at_once_with_the_same_rules_as_one_by_one(
         observation_record(flint, reading(camera="Flint_1", people=8), message_id="old"),
         observation_record(ow, reading(camera="OW_1", timestamp=9000, people=9), message_id="a"),
     ]
-    async with sessions.begin() as session:
-        fresh = await store.record_observations(session=session, records=group)
+    fresh, _ = await write(sessions, group)
     # "old" was stored before; the second "a" repeats the first within the group.
     assert fresh == [True, True, True, False, False]
     assert await count(sessions, store.Observation) == 4
@@ -302,15 +314,15 @@ async def test_a_rejection_keeps_the_payload_once(
     payload = b'{"camera": "Nowhere_9", "note": "caf\xc3\xa9 \x00 \xff"}'
 
     async def reject() -> bool:
-        async with sessions.begin() as session:
-            return await store.record_rejection(
-                session=session,
-                message_id="r-1",
-                code="unknown_camera",
-                reason="camera 'Nowhere_9' is not mapped to a location",
-                payload=payload,
-                received_at=CAPTURED,
-            )
+        rejection = store.RejectionRecord(
+            message_id="r-1",
+            code="unknown_camera",
+            reason="camera 'Nowhere_9' is not mapped to a location",
+            payload=payload,
+            received_at=CAPTURED,
+        )
+        _, [fresh] = await write(sessions, [], [rejection])
+        return fresh
 
     assert await reject()
     assert not await reject()
@@ -319,3 +331,33 @@ async def test_a_rejection_keeps_the_payload_once(
     assert (row.message_id, row.code, row.received_at) == ("r-1", "unknown_camera", CAPTURED)
     # Readable text even when the bytes were not: NUL and invalid UTF-8 become U+FFFD.
     assert row.payload == '{"camera": "Nowhere_9", "note": "café \ufffd \ufffd"}'
+
+
+async def test_a_group_with_rejections_is_one_transaction(
+    seeded: dict[str, store.CameraLocation], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    flint = seeded["Flint_1"]
+    refused = store.RejectionRecord("r-1", "unknown_camera", "not mapped", b"{}", CAPTURED)
+    group = [observation_record(flint, reading(), message_id="m-1")]
+    assert await write(sessions, group, [refused]) == ([True], [True])
+    # Redelivered together: neither is new, nothing is stored twice.
+    assert await write(sessions, group, [refused]) == ([False], [False])
+    assert await count(sessions, store.Observation) == 1
+    assert await count(sessions, store.RejectedMessage) == 1
+
+
+async def test_an_observation_without_segments_stores_null(
+    seeded: dict[str, store.CameraLocation], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    body = {
+        "camera": "Flint_1",
+        "timestamp": 1763321200.5,
+        "summary": {"total_people": 1, "free": ["T1"], "occupied": []},
+    }
+    observation = domain.read_observation(orjson.dumps(body))
+    assert isinstance(observation, domain.Reading)
+    assert await record(sessions, seeded["Flint_1"], observation, message_id="m-1")
+    async with sessions() as session:
+        row = (await session.scalars(select(store.Observation))).one()
+    assert row.segments is None
+    assert row.zones == {"free": ["T1"], "occupied": []}

@@ -1,4 +1,7 @@
-"""The per-device publisher: packets published in order with confirms in flight, bounded."""
+"""The per-device publisher: packets published in order, started only when the shared confirm
+window has room, dropped to the next keyframe when too many wait. The window itself and the
+order on a real broker: libs/common/tests/test_amqp.py; the relay end to end:
+tests/test_video_e2e.py."""
 
 from __future__ import annotations
 
@@ -18,22 +21,34 @@ def item(seq: int, kind: PacketType = PacketType.FRAME) -> Relayed:
 
 
 class Broker:
-    """Stands in for the channel: confirms take a random time, so they come back out of order
-    unless the device publisher keeps the order itself."""
+    """Stands in for the shared confirm window: confirms take a random time, so they come back
+    out of order unless the device publisher keeps the order itself; `window` places."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 64) -> None:
         self.sent: list[int] = []  # in the order the publishes started (the channel's order)
         self.confirmed: list[int] = []
+        self.window = window
         self.in_flight = 0
         self.most_in_flight = 0
         self.fail: set[int] = set()
         self.gate = asyncio.Event()
         self.gate.set()
+        self.room = asyncio.Event()
+        self.room.set()
 
-    async def send(self, relayed: Relayed, envelope: Envelope) -> None:
+    async def wait_room(self) -> None:
+        while self.in_flight >= self.window:
+            self.room.clear()
+            await self.room.wait()
+
+    def packet(self, device: str, relayed: Relayed, envelope: Envelope) -> asyncio.Task[None]:
+        assert device == "phone"
         self.sent.append(relayed.seq)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return asyncio.create_task(self._confirm(relayed))
+
+    async def _confirm(self, relayed: Relayed) -> None:
         try:
             await self.gate.wait()
             await asyncio.sleep(random.random() / 1000)
@@ -42,6 +57,7 @@ class Broker:
             self.confirmed.append(relayed.seq)
         finally:
             self.in_flight -= 1
+            self.room.set()
 
 
 async def drained(broker: Broker, count: int) -> None:
@@ -53,11 +69,11 @@ async def drained(broker: Broker, count: int) -> None:
 
 
 async def test_packets_go_out_in_order_with_many_confirms_in_flight() -> None:
-    broker = Broker()
+    broker = Broker(window=8)
     ready = asyncio.Event()
     drops: list[tuple[str, int]] = []
     publisher = DevicePublisher(
-        broker.send, backlog=1_000, ready=ready, on_drop=lambda *drop: drops.append(drop), window=8
+        "phone", broker, backlog=1_000, ready=ready, on_drop=lambda *drop: drops.append(drop)
     )
     task = asyncio.create_task(publisher.run())
     publisher.put([item(seq) for seq in range(1, 301)], ENVELOPE)
@@ -72,13 +88,13 @@ async def test_packets_go_out_in_order_with_many_confirms_in_flight() -> None:
 
 
 async def test_a_backlog_past_its_bound_is_dropped_and_resumes_at_a_keyframe() -> None:
-    broker = Broker()
+    broker = Broker(window=2)
     broker.gate.clear()  # the broker stalls
     ready = asyncio.Event()
     ready.set()
     drops: list[tuple[str, int]] = []
     publisher = DevicePublisher(
-        broker.send, backlog=10, ready=ready, on_drop=lambda *drop: drops.append(drop), window=2
+        "phone", broker, backlog=10, ready=ready, on_drop=lambda *drop: drops.append(drop)
     )
     task = asyncio.create_task(publisher.run())
     publisher.put([item(seq) for seq in range(1, 9)], ENVELOPE)
@@ -101,7 +117,7 @@ async def test_a_failed_publish_is_counted_and_the_next_ones_go_out() -> None:
     ready.set()
     drops: list[tuple[str, int]] = []
     publisher = DevicePublisher(
-        broker.send, backlog=100, ready=ready, on_drop=lambda *d: drops.append(d)
+        "phone", broker, backlog=100, ready=ready, on_drop=lambda *d: drops.append(d)
     )
     task = asyncio.create_task(publisher.run())
     publisher.put([item(seq) for seq in range(1, 6)], ENVELOPE)

@@ -12,6 +12,7 @@ import pytest
 from faststream.rabbit import RabbitBroker
 from prometheus_client import CollectorRegistry
 
+from edgeway.common.amqp import AmqpLink
 from edgeway.common.envelope import Envelope
 from edgeway.common.timesync import TimeSync
 from edgeway.common.topology import Topology
@@ -42,7 +43,12 @@ async def relay() -> AsyncIterator[VideoRelay]:
     settings = VideoRelaySettings(max_streams=2, stream_idle_s=60, decode_fps=0)
     relay = VideoRelay(
         settings,
-        publisher=Publisher(RabbitBroker(), Topology()),
+        # Never started: nothing is published here.
+        publisher=Publisher(
+            RabbitBroker(),
+            Topology(),
+            AmqpLink("amqp://localhost", name="test", registry=registry).publisher(),
+        ),
         metrics=Metrics.create(registry),
         clock=TimeSync([]),
         ready=asyncio.Event(),

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from alembic import command, context
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -147,9 +148,14 @@ def per_dialect(build: Callable[[Callable[[Table], Insert]], T]) -> Callable[[As
 # --- outages --------------------------------------------------------------------------------------
 
 
+# What an unreachable database raises: through SQLAlchemy, and from psycopg directly (the
+# per-message write paths that skip SQLAlchemy).
+_OUTAGES = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+
+
 def is_outage(exc: BaseException) -> bool:
     """The database is unreachable, restarting or refusing connections: nothing the data did."""
-    return isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, _OUTAGES)
 
 
 async def with_db_retry(
@@ -166,13 +172,12 @@ async def with_db_retry(
     for attempt in itertools.count():
         try:
             return await work()
-        except (OperationalError, InterfaceError) as exc:
+        except _OUTAGES as exc:
             if attempt == len(delays) and not forever:
                 raise
             delay = delays[min(attempt, len(delays) - 1)]
-            log.warning(
-                "database unavailable, retrying", error=str(exc.orig or exc), retry_in=delay
-            )
+            reason = exc.orig if isinstance(exc, OperationalError | InterfaceError) else None
+            log.warning("database unavailable, retrying", error=str(reason or exc), retry_in=delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -33,12 +33,13 @@ def new_message_id() -> str:
 
 
 class IncomingMessage(Protocol):
-    """What the envelope needs of a received message (FastStream's `RabbitMessage` has it)."""
+    """What the envelope needs of a received message (FastStream's `RabbitMessage` and
+    aio-pika's `IncomingMessage` have it)."""
 
     @property
-    def message_id(self) -> str: ...
+    def message_id(self) -> str | None: ...
     @property
-    def correlation_id(self) -> str: ...
+    def correlation_id(self) -> str | None: ...
     @property
     def content_type(self) -> str | None: ...
     @property
@@ -114,7 +115,7 @@ class Envelope:
         return cls(
             type=type,
             producer=str(headers.get(HEADER_PRODUCER, "unknown")),
-            message_id=message.message_id,
+            message_id=message.message_id or new_message_id(),
             correlation_id=message.correlation_id or None,
             captured_at=float(captured) if captured is not None else None,
             received_at=float(received) if received is not None else time.time(),

@@ -144,14 +144,18 @@ def database_service_app(
     declare: Hook,
     checks: Mapping[str, ReadinessCheck] | None = None,
     registry: CollectorRegistry = REGISTRY,
+    start: Hook | None = None,
+    stop: Hook | None = None,
 ) -> AsgiFastStream:
     """`service_app` for a service that owns a schema and consumes from queues it declares.
 
     At start, before the broker connects: its migrations, then `prepare` (seed the tables, load
-    what it keeps in memory). Once the broker is connected: `declare` its queues. Ready when the
-    broker is connected, the database answers, the schema is at the latest migration and the
-    queues are declared, and each of `checks` passes. The engine is closed after the broker has
-    drained in-flight messages.
+    what it keeps in memory). Once the broker is connected: `declare` its queues, then `start`
+    what consumes apart from the broker (its per-message paths, `edgeway.common.amqp`). Ready
+    when the broker is connected, the database answers, the schema is at the latest migration
+    and the queues are declared (and started), and each of `checks` passes. At shutdown `stop`
+    runs first (it drains what it holds), then the broker drains its in-flight messages, then
+    the engine is closed.
     """
     declared = asyncio.Event()
 
@@ -161,6 +165,8 @@ def database_service_app(
 
     async def declare_topology() -> None:
         await declare()
+        if start is not None:
+            await start()
         declared.set()
 
     async def database_reachable() -> None:
@@ -186,6 +192,9 @@ def database_service_app(
         after_startup=[declare_topology],
         registry=registry,
     )
+
+    if stop is not None:
+        app.on_shutdown(stop)
 
     async def close_database() -> None:
         await engine.dispose()

@@ -1,18 +1,23 @@
 """The occupancy service's wiring: its dependencies built once (`Deps`), its subscribers
-registered, its start-up work, and the operations endpoints (`/healthz`, `/readyz`, `/metrics`)."""
+registered, its start-up work, and the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
+
+Observations go through their own AMQP link (`edgeway.common.amqp`: aio-pika directly, the
+shared confirm publisher); FastStream declares the topology and answers queries."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aio_pika.abc import AbstractIncomingMessage
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.amqp import AmqpLink, ConfirmPublisher, Consumer
 from edgeway.common.batching import GroupCommit
-from edgeway.common.broker import declare_shared, declare_work, make_broker
+from edgeway.common.broker import DEFAULT_PREFETCH, declare_shared, declare_work, make_broker
 from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
 from edgeway.common.logging import get_logger
 from edgeway.common.service import database_service_app
@@ -20,7 +25,7 @@ from edgeway.common.settings import async_database_url
 from edgeway.common.topology import Topology
 from edgeway.occupancy import store
 from edgeway.occupancy.flows import SERVICE, Delivery, Outcome, store_observations
-from edgeway.occupancy.handlers import register
+from edgeway.occupancy.handlers import on_observation, register
 from edgeway.occupancy.metrics import Metrics
 from edgeway.occupancy.settings import OccupancySettings
 
@@ -39,19 +44,28 @@ class Deps:
     metrics: Metrics
     # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
     group_commit: GroupCommit[Delivery, Outcome]
+    writer: store.Writer
+    # The per-message path's own connection and the publisher of its results.
+    link: AmqpLink
+    publisher: ConfirmPublisher
 
 
 def build_deps(
     settings: OccupancySettings,
     *,
     broker: RabbitBroker,
+    url: str,
     sessions: async_sessionmaker[AsyncSession],
     registry: CollectorRegistry,
+    tracer_provider: TracerProvider | None = None,
 ) -> Deps:
     cameras = store.CameraDirectory()
+    writer = store.make_writer(url, sessions)
     group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
         lambda deliveries: with_db_retry(
-            lambda: store_observations(deliveries, sessions=sessions, cameras=cameras),
+            lambda: store_observations(
+                deliveries, writer=writer, cameras=cameras, sessions=sessions
+            ),
             delays=settings.db_retry_delays,
             forever=True,
         ),
@@ -59,14 +73,25 @@ def build_deps(
         # A database outage fails every item alike; anything else may be one bad observation.
         isolate=lambda exc: not is_outage(exc),
     )
+    topology = Topology(settings.exchanges)
+    link = AmqpLink(
+        settings.amqp_url,
+        name=SERVICE,
+        registry=registry,
+        # Spans only where they are exported, as FastStream's middleware (make_broker).
+        tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
+    )
     return Deps(
         settings=settings,
-        topology=Topology(settings.exchanges),
+        topology=topology,
         broker=broker,
         sessions=sessions,
         cameras=cameras,
         metrics=Metrics.create(registry),
         group_commit=group_commit,
+        writer=writer,
+        link=link,
+        publisher=link.publisher(),
     )
 
 
@@ -83,9 +108,26 @@ def build_app(
     url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
     engine = make_engine(url)
     deps = build_deps(
-        settings, broker=broker, sessions=make_sessionmaker(engine), registry=registry
+        settings,
+        broker=broker,
+        url=url,
+        sessions=make_sessionmaker(engine),
+        registry=registry,
+        tracer_provider=tracer_provider,
     )
     register(broker, deps)
+
+    async def observation(message: AbstractIncomingMessage) -> None:
+        await on_observation(message, deps)
+
+    # Observations: consumed apart from FastStream (see edgeway.occupancy.handlers.register).
+    consumer = Consumer(
+        deps.link,
+        deps.topology.occupancy_observations_queue.name,
+        observation,
+        prefetch=DEFAULT_PREFETCH,
+        grace=settings.graceful_timeout,
+    )
 
     async def prepare_cameras() -> None:
         async with deps.sessions.begin() as session:
@@ -103,6 +145,19 @@ def build_app(
             deps.topology.occupancy_observations_queue,
         )
 
+    async def start_observations() -> None:
+        await deps.link.start()
+        await consumer.start()
+
+    async def stop_observations() -> None:
+        await consumer.stop()  # what it holds is committed, published and acked first
+        await deps.link.close()
+        await deps.writer.close()
+
+    async def observations_link() -> None:
+        if not deps.link.ready:
+            raise RuntimeError("the observations' AMQP link is not connected")
+
     return database_service_app(
         broker,
         engine=engine,
@@ -110,5 +165,8 @@ def build_app(
         migrations=store.MIGRATIONS,
         prepare=prepare_cameras,
         declare=declare_topology,
+        checks={"observations link": observations_link},
         registry=registry,
+        start=start_observations,
+        stop=stop_observations,
     )

@@ -1,6 +1,6 @@
 """The occupancy service's group-commit flow: observations handled at the same time are stored
-in one transaction (`edgeway.common.batching.GroupCommit`), each with what to publish about it
-once committed.
+in one transaction (`edgeway.common.batching.GroupCommit`) by the store's `Writer`, each with
+what to publish about it once committed. Each body is parsed once, by the handler.
 
 One observation is one short transaction at low load; its results are published after the
 commit and the delivery is acked after that, so a crash anywhere means a redelivery, which the
@@ -48,69 +48,84 @@ class Delivery:
 async def store_observations(
     deliveries: Sequence[Delivery],
     *,
-    sessions: async_sessionmaker[AsyncSession],
+    writer: store.Writer,
     cameras: store.CameraDirectory,
+    sessions: async_sessionmaker[AsyncSession],
 ) -> list[Outcome]:
     """Store a group of observations (or why each was rejected) in one transaction.
 
     Outcomes come back in the order of `deliveries`.
     """
-    async with sessions.begin() as session:
-        records: list[tuple[int, store.ObservationRecord]] = []
-        outcomes: list[Outcome | None] = []
-        for delivery in deliveries:
-            envelope, reading = delivery.envelope, delivery.reading
-            if isinstance(reading, domain.Reading):
-                camera = reading.frame.camera
-                location = await cameras.lookup(session=session, camera_id=camera)
-                if location is not None:
-                    update = domain.client_update(reading, location_name=location.location_name)
-                    record = store.ObservationRecord(
-                        message_id=envelope.message_id,
+    records: list[store.ObservationRecord] = []
+    rejections: list[tuple[Delivery, domain.Rejection]] = []
+    placed: list[tuple[bool, int]] = []  # per delivery: (is an observation, index in its list)
+    for delivery in deliveries:
+        reading = delivery.reading
+        if isinstance(reading, domain.Reading):
+            camera = reading.frame.camera
+            location = cameras.known(camera) or await _find_camera(cameras, sessions, camera)
+            if location is not None:
+                update = domain.client_update(reading, location_name=location.location_name)
+                placed.append((True, len(records)))
+                records.append(
+                    store.ObservationRecord(
+                        message_id=delivery.envelope.message_id,
                         location=location,
                         reading=reading,
-                        received_at=envelope.received_datetime(),
+                        received_at=delivery.envelope.received_datetime(),
                         timestamp_raw=encode(reading.frame.timestamp).decode(),
                         client_update=encode(update.model_dump()).decode(),
                     )
-                    records.append((len(outcomes), record))
-                    outcomes.append(None)  # known once the group is inserted
-                    continue
-                reading = domain.unknown_camera(camera)
+                )
+                continue
+            reading = domain.unknown_camera(camera)
+        placed.append((False, len(rejections)))
+        rejections.append((delivery, reading))
+    stored, rejected = await writer.write(
+        records,
+        [
+            store.RejectionRecord(
+                message_id=delivery.envelope.message_id,
+                code=rejection.code.value,
+                reason=rejection.reason,
+                payload=delivery.body,
+                received_at=delivery.envelope.received_datetime(),
+            )
+            for delivery, rejection in rejections
+        ],
+    )
+    outcomes = []
+    for observation, index in placed:
+        if observation:
+            record = records[index]
             outcomes.append(
-                await store_rejection(
-                    session=session, envelope=envelope, body=delivery.body, rejection=reading
+                Outcome(
+                    label="stored" if stored[index] else "duplicate",
+                    routing_key=Channels.occupancy_location(record.location.location_id),
+                    body=record.client_update.encode(),
+                    type=UPDATE_TYPE,
                 )
             )
-        fresh = await store.record_observations(
-            session=session, records=[record for _, record in records]
-        )
-        for (index, record), new in zip(records, fresh, strict=True):
-            outcomes[index] = Outcome(
-                label="stored" if new else "duplicate",
-                routing_key=Channels.occupancy_location(record.location.location_id),
-                body=record.client_update.encode(),
-                type=UPDATE_TYPE,
-            )
-    return [outcome for outcome in outcomes if outcome is not None]
+        else:
+            delivery, rejection = rejections[index]
+            outcomes.append(rejection_outcome(delivery, rejection, fresh=rejected[index]))
+    return outcomes
 
 
-async def store_rejection(
-    *, session: AsyncSession, envelope: Envelope, body: bytes, rejection: domain.Rejection
-) -> Outcome:
-    """Keep why an observation was refused; its error frame goes back to the producer."""
-    fresh = await store.record_rejection(
-        session=session,
-        message_id=envelope.message_id,
-        code=rejection.code.value,
-        reason=rejection.reason,
-        payload=body,
-        received_at=envelope.received_datetime(),
-    )
-    frame = rejection.error_frame(message_id=envelope.message_id)
+async def _find_camera(
+    cameras: store.CameraDirectory, sessions: async_sessionmaker[AsyncSession], camera: str
+) -> store.CameraLocation | None:
+    """A camera not held in memory: maybe an operator added it to the table since the start."""
+    async with sessions() as session:
+        return await cameras.lookup(session=session, camera_id=camera)
+
+
+def rejection_outcome(delivery: Delivery, rejection: domain.Rejection, *, fresh: bool) -> Outcome:
+    """A refused observation's error frame, for the producer that sent it."""
+    frame = rejection.error_frame(message_id=delivery.envelope.message_id)
     return Outcome(
         label="rejected" if fresh else "duplicate",
-        routing_key=envelope.reply_channel,
+        routing_key=delivery.envelope.reply_channel,
         body=frame.encode().encode(),
         type=ERROR_TYPE,
         rejection=rejection,

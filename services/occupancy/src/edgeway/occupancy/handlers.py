@@ -1,9 +1,12 @@
-"""FastStream subscribers of the occupancy service: decode, apply the rules, store, publish.
+"""Handlers of the occupancy service: decode, apply the rules, store, publish.
 
-- `on_observation`: a camera model's frame: read (`domain`), stored with the others of its
-  commit group (`flows`), its update or error frame published after the commit, then acked;
-- `answer_query`: the gateway's `{"query": "latest"}` (every location's latest update) and
-  `{"query": "history"}` (each location's recent observations, averaged per time window).
+- `on_observation`: a camera model's frame, the per-message path (aio-pika directly, see
+  `edgeway.common.amqp`): read once (`domain`), stored with the others of its commit group
+  (`flows`), its update or error frame published after the commit through the shared confirm
+  publisher, then acked by the consumer;
+- `answer_query` (FastStream, a cold path): the gateway's `{"query": "latest"}` (every
+  location's latest update) and `{"query": "history"}` (each location's recent observations,
+  averaged per time window).
 
 An outage is ridden out inside the handler, however long it lasts (`forever`): a delivery given
 up on would be requeued and count toward the queue's delivery limit, which is meant for messages
@@ -19,13 +22,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from faststream import AckPolicy
+from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import RabbitBroker
-from faststream.rabbit.message import RabbitMessage
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.broker import answer_requests, encode, publish, whole_message
+from edgeway.common.broker import answer_requests, encode
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE
@@ -38,8 +40,10 @@ if TYPE_CHECKING:
 log = get_logger("edgeway.occupancy.handlers")
 
 
-async def on_observation(message: RabbitMessage, deps: Deps) -> None:
-    body: bytes = message.body
+async def on_observation(message: AbstractIncomingMessage, deps: Deps) -> None:
+    """One observation; returns once its effect is committed and its result confirmed by the
+    broker (the consumer acks then). Raises on what is not an outage: requeued."""
+    body = message.body
     envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
     reading = domain.read_observation(body)
     outcome = await deps.group_commit.submit(Delivery(envelope, body, reading))
@@ -54,11 +58,10 @@ async def on_observation(message: RabbitMessage, deps: Deps) -> None:
             duplicate=outcome.label == "duplicate",
         )
     if outcome.routing_key:
-        await publish(
-            deps.broker,
+        await deps.publisher.publish(
             outcome.body,
             envelope=envelope.derive(type=outcome.type, producer=SERVICE),
-            exchange=deps.topology.broadcast,
+            exchange=deps.topology.names.broadcast,
             routing_key=outcome.routing_key,
             durable=False,
         )
@@ -107,24 +110,15 @@ async def _answer_history(
 
 
 def register(broker: RabbitBroker, deps: Deps) -> None:
-    """Every subscriber of the occupancy service, on `broker`, with `deps`."""
+    """The occupancy service's FastStream subscribers (its cold paths), on `broker`.
+
+    Observations are consumed apart (`edgeway.common.amqp.Consumer`, wired in `app`) by
+    `on_observation`: the consumer acks after the commit and the publish, and requeues when
+    `on_observation` raises (a bug, a schema that does not fit; never an outage), so the message
+    is tried again and the quorum queue's delivery limit dead-letters one that can never
+    succeed.
+    """
     topology = deps.topology
-
-    @broker.subscriber(
-        topology.occupancy_observations_queue,
-        topology.occupancy_observations,
-        # NACK_ON_ERROR: success acks after the commit and the publish; an unexpected exception
-        # (a bug, a schema that does not fit; never an outage) nacks with requeue, so the message
-        # is tried again and the quorum queue's delivery limit dead-letters one that can never
-        # succeed. The default, REJECT_ON_ERROR, would dead-letter it on the first failure.
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        # The handler decides what malformed means, not FastStream: it gets the body as it came.
-        decoder=whole_message,
-        no_reply=True,
-    )
-    async def observation(message: RabbitMessage) -> None:
-        await on_observation(message, deps)
-
     answer_requests(
         broker,
         topology.occupancy_requests_queue,

@@ -1,9 +1,13 @@
 """The occupancy database: locations, cameras, every observation, rejections, latest state.
 
-Functions take the session as a keyword and never open or commit a transaction: the handler
-does, so one message is one short transaction. Inserts are idempotent on `message_id`
-(`INSERT ... ON CONFLICT DO NOTHING`, PostgreSQL and SQLite alike), so a redelivered message is
-never stored twice.
+Functions take the session as a keyword and never open or commit a transaction: the caller
+does. Inserts are idempotent on `message_id` (`INSERT ... ON CONFLICT DO NOTHING`, PostgreSQL
+and SQLite alike), so a redelivered message is never stored twice.
+
+The per-message write path is a `Writer` (`make_writer`): on PostgreSQL, `PostgresWriter`
+stores a whole commit group with one statement on a connection of its own, with no ORM session
+and no transaction round trips; elsewhere (the embedded SQLite file) `SessionWriter` runs the
+same rules as Core statements in one session transaction.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+import orjson
+import psycopg
 from sqlalchemy import (
     Double,
     ForeignKey,
@@ -25,7 +31,8 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from edgeway.common.db import (
@@ -247,6 +254,10 @@ class CameraDirectory:
     def replace(self, known: Mapping[str, CameraLocation]) -> None:
         self._known = dict(known)
 
+    def known(self, camera_id: str) -> CameraLocation | None:
+        """The camera's location if it is held in memory (no database round trip)."""
+        return self._known.get(camera_id)
+
     async def lookup(self, *, session: AsyncSession, camera_id: str) -> CameraLocation | None:
         if (hit := self._known.get(camera_id)) is not None:
             return hit
@@ -338,6 +349,21 @@ async def record_observations(
     return fresh
 
 
+class RejectionRecord(NamedTuple):
+    """What could not be taken, as it is kept."""
+
+    message_id: str
+    code: str
+    reason: str
+    payload: bytes
+    received_at: datetime
+
+    def payload_text(self) -> str:
+        # PostgreSQL text cannot hold NUL; the payload is kept for people, not for replay byte
+        # by byte.
+        return self.payload.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+
 async def record_rejection(
     *,
     session: AsyncSession,
@@ -348,19 +374,241 @@ async def record_rejection(
     received_at: datetime,
 ) -> bool:
     """Keep what could not be taken; False if this message was already rejected."""
-    # PostgreSQL text cannot hold NUL; the payload is kept for people, not for replay byte by byte.
-    text = payload.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    rejection = RejectionRecord(message_id, code, reason, payload, received_at)
     stored = await session.scalar(
         _hot(session).rejection,
         {
             "message_id": message_id,
             "code": code,
             "reason": reason,
-            "payload": text,
+            "payload": rejection.payload_text(),
             "received_at": received_at,
         },
     )
     return stored is not None
+
+
+# --- the write path ---------------------------------------------------------------------------
+
+
+class Writer(Protocol):
+    """Stores a commit group: its observations and its rejections, in one transaction."""
+
+    async def write(
+        self, observations: Sequence[ObservationRecord], rejections: Sequence[RejectionRecord]
+    ) -> tuple[list[bool], list[bool]]:
+        """Per observation and per rejection, in order: whether it was new (not stored yet)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SessionWriter:
+    """The write path through SQLAlchemy Core statements in a session transaction (SQLite)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    async def write(
+        self, observations: Sequence[ObservationRecord], rejections: Sequence[RejectionRecord]
+    ) -> tuple[list[bool], list[bool]]:
+        async with self.sessions.begin() as session:
+            rejected = [
+                await record_rejection(session=session, **record._asdict()) for record in rejections
+            ]
+            stored = await record_observations(session=session, records=observations)
+        return stored, rejected
+
+    async def close(self) -> None:
+        return None
+
+
+# One statement stores a group: its rows arrive as one array per column (`unnest`), the INSERT
+# returns the ids it did not have yet, and the newest of those per location (latest capture
+# time, then latest arrival) advances that location's state, forward in capture time only.
+# A data-modifying statement is atomic on its own: no BEGIN/COMMIT round trips.
+_STORE_GROUP = """
+WITH batch AS (
+    SELECT * FROM unnest(
+        %(message_id)s::text[], %(camera_id)s::text[], %(location_id)s::int[],
+        %(captured_at)s::timestamptz[], %(received_at)s::timestamptz[],
+        %(total_people)s::int[], %(free_zones)s::int[], %(occupied_zones)s::int[],
+        %(occupancy_percent)s::float8[], %(timestamp_raw)s::text[], %(zones)s::text[],
+        %(segments)s::text[], %(client_update)s::text[]
+    ) WITH ORDINALITY AS b(
+        message_id, camera_id, location_id, captured_at, received_at, total_people,
+        free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones, segments,
+        client_update, arrival
+    )
+),
+stored AS (
+    INSERT INTO observations (
+        message_id, camera_id, location_id, captured_at, received_at, total_people,
+        free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones, segments
+    )
+    SELECT message_id, camera_id, location_id, captured_at, received_at, total_people,
+        free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones::jsonb,
+        segments::jsonb
+    FROM batch ORDER BY arrival
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+),
+firsts AS (  -- a message twice in one group: its first copy is the one stored
+    SELECT DISTINCT ON (message_id) * FROM batch ORDER BY message_id, arrival
+),
+newest AS (
+    SELECT DISTINCT ON (f.location_id) f.*
+    FROM firsts f JOIN stored USING (message_id)
+    ORDER BY f.location_id, f.captured_at DESC, f.arrival DESC
+),
+state AS (
+    INSERT INTO location_state AS s (
+        location_id, camera_id, message_id, captured_at, people_detected, occupancy_percent,
+        client_update
+    )
+    SELECT location_id, camera_id, message_id, captured_at, total_people, occupancy_percent,
+        client_update
+    FROM newest
+    ON CONFLICT (location_id) DO UPDATE SET
+        camera_id = excluded.camera_id,
+        message_id = excluded.message_id,
+        captured_at = excluded.captured_at,
+        people_detected = excluded.people_detected,
+        occupancy_percent = excluded.occupancy_percent,
+        client_update = excluded.client_update,
+        updated_at = now()
+    WHERE s.captured_at <= excluded.captured_at
+)
+SELECT message_id FROM stored
+"""
+_STORE_REJECTION = """
+INSERT INTO rejections (message_id, code, reason, payload, received_at)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (message_id) DO NOTHING
+RETURNING id
+"""
+
+
+def _columns(records: Sequence[ObservationRecord]) -> dict[str, list[Any]]:
+    """The group as one list per column of `_STORE_GROUP`."""
+    columns: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            "message_id",
+            "camera_id",
+            "location_id",
+            "captured_at",
+            "received_at",
+            "total_people",
+            "free_zones",
+            "occupied_zones",
+            "occupancy_percent",
+            "timestamp_raw",
+            "zones",
+            "segments",
+            "client_update",
+        )
+    }
+    for record in records:
+        frame = record.reading.frame
+        summary = frame.summary
+        columns["message_id"].append(record.message_id)
+        columns["camera_id"].append(frame.camera)
+        columns["location_id"].append(record.location.location_id)
+        columns["captured_at"].append(record.reading.captured_at)
+        columns["received_at"].append(record.received_at)
+        columns["total_people"].append(summary.total_people)
+        columns["free_zones"].append(len(summary.free))
+        columns["occupied_zones"].append(len(summary.occupied))
+        columns["occupancy_percent"].append(record.reading.occupancy_percent)
+        columns["timestamp_raw"].append(record.timestamp_raw)
+        columns["zones"].append(
+            orjson.dumps({"free": summary.free, "occupied": summary.occupied}).decode()
+        )
+        segments = frame.segments
+        columns["segments"].append(None if segments is None else orjson.dumps(segments).decode())
+        columns["client_update"].append(record.client_update)
+    return columns
+
+
+def psycopg_conninfo(url: str) -> str:
+    """libpq's connection string for a SQLAlchemy URL (`postgresql+psycopg://...`)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class PostgresWriter:
+    """The write path on PostgreSQL: one psycopg connection of its own, in autocommit, and one
+    statement per group of observations (plus one per rejection, which is rare).
+
+    Group commits are serial (one flusher), so one connection is enough. A connection that
+    failed is dropped and opened again on the next group (`with_db_retry` waits between).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.conninfo = psycopg_conninfo(url)
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        connection = self._connection
+        if connection is None or connection.closed or connection.broken:
+            connection = self._connection = await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True
+            )
+        return connection
+
+    async def write(
+        self, observations: Sequence[ObservationRecord], rejections: Sequence[RejectionRecord]
+    ) -> tuple[list[bool], list[bool]]:
+        connection = await self._connect()
+        try:
+            if not rejections:  # the usual case: one statement, atomic on its own
+                return await self._observations(connection, observations), []
+            async with connection.transaction():
+                rejected = [await self._rejection(connection, r) for r in rejections]
+                return await self._observations(connection, observations), rejected
+        except psycopg.OperationalError:
+            await connection.close()
+            raise
+
+    @staticmethod
+    async def _observations(
+        connection: psycopg.AsyncConnection[Any], records: Sequence[ObservationRecord]
+    ) -> list[bool]:
+        if not records:
+            return []
+        cursor = await connection.execute(_STORE_GROUP, _columns(records))
+        inserted = {row[0] for row in await cursor.fetchall()}
+        fresh = []
+        for record in records:
+            fresh.append(record.message_id in inserted)
+            inserted.discard(record.message_id)  # a second copy in the same group is not new
+        return fresh
+
+    @staticmethod
+    async def _rejection(connection: psycopg.AsyncConnection[Any], record: RejectionRecord) -> bool:
+        cursor = await connection.execute(
+            _STORE_REJECTION,
+            (
+                record.message_id,
+                record.code,
+                record.reason,
+                record.payload_text(),
+                record.received_at,
+            ),
+        )
+        return await cursor.fetchone() is not None
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+
+def make_writer(url: str, sessions: async_sessionmaker[AsyncSession]) -> Writer:
+    """The write path for the database at `url` (an async SQLAlchemy URL)."""
+    if make_url(url).get_backend_name() == "postgresql":
+        return PostgresWriter(url)
+    return SessionWriter(sessions)
 
 
 async def latest_updates(*, session: AsyncSession) -> list[str]:

@@ -12,6 +12,7 @@ from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from edgeway.common.amqp import AmqpLink
 from edgeway.common.broker import declare_shared, make_broker
 from edgeway.common.logging import get_logger
 from edgeway.common.service import service_app
@@ -20,7 +21,7 @@ from edgeway.common.topology import Topology
 from edgeway.video_relay.handlers import register
 from edgeway.video_relay.imu import ImuRelay
 from edgeway.video_relay.metrics import Metrics
-from edgeway.video_relay.publishing import SERVICE, Publisher
+from edgeway.video_relay.publishing import PUBLISH_WINDOW, SERVICE, Publisher
 from edgeway.video_relay.relay import VideoRelay
 from edgeway.video_relay.settings import VideoRelaySettings
 
@@ -37,6 +38,8 @@ class Deps:
     broker: RabbitBroker
     metrics: Metrics
     clock: TimeSync
+    # Its own AMQP connection for what it publishes (edgeway.common.amqp), apart from FastStream's.
+    link: AmqpLink
     publisher: Publisher
     relay: VideoRelay
     imu: ImuRelay
@@ -46,12 +49,23 @@ class Deps:
 
 
 def build_deps(
-    settings: VideoRelaySettings, *, broker: RabbitBroker, registry: CollectorRegistry
+    settings: VideoRelaySettings,
+    *,
+    broker: RabbitBroker,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider | None = None,
 ) -> Deps:
     topology = Topology(settings.exchanges)
     metrics = Metrics.create(registry)
     clock = TimeSync(settings.ntp_servers)
-    publisher = Publisher(broker, topology)
+    link = AmqpLink(
+        settings.amqp_url,
+        name=SERVICE,
+        registry=registry,
+        # Spans only where they are exported, as FastStream's middleware (make_broker).
+        tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
+    )
+    publisher = Publisher(broker, topology, link.publisher(window=PUBLISH_WINDOW))
     declared = asyncio.Event()
     return Deps(
         settings=settings,
@@ -59,6 +73,7 @@ def build_deps(
         broker=broker,
         metrics=metrics,
         clock=clock,
+        link=link,
         publisher=publisher,
         relay=VideoRelay(
             settings, publisher=publisher, metrics=metrics, clock=clock, ready=declared
@@ -84,7 +99,7 @@ def build_app(
     broker = make_broker(
         settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
     )
-    deps = build_deps(settings, broker=broker, registry=registry)
+    deps = build_deps(settings, broker=broker, registry=registry, tracer_provider=tracer_provider)
     register(broker, deps)
     background: list[asyncio.Task[None]] = []
 
@@ -95,6 +110,7 @@ def build_app(
         for exchange in deps.topology.worldsystem_exchanges():
             await broker.declare_exchange(exchange)
         await deps.publisher.declare()
+        await deps.link.start()
         deps.declared.set()
         background.append(asyncio.create_task(deps.relay.run_housekeeping(), name="housekeeping"))
         deps.clock.start()
@@ -109,9 +125,13 @@ def build_app(
         if not deps.declared.is_set():
             raise RuntimeError("exchanges not declared yet")
 
+    async def publishing_link() -> None:
+        if not deps.link.ready:
+            raise RuntimeError("the publishers' AMQP link is not connected")
+
     app = service_app(
         broker,
-        checks={"topology": topology_declared},
+        checks={"topology": topology_declared, "publishing link": publishing_link},
         after_startup=[declare_topology],
         registry=registry,
     )
@@ -122,6 +142,7 @@ def build_app(
         deps.relay.stop()
         deps.imu.stop()
         await deps.clock.stop()
+        await deps.link.close()
 
     # After the broker has drained in-flight messages (on_shutdown hooks run before that).
     app.after_shutdown(stop_tasks)

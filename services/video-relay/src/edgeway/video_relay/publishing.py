@@ -1,10 +1,11 @@
 """Publishing what the relay makes: packets in order per device, JPEGs, IMU, viewer messages.
 
-A device's packets go out from one task (`DevicePublisher`), which keeps up to
-`PUBLISH_WINDOW` confirms in flight: tasks created in order reach the channel (and its lock) in
-order, so the broker gets a device's packets in sequence without one round trip per packet.
-Every exchange published to is declared before the first publish, so no publish declares one on
-the way (a publish that waits for a declaration would let later ones overtake it).
+Everything goes through the process's shared confirm publisher (`edgeway.common.amqp`: aio-pika
+directly, many confirms in flight up to its window). A device's packets go out from one task
+(`DevicePublisher`), which starts each publish once the window has room: publishes started in
+order reach the channel in order, so the broker gets a device's packets in sequence without one
+round trip per packet. Every exchange published to is declared before the first publish (the
+`ready` event), so no publish waits for a declaration.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import RabbitBroker, RabbitExchange
 
+from edgeway.common.amqp import ConfirmPublisher
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels, Topology
@@ -35,8 +37,9 @@ PACKET_TYPE = "video.packet.v1"
 FRAME_TYPE = "video.frame.v1"
 IMU_TYPE = "video.imu.v1"
 VIEWER_TYPE = "video.viewer.v1"
-# Unconfirmed publishes per device: enough to hide the broker round trip at video rates.
-PUBLISH_WINDOW = 64
+# Unconfirmed publishes of the relay at once (every device and kind together): enough to hide
+# the broker round trip at video rates for a few phones.
+PUBLISH_WINDOW = 256
 # Keyframes that a skipping device publisher resumes at (SPS first when the phone repeats it).
 RESUME_AT = (PacketType.SPS, PacketType.KEYFRAME)
 
@@ -49,16 +52,18 @@ def packet_envelope(chunk: Envelope) -> Envelope:
 
 
 class Publisher:
-    """What the relay publishes, and how (transient: everything here is live)."""
+    """What the relay publishes, and how (transient: everything here is live). The exchanges
+    are declared through the FastStream broker; messages go through `confirm`."""
 
-    def __init__(self, broker: RabbitBroker, topology: Topology) -> None:
+    def __init__(self, broker: RabbitBroker, topology: Topology, confirm: ConfirmPublisher) -> None:
         self.broker = broker
         self.topology = topology
+        self.confirm = confirm
         self.frames = topology.worldsystem("video_frames")
         self.imu_data = topology.worldsystem("imu_data")
 
     async def declare(self) -> None:
-        """Declare every exchange published to, so no publish has to (it would reorder them)."""
+        """Declare every exchange published to, before the first publish."""
         for exchange in (self.topology.broadcast, self.frames, self.imu_data):
             await self.broker.declare_exchange(exchange)
 
@@ -67,31 +72,34 @@ class Publisher:
         body: bytes,
         *,
         envelope: Envelope,
-        exchange: Any,
+        exchange: RabbitExchange,
         routing_key: str = "",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        kwargs = envelope.publish_kwargs()
-        if extra:
-            kwargs["headers"].update(extra)
-        await self.broker.publish(
+        await self.confirm.publish(
             body,
-            exchange=exchange,
+            envelope=envelope,
+            exchange=exchange.name,
             routing_key=routing_key,
-            persist=False,
-            mandatory=False,
-            **kwargs,
+            durable=False,
+            headers=extra,
         )
 
-    async def packet(self, device: str, item: Relayed, envelope: Envelope) -> None:
-        """One packet on `video.stream.<device>`: its payload, headers as the contract says.
-        Integers stay integers (AMQP long long): readers compare `x-packet-seq` numerically."""
-        await self._publish(
+    async def wait_room(self) -> None:
+        """Until the confirm window has room for one more publish."""
+        await self.confirm.wait_room()
+
+    def packet(self, device: str, item: Relayed, envelope: Envelope) -> asyncio.Task[None]:
+        """Start publishing one packet on `video.stream.<device>` now (in order with those
+        started before): its payload, headers as the contract says. Integers stay integers
+        (AMQP long long): readers compare `x-packet-seq` numerically."""
+        return self.confirm.submit(
             item.packet.payload,
             envelope=envelope,
-            exchange=self.topology.broadcast,
+            exchange=self.topology.names.broadcast,
             routing_key=Channels.video_stream(device),
-            extra={
+            durable=False,
+            headers={
                 "x-device": device,
                 "x-packet-type": item.name,
                 "x-packet-seq": item.seq,
@@ -144,6 +152,19 @@ class Publisher:
         )
 
 
+class PacketSink(Protocol):
+    """Where a device publisher's packets go: the relay's `Publisher` (a device's packets
+    through the shared confirm window)."""
+
+    async def wait_room(self) -> None:
+        """Until a publish started now fits in the window."""
+        ...
+
+    def packet(self, device: str, item: Relayed, envelope: Envelope) -> asyncio.Task[None]:
+        """Start one publish now; its task ends once the broker confirmed it."""
+        ...
+
+
 class DevicePublisher:
     """One device's packets on their way to the broker, in order, with confirms in flight.
 
@@ -154,18 +175,18 @@ class DevicePublisher:
 
     def __init__(
         self,
-        send: Callable[[Relayed, Envelope], Coroutine[Any, Any, None]],
+        device: str,
+        sink: PacketSink,
         *,
         backlog: int,
         ready: asyncio.Event,
         on_drop: Callable[[str, int], None],
-        window: int = PUBLISH_WINDOW,
     ) -> None:
-        self._send = send
+        self.device = device
+        self._sink = sink
         self.backlog = backlog
         self._ready = ready
         self._on_drop = on_drop
-        self._window = asyncio.Semaphore(window)
         self._queue: deque[tuple[Relayed, Envelope]] = deque()
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -194,14 +215,17 @@ class DevicePublisher:
         await self._ready.wait()  # exchanges declared: no publish declares one (see Publisher)
         try:
             while True:
-                # A free place in the window first: what waits for one stays in the queue,
-                # where `put` may still drop it.
-                await self._window.acquire()
                 while not self._queue:
                     self._wake.clear()
                     await self._wake.wait()
+                # A free place in the window first: what waits for one stays in the queue,
+                # where `put` may still drop it.
+                await self._sink.wait_room()
+                if not self._queue:
+                    continue  # dropped meanwhile
                 item, envelope = self._queue.popleft()
-                task = asyncio.create_task(self._send(item, envelope))
+                # Started at once, with nothing awaited since the room was found.
+                task = self._sink.packet(self.device, item, envelope)
                 self._in_flight.add(task)
                 task.add_done_callback(self._settled)
         finally:
@@ -210,7 +234,6 @@ class DevicePublisher:
 
     def _settled(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        self._window.release()
         if task.cancelled():
             return
         error = task.exception()

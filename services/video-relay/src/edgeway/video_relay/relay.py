@@ -32,7 +32,7 @@ from edgeway.video_relay.decode import DecodeWorker, FrameDecoder, Jpeg, h264_av
 from edgeway.video_relay.metrics import Metrics
 from edgeway.video_relay.publishing import DevicePublisher, Publisher
 from edgeway.video_relay.settings import VideoRelaySettings
-from edgeway.video_relay.stream import BANDWIDTH_WINDOW_S, DeviceStream, Relayed
+from edgeway.video_relay.stream import BANDWIDTH_WINDOW_S, DeviceStream
 
 # The gateway's device ids (`?device=`); anything else would be a routing-key pattern.
 DEVICE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -158,11 +158,12 @@ class VideoRelay:
             now=time.monotonic(),
         )
 
-        async def send(item: Relayed, envelope: Envelope) -> None:
-            await self.publisher.packet(device, item, envelope)
-
         publisher = DevicePublisher(
-            send, backlog=settings.publish_backlog, ready=self.ready, on_drop=self._dropped
+            device,
+            self.publisher,
+            backlog=settings.publish_backlog,
+            ready=self.ready,
+            on_drop=self._dropped,
         )
         decoder: DecodeWorker | None = None
         if settings.decode_fps > 0 and self.h264:

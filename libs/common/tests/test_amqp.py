@@ -1,0 +1,307 @@
+"""The per-message AMQP paths on the machine's RabbitMQ: the confirm-window publisher and the
+consumer that acks after its handler (edgeway.common.amqp)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from prometheus_client import CollectorRegistry
+
+from edgeway.common.amqp import (
+    AmqpLink,
+    ConfirmPublisher,
+    Consumer,
+    PublishRefusedError,
+    RejectDeliveryError,
+)
+from edgeway.common.envelope import Envelope
+from edgeway.common.testing.faults import FaultProxy
+
+pytestmark = pytest.mark.connected
+
+WAIT = 15.0
+
+
+@pytest.fixture
+async def link(amqp_url: str) -> AsyncIterator[AmqpLink]:
+    link = AmqpLink(amqp_url, name="test", registry=CollectorRegistry())
+    await link.start()
+    yield link
+    await link.close()
+
+
+@pytest.fixture
+async def channel(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """The test's own side: declares, binds and reads."""
+    connection = await aio_pika.connect(amqp_url)
+    yield await connection.channel()
+    await connection.close()
+
+
+async def bound_queue(
+    channel: aio_pika.abc.AbstractChannel, exchange: str, key: str = "#"
+) -> AbstractQueue:
+    target = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(target, key)
+    return queue
+
+
+async def drain(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
+    got: list[AbstractIncomingMessage] = []
+    deadline = time.monotonic() + WAIT
+    while len(got) < count and time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.01)
+        else:
+            got.append(message)
+    return got
+
+
+def envelope() -> Envelope:
+    return Envelope(type="test.v1", producer="test", captured_at=1763321200.25)
+
+
+async def test_publishes_are_confirmed_in_order_with_a_bounded_window(
+    link: AmqpLink, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    exchange = f"test.{uuid.uuid4().hex[:8]}"
+    queue = await bound_queue(channel, exchange)
+    publisher = link.publisher(window=8)
+    most = 0
+
+    async def one(n: int) -> None:
+        nonlocal most
+        await publisher.publish(
+            str(n).encode(),
+            envelope=envelope(),
+            exchange=exchange,
+            routing_key=f"k.{n}",
+            durable=False,
+            headers={"x-n": n},
+        )
+        most = max(most, publisher.in_flight)
+
+    sends = [asyncio.create_task(one(n)) for n in range(200)]
+    await asyncio.sleep(0)
+    # Many at once, never more than the window.
+    assert 1 < publisher.in_flight <= 8
+    await asyncio.gather(*sends)
+    assert publisher.in_flight == 0
+    got = await drain(queue, 200)
+    assert [int(message.body) for message in got] == list(range(200))
+    first = got[0]
+    assert first.headers["x-n"] == 0
+    assert first.headers["x-captured-at"] == "1763321200.250000"
+    assert first.headers["x-producer"] == "test"
+    assert first.type == "test.v1"
+    assert first.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+
+
+async def test_submitted_publishes_start_at_once_in_order(
+    link: AmqpLink, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    exchange = f"test.{uuid.uuid4().hex[:8]}"
+    queue = await bound_queue(channel, exchange)
+    publisher = link.publisher(window=4)
+    tasks = []
+    for n in range(20):
+        await publisher.wait_room()
+        tasks.append(
+            publisher.submit(str(n).encode(), envelope=envelope(), exchange=exchange, durable=True)
+        )
+        assert publisher.in_flight <= 4
+    await asyncio.gather(*tasks)
+    got = await drain(queue, 20)
+    assert [int(message.body) for message in got] == list(range(20))
+    assert got[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+
+async def test_durable_work_that_no_queue_takes_is_refused(
+    link: AmqpLink, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    exchange = f"test.{uuid.uuid4().hex[:8]}"
+    await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)
+    publisher = link.publisher()
+    with pytest.raises(PublishRefusedError):
+        await publisher.publish(b"{}", envelope=envelope(), exchange=exchange, durable=True)
+    # A live result may find nobody listening.
+    await publisher.publish(b"{}", envelope=envelope(), exchange=exchange, durable=False)
+    # The channel is still good.
+    queue = await bound_queue(channel, exchange)
+    await publisher.publish(b"later", envelope=envelope(), exchange=exchange, durable=True)
+    assert [m.body for m in await drain(queue, 1)] == [b"later"]
+
+
+async def test_publishing_goes_on_after_the_connection_is_cut(
+    amqp_url: str, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    exchange = f"test.{uuid.uuid4().hex[:8]}"
+    queue = await bound_queue(channel, exchange)
+    parts = urlsplit(amqp_url)
+    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
+        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+        link = AmqpLink(
+            urlunsplit(parts._replace(netloc=netloc)),
+            name="test",
+            registry=CollectorRegistry(),
+            reconnect_interval=0.2,
+        )
+        await link.start()
+        try:
+            publisher = link.publisher()
+            await publisher.publish(b"1", envelope=envelope(), exchange=exchange, durable=True)
+            proxy.cut()
+            await asyncio.sleep(0.3)
+            proxy.restore()
+            # Waits for the connection to come back, then goes out.
+            await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
+        finally:
+            await link.close()
+    assert [m.body for m in await drain(queue, 2)] == [b"1", b"2"]
+
+
+async def test_the_consumer_acks_after_its_handler_and_requeues_what_fails(
+    link: AmqpLink, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    queue = await channel.declare_queue(f"test.{uuid.uuid4().hex[:8]}")
+    handled: list[bytes] = []
+    failed_once: set[bytes] = set()
+    bodies = [str(n).encode() for n in range(50)] + [b"bad"]
+    all_handled = asyncio.Event()
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        if message.body == b"bad" and message.body not in failed_once:
+            failed_once.add(message.body)
+            raise ValueError("not this time")
+        await asyncio.sleep(0.001)
+        handled.append(message.body)
+        if len(handled) == len(bodies):
+            all_handled.set()
+
+    consumer = Consumer(link, queue.name, handler, prefetch=16, grace=5)
+    publisher: ConfirmPublisher = link.publisher()
+    await consumer.start()
+    await asyncio.gather(
+        *(
+            publisher.publish(
+                body, envelope=envelope(), exchange="", routing_key=queue.name, durable=True
+            )
+            for body in bodies
+        )
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_handled.wait(), WAIT)
+    await consumer.stop()
+    # Every message once, the failed one again after its requeue.
+    assert sorted(handled) == sorted(bodies)
+    assert failed_once == {b"bad"}
+    acked = link.metrics.consumed.labels(queue.name, "acked")._value.get()
+    requeued = link.metrics.consumed.labels(queue.name, "requeued")._value.get()
+    assert (acked, requeued) == (len(bodies), 1)
+    # All acked: nothing left to redeliver once the consumer's channel is gone.
+    await link.close()
+    assert await queue.get(no_ack=True, fail=False) is None
+    await queue.delete()
+
+
+async def test_a_delivery_the_handler_rejects_is_dead_lettered_at_once(
+    link: AmqpLink, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    name = f"test.{uuid.uuid4().hex[:8]}"
+    dead = await channel.declare_queue(f"{name}.dead", exclusive=True)
+    queue = await channel.declare_queue(  # not exclusive: the link's connection consumes it
+        name,
+        auto_delete=True,
+        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead.name},
+    )
+    handled: list[bytes] = []
+    both = asyncio.Event()
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        handled.append(message.body)
+        if len(handled) == 2:
+            both.set()
+        if message.body == b"never":
+            raise RejectDeliveryError("not a message this handler can ever take")
+
+    consumer = Consumer(link, queue.name, handler, prefetch=4, grace=5)
+    await consumer.start()
+    publisher = link.publisher()
+    for body in (b"never", b"fine"):
+        await publisher.publish(
+            body, envelope=envelope(), exchange="", routing_key=queue.name, durable=True
+        )
+    await asyncio.wait_for(both.wait(), WAIT)
+    (rejected,) = await drain(dead, 1)
+    await consumer.stop()
+    assert rejected.body == b"never"
+    assert handled == [b"never", b"fine"]  # tried once, never requeued
+    counts = {
+        outcome: link.metrics.consumed.labels(queue.name, outcome)._value.get()
+        for outcome in ("acked", "requeued", "rejected")
+    }
+    assert counts == {"acked": 1, "requeued": 0, "rejected": 1}
+
+
+async def test_acks_under_load_never_close_the_channel(
+    amqp_url: str, channel: aio_pika.abc.AbstractChannel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handlers that publish their result on the same connection, then are acked together:
+    the acks must reach the broker in order (an ack that overtook a `multiple` one would name
+    an unknown tag, the broker would close the channel and redeliver everything unacked)."""
+    # aiormq's write queue holds 10 frames; at 1, tasks waiting to put one swap often.
+    monkeypatch.setattr(aiormq.Connection, "FRAME_BUFFER_SIZE", 1)
+    link = AmqpLink(amqp_url, name="test", registry=CollectorRegistry())
+    await link.start()
+    queue = await channel.declare_queue(f"test.{uuid.uuid4().hex[:8]}")
+    publisher = link.publisher()
+    total = 1500
+    handled: list[bytes] = []
+    redelivered = 0
+    all_handled = asyncio.Event()
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        nonlocal redelivered
+        redelivered += bool(message.redelivered)
+        await asyncio.sleep(random.random() / 500)  # groups finish at different times
+        await publisher.publish(
+            message.body, envelope=envelope(), exchange="amq.topic", durable=False
+        )
+        handled.append(message.body)
+        if len(handled) >= total:
+            all_handled.set()
+
+    consumer = Consumer(link, queue.name, handler, prefetch=128, grace=5)
+    await consumer.start()
+    sender = link.publisher()
+    await asyncio.gather(
+        *(
+            sender.publish(
+                str(n).encode(),
+                envelope=envelope(),
+                exchange="",
+                routing_key=queue.name,
+                durable=True,
+            )
+            for n in range(total)
+        )
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_handled.wait(), WAIT * 2)
+    await consumer.stop()
+    assert (len(handled), len(set(handled)), redelivered) == (total, total, 0)
+    await link.close()
+    assert await queue.get(no_ack=True, fail=False) is None
+    await queue.delete()
