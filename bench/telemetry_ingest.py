@@ -1,6 +1,6 @@
 """Telemetry ingest: the vehicle upload path end to end, each part beside its machine limit.
 
-    .venv/bin/python -m bench.telemetry_ingest [--quick]
+    .venv/bin/python -m bench.telemetry_ingest [--quick] [--profile DIR]
 
 One run, four parts (bench/README.md says how each is measured and how to read it):
 
@@ -17,7 +17,9 @@ One run, four parts (bench/README.md says how each is measured and how to read i
 
 Services run as real processes (`ServiceProcess`) on a private RabbitMQ virtual host and a fresh
 PostgreSQL database; everything is stopped and dropped at the end, also on Ctrl-C or SIGTERM.
-Prints tables and writes bench/results/telemetry_ingest.json. It never asserts timings.
+Prints tables, the CPU each server process spends per record (gateway, telemetry, RabbitMQ,
+PostgreSQL), and with `--profile` where the gateway's and the telemetry service's CPU goes
+(py-spy, parts 2 and 3); writes bench/results/telemetry_ingest.json. It never asserts timings.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import httpx
 import orjson
 import psycopg
 
-from bench.cpu import CpuMeter, background, pids_named
+from bench.cpu import CpuMeter, Profiler, background, pids_named, profile_summary
 from bench.occupancy_fanout import (
     Sample,
     interrupts_as_keyboard_interrupt,
@@ -69,51 +71,29 @@ from edgeway.common.testing import (
     free_port,
 )
 from edgeway.gateway.tokens import mint
+from edgeway.telemetry.bulk import COPY_RECORDS, COPY_TYPES
+from edgeway.telemetry.tables import MIGRATIONS, RecordRow
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECRET = "telemetry-ingest-bench-secret-long-enough-for-hs256"  # noqa: S105 (a bench's own key)
 RATIO_GOAL = 0.5  # gateway + telemetry / bare FastAPI, requests per second accepted
-BATCH_GOAL = 50_000.0  # records per second committed, end to end
+# Records per second committed end to end / a raw COPY at `batch_size` rows per transaction, in
+# the same run (issue 22; the earlier absolute goal, 50,000 records/s, was met).
+BATCH_RATIO_GOAL = 0.5
 P99_GOAL_MS = 100.0  # ingest to dashboard
 
 STORED = "edgeway_telemetry_records_total"
-IN_PROCESS = "edgeway_received_messages_in_process"
-UPLOAD_HANDLER = "edgeway.telemetry.raw*"
+# Uploads in the service's hands: consumed on its own AMQP link (`edgeway.common.amqp`), or by
+# FastStream in versions before it.
+IN_PROCESS = (
+    ("edgeway_amqp_in_process", {"queue": "edgeway.telemetry.raw*"}),
+    ("edgeway_received_messages_in_process", {"handler": "edgeway.telemetry.raw*"}),
+)
 # What the wire's rounding may add to a skipped field's error against the true value: heading
 # travels in whole degrees, the rest as float32 (a relative 6e-8; 1e-4 covers every range).
 WIRE_ROUNDING = {"speed": 1e-4, "battery": 1e-4, "power": 1e-4, "heading": 0.5}
 # Vehicle numbers (the last six characters of their VINs) per part, so parts never share one.
 SINGLE_BASE, BATCH_BASE, PACED_BASE = 1, 1001, 2001
-COLUMNS = (
-    "vehicle_id",
-    "timestamp_ms",
-    "speed",
-    "battery",
-    "power",
-    "odometer",
-    "heading",
-    "reconstructed",
-    "uncertain",
-    "sequence",
-    "predictor_version",
-    "compressed",
-    "received_at",
-)
-COPY_TYPES = (
-    "int4",
-    "int8",
-    "float8",
-    "float8",
-    "float8",
-    "float8",
-    "float8",
-    "int2",
-    "bool",
-    "int8",
-    "int4",
-    "bool",
-    "timestamptz",
-)
 
 
 @dataclass
@@ -135,6 +115,8 @@ class Config:
     commit_idle: float = 60.0
     commit_limit: float = 240.0  # ... or this long after the last upload was accepted
     quick: bool = False
+    # py-spy records the gateway and the telemetry service in parts 2 and 3 (collapsed stacks).
+    profile: Path | None = None
 
     @classmethod
     def make(cls, *, quick: bool) -> Config:
@@ -252,7 +234,9 @@ class Suite:
         its records broadcast (just before the uploads are acked)."""
         scraped = {"telemetry": self.scrape().get("telemetry", [])}
         stored = metric_sum(scraped, "telemetry", STORED, {"outcome": "stored"}) or 0.0
-        busy = metric_sum(scraped, "telemetry", IN_PROCESS, {"handler": UPLOAD_HANDLER}) or 0.0
+        busy = sum(
+            metric_sum(scraped, "telemetry", name, wanted) or 0.0 for name, wanted in IN_PROCESS
+        )
         return stored, busy
 
     def settle(self, limit: float = 120.0) -> float:
@@ -282,6 +266,17 @@ class Suite:
                     and not name.endswith(("_bucket", "_created", "_sum", "_count"))
                 }
         return found
+
+    def profiler(self, config: Config, step: str) -> Profiler | None:
+        """With `--profile`, py-spy on the gateway and the telemetry service for one step."""
+        if config.profile is None:
+            return None
+        pids = {
+            label: process.process.pid
+            for label, process in self.processes.items()
+            if process.process is not None
+        }
+        return Profiler(pids, config.profile / step)
 
     def stop(self) -> None:
         for process in reversed(self.processes.values()):
@@ -435,7 +430,7 @@ def single_part(
 # Part 2: batches end to end, and the database's own COPY limit
 
 
-def record_rows(config: Config, start_ms: int) -> list[tuple[Any, ...]]:
+def record_rows(config: Config, start_ms: int) -> list[RecordRow]:
     """As many rows as part 2 uploads, shaped as the service writes them."""
     per_vehicle = config.batch_records // config.batch_vehicles
     received = datetime.now(UTC)
@@ -445,20 +440,20 @@ def record_rows(config: Config, start_ms: int) -> list[tuple[Any, ...]]:
         for sequence in range(1, per_vehicle + 1):
             s = next(samples)
             rows.append(
-                (
-                    index + 1,
-                    s.timestamp_ms,
-                    s.speed,
-                    s.battery,
-                    s.power,
-                    s.odometer,
-                    s.heading,
-                    sequence % 16,
-                    False,
-                    sequence,
-                    1 if sequence % 100 == 1 else None,
-                    True,
-                    received,
+                RecordRow(
+                    vehicle_id=index + 1,
+                    timestamp_ms=s.timestamp_ms,
+                    speed=s.speed,
+                    battery=s.battery,
+                    power=s.power,
+                    odometer=s.odometer,
+                    heading=s.heading,
+                    reconstructed=sequence % 16,
+                    uncertain=False,
+                    sequence=sequence,
+                    predictor_version=1 if sequence % 100 == 1 else None,
+                    compressed=True,
+                    received_at=received,
                 )
             )
     return rows
@@ -469,14 +464,11 @@ def copy_baseline(
 ) -> list[dict[str, Any]]:
     """A raw COPY of part 2's rows into the service's own `telemetry` table (its migrations, in a
     scratch database): all in one transaction, then 1000 rows per transaction."""
-    from edgeway.telemetry import store
-
     url = create_postgres_database("edgeway_bench_copy")
     reports = []
     try:
-        store.MIGRATIONS.upgrade(async_database_url(url, service="bench", data_dir=RESULTS))
+        MIGRATIONS.upgrade(async_database_url(url, service="bench", data_dir=RESULTS))
         rows = record_rows(config, start_ms=1_717_228_800_000)
-        sql = f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
         with psycopg.connect(url) as connection:
             connection.execute(
                 "INSERT INTO vehicles (vin) SELECT 'BENCH' || lpad(g::text, 12, '0')"
@@ -494,7 +486,7 @@ def copy_baseline(
                 cpu.start()
                 started = time.perf_counter()
                 for first in range(0, len(rows), chunk):
-                    with connection.cursor() as cursor, cursor.copy(sql) as copy:
+                    with connection.cursor() as cursor, cursor.copy(COPY_RECORDS) as copy:
                         copy.set_types(COPY_TYPES)
                         for row in rows[first : first + chunk]:
                             copy.write_row(row)
@@ -536,11 +528,14 @@ def batch_part(
         stored_before = suite.progress()[0]
         commits.arm()
         cpu = meter({**groups, "loadgen": lambda: fleet.pids})
+        profiler = suite.profiler(config, "batch")
         start = time.time() + 0.3
         for child in fleet.children:
             child.conn.send(("batch", start))
         wait_until(start)
         cpu.start()
+        if profiler is not None:
+            profiler.start()
         replies = fleet.run(while_waiting=commits.poll, send=False)
         result = merge(replies)
         drain = commits.drain(total, idle=config.commit_idle, limit=config.commit_limit)
@@ -554,6 +549,7 @@ def batch_part(
                 break
             time.sleep(0.5)
         usage = cpu.stop()
+        profiles = {k: str(v) for k, v in profiler.stop().items()} if profiler else {}
     finally:
         fleet.stop()
     committed = commits.value
@@ -581,6 +577,7 @@ def batch_part(
         "acked_per_s": round(rate(committed, acked - start), 1),
         "cpu": usage,
         "cpu_top_other": cpu.top_other,
+        "profiles": profiles,
     }
 
 
@@ -610,8 +607,11 @@ def paced_part(
         # Warm-up (not measured): connections open, the gateway's vehicle list, code paths.
         paced_step(fleet, dashboard, config.paced_rates[0], config.warmup_seconds, groups)
         time.sleep(0.5)
-        for offered in config.paced_rates:
-            steps.append(paced_step(fleet, dashboard, offered, config.paced_seconds, groups))
+        for number, offered in enumerate(config.paced_rates):
+            profiler = suite.profiler(config, f"paced-{offered:.0f}") if number == 0 else None
+            steps.append(
+                paced_step(fleet, dashboard, offered, config.paced_seconds, groups, profiler)
+            )
             progress("paced", steps[-1])
             time.sleep(0.5)
     finally:
@@ -626,6 +626,7 @@ def paced_step(
     offered: float,
     seconds: float,
     groups: dict[str, Callable[[], list[int]]],
+    profiler: Profiler | None = None,
 ) -> dict[str, Any]:
     start = time.time() + 0.3
     # Records stamped before the start (an earlier step's stragglers) are not counted.
@@ -636,8 +637,11 @@ def paced_step(
         child.conn.send(("paced", start, offered, seconds, offset, size))
     wait_until(start)
     cpu.start()
+    if profiler is not None:
+        profiler.start()
     result = merge(fleet.run(send=False))
     usage = cpu.stop()
+    profiles = {k: str(v) for k, v in profiler.stop().items()} if profiler else {}
     accepted = {tuple(key) for key in result["accepted"]}
     last_send = result["last_done"]
     # Deliveries still in flight: until all arrived, 1 s without one, or 5 s after the end.
@@ -680,6 +684,7 @@ def paced_step(
         **{f"request_{k}": v for k, v in latency_stats(result["latencies"]).items()},
         "cpu": usage,
         "cpu_top_other": cpu.top_other,
+        "profiles": profiles,
     }
     report["p99_met"] = report["p99_ms"] is not None and report["p99_ms"] <= P99_GOAL_MS
     return report
@@ -939,12 +944,12 @@ def render(results: dict[str, Any]) -> str:
             ),
         ]
         if suite_batch:
-            met = suite_batch["committed"] >= suite_batch["records"] and (
-                suite_batch["committed_per_s"] >= BATCH_GOAL
-            )
+            ratio = batch.get("ratio")
             out.append(
-                f"   end to end {fmt(suite_batch['committed_per_s'])} records/s committed "
-                f"(target >= {BATCH_GOAL:,.0f}): {'met' if met else 'NOT met'}; "
+                f"   end to end {fmt(suite_batch['committed_per_s'])} records/s committed, "
+                f"{fmt(ratio, '.2f')} x COPY at {config['batch_size']} rows per transaction "
+                f"(target >= {BATCH_RATIO_GOAL}): "
+                f"{'met' if batch.get('ratio_met') else 'NOT met'}; "
                 f"{suite_batch['body_bytes_per_record']} body bytes per record, upload p50 "
                 f"{fmt(suite_batch['upload_p50_ms'], '.1f')} ms, p99 "
                 f"{fmt(suite_batch['upload_p99_ms'], '.1f')} ms; not 202: "
@@ -1082,11 +1087,78 @@ def render(results: dict[str, Any]) -> str:
                 [[row[0], *(row[i + 1] or "-" for i in used)] for row in cpu_rows],
             ),
         ]
+    out += cpu_per_record(parts)
+    out += profile_lines(parts)
     checks = results.get("checks", [])
     if checks:
         out += ["", "Checks", *(f"  {line}" for line in checks)]
     out.append("")
     return "\n".join(out)
+
+
+# The processes that serve the path (not the load generator, the dashboard or the bench).
+SERVER_GROUPS = ("bare", "gateway", "telemetry", "rabbitmq", "postgres")
+
+
+def cpu_per_record(parts: dict[str, Any]) -> list[str]:
+    """The CPU table divided out: µs of CPU per record, per server process, and their total."""
+    steps: list[tuple[str, dict[str, float], float | None]] = []
+    for r in parts.get("single", {}).get("targets", []):
+        steps.append((f"1 single: {r['target']}", r["cpu"], r["accepted_per_s"]))
+    batch = parts.get("batch", {})
+    if batch.get("suite"):
+        steps.append(("2 batch: gateway + telemetry", batch["suite"]["cpu"], None))
+    for r in batch.get("baselines", []):
+        steps.append((f"2 batch: {r['target']}", r["cpu"], r["committed_per_s"]))
+    for r in parts.get("paced", {}).get("steps", []):
+        steps.append((f"3 dashboard: {r['offered_per_s']:.0f}/s", r["cpu"], r["sent_per_s"]))
+    rows = []
+    for label, usage, per_s in steps:
+        if per_s is None:  # part 2: the whole run's CPU over every record it committed
+            suite = batch["suite"]
+            per_s = rate(suite["committed"], suite["acked_s"])
+        if not per_s:
+            continue
+        # % of one core -> CPU seconds per second; over records per second -> µs per record.
+        per_record = {k: usage[k] / 100 / per_s * 1e6 for k in SERVER_GROUPS if k in usage}
+        rows.append(
+            [
+                label,
+                *(fmt(per_record.get(k), ".1f") for k in SERVER_GROUPS),
+                fmt(sum(per_record.values()), ".1f"),
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "CPU per record, µs, by server process (part 1: per accepted request; part 2: per "
+        "committed record, until every record is broadcast; part 3: per record sent)",
+        table(["step", *SERVER_GROUPS, "servers"], rows),
+    ]
+
+
+def profile_lines(parts: dict[str, Any], top: int = 25) -> list[str]:
+    """The costliest frames of each profiled process (`--profile`), in % of its samples."""
+    profiled = [("2 batch", parts.get("batch", {}).get("suite") or {})]
+    profiled += [
+        (f"3 dashboard {r['offered_per_s']:.0f}/s", r)
+        for r in parts.get("paced", {}).get("steps", [])
+    ]
+    out = []
+    for step, report in profiled:
+        for label, path in report.get("profiles", {}).items():
+            ranked = profile_summary(Path(path), top=top)
+            if ranked:
+                out += [
+                    "",
+                    f"Profile of {label} in {step} (py-spy, CPU samples; {path})",
+                    table(
+                        ["% in or below", "% alone", "frame"],
+                        [[f"{a:.1f}", f"{b:.1f}", frame[:110]] for frame, a, b in ranked],
+                    ),
+                ]
+    return out
 
 
 def reports(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1122,6 +1194,18 @@ def checks(results: dict[str, Any]) -> list[str]:
             f"telemetry service records: {', '.join(f'{k} {v:.0f}' for k, v in outcomes.items())}; "
             f"rejected uploads {rejected or 'none'}; broadcast failures {failures:.0f}"
         )
+        # Upload messages by what became of them (`edgeway.common.amqp.Consumer`): all but
+        # acked should be 0.
+        consumed = {
+            k.rsplit('outcome="', 1)[1].split('"')[0]: v
+            for k, v in telemetry.items()
+            if k.startswith("edgeway_amqp_consumed_total") and "edgeway.telemetry.raw" in k
+        }
+        if consumed:
+            lines.append(
+                "telemetry upload messages: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in sorted(consumed.items()))
+            )
     for r in reports(results):
         if "committed" in r and "rows_counted" in r and r["committed"] != r["rows_counted"]:
             lines.append(
@@ -1271,14 +1355,31 @@ def summarize(results: dict[str, Any]) -> None:
         single["ratio"] = round(ratio, 3) if ratio is not None else None
         single["ratio_goal"] = RATIO_GOAL
         single["ratio_met"] = ratio is not None and ratio >= RATIO_GOAL
+    batch = results["parts"].get("batch", {})
+    suite = batch.get("suite")
+    copy = next((r for r in batch.get("baselines", []) if "per transaction" in r["target"]), None)
+    if suite and copy and copy["committed_per_s"]:
+        ratio = suite["committed_per_s"] / copy["committed_per_s"]
+        batch["ratio"] = round(ratio, 3)
+        batch["ratio_goal"] = BATCH_RATIO_GOAL
+        batch["ratio_met"] = suite["committed"] >= suite["records"] and ratio >= BATCH_RATIO_GOAL
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Telemetry ingest end to end vs machine limits")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 s steps, 20k records")
     parser.add_argument("--output", type=Path, default=RESULTS / "telemetry_ingest.json")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="py-spy the gateway and the telemetry service in parts 2 and 3 (collapsed stacks "
+        "in DIR) and print where their CPU goes",
+    )
     args = parser.parse_args(argv)
     config = Config.make(quick=args.quick)
+    config.profile = args.profile
     results: dict[str, Any] = {
         "benchmark": "telemetry_ingest",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1310,7 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(results), flush=True)
     print(f"took {results['seconds']:.0f} s", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    args.output.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2, default=str))
     print(f"results: {args.output}", flush=True)
     failed = any("error" in part for part in results["parts"].values()) or "suite_error" in results
     return 130 if interrupted else (1 if failed else 0)

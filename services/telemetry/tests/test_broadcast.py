@@ -6,32 +6,36 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Coroutine, Sequence
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
 
 import aio_pika
+import orjson
 import pytest
-from aio_pika import DeliveryMode
+from prometheus_client import CollectorRegistry
 
-from edgeway.common.envelope import Envelope, new_message_id
+from edgeway.common.amqp import AmqpLink, properties
+from edgeway.common.envelope import HEADER_PRODUCER, Envelope, new_message_id
 from edgeway.common.telemetry.predictor import Decoded, Sample
+from edgeway.common.topology import Channels, Topology
 from edgeway.telemetry import domain
 from edgeway.telemetry.broadcast import (
+    AmqpSender,
     Broadcaster,
     BroadcastMetrics,
     BroadcastQueue,
     PropertiesTemplate,
-    Upload,
+    RecordOrigin,
 )
-from edgeway.telemetry.ingest import Outcome, StoredRecord
+from edgeway.telemetry.flows import BroadcastRecord, Outcome
 from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
 
 T0 = 1_763_726_400_000
 
 
-def record(timestamp_ms: int, *, late: bool = False) -> StoredRecord:
+def record(timestamp_ms: int, *, late: bool = False) -> BroadcastRecord:
     sample = Sample(timestamp_ms, 40.0, 80.0, 12.5, 12_000.0, 90.0)
-    return StoredRecord(
+    return BroadcastRecord(
         Decoded(sample, frozenset(), False, None), domain.StatsCounts(1, 4, 0), late
     )
 
@@ -43,7 +47,7 @@ def outcome(vin: str, timestamps: Sequence[int], *, late: bool = False) -> Outco
     return result
 
 
-def times(entries: Sequence[tuple[Upload, StoredRecord]]) -> list[int]:
+def times(entries: Sequence[tuple[RecordOrigin, BroadcastRecord]]) -> list[int]:
     return [entry[1].decoded.sample.timestamp_ms for entry in entries]
 
 
@@ -59,25 +63,25 @@ def drained(queue: BroadcastQueue) -> list[int]:
 
 def test_the_queue_gives_records_back_in_the_order_they_were_put() -> None:
     queue = BroadcastQueue(100)
-    upload = Upload(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
-    assert queue.put(upload, [record(1), record(2, late=True), record(3)]) == 0
-    assert queue.put(upload, [record(4, late=True), record(5)]) == 0
+    origin = RecordOrigin(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
+    assert queue.put(origin, [record(1), record(2, late=True), record(3)]) == 0
+    assert queue.put(origin, [record(4, late=True), record(5)]) == 0
     assert len(queue) == 5
     assert drained(queue) == [1, 2, 3, 4, 5]
 
 
 def test_a_full_queue_drops_the_oldest_replayed_records_first_then_the_oldest_live_ones() -> None:
     queue = BroadcastQueue(4)
-    upload = Upload(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
-    assert queue.put(upload, [record(1), record(2)]) == 0  # live
+    origin = RecordOrigin(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
+    assert queue.put(origin, [record(1), record(2)]) == 0  # live
     # A replay of six: two of it would fit; the four oldest of it go, the live records stay.
-    assert queue.put(upload, [record(10 + i, late=True) for i in range(6)]) == 4
+    assert queue.put(origin, [record(10 + i, late=True) for i in range(6)]) == 4
     assert len(queue) == 4
     # Then live records: the rest of the replay goes first, then the oldest live record.
-    assert queue.put(upload, [record(20), record(21), record(22)]) == 3
+    assert queue.put(origin, [record(20), record(21), record(22)]) == 3
     assert drained(queue) == [2, 20, 21, 22]
     # One put larger than the bound keeps its newest.
-    assert queue.put(upload, [record(30 + i) for i in range(10)]) == 6
+    assert queue.put(origin, [record(30 + i) for i in range(10)]) == 6
     assert drained(queue) == [36, 37, 38, 39]
     assert queue.clear() == 0
 
@@ -85,18 +89,18 @@ def test_a_full_queue_drops_the_oldest_replayed_records_first_then_the_oldest_li
 def test_replayed_records_are_let_in_at_the_replay_rate_newest_first() -> None:
     now = [0.0]
     queue = BroadcastQueue(1000, replay_rate=3, clock=lambda: now[0])
-    upload = Upload(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
+    origin = RecordOrigin(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
     # A second's worth of replay at once; the rest of the put, the oldest of it, is dropped.
     # Live records are never held back.
-    assert queue.put(upload, [*(record(i, late=True) for i in range(5)), record(100)]) == 2
-    assert queue.put(upload, [record(10, late=True), record(101)]) == 1  # the bucket is empty
+    assert queue.put(origin, [*(record(i, late=True) for i in range(5)), record(100)]) == 2
+    assert queue.put(origin, [record(10, late=True), record(101)]) == 1  # the bucket is empty
     now[0] = 0.5  # half a second: one and a half records' worth
-    assert queue.put(upload, [record(20 + i, late=True) for i in range(4)]) == 3
+    assert queue.put(origin, [record(20 + i, late=True) for i in range(4)]) == 3
     now[0] = 10.0  # a long pause fills the bucket up to one second's worth, no more
-    assert queue.put(upload, [record(30 + i, late=True) for i in range(5)]) == 2
+    assert queue.put(origin, [record(30 + i, late=True) for i in range(5)]) == 2
     assert drained(queue) == [2, 3, 4, 100, 101, 23, 32, 33, 34]
     unlimited = BroadcastQueue(1000, replay_rate=math.inf)
-    assert unlimited.put(upload, [record(i, late=True) for i in range(50)]) == 0
+    assert unlimited.put(origin, [record(i, late=True) for i in range(50)]) == 0
     with pytest.raises(ValueError, match="replay_rate"):
         BroadcastQueue(10, replay_rate=-1)
 
@@ -108,7 +112,7 @@ class HeldSender:
     """Takes each record's broadcast at once; its confirm comes when the test releases it."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[Upload, StoredRecord]] = []
+        self.sent: list[tuple[RecordOrigin, BroadcastRecord]] = []
         self.confirms: list[asyncio.Future[None]] = []
         self.connected = True
         self.closed = False
@@ -116,8 +120,8 @@ class HeldSender:
     async def connect(self) -> None:
         self.connected = True
 
-    def send(self, upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
-        self.sent.append((upload, record))
+    def send(self, origin: RecordOrigin, record: BroadcastRecord) -> Coroutine[Any, Any, object]:
+        self.sent.append((origin, record))
         confirm: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.confirms.append(confirm)
 
@@ -182,7 +186,7 @@ async def test_put_never_waits_for_the_broker_and_a_full_queue_drops_the_oldest(
         sender.release()
         await settle()
     assert times(sender.sent) == [0, 1, 2, 3, *range(7, 12), *range(100, 105)]
-    assert [upload.vin for upload, _ in sender.sent[-5:]] == [DEMO_VINS[0]] * 5
+    assert [origin.vin for origin, _ in sender.sent[-5:]] == [DEMO_VINS[0]] * 5
     assert counts.published == 12
     await broadcaster.drain(asyncio.get_running_loop().time() + 1)
 
@@ -202,7 +206,7 @@ async def test_broadcasts_go_out_in_order_within_the_window_and_failures_are_cou
     sender.release()
     await settle()
     assert times(sender.sent) == [*range(10), *range(50, 55)]
-    assert [upload.vin for upload, _ in sender.sent] == [SEED_VIN] * 10 + [DEMO_VINS[1]] * 5
+    assert [origin.vin for origin, _ in sender.sent] == [SEED_VIN] * 10 + [DEMO_VINS[1]] * 5
     assert (counts.published, counts.failed, counts.dropped) == (14, 1, 0)
     await broadcaster.drain(asyncio.get_running_loop().time() + 1)
     assert sender.closed
@@ -263,54 +267,88 @@ async def test_while_the_channel_is_down_records_wait_and_the_oldest_are_dropped
     assert counts.published == 5
 
 
-# --- the AMQP properties --------------------------------------------------------------------------
+# --- the AMQP side -------------------------------------------------------------------------------
+
+
+@pytest.mark.connected
+async def test_records_are_published_with_their_upload_s_correlation_and_ids_of_their_own(
+    amqp_url: str,
+) -> None:
+    """Through the process's confirm-window publisher, on the real broker: what the gateway's
+    fan-out reads (routing key per vehicle, type, correlation, headers, the client message)."""
+    topology = Topology()
+    connection = await aio_pika.connect(amqp_url)
+    link = AmqpLink(amqp_url, name="test-broadcasts", registry=CollectorRegistry())
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            topology.broadcast.name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        listener = await channel.declare_queue(exclusive=True)
+        await listener.bind(exchange, routing_key=Channels.TELEMETRY_VEHICLES)
+        await link.start()
+        counts = Counts()
+        broadcaster = Broadcaster(
+            AmqpSender(link.publisher(), topology.broadcast.name, producer="telemetry"),
+            capacity=100,
+            metrics=counts.metrics(),
+        )
+        broadcaster.start()
+        sent = outcome(SEED_VIN, [T0, T0 + 300, T0 + 600])
+        upload = sent.envelope
+        broadcaster.put([sent])
+        await broadcaster.drain(asyncio.get_running_loop().time() + 5)
+        got = []
+        while len(got) < 3 and (message := await listener.get(no_ack=True, fail=False)):
+            got.append(message)
+    finally:
+        await link.close()
+        await connection.close()
+    assert counts.published == 3
+    assert [m.routing_key for m in got] == [Channels.telemetry_vehicle(SEED_VIN)] * 3
+    assert [orjson.loads(m.body)["data"]["timestamp"] for m in got] == [T0, T0 + 300, T0 + 600]
+    assert {m.type for m in got} == {domain.RECORD_TYPE}
+    assert {m.correlation_id for m in got} == {upload.message_id}
+    assert len({m.message_id for m in got}) == 3
+    assert upload.message_id not in {m.message_id for m in got}
+    assert got[0].delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+    assert (got[0].headers or {})[HEADER_PRODUCER] == "telemetry"
 
 
 @pytest.mark.parametrize(
     "traceparent", [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]
 )
-def test_record_properties_are_marshalled_as_aio_pika_marshals_them(
+def test_record_properties_are_marshalled_as_the_shared_publisher_marshals_them(
     traceparent: str | None,
 ) -> None:
-    """What FastStream sends for `edgeway.common.broker.publish` (an `aio_pika.Message` built
-    from the envelope's publish_kwargs), byte for byte, with each record's own message id."""
+    """What `edgeway.common.amqp.properties` gives a record's envelope, byte for byte, with each
+    record's own message id written into the upload's template."""
     upload = Envelope(
         type=domain.UPLOAD_TYPE,
         producer="gateway",
         captured_at=1_763_726_400.25 if traceparent else None,
         traceparent=traceparent,
+        headers={"x-vehicle-vin": SEED_VIN},
     )
     envelope = upload.derive(type=domain.RECORD_TYPE, producer="telemetry")
-    now = datetime.now(UTC)
-    template = PropertiesTemplate(envelope, app_id="edgeway-telemetry", timestamp=now)
-    kwargs = envelope.publish_kwargs()
+    template = PropertiesTemplate(envelope)
     for message_id in (new_message_id(), new_message_id(), "x", "a-much-longer-id-" * 10):
-        expected = aio_pika.Message(
-            b"{}",
-            content_type=kwargs["content_type"],
-            delivery_mode=DeliveryMode.NOT_PERSISTENT,
-            correlation_id=kwargs["correlation_id"],
-            headers=kwargs["headers"],
-            message_id=message_id,
-            timestamp=now,
-            type=kwargs["message_type"],
-            app_id="edgeway-telemetry",
-        ).properties
-        properties = template.properties(message_id)
-        assert properties.marshal() == expected.marshal()
-        assert properties.message_id == message_id
-        assert properties.correlation_id == upload.message_id
-        assert properties.message_type == domain.RECORD_TYPE
+        expected = properties(replace(envelope, message_id=message_id), durable=False)
+        made = template.properties(message_id)
+        assert made.marshal() == expected.marshal()
+        assert made.message_id == message_id
+        assert made.correlation_id == upload.message_id
+        assert made.message_type == domain.RECORD_TYPE
 
 
 async def test_a_record_that_cannot_be_sent_is_counted_and_the_rest_go_on() -> None:
     sender, counts = HeldSender(), Counts()
     send = sender.send
 
-    def refusing(upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
+    def refusing(origin: RecordOrigin, record: BroadcastRecord) -> Coroutine[Any, Any, object]:
         if record.decoded.sample.timestamp_ms == 2:
             raise ValueError("cannot encode")
-        return send(upload, record)
+        return send(origin, record)
 
     sender.send = refusing  # type: ignore[method-assign]
     broadcaster = Broadcaster(sender, capacity=100, metrics=counts.metrics(), window=2)

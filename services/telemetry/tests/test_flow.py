@@ -53,7 +53,7 @@ from edgeway.common.telemetry.uploads import UPLOADS_TYPE, pack
 from edgeway.common.testing import POSTGRES_ADMIN_URL, ServiceProcess, free_port
 from edgeway.common.topology import Channels, Topology
 from edgeway.telemetry.domain import RECORD_TYPE, UPLOAD_TYPE
-from edgeway.telemetry.handlers import DB_RETRY_DELAYS
+from edgeway.telemetry.flows import DB_RETRY_DELAYS
 from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
 
 pytestmark = pytest.mark.connected
@@ -835,9 +835,9 @@ async def test_uploads_are_acked_once_committed_while_their_broadcasts_still_dra
     while (
         metric_sum(
             service,
-            "edgeway_received_processed_messages_total",
-            handler=TOPOLOGY.telemetry_raw_queue.name,
-            status="acked",
+            "edgeway_amqp_consumed_total",
+            queue=TOPOLOGY.telemetry_raw_queue.name,
+            outcome="acked",
         )
         < uploads
     ):

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from edgeway.common.db import make_engine, make_sessionmaker
 from edgeway.common.settings import async_database_url
 from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
-from edgeway.telemetry import domain, store
+from edgeway.telemetry import bulk, domain, store, tables
 from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
 
 RECEIVED = datetime(2025, 11, 21, 12, 0, 0, 250000, tzinfo=UTC)
@@ -25,7 +25,7 @@ T0 = 1_763_726_400_000  # 2025-11-21T12:00:00Z in ms
 @pytest.fixture(params=DIALECTS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty telemetry database migrated to head (`engine` and `sessions` build on it)."""
-    return migrated_database(request, tmp_path, service="telemetry", migrations=store.MIGRATIONS)
+    return migrated_database(request, tmp_path, service="telemetry", migrations=tables.MIGRATIONS)
 
 
 @pytest.fixture
@@ -43,8 +43,8 @@ def row(
     reconstructed: int = 0,
     sequence: int | None = 1,
     uncertain: bool = False,
-) -> store.RecordRow:
-    return store.RecordRow(
+) -> tables.RecordRow:
+    return tables.RecordRow(
         vehicle_id=vehicle_id,
         timestamp_ms=T0 + offset_ms,
         speed=speed,
@@ -62,10 +62,10 @@ def row(
 
 
 async def store_rows(
-    sessions: async_sessionmaker[AsyncSession], rows: list[store.RecordRow]
+    sessions: async_sessionmaker[AsyncSession], rows: list[tables.RecordRow]
 ) -> list[bool]:
     async with sessions.begin() as session:
-        return await store.insert_records(session=session, rows=rows)
+        return await bulk.insert_records(session=session, rows=rows)
 
 
 async def count(sessions: async_sessionmaker[AsyncSession], entity: Any) -> int:
@@ -79,19 +79,19 @@ async def count(sessions: async_sessionmaker[AsyncSession], entity: Any) -> int:
 async def test_migrations_reach_head_in_their_own_version_table(
     database_url: str, engine: AsyncEngine
 ) -> None:
-    assert await store.MIGRATIONS.at_head(database_url)
-    assert store.MIGRATIONS.current(database_url) == store.MIGRATIONS.head() == "0003"
+    assert await tables.MIGRATIONS.at_head(database_url)
+    assert tables.MIGRATIONS.current(database_url) == tables.MIGRATIONS.head() == "0003"
 
     # The models and the migration describe the same schema, recorded in the service's own table.
     differences = await schema_differences(
-        engine, store.Base.metadata, version_table="alembic_version_telemetry"
+        engine, tables.Base.metadata, version_table="alembic_version_telemetry"
     )
     assert differences == []
 
 
 async def test_migrating_twice_changes_nothing(database_url: str) -> None:
-    store.MIGRATIONS.upgrade(database_url)
-    assert store.MIGRATIONS.current(database_url) == "0003"
+    tables.MIGRATIONS.upgrade(database_url)
+    assert tables.MIGRATIONS.current(database_url) == "0003"
 
 
 # --- vehicles -------------------------------------------------------------------------------------
@@ -110,18 +110,18 @@ async def test_seeding_vehicles_is_idempotent_and_keeps_ids(
     assert sorted(vins) == sorted([SEED_VIN, *DEMO_VINS, "5YJ3E1EA1KF000009"])
 
 
-async def test_directory_finds_a_vehicle_added_after_start(
+async def test_the_id_cache_finds_a_vehicle_added_after_start(
     vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    directory = store.VehicleDirectory(vehicles, ttl=5.0)
+    cache = store.VehicleIdCache(vehicles, ttl=5.0)
     async with sessions.begin() as session:
         added = await session.scalar(
-            insert(store.Vehicle).values(vin="1HGCM82633A004352").returning(store.Vehicle.id)
+            insert(tables.Vehicle).values(vin="1HGCM82633A004352").returning(tables.Vehicle.id)
         )
     async with sessions() as session:
-        assert await directory.lookup(session=session, vin="1HGCM82633A004352") == added
-        assert await directory.lookup(session=session, vin="1HGCM82633A004353") is None
-        assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        assert await cache.lookup(session=session, vin="1HGCM82633A004352") == added
+        assert await cache.lookup(session=session, vin="1HGCM82633A004353") is None
+        assert await cache.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
 
 
 async def test_a_vehicle_is_registered_retired_and_reactivated_with_its_id_and_records(
@@ -148,10 +148,10 @@ async def test_a_vehicle_is_registered_retired_and_reactivated_with_its_id_and_r
     async with sessions() as session:
         assert new_vin not in await store.load_vehicles(session=session)
         assert new_vin not in await store.vehicle_vins(session=session)
-        kept = await session.get(store.Vehicle, vehicle_id)
+        kept = await session.get(tables.Vehicle, vehicle_id)
         assert kept is not None
         assert kept.retired_at == retired_at
-    assert await count(sessions, store.TelemetryRecord) == 2  # what was accepted stays
+    assert await count(sessions, tables.TelemetryRecord) == 2  # what was accepted stays
 
     # Seeding (a restart with the VIN in the setting) does not undo a retirement ...
     async with sessions.begin() as session:
@@ -166,32 +166,32 @@ async def test_a_vehicle_is_registered_retired_and_reactivated_with_its_id_and_r
         assert (await store.vehicle_vins(session=session))[-1] == new_vin
 
 
-async def test_the_directory_reads_an_entry_again_after_its_time_so_a_retirement_elsewhere_counts(
+async def test_the_id_cache_reads_an_entry_again_after_its_time_so_a_retirement_elsewhere_counts(
     vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     """Another replica (or an operator) retires a vehicle in the table: this replica's cached
     entry is trusted for `ttl` seconds at most, then read again."""
     now = [100.0]
-    directory = store.VehicleDirectory(vehicles, ttl=5.0, clock=lambda: now[0])
+    cache = store.VehicleIdCache(vehicles, ttl=5.0, clock=lambda: now[0])
     retired_at = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
     async with sessions.begin() as session:
         assert await store.retire_vehicle(session=session, vin=SEED_VIN, at=retired_at)
     async with sessions() as session:
         now[0] += 4.9
-        assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        assert await cache.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
         now[0] += 0.2  # past the entry's time
-        assert await directory.lookup(session=session, vin=SEED_VIN) is None
+        assert await cache.lookup(session=session, vin=SEED_VIN) is None
         # A vehicle never cached and then retired is not found either.
-        assert await directory.lookup(session=session, vin=DEMO_VINS[0]) == vehicles[DEMO_VINS[0]]
+        assert await cache.lookup(session=session, vin=DEMO_VINS[0]) == vehicles[DEMO_VINS[0]]
     async with sessions.begin() as session:
         await store.register_vehicle(session=session, vin=SEED_VIN)
     async with sessions() as session:
         # A miss is always read: registered again, it is taken at once.
-        assert await directory.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
-        directory.forget(DEMO_VINS[0])  # what a replica that retires it does at once
+        assert await cache.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        cache.forget(DEMO_VINS[0])  # what a replica that retires it does at once
         async with sessions.begin() as other:
             await store.retire_vehicle(session=other, vin=DEMO_VINS[0], at=retired_at)
-        assert await directory.lookup(session=session, vin=DEMO_VINS[0]) is None
+        assert await cache.lookup(session=session, vin=DEMO_VINS[0]) is None
 
 
 @pytest.fixture(params=DIALECTS)
@@ -199,7 +199,7 @@ def database_at_0002(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A telemetry database as the previous release left it: migrated to 0002."""
     configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     url = async_database_url(configured, service="telemetry", data_dir=tmp_path)
-    command.upgrade(store.MIGRATIONS.config(url), "0002")
+    command.upgrade(tables.MIGRATIONS.config(url), "0002")
     return url
 
 
@@ -213,14 +213,14 @@ async def test_vehicles_from_before_retirement_existed_stay_active_and_0003_goes
             await connection.execute(
                 text("INSERT INTO vehicles (vin) VALUES (:vin)"), {"vin": SEED_VIN}
             )
-        await store.MIGRATIONS.upgrade_async(url)
-        assert store.MIGRATIONS.current(url) == "0003"
+        await tables.MIGRATIONS.upgrade_async(url)
+        assert tables.MIGRATIONS.current(url) == "0003"
         async with make_sessionmaker(engine)() as session:
             assert list(await store.load_vehicles(session=session)) == [SEED_VIN]
     finally:
         await engine.dispose()
-    await asyncio.to_thread(command.downgrade, store.MIGRATIONS.config(url), "0002")
-    assert store.MIGRATIONS.current(url) == "0002"
+    await asyncio.to_thread(command.downgrade, tables.MIGRATIONS.config(url), "0002")
+    assert tables.MIGRATIONS.current(url) == "0002"
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -236,27 +236,27 @@ async def test_records_are_stored_once_per_vehicle_and_timestamp(
         sessions, [row(car, 300, speed=1.0), row(car, 600), row(car, 600), row(other, 300)]
     )
     assert fresh == [False, True, False, True]
-    assert await count(sessions, store.TelemetryRecord) == 5
+    assert await count(sessions, tables.TelemetryRecord) == 5
     async with sessions() as session:
         speed = await session.scalar(
-            select(store.TelemetryRecord.speed).where(
-                store.TelemetryRecord.vehicle_id == car,
-                store.TelemetryRecord.timestamp_ms == T0 + 300,
+            select(tables.TelemetryRecord.speed).where(
+                tables.TelemetryRecord.vehicle_id == car,
+                tables.TelemetryRecord.timestamp_ms == T0 + 300,
             )
         )
     assert speed == 65.5  # the first copy stays
     # Nothing stored yet but the same record twice (on PostgreSQL, the direct COPY's case).
     assert await store_rows(sessions, [row(car, 900), row(car, 900, speed=1.0)]) == [True, False]
-    assert await count(sessions, store.TelemetryRecord) == 6
+    assert await count(sessions, tables.TelemetryRecord) == 6
 
 
 async def test_a_large_group_with_stored_records_keeps_only_the_new_ones(
     vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    """From store.COPY_FROM_ROWS rows PostgreSQL COPYs them; a stored one among them sends the
+    """From bulk.COPY_FROM_ROWS rows PostgreSQL COPYs them; a stored one among them sends the
     group through the temporary table instead."""
     car = vehicles[SEED_VIN]
-    size = store.COPY_FROM_ROWS * 2
+    size = bulk.COPY_FROM_ROWS * 2
     first = [row(car, 300 * i) for i in range(size)]
     assert await store_rows(sessions, first) == [True] * size
     # The second half again (stored), then as many new ones, one of them twice.
@@ -264,7 +264,7 @@ async def test_a_large_group_with_stored_records_keeps_only_the_new_ones(
     new = [row(car, 300 * (size + i), speed=1.0) for i in range(size // 2)]
     fresh = await store_rows(sessions, [*again, *new, new[0]])
     assert fresh == [False] * len(again) + [True] * len(new) + [False]
-    assert await count(sessions, store.TelemetryRecord) == size + len(new)
+    assert await count(sessions, tables.TelemetryRecord) == size + len(new)
 
 
 async def test_a_record_keeps_every_value_exactly(
@@ -279,7 +279,7 @@ async def test_a_record_keeps_every_value_exactly(
     async with sessions() as session:
         rows = (
             await session.scalars(
-                select(store.TelemetryRecord).order_by(store.TelemetryRecord.timestamp_ms)
+                select(tables.TelemetryRecord).order_by(tables.TelemetryRecord.timestamp_ms)
             )
         ).all()
     first, second = rows
@@ -300,18 +300,18 @@ async def test_a_large_group_keeps_its_order_and_a_rollback_stores_nothing(
 
     async def crash() -> None:
         async with sessions.begin() as session:
-            await store.insert_records(session=session, rows=rows)
+            await bulk.insert_records(session=session, rows=rows)
             raise RuntimeError("crash before commit")
 
     with pytest.raises(RuntimeError, match="crash"):
         await crash()
-    assert await count(sessions, store.TelemetryRecord) == 0
+    assert await count(sessions, tables.TelemetryRecord) == 0
     # Stored in the order given (ids), whatever the group's size; reversed input, reversed ids.
     assert await store_rows(sessions, rows[::-1]) == [True] * 3000
     async with sessions() as session:
         times = list(
             await session.scalars(
-                select(store.TelemetryRecord.timestamp_ms).order_by(store.TelemetryRecord.id)
+                select(tables.TelemetryRecord.timestamp_ms).order_by(tables.TelemetryRecord.id)
             )
         )
     assert times == [r.timestamp_ms for r in rows[::-1]]
@@ -329,11 +329,13 @@ async def test_a_small_group_keeps_its_order_and_its_second_copy_is_not_new(
     # Under COPY_FROM_ROWS: one INSERT of arrays on PostgreSQL, multi-row VALUES on SQLite.
     car = vehicles[SEED_VIN]
     rows = [row(car, 300 * i, sequence=None if i % 2 else i) for i in range(40)][::-1]
-    assert len(rows) < store.COPY_FROM_ROWS
+    assert len(rows) < bulk.COPY_FROM_ROWS
     assert await store_rows(sessions, [*rows, rows[3]]) == [True] * 40 + [False]
     async with sessions() as session:
         stored = list(
-            await session.scalars(select(store.TelemetryRecord).order_by(store.TelemetryRecord.id))
+            await session.scalars(
+                select(tables.TelemetryRecord).order_by(tables.TelemetryRecord.id)
+            )
         )
     assert [(r.timestamp_ms, r.sequence) for r in stored] == [
         (r.timestamp_ms, r.sequence) for r in rows
@@ -345,8 +347,8 @@ async def test_a_small_group_keeps_its_order_and_its_second_copy_is_not_new(
 # --- state ----------------------------------------------------------------------------------------
 
 
-def state_write(vehicle_id: int, revision: int, *, offset_ms: int) -> store.StateWrite:
-    return store.StateWrite(
+def state_write(vehicle_id: int, revision: int, *, offset_ms: int) -> bulk.StateWrite:
+    return bulk.StateWrite(
         vehicle_id=vehicle_id,
         revision=revision,
         predictor={"predictions": {"speed": 65.5}, "last_timestamp_ms": T0 + offset_ms},
@@ -360,17 +362,17 @@ async def test_state_moves_on_only_from_the_revision_that_was_read(
 ) -> None:
     car, other = vehicles[SEED_VIN], vehicles[DEMO_VINS[0]]
     async with sessions.begin() as session:
-        await store.save_states(
+        await bulk.save_states(
             session=session,
             writes=[state_write(car, 0, offset_ms=0), state_write(other, 0, offset_ms=0)],
         )
     async with sessions.begin() as session:
-        await store.save_states(session=session, writes=[state_write(car, 1, offset_ms=300)])
+        await bulk.save_states(session=session, writes=[state_write(car, 1, offset_ms=300)])
     # A writer that read revision 1 of `car` (now at 2) or thinks `other` is new: refused, whole.
     for stale in (state_write(car, 1, offset_ms=600), state_write(other, 0, offset_ms=600)):
-        with pytest.raises(store.StaleStateError):
+        with pytest.raises(bulk.StaleStateError):
             async with sessions.begin() as session:
-                await store.save_states(
+                await bulk.save_states(
                     session=session,
                     writes=[state_write(vehicles[DEMO_VINS[1]], 0, offset_ms=0), stale],
                 )
@@ -392,29 +394,29 @@ async def test_stats_add_up_per_vehicle_and_day(
     car, other = vehicles[SEED_VIN], vehicles[DEMO_VINS[0]]
     today, yesterday = date(2025, 11, 21), date(2025, 11, 20)
     async with sessions.begin() as session:
-        first = await store.add_stats(
+        first = await bulk.add_stats(
             session=session,
             increments={
-                store.StatsKey(car, today): domain.StatsCounts(2, 5, 3),
-                store.StatsKey(other, today): domain.StatsCounts(1, 4, 0),
+                bulk.StatsKey(car, today): domain.StatsCounts(2, 5, 3),
+                bulk.StatsKey(other, today): domain.StatsCounts(1, 4, 0),
             },
         )
     async with sessions.begin() as session:
-        second = await store.add_stats(
+        second = await bulk.add_stats(
             session=session,
             increments={
-                store.StatsKey(car, today): domain.StatsCounts(3, 2, 10),
-                store.StatsKey(car, yesterday): domain.StatsCounts(1, 1, 3),
+                bulk.StatsKey(car, today): domain.StatsCounts(3, 2, 10),
+                bulk.StatsKey(car, yesterday): domain.StatsCounts(1, 1, 3),
             },
         )
-    assert first[store.StatsKey(car, today)] == domain.StatsCounts(2, 5, 3)
+    assert first[bulk.StatsKey(car, today)] == domain.StatsCounts(2, 5, 3)
     assert second == {
-        store.StatsKey(car, today): domain.StatsCounts(5, 7, 13),
-        store.StatsKey(car, yesterday): domain.StatsCounts(1, 1, 3),
+        bulk.StatsKey(car, today): domain.StatsCounts(5, 7, 13),
+        bulk.StatsKey(car, yesterday): domain.StatsCounts(1, 1, 3),
     }
     async with sessions() as session:
         rows = {
-            (r.vehicle_id, r.day): r for r in await session.scalars(select(store.CompressionStats))
+            (r.vehicle_id, r.day): r for r in await session.scalars(select(tables.CompressionStats))
         }
         fleet = await store.fleet_stats(session=session, day=today)
         nothing = await store.fleet_stats(session=session, day=date(2025, 1, 1))
@@ -450,11 +452,11 @@ async def test_an_offline_session_grows_and_is_closed(
             session=session, change=domain.SessionUpdate(open_id, 4, 4, None)
         )
     async with sessions() as session:
-        opened = await session.get(store.OfflineSession, open_id)
+        opened = await session.get(tables.OfflineSession, open_id)
         assert opened is not None
         assert (opened.records_buffered, opened.records_uploaded) == (7, 6)
         assert (opened.started_at, opened.ended_at, opened.status) == (started, None, "syncing")
-        done = await session.get(store.OfflineSession, closed_id)
+        done = await session.get(tables.OfflineSession, closed_id)
         assert done is not None
         assert (done.ended_at, done.status) == (started, "synced")
     async with sessions.begin() as session:
@@ -462,7 +464,7 @@ async def test_an_offline_session_grows_and_is_closed(
             session=session, change=domain.SessionUpdate(open_id, 0, 0, RECEIVED)
         )
     async with sessions() as session:
-        opened = await session.get(store.OfflineSession, open_id)
+        opened = await session.get(tables.OfflineSession, open_id)
         assert opened is not None
         assert (opened.records_buffered, opened.ended_at, opened.status) == (7, RECEIVED, "synced")
 
@@ -490,7 +492,7 @@ async def test_a_rejection_keeps_the_bytes_once(
     assert await reject()
     assert not await reject()
     async with sessions() as session:
-        rejected = (await session.scalars(select(store.RejectedUpload))).one()
+        rejected = (await session.scalars(select(tables.RejectedUpload))).one()
     assert (rejected.message_id, rejected.code, rejected.payload) == (
         "r-1",
         "invalid_payload",

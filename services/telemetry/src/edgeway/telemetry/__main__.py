@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeway.common.service import serve
-from edgeway.telemetry.handlers import SERVICE, build_app
+from edgeway.telemetry.app import SERVICE, build_app
 from edgeway.telemetry.settings import TelemetrySettings
 
 

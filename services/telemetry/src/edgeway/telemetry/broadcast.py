@@ -10,13 +10,11 @@ ingestion.
 
 A record's broadcast is made cheap where it can be: the client message is built and encoded
 with orjson once, by the publisher (a dropped record is never encoded), from what its upload's
-records share (routing key, vehicle tag, `received_at` text), worked out once per upload. The
-publish skips FastStream (its publish path costs ~125 µs of CPU per message,
-`bench.broker_overhead`): the publisher has its own confirmed channel on the broker's connection
-(a broadcast that breaks that channel leaves the upload consumer alone) and publishes with
-aiormq. The AMQP properties are those `edgeway.common.broker.publish` sends for the envelope
-derived from the upload's, built and marshalled once per upload; each record's differ only in
-their own message id, which is written into the marshalled bytes.
+records share (routing key, vehicle tag, `received_at` text, envelope and its marshalled AMQP
+properties), worked out once per upload; each record's properties differ only in their own
+message id, which is written into the marshalled bytes. The publish skips FastStream (its
+publish path costs ~125 µs of CPU per message, `bench.broker_overhead`): it goes through the
+process's `edgeway.common.amqp.ConfirmPublisher`.
 """
 
 from __future__ import annotations
@@ -26,47 +24,37 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-import aio_pika.abc
-import aiormq.abc
 import orjson
-from aio_pika import DeliveryMode
-from faststream.rabbit import RabbitBroker, RabbitExchange
 from pamqp.commands import Basic
 
+from edgeway.common.amqp import ConfirmPublisher, properties
 from edgeway.common.envelope import Envelope, new_message_id
 from edgeway.common.logging import get_logger
 from edgeway.common.tasks import spawn
 from edgeway.common.topology import Channels
 from edgeway.telemetry import domain
-from edgeway.telemetry.ingest import Outcome, StoredRecord
+from edgeway.telemetry.flows import BroadcastRecord, Outcome
 
 # Broadcasts awaiting their confirm at once: enough to hide the round trip to the broker.
 PUBLISH_WINDOW = 256
-# Longest wait for one broadcast's confirm (the broker is gone or blocked): a failure, counted.
-CONFIRM_TIMEOUT = 10.0
-# Pause between checks of the publisher's channel while it is not open; after REOPEN_AFTER
-# seconds with the connection up but the channel still closed, it is replaced.
-RECONNECT_PAUSE = 1.0
-REOPEN_AFTER = 10.0
 
 log = get_logger("edgeway.telemetry")
 
 
 @dataclass(frozen=True, slots=True)
-class Upload:
-    """What the broadcasts of one upload's records share."""
+class RecordOrigin:
+    """The upload a group of stored records came from: what their broadcasts share."""
 
     envelope: Envelope  # the upload's: each broadcast's envelope is derived from it
     vin: str
 
 
-# A waiting broadcast: (its place in the order of puts, its upload, the record).
-Entry = tuple[int, Upload, StoredRecord]
+# A waiting broadcast: (its place in the order of puts, its origin, the record).
+Entry = tuple[int, RecordOrigin, BroadcastRecord]
 
 
 class BroadcastQueue:
@@ -108,8 +96,8 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._live) + len(self._replay)
 
-    def put(self, upload: Upload, records: Sequence[StoredRecord]) -> int:
-        """Queue `records` of `upload`, in order; returns how many records were dropped (of
+    def put(self, origin: RecordOrigin, records: Sequence[BroadcastRecord]) -> int:
+        """Queue `records` of `origin`, in order; returns how many records were dropped (of
         these, replayed ones over the replay rate, the oldest first; or waiting ones, over the
         capacity)."""
         live, replay = self._live, self._replay
@@ -122,12 +110,12 @@ class BroadcastQueue:
         refused = skip = late - admitted  # the oldest of them: dashboards want the newest
         for record in records:
             if not record.late:
-                live.append((place, upload, record))
+                live.append((place, origin, record))
             elif skip:
                 skip -= 1
                 continue
             else:
-                replay.append((place, upload, record))
+                replay.append((place, origin, record))
             place += 1
         self._next = place
         excess = len(live) + len(replay) - self.capacity
@@ -179,9 +167,9 @@ class Sender(Protocol):
         """Wait until `send` can be called (a channel is open)."""
         ...
 
-    def send(self, upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
-        """One record's broadcast: everything is ready when this returns; awaiting the
-        coroutine publishes it and waits for its confirm."""
+    def send(self, origin: RecordOrigin, record: BroadcastRecord) -> Awaitable[object]:
+        """One record's broadcast, started in order: everything is ready when this returns;
+        awaiting the result waits for its confirm (a failure: refused, or no answer in time)."""
         ...
 
     async def close(self) -> None: ...
@@ -220,7 +208,7 @@ class Broadcaster:
         self._wake = asyncio.Event()  # something was queued
         self._idle = asyncio.Event()  # nothing queued, nothing awaiting its confirm
         self._idle.set()
-        self._in_flight: set[asyncio.Task[object]] = set()
+        self._in_flight: set[asyncio.Future[object]] = set()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -240,8 +228,8 @@ class Broadcaster:
         dropped = 0
         for outcome in outcomes:
             if outcome.broadcasts:
-                upload = Upload(outcome.envelope, outcome.vin)
-                dropped += self.queue.put(upload, outcome.broadcasts)
+                origin = RecordOrigin(outcome.envelope, outcome.vin)
+                dropped += self.queue.put(origin, outcome.broadcasts)
         if dropped:
             self._metrics.dropped(dropped)
         if self.queue:
@@ -260,26 +248,26 @@ class Broadcaster:
                 # where `put` may still drop it.
                 await self._window.acquire()
                 try:
-                    upload, record = await self._next()
+                    origin, record = await self._next()
                 except BaseException:
                     self._window.release()
                     raise
                 try:
-                    publishing = self._sender.send(upload, record)
+                    publishing = self._sender.send(origin, record)
                 except Exception as exc:  # noqa: BLE001 - this record's, counted; the rest go on
                     self._window.release()
                     self._failed(exc)
                     if not self._in_flight and not self.queue:
                         self._idle.set()
                     continue
-                task: asyncio.Task[object] = asyncio.ensure_future(publishing)
+                task: asyncio.Future[object] = asyncio.ensure_future(publishing)
                 self._in_flight.add(task)
                 task.add_done_callback(self._settled)
         finally:
             for task in self._in_flight:
                 task.cancel()
 
-    async def _next(self) -> tuple[Upload, StoredRecord]:
+    async def _next(self) -> tuple[RecordOrigin, BroadcastRecord]:
         while True:
             if not self.queue:
                 self._wake.clear()
@@ -292,7 +280,7 @@ class Broadcaster:
             assert entry is not None
             return entry[1], entry[2]
 
-    def _settled(self, task: asyncio.Task[object]) -> None:
+    def _settled(self, task: asyncio.Future[object]) -> None:
         self._in_flight.discard(task)
         self._window.release()
         if not self._in_flight and not self.queue:
@@ -363,36 +351,33 @@ class RecordProperties(Basic.Properties):
 
 
 class PropertiesTemplate:
-    """The properties of one upload's broadcasts, built and marshalled once.
+    """The AMQP properties of one upload's broadcasts, built and marshalled once.
 
-    They are what `edgeway.common.broker.publish` sends for the envelope derived from the
-    upload's (FastStream hands them to `aio_pika.Message`, which fills in priority 0); each
-    record's own message id is written into the marshalled bytes. AMQP marshals properties in a
-    fixed order, so the bytes before the message id and after it are the same for every record.
+    They are what `edgeway.common.amqp.properties` gives the envelope derived from the upload's
+    (transient); each record's own message id is written into the marshalled bytes. AMQP
+    marshals properties in a fixed order, so the bytes before the message id and after it are
+    the same for every record. Marshalling them per record was ~7 µs of the publish.
     """
 
-    def __init__(self, envelope: Envelope, *, app_id: str, timestamp: datetime) -> None:
-        kwargs = envelope.publish_kwargs()
-        self.fields: dict[str, Any] = {
-            "content_type": kwargs["content_type"],
-            "headers": kwargs["headers"],
-            "delivery_mode": int(DeliveryMode.NOT_PERSISTENT),
-            "priority": 0,
-            "correlation_id": kwargs["correlation_id"],
-            "timestamp": timestamp,
-            "message_type": kwargs["message_type"],
-            "app_id": app_id,
-        }
+    def __init__(self, envelope: Envelope) -> None:
         sample_id = new_message_id()
-        whole = Basic.Properties(**self.fields, message_id=sample_id).marshal()
+        whole = properties(replace(envelope, message_id=sample_id), durable=False)
+        self.fields: dict[str, Any] = {
+            "content_type": whole.content_type,
+            "headers": whole.headers,
+            "delivery_mode": whole.delivery_mode,
+            "correlation_id": whole.correlation_id,
+            "message_type": whole.message_type,
+        }
+        marshalled = whole.marshal()
         # Only a value equal to this fresh id could hold these bytes, and none after it does
-        # (the timestamp, then `message_type` and `app_id`, which are no UUIDs).
+        # (`message_type` follows, a schema name).
         marked = _short_string(sample_id)
-        at = whole.rfind(marked)
+        at = marshalled.rfind(marked)
         if at < 0:  # pragma: no cover - pamqp marshals short strings otherwise
             raise RuntimeError("message id not found in the marshalled AMQP properties")
-        self._head = whole[:at]
-        self._tail = whole[at + len(marked) :]
+        self._head = marshalled[:at]
+        self._tail = marshalled[at + len(marked) :]
 
     def properties(self, message_id: str) -> Basic.Properties:
         return RecordProperties(
@@ -413,115 +398,79 @@ def _short_string(value: str) -> bytes:
 class _Prepared:
     """One upload's broadcasts, worked out once for all its records."""
 
-    upload: Upload
+    origin: RecordOrigin
+    envelope: Envelope  # derived from the upload's; each record's differs in its message id
+    template: PropertiesTemplate
     routing_key: str
     vehicle: str
     received: str
-    properties: PropertiesTemplate
 
 
 class AmqpSender:
-    """Publishes record broadcasts on a confirmed channel of its own, on the broker's connection.
+    """Publishes record broadcasts through the process's confirm-window publisher
+    (`edgeway.common.amqp.ConfirmPublisher`, on its own link: a broadcast that breaks its channel
+    leaves the upload consumer alone).
 
-    Each record's message is what `edgeway.common.broker.publish` sent for it: the client
-    message as JSON, transient, not mandatory, on `exchange` with routing key
-    `telemetry.vehicle.<VIN>`, type `telemetry.record.v1`, correlation id = the upload's message
-    id, the upload's envelope headers, a message id of its own.
+    Each record's message is the client message as JSON, transient, not mandatory, on `exchange`
+    with routing key `telemetry.vehicle.<VIN>`, type `telemetry.record.v1`, correlation id = the
+    upload's message id, the upload's envelope headers, a message id of its own.
     """
 
-    def __init__(
-        self,
-        broker: RabbitBroker,
-        exchange: RabbitExchange,
-        *,
-        app_id: str,
-        producer: str,
-        timeout: float = CONFIRM_TIMEOUT,
-    ) -> None:
-        self._broker = broker
+    def __init__(self, publisher: ConfirmPublisher, exchange: str, *, producer: str) -> None:
+        self._publisher = publisher
         self._exchange = exchange
-        self._app_id = app_id
         self._producer = producer
-        self._timeout = timeout
-        self._robust: aio_pika.abc.AbstractChannel | None = None
-        self._channel: aiormq.abc.AbstractChannel | None = None
         self._prepared: _Prepared | None = None
 
     @property
     def connected(self) -> bool:
-        return self._channel is not None and not self._channel.is_closed
+        return self._publisher.link.ready
 
     async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        failing_since: float | None = None
-        while True:
-            try:
-                if self._robust is None:
-                    connection = await self._broker.connect()
-                    self._robust = await connection.channel(publisher_confirms=True)
-                    # Declared before the first publish (FastStream declares it once): a
-                    # publish to a missing exchange would close the channel.
-                    await self._broker.declare_exchange(self._exchange)
-                # Waits while the connection is down; the robust connection reopens the channel.
-                channel = await self._robust.get_underlay_channel()
-                if not channel.is_closed:
-                    self._channel = channel
-                    if failing_since is not None:
-                        log.info("broadcast channel open again")
-                    return
-                error = "channel closed"
-            except Exception as exc:  # noqa: BLE001 - retried until the broker is back
-                error = repr(exc)
-            now = loop.time()
-            if failing_since is None:
-                failing_since = now
-                log.warning("broadcast channel unavailable, retrying", error=error)
-            elif now - failing_since > REOPEN_AFTER:
-                # Not reopened with its connection: replace it (closed, so it is not restored).
-                await self.close()
-                failing_since = now
-            await asyncio.sleep(RECONNECT_PAUSE)
+        # Waits while the link starts or the robust connection reopens its channel.
+        await self._publisher.link.publish_channel()
 
-    def send(self, upload: Upload, record: StoredRecord) -> Coroutine[Any, Any, object]:
+    def send(self, origin: RecordOrigin, record: BroadcastRecord) -> Awaitable[object]:
         prepared = self._prepared
-        if prepared is None or prepared.upload is not upload:
-            prepared = self._prepared = self._prepare(upload)
+        if prepared is None or prepared.origin is not origin:
+            prepared = self._prepared = self._prepare(origin)
         body = orjson.dumps(
             domain.record_message(
                 record.decoded,
-                vin=prepared.upload.vin,
+                vin=prepared.origin.vin,
                 vehicle=prepared.vehicle,
                 received=prepared.received,
                 stats=record.stats,
             )
         )
-        channel = self._channel
-        assert channel is not None  # the broadcaster sends only while connected
-        return channel.basic_publish(
+        message_id = new_message_id()
+        if self._publisher.link.tracer is not None:  # the span's context goes into the headers
+            return self._publisher.submit(
+                body,
+                envelope=replace(prepared.envelope, message_id=message_id),
+                exchange=self._exchange,
+                routing_key=prepared.routing_key,
+                durable=False,
+            )
+        return self._publisher.submit(
             body,
-            exchange=self._exchange.name,
+            envelope=prepared.envelope,
+            exchange=self._exchange,
             routing_key=prepared.routing_key,
-            properties=prepared.properties.properties(new_message_id()),
-            timeout=self._timeout,
+            durable=False,
+            prepared=prepared.template.properties(message_id),
         )
 
-    def _prepare(self, upload: Upload) -> _Prepared:
-        envelope = upload.envelope.derive(type=domain.RECORD_TYPE, producer=self._producer)
+    def _prepare(self, origin: RecordOrigin) -> _Prepared:
+        envelope = origin.envelope.derive(type=domain.RECORD_TYPE, producer=self._producer)
         return _Prepared(
-            upload,
-            routing_key=Channels.telemetry_vehicle(upload.vin),
-            vehicle=domain.vehicle_tag(upload.vin),
-            received=domain.received_text(upload.envelope.received_datetime()),
-            properties=PropertiesTemplate(envelope, app_id=self._app_id, timestamp=_now()),
+            origin,
+            envelope=envelope,
+            template=PropertiesTemplate(envelope),
+            routing_key=Channels.telemetry_vehicle(origin.vin),
+            vehicle=domain.vehicle_tag(origin.vin),
+            received=domain.received_text(origin.envelope.received_datetime()),
         )
 
     async def close(self) -> None:
-        self._prepared = None
-        robust, self._robust, self._channel = self._robust, None, None
-        if robust is not None and not robust.is_closed:
-            with contextlib.suppress(Exception):
-                await robust.close()
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+        self._prepared = None  # the link is the app's: it closes it

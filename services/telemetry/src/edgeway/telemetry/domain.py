@@ -1,9 +1,10 @@
 """Telemetry rules, as pure functions: no I/O, so every rule is tested without a broker or database.
 
 An upload is read with the shared wire format (`edgeway.common.telemetry.wire`), decoded per
-vehicle with the shared predictor, and turned into the seed's dashboard message
-(docs/seed-systems.md §4) with two additions: which fields were predicted, and whether they may be
-off (`uncertain`). What cannot be taken becomes a `Rejection` with a code, kept by the store.
+vehicle with the shared predictor, and turned into the dashboard message of the Python Cloud
+Server it replaces (docs/seed-systems.md) with two additions: which fields were predicted, and
+whether they may be off (`uncertain`). What cannot be taken becomes a `Rejection` with a code,
+kept by the store.
 """
 
 from __future__ import annotations

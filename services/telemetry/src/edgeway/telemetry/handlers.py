@@ -1,4 +1,11 @@
-"""FastStream subscribers of the telemetry service: read, decode per vehicle, store, broadcast.
+"""Handlers of the telemetry service: read, decode per vehicle, store, broadcast.
+
+- `on_upload`: one upload, or a batch of them; each is read (`domain`) and handed to the group
+  commit (`flows`), and the message is acked once all of them are committed. It runs once per
+  message, so it is consumed apart from FastStream (`edgeway.common.amqp.Consumer`, wired in
+  `app`);
+- `answer_query`: the gateway's `history`, `status` and `vehicles` queries and vehicle
+  registration and retirement, over request/reply (a FastStream subscriber, `register`).
 
 Uploads come off a quorum queue with a single active consumer, so one replica at a time sees
 every vehicle's packets in the order the gateway published them. A message is one upload, or
@@ -22,56 +29,78 @@ waited out inside the group, however long, instead of requeueing it behind newer
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream
-from faststream.exceptions import RejectMessage
+from aio_pika.abc import AbstractMessage
 from faststream.rabbit import RabbitBroker
-from faststream.rabbit.message import RabbitMessage
-from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.batching import GroupCommit
-from edgeway.common.broker import (
-    answer_requests,
-    declare_shared,
-    declare_work,
-    encode,
-    make_broker,
-    whole_message,
-)
-from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
+from edgeway.common.amqp import RejectDeliveryError
+from edgeway.common.broker import answer_requests, encode
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
-from edgeway.common.service import database_service_app
-from edgeway.common.settings import async_database_url
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.uploads import UPLOADS_TYPE, unpack
-from edgeway.common.topology import Topology
 from edgeway.telemetry import domain, store
-from edgeway.telemetry.broadcast import AmqpSender, Broadcaster, BroadcastMetrics
-from edgeway.telemetry.ingest import DecoderCache, Delivery, Outcome, Pipeline
-from edgeway.telemetry.settings import TelemetrySettings
+from edgeway.telemetry.flows import Delivery, Outcome
+from edgeway.telemetry.metrics import Metrics
 
-SERVICE = "telemetry"
-RECORD_OUTCOMES = ("stored", "duplicate", "rejected")
+if TYPE_CHECKING:
+    from edgeway.telemetry.app import Deps
 
-# Pauses between tries while the database is unreachable, the last one repeated until it is
-# back (`forever`). Unlike the occupancy service, a group is never given up on for an outage: a
-# requeued upload would come back after newer ones of its vehicle, behind its predictor state.
-DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 5.0)
 # The seed's history and status sizes (`WS /ws` sends the last 100; `/status` the last 10).
 HISTORY_LIMIT = 100
 STATUS_LATEST = 10
 
 log = get_logger("edgeway.telemetry")
+
+
+async def on_upload(message: AbstractMessage, deps: Deps) -> None:
+    """One upload, or a batch of them (`telemetry.uploads.v1`), stored in their order.
+
+    `message` is a delivery (aio-pika's incoming message) or anything with its properties."""
+    # Nothing is awaited before the group commit takes the uploads: they reach it in delivery
+    # order, and the uploads of a batched message in their order in it.
+    body = message.body
+    if message.type == UPLOADS_TYPE:
+        try:
+            carried = unpack(body)
+        except ValueError as exc:
+            # Only a gateway of another version could send it: kept as a dead letter.
+            raise RejectDeliveryError(f"unreadable upload batch: {exc}") from exc
+        deliveries = [
+            Delivery(envelope, upload, domain.read_upload(upload, envelope.headers))
+            for upload, envelope in carried
+        ]
+        for outcome in await deps.group_commit.submit_all(deliveries):
+            count(outcome, deps.metrics)
+        return
+    envelope = Envelope.from_message(message, type=domain.UPLOAD_TYPE)
+    upload = domain.read_upload(body, message.headers or {})
+    count(await deps.group_commit.submit(Delivery(envelope, body, upload)), deps.metrics)
+
+
+def count(outcome: Outcome, metrics: Metrics) -> None:
+    """An upload's records in the metrics, by outcome, and its rejection in the log."""
+    metrics.records.labels("stored").inc(outcome.stored)
+    metrics.records.labels("duplicate").inc(outcome.duplicates)
+    if outcome.rejection is None:
+        return
+    rejected = outcome.rejection
+    if outcome.new_rejection:
+        metrics.rejected_uploads.labels(rejected.code.value).inc()
+        metrics.records.labels("rejected").inc(rejected.records)
+    log.warning(
+        "upload rejected",
+        code=rejected.code.value,
+        reason=rejected.reason,
+        vin=rejected.vin,
+        message_id=outcome.envelope.message_id,
+        duplicate=not outcome.new_rejection,
+    )
 
 
 # What an error answer's `code` says, so the gateway can tell a refusal from an outage.
@@ -90,14 +119,14 @@ async def answer_query(
     body: bytes,
     *,
     sessions: async_sessionmaker[AsyncSession],
-    vehicles: store.VehicleDirectory | None = None,
+    vehicles: store.VehicleIdCache | None = None,
 ) -> bytes:
     """`history`, `status` and `vehicles` queries, and vehicle registration and retirement
     (JSON in, JSON out).
 
     Any replica answers: `vehicles` is this replica's directory, told at once of a retirement
     it makes; the consuming replica's learns within its cache time
-    (`store.VehicleDirectory`). An error answer is `{"error": reason, "code": ...}`; `code`
+    (`store.VehicleIdCache`). An error answer is `{"error": reason, "code": ...}`; `code`
     `unavailable` means the database did not answer, which is never the same as a vehicle
     being unknown.
     """
@@ -185,192 +214,11 @@ async def _history(
     ]
 
 
-def build_app(
-    settings: TelemetrySettings,
-    *,
-    tracer_provider: TracerProvider,
-    registry: CollectorRegistry = REGISTRY,
-) -> AsgiFastStream:
-    """The telemetry service: its subscribers, start-up work and operations endpoints."""
-    topology = Topology(settings.exchanges)
-    # A single active consumer (Topology.telemetry_raw_queue): one replica at a time decodes,
-    # so each vehicle's packets meet its predictor state in the order they were published.
-    uploads_queue = topology.telemetry_raw_queue
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
-    )
-    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
-    vehicles = store.VehicleDirectory(ttl=settings.vehicle_cache_s)
-    pipeline = Pipeline(
-        sessions=sessions,
-        vehicles=vehicles,
-        decoders=DecoderCache(settings.predictor),
-        offline_after_s=settings.offline_after_s,
-    )
-    records = Counter(
-        "edgeway_telemetry_records_total",
-        "Records taken from uploads, by outcome: stored, duplicate (stored before: a replay or "
-        "a redelivery), rejected (in an upload that was refused; unreadable bodies count none)",
-        ["outcome"],
-        registry=registry,
-    )
-    for outcome in RECORD_OUTCOMES:
-        records.labels(outcome)
-    rejections = Counter(
-        "edgeway_telemetry_rejected_uploads_total",
-        "Uploads refused and kept in the rejections table, by code",
-        ["code"],
-        registry=registry,
-    )
-    for code in domain.RejectCode:
-        rejections.labels(code.value)
-    broadcaster = _broadcaster(settings, broker, topology, registry)
-
-    async def flush(deliveries: Sequence[Delivery]) -> list[Outcome]:
-        outcomes = await with_db_retry(
-            lambda: pipeline.store(deliveries), delays=DB_RETRY_DELAYS, forever=True
-        )
-        # Committed: the uploads are acked now; their broadcasts follow from the queue.
-        broadcaster.put(outcomes)
-        return outcomes
-
-    # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
-    group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
-        flush,
-        max_size=settings.commit_group_size,
-        linger=settings.commit_linger_ms / 1000,
-        # A database outage fails every item alike; anything else may be one bad upload.
-        isolate=lambda exc: not is_outage(exc),
-    )
-
-    uploads = broker.subscriber(
-        uploads_queue,
-        topology.telemetry_raw,
-        # Success acks after the commit (not after the broadcasts); an unexpected exception
-        # nacks with requeue, and the quorum queue's delivery limit dead-letters what can never
-        # succeed.
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=whole_message,
-        no_reply=True,
-    )
-
-    def count(outcome: Outcome) -> None:
-        records.labels("stored").inc(outcome.stored)
-        records.labels("duplicate").inc(outcome.duplicates)
-        if outcome.rejection is not None:
-            rejected = outcome.rejection
-            if outcome.new_rejection:
-                rejections.labels(rejected.code.value).inc()
-                records.labels("rejected").inc(rejected.records)
-            log.warning(
-                "upload rejected",
-                code=rejected.code.value,
-                reason=rejected.reason,
-                vin=rejected.vin,
-                message_id=outcome.envelope.message_id,
-                duplicate=not outcome.new_rejection,
-            )
-
-    @uploads
-    async def on_upload(message: RabbitMessage) -> None:
-        # Nothing is awaited before the group commit takes the uploads: they reach it in
-        # delivery order, and the uploads of a batched message in their order in it.
-        body: bytes = message.body
-        if message.raw_message.type == UPLOADS_TYPE:
-            try:
-                carried = unpack(body)
-            except ValueError as exc:
-                # Only a gateway of another version could send it: kept as a dead letter.
-                log.error("unreadable upload batch", error=str(exc), message_id=message.message_id)
-                raise RejectMessage from exc
-            deliveries = [
-                Delivery(envelope, upload, domain.read_upload(upload, envelope.headers))
-                for upload, envelope in carried
-            ]
-            for outcome in await group_commit.submit_all(deliveries):
-                count(outcome)
-            return
-        envelope = Envelope.from_message(message, type=domain.UPLOAD_TYPE)
-        upload = domain.read_upload(body, message.headers or {})
-        count(await group_commit.submit(Delivery(envelope, body, upload)))
-
+def register(broker: RabbitBroker, deps: Deps) -> None:
+    """The telemetry service's FastStream subscribers, on `broker`, with `deps`: the queries.
+    (Uploads are consumed apart, `edgeway.common.amqp.Consumer`, wired in `app`.)"""
     answer_requests(
         broker,
-        topology.telemetry_requests_queue,
-        lambda body: answer_query(body, sessions=sessions, vehicles=vehicles),
+        deps.topology.telemetry_requests_queue,
+        lambda body: answer_query(body, sessions=deps.sessions, vehicles=deps.vehicles),
     )
-
-    async def prepare_vehicles() -> None:
-        async with sessions.begin() as session:
-            await store.seed_vehicles(session=session, vins=settings.vehicles)
-            known = await store.load_vehicles(session=session)
-        vehicles.replace(known)
-        log.info("database ready", vehicles=len(known))
-
-    async def declare_topology() -> None:
-        await declare_shared(broker, topology)
-        await declare_work(broker, topology, topology.telemetry_raw, uploads_queue)
-
-    app = database_service_app(
-        broker,
-        engine=engine,
-        url=url,
-        migrations=store.MIGRATIONS,
-        prepare=prepare_vehicles,
-        declare=declare_topology,
-        registry=registry,
-    )
-
-    async def start_broadcasting() -> None:
-        broadcaster.start()
-
-    async def drain_broadcasts() -> None:
-        # Within the grace period: first the uploads in hand (committed, so their records are
-        # queued), then the broadcast queue, then the broker stops.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.graceful_timeout
-        await uploads.stop()
-        await broadcaster.drain(deadline)
-
-    app.after_startup(start_broadcasting)
-    app.on_shutdown(drain_broadcasts)
-    return app
-
-
-def _broadcaster(
-    settings: TelemetrySettings,
-    broker: RabbitBroker,
-    topology: Topology,
-    registry: CollectorRegistry,
-) -> Broadcaster:
-    published = Counter(
-        "edgeway_telemetry_broadcast_published_total",
-        "Record broadcasts the broker confirmed",
-        registry=registry,
-    )
-    failures = Counter(
-        "edgeway_telemetry_broadcast_failures_total",
-        "Record broadcasts the broker did not take (the records are stored)",
-        registry=registry,
-    )
-    dropped = Counter(
-        "edgeway_telemetry_broadcast_dropped_total",
-        "Stored records never broadcast: replayed ones over the replay broadcast rate, the "
-        "oldest waiting when the broadcast queue was full (replays first), or still waiting at "
-        "shutdown",
-        registry=registry,
-    )
-    broadcaster = Broadcaster(
-        AmqpSender(broker, topology.broadcast, app_id=f"edgeway-{SERVICE}", producer=SERVICE),
-        capacity=settings.broadcast_backlog,
-        replay_rate=settings.replay_broadcast_rate,
-        metrics=BroadcastMetrics(published=published.inc, failed=failures.inc, dropped=dropped.inc),
-    )
-    Gauge(
-        "edgeway_telemetry_broadcast_queued",
-        "Stored records waiting to be broadcast or awaiting their confirm",
-        registry=registry,
-    ).set_function(lambda: broadcaster.waiting + broadcaster.in_flight)
-    return broadcaster

@@ -10,7 +10,7 @@ from edgeway.common.settings import CommonSettings, database_url_field
 from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.predictor import PredictorConfig
 
-# The seed's logger VIN (its `X-Vehicle-VIN` default, docs/seed-systems.md §4), then two demo cars.
+# The Python Cloud Server's logger VIN (its `X-Vehicle-VIN` default), then two demo cars.
 SEED_VIN = "5YJ3E1EA1KF000001"
 DEMO_VINS = ("5YJ3E1EA1KF000002", "5YJYGDEE5MF000003")
 DEFAULT_PREDICTOR = PredictorConfig()
@@ -38,7 +38,7 @@ class TelemetrySettings(CommonSettings):
         default_factory=lambda: [SEED_VIN, *DEMO_VINS],
         validation_alias="EDGEWAY_TELEMETRY_VEHICLES",
     )
-    # How long the consuming replica trusts a vehicle it looked up (store.VehicleDirectory):
+    # How long the consuming replica trusts a vehicle it looked up (store.VehicleIdCache):
     # a vehicle retired through another replica (or in the table) stops being taken within
     # this many seconds. A lookup is one indexed SELECT per vehicle per period.
     vehicle_cache_s: float = Field(
@@ -48,7 +48,7 @@ class TelemetrySettings(CommonSettings):
         validation_alias="EDGEWAY_TELEMETRY_VEHICLE_CACHE_S",
     )
     # The predictor's parameters: they must be the loggers' (a decoder with another alpha
-    # reconstructs other values). Defaults: the seed's (predictor.py, docs/seed-systems.md §4).
+    # reconstructs other values). Defaults: the Python Cloud Server's (its predictor.py).
     predictor_alpha: float = Field(default=DEFAULT_PREDICTOR.alpha, gt=0, le=1)
     predictor_speed_band: float = Field(default=DEFAULT_PREDICTOR.speed_band, gt=0)
     predictor_power_band: float = Field(default=DEFAULT_PREDICTOR.power_band, gt=0)

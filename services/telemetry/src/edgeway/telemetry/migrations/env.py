@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from edgeway.telemetry.store import MIGRATIONS, Base
+from edgeway.telemetry.tables import MIGRATIONS, Base
 
 MIGRATIONS.run_env(Base.metadata)

@@ -1,4 +1,6 @@
-"""One group of uploads, from what the handlers read to what they broadcast, in one transaction.
+"""The telemetry service's group-commit flow: uploads handled at the same time are stored in one
+transaction (`edgeway.common.batching.GroupCommit`), from what the handlers read to what they
+broadcast.
 
 Per vehicle, a decoder resumed from its stored state (cached between groups) rebuilds the
 records in order; the records, the decoder states, the day's statistics, offline sessions and
@@ -26,9 +28,15 @@ from edgeway.common.telemetry.predictor import (
     PredictorConfig,
     PredictorState,
 )
-from edgeway.telemetry import domain, store
+from edgeway.telemetry import bulk, domain, store
+from edgeway.telemetry.tables import RecordRow
 
 log = get_logger("edgeway.telemetry")
+
+# Pauses between tries while the database is unreachable, the last one repeated until it is
+# back (`forever`). A group is never given up on for an outage: a requeued upload would come
+# back after newer ones of its vehicle, behind its predictor state.
+DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +48,7 @@ class Delivery:
     upload: domain.Upload | domain.Rejection
 
 
-class StoredRecord(NamedTuple):
+class BroadcastRecord(NamedTuple):
     """A record this group stored, with what its broadcast needs (a tuple: one per record)."""
 
     decoded: Decoded
@@ -58,7 +66,7 @@ class Outcome:
     rejection: domain.Rejection | None = None
     new_rejection: bool = False  # False: this upload was rejected before (a redelivery)
     vin: str = ""  # the upload's vehicle, when it stored records
-    broadcasts: list[StoredRecord] = field(default_factory=list)  # in record order
+    broadcasts: list[BroadcastRecord] = field(default_factory=list)  # in record order
 
 
 @dataclass(slots=True)
@@ -121,19 +129,19 @@ class _Record(NamedTuple):
     delivery: int  # its index in the group
     vin: str
     decoded: Decoded
-    row: store.RecordRow
+    row: RecordRow
     late: bool  # reached the gateway more than offline_after_s after its own time
 
 
-class Pipeline:
-    """Everything a group of uploads goes through, from the read uploads to the messages to
-    broadcast."""
+class UploadFlow:
+    """What a group of uploads goes through, in one transaction: from the uploads as read to the
+    records to broadcast (`store`)."""
 
     def __init__(
         self,
         *,
         sessions: async_sessionmaker[AsyncSession],
-        vehicles: store.VehicleDirectory,
+        vehicles: store.VehicleIdCache,
         decoders: DecoderCache,
         offline_after_s: float,
     ) -> None:
@@ -151,7 +159,7 @@ class Pipeline:
         for attempt in (1, 2):
             try:
                 return await self._store(deliveries)
-            except store.StaleStateError as exc:
+            except bulk.StaleStateError as exc:
                 self.decoders.clear()
                 if attempt == 2:
                     raise
@@ -183,7 +191,7 @@ class Pipeline:
             undecodable: list[tuple[int, domain.Rejection]] = []
             # Each upload's rows go to the database while the next upload is decoded.
             expected = sum(len(upload.packets) for _, _, upload in accepted)
-            async with store.record_sink(session, expected=expected) as sink:
+            async with bulk.record_sink(session, expected=expected) as sink:
                 for index, vehicle_id, upload in accepted:
                     try:
                         decoded = domain.decode_upload(
@@ -213,7 +221,7 @@ class Pipeline:
         for record, stats in zip(stored, running, strict=True):
             outcome = outcomes[record.delivery]
             outcome.vin = record.vin
-            outcome.broadcasts.append(StoredRecord(record.decoded, stats, record.late))
+            outcome.broadcasts.append(BroadcastRecord(record.decoded, stats, record.late))
         return outcomes
 
     def _records(
@@ -230,7 +238,7 @@ class Pipeline:
         records: list[_Record] = []
         for packet, decoded_record in decoded.records:
             sample = decoded_record.sample
-            row = store.RecordRow(
+            row = RecordRow(
                 vehicle_id,
                 sample.timestamp_ms,
                 sample.speed,
@@ -298,16 +306,16 @@ class Pipeline:
     ) -> list[domain.StatsCounts]:
         """Add the stored records to their day's statistics; each record's running totals."""
         fields = len(FIELDS)
-        keys: list[store.StatsKey] = []
+        keys: list[bulk.StatsKey] = []
         skipped: list[int] = []
-        added: dict[store.StatsKey, list[int]] = {}  # [packets, skipped] per (vehicle, day)
+        added: dict[bulk.StatsKey, list[int]] = {}  # [packets, skipped] per (vehicle, day)
         days: dict[int, date] = {}  # UTC day number -> its date
         for record in stored:
             number = record.row.timestamp_ms // domain.MS_PER_DAY
             day = days.get(number)
             if day is None:
                 day = days[number] = domain.record_day(record.row.timestamp_ms)
-            key = store.StatsKey(record.row.vehicle_id, day)
+            key = bulk.StatsKey(record.row.vehicle_id, day)
             keys.append(key)
             skips = len(record.decoded.reconstructed)
             skipped.append(skips)
@@ -317,7 +325,7 @@ class Pipeline:
             else:
                 counts[0] += 1
                 counts[1] += skips
-        totals = await store.add_stats(
+        totals = await bulk.add_stats(
             session=session,
             increments={
                 key: domain.StatsCounts(packets, packets * fields - skips, skips)
@@ -325,7 +333,7 @@ class Pipeline:
             },
         )
         # Walk back from the totals after the group to each record's own.
-        running: dict[store.StatsKey, list[int]] = {
+        running: dict[bulk.StatsKey, list[int]] = {
             key: [counts.packets, counts.transmitted, counts.skipped]
             for key, counts in totals.items()
         }
@@ -346,7 +354,7 @@ class Pipeline:
         by_vehicle: dict[int, list[int]] = defaultdict(list)  # indexes into records
         for index, record in enumerate(records):
             by_vehicle[record.row.vehicle_id].append(index)
-        writes: list[store.StateWrite] = []
+        writes: list[bulk.StateWrite] = []
         for vehicle_id, mine in by_vehicle.items():
             cached = self.decoders[vehicle_id]
             open_after: int | None = None
@@ -356,7 +364,7 @@ class Pipeline:
                     session, vehicle_id, cached.offline_session_id, records, fresh, mine
                 )
             writes.append(
-                store.StateWrite(
+                bulk.StateWrite(
                     vehicle_id=vehicle_id,
                     revision=cached.revision,
                     predictor=cached.decoder.state.to_json(),
@@ -366,7 +374,7 @@ class Pipeline:
             )
             cached.revision += 1
             cached.offline_session_id = open_after
-        await store.save_states(session=session, writes=writes)
+        await bulk.save_states(session=session, writes=writes)
 
     @staticmethod
     async def _plan_sessions(
