@@ -158,14 +158,14 @@ async def test_reseeding_remaps_cameras_and_keeps_what_an_operator_added(
 async def test_camera_directory_finds_a_camera_added_after_start(
     seeded: dict[str, store.CameraLocation], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    directory = store.CameraDirectory(seeded)
+    directory = store.camera_directory(seeded)
     async with sessions.begin() as session:
         await session.execute(
             insert(store.Camera).values(id="OW_2", location_id=seeded["OW_1"].location_id)
         )
     async with sessions() as session:
-        found = await directory.lookup(session=session, camera_id="OW_2")
-        missing = await directory.lookup(session=session, camera_id="Nowhere_9")
+        found = await directory.lookup("OW_2", session=session)
+        missing = await directory.lookup("Nowhere_9", session=session)
     assert found == seeded["OW_1"]
     assert missing is None
 

@@ -15,7 +15,6 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,13 +23,13 @@ import httpx
 import orjson
 import pytest
 from aio_pika import DeliveryMode
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
 from av.video.frame import VideoFrame
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 
 from edgeway.common.broker import publish
 from edgeway.common.envelope import Envelope
-from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing import BrokerListener, ServiceProcess, free_port
 from edgeway.common.topology import Channels, Topology
 from edgeway.common.video.packets import PacketParser, PacketType, VideoPacket
 from edgeway.edge.phone.media import frame_number, imu_samples, synthetic_stream
@@ -65,64 +64,20 @@ def relay(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         process.stop()
 
 
-@dataclass
-class Listener:
-    """An exclusive queue of the test's, bound where the relay publishes; every delivery is
-    kept with the time it arrived."""
-
-    queue: AbstractQueue
-    received: list[tuple[float, AbstractIncomingMessage]] = field(default_factory=list)
-
-    async def start(self) -> Listener:
-        async def keep(message: AbstractIncomingMessage) -> None:
-            self.received.append((time.monotonic(), message))
-
-        await self.queue.consume(keep, no_ack=True)
-        return self
-
-    def matching(
-        self, matches: Callable[[AbstractIncomingMessage], bool]
-    ) -> list[AbstractIncomingMessage]:
-        return [message for _, message in self.received if matches(message)]
-
-    async def wait_for(
-        self,
-        count: int,
-        matches: Callable[[AbstractIncomingMessage], bool] = lambda _: True,
-        within: float = WAIT,
-    ) -> list[AbstractIncomingMessage]:
-        """The first `count` matching deliveries, in arrival order, once they have come."""
-        deadline = time.monotonic() + within
-        while True:
-            found = self.matching(matches)
-            if len(found) >= count:
-                return found[:count]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(found)} of {count} messages in {within}s")
-            await asyncio.sleep(0.02)
-
-    async def settle(self, quiet: float = 0.5) -> None:
-        """Until nothing has arrived for `quiet` seconds."""
-        seen = -1
-        while seen != len(self.received):
-            seen = len(self.received)
-            await asyncio.sleep(quiet)
-
-
 class Gateway:
     """The gateway's side of the relay, on one broker connection."""
 
     def __init__(self, broker: RabbitBroker) -> None:
         self.broker = broker
 
-    async def listen(self, exchange: RabbitExchange, *routing_keys: str) -> Listener:
+    async def listen(self, exchange: RabbitExchange, *routing_keys: str) -> BrokerListener:
         queue = await self.broker.declare_queue(
             RabbitQueue(f"test.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
         )
         declared = await self.broker.declare_exchange(exchange)
         for key in routing_keys or ("",):
             await queue.bind(declared, routing_key=key)
-        return await Listener(queue).start()
+        return await BrokerListener(queue).start()
 
     async def chunk(
         self, body: bytes, *, device: str, connection: str, chunk_seq: int | None
@@ -288,7 +243,7 @@ async def test_packets_go_out_in_order_and_decode_to_every_frame(
     await send_stream(gateway, cut(data, rng), device=device)
 
     expected = [packet for packet in packets if packet.type is not PacketType.CONFIG]
-    got = await viewers.wait_for(len(expected))
+    got = await viewers.wait_for(len(expected), within=WAIT)
     assert [header(m, "x-packet-seq") for m in got] == list(range(1, len(expected) + 1))
     assert [header(m, "x-packet-type") for m in got] == [PACKET_NAMES[p.type] for p in expected]
     assert [header(m, "x-timestamp-us") for m in got] == [p.timestamp_us for p in expected]
@@ -316,7 +271,7 @@ async def test_the_gop_reply_decodes_at_once_from_its_first_packet(gateway: Gate
     viewers = await gateway.listen(TOPOLOGY.broadcast, Channels.video_stream(device))
     packets = phone_stream(seconds=2.5)  # keyframes at frames 0, 30 and 60; 75 frames
     await send_stream(gateway, [packet.encode() for packet in packets], device=device)
-    live = await viewers.wait_for(len(packets))
+    live = await viewers.wait_for(len(packets), within=WAIT)
 
     reply = await gateway.ask({"query": "gop", "device": device})
     assert reply.content_type == "application/octet-stream"
@@ -352,7 +307,7 @@ async def test_jpegs_reach_the_tracker_with_the_seed_headers(gateway: Gateway) -
 
     # 2 s of 30 fps video at DECODE_FPS: frames 0, 6, 12, ... 54.
     expected = list(range(0, 60, 30 // DECODE_FPS))
-    frames = await tracker.wait_for(len(expected), of_device(device))
+    frames = await tracker.wait_for(len(expected), of_device(device), within=WAIT)
     after_ns = time.time_ns()
     numbers = []
     for message in frames:
@@ -372,7 +327,7 @@ async def test_jpegs_reach_the_tracker_with_the_seed_headers(gateway: Gateway) -
         numbers.append(number)
     assert numbers == expected
     await tracker.settle()
-    assert len(tracker.matching(of_device(device))) == len(expected)
+    assert len([m for m in tracker.received if of_device(device)(m)]) == len(expected)
 
 
 async def test_imu_comes_out_in_order_once_per_timestamp(
@@ -400,15 +355,15 @@ async def test_imu_comes_out_in_order_once_per_timestamp(
         )
     )
 
-    ordered = await consumers.wait_for(len(samples), of_device(device))
+    ordered = await consumers.wait_for(len(samples), of_device(device), within=WAIT)
     bodies = [orjson.loads(message.body) for message in ordered]
     assert bodies == [{**sample, "device": device} for sample in samples]
-    for_viewers = await viewers.wait_for(len(samples))
+    for_viewers = await viewers.wait_for(len(samples), within=WAIT)
     assert [orjson.loads(message.body) for message in for_viewers] == [
         {"type": "imu_data", "imu_data": body} for body in bodies
     ]
     await consumers.settle()
-    assert len(consumers.matching(of_device(device))) == len(samples)
+    assert len([m for m in consumers.received if of_device(device)(m)]) == len(samples)
     duplicates = metric(relay, 'edgeway_video_imu_samples_total{outcome="duplicate"}')
     assert duplicates - duplicates_before == len(sent) - len(samples)
 
@@ -420,7 +375,7 @@ async def test_imu_comes_out_in_order_once_per_timestamp(
     )
     await gateway.publish(b"not json", exchange=TOPOLOGY.video_imu, headers={"x-device": device})
     await consumers.settle()
-    assert len(consumers.matching(of_device(device))) == len(samples)
+    assert len([m for m in consumers.received if of_device(device)(m)]) == len(samples)
     assert metric(relay, 'edgeway_video_imu_samples_total{outcome="late"}') == late_before + 1
 
 
@@ -433,7 +388,7 @@ async def test_trajectory_and_restart_reach_the_viewers(
     await gateway.publish(b"{not json", exchange=TOPOLOGY.worldsystem("trajectory_data"))
     await gateway.publish(b'{"type":"restart"}', exchange=TOPOLOGY.worldsystem("restart"))
 
-    got = await viewers.wait_for(2)
+    got = await viewers.wait_for(2, within=WAIT)
     assert [orjson.loads(message.body) for message in got] == [
         {"type": "trajectory_update", "pose": pose},
         {"type": "restart"},
@@ -465,7 +420,7 @@ async def test_two_devices_stay_apart(gateway: Gateway) -> None:
                 )
 
     for device, packets in streams.items():
-        got = await viewers[device].wait_for(len(packets))
+        got = await viewers[device].wait_for(len(packets), within=WAIT)
         assert [header(m, "x-packet-seq") for m in got] == list(range(1, len(packets) + 1))
         assert decoded_numbers(m.body for m in got) == list(range(round(30 * len(packets) / 32)))
         _, gop = parse_gop((await gateway.ask({"query": "gop", "device": device})).body)
@@ -490,7 +445,7 @@ async def test_lost_chunks_are_counted_and_the_gop_waits_for_the_next_keyframe(
     chunks = [p.encode() for p in packets]
     third_gop = 64
     await send_stream(gateway, chunks[:third_gop], device=device, skip=[lost])
-    await viewers.wait_for(third_gop - 1)
+    await viewers.wait_for(third_gop - 1, within=WAIT)
     # The second GOP lacks a frame: frames after it would not decode, so a joiner now gets the
     # parameter sets only and waits for the next keyframe.
     _, gop = parse_gop((await gateway.ask({"query": "gop", "device": device})).body)
@@ -498,7 +453,7 @@ async def test_lost_chunks_are_counted_and_the_gop_waits_for_the_next_keyframe(
 
     for seq in range(third_gop + 1, len(chunks) + 1):
         await gateway.chunk(chunks[seq - 1], device=device, connection="conn-1", chunk_seq=seq)
-    got = await viewers.wait_for(len(packets) - 1)
+    got = await viewers.wait_for(len(packets) - 1, within=WAIT)
     # The relay numbers what it relays: no hole in x-packet-seq for a chunk it never had.
     assert [header(m, "x-packet-seq") for m in got] == list(range(1, len(packets)))
     status = (await gateway.status())["streams"][device]
@@ -539,7 +494,8 @@ async def test_it_keeps_up_with_30_fps_from_several_devices(
     latencies = []
     for device in devices:
         channel = Channels.video_stream(device)
-        mine = [(at, m) for at, m in viewers.received if m.routing_key == channel]
+        arrivals = zip(viewers.arrived_at, viewers.received, strict=True)
+        mine = [(at, m) for at, m in arrivals if m.routing_key == channel]
         assert [header(m, "x-packet-seq") for _, m in mine] == list(range(1, len(packets) + 1))
         for at, message in mine:
             key = (device, header(message, "x-timestamp-us"), header(message, "x-packet-type"))

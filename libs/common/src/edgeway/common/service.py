@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -19,13 +20,15 @@ from faststream.asgi.types import Receive, Scope, Send
 from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from edgeway.common.db import Migrations, ping
+from edgeway.common.amqp import AmqpLink, Consumer, Handler
+from edgeway.common.broker import DEFAULT_PREFETCH, make_broker
+from edgeway.common.db import Migrations, make_engine, make_sessionmaker, ping
 from edgeway.common.errors import ErrorObject
 from edgeway.common.http_limits import serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging, get_logger
-from edgeway.common.settings import CommonSettings
+from edgeway.common.settings import CommonSettings, async_database_url
 from edgeway.common.tracing import configure_tracing
 
 # A readiness check raises (any exception) when its dependency is not ready.
@@ -202,6 +205,159 @@ def database_service_app(
     # After the broker has drained in-flight messages (on_shutdown hooks run before that).
     app.after_shutdown(close_database)
     return app
+
+
+# --- what every service's build_app starts from ----------------------------------------------
+
+
+def service_link(
+    settings: CommonSettings,
+    *,
+    service: str,
+    registry: CollectorRegistry = REGISTRY,
+    tracer_provider: TracerProvider | None = None,
+) -> AmqpLink:
+    """A service's own AMQP link for its per-message paths (`edgeway.common.amqp`), traced only
+    where spans are exported, as FastStream's middleware is (`make_broker`)."""
+    return AmqpLink(
+        settings.amqp_url,
+        name=service,
+        registry=registry,
+        tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
+    )
+
+
+def link_ready(link: AmqpLink) -> ReadinessCheck:
+    """A readiness check: the service's own AMQP link (`service_link`) is connected."""
+
+    async def check() -> None:
+        if not link.ready:
+            raise RuntimeError("the service's own AMQP link is not connected")
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    service: str
+    settings: CommonSettings
+    broker: RabbitBroker
+    registry: CollectorRegistry
+    tracer_provider: TracerProvider
+
+    def link(self) -> AmqpLink:
+        """The service's own AMQP link (`service_link`)."""
+        return service_link(
+            self.settings,
+            service=self.service,
+            registry=self.registry,
+            tracer_provider=self.tracer_provider,
+        )
+
+    def consumer(self, link: AmqpLink, queue: str, handler: Handler) -> Consumer:
+        """A queue's consumer on `link`, at the broker's prefetch, given the grace period to
+        finish what it holds at shutdown."""
+        return Consumer(
+            link, queue, handler, prefetch=DEFAULT_PREFETCH, grace=self.settings.graceful_timeout
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerService(_Parts):
+    """What a service without a database builds first (`broker_service`): its broker."""
+
+    def app(
+        self,
+        *,
+        checks: Mapping[str, ReadinessCheck],
+        on_startup: Sequence[Hook] = (),
+        after_startup: Sequence[Hook] = (),
+        on_shutdown: Sequence[Hook] = (),
+    ) -> AsgiFastStream:
+        """`service_app` on this broker and registry."""
+        return service_app(
+            self.broker,
+            checks=checks,
+            on_startup=on_startup,
+            after_startup=after_startup,
+            on_shutdown=on_shutdown,
+            registry=self.registry,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseService(_Parts):
+    """What a service that owns a schema builds first (`database_service`): its broker and its
+    database (async URL, engine, sessions)."""
+
+    url: str
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+
+    def app(
+        self,
+        *,
+        migrations: Migrations,
+        prepare: Hook,
+        declare: Hook,
+        checks: Mapping[str, ReadinessCheck] | None = None,
+        start: Hook | None = None,
+        stop: Hook | None = None,
+    ) -> AsgiFastStream:
+        """`database_service_app` on this broker, database and registry."""
+        return database_service_app(
+            self.broker,
+            engine=self.engine,
+            url=self.url,
+            migrations=migrations,
+            prepare=prepare,
+            declare=declare,
+            checks=checks,
+            registry=self.registry,
+            start=start,
+            stop=stop,
+        )
+
+
+def broker_service(
+    settings: CommonSettings,
+    *,
+    service: str,
+    tracer_provider: TracerProvider,
+    registry: CollectorRegistry = REGISTRY,
+) -> BrokerService:
+    """The first lines of a broker service's `build_app`: its broker (`make_broker`)."""
+    broker = make_broker(
+        settings, service=service, tracer_provider=tracer_provider, registry=registry
+    )
+    return BrokerService(service, settings, broker, registry, tracer_provider)
+
+
+def database_service(
+    settings: CommonSettings,
+    *,
+    service: str,
+    database_url: str | None,
+    tracer_provider: TracerProvider,
+    registry: CollectorRegistry = REGISTRY,
+) -> DatabaseService:
+    """The first lines of a database service's `build_app`: its broker (`make_broker`) and its
+    database at `database_url` (None: the embedded SQLite file, `async_database_url`)."""
+    base = broker_service(
+        settings, service=service, tracer_provider=tracer_provider, registry=registry
+    )
+    url = async_database_url(database_url, service=service, data_dir=settings.data_dir)
+    engine = make_engine(url)
+    return DatabaseService(
+        service,
+        settings,
+        base.broker,
+        registry,
+        tracer_provider,
+        url=url,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+    )
 
 
 def serve(service: str, settings: SettingsT, build_app: AppFactory[SettingsT]) -> None:

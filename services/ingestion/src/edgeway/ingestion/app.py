@@ -15,12 +15,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.broker import declare_shared, declare_work, make_broker
-from edgeway.common.db import make_engine, make_sessionmaker
+from edgeway.common.broker import declare_shared, declare_work
 from edgeway.common.logging import get_logger
 from edgeway.common.objects import OBJECTS_PATH, LocalStore, ObjectStore, local_objects, make_store
-from edgeway.common.service import database_service_app
-from edgeway.common.settings import async_database_url
+from edgeway.common.service import database_service
 from edgeway.common.topology import Topology
 from edgeway.ingestion import events, store
 from edgeway.ingestion.handlers import register
@@ -136,16 +134,16 @@ def build_app(
     registry: CollectorRegistry = REGISTRY,
 ) -> AsgiFastStream:
     """The ingestion service: its subscribers, background work and operations endpoints."""
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    base = database_service(
+        settings,
+        service=SERVICE,
+        database_url=settings.database_url,
+        tracer_provider=tracer_provider,
+        registry=registry,
     )
-    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
-    engine = make_engine(url)
-    deps = build_deps(
-        settings, broker=broker, sessions=make_sessionmaker(engine), registry=registry
-    )
-    files = register(broker, deps)
-    topology = deps.topology
+    deps = build_deps(settings, broker=base.broker, sessions=base.sessions, registry=registry)
+    files = register(base.broker, deps)
+    broker, topology = base.broker, deps.topology
 
     async def storage_reachable() -> None:
         await deps.objects.ensure_bucket()
@@ -156,15 +154,11 @@ def build_app(
         await broker.declare_exchange(topology.ingest_frames)
         await broker.declare_exchange(topology.ingest_control)
 
-    app = database_service_app(
-        broker,
-        engine=engine,
-        url=url,
+    app = base.app(
         migrations=store.MIGRATIONS,
         prepare=storage_reachable,
         declare=declare_topology,
         checks={"storage": storage_reachable},
-        registry=registry,
     )
 
     async def start_background() -> None:

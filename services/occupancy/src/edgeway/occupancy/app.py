@@ -15,13 +15,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.amqp import AmqpLink, ConfirmPublisher, Consumer
+from edgeway.common.amqp import AmqpLink, ConfirmPublisher
 from edgeway.common.batching import GroupCommit
-from edgeway.common.broker import DEFAULT_PREFETCH, declare_shared, declare_work, make_broker
-from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
+from edgeway.common.broker import declare_shared, declare_work
+from edgeway.common.db import is_outage, with_db_retry
 from edgeway.common.logging import get_logger
-from edgeway.common.service import database_service_app
-from edgeway.common.settings import async_database_url
+from edgeway.common.service import database_service, link_ready, service_link
 from edgeway.common.topology import Topology
 from edgeway.occupancy import store
 from edgeway.occupancy.flows import SERVICE, Delivery, Outcome, store_observations
@@ -59,7 +58,7 @@ def build_deps(
     registry: CollectorRegistry,
     tracer_provider: TracerProvider | None = None,
 ) -> Deps:
-    cameras = store.CameraDirectory()
+    cameras = store.camera_directory()
     writer = store.make_writer(url, sessions)
     group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
         lambda deliveries: with_db_retry(
@@ -74,12 +73,8 @@ def build_deps(
         isolate=lambda exc: not is_outage(exc),
     )
     topology = Topology(settings.exchanges)
-    link = AmqpLink(
-        settings.amqp_url,
-        name=SERVICE,
-        registry=registry,
-        # Spans only where they are exported, as FastStream's middleware (make_broker).
-        tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
+    link = service_link(
+        settings, service=SERVICE, registry=registry, tracer_provider=tracer_provider
     )
     return Deps(
         settings=settings,
@@ -102,31 +97,29 @@ def build_app(
     registry: CollectorRegistry = REGISTRY,
 ) -> AsgiFastStream:
     """The occupancy service: its subscribers, start-up work and operations endpoints."""
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    base = database_service(
+        settings,
+        service=SERVICE,
+        database_url=settings.database_url,
+        tracer_provider=tracer_provider,
+        registry=registry,
     )
-    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
-    engine = make_engine(url)
     deps = build_deps(
         settings,
-        broker=broker,
-        url=url,
-        sessions=make_sessionmaker(engine),
+        broker=base.broker,
+        url=base.url,
+        sessions=base.sessions,
         registry=registry,
         tracer_provider=tracer_provider,
     )
-    register(broker, deps)
+    register(base.broker, deps)
 
     async def observation(message: AbstractIncomingMessage) -> None:
         await on_observation(message, deps)
 
     # Observations: consumed apart from FastStream (see edgeway.occupancy.handlers.register).
-    consumer = Consumer(
-        deps.link,
-        deps.topology.occupancy_observations_queue.name,
-        observation,
-        prefetch=DEFAULT_PREFETCH,
-        grace=settings.graceful_timeout,
+    consumer = base.consumer(
+        deps.link, deps.topology.occupancy_observations_queue.name, observation
     )
 
     async def prepare_cameras() -> None:
@@ -137,9 +130,9 @@ def build_app(
         log.info("database ready", cameras=len(known))
 
     async def declare_topology() -> None:
-        await declare_shared(broker, deps.topology)
+        await declare_shared(base.broker, deps.topology)
         await declare_work(
-            broker,
+            base.broker,
             deps.topology,
             deps.topology.occupancy_observations,
             deps.topology.occupancy_observations_queue,
@@ -154,19 +147,11 @@ def build_app(
         await deps.link.close()
         await deps.writer.close()
 
-    async def observations_link() -> None:
-        if not deps.link.ready:
-            raise RuntimeError("the observations' AMQP link is not connected")
-
-    return database_service_app(
-        broker,
-        engine=engine,
-        url=url,
+    return base.app(
         migrations=store.MIGRATIONS,
         prepare=prepare_cameras,
         declare=declare_topology,
-        checks={"observations link": observations_link},
-        registry=registry,
+        checks={"observations link": link_ready(deps.link)},
         start=start_observations,
         stop=stop_observations,
     )

@@ -117,7 +117,7 @@ async def _find_camera(
 ) -> store.CameraLocation | None:
     """A camera not held in memory: maybe an operator added it to the table since the start."""
     async with sessions() as session:
-        return await cameras.lookup(session=session, camera_id=camera)
+        return await cameras.lookup(camera, session=session)
 
 
 def rejection_outcome(delivery: Delivery, rejection: domain.Rejection, *, fresh: bool) -> Outcome:

@@ -6,8 +6,8 @@ and SQLite alike), so a redelivered message is never stored twice.
 
 The per-message write path is a `Writer` (`make_writer`): on PostgreSQL, `PostgresWriter`
 stores a whole commit group with one statement on a connection of its own, with no ORM session
-and no transaction round trips; elsewhere (the embedded SQLite file) `SessionWriter` runs the
-same rules as Core statements in one session transaction.
+and no transaction round trips; elsewhere (the embedded SQLite file), and for a group with
+rejections, `SessionWriter` runs the same rules as Core statements in one session transaction.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from edgeway.common.db import (
     per_dialect,
     table_of,
 )
+from edgeway.common.directory import CachedDirectory
+from edgeway.common.rejections import MESSAGE_ID_LENGTH, RejectionColumns, RejectionTable
 from edgeway.occupancy.domain import HistoryRow, Reading
 
 MIGRATIONS = Migrations(
     Path(__file__).with_name("migrations"), version_table="alembic_version_occupancy"
 )
 
-# Identifiers as long as AMQP allows a message id (short string).
-MESSAGE_ID_LENGTH = 255
 CAMERA_ID_LENGTH = 100  # edgeway.common.schemas.occupancy.CameraId
 LOCATION_NAME_LENGTH = 200
 
@@ -113,17 +113,13 @@ class Observation(Base):
     segments: Mapped[Any | None] = mapped_column(JSONDocument)
 
 
-class RejectedMessage(Base):
-    """What could not be taken, kept with its payload so nothing a producer sent is lost."""
+class RejectedMessage(RejectionColumns, Base):
+    """What could not be taken, kept with its payload (as text, for people to read) so nothing a
+    producer sent is lost."""
 
     __tablename__ = "rejections"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_LENGTH), unique=True)
-    code: Mapped[str] = mapped_column(String(50))
-    reason: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class LocationState(Base):
@@ -167,20 +163,11 @@ class _HotStatements:
     """
 
     def __init__(self, insert: Callable[[Table], Insert]) -> None:
-        observations, rejections, state = (
-            table_of(Observation),
-            table_of(RejectedMessage),
-            table_of(LocationState),
-        )
+        observations, state = table_of(Observation), table_of(LocationState)
         self.observation = (
             insert(observations)
             .on_conflict_do_nothing(index_elements=["message_id"])
             .returning(observations.c.message_id)
-        )
-        self.rejection = (
-            insert(rejections)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(rejections.c.id)
         )
         upsert = insert(state)
         latest = [column.name for column in state.c if column.name in LATEST_FIELDS]
@@ -231,6 +218,7 @@ async def load_cameras(*, session: AsyncSession) -> dict[str, CameraLocation]:
 
 
 async def find_camera(*, session: AsyncSession, camera_id: str) -> CameraLocation | None:
+    """One camera's location, read from the table (what `CameraDirectory` does on a miss)."""
     row = (
         await session.execute(
             select(Camera.location_id, Location.name)
@@ -241,30 +229,16 @@ async def find_camera(*, session: AsyncSession, camera_id: str) -> CameraLocatio
     return None if row is None else CameraLocation(row[0], row[1])
 
 
-class CameraDirectory:
-    """Camera -> location, held in memory after start; a miss is looked up in the database.
+# Camera -> location, held in memory after start; a miss is read from the table. Saves a round
+# trip per message. A camera an operator adds to the table is found on its first miss; one that
+# is re-mapped or renamed in the table is seen after a restart (no ttl).
+CameraDirectory = CachedDirectory[str, CameraLocation]
 
-    Saves a round trip per message. A camera an operator adds to the table is found on its first
-    miss; one that is re-mapped or renamed in the table is seen after a restart.
-    """
 
-    def __init__(self, known: Mapping[str, CameraLocation] | None = None) -> None:
-        self._known: dict[str, CameraLocation] = dict(known or {})
-
-    def replace(self, known: Mapping[str, CameraLocation]) -> None:
-        self._known = dict(known)
-
-    def known(self, camera_id: str) -> CameraLocation | None:
-        """The camera's location if it is held in memory (no database round trip)."""
-        return self._known.get(camera_id)
-
-    async def lookup(self, *, session: AsyncSession, camera_id: str) -> CameraLocation | None:
-        if (hit := self._known.get(camera_id)) is not None:
-            return hit
-        found = await find_camera(session=session, camera_id=camera_id)
-        if found is not None:
-            self._known[camera_id] = found
-        return found
+def camera_directory(known: Mapping[str, CameraLocation] | None = None) -> CameraDirectory:
+    return CameraDirectory(
+        lambda session, camera_id: find_camera(session=session, camera_id=camera_id), known
+    )
 
 
 class ObservationRecord(NamedTuple):
@@ -358,34 +332,13 @@ class RejectionRecord(NamedTuple):
     payload: bytes
     received_at: datetime
 
-    def payload_text(self) -> str:
-        # PostgreSQL text cannot hold NUL; the payload is kept for people, not for replay byte
-        # by byte.
-        return self.payload.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+_REJECTIONS = RejectionTable(RejectedMessage)
 
 
-async def record_rejection(
-    *,
-    session: AsyncSession,
-    message_id: str,
-    code: str,
-    reason: str,
-    payload: bytes,
-    received_at: datetime,
-) -> bool:
+async def record_rejection(*, session: AsyncSession, record: RejectionRecord) -> bool:
     """Keep what could not be taken; False if this message was already rejected."""
-    rejection = RejectionRecord(message_id, code, reason, payload, received_at)
-    stored = await session.scalar(
-        _hot(session).rejection,
-        {
-            "message_id": message_id,
-            "code": code,
-            "reason": reason,
-            "payload": rejection.payload_text(),
-            "received_at": received_at,
-        },
-    )
-    return stored is not None
+    return await _REJECTIONS.add(session=session, **record._asdict())
 
 
 # --- the write path ---------------------------------------------------------------------------
@@ -414,7 +367,7 @@ class SessionWriter:
     ) -> tuple[list[bool], list[bool]]:
         async with self.sessions.begin() as session:
             rejected = [
-                await record_rejection(session=session, **record._asdict()) for record in rejections
+                await record_rejection(session=session, record=record) for record in rejections
             ]
             stored = await record_observations(session=session, records=observations)
         return stored, rejected
@@ -481,12 +434,6 @@ state AS (
 )
 SELECT message_id FROM stored
 """
-_STORE_REJECTION = """
-INSERT INTO rejections (message_id, code, reason, payload, received_at)
-VALUES (%s, %s, %s, %s, %s)
-ON CONFLICT (message_id) DO NOTHING
-RETURNING id
-"""
 
 
 def _columns(records: Sequence[ObservationRecord]) -> dict[str, list[Any]]:
@@ -538,15 +485,18 @@ def psycopg_conninfo(url: str) -> str:
 
 class PostgresWriter:
     """The write path on PostgreSQL: one psycopg connection of its own, in autocommit, and one
-    statement per group of observations (plus one per rejection, which is rare).
+    statement per group of observations. A group with rejections (rare: an unknown camera, a
+    malformed body) goes through the session path instead, in one transaction with its
+    observations.
 
     Group commits are serial (one flusher), so one connection is enough. A connection that
     failed is dropped and opened again on the next group (`with_db_retry` waits between).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.conninfo = psycopg_conninfo(url)
         self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._with_rejections = SessionWriter(sessions)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         connection = self._connection
@@ -559,13 +509,11 @@ class PostgresWriter:
     async def write(
         self, observations: Sequence[ObservationRecord], rejections: Sequence[RejectionRecord]
     ) -> tuple[list[bool], list[bool]]:
+        if rejections:
+            return await self._with_rejections.write(observations, rejections)
         connection = await self._connect()
-        try:
-            if not rejections:  # the usual case: one statement, atomic on its own
-                return await self._observations(connection, observations), []
-            async with connection.transaction():
-                rejected = [await self._rejection(connection, r) for r in rejections]
-                return await self._observations(connection, observations), rejected
+        try:  # the usual case: one statement, atomic on its own
+            return await self._observations(connection, observations), []
         except psycopg.OperationalError:
             await connection.close()
             raise
@@ -584,20 +532,6 @@ class PostgresWriter:
             inserted.discard(record.message_id)  # a second copy in the same group is not new
         return fresh
 
-    @staticmethod
-    async def _rejection(connection: psycopg.AsyncConnection[Any], record: RejectionRecord) -> bool:
-        cursor = await connection.execute(
-            _STORE_REJECTION,
-            (
-                record.message_id,
-                record.code,
-                record.reason,
-                record.payload_text(),
-                record.received_at,
-            ),
-        )
-        return await cursor.fetchone() is not None
-
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
@@ -607,7 +541,7 @@ class PostgresWriter:
 def make_writer(url: str, sessions: async_sessionmaker[AsyncSession]) -> Writer:
     """The write path for the database at `url` (an async SQLAlchemy URL)."""
     if make_url(url).get_backend_name() == "postgresql":
-        return PostgresWriter(url)
+        return PostgresWriter(url, sessions)
     return SessionWriter(sessions)
 
 

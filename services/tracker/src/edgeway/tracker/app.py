@@ -15,14 +15,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.broker import declare_shared, declare_work, make_broker
-from edgeway.common.db import make_engine, make_sessionmaker
+from edgeway.common.broker import declare_shared, declare_work
 from edgeway.common.logging import get_logger
 from edgeway.common.objects import LocalStore, ObjectStore, make_store
 from edgeway.common.rtsp.credentials import CredentialCipher, credentials_key
 from edgeway.common.rtsp.destinations import DestinationPolicy
-from edgeway.common.service import database_service_app
-from edgeway.common.settings import async_database_url
+from edgeway.common.service import database_service
 from edgeway.common.topology import Topology
 from edgeway.tracker import store
 from edgeway.tracker.flows import SERVICE, Inference, LiveRouter, TaskRuns
@@ -131,16 +129,16 @@ def build_app(
     tracer_provider: TracerProvider,
     registry: CollectorRegistry = REGISTRY,
 ) -> AsgiFastStream:
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    base = database_service(
+        settings,
+        service=SERVICE,
+        database_url=settings.database_url,
+        tracer_provider=tracer_provider,
+        registry=registry,
     )
-    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
-    engine = make_engine(url)
-    deps = build_deps(
-        settings, broker=broker, sessions=make_sessionmaker(engine), registry=registry
-    )
-    register(broker, deps)
-    topology = deps.topology
+    deps = build_deps(settings, broker=base.broker, sessions=base.sessions, registry=registry)
+    register(base.broker, deps)
+    broker, topology = base.broker, deps.topology
 
     async def prepare() -> None:
         await deps.objects.prepare()
@@ -156,15 +154,7 @@ def build_app(
         )
         await broker.declare_exchange(topology.tracking_detections)
 
-    app = database_service_app(
-        broker,
-        engine=engine,
-        url=url,
-        migrations=store.MIGRATIONS,
-        prepare=prepare,
-        declare=declare,
-        registry=registry,
-    )
+    app = base.app(migrations=store.MIGRATIONS, prepare=prepare, declare=declare)
     sweeper: list[asyncio.Task[None]] = []
 
     async def start_sweeper() -> None:

@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from edgeway.common.amqp import AmqpLink
-from edgeway.common.broker import declare_shared, make_broker
+from edgeway.common.broker import declare_shared
 from edgeway.common.logging import get_logger
-from edgeway.common.service import service_app
+from edgeway.common.service import broker_service, link_ready, service_link
 from edgeway.common.timesync import TimeSync
 from edgeway.common.topology import Topology
 from edgeway.video_relay.handlers import register
@@ -58,12 +58,8 @@ def build_deps(
     topology = Topology(settings.exchanges)
     metrics = Metrics.create(registry)
     clock = TimeSync(settings.ntp_servers)
-    link = AmqpLink(
-        settings.amqp_url,
-        name=SERVICE,
-        registry=registry,
-        # Spans only where they are exported, as FastStream's middleware (make_broker).
-        tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
+    link = service_link(
+        settings, service=SERVICE, registry=registry, tracer_provider=tracer_provider
     )
     publisher = Publisher(broker, topology, link.publisher(window=PUBLISH_WINDOW))
     declared = asyncio.Event()
@@ -96,9 +92,10 @@ def build_app(
     registry: CollectorRegistry = REGISTRY,
 ) -> AsgiFastStream:
     """The video relay: its subscribers, background tasks and operations endpoints."""
-    broker = make_broker(
+    base = broker_service(
         settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
     )
+    broker = base.broker
     deps = build_deps(settings, broker=broker, registry=registry, tracer_provider=tracer_provider)
     register(broker, deps)
     background: list[asyncio.Task[None]] = []
@@ -125,15 +122,9 @@ def build_app(
         if not deps.declared.is_set():
             raise RuntimeError("exchanges not declared yet")
 
-    async def publishing_link() -> None:
-        if not deps.link.ready:
-            raise RuntimeError("the publishers' AMQP link is not connected")
-
-    app = service_app(
-        broker,
-        checks={"topology": topology_declared, "publishing link": publishing_link},
+    app = base.app(
+        checks={"topology": topology_declared, "publishing link": link_ready(deps.link)},
         after_startup=[declare_topology],
-        registry=registry,
     )
 
     async def stop_tasks() -> None:

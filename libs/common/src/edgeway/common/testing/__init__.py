@@ -7,7 +7,7 @@ never see each other's messages or rows.
 
 from __future__ import annotations
 
-from edgeway.common.testing.databases import DIALECTS, migrated_database
+from edgeway.common.testing.databases import DIALECTS, empty_database, migrated_database
 from edgeway.common.testing.gateway import (
     TEST_SECRET,
     bearer,
@@ -40,6 +40,7 @@ __all__ = [
     "create_vhost",
     "drop_postgres_database",
     "drop_vhost",
+    "empty_database",
     "free_port",
     "gateway_fixture",
     "make_token",

@@ -128,11 +128,13 @@ class RecordingListener:
 
 
 class BrokerListener:
-    """Every message `queue` delivers, acknowledged on receipt and kept in arrival order."""
+    """Every message `queue` delivers, acknowledged on receipt and kept in arrival order, with
+    when it arrived (`arrived_at`, `time.monotonic()`, one per message of `received`)."""
 
     def __init__(self, queue: AbstractQueue) -> None:
         self.queue = queue
         self.received: list[AbstractIncomingMessage] = []
+        self.arrived_at: list[float] = []
         self.taken = 0  # messages `get` has returned
         self._arrived = asyncio.Event()
 
@@ -159,6 +161,7 @@ class BrokerListener:
         return self
 
     async def _take(self, message: AbstractIncomingMessage) -> None:
+        self.arrived_at.append(time.monotonic())
         self.received.append(message)
         self._arrived.set()
 
@@ -186,6 +189,13 @@ class BrokerListener:
         messages = await self.wait_for(self.taken + 1, within=within)
         self.taken += 1
         return messages[-1]
+
+    async def settle(self, quiet: float = 0.5) -> None:
+        """Until nothing has arrived for `quiet` seconds (what was still on its way is in)."""
+        seen = -1
+        while seen != len(self.received):
+            seen = len(self.received)
+            await asyncio.sleep(quiet)
 
     async def none(self, wait: float = 0.3) -> None:
         """Nothing more arrives within `wait` seconds (beyond what `get` took)."""
