@@ -218,7 +218,10 @@ async def test_a_logger_streams_to_the_database_and_every_dashboard(
     assert stack.telemetry is not None
     gateway_handlers = metric_handlers(stack.gateway.url)
     telemetry_handlers = metric_handlers(stack.telemetry.url)
-    assert "edgeway.broadcast.telemetry" in gateway_handlers  # the records it fanned out
+    # The records it fanned out (its broadcast consume counts them by kind of channel).
+    async with httpx.AsyncClient(base_url=stack.gateway.url) as http:
+        fanned_out = (await http.get("/metrics")).text
+    assert 'edgeway_gateway_received_total{channel_kind="telemetry"}' in fanned_out
     for handler in gateway_handlers | telemetry_handlers:
         assert SEED_VIN not in handler
         assert not handler.startswith("default.amq.rabbitmq.reply-to.")

@@ -205,6 +205,33 @@ async def test_an_acknowledged_producer_hears_of_every_message_and_a_resend_keep
     assert legacy.message_id != by_seq[1]["message_id"]
 
 
+async def test_frames_in_flight_together_are_answered_in_the_order_they_were_sent(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    """Several frames of a connection are published at once (a window of confirms), yet every
+    answer, an ack or an error frame decided at the edge, comes in the order of its message,
+    and the work queue holds the frames in the order they were sent."""
+    await drain_queue(amqp_url, expected=10_000, wait=0.5)  # start from an empty queue
+    sent: list[dict[str, Any] | None] = [
+        None if seq % 7 == 0 else frame("Flint_1", total_people=seq) for seq in range(1, 36)
+    ]  # within the fixture's burst of 40
+    url = ws_url(gateway, "/model/ws/connect", PUBLISH) + "&ack=1"
+    async with websockets.connect(url) as ws:
+        for message in sent:  # all at once: nothing waits for an answer
+            await ws.send("{not json" if message is None else json.dumps(message))
+        replies = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in sent]
+    seqs = [reply.get("seq") or reply["details"]["seq"] for reply in replies]
+    assert seqs == list(range(1, len(sent) + 1))
+    assert [reply["type"] for reply in replies] == [
+        "error" if message is None else "ack" for message in sent
+    ]
+    good = [message for message in sent if message is not None]
+    published = await drain_queue(amqp_url, expected=len(good))
+    assert [json.loads(m.body) for m in published] == good
+    acked = [reply["message_id"] for reply in replies if reply["type"] == "ack"]
+    assert [m.message_id for m in published] == acked
+
+
 async def test_a_client_whose_snapshot_fails_still_gets_live_updates(
     gateway: ServiceProcess, amqp_url: str
 ) -> None:

@@ -1,5 +1,10 @@
 """The gateway's side of RabbitMQ: publish what producers send, receive what clients watch,
-and ask services for what they own (request/reply with a timeout)."""
+and ask services for what they own (request/reply with a timeout).
+
+What runs once per message goes through the gateway's own AMQP link (`edgeway.common.amqp`:
+aio-pika directly): producers' publishes through its confirm publishers, and the broadcast
+queue's deliveries straight to the hub. FastStream (`broker`) declares the topology and asks the
+services (request/reply)."""
 
 from __future__ import annotations
 
@@ -10,20 +15,16 @@ from typing import Any
 
 import aiormq.exceptions
 import orjson
-from faststream import AckPolicy
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustQueue
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
-from faststream.rabbit.message import RabbitMessage
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
-from edgeway.common.broker import (
-    declare_shared,
-    declare_work,
-    make_broker,
-    publish,
-    whole_message,
-)
+from edgeway.common.amqp import AmqpLink, ConfirmPublisher
+from edgeway.common.broker import declare_shared, declare_work, make_broker
 from edgeway.common.envelope import JSON, Envelope
 from edgeway.common.errors import ErrorObject
 from edgeway.common.logging import get_logger
@@ -37,6 +38,8 @@ log = get_logger("edgeway.gateway.link")
 # Seconds between attempts to reach the broker at start: doubling from the first to the last.
 CONNECT_RETRY_S = (0.5, 10.0)
 
+_PROPAGATOR = TraceContextTextMapPropagator()
+
 # Headers of an H.264 packet on `video.stream.<device>` (set by the video relay).
 HEADER_PACKET_TYPE = "x-packet-type"
 HEADER_PACKET_SEQ = "x-packet-seq"
@@ -49,6 +52,11 @@ class ServiceUnavailableError(Exception):
         return ErrorObject(
             code="timeout", reason=str(self), fix="try again; the service may be restarting"
         ).response(504)
+
+
+class BrokerDownError(ConnectionError):
+    """The gateway's link to RabbitMQ is down (a cut, a broker restart): nothing published now
+    could be confirmed, so it is refused at once (the producer is told and sends it again)."""
 
 
 class NotConnectedError(Exception):
@@ -95,34 +103,68 @@ class BrokerLink:
         self._queue: RabbitQueue = self.topology.gateway_queue(self.gateway_id)
         self.hub = Hub(bind=self._bind, unbind=self._unbind, metrics=metrics)
         self.connected = asyncio.Event()  # set once the broker answered and all is declared
-
-        # Live results are lossy by design: ack on receipt, never redeliver a stale frame.
-        @self.broker.subscriber(
-            self._queue,
-            self.topology.broadcast,
-            ack_policy=AckPolicy.ACK_FIRST,
-            decoder=whole_message,
-            no_reply=True,
+        # The per-message paths' own connection (spans only where they are exported, as
+        # FastStream's middleware does it: make_broker).
+        self.amqp = AmqpLink(
+            settings.amqp_url,
+            name="gateway",
+            registry=registry,
+            tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
         )
-        async def on_broadcast(message: RabbitMessage) -> None:
-            raw = message.raw_message
-            body: Message = raw.body
-            if (raw.content_type or JSON) == JSON:
-                body = raw.body.decode()  # once per message, shared by every client
-            elif raw.headers and HEADER_PACKET_TYPE in raw.headers:
-                # An H.264 packet: its kind and sequence drive the consumers' skip policy.
-                body = Packet(
-                    raw.body,
-                    kind=_header_text(raw.headers[HEADER_PACKET_TYPE]),
-                    seq=_header_int(raw.headers.get(HEADER_PACKET_SEQ, 0)),
-                )
-            routing_key = raw.routing_key or ""
-            kind = routing_key.split(".", 1)[0]
-            if kind == "gateway":  # a service refused what a producer of ours sent
-                self.metrics.rejected.labels(
-                    "service", orjson.loads(raw.body).get("code", "unknown")
-                ).inc()
-            self.hub.deliver(routing_key, body, kind=kind)
+        # Durable work (persistent, mandatory) and live messages (transient), each with a
+        # window of unconfirmed publishes of its own, so video never holds up a camera's frame.
+        self.work: ConfirmPublisher = self.amqp.publisher(name="gateway-work")
+        self.live: ConfirmPublisher = self.amqp.publisher(name="gateway-live")
+        # The broadcast queue as the link declared it (exclusive: only its connection may
+        # consume, bind and unbind it); restored with its bindings after a reconnection.
+        self._broadcast: AbstractRobustQueue | None = None
+        self._amqp_started = False
+        self._received = metrics.received
+        self._fanout_seconds = metrics.fanout_seconds
+
+    def _on_broadcast(self, message: AbstractIncomingMessage) -> None:
+        """One delivery of the broadcast queue: decoded once, handed to every watcher.
+
+        Live results are lossy by design: consumed without acks, never redelivered stale.
+        """
+        raw = message.body
+        body: Message = raw
+        headers = message.headers
+        if (message.content_type or JSON) == JSON:
+            body = raw.decode()  # once per message, shared by every client
+        elif headers and HEADER_PACKET_TYPE in headers:
+            # An H.264 packet: its kind and sequence drive the consumers' skip policy.
+            body = Packet(
+                raw,
+                kind=_header_text(headers[HEADER_PACKET_TYPE]),
+                seq=_header_int(headers.get(HEADER_PACKET_SEQ, 0)),
+            )
+        routing_key = message.routing_key or ""
+        kind = routing_key.split(".", 1)[0]
+        self._received.labels(kind).inc()
+        if kind == "gateway":  # a service refused what a producer of ours sent
+            self.metrics.rejected.labels("service", orjson.loads(raw).get("code", "unknown")).inc()
+        self.hub.deliver(routing_key, body, kind=kind)
+
+    async def _consume_broadcast(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        try:
+            tracer = self.amqp.tracer
+            if tracer is None:
+                self._on_broadcast(message)
+            else:
+                # Traced where spans are exported: the fan-out continues the message's trace.
+                carrier = {k: v for k, v in (message.headers or {}).items() if isinstance(v, str)}
+                with tracer.start_as_current_span(
+                    f"{self._queue.name} process",
+                    context=_PROPAGATOR.extract(carrier),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={"messaging.message.id": message.message_id or ""},
+                ):
+                    self._on_broadcast(message)
+        except Exception:  # a message that does not fit: logged, the next one goes on
+            log.exception("broadcast message not delivered", routing_key=message.routing_key)
+        self._fanout_seconds.observe(time.perf_counter() - started)
 
     async def connect(self) -> None:
         """Reach the broker and declare the topology, trying again until it answers.
@@ -172,39 +214,79 @@ class BrokerLink:
             declared_exchange = await self.broker.declare_exchange(exchange)
             declared_queue = await self.broker.declare_queue(queue)
             await declared_queue.bind(declared_exchange, routing_key="")
+        if not self._amqp_started:
+            await self.amqp.start()  # connected already: FastStream's connection just was
+            self._amqp_started = True
+        if self._broadcast is None:
+            channel = await self.amqp.channel()
+            queue = self._queue
+            broadcast = await channel.declare_queue(
+                queue.name,
+                durable=queue.durable,
+                exclusive=queue.exclusive,
+                auto_delete=queue.auto_delete,
+                arguments=queue.arguments,
+            )
+            await broadcast.consume(self._consume_broadcast, no_ack=True)
+            self._broadcast = broadcast
 
     async def stop(self) -> None:
+        await self.amqp.close()
+        self._amqp_started = False
+        self._broadcast = None
         await self.broker.stop()
 
     async def ready(self) -> bool:
-        return self.connected.is_set() and await self.broker.ping(timeout=2.0)
+        return self.connected.is_set() and self.amqp.ready and await self.broker.ping(timeout=2.0)
 
     def producer_channel(self, connection_id: str) -> str:
         return Channels.producer(self.gateway_id, connection_id)
 
+    def _broadcast_queue(self) -> AbstractRobustQueue:
+        if self._broadcast is None:
+            raise NotConnectedError("the gateway is starting: it has not reached RabbitMQ yet")
+        return self._broadcast
+
     async def _bind(self, pattern: str) -> None:
-        queue = await self.broker.declare_queue(self._queue)
-        exchange = await self.broker.declare_exchange(self.topology.broadcast)
-        await queue.bind(exchange, routing_key=pattern)
+        await self._broadcast_queue().bind(self.topology.broadcast.name, routing_key=pattern)
 
     async def _unbind(self, pattern: str) -> None:
-        queue = await self.broker.declare_queue(self._queue)
-        exchange = await self.broker.declare_exchange(self.topology.broadcast)
-        await queue.unbind(exchange, routing_key=pattern)
+        await self._broadcast_queue().unbind(self.topology.broadcast.name, routing_key=pattern)
+
+    def _up(self, publisher: ConfirmPublisher) -> ConfirmPublisher:
+        """`publisher`, if the link is up now; a publish made while it reconnects is refused at
+        once rather than held until it is back (the producer is told, as with an outage)."""
+        if not self.amqp.ready:
+            raise BrokerDownError("the gateway's connection to RabbitMQ is down")
+        return publisher
 
     async def publish_work(
         self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange
     ) -> None:
         """Persistent, mandatory, confirmed: returns only once the broker holds the message."""
-        await publish(self.broker, body, envelope=envelope, exchange=exchange, durable=True)
+        await self._up(self.work).publish(
+            body, envelope=envelope, exchange=exchange.name, durable=True
+        )
+
+    async def work_room(self) -> None:
+        """Until `submit_work` would not exceed the work publisher's window."""
+        await self.work.wait_room()
+
+    def submit_work(
+        self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange
+    ) -> asyncio.Task[None]:
+        """`publish_work` started now, in order with the ones submitted before: its task ends
+        once the broker confirmed it. Raises `BrokerDownError` at once while the link is down."""
+        return self._up(self.work).submit(
+            body, envelope=envelope, exchange=exchange.name, durable=True
+        )
 
     async def publish_live(self, body: bytes, *, envelope: Envelope, routing_key: str) -> None:
         """A live message on the broadcast exchange, for whichever replicas' clients watch it."""
-        await publish(
-            self.broker,
+        await self._up(self.live).publish(
             body,
             envelope=envelope,
-            exchange=self.topology.broadcast,
+            exchange=self.topology.broadcast.name,
             routing_key=routing_key,
             durable=False,
         )
@@ -213,7 +295,9 @@ class BrokerLink:
         self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange
     ) -> None:
         """A live message (video, IMU, commands) on a fanout exchange: transient, confirmed."""
-        await publish(self.broker, body, envelope=envelope, exchange=exchange, durable=False)
+        await self._up(self.live).publish(
+            body, envelope=envelope, exchange=exchange.name, durable=False
+        )
 
     async def request(self, *, service: str, queue: RabbitQueue, body: dict[str, Any]) -> Any:
         """Ask a service for JSON; raises ServiceUnavailableError when it does not answer."""

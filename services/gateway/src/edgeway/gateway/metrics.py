@@ -24,7 +24,9 @@ class Metrics:
     published: Counter
     upload_messages: Counter
     batched_uploads: Counter
+    received: Counter
     delivered: Counter
+    fanout_seconds: Histogram
     dropped: Counter
     auth_refused: Counter
     request_seconds: Histogram
@@ -62,10 +64,22 @@ class Metrics:
                 "Telemetry uploads published in batched messages",
                 registry=registry,
             ),
+            received=Counter(
+                "edgeway_gateway_received_total",
+                "Messages received from the broadcast exchange, each delivered to its watchers",
+                ["channel_kind"],
+                registry=registry,
+            ),
             delivered=Counter(
                 "edgeway_gateway_delivered_total",
                 "Messages queued to clients",
                 ["channel_kind"],
+                registry=registry,
+            ),
+            fanout_seconds=Histogram(
+                "edgeway_gateway_fanout_seconds",
+                "From a broadcast message's arrival to its offer to every watcher",
+                buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
                 registry=registry,
             ),
             dropped=Counter(

@@ -6,7 +6,9 @@ acknowledgement, so a frame in flight when the gateway dies is lost unknown to i
 `?ack=1` (Edgeway's, opt-in) each message is answered: `{"type": "ack", "seq", "message_id"}`
 once the broker confirmed it, or an error frame whose `details.seq` names it. `seq` counts the
 connection's messages from 1. The message id is then derived from the token's subject, the camera
-and the timestamp, so a frame sent again after a reconnect is stored once.
+and the timestamp, so a frame sent again after a reconnect is stored once. Up to
+`publish_window` frames of a connection are in flight at once; its answers (acks and error
+frames alike) go out in the order of the messages they answer.
 
 `GET /model/count`: the camera models connected to this replica."""
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from typing import Annotated
 
 import orjson
@@ -28,6 +31,7 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.limits import TokenBucket
+from edgeway.gateway.link import BrokerDownError
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
 MODEL_ENDPOINT = "/model/ws/connect"
@@ -37,6 +41,29 @@ ACKED_FRAME_IDS = uuid.UUID("5f0c9a43-2b1e-4c44-9d8e-0e6b1d2f7a10")
 router = APIRouter()
 log = get_logger("edgeway.gateway.occupancy")
 tracer = trace.get_tracer("edgeway.gateway")
+
+
+class Answer:
+    """What a message of the connection gets back, once it and every one before it settled:
+    a publish's outcome (`task`), or an error frame decided at the edge (`text`)."""
+
+    __slots__ = ("envelope", "seq", "task", "text")
+
+    def __init__(
+        self,
+        seq: int,
+        *,
+        task: asyncio.Task[None] | None = None,
+        envelope: Envelope | None = None,
+        text: str = "",
+    ) -> None:
+        self.seq = seq
+        self.task = task
+        self.envelope = envelope
+        self.text = text
+
+    def settled(self) -> bool:
+        return self.task is None or self.task.done()
 
 
 class ModelSession:
@@ -50,24 +77,37 @@ class ModelSession:
         self.seq = 0  # messages received on this connection
         self.gateway = gateway
         self.link = gateway.link
+        self.exchange = self.link.topology.occupancy_observations
         self.websocket = websocket
         self.principal = principal
         self.connection_id = uuid.uuid4().hex[:12]
         self.reply_channel = self.link.producer_channel(self.connection_id)
         self.replies = gateway.producer_queue(websocket, MODEL_ENDPOINT)
         self.bucket = TokenBucket(settings.producer_rate, settings.producer_burst)
-        self.window = asyncio.Semaphore(settings.publish_window)
+        self.window = settings.publish_window
         self.max_bytes = settings.max_message_bytes
-        self.in_flight: set[asyncio.Task[None]] = set()
-        # Each frame is its own trace, linked to the connection's (a socket lives for days).
+        # Messages not answered yet, oldest first: answered from the front as they settle.
+        self.unanswered: deque[Answer] = deque()
+        self._published = gateway.metrics.published.labels(MODEL_ENDPOINT)
+        # Each frame is its own trace, linked to the connection's (a socket lives for days);
+        # spans only where they are exported (each costs its publish a task of its own).
+        self.traced = settings.otel_exporter != "none"
         connection_span = trace.get_current_span().get_span_context()
         self.trace_links = [trace.Link(connection_span)] if connection_span.is_valid else []
 
-    def reject(self, frame: ErrorFrame, seq: int) -> None:
+    def error_text(self, frame: ErrorFrame, seq: int) -> str:
         self.gateway.metrics.rejected.labels(MODEL_ENDPOINT, frame.code.value).inc()
         if self.acks:
             frame = frame.model_copy(update={"details": {"seq": seq}})
-        self.replies.offer(frame.encode())
+        return frame.encode()
+
+    def reject(self, frame: ErrorFrame, seq: int) -> None:
+        """Answer message `seq` with an error frame, after the answers of those before it."""
+        text = self.error_text(frame, seq)
+        if self.unanswered:
+            self.unanswered.append(Answer(seq, text=text))
+        else:
+            self.replies.offer(text)
 
     def message_id(self, frame: FrameResult) -> str:
         """A fresh id; for an acknowledged producer, the frame's own (see the module)."""
@@ -95,8 +135,9 @@ class ModelSession:
             producers.discard(self)
             self.gateway.metrics.connections.labels(MODEL_ENDPOINT).dec()
             # What was received is published even if the producer left meanwhile.
-            if self.in_flight:
-                await asyncio.wait(self.in_flight, timeout=self.gateway.settings.graceful_timeout)
+            in_flight = [answer.task for answer in self.unanswered if answer.task is not None]
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=self.gateway.settings.graceful_timeout)
             await self.link.hub.unsubscribe(self.reply_channel, self.replies)
             self.replies.close()
             writer.cancel()
@@ -139,16 +180,25 @@ class ModelSession:
             captured_at=frame.captured_at().timestamp(),
             reply_channel=self.reply_channel,
         )
-        await self.window.acquire()
-        task = asyncio.create_task(self.publish(raw, envelope, seq))
-        self.in_flight.add(task)
-        task.add_done_callback(self._published)
+        unanswered = self.unanswered
+        while len(unanswered) >= self.window:  # the oldest is a publish: wait for it
+            head = unanswered[0].task
+            assert head is not None
+            await asyncio.wait((head,))
+        await self.link.work_room()
+        # Nothing is awaited from here to the submit: publishes go out in the messages' order.
+        if self.traced:
+            task = asyncio.create_task(self.publish_traced(raw, envelope))
+        else:
+            try:
+                task = self.link.submit_work(raw, envelope=envelope, exchange=self.exchange)
+            except BrokerDownError as exc:
+                self.reject(unavailable(envelope, exc), seq)
+                return
+        unanswered.append(Answer(seq, task=task, envelope=envelope))
+        task.add_done_callback(self.settle)
 
-    def _published(self, task: asyncio.Task[None]) -> None:
-        self.in_flight.discard(task)
-        self.window.release()
-
-    async def publish(self, raw: bytes, envelope: Envelope, seq: int) -> None:
+    async def publish_traced(self, raw: bytes, envelope: Envelope) -> None:
         with tracer.start_as_current_span(
             "receive " + MODEL_ENDPOINT,
             context=Context(),
@@ -156,25 +206,36 @@ class ModelSession:
             links=self.trace_links,
             attributes={"messaging.message.id": envelope.message_id},
         ):
-            try:
-                await self.link.publish_work(
-                    raw, envelope=envelope, exchange=self.link.topology.occupancy_observations
-                )
-            except Exception as exc:  # noqa: BLE001 - any broker failure: tell the producer
-                log.warning("publish failed", error=repr(exc), message_id=envelope.message_id)
-                self.reject(
-                    ErrorFrame(
-                        code=ErrorCode.UNAVAILABLE,
-                        reason="not accepted: the broker did not confirm it; send it again",
-                        message_id=envelope.message_id,
-                    ),
-                    seq,
-                )
-                return
-        self.gateway.metrics.published.labels(MODEL_ENDPOINT).inc()
-        if self.acks:
-            ack = {"type": "ack", "seq": seq, "message_id": envelope.message_id}
-            self.replies.offer(orjson.dumps(ack).decode())
+            await self.link.publish_work(raw, envelope=envelope, exchange=self.exchange)
+
+    def settle(self, _: asyncio.Task[None]) -> None:
+        """Answer, in order, every message at the front whose publish settled."""
+        unanswered = self.unanswered
+        while unanswered and unanswered[0].settled():
+            answer = unanswered.popleft()
+            task, envelope = answer.task, answer.envelope
+            if task is None or envelope is None:
+                self.replies.offer(answer.text)
+                continue
+            failure = asyncio.CancelledError() if task.cancelled() else task.exception()
+            if failure is not None:
+                self.replies.offer(self.error_text(unavailable(envelope, failure), answer.seq))
+                continue
+            self._published.inc()
+            if self.acks:
+                ack = {"type": "ack", "seq": answer.seq, "message_id": envelope.message_id}
+                self.replies.offer(orjson.dumps(ack).decode())
+
+
+def unavailable(envelope: Envelope, failure: BaseException) -> ErrorFrame:
+    """The error frame of a frame the broker did not take (any failure, an outage above all):
+    the producer sends it again."""
+    log.warning("publish failed", error=repr(failure), message_id=envelope.message_id)
+    return ErrorFrame(
+        code=ErrorCode.UNAVAILABLE,
+        reason="not accepted: the broker did not confirm it; send it again",
+        message_id=envelope.message_id,
+    )
 
 
 @router.websocket(MODEL_ENDPOINT)
