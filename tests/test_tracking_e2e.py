@@ -34,7 +34,9 @@ from edgeway.common.schemas.tracking import MAX_MEDIA_CHUNK
 from edgeway.common.testing import (
     bearer,
     create_postgres_database,
+    create_vhost,
     drop_postgres_database,
+    drop_vhost,
     make_token,
 )
 from edgeway.common.testing.s3 import S3Server
@@ -626,10 +628,11 @@ async def test_a_batch_tasks_videos_are_served_with_ranges_after_it_ended(
 
 
 @pytest.fixture
-def s3_stack(
-    amqp_url: str, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    """A second stack whose tracker keeps its videos in a bucket of moto's S3 server."""
+def s3_stack(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second stack whose tracker keeps its videos in a bucket of moto's S3 server. Its own
+    virtual host: beside the module's stack, two trackers with their own databases would share
+    the request queue, and a create answered by one would be unknown to the other."""
+    vhost, amqp_url = create_vhost()
     occupancy_db = create_postgres_database()
     tracker_db = create_postgres_database("edgeway_tracker")
     stack = Stack(
@@ -646,6 +649,7 @@ def s3_stack(
     stack.stop()
     drop_postgres_database(tracker_db)
     drop_postgres_database(occupancy_db)
+    drop_vhost(vhost)
 
 
 async def test_an_s3_stores_videos_are_served_by_a_redirect_to_a_presigned_url(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +18,17 @@ import httpx
 import pytest
 
 from edgeway.common.testing import ServiceProcess, free_port
+from edgeway.common.testing.raw_http import (
+    CLOSED_WITHIN,
+    connect,
+    read_response,
+    read_until_closed,
+    status,
+)
 
 HERE = Path(__file__).resolve().parent
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
-# Generous: each of these is several times the timeout it checks.
-CLOSED_WITHIN = 10.0
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -45,54 +49,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
     ).start(wait=60)
     yield process
     process.stop()
-
-
-def connect(server: ServiceProcess) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", server.port), timeout=CLOSED_WITHIN)
-
-
-def read_until_closed(sock: socket.socket, within: float = CLOSED_WITHIN) -> bytes:
-    """All the server sends until it closes the connection; fails if it is open after `within`."""
-    deadline = time.monotonic() + within
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"the connection is still open after {within} s ({data[:80]!r})")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(64 * KiB)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
-def status(response: bytes) -> int:
-    assert response.startswith(b"HTTP/1.1 "), response[:80]
-    return int(response.split(b" ", 2)[1])
-
-
-def read_response(sock: socket.socket) -> bytes:
-    """One response with a content-length body, the connection left as it is."""
-    sock.settimeout(CLOSED_WITHIN)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(64 * KiB)
-        assert chunk, f"closed before a response ({data!r})"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += sock.recv(64 * KiB)
-    return head + b"\r\n\r\n" + body
 
 
 def log_events(server: ServiceProcess) -> list[dict[str, object]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -24,6 +23,13 @@ from edgeway.common.testing import (
     gateway_fixture,
     make_token,
 )
+from edgeway.common.testing.raw_http import (
+    CLOSED_WITHIN,
+    connect,
+    read_head,
+    read_until_closed,
+    status,
+)
 from edgeway.gateway.app import create_app
 from edgeway.gateway.settings import GatewaySettings
 
@@ -32,7 +38,6 @@ pytestmark = pytest.mark.connected
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
 RETRY_AFTER = 7
-CLOSED_WITHIN = 10.0
 KiB = 1024
 MiB = 1024 * KiB
 BOUNDARY = b"limits-boundary"
@@ -50,46 +55,6 @@ gateway = gateway_fixture(
     EDGEWAY_TELEMETRY_UPLOAD_SLOTS="1",
     EDGEWAY_UPLOAD_RETRY_AFTER=str(RETRY_AFTER),
 )
-
-
-def connect(gateway: ServiceProcess) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", gateway.port), timeout=CLOSED_WITHIN)
-
-
-def read_until_closed(sock: socket.socket, within: float = CLOSED_WITHIN) -> bytes:
-    """All the server sends until it closes the connection; fails if it is open after `within`."""
-    deadline = time.monotonic() + within
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"the connection is still open after {within} s ({data[:80]!r})")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(64 * KiB)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
-def read_head(sock: socket.socket) -> bytes:
-    """A response's status line and headers (the connection left open)."""
-    sock.settimeout(CLOSED_WITHIN)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(64 * KiB)
-        assert chunk, f"closed before a response ({data!r})"
-        data += chunk
-    return data.partition(b"\r\n\r\n")[0]
-
-
-def status(response: bytes) -> int:
-    assert response.startswith(b"HTTP/1.1 "), response[:80]
-    return int(response.split(b" ", 2)[1])
 
 
 def upgrade(path: str, extra: bytes = b"") -> bytes:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from edgeway.common.schemas.tracking import TaskStatus
 from edgeway.common.testing import DIALECTS, migrated_database, schema_differences
 from edgeway.tracker import store
+from edgeway.tracker.domain import VideoFacts
 
 NOW = datetime(2025, 12, 1, 12, 0, tzinfo=UTC)
 SPEC: dict[str, Any] = {
@@ -220,13 +221,17 @@ async def test_a_video_a_kept_task_read_outlives_its_replacement_until_retention
         await store.insert_environment(session=session, spec=SPEC)
         await store.record_video(
             session=session,
-            video=store.VideoRecord("lab", "c01", "v1", "ready", None, first, 10, 5, 10.0),
+            environment_id="lab",
+            camera_id="c01",
+            video=VideoFacts("v1", "ready", None, first, 10, 5, 10.0),
         )
     await new_task(sessions, "read-v1", videos={"c01": video(first)})
     async with sessions.begin() as session:  # a new upload replaces v1 as the camera's video
         replaced = await store.record_video(
             session=session,
-            video=store.VideoRecord("lab", "c01", "v2", "ready", None, second, 10, 5, 10.0),
+            environment_id="lab",
+            camera_id="c01",
+            video=VideoFacts("v2", "ready", None, second, 10, 5, 10.0),
         )
         assert replaced == first
         # v1 stays: the task's media URL serves it; v2 is the camera's video.

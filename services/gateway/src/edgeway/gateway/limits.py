@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from starlette.requests import Request
+
+from edgeway.common.errors import ErrorObject
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:
@@ -23,6 +26,38 @@ async def read_body(request: Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedBody:
+    """A request body refused before it is parsed: the HTTP status and the error object."""
+
+    status: int
+    error: ErrorObject
+
+
+async def read_json_body(request: Request, limit: int) -> bytes | RefusedBody:
+    """A JSON request's body, read under `limit`; 415 for another content type, 413 when longer.
+
+    Each API answers the refusal in its own error shape (the ingestion routes add their seed's
+    fields), so the reader gives the error object and the route turns it into a response.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return RefusedBody(
+            415,
+            ErrorObject(
+                code="unsupported_media_type",
+                reason=f"content type {content_type or 'none'!r}: send the request as "
+                "application/json",
+            ),
+        )
+    body = await read_body(request, limit)
+    if body is None:
+        return RefusedBody(
+            413, ErrorObject(code="too_large", reason=f"the body is over {limit} bytes")
+        )
+    return body
 
 
 class TokenBucket:

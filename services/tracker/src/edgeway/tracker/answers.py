@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from edgeway.common.broker import encode, publish
@@ -38,7 +39,6 @@ from edgeway.common.schemas.tracking import (
     TaskMode,
     TaskStatus,
     TrackingReply,
-    TrackingRequest,
 )
 from edgeway.common.schemas.tracking import FileSource as FileSourceModel
 from edgeway.tracker import domain, store
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from edgeway.tracker.app import Deps
 
 log = get_logger("edgeway.tracker.answers")
+_FACTS = tuple(field.name for field in fields(domain.VideoFacts))  # columns of store.Video too
 
 
 async def answer(body: bytes, deps: Deps) -> bytes:
@@ -61,52 +62,18 @@ async def answer(body: bytes, deps: Deps) -> bytes:
         reply = Refusal(400, "invalid_request", domain.validation_reason(exc)).reply()
         return reply.model_dump_json().encode()
     try:
-        reply = await _dispatch(request, deps)
+        reply = await ANSWERS[type(request)](request, deps)
     except SQLAlchemyError as exc:
         log.warning("request failed on the database", command=request.command, error=repr(exc))
         reply = Refusal(503, "unavailable", "the tracker database is unavailable").reply()
     return reply.model_dump_json().encode()
 
 
-async def _dispatch(request: TrackingRequest, deps: Deps) -> TrackingReply:
-    match request:
-        case CreateEnvironment():
-            return await create_environment(request, deps)
-        case ListEnvironments():
-            return await list_environments(deps)
-        case GetEnvironment():
-            return await get_environment(request, deps)
-        case ReplaceEnvironment():
-            return await replace_environment(request, deps)
-        case DeleteEnvironment():
-            return await delete_environment(request, deps)
-        case PrepareVideo():
-            return await prepare_video(request, deps)
-        case StartTask():
-            return await start_task(request, deps)
-        case GetTaskStatus():
-            return await task_status(request, deps)
-        case StopTask():
-            return await stop_task(request, deps)
-        case QueryTracks():
-            return await query_tracks(request, deps)
-        case ReadMedia():
-            return await read_media(request, deps)
-
-
 # --- environments ----------------------------------------------------------------------------
 
 
 def _facts(video: store.Video) -> domain.VideoFacts:
-    return domain.VideoFacts(
-        video_id=video.video_id,
-        status=video.status,
-        reason=video.reason,
-        object_key=video.object_key,
-        size_bytes=video.size_bytes,
-        frames=video.frames,
-        fps=video.fps,
-    )
+    return domain.VideoFacts(**{name: getattr(video, name) for name in _FACTS})
 
 
 def _unknown_environment(environment_id: str) -> TrackingReply:
@@ -129,8 +96,27 @@ async def _view(session: AsyncSession, environment: store.Environment) -> dict[s
     return domain.environment_view(spec, {c: _facts(v) for c, v in videos.items()})
 
 
-async def _unused(session: AsyncSession, environment_id: str, keys: list[str]) -> list[str]:
-    """The forgotten videos' keys that no kept task needs (its media URLs serve them)."""
+async def _idle_environment(
+    session: AsyncSession, environment_id: str
+) -> store.Environment | TrackingReply:
+    """The environment, locked, while no unfinished task reads it; else the refusal (404, 409)."""
+    environment = await store.get_environment(
+        session=session, environment_id=environment_id, lock=True
+    )
+    if environment is None:
+        return _unknown_environment(environment_id)
+    tasks = await store.active_tasks(session=session, environment_id=environment_id)
+    if tasks:
+        return _busy(environment_id, tasks)
+    return environment
+
+
+async def _forget_videos(
+    session: AsyncSession, environment_id: str, keep: Sequence[str]
+) -> list[str]:
+    """Forget the environment's videos but those of the cameras in `keep`; the keys of their
+    objects that no kept task needs either (its media URLs serve them), to delete."""
+    keys = await store.delete_videos(session=session, environment_id=environment_id, keep=keep)
     used = await store.keys_in_use(session=session, environment_id=environment_id, keys=keys)
     return [key for key in keys if key not in used]
 
@@ -155,7 +141,7 @@ async def create_environment(request: CreateEnvironment, deps: Deps) -> Tracking
         return TrackingReply(status=201, body=await _view(session, environment))
 
 
-async def list_environments(deps: Deps) -> TrackingReply:
+async def list_environments(request: ListEnvironments, deps: Deps) -> TrackingReply:
     async with deps.sessions() as session:
         environments = await store.list_environments(session=session)
         videos = await store.all_videos(session=session)
@@ -191,33 +177,20 @@ async def replace_environment(request: ReplaceEnvironment, deps: Deps) -> Tracki
     if isinstance(spec, Refusal):
         return spec.reply()
     async with deps.sessions.begin() as session:
-        environment = await store.get_environment(
-            session=session, environment_id=request.environment_id, lock=True
-        )
-        if environment is None:
-            return _unknown_environment(request.environment_id)
-        tasks = await store.active_tasks(session=session, environment_id=request.environment_id)
-        if tasks:
-            return _busy(request.environment_id, tasks)
+        environment = await _idle_environment(session, request.environment_id)
+        if isinstance(environment, TrackingReply):
+            return environment
         old = EnvironmentSpec.model_validate(environment.spec)
         spec = domain.seal_rtsp(spec, deps.cipher, old)
-        stale = await _unused(
-            session,
-            request.environment_id,
-            await store.delete_videos(
-                session=session,
-                environment_id=request.environment_id,
-                keep=domain.videos_kept(old, spec),
-            ),
-        )
+        stale = await _forget_videos(session, request.environment_id, domain.videos_kept(old, spec))
         await store.replace_environment(session=session, spec=spec.model_dump(mode="json"))
         await session.flush()
         session.expire_all()
-        environment = await store.get_environment(
+        replaced = await store.get_environment(
             session=session, environment_id=request.environment_id
         )
-        assert environment is not None
-        view = await _view(session, environment)
+        assert replaced is not None
+        view = await _view(session, replaced)
     for key in stale:
         await deps.objects.delete(key)
     return TrackingReply(status=200, body=view)
@@ -225,21 +198,10 @@ async def replace_environment(request: ReplaceEnvironment, deps: Deps) -> Tracki
 
 async def delete_environment(request: DeleteEnvironment, deps: Deps) -> TrackingReply:
     async with deps.sessions.begin() as session:
-        environment = await store.get_environment(
-            session=session, environment_id=request.environment_id, lock=True
-        )
-        if environment is None:
-            return _unknown_environment(request.environment_id)
-        tasks = await store.active_tasks(session=session, environment_id=request.environment_id)
-        if tasks:
-            return _busy(request.environment_id, tasks)
-        stale = await _unused(
-            session,
-            request.environment_id,
-            await store.delete_videos(
-                session=session, environment_id=request.environment_id, keep=()
-            ),
-        )
+        environment = await _idle_environment(session, request.environment_id)
+        if isinstance(environment, TrackingReply):
+            return environment
+        stale = await _forget_videos(session, request.environment_id, ())
         await store.delete_environment(session=session, environment_id=request.environment_id)
     for key in stale:
         await deps.objects.delete(key)
@@ -295,6 +257,16 @@ def _task_id(value: str) -> str | None:
 
 def _unknown_task(task_id: str) -> TrackingReply:
     return Refusal(404, "not_found", f"no task {task_id!r}").reply()
+
+
+async def _find_task(value: str, deps: Deps) -> store.Task | TrackingReply:
+    """The task `value` names, or the 404 for an id that is not one or names none."""
+    task_id = _task_id(value)
+    if task_id is None:
+        return _unknown_task(value)
+    async with deps.sessions() as session:
+        task = await store.get_task(session=session, task_id=task_id)
+    return _unknown_task(task_id) if task is None else task
 
 
 async def start_task(request: StartTask, deps: Deps) -> TrackingReply:
@@ -369,13 +341,9 @@ def _videos_json(videos: Mapping[str, domain.VideoFacts]) -> dict[str, Any]:
 
 
 async def task_status(request: GetTaskStatus, deps: Deps) -> TrackingReply:
-    task_id = _task_id(request.task_id)
-    if task_id is None:
-        return _unknown_task(request.task_id)
-    async with deps.sessions() as session:
-        task = await store.get_task(session=session, task_id=task_id)
-    if task is None:
-        return _unknown_task(task_id)
+    task = await _find_task(request.task_id, deps)
+    if isinstance(task, TrackingReply):
+        return task
     media = None
     if task.mode == TaskMode.BATCH and task.status not in domain.NO_MEDIA_YET:
         spec = EnvironmentSpec.model_validate(task.environment["spec"])
@@ -464,13 +432,9 @@ async def query_tracks(request: QueryTracks, deps: Deps) -> TrackingReply:
 async def read_media(request: ReadMedia, deps: Deps) -> TrackingReply:
     """A task's video for the gateway's media route: its size and type, and the bytes asked
     for. It is the video the task read, served as long as the task is kept."""
-    task_id = _task_id(request.task_id)
-    if task_id is None:
-        return _unknown_task(request.task_id)
-    async with deps.sessions() as session:
-        task = await store.get_task(session=session, task_id=task_id)
-    if task is None:
-        return _unknown_task(task_id)
+    task = await _find_task(request.task_id, deps)
+    if isinstance(task, TrackingReply):
+        return task
     key = None
     if task.environment_id == request.environment_id:
         key = domain.media_key(
@@ -482,7 +446,7 @@ async def read_media(request: ReadMedia, deps: Deps) -> TrackingReply:
         return Refusal(
             404,
             "not_found",
-            f"task {task_id} has no video {request.filename!r} of camera "
+            f"task {task.id} has no video {request.filename!r} of camera "
             f"{request.environment_id}/{request.camera_id}",
         ).reply()
     try:
@@ -495,7 +459,7 @@ async def read_media(request: ReadMedia, deps: Deps) -> TrackingReply:
             deps.objects.read, key, offset=request.offset, length=request.length
         )
     except FileNotFoundError:
-        log.warning("a task's video is missing from the store", task_id=task_id, key=key)
+        log.warning("a task's video is missing from the store", task_id=task.id, key=key)
         return Refusal(404, "not_found", f"the video {request.filename!r} is gone").reply()
     return TrackingReply(
         status=200,
@@ -506,6 +470,22 @@ async def read_media(request: ReadMedia, deps: Deps) -> TrackingReply:
             "data": base64.b64encode(data).decode(),
         },
     )
+
+
+# Each request's answer, by the request's type (`answer` looks it up).
+ANSWERS: dict[type[BaseModel], Callable[[Any, Deps], Awaitable[TrackingReply]]] = {
+    CreateEnvironment: create_environment,
+    ListEnvironments: list_environments,
+    GetEnvironment: get_environment,
+    ReplaceEnvironment: replace_environment,
+    DeleteEnvironment: delete_environment,
+    PrepareVideo: prepare_video,
+    StartTask: start_task,
+    GetTaskStatus: task_status,
+    StopTask: stop_task,
+    QueryTracks: query_tracks,
+    ReadMedia: read_media,
+}
 
 
 def control_stop(body: bytes) -> str | None:

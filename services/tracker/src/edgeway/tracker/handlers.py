@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from faststream import AckPolicy
@@ -25,7 +26,6 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.tracking import (
     DETECTIONS_TYPE,
     ERROR_TYPE,
-    CameraConfig,
     EdgeFrame,
     EnvironmentSpec,
     ExternalSource,
@@ -77,14 +77,21 @@ async def reject(
     )
 
 
-def not_external(frame: EdgeFrame, camera: CameraConfig | None) -> str:
-    """Why edge detections for this camera are refused: it is not one, or not an edge one."""
+def misfit(frame: EdgeFrame, spec: EnvironmentSpec) -> tuple[ErrorCode, str] | None:
+    """Why an edge frame does not fit its environment: its camera is not there or not an edge
+    one, or a detection lies outside the camera's image. None: it fits."""
+    camera = spec.camera(frame.camera_id)
     if camera is None:
-        return f"environment {frame.environment_id} has no camera {frame.camera_id!r}"
-    return (
-        f"camera {frame.camera_id} of environment {frame.environment_id} is a "
-        f"{camera.source.kind} source: only external cameras take edge detections"
-    )
+        reason = f"environment {frame.environment_id} has no camera {frame.camera_id!r}"
+        return ErrorCode.UNKNOWN_CAMERA, reason
+    if not isinstance(camera.source, ExternalSource):
+        reason = (
+            f"camera {frame.camera_id} of environment {frame.environment_id} is a "
+            f"{camera.source.kind} source: only external cameras take edge detections"
+        )
+        return ErrorCode.UNKNOWN_CAMERA, reason
+    why = out_of_frame(frame, camera.width, camera.height)
+    return None if why is None else (ErrorCode.OUT_OF_FRAME, why)
 
 
 def _read(message: RabbitMessage) -> tuple[Envelope, EdgeFrame | str]:
@@ -104,13 +111,9 @@ async def on_detections(message: RabbitMessage, deps: Deps) -> None:
     if inbox is None:  # the task ended as the frame came: as if no one had taken it
         await on_unrouted(message, deps)
         return
-    camera = inbox.spec.camera(frame.camera_id)
-    if camera is None or not isinstance(camera.source, ExternalSource):
-        await reject(deps, envelope, ErrorCode.UNKNOWN_CAMERA, not_external(frame, camera), frame)
-        return
-    why = out_of_frame(frame, camera.width, camera.height)
-    if why is not None:
-        await reject(deps, envelope, ErrorCode.OUT_OF_FRAME, why, frame)
+    refused = misfit(frame, inbox.spec)
+    if refused is not None:
+        await reject(deps, envelope, *refused, frame)
         return
     inbox.put(frame)
 
@@ -133,13 +136,9 @@ async def on_unrouted(message: RabbitMessage, deps: Deps) -> None:
         reason = f"no environment {frame.environment_id!r}"
         await reject(deps, envelope, ErrorCode.UNKNOWN_ENVIRONMENT, reason, frame)
         return
-    camera = EnvironmentSpec.model_validate(environment.spec).camera(frame.camera_id)
-    if camera is None or not isinstance(camera.source, ExternalSource):
-        await reject(deps, envelope, ErrorCode.UNKNOWN_CAMERA, not_external(frame, camera), frame)
-        return
-    why = out_of_frame(frame, camera.width, camera.height)
-    if why is not None:
-        await reject(deps, envelope, ErrorCode.OUT_OF_FRAME, why, frame)
+    refused = misfit(frame, EnvironmentSpec.model_validate(environment.spec))
+    if refused is not None:
+        await reject(deps, envelope, *refused, frame)
         return
     reason = (
         f"no live task tracks environment {frame.environment_id}: start one with POST "
@@ -157,59 +156,51 @@ async def on_control(message: RabbitMessage, deps: Deps) -> None:
 def register(broker: RabbitBroker, deps: Deps) -> None:
     """Every subscriber of the tracker, on `broker`, with `deps`."""
     topology, settings = deps.topology, deps.settings
+    # Every handler takes the message whole and answers no one.
+    subscriber = partial(broker.subscriber, decoder=whole_message, no_reply=True)
 
     # MANUAL: the run acks (or hands back) its command itself when it ends. Its own channel,
     # whose prefetch is how many tasks this replica runs at once.
-    @broker.subscriber(
+    @subscriber(
         topology.tracking_commands_queue,
         topology.tracking_commands,
         channel=Channel(prefetch_count=settings.tasks_per_worker),
         ack_policy=AckPolicy.MANUAL,
-        decoder=whole_message,
-        no_reply=True,
     )
     async def run_command(message: RabbitMessage) -> None:
         await on_run(message, deps)
 
     # NACK_ON_ERROR: a failure that is not the file's (the database) is tried again; a file
     # that can never be taken is dead-lettered by the queue's delivery limit.
-    @broker.subscriber(
+    @subscriber(
         topology.tracking_videos_queue,
         topology.tracking_videos,
         channel=Channel(prefetch_count=2),
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=whole_message,
-        no_reply=True,
     )
     async def video(message: RabbitMessage) -> None:
         await on_video(message, deps)
 
     # Live and lossy: acked when handled (never requeued); the queue is bounded (drop-head).
-    @broker.subscriber(
+    @subscriber(
         topology.tracking_detections_queue(settings.replica_id),
         ack_policy=AckPolicy.ACK,
-        decoder=whole_message,
-        no_reply=True,
     )
     async def detections(message: RabbitMessage) -> None:
         await on_detections(message, deps)
 
-    @broker.subscriber(
+    @subscriber(
         topology.tracking_unrouted_queue,
         topology.tracking_unrouted,
         ack_policy=AckPolicy.ACK,
-        decoder=whole_message,
-        no_reply=True,
     )
     async def unrouted(message: RabbitMessage) -> None:
         await on_unrouted(message, deps)
 
-    @broker.subscriber(
+    @subscriber(
         topology.tracking_control_queue(settings.replica_id),
         topology.tracking_control,
         ack_policy=AckPolicy.ACK,
-        decoder=whole_message,
-        no_reply=True,
     )
     async def control(message: RabbitMessage) -> None:
         await on_control(message, deps)

@@ -10,10 +10,10 @@ Observations are unique on (task, camera, frame, track) and inserted with ON CON
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -35,6 +35,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from edgeway.common.db import BigId, JSONDocument, Migrations, UTCDateTime, dialect_insert
 from edgeway.common.schemas.tracking import TaskStatus
+
+if TYPE_CHECKING:  # the domain pulls the vision core in, which the migrations do not need
+    from edgeway.tracker.domain import VideoFacts
 
 MIGRATIONS = Migrations(
     Path(__file__).with_name("migrations"), version_table="alembic_version_tracker"
@@ -259,25 +262,14 @@ async def keys_in_use(
     return used & set(keys)
 
 
-@dataclass(frozen=True, slots=True)
-class VideoRecord:
-    environment_id: str
-    camera_id: str
-    video_id: str
-    status: str
-    reason: str | None
-    object_key: str | None
-    size_bytes: int
-    frames: int
-    fps: float
-
-
-async def record_video(*, session: AsyncSession, video: VideoRecord) -> str | None:
+async def record_video(
+    *, session: AsyncSession, environment_id: str, camera_id: str, video: VideoFacts
+) -> str | None:
     """The camera's video is now this one; the object key of the one it replaces, if any."""
     old = (
         await session.scalars(
             select(Video).where(
-                Video.environment_id == video.environment_id, Video.camera_id == video.camera_id
+                Video.environment_id == environment_id, Video.camera_id == camera_id
             )
         )
     ).first()
@@ -285,19 +277,7 @@ async def record_video(*, session: AsyncSession, video: VideoRecord) -> str | No
     if old is not None:
         await session.delete(old)
         await session.flush()
-    session.add(
-        Video(
-            environment_id=video.environment_id,
-            camera_id=video.camera_id,
-            video_id=video.video_id,
-            status=video.status,
-            reason=video.reason,
-            object_key=video.object_key,
-            size_bytes=video.size_bytes,
-            frames=video.frames,
-            fps=video.fps,
-        )
-    )
+    session.add(Video(environment_id=environment_id, camera_id=camera_id, **asdict(video)))
     return replaced
 
 
@@ -339,26 +319,33 @@ async def get_task(*, session: AsyncSession, task_id: str) -> Task | None:
     return await session.get(Task, task_id)
 
 
-async def claim_task(
-    *, session: AsyncSession, task_id: str, owner: str, now: datetime
-) -> Task | None:
-    """Take an unfinished task up (a first run, or a resume): its generation moves on, so any
-    earlier run of it can no longer commit. None when it is finished (or was never created)."""
+async def _update_active(session: AsyncSession, task_id: str, **values: Any) -> Task | None:
+    """Set `values` on a task that is still unfinished; the task as it is now, or None."""
     result = await session.execute(
         update(Task)
         .where(Task.id == task_id, Task.status.in_(ACTIVE))
-        .values(
-            generation=Task.generation + 1,
-            owner=owner,
-            started_at=func.coalesce(Task.started_at, now),
-            updated_at=now,
-        )
+        .values(**values)
         .returning(Task.id)
     )
     if result.first() is None:
         return None
     session.expire_all()
     return await session.get(Task, task_id)
+
+
+async def claim_task(
+    *, session: AsyncSession, task_id: str, owner: str, now: datetime
+) -> Task | None:
+    """Take an unfinished task up (a first run, or a resume): its generation moves on, so any
+    earlier run of it can no longer commit. None when it is finished (or was never created)."""
+    return await _update_active(
+        session,
+        task_id,
+        generation=Task.generation + 1,
+        owner=owner,
+        started_at=func.coalesce(Task.started_at, now),
+        updated_at=now,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,23 +394,16 @@ async def finish_task(
     *, session: AsyncSession, task_id: str, status: TaskStatus, details: str, now: datetime
 ) -> Task | None:
     """End an unfinished task from outside its run (a stop, a failure to queue it)."""
-    result = await session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.status.in_(ACTIVE))
-        .values(
-            status=status.value,
-            current_step=status.value.capitalize(),
-            details=details,
-            live_lock=None,
-            finished_at=now,
-            updated_at=now,
-        )
-        .returning(Task.id)
+    return await _update_active(
+        session,
+        task_id,
+        status=status.value,
+        current_step=status.value.capitalize(),
+        details=details,
+        live_lock=None,
+        finished_at=now,
+        updated_at=now,
     )
-    if result.first() is None:
-        return None
-    session.expire_all()
-    return await session.get(Task, task_id)
 
 
 async def delete_finished_before(

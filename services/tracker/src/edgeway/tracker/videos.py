@@ -24,6 +24,7 @@ from edgeway.common.schemas.tracking import (
     FileSource,
 )
 from edgeway.tracker import store
+from edgeway.tracker.domain import VideoFacts
 from edgeway.tracker.media import VideoError, VideoProbe, VideoStore, probe_video
 
 if TYPE_CHECKING:
@@ -105,9 +106,7 @@ async def take(upload: Upload, deps: Deps) -> str:
         # Stored before it is recorded: a crash between the two leaves an object no record
         # names (the redelivery puts it again under the same key), never a record without one.
         await deps.objects.put(key, upload.data)
-    record = store.VideoRecord(
-        environment_id=upload.environment_id,
-        camera_id=upload.camera_id,
+    record = VideoFacts(
         video_id=upload.video_id,
         status="ready" if probe is not None else "rejected",
         reason=outcome if isinstance(outcome, str) else None,
@@ -120,7 +119,12 @@ async def take(upload: Upload, deps: Deps) -> str:
     async def save() -> str | None:
         """Record it; the replaced video's key when nothing needs that any more."""
         async with deps.sessions.begin() as session:
-            replaced = await store.record_video(session=session, video=record)
+            replaced = await store.record_video(
+                session=session,
+                environment_id=upload.environment_id,
+                camera_id=upload.camera_id,
+                video=record,
+            )
             if replaced is None or replaced == key:
                 return None
             used = await store.keys_in_use(

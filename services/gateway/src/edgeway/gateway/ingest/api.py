@@ -52,7 +52,7 @@ from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.docs import json_body
 from edgeway.gateway.ingest.multipart import FormError, UploadLimits, read_form
-from edgeway.gateway.limits import read_body
+from edgeway.gateway.limits import RefusedBody, read_json_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
@@ -383,23 +383,11 @@ async def rtsp(
     gateway: GatewayDep,
     principal: Annotated[Principal, require(Scope.INGEST_WRITE, RTSP_ENDPOINT)],
 ) -> Response:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
+    body = await read_json_body(request, MAX_JSON_BYTES)
+    if isinstance(body, RefusedBody):
+        refusal = body.error
         return error_response(
-            gateway,
-            415,
-            "unsupported_media_type",
-            f"content type {content_type or 'none'!r}: send the request as application/json",
-            endpoint=RTSP_ENDPOINT,
-        )
-    body = await read_body(request, MAX_JSON_BYTES)
-    if body is None:
-        return error_response(
-            gateway,
-            413,
-            "too_large",
-            f"the body is over {MAX_JSON_BYTES} bytes",
-            endpoint=RTSP_ENDPOINT,
+            gateway, body.status, refusal.code, refusal.reason, endpoint=RTSP_ENDPOINT
         )
     try:
         capture = RtspIngestionRequest.model_validate_json(body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -21,7 +21,7 @@ from fastapi.responses import (
 from pydantic import BaseModel, ValidationError
 
 from edgeway.common.envelope import Envelope
-from edgeway.common.errors import error_responses
+from edgeway.common.errors import error_response, error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorFrame
 from edgeway.common.schemas.tracking import (
@@ -50,7 +50,7 @@ from edgeway.common.schemas.tracking import (
 )
 from edgeway.gateway import docs
 from edgeway.gateway.auth import Principal, Scope
-from edgeway.gateway.limits import read_body
+from edgeway.gateway.limits import RefusedBody, read_body, read_json_body
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.state import Gateway, GatewayDep, require
 
@@ -78,8 +78,6 @@ VIDEO_TYPES = frozenset(
         "application/octet-stream",
     }
 )
-# Error frames waiting for an edge device that does not read them; older ones are dropped.
-
 
 router = APIRouter()
 
@@ -98,12 +96,21 @@ _MEDIA_FILE = re.compile(MEDIA_FILE_PATTERN)
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def error(gateway: Gateway, status: int, code: str, reason: str, *, endpoint: str) -> JSONResponse:
+def error(
+    gateway: Gateway,
+    status: int,
+    code: str,
+    reason: str,
+    *,
+    endpoint: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The error object, counted by endpoint template and code."""
     gateway.metrics.rejected.labels(endpoint, code).inc()
-    return JSONResponse({"type": "error", "code": code, "reason": reason}, status_code=status)
+    return error_response(status, code, reason, headers=headers)
 
 
-def bad_id(gateway: Gateway, kind: str, value: str, *, endpoint: str) -> JSONResponse | None:
+def bad_id(gateway: Gateway, kind: str, value: str, *, endpoint: str) -> Response | None:
     """400 for an id that could never be one (a path, a dot, a space), before anything else."""
     if _ID.match(value):
         return None
@@ -117,7 +124,7 @@ def bad_id(gateway: Gateway, kind: str, value: str, *, endpoint: str) -> JSONRes
     )
 
 
-def shape_error(gateway: Gateway, exc: ValidationError, *, endpoint: str) -> JSONResponse:
+def shape_error(gateway: Gateway, exc: ValidationError, *, endpoint: str) -> Response:
     frame = ErrorFrame.invalid(exc, what="body")
     return error(gateway, 400, frame.code.value, frame.reason, endpoint=endpoint)
 
@@ -148,21 +155,10 @@ def respond(gateway: Gateway, reply: TrackingReply, *, endpoint: str) -> Respons
 
 async def json_body(
     gateway: Gateway, request: Request, limit: int, *, endpoint: str
-) -> bytes | JSONResponse:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        return error(
-            gateway,
-            415,
-            "unsupported_media_type",
-            f"content type {content_type or 'none'!r}: send application/json",
-            endpoint=endpoint,
-        )
-    body = await read_body(request, limit)
-    if body is None:
-        return error(
-            gateway, 413, "too_large", f"the body is over {limit} bytes", endpoint=endpoint
-        )
+) -> bytes | Response:
+    body = await read_json_body(request, limit)
+    if isinstance(body, RefusedBody):
+        return error(gateway, body.status, body.error.code, body.error.reason, endpoint=endpoint)
     return body
 
 
@@ -171,9 +167,9 @@ async def json_body(
 
 async def _environment_body(
     gateway: Gateway, request: Request, *, endpoint: str
-) -> EnvironmentSpec | JSONResponse:
+) -> EnvironmentSpec | Response:
     body = await json_body(gateway, request, MAX_ENVIRONMENT_BYTES, endpoint=endpoint)
-    if isinstance(body, JSONResponse):
+    if isinstance(body, Response):
         return body
     try:
         return EnvironmentSpec.model_validate_json(body)
@@ -193,7 +189,7 @@ async def create_environment(
     _: Annotated[Principal, require(Scope.TRACKING_ADMIN, ENVIRONMENTS)],
 ) -> Response:
     spec = await _environment_body(gateway, request, endpoint=ENVIRONMENTS)
-    if isinstance(spec, JSONResponse):
+    if isinstance(spec, Response):
         return spec
     reply = await ask(gateway, CreateEnvironment(environment=spec))
     return respond(gateway, reply, endpoint=ENVIRONMENTS)
@@ -253,7 +249,7 @@ async def replace_environment(
     if refused := bad_id(gateway, "environment_id", environment_id, endpoint=ENVIRONMENT):
         return refused
     spec = await _environment_body(gateway, request, endpoint=ENVIRONMENT)
-    if isinstance(spec, JSONResponse):
+    if isinstance(spec, Response):
         return spec
     reply = await ask(gateway, ReplaceEnvironment(environment_id=environment_id, environment=spec))
     return respond(gateway, reply, endpoint=ENVIRONMENT)
@@ -310,10 +306,12 @@ async def upload_video(
         )
     slots = gateway.tracking.video_slots
     if slots.locked():
-        gateway.metrics.rejected.labels(VIDEO, "busy").inc()
-        return JSONResponse(
-            {"type": "error", "code": "busy", "reason": "too many video uploads at once"},
-            status_code=503,
+        return error(
+            gateway,
+            503,
+            "busy",
+            "too many video uploads at once",
+            endpoint=VIDEO,
             headers={"Retry-After": str(gateway.settings.upload_retry_after)},
         )
     async with slots:
@@ -377,7 +375,7 @@ async def upload_video(
 async def _start(request: Request, gateway: Gateway, prefix: str) -> Response:
     endpoint = prefix + "/start"
     body = await json_body(gateway, request, MAX_JSON_BYTES, endpoint=endpoint)
-    if isinstance(body, JSONResponse):
+    if isinstance(body, Response):
         return body
     try:
         start = StartTaskBody.model_validate_json(body)
@@ -398,35 +396,33 @@ async def _start(request: Request, gateway: Gateway, prefix: str) -> Response:
     )
 
 
-@router.post(
-    TASKS + "/start",
-    status_code=202,
-    openapi_extra=START_BODY,
-    responses=error_responses(400, 404, 409, 413, 415, 504),
-)
-async def start_task(
-    request: Request,
-    gateway: GatewayDep,
-    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, TASKS + "/start")],
-) -> Response:
-    return await _start(request, gateway, TASKS)
+def _start_endpoint(prefix: str) -> Callable[[Request, Gateway], Awaitable[Response]]:
+    async def endpoint(request: Request, gateway: GatewayDep) -> Response:
+        return await _start(request, gateway, prefix)
+
+    return endpoint
 
 
-@router.post(
-    SPOTON_TASKS + "/start",
-    status_code=202,
-    openapi_extra=START_BODY,
-    responses=error_responses(400, 404, 409, 413, 415, 504),
-)
-async def start_task_spoton(
-    request: Request,
-    gateway: GatewayDep,
-    _: Annotated[Principal, require(Scope.TRACKING_ADMIN, SPOTON_TASKS + "/start")],
-) -> Response:
-    return await _start(request, gateway, SPOTON_TASKS)
+def _start_routes() -> None:
+    """`POST .../start` under our prefix, and SpotOn HEAD's as an alias."""
+    for prefix, name in ((TASKS, "start_task"), (SPOTON_TASKS, "start_task_spoton")):
+        path = prefix + "/start"
+        router.add_api_route(
+            path,
+            _start_endpoint(prefix),
+            methods=["POST"],
+            name=name,
+            status_code=202,
+            openapi_extra=START_BODY,
+            dependencies=[require(Scope.TRACKING_ADMIN, path)],
+            responses=error_responses(400, 404, 409, 413, 415, 504),
+        )
 
 
-def task_id_of(gateway: Gateway, value: str, *, endpoint: str) -> str | JSONResponse:
+_start_routes()
+
+
+def task_id_of(gateway: Gateway, value: str, *, endpoint: str) -> str | Response:
     try:
         return str(uuid.UUID(value))
     except ValueError:
@@ -437,7 +433,7 @@ def task_id_of(gateway: Gateway, value: str, *, endpoint: str) -> str | JSONResp
 
 async def _status(task_id: str, gateway: Gateway, endpoint: str) -> Response:
     checked = task_id_of(gateway, task_id, endpoint=endpoint)
-    if isinstance(checked, JSONResponse):
+    if isinstance(checked, Response):
         return checked
     reply = await ask(gateway, GetTaskStatus(task_id=checked))
     if reply.status != 200:
@@ -447,44 +443,45 @@ async def _status(task_id: str, gateway: Gateway, endpoint: str) -> Response:
 
 async def _stop(task_id: str, gateway: Gateway, endpoint: str) -> Response:
     checked = task_id_of(gateway, task_id, endpoint=endpoint)
-    if isinstance(checked, JSONResponse):
+    if isinstance(checked, Response):
         return checked
     return respond(gateway, await ask(gateway, StopTask(task_id=checked)), endpoint=endpoint)
+
+
+def _task_endpoint(
+    action: Callable[[str, Gateway, str], Awaitable[Response]], path: str
+) -> Callable[[str, Gateway], Awaitable[Response]]:
+    async def endpoint(task_id: str, gateway: GatewayDep) -> Response:
+        return await action(task_id, gateway, path)
+
+    return endpoint
 
 
 def _task_routes(prefix: str) -> None:
     """Status, stop and DELETE under one prefix (ours, and SpotOn HEAD's as an alias). The
     scopes are route dependencies: annotations here could not see this function's locals."""
-    status_path, stop_path, task_path = (
-        prefix + "/{task_id}/status",
-        prefix + "/{task_id}/stop",
-        prefix + "/{task_id}",
-    )
-
-    @router.get(
-        status_path,
-        dependencies=[require(Scope.TRACKING_READ, status_path)],
-        responses=error_responses(404, 504),
-    )
-    async def task_status(task_id: str, gateway: GatewayDep) -> Response:
-        return await _status(task_id, gateway, status_path)
-
-    @router.post(
-        stop_path,
-        dependencies=[require(Scope.TRACKING_ADMIN, stop_path)],
-        responses=error_responses(404, 504),
-    )
-    async def stop_task(task_id: str, gateway: GatewayDep) -> Response:
-        return await _stop(task_id, gateway, stop_path)
-
-    @router.delete(
-        task_path,
-        dependencies=[require(Scope.TRACKING_ADMIN, task_path)],
-        responses=error_responses(404, 504),
-    )
-    async def delete_task(task_id: str, gateway: GatewayDep) -> Response:
-        """SpotOn HEAD's DELETE: stops the task (its stored tracks stay until retention)."""
-        return await _stop(task_id, gateway, task_path)
+    for method, suffix, name, scope, action, description in (
+        ("GET", "/{task_id}/status", "task_status", Scope.TRACKING_READ, _status, None),
+        ("POST", "/{task_id}/stop", "stop_task", Scope.TRACKING_ADMIN, _stop, None),
+        (
+            "DELETE",
+            "/{task_id}",
+            "delete_task",
+            Scope.TRACKING_ADMIN,
+            _stop,
+            "SpotOn HEAD's DELETE: stops the task (its stored tracks stay until retention).",
+        ),
+    ):
+        path = prefix + suffix
+        router.add_api_route(
+            path,
+            _task_endpoint(action, path),
+            methods=[method],
+            name=name,
+            description=description,
+            dependencies=[require(scope, path)],
+            responses=error_responses(404, 504),
+        )
 
 
 for _prefix in (TASKS, SPOTON_TASKS):
@@ -501,7 +498,7 @@ async def tracks(
     """Stored observations: `camera_id`, `global_id`, `since`/`until` (ISO 8601), `after` (the
     previous page's `next_after`), `limit` (<= 10 000); `format=mot` for MOTChallenge text."""
     checked = task_id_of(gateway, task_id, endpoint=TRACKS)
-    if isinstance(checked, JSONResponse):
+    if isinstance(checked, Response):
         return checked
     params: dict[str, Any] = dict(request.query_params)
     try:
@@ -554,7 +551,7 @@ async def media(
 ) -> Response:
     """A video a batch task read (`media_available` names it), with Range requests."""
     checked = task_id_of(gateway, task_id, endpoint=MEDIA_PATH)
-    if isinstance(checked, JSONResponse):
+    if isinstance(checked, Response):
         return checked
     for kind, value in (("environment_id", environment_id), ("camera_id", camera_id)):
         refused = bad_id(gateway, kind, value, endpoint=MEDIA_PATH)
@@ -587,10 +584,12 @@ async def media(
     size, content_type = int(head.body["size"]), str(head.body["content_type"])
     wanted = byte_range(request.headers.get("range"), size)
     if isinstance(wanted, str):
-        gateway.metrics.rejected.labels(MEDIA_PATH, "range_not_satisfiable").inc()
-        return JSONResponse(
-            {"type": "error", "code": "range_not_satisfiable", "reason": wanted},
-            status_code=416,
+        return error(
+            gateway,
+            416,
+            "range_not_satisfiable",
+            wanted,
+            endpoint=MEDIA_PATH,
             headers={"Content-Range": f"bytes */{size}"},
         )
     start, end = (0, size - 1) if wanted is None else wanted

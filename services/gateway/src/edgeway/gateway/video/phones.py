@@ -24,17 +24,17 @@ from edgeway.common.schemas.ingest import (
     FileKind,
 )
 from edgeway.common.topology import Channels
-from edgeway.gateway.fanout import (
-    stop_tasks,
-)
+from edgeway.gateway.fanout import stop_tasks
 from edgeway.gateway.state import Gateway, GatewayDep
 from edgeway.gateway.video.jpeg import JpegError, jpeg_size
 from edgeway.gateway.video.phone_files import PhoneUploads, UploadRefused
 from edgeway.gateway.video.sockets import (
     DEFAULT_DEVICE,
     OCTET_STREAM,
+    REFUSED,
     PhoneSocket,
     admit_phone,
+    decode_json,
     message_type,
     read_message,
 )
@@ -169,13 +169,8 @@ class PhoneSession(PhoneSocket):
                 f"({settings.max_phone_file_bytes} for a whole file_upload)",
             )
             return
-        if not self.bucket.take():
-            self.reject(ErrorCode.RATE_LIMITED.value, "too many messages")
-            return
-        try:
-            message = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
+        message = decode_json(text, bucket=self.bucket, reject=self.reject)
+        if message is REFUSED:
             return
         kind = message_type(message)
         if kind == "imu_data":

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 import orjson
 from fastapi import WebSocket
@@ -36,6 +36,29 @@ def message_type(message: Any) -> str | None:
     an object would break the membership tests that route it)."""
     kind = message.get("type") if isinstance(message, dict) else None
     return kind if isinstance(kind, str) else None
+
+
+# What `decode_json` gives for a message it refused (JSON's `null` is a message like any other).
+REFUSED: Final = object()
+
+
+def decode_json(
+    text: str,
+    *,
+    bucket: TokenBucket,
+    reject: Callable[[str, str], None],
+    rate_reason: str = "too many messages",
+) -> Any:
+    """A text message's JSON, within the socket's rate limit; REFUSED once `reject` has told the
+    client why (over the rate, or not JSON)."""
+    if not bucket.take():
+        reject(ErrorCode.RATE_LIMITED.value, rate_reason)
+        return REFUSED
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
+        return REFUSED
 
 
 async def read_message(websocket: WebSocket) -> str | bytes | None:

@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from fastapi import APIRouter, WebSocket
 
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode
-from edgeway.gateway.fanout import (
-    stop_tasks,
-)
+from edgeway.gateway.fanout import stop_tasks
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.state import Gateway, GatewayDep
 from edgeway.gateway.video.sockets import (
     DEFAULT_DEVICE,
     OCTET_STREAM,
+    REFUSED,
     PhoneSocket,
     admit_phone,
+    decode_json,
     message_type,
     read_message,
 )
@@ -106,13 +105,8 @@ class StreamSession(PhoneSocket):
         if len(text) > limit:
             self.reject(ErrorCode.TOO_LARGE.value, f"text messages are limited to {limit} bytes")
             return
-        if not self.bucket.take():
-            self.reject(ErrorCode.RATE_LIMITED.value, "too many messages")
-            return
-        try:
-            message = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
+        message = decode_json(text, bucket=self.bucket, reject=self.reject)
+        if message is REFUSED:
             return
         kind = message_type(message)
         # The seed only logs the encoder's configuration (the stream itself carries SPS and

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from fastapi import APIRouter, WebSocket
 
 from edgeway.common.envelope import Envelope
@@ -20,7 +19,13 @@ from edgeway.gateway.fanout import (
 )
 from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket
-from edgeway.gateway.video.sockets import error_frame, message_type, read_message
+from edgeway.gateway.video.sockets import (
+    REFUSED,
+    decode_json,
+    error_frame,
+    message_type,
+    read_message,
+)
 
 VIEWER_ENDPOINT = "/ws/viewer"
 # Viewer commands the seed relays verbatim to phones.
@@ -77,13 +82,10 @@ class ViewerSession:
         if len(data) > self.gateway.settings.max_message_bytes:
             self.reject(ErrorCode.TOO_LARGE.value, "the message is too large")
             return
-        if not self.bucket.take():
-            self.reject(ErrorCode.RATE_LIMITED.value, "too many commands")
-            return
-        try:
-            message = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self.reject(ErrorCode.MALFORMED_JSON.value, "the message is not valid JSON")
+        message = decode_json(
+            data, bucket=self.bucket, reject=self.reject, rate_reason="too many commands"
+        )
+        if message is REFUSED:
             return
         kind = message_type(message)
         if kind not in COMMANDS:
