@@ -113,15 +113,15 @@ async def test_seeding_vehicles_is_idempotent_and_keeps_ids(
 async def test_the_id_cache_finds_a_vehicle_added_after_start(
     vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    cache = store.VehicleIdCache(vehicles, ttl=5.0)
+    cache = store.vehicle_id_cache(vehicles, ttl=5.0)
     async with sessions.begin() as session:
         added = await session.scalar(
             insert(tables.Vehicle).values(vin="1HGCM82633A004352").returning(tables.Vehicle.id)
         )
     async with sessions() as session:
-        assert await cache.lookup(session=session, vin="1HGCM82633A004352") == added
-        assert await cache.lookup(session=session, vin="1HGCM82633A004353") is None
-        assert await cache.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        assert await cache.lookup("1HGCM82633A004352", session=session) == added
+        assert await cache.lookup("1HGCM82633A004353", session=session) is None
+        assert await cache.lookup(SEED_VIN, session=session) == vehicles[SEED_VIN]
 
 
 async def test_a_vehicle_is_registered_retired_and_reactivated_with_its_id_and_records(
@@ -172,26 +172,26 @@ async def test_the_id_cache_reads_an_entry_again_after_its_time_so_a_retirement_
     """Another replica (or an operator) retires a vehicle in the table: this replica's cached
     entry is trusted for `ttl` seconds at most, then read again."""
     now = [100.0]
-    cache = store.VehicleIdCache(vehicles, ttl=5.0, clock=lambda: now[0])
+    cache = store.vehicle_id_cache(vehicles, ttl=5.0, clock=lambda: now[0])
     retired_at = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
     async with sessions.begin() as session:
         assert await store.retire_vehicle(session=session, vin=SEED_VIN, at=retired_at)
     async with sessions() as session:
         now[0] += 4.9
-        assert await cache.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        assert await cache.lookup(SEED_VIN, session=session) == vehicles[SEED_VIN]
         now[0] += 0.2  # past the entry's time
-        assert await cache.lookup(session=session, vin=SEED_VIN) is None
+        assert await cache.lookup(SEED_VIN, session=session) is None
         # A vehicle never cached and then retired is not found either.
-        assert await cache.lookup(session=session, vin=DEMO_VINS[0]) == vehicles[DEMO_VINS[0]]
+        assert await cache.lookup(DEMO_VINS[0], session=session) == vehicles[DEMO_VINS[0]]
     async with sessions.begin() as session:
         await store.register_vehicle(session=session, vin=SEED_VIN)
     async with sessions() as session:
         # A miss is always read: registered again, it is taken at once.
-        assert await cache.lookup(session=session, vin=SEED_VIN) == vehicles[SEED_VIN]
+        assert await cache.lookup(SEED_VIN, session=session) == vehicles[SEED_VIN]
         cache.forget(DEMO_VINS[0])  # what a replica that retires it does at once
         async with sessions.begin() as other:
             await store.retire_vehicle(session=other, vin=DEMO_VINS[0], at=retired_at)
-        assert await cache.lookup(session=session, vin=DEMO_VINS[0]) is None
+        assert await cache.lookup(DEMO_VINS[0], session=session) is None
 
 
 @pytest.fixture(params=DIALECTS)

@@ -20,13 +20,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.amqp import AmqpLink, Consumer
+from edgeway.common.amqp import AmqpLink
 from edgeway.common.batching import GroupCommit
-from edgeway.common.broker import DEFAULT_PREFETCH, declare_shared, declare_work, make_broker
-from edgeway.common.db import is_outage, make_engine, make_sessionmaker, with_db_retry
+from edgeway.common.broker import declare_shared, declare_work
+from edgeway.common.db import is_outage, with_db_retry
 from edgeway.common.logging import get_logger
-from edgeway.common.service import database_service_app
-from edgeway.common.settings import async_database_url
+from edgeway.common.service import database_service, link_ready, service_link
 from edgeway.common.topology import Topology
 from edgeway.telemetry import store
 from edgeway.telemetry.broadcast import PUBLISH_WINDOW, AmqpSender, Broadcaster
@@ -68,15 +67,11 @@ def build_deps(
     tracer_provider: TracerProvider | None = None,
 ) -> Deps:
     topology = Topology(settings.exchanges)
-    link = AmqpLink(
-        settings.amqp_url,
-        name=SERVICE,
-        registry=registry,
-        # Spans only where they are exported, as FastStream's middleware (make_broker).
-        tracer_provider=tracer_provider if settings.otel_exporter != "none" else None,
+    link = service_link(
+        settings, service=SERVICE, registry=registry, tracer_provider=tracer_provider
     )
     metrics = Metrics.create(registry)
-    vehicles = store.VehicleIdCache(ttl=settings.vehicle_cache_s)
+    vehicles = store.vehicle_id_cache(ttl=settings.vehicle_cache_s)
     flow = UploadFlow(
         sessions=sessions,
         vehicles=vehicles,
@@ -131,19 +126,21 @@ def build_app(
     registry: CollectorRegistry = REGISTRY,
 ) -> AsgiFastStream:
     """The telemetry service: its subscribers, start-up work and operations endpoints."""
-    broker = make_broker(
-        settings, service=SERVICE, tracer_provider=tracer_provider, registry=registry
+    base = database_service(
+        settings,
+        service=SERVICE,
+        database_url=settings.database_url,
+        tracer_provider=tracer_provider,
+        registry=registry,
     )
-    url = async_database_url(settings.database_url, service=SERVICE, data_dir=settings.data_dir)
-    engine = make_engine(url)
     deps = build_deps(
         settings,
-        broker=broker,
-        sessions=make_sessionmaker(engine),
+        broker=base.broker,
+        sessions=base.sessions,
         registry=registry,
         tracer_provider=tracer_provider,
     )
-    register(broker, deps)
+    register(base.broker, deps)
 
     async def upload(message: AbstractIncomingMessage) -> None:
         await on_upload(message, deps)
@@ -152,13 +149,7 @@ def build_app(
     # each vehicle's packets meet its predictor state in the order they were published. Acked
     # after the commit (not after the broadcasts); what raises is requeued, and the quorum
     # queue's delivery limit dead-letters what can never succeed.
-    uploads = Consumer(
-        deps.link,
-        deps.topology.telemetry_raw_queue.name,
-        upload,
-        prefetch=DEFAULT_PREFETCH,
-        grace=settings.graceful_timeout,
-    )
+    uploads = base.consumer(deps.link, deps.topology.telemetry_raw_queue.name, upload)
 
     async def prepare_vehicles() -> None:
         async with deps.sessions.begin() as session:
@@ -168,9 +159,9 @@ def build_app(
         log.info("database ready", vehicles=len(known))
 
     async def declare_topology() -> None:
-        await declare_shared(broker, deps.topology)
+        await declare_shared(base.broker, deps.topology)
         await declare_work(
-            broker,
+            base.broker,
             deps.topology,
             deps.topology.telemetry_raw,
             deps.topology.telemetry_raw_queue,
@@ -189,19 +180,11 @@ def build_app(
         await deps.broadcaster.drain(deadline)
         await deps.link.close()
 
-    async def uploads_link() -> None:
-        if not deps.link.ready:
-            raise RuntimeError("the uploads' AMQP link is not connected")
-
-    return database_service_app(
-        broker,
-        engine=engine,
-        url=url,
+    return base.app(
         migrations=MIGRATIONS,
         prepare=prepare_vehicles,
         declare=declare_topology,
-        checks={"uploads link": uploads_link},
-        registry=registry,
+        checks={"uploads link": link_ready(deps.link)},
         start=start_uploads,
         stop=stop_uploads,
     )

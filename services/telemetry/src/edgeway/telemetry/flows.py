@@ -176,7 +176,7 @@ class UploadFlow:
             for index, delivery in enumerate(deliveries):
                 upload = delivery.upload
                 if isinstance(upload, domain.Upload):
-                    vehicle_id = await self.vehicles.lookup(session=session, vin=upload.vin)
+                    vehicle_id = await self.vehicles.lookup(upload.vin, session=session)
                     if vehicle_id is not None:
                         accepted.append((index, vehicle_id, upload))
                         continue

@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from edgeway.common.db import dialect_insert
+from edgeway.common.directory import CachedDirectory
 from edgeway.common.rejections import RejectionTable
 from edgeway.telemetry.domain import NewSession, SessionUpdate, StatsCounts
 from edgeway.telemetry.tables import (
@@ -113,52 +114,34 @@ async def retire_vehicle(*, session: AsyncSession, vin: str, at: datetime) -> bo
     return retired is not None
 
 
-class VehicleIdCache:
-    """VIN -> id of the active vehicles, each entry trusted for `ttl` seconds
-    (`EDGEWAY_TELEMETRY_VEHICLE_CACHE_S`, 5 by default).
+# VIN -> id of the active vehicles, each entry trusted for `ttl` seconds
+# (`EDGEWAY_TELEMETRY_VEHICLE_CACHE_S`, 5 by default).
+#
+# Several replicas answer the gateway's requests (registrations and retirements among them)
+# while one consumes the uploads, and an operator may change `vehicles` by hand, so this
+# replica's copy cannot be told of every change: an entry older than `ttl` is read again (one
+# indexed SELECT per vehicle and `ttl`, in the group's transaction), so a retirement made
+# anywhere stops this replica taking the vehicle's uploads within `ttl` seconds plus the group
+# in hand. A miss is always looked up, so a vehicle registered anywhere is taken at once; a
+# retirement answered by this replica is forgotten at once (`forget`).
+VehicleIdCache = CachedDirectory[str, int]
 
-    Several replicas answer the gateway's requests (registrations and retirements among them)
-    while one consumes the uploads, and an operator may change `vehicles` by hand, so this
-    replica's copy cannot be told of every change: an entry older than `ttl` is read again
-    (one indexed SELECT per vehicle and `ttl`, in the group's transaction), so a retirement
-    made anywhere stops this replica taking the vehicle's uploads within `ttl` seconds plus
-    the group in hand. A miss is always looked up, so a vehicle registered anywhere is taken
-    at once; a retirement answered by this replica is forgotten at once (`forget`).
-    """
 
-    def __init__(
-        self,
-        known: Mapping[str, int] | None = None,
-        *,
-        ttl: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._ttl = ttl
-        self._clock = clock
-        self._known: dict[str, tuple[int, float]] = {}
-        self.replace(known or {})
+async def find_vehicle(session: AsyncSession, vin: str) -> int | None:
+    """The vehicle's id if it is active, None if it is unknown or retired."""
+    found: int | None = await session.scalar(
+        select(Vehicle.id).where(Vehicle.vin == vin, Vehicle.retired_at.is_(None))
+    )
+    return found
 
-    def replace(self, known: Mapping[str, int]) -> None:
-        now = self._clock()
-        self._known = {vin: (vehicle_id, now) for vin, vehicle_id in known.items()}
 
-    def forget(self, vin: str) -> None:
-        self._known.pop(vin, None)
-
-    async def lookup(self, *, session: AsyncSession, vin: str) -> int | None:
-        """The vehicle's id if it is active, None if it is unknown or retired."""
-        now = self._clock()  # before the read: an entry is never younger than what it saw
-        hit = self._known.get(vin)
-        if hit is not None and now - hit[1] <= self._ttl:
-            return hit[0]
-        found = await session.scalar(
-            select(Vehicle.id).where(Vehicle.vin == vin, Vehicle.retired_at.is_(None))
-        )
-        if found is None:
-            self._known.pop(vin, None)
-        else:
-            self._known[vin] = (found, now)
-        return found
+def vehicle_id_cache(
+    known: Mapping[str, int] | None = None,
+    *,
+    ttl: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> VehicleIdCache:
+    return CachedDirectory(find_vehicle, known, ttl=ttl, clock=clock)
 
 
 # --- what a decoder resumes from ------------------------------------------------------------------
