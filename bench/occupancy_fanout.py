@@ -103,6 +103,12 @@ STAGES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     (
         "gw publish ms",
         "gateway",
+        "edgeway_amqp_publish_seconds",
+        {"publisher": "gateway-work"},
+    ),
+    (
+        "gw publish ms",
+        "gateway",
         "edgeway_published_messages_duration_seconds",
         {"destination": "edgeway.occupancy.observations*"},
     ),
@@ -129,6 +135,12 @@ STAGES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
         "occupancy",
         "edgeway_published_messages_duration_seconds",
         {"destination": "edgeway.broadcast.*"},
+    ),
+    (
+        "gw fan-out ms",
+        "gateway",
+        "edgeway_gateway_fanout_seconds",
+        {},
     ),
     (
         "gw fan-out ms",
