@@ -12,6 +12,7 @@ that no check here knows fails the walk: a new README command needs its check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -120,6 +121,7 @@ def start(env: dict[str, str], data: Path, ports: dict[int, int]) -> Stack:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: `stop` can take everything it started
     )
     stack = Stack(process, ports, data)
     done = threading.Event()
@@ -141,7 +143,8 @@ def start(env: dict[str, str], data: Path, ports: dict[int, int]) -> Stack:
 
 
 def stop(stack: Stack) -> None:
-    """Ctrl-C, as its banner says; then what it leaves, if anything, is killed."""
+    """Ctrl-C, as its banner says; then what it leaves, if anything, is killed (its whole
+    process group: the services and producers it started too)."""
     if stack.process.poll() is None:
         stack.process.send_signal(signal.SIGINT)
         try:
@@ -149,6 +152,8 @@ def stop(stack: Stack) -> None:
         except subprocess.TimeoutExpired:
             stack.process.kill()
             stack.process.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(stack.process.pid, signal.SIGKILL)
 
 
 def settings_of_make_run(commands: list[str]) -> dict[str, str]:

@@ -240,15 +240,16 @@ def rendered_scenes(count: int, seed: int = 7) -> list[tuple[np.ndarray, list[tu
 
 def _recall_fp(
     detector: Any, scenes: list[tuple[np.ndarray, list[tuple[float, ...]]]]
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     from edgeway.tracker.vision.tracking import iou_matrix
 
-    found = total = fps = 0
+    found = total = fps = boxes = 0
     start = time.perf_counter()
     per_frame = detector.detect([img for img, _ in scenes])
     elapsed = time.perf_counter() - start
     for (_, gt), dets in zip(scenes, per_frame, strict=True):
         total += len(gt)
+        boxes += len(dets)
         if not dets:
             continue
         iou = iou_matrix(np.array(gt, float).reshape(-1, 4), np.array([d.bbox_xyxy for d in dets]))
@@ -257,6 +258,8 @@ def _recall_fp(
         fps += int((iou.max(axis=0) < 0.3).sum()) if len(gt) else len(dets)
     return {
         "recall": found / max(total, 1),
+        # Of the boxes it gave, the share on a drawn person (None: it gave none).
+        "precision": (boxes - fps) / boxes if boxes else None,
         "fp_per_frame": fps / len(scenes),
         "ms_per_frame": 1000 * elapsed / len(scenes),
         "people": total,
@@ -276,16 +279,22 @@ def detectors() -> dict[str, Any]:
     else:
         out["SSDLite (onnx)"] = f"not measured: {SSDLITE} missing (make eval converts it)"
     rows = [
-        [k, f"{v['recall']:.2f}", f"{v['fp_per_frame']:.2f}", f"{v['ms_per_frame']:.1f}"]
+        [
+            k,
+            f"{v['recall']:.2f}",
+            "-" if v["precision"] is None else f"{v['precision']:.2f}",
+            f"{v['fp_per_frame']:.2f}",
+            f"{v['ms_per_frame']:.1f}",
+        ]
         if isinstance(v, dict)
-        else [k, v, "", ""]
+        else [k, v, "", "", ""]
         for k, v in out.items()
     ]
     table(
         f"4. Detectors on {len(scenes)} rendered 640x480 frames "
         f"({out['HOG']['people']} drawn people; "
         "a hit is IoU >= 0.3 with the drawn figure)",
-        ["detector", "recall", "FP/frame", "ms/frame"],
+        ["detector", "recall", "precision", "FP/frame", "ms/frame"],
         rows,
     )
     return out

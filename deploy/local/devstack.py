@@ -300,6 +300,9 @@ MINT_COMMAND = "EDGEWAY_ENVIRONMENT=development .venv/bin/edgeway-token --subjec
 
 
 def main() -> int:
+    # Ctrl-C stops everything, even where SIGINT came ignored (a shell starts background jobs
+    # so, and Python then keeps it ignored): the stack must never outlive what stopped it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     taken = taken_ports(PORTS)
     if taken:
         print(ports_message(taken), file=sys.stderr)

@@ -25,6 +25,7 @@ from edgeway.common.amqp import (
     RejectDeliveryError,
 )
 from edgeway.common.envelope import Envelope
+from edgeway.common.testing import create_vhost, drop_vhost
 from edgeway.common.testing.faults import FaultProxy
 
 pytestmark = pytest.mark.connected
@@ -305,3 +306,28 @@ async def test_acks_under_load_never_close_the_channel(
     await link.close()
     assert await queue.get(no_ack=True, fail=False) is None
     await queue.delete()
+
+
+async def test_a_consumer_and_its_link_stop_while_the_broker_is_gone() -> None:
+    """A robust channel waits for its reconnection; a shutdown must not wait with it (a
+    service whose broker vanished would otherwise outlive its SIGTERM)."""
+    vhost, url = create_vhost()
+    link = AmqpLink(url, name="test", registry=CollectorRegistry())
+    await link.start()
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        pass
+
+    connection = await aio_pika.connect(url)
+    queue = await (await connection.channel()).declare_queue("test.gone")
+    consumer = Consumer(link, queue.name, handler, prefetch=4, grace=1)
+    await consumer.start()
+    await connection.close()
+    drop_vhost(vhost)  # the broker closes every connection of the virtual host
+    for _ in range(int(WAIT / 0.05)):
+        if not link.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert not link.ready
+    await asyncio.wait_for(consumer.stop(), WAIT)
+    await asyncio.wait_for(link.close(), WAIT)

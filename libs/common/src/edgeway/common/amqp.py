@@ -55,6 +55,9 @@ DEFAULT_PUBLISH_TIMEOUT = 10.0
 PERSISTENT, TRANSIENT = 2, 1  # AMQP delivery modes
 # How often a publish looks again for a channel that closed and is being reopened.
 RECONNECT_POLL_S = 0.05
+# How long each broker step of a shutdown (cancel, last acks, close) may take. While the broker
+# is unreachable a robust channel waits for the reconnection; a stop must not wait with it.
+STOP_STEP_TIMEOUT = 5.0
 
 # Seconds; publishes and handlers on a quiet machine take 0.2-20 ms.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -245,9 +248,11 @@ class AmqpLink:
     async def close(self) -> None:
         self._started.clear()
         if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
-            self._publish_channel = None
+            connection, self._connection, self._publish_channel = self._connection, None, None
+            try:
+                await asyncio.wait_for(connection.close(), STOP_STEP_TIMEOUT)
+            except TimeoutError:
+                log.warning("the AMQP connection did not close in time", link=self.name)
 
 
 class ConfirmPublisher:
@@ -631,8 +636,10 @@ class Consumer:
     async def stop(self) -> None:
         if self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
-            except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                if not self.link.ready:  # the broker took the consumer with the connection
+                    raise RuntimeError("the link is down")
+                await asyncio.wait_for(self._queue.cancel(self._tag), STOP_STEP_TIMEOUT)
+            except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
                 log.info("consumer already gone", queue=self.queue_name, error=repr(exc))
             self._tag = None
         try:
@@ -643,7 +650,10 @@ class Consumer:
                 queue=self.queue_name,
                 count=self.in_process,
             )
-        await self._acks.drain()
+        try:
+            await asyncio.wait_for(self._acks.drain(), STOP_STEP_TIMEOUT)
+        except TimeoutError:
+            log.warning("last acks not sent; the broker redelivers", queue=self.queue_name)
 
 
 __all__ = [
