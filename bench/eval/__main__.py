@@ -300,7 +300,7 @@ def detectors() -> dict[str, Any]:
     return out
 
 
-#: Goals of issue 23 item 11 for global IDF1 (tracking research §8, E5).
+#: Goals of issue 23 item 11 for global IDF1 (global IDF1 over every camera, one id space).
 MTMC_GOALS = {"clean": 90.0, "noisy": 75.0}
 #: The real pipeline is slow on 2 cores (HOG on three frames a step): one report seed, 10 s.
 PIPELINE_FRAMES = 100

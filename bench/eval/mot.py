@@ -3,9 +3,9 @@
 Only TrackEval's metric classes are used (HOTA, CLEAR, Identity; PyPI ``trackeval``, pinned),
 never its dataset runners, so the data path is ours and small: MOT15 rows ``frame, id, x, y, w,
 h, conf, wx, wy, wz`` with 1-based frames and top-left boxes. TUD has no classes or distractors
-(MOT15), so the only GT filter is MOTChallenge's ``conf == 0`` means "ignore" (tracking.md §6.3).
+(MOT15), so the only GT filter is MOTChallenge's ``conf == 0`` means "ignore".
 The data are the TUD-Campus and TUD-Stadtmitte files inside the ``motmetrics`` wheel, which is
-installed for them only: its own metrics are broken on numpy 2 (tracking.md §0.5).
+installed for them only: its own metrics are broken on numpy 2.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def identity_links(
 ) -> IdentityLinks:
     """Per camera and frame, GT boxes (ignore rows left out) matched one-to-one to tracker
     boxes by Hungarian assignment on IoU >= 0.5 (CLEAR's rule, without its carry-over of last
-    frame's pairs); the hand-off errors of tracking research §6.6 are counted from these pairs.
+    frame's pairs); hand-off errors (an id changing between cameras) are counted from these pairs.
     Map errors are measured where both rows carry world coordinates (not -1, -1)."""
     frames: dict[tuple[int, int], int] = {}
     errors: list[float] = []

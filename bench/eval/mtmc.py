@@ -1,7 +1,7 @@
 """Multi-camera scenes for ``make eval``: people on a floor, three cameras, global ids scored.
 
 Everything is generated from a seed (``scenes.py`` geometry and rendering), so no data is
-committed. The knobs are fixed here, before any run (tracking research §7):
+committed. The knobs are fixed here, before any run:
 
 * Floor 24 x 6 m, 10 fps, 30 s. Cameras (``CAMERAS``): c1 and c2 overlap (their views share
   the floor around x 5-8 m, both with homographies, so new tracks take ids by map position);

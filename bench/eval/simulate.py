@@ -1,6 +1,6 @@
 """Detections made from ground truth with seeded noise, and the IoU-only baseline tracker.
 
-The noise knobs are fixed here, before any run, and shared by every tracker (tracking.md §7's
+The noise knobs are fixed here, before any run, and shared by every tracker (the
 fairness rules): the same detections go to our tracker, the baseline and any library tracker.
 Seeds 100-102 are the tuning seeds; the reported seeds are 0, 1, 2 and are never used for tuning.
 """
@@ -19,13 +19,13 @@ TUNING_SEEDS = (100, 101, 102)
 REPORT_SEEDS = (0, 1, 2)
 
 #: GT boxes less visible than this are "ignore" rows (conf 0) in the multi-camera scenes, the
-#: cut tracking research §7 calibrated with; detections never come from them.
+#: cut the noise levels were calibrated with; detections never come from them.
 MIN_VISIBILITY = 0.35
 
 
 @dataclass(frozen=True, slots=True)
 class NoiseModel:
-    """What a mediocre person detector does to GT boxes (tracking.md §7 "easy" scenario levels).
+    """What a mediocre person detector does to GT boxes (a synthetic benchmark's "easy" levels).
 
     ``miss``: each GT box is dropped with this probability; ``burst_miss``: chance a GT person
     starts a run of ``burst_len`` missed frames (occlusion-like gaps, what breaks IoU-only

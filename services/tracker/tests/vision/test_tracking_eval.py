@@ -3,7 +3,7 @@ the multi-camera scoring gives the known answers of small hand-made cases.
 
 TUD-Campus and TUD-Stadtmitte GT against the tracker output shipped beside them in the
 motmetrics wheel; expected values are motmetrics' own published ones (MOTA, IDF1) and the
-HOTA values TrackEval gave when first verified (tracking research, section 6).
+HOTA values TrackEval gave when first verified.
 """
 
 from __future__ import annotations
