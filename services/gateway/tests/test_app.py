@@ -97,7 +97,7 @@ async def test_before_the_broker_is_reached_routes_answer_503_with_retry_after(
 
 
 def test_ingestion_errors_keep_the_seed_fields_beside_the_error_object() -> None:
-    """TrackShift's clients parse `error` and `message` (seed-systems.md §5)."""
+    """TrackShift's clients parse `error` and `message` (replaced-systems.md)."""
     response = seed_error(400, "invalid_camera_id", "camera_id must be ...")
     body = json.loads(bytes(response.body))
     assert set(body) == {"type", "code", "reason"} | SEED_INGEST_KEYS

@@ -1,4 +1,4 @@
-"""The real gateway process at the phone and video edge (WorldSystem, docs/seed-systems.md §3).
+"""The real gateway process at the phone and video edge (WorldSystem, docs/replaced-systems.md).
 
 Connected: a real gateway on a private RabbitMQ virtual host, and no video relay. The tests read
 what the gateway publishes from the queues it declares (or from queues of their own bound to

@@ -1,6 +1,6 @@
 """RTSP capture against a real GStreamer RTSP camera (edgeway.common.testing.rtsp), no mocks.
 
-The seed (docs/seed-systems.md §5) cut captures at ~5 s, blocked the event loop, ignored
+The seed (docs/replaced-systems.md) cut captures at ~5 s, blocked the event loop, ignored
 event_driven and backed off linearly; these tests pin each of those down as fixed.
 """
 

@@ -171,8 +171,8 @@ def test_missing_files_fail_at_construction_with_the_path(tmp_path: Path) -> Non
 
 def test_fasterrcnn_runs_with_random_weights_or_says_why_it_cannot(tmp_path: Path) -> None:
     """Where torchvision works (the CUDA stack, a GPU machine): shapes and batching with a
-    random-initialised model. On the CPU torch from PyPI its compiled ops do not load (tracking
-    research §5): the detector refuses at construction, saying so."""
+    random-initialised model. On the CPU torch from PyPI its compiled ops do not load: the
+    detector refuses at construction, saying so."""
     torch = pytest.importorskip("torch")
     try:
         from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2

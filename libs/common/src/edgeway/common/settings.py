@@ -41,7 +41,7 @@ class ExchangeNames(BaseModel):
     tracking_detections: str = "edgeway.tracking.detections"
     tracking_unrouted: str = "edgeway.tracking.detections.unrouted"
     tracking_control: str = "edgeway.tracking.control"
-    # WorldSystem ingress exchanges (docs/seed-systems.md §3), used by the video issue.
+    # WorldSystem ingress exchanges (docs/replaced-systems.md), used by the video issue.
     video_frames: str = "video_frames_exchange"
     video_stream: str = "video_stream_exchange"
     imu_data: str = "imu_data_exchange"

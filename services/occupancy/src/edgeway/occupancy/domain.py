@@ -1,6 +1,6 @@
 """Occupancy rules, as pure functions: no I/O, so every rule is tested without a broker or database.
 
-The arithmetic and the client message are Project Omega's (docs/seed-systems.md §1), kept
+The arithmetic and the client message are Project Omega's (docs/replaced-systems.md), kept
 wire-compatible; what Omega crashed on (unknown camera, zero zones) becomes a `Rejection` with a
 code the producer is told.
 """

@@ -11,7 +11,7 @@ from edgeway.common.settings import CommonSettings, database_url_field
 
 LocationName = Annotated[str, Field(min_length=1, max_length=200)]
 
-# Project Omega's hard-coded `DataHandler.places` (docs/seed-systems.md §1): the seed, not the
+# Project Omega's hard-coded `DataHandler.places` (docs/replaced-systems.md): the seed, not the
 # source of truth. Cameras an operator adds to the `cameras` table work as well.
 OMEGA_PLACES: dict[str, str] = {
     "OW_1": "One World",

@@ -2,7 +2,7 @@
 
 An upload is read with the shared wire format (`edgeway.common.telemetry.wire`), decoded per
 vehicle with the shared predictor, and turned into the dashboard message of the Python Cloud
-Server it replaces (docs/seed-systems.md) with two additions: which fields were predicted, and
+Server it replaces (docs/replaced-systems.md) with two additions: which fields were predicted, and
 whether they may be off (`uncertain`). What cannot be taken becomes a `Rejection` with a code,
 kept by the store.
 """

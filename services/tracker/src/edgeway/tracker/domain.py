@@ -1,7 +1,7 @@
 """Tracker rules as pure functions and small state machines: no I/O, no clocks of their own.
 
 What an environment must be to be stored, what a task needs to start, SpotOn's message shapes
-(docs/seed-systems.md), MOTChallenge text, how a live task groups edge frames into steps, and
+(docs/replaced-systems.md), MOTChallenge text, how a live task groups edge frames into steps, and
 how often clients hear about a task's status.
 """
 
@@ -48,7 +48,7 @@ from edgeway.tracker.vision import (
     fit_homography,
 )
 
-# SpotOn's default when a video does not say its frame rate (docs/seed-systems.md, SpotOn).
+# SpotOn's default when a video does not say its frame rate (docs/replaced-systems.md, SpotOn).
 FALLBACK_FPS = 25.0
 MAX_ERROR_DETAILS = 5
 
@@ -362,7 +362,7 @@ def tracking_update(
     processed_at: datetime,
     tracks: Mapping[str, Sequence[TrackOutput]],
 ) -> dict[str, Any]:
-    """SpotOn's `tracking_update` (docs/seed-systems.md, SpotOn): every camera, its tracks."""
+    """SpotOn's `tracking_update` (docs/replaced-systems.md, SpotOn): every camera, its tracks."""
     return {
         "type": "tracking_update",
         "payload": {

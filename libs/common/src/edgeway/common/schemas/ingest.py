@@ -1,4 +1,4 @@
-"""The ingestion API's shapes (TrackShift's, docs/seed-systems.md §5) and the gateway-service
+"""The ingestion API's shapes (TrackShift's, docs/replaced-systems.md) and the gateway-service
 requests.
 
 The gateway checks a request with these models at the edge; the ingestion service checks it again

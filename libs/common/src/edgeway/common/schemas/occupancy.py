@@ -1,4 +1,4 @@
-"""Project Omega's occupancy messages (docs/seed-systems.md §1), kept wire-compatible.
+"""Project Omega's occupancy messages (docs/replaced-systems.md), kept wire-compatible.
 
 What the camera model sends:
 `{"event":"frame_result","camera":"Flint_1","timestamp":<epoch float or ISO>,

@@ -1,6 +1,6 @@
 """Tracking messages: what the gateway and the tracker say to each other and to clients.
 
-SpotOn's wire (docs/seed-systems.md §2a) is kept where clients see it: `POST .../start` answers
+SpotOn's wire (docs/replaced-systems.md) is kept where clients see it: `POST .../start` answers
 `{task_id, message, status_url, websocket_url}`, the status is `{task_id, status, progress,
 current_step, details}`, and `/ws/tracking/{task_id}` carries `{"type": ..., "payload": ...}`
 messages. Environments (named sets of cameras) and edge detections are Edgeway's own; both are

@@ -1,4 +1,4 @@
-"""The Android H.264 packet format of `WS /ws/video` (WorldSystem, docs/seed-systems.md §3).
+"""The Android H.264 packet format of `WS /ws/video` (WorldSystem, docs/replaced-systems.md).
 
 Big-endian. Every packet starts with `u32 total_size` (the whole packet, header included),
 `u8 type` and `u64 ts` (µs). SPS, PPS and CONFIG stop there (13 bytes); KEYFRAME and FRAME go on

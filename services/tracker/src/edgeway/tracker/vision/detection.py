@@ -168,7 +168,7 @@ class FasterRCNNDetector:
         state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         self._model = model.eval().to(self.device)
-        # SpotOn's DETECTION_CONFIDENCE_THRESHOLD = 0.5 (docs/seed-systems.md, SpotOn).
+        # SpotOn's DETECTION_CONFIDENCE_THRESHOLD = 0.5 (docs/replaced-systems.md, SpotOn).
         self.confidence_threshold = confidence_threshold
 
     def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:

@@ -1,6 +1,6 @@
 """The cross-camera Re-ID gallery: one appearance per global id, and who may match whom.
 
-SpotOn's parameters and rules (docs/seed-systems.md), with its two bugs fixed: features are real
+SpotOn's parameters and rules (docs/replaced-systems.md), with its two bugs fixed: features are real
 embeddings (SpotOn read the detection index as the feature), and an EMA update takes effect
 (SpotOn's raised ``TypeError``). A gallery entry can match a new track in camera C only if it was
 last seen in C, in a camera that overlaps C, or leaving through a hand-off quadrant towards C;

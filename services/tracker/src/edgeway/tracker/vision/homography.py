@@ -1,7 +1,7 @@
 """Image-to-map projection: a homography per camera, applied to each box's bottom-centre.
 
 The bottom-centre ``((x1 + x2) / 2, y2)`` is where a standing person touches the ground, the
-only point of a box that lies on the map plane (SpotOn did the same: docs/seed-systems.md).
+only point of a box that lies on the map plane (SpotOn did the same: docs/replaced-systems.md).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class Detection:
 @dataclass(frozen=True, slots=True)
 class HandoffRule:
     """SpotOn's exit rule: a person leaving ``camera_id`` through ``quadrant`` shows up next in
-    ``target_camera_id`` (docs/seed-systems.md, SpotOn: ``CAMERA_HANDOFF_DETAILS``).
+    ``target_camera_id`` (docs/replaced-systems.md, SpotOn: ``CAMERA_HANDOFF_DETAILS``).
 
     The quadrant is one of the four image halves' intersections (W/2, H/2); a track is "in" it
     when at least ``min_overlap`` of its box area lies inside (SpotOn's 0.40).
@@ -84,7 +84,7 @@ class TrackOutput:
     class_id: int = PERSON_CLASS_ID
 
     def to_wire(self) -> dict[str, object]:
-        """The SpotOn wire shape (``tracks[]`` of ``tracking_update``, docs/seed-systems.md)."""
+        """The SpotOn wire shape (``tracks[]`` of ``tracking_update``, docs/replaced-systems.md)."""
         return {
             "track_id": self.track_id,
             "global_id": self.global_id,
