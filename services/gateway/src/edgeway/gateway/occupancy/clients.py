@@ -6,6 +6,7 @@ console's sparklines), from the occupancy service."""
 from __future__ import annotations
 
 from typing import Annotated, Any
+from weakref import WeakKeyDictionary
 
 import orjson
 from fastapi import APIRouter, Query, WebSocket
@@ -14,6 +15,7 @@ from edgeway.common.errors import error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Scope
+from edgeway.gateway.coalesce import Coalesced
 from edgeway.gateway.fanout import (
     SnapshotEcho,
     canonical,
@@ -40,6 +42,17 @@ async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
     return [update for update in updates if isinstance(update, dict)]
 
 
+# Per gateway: new clients that ask at the same time share one request (`Coalesced`).
+_latest: WeakKeyDictionary[Gateway, Coalesced[list[dict[str, Any]]]] = WeakKeyDictionary()
+
+
+def latest_updates(gateway: Gateway) -> Coalesced[list[dict[str, Any]]]:
+    shared = _latest.get(gateway)
+    if shared is None:
+        shared = _latest[gateway] = Coalesced(lambda: _latest_updates(gateway))
+    return shared
+
+
 def _update_key(update: Any) -> bytes | None:
     return canonical(update) if isinstance(update, dict) else None
 
@@ -55,7 +68,7 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
 
     async def latest_first() -> None:
         try:
-            latest = await _latest_updates(gateway)
+            latest = await latest_updates(gateway)()
         except ServiceUnavailableError as exc:
             log.warning("no latest state for a new client", reason=str(exc))
             return
