@@ -150,6 +150,23 @@ def test_telemetry_charts_get_points(report: dict[str, Any]) -> None:
     assert "5YJ3E1EA1KF000001" in page["control"]  # the loggers' states after Start
 
 
+def test_a_dead_zone_from_the_page_shows_as_an_offline_session(report: dict[str, Any]) -> None:
+    """The page put one vehicle into a dead zone past offline_after_s and back: the telemetry
+    service stored its replay as an offline session, which the vehicle's table lists."""
+    page = report["pages"]["telemetry"]
+    assert "error" not in page, page
+    assert "5YJ3E1EA1KF000001" in page["dead_zone"], page  # the logger acknowledged it
+    assert page["sessions"], page
+    newest = page["sessions"][0]
+    assert newest["status"] in ("syncing", "synced"), newest
+    started, _, arrived, records, status = newest["cells"]
+    stored, buffered = (int(part) for part in records.split(" / "))
+    assert 0 < stored <= buffered, newest
+    assert re.search(r"\d:\d\d:\d\d", started), newest  # the page's local time of day
+    assert re.search(r"\d:\d\d:\d\d", arrived), newest
+    assert status == newest["status"], newest
+
+
 def test_video_decodes_the_phones_stream(report: dict[str, Any]) -> None:
     page = report["pages"]["video"]
     assert "error" not in page, page
@@ -159,6 +176,27 @@ def test_video_decodes_the_phones_stream(report: dict[str, Any]) -> None:
     assert page["picture"]["stddev"] > 5, page
     assert "kbit/s" in page["stats"]
     assert "decode delay" in page["stats"]
+    assert page["mode"] == "h264", page
+    assert page["fallback"] is None, page
+    # Capture to screen, from the relay's capture times (the phone here is on this machine's
+    # clock): a number, and not a wild one.
+    assert "capture → screen" in page["stats"]
+    assert isinstance(page["capture_ms"], int | float), page
+    assert -1_000 < page["capture_ms"] < 5_000, page
+
+
+def test_video_falls_back_to_jpeg_frames_without_webcodecs(report: dict[str, Any]) -> None:
+    page = report["pages"]["video_jpeg"]
+    assert "error" not in page, page
+    assert page["mode"] == "jpeg", page
+    assert "no WebCodecs" in page["fallback"], page
+    assert page["frames"] >= 1, page
+    # The relay's JPEGs of the simulated phone's 640x360 stream, on the same canvas.
+    assert (page["picture"]["width"], page["picture"]["height"]) == (640, 360), page
+    assert page["picture"]["stddev"] > 5, page
+    assert "kbit/s" in page["stats"]
+    assert "frames/s" in page["stats"]
+    assert isinstance(page["capture_ms"], int | float), page
 
 
 def test_a_tracking_task_shows_global_ids_on_the_map(report: dict[str, Any]) -> None:
@@ -185,9 +223,13 @@ def test_an_upload_completes_and_a_capture_is_cancelled(report: dict[str, Any]) 
 def test_system_shows_every_service_ready(report: dict[str, Any]) -> None:
     page = report["pages"]["system"]
     assert "error" not in page, page
-    assert page["readiness"]["gateway"] == "ready"
-    for service in ("occupancy", "telemetry", "video relay", "ingestion", "tracker"):
-        assert page["readiness"][service] == "ready", page
+    rows = page["readiness"]
+    # One row per instance, from the reports each instance publishes (its own /readyz).
+    services = {row["service"] for row in rows}
+    assert {"gateway", "occupancy", "telemetry", "video-relay", "ingestion", "tracker"} <= services
+    for row in rows:
+        assert row["state"] == "ready", row
+        assert row["instance"], row
     assert int(page["metrics"]["edgeway_gateway_connections"]) >= 1, page  # the console's own
 
 
@@ -202,7 +244,7 @@ def test_a_token_without_the_scope_sees_the_refusal(report: dict[str, Any]) -> N
 
 
 def test_screenshots_are_kept(report: dict[str, Any]) -> None:
-    pages = ("occupancy", "telemetry", "video", "ingestion", "system", "tracking")
+    pages = ("occupancy", "telemetry", "video", "video-jpeg", "ingestion", "system", "tracking")
     for name in (*pages, "refused-occupancy"):
         shot = SCREENSHOTS / f"{name}.png"
         assert shot.is_file(), shot

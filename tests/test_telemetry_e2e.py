@@ -17,6 +17,7 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -282,8 +283,8 @@ async def test_an_offline_period_is_replayed_in_order_with_no_gap_and_no_duplica
         within_band(record, sample, PredictorConfig())
     sessions = rows(
         telemetry_database,
-        "SELECT records_uploaded, status FROM offline_sessions s JOIN vehicles v"
-        " ON v.id = s.vehicle_id WHERE v.vin = %s",
+        "SELECT records_uploaded, status, started_at, arrived_at FROM offline_sessions s"
+        " JOIN vehicles v ON v.id = s.vehicle_id WHERE v.vin = %s",
         CITY_VIN,
     )
     # One session: the records that waited more than a second in the buffer (1.6 s in the dead
@@ -291,6 +292,25 @@ async def test_an_offline_period_is_replayed_in_order_with_no_gap_and_no_duplica
     assert len(sessions) == 1
     assert 20 <= sessions[0][0] <= 80
     assert sessions[0][1] == "synced"
+    # It arrived after the dead zone, which began with its first record.
+    assert sessions[0][3] - sessions[0][2] >= timedelta(seconds=1)
+
+    # The same session, as a dashboard asks the gateway for it.
+    async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        answer = await http.get(
+            "/api/v1/telemetry/sessions",
+            params={"vin": CITY_VIN},
+            headers=bearer("telemetry:subscribe"),
+        )
+    assert answer.status_code == 200, answer.text
+    [session] = answer.json()["sessions"]
+    assert (session["vin"], session["records_uploaded"], session["status"]) == (
+        CITY_VIN,
+        sessions[0][0],
+        "synced",
+    )
+    assert datetime.fromisoformat(session["started_at"]) == sessions[0][2]
+    assert datetime.fromisoformat(session["arrived_at"]) == sessions[0][3]
 
 
 async def test_kill_9_of_the_service_mid_stream_loses_and_duplicates_nothing(

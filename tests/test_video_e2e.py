@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,71 @@ async def test_a_stalled_viewer_holds_nobody_back_and_resumes_on_a_keyframe(
     jumps = [(a, b) for a, b in zip(stalled.frames, stalled.frames[1:], strict=False) if b != a + 1]
     assert jumps, ("the stall never made the viewer skip", len(stalled.frames), stalled.packets)
     assert all(b > a and b % FPS == 0 for a, b in jumps), jumps
+
+
+async def read_timed(ws: websockets.ClientConnection) -> list[tuple[dict[str, Any], bytes, int]]:
+    """`?timing=1` messages until the stream goes quiet: (timing, binary, arrival in Unix ms)
+    for each binary message, after the one status line a socket opened before the stream gets."""
+    status = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert status["code"] == "no_stream", status
+    received = []
+    while True:
+        try:
+            text = await asyncio.wait_for(ws.recv(), 3)
+        except TimeoutError:
+            return received
+        assert isinstance(text, str), "a binary message without its timing message"
+        binary = await asyncio.wait_for(ws.recv(), 5)
+        assert isinstance(binary, bytes), binary
+        received.append((json.loads(text), binary, time.time_ns() // 1_000_000))
+
+
+def jpeg_number(data: bytes) -> int:
+    (picture,) = av.CodecContext.create("mjpeg", "r").decode(av.Packet(data))
+    assert (picture.width, picture.height) == (WIDTH, HEIGHT)
+    return frame_number(picture.to_ndarray(format="yuv420p"))
+
+
+async def test_viewers_get_jpegs_and_capture_times_and_a_late_joiner_a_picture_at_once(
+    stack: Stack,
+) -> None:
+    seconds = 2
+    frames_url = stack.ws("/ws/video/frames", "video:subscribe") + f"&device={DEVICE}"
+    started_ms = time.time_ns() // 1_000_000
+    async with (
+        websockets.connect(frames_url + "&timing=1") as frames,
+        websockets.connect(consume_url(stack) + "&timing=1", compression=None) as consumer,
+    ):
+        reading = asyncio.gather(read_timed(frames), read_timed(consumer))
+        await stream_to(
+            phone_url(stack),
+            synthetic_stream(WIDTH, HEIGHT, FPS, seconds, gop_s=1.0, bitrate=500_000),
+            fps=FPS,
+        )
+        jpegs, packets = await reading
+    # The relay decodes 5 frames a second of video: frames 0, 6, ... 54, each a JPEG.
+    assert [jpeg_number(data) for _, data, _ in jpegs] == list(range(0, FPS * seconds, 6))
+    viewer = Viewer()
+    for _, data, _ in packets:
+        viewer.take(data)
+    viewer.flush()
+    assert viewer.frames == list(range(FPS * seconds))
+    # Each binary message came right after its timing message, numbered from 1 on its socket,
+    # with a capture time after the phone started and before the viewer had it, and not long
+    # before (the relay maps the phone's clock, which counts from 0 here, to the wall clock).
+    for received in (jpegs, packets):
+        assert [timing["seq"] for timing, _, _ in received] == list(range(1, len(received) + 1))
+        for timing, _, arrived_ms in received:
+            assert started_ms <= timing["captured_ms"] <= arrived_ms
+            assert arrived_ms - timing["captured_ms"] < 2_000, timing
+    assert {timing["kind"] for timing, _, _ in jpegs} == {"jpeg"}
+    assert {timing["kind"] for timing, _, _ in packets} == {"sps", "pps", "keyframe", "frame"}
+
+    # The phone has stopped: a viewer joining now still gets the last picture, at once.
+    async with websockets.connect(frames_url) as late:
+        latest = await asyncio.wait_for(late.recv(), 1)
+    assert isinstance(latest, bytes)
+    assert jpeg_number(latest) == jpeg_number(jpegs[-1][1])
 
 
 async def until_watching(

@@ -467,6 +467,7 @@ def main() -> int:
                 "tracking:admin",
                 "tracking:read",
                 "tracking:subscribe",
+                "system:read",
             ),
         )
         demo_upload = upload_demo_image(gw, operator)

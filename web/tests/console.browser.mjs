@@ -25,6 +25,10 @@ const FLAGS = [
   "--disable-sync",
 ];
 const LIVE_WAIT_MS = Number(process.env.LIVE_WAIT_MS ?? 20000);
+// How long a vehicle stays in the dead zone the telemetry page puts it in: past the telemetry
+// service's offline_after_s (5 s), so what it buffered first arrives late, an offline session.
+const DEAD_ZONE_MS = Number(process.env.DEAD_ZONE_MS ?? 7000);
+const DEAD_ZONE_VIN = "5YJ3E1EA1KF000001";
 // A tracking task's first frames wait for its videos to be read and its detector to start.
 const TRACKING_WAIT_MS = Number(process.env.TRACKING_WAIT_MS ?? 90000);
 
@@ -106,8 +110,25 @@ async function telemetry(page) {
   );
   const fleet = await page.textContent('[data-testid="fleet-stats"]').catch(() => null);
   const control = await page.textContent('[data-testid="control-answer"]');
+  // One vehicle into a dead zone and out again, from the page: its replay becomes an offline
+  // session, which the vehicle's table shows at its next poll.
+  const controls = '[data-testid="logger-controls"]';
+  await page.selectOption(`${controls} select`, DEAD_ZONE_VIN);
+  await page.click(`${controls} button:has-text("Dead zone on/off")`);
+  await page.waitForSelector(`${controls} [data-testid="control-answer"] tbody tr`, { timeout: 10000 });
+  const deadZone = await page.textContent(`${controls} [data-testid="control-answer"] tbody tr`);
+  await page.waitForTimeout(DEAD_ZONE_MS);
+  await page.click(`${controls} button:has-text("Dead zone on/off")`);
+  const table = `[data-testid="offline-sessions"][data-vin="${DEAD_ZONE_VIN}"]`;
+  await page.waitForSelector(`${table} [data-testid="offline-session"]`, { timeout: LIVE_WAIT_MS });
+  const sessions = await page.$$eval(`${table} [data-testid="offline-session"]`, (rows) =>
+    rows.map((row) => ({
+      status: row.dataset.status,
+      cells: [...row.children].map((cell) => cell.textContent),
+    })),
+  );
   await shot(page, "telemetry");
-  return { vehicles, fleet, control };
+  return { vehicles, fleet, control, dead_zone: deadZone, sessions };
 }
 
 async function ingestion(page) {
@@ -140,17 +161,26 @@ async function ingestion(page) {
 
 async function system(page) {
   await open(page, "system");
-  await page.waitForFunction(
-    () => {
-      const rows = [...document.querySelectorAll('[data-testid="readiness"] tbody tr[data-state]')];
-      return rows.length > 0 && rows.every((row) => row.dataset.state !== "checking");
-    },
-    null,
-    { timeout: LIVE_WAIT_MS },
-  );
+  // Until every row says ready (the page asks again every 5 s); if some never does, the
+  // report shows what the rows said when the wait ended.
+  await page
+    .waitForFunction(
+      () => {
+        const rows = [...document.querySelectorAll('[data-testid="readiness"] tbody tr[data-state]')];
+        return rows.length > 1 && rows.every((row) => row.dataset.state === "ready");
+      },
+      null,
+      { timeout: LIVE_WAIT_MS },
+    )
+    .catch(() => null);
   await page.waitForSelector('[data-testid="metrics"]', { timeout: LIVE_WAIT_MS });
-  const readiness = await page.$$eval('[data-testid="readiness"] tbody tr', (rows) =>
-    Object.fromEntries(rows.map((row) => [row.dataset.service, row.children[1].textContent])),
+  const readiness = await page.$$eval('[data-testid="readiness"] tbody tr[data-state]', (rows) =>
+    rows.map((row) => ({
+      service: row.dataset.service,
+      instance: row.dataset.instance ?? null,
+      state: row.dataset.state,
+      detail: row.children[3].textContent,
+    })),
   );
   const metrics = await page.$$eval('[data-testid="metrics"] tr', (rows) =>
     Object.fromEntries(rows.map((row) => [row.children[2].textContent, row.children[1].textContent])),
@@ -159,18 +189,10 @@ async function system(page) {
   return { readiness, metrics };
 }
 
-async function video(page) {
-  const opened = Date.now();
-  await open(page, "video");
-  await page.waitForFunction(
-    () => Number(document.querySelector('[data-testid="video-canvas"]')?.dataset.frames ?? 0) >= 1,
-    null,
-    { timeout: LIVE_WAIT_MS },
-  );
-  const firstPictureMs = Date.now() - opened;
-  await page.waitForTimeout(2500); // a window of bandwidth and delay figures
-  // Not blank: the picture's pixels vary (the phone's pattern moves and has colours).
-  const picture = await page.$eval('[data-testid="video-canvas"]', (canvas) => {
+// The video canvas's size and the spread of its pixels' luma: a blank (one-colour) canvas has
+// none; the phone's pattern moves and has colours.
+function canvasPicture(page) {
+  return page.$eval('[data-testid="video-canvas"]', (canvas) => {
     const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
     let sum = 0;
     let squares = 0;
@@ -183,10 +205,62 @@ async function video(page) {
     const mean = sum / count;
     return { width: canvas.width, height: canvas.height, mean, stddev: Math.sqrt(squares / count - mean * mean) };
   });
+}
+
+// The video page until a picture is on its canvas and a window of figures (bandwidth, delays)
+// has passed: what it shows, and a screenshot named `name`.
+async function videoPage(page, name) {
+  const opened = Date.now();
+  await open(page, "video");
+  await page.waitForFunction(
+    () => Number(document.querySelector('[data-testid="video-canvas"]')?.dataset.frames ?? 0) >= 1,
+    null,
+    { timeout: LIVE_WAIT_MS },
+  );
+  const firstPictureMs = Date.now() - opened;
+  await page.waitForTimeout(2500); // a window of bandwidth and delay figures
+  const picture = await canvasPicture(page);
   const stats = await page.textContent('[data-testid="video-stats"]');
-  const frames = Number(await page.$eval('[data-testid="video-canvas"]', (canvas) => canvas.dataset.frames));
-  await shot(page, "video");
-  return { first_picture_ms: firstPictureMs, picture, stats, frames };
+  const canvas = await page.$eval('[data-testid="video-canvas"]', (element) => ({ ...element.dataset }));
+  const captureMs = await page.$eval('[data-testid="capture-delay"]', (span) => span.dataset.ms);
+  const fallback = await page.$eval('[data-testid="video-fallback"]', (line) => line.textContent).catch(() => null);
+  await shot(page, name);
+  return {
+    first_picture_ms: firstPictureMs,
+    picture,
+    stats,
+    frames: Number(canvas.frames),
+    mode: canvas.mode,
+    capture_ms: captureMs === "" ? null : Number(captureMs),
+    fallback,
+  };
+}
+
+function video(page) {
+  return videoPage(page, "video");
+}
+
+// The video page in a browser without WebCodecs (removed before the console's scripts run):
+// it falls back to the relay's JPEG frames.
+async function videoWithoutWebCodecs(browser) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  await watch(context);
+  await context.addInitScript(() => {
+    delete window.VideoDecoder;
+    delete window.VideoFrame;
+    delete window.EncodedVideoChunk;
+  });
+  const page = await context.newPage();
+  page.on("pageerror", (error) => report.page_errors.push(String(error)));
+  try {
+    await page.goto(CONSOLE_URL);
+    return await videoPage(page, "video-jpeg");
+  } catch (error) {
+    await shot(page, "video-jpeg-failed").catch(() => undefined);
+    return { error: String(error) };
+  } finally {
+    await context.close();
+  }
 }
 
 async function tracking(page) {
@@ -252,6 +326,7 @@ try {
   }
   await context.close();
   report.pages.refused = await refused(browser);
+  report.pages.video_jpeg = await videoWithoutWebCodecs(browser);
 } finally {
   await browser.close();
 }

@@ -1,13 +1,26 @@
-"""Group commit: concurrent submitters share flushes, in order, and a bad item fails alone."""
+"""Group commit: concurrent submitters share flushes, in order, and a bad item fails alone.
+Batch messages: what is packed comes back item for item, and a malformed one is refused."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 
+import orjson
 import pytest
 
-from edgeway.common.batching import GroupCommit
+from edgeway.common.batching import (
+    BATCH_HEADER,
+    BATCH_LENGTHS,
+    BATCH_MESSAGE_IDS,
+    GroupCommit,
+    batch_size,
+    join_lines,
+    pack_work,
+    split_lines,
+    unpack_work,
+)
+from edgeway.common.envelope import Envelope
 
 
 class Flusher:
@@ -88,3 +101,77 @@ async def test_a_lingering_flusher_gathers_items_that_trickle_in() -> None:
     eager = Flusher()
     await trickle(GroupCommit(eager, max_size=50), 20)
     assert len(eager.groups) > 1  # without linger: a commit per item or two
+
+
+def test_a_broadcast_batch_splits_into_its_messages_in_order() -> None:
+    bodies = [b'{"n":1}', b'{"text":"two\\nlines"}', b"[3]"]
+    joined = join_lines(bodies)
+    assert split_lines(joined.decode(), 3) == [body.decode() for body in bodies]
+    with pytest.raises(ValueError, match="says 2 messages and holds 3"):
+        split_lines(joined.decode(), 2)
+    with pytest.raises(ValueError, match="raw newline"):
+        join_lines([b'{\n"pretty": true}'])
+
+
+@pytest.mark.parametrize(
+    ("headers", "count"),
+    [(None, 1), ({}, 1), ({BATCH_HEADER: 5}, 5), ({BATCH_HEADER: b"2"}, 2)],
+)
+def test_batch_size_reads_the_header(headers: dict[str, object] | None, count: int) -> None:
+    assert batch_size(headers) == count
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", [1, 2]])
+def test_batch_size_refuses_what_is_not_a_count(value: object) -> None:
+    with pytest.raises(ValueError, match=BATCH_HEADER):
+        batch_size({BATCH_HEADER: value})
+
+
+def work_items() -> list[tuple[bytes, Envelope]]:
+    return [
+        (b'{"camera": "A",\n "timestamp": 1}', Envelope(type="t", producer="p", captured_at=1.0)),
+        (b'{"camera":"B","n":[1,2]}', Envelope(type="t", producer="p", received_at=5.25)),
+        (b' {"camera":"C"} ', Envelope(type="t", producer="p", captured_at=3.5)),
+    ]
+
+
+def test_a_work_batch_keeps_each_body_byte_for_byte_and_its_own_envelope() -> None:
+    items = work_items()
+    body, headers = pack_work(items)
+    assert orjson.loads(body) == [
+        {"camera": "A", "timestamp": 1},
+        {"camera": "B", "n": [1, 2]},
+        {"camera": "C"},
+    ]
+    shared = Envelope(type="t", producer="gw", reply_channel="gateway.g.c", traceparent="00-x")
+    unpacked = unpack_work(body, headers, shared)
+    assert [item for item, _ in unpacked] == [item for item, _ in items]
+    for (_, envelope), (_, sent) in zip(unpacked, items, strict=True):
+        assert (envelope.message_id, envelope.captured_at, envelope.received_at) == (
+            sent.message_id,
+            sent.captured_at,
+            pytest.approx(sent.received_at, abs=1e-6),
+        )
+        assert (envelope.producer, envelope.reply_channel, envelope.traceparent) == (
+            "gw",
+            "gateway.g.c",
+            "00-x",
+        )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda body, headers: (body[:-1], headers),  # cut short
+        lambda body, headers: (body + b" ", headers),  # trailing bytes
+        lambda body, headers: (body, {**headers, BATCH_HEADER: 2}),  # lists of 3, count 2
+        lambda body, headers: (body, {**headers, BATCH_LENGTHS: "1,2,3"}),  # wrong lengths
+        lambda body, headers: (body, {**headers, BATCH_MESSAGE_IDS: ",,"}),  # no ids
+        lambda body, headers: (body, {k: v for k, v in headers.items() if k != BATCH_LENGTHS}),
+    ],
+)
+def test_a_malformed_work_batch_is_refused(damage: object) -> None:
+    body, headers = pack_work(work_items())
+    body, headers = damage(body, headers)  # type: ignore[operator]
+    with pytest.raises(ValueError, match="batch"):
+        unpack_work(body, headers, Envelope(type="t", producer="gw"))

@@ -190,7 +190,12 @@ async def test_an_unknown_websocket_path_is_refused_with_404_not_403(serve: Any)
 
 def internal_app() -> Any:
     # Never started (no lifespan): the operations endpoints answer without a broker.
-    return service_app(RabbitBroker("amqp://guest:guest@127.0.0.1:1/"), checks={})
+    return service_app(
+        RabbitBroker("amqp://guest:guest@127.0.0.1:1/"),
+        service="sample",
+        settings=CommonSettings(),
+        checks={},
+    )
 
 
 async def test_a_services_internal_port_answers_unknown_paths_with_the_error_object() -> None:

@@ -7,8 +7,10 @@ import asyncio
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from websockets.frames import Frame, Opcode
 
 from edgeway.gateway.fanout import (
+    Batch,
     ClientQueue,
     Hub,
     Message,
@@ -16,8 +18,10 @@ from edgeway.gateway.fanout import (
     SnapshotEcho,
     _topic_regex,
     canonical,
+    prepared_writer,
 )
 from edgeway.gateway.metrics import Metrics
+from edgeway.gateway.server import PREPARED_FRAMES
 
 # The metrics these tests read, on a registry of their own.
 METRICS = Metrics.create(CollectorRegistry())
@@ -304,3 +308,104 @@ async def test_a_client_is_offered_only_what_its_admit_filter_lets_through() -> 
     assert recorder.sent == ["a", "b", "echo"]
     client.close()
     await asyncio.wait_for(writer, 1)
+
+
+class FrameSocket:
+    """A WebSocket under the gateway's server, as far as `prepared_writer` sees it: each
+    `write_frame` call recorded (one transport write), or refused while not `open`."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.writes: list[bytes] = []
+        self.scope = {"extensions": {PREPARED_FRAMES: {"write": self.write_frame}}}
+
+    def write_frame(self, frame: bytes) -> bool:
+        if self.open:
+            self.writes.append(frame)
+        return self.open
+
+
+def text_frames(*messages: str) -> bytes:
+    return b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=False) for m in messages)
+
+
+def delivered(kind: str) -> float:
+    return METRICS.delivered.labels(kind)._value.get()
+
+
+async def prepared_client(socket: FrameSocket, recorder: Recorder) -> ClientQueue:
+    write = prepared_writer(socket, binary=False)  # type: ignore[arg-type]
+    client = ClientQueue(
+        recorder,
+        write=write,
+        size=10,
+        policy=Policy.DROP_OLDEST,
+        endpoint="t-many",
+        metrics=METRICS,
+    )
+    WRITERS.add(asyncio.create_task(client.run()))
+    await asyncio.sleep(0)  # its writer waits, idle
+    return client
+
+
+WRITERS: set[asyncio.Task[None]] = set()  # the prepared clients' writer tasks, held
+
+
+async def noop(_: str) -> None:
+    return None
+
+
+async def test_a_batch_reaches_each_client_that_keeps_up_in_one_write_in_order() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+    sockets = [FrameSocket() for _ in range(3)]
+    recorders = [Recorder() for _ in sockets]
+    clients = [await prepared_client(s, r) for s, r in zip(sockets, recorders, strict=True)]
+    for client in clients:
+        await hub.subscribe("occ.*", client)
+    before = delivered("t-batch")
+    assert hub.deliver_many("occ.1", ["a", "bb", "ccc"], kind="t-batch") == 3
+    for socket in sockets:
+        assert socket.writes == [text_frames("a", "bb", "ccc")]  # one write, the frames in order
+    assert sockets[0].writes[0] is sockets[1].writes[0]  # serialized once for every client
+    assert all(recorder.sent == [] for recorder in recorders)  # no writer task was woken
+    assert delivered("t-batch") - before == 9  # counted per message
+    hub.deliver_many("occ.1", ["alone"], kind="t-batch")
+    assert sockets[2].writes[1:] == [text_frames("alone")]
+    for client in clients:
+        client.close()
+
+
+async def test_a_paused_client_gets_a_batch_queued_one_by_one_behind_what_waits() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+    gate = asyncio.Event()
+    paused, behind = FrameSocket(), FrameSocket()
+    paused_sent, behind_sent = Recorder(), Recorder(block=gate)
+    paused_client = await prepared_client(paused, paused_sent)
+    behind_client = await prepared_client(behind, behind_sent)
+    await hub.subscribe("occ.1", paused_client)
+    await hub.subscribe("occ.1", behind_client)
+    paused.open = False  # a client that stopped reading: the transport is paused
+    behind.open = False
+    hub.deliver("occ.1", "first", kind="t-batch")  # behind's writer now holds it, blocked
+    behind.open = True  # writable again, but "first" is not out yet: nothing may overtake it
+    hub.deliver_many("occ.1", ["a", "b"], kind="t-batch")
+    await asyncio.sleep(0.01)
+    assert paused.writes == behind.writes == []
+    assert paused_sent.sent == ["first", "a", "b"]  # each through the queue, in order
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert behind_sent.sent == ["first", "a", "b"]
+    for client in (paused_client, behind_client):
+        client.close()
+
+
+async def test_a_batch_passes_a_new_clients_snapshot_filter_message_by_message() -> None:
+    socket, recorder = FrameSocket(), Recorder()
+    client = await prepared_client(socket, recorder)
+    SnapshotEcho(client, [canonical({"n": 2})], lambda m: canonical(m)).install()
+    client.offer_many(Batch(['{"n":1}', '{"n":2}', '{"n":3}', '{"n":2}']))
+    await asyncio.sleep(0.01)
+    # The snapshot's echo is dropped, once; the others go one frame a write, in order.
+    assert socket.writes == [text_frames('{"n":1}'), text_frames('{"n":3}'), text_frames('{"n":2}')]
+    assert recorder.sent == []
+    client.close()

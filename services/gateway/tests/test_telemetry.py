@@ -31,6 +31,7 @@ from edgeway.common.testing import (
     start_gateway,
 )
 from edgeway.common.testing.faults import FaultProxy
+from edgeway.common.topology import Topology
 from edgeway.gateway.telemetry.uploads import SEED_VIN
 
 pytestmark = pytest.mark.connected
@@ -422,3 +423,113 @@ async def test_uploads_beyond_the_waiting_bound_get_503_with_retry_after(
         else:
             carried.append(str(message.message_id))
     assert sorted(carried) == sorted(r.json()["message_id"] for r in [first, *accepted])
+
+
+SESSION = {
+    "id": 7,
+    "vin": VIN,
+    "started_at": "2025-11-21T12:00:00.000000+00:00",
+    "ended_at": None,
+    "arrived_at": "2025-11-21T12:05:00.250000+00:00",
+    "records_buffered": 20,
+    "records_uploaded": 19,
+    "status": "syncing",
+}
+
+
+async def test_offline_sessions_are_asked_of_the_telemetry_service_and_bad_queries_refused(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    """`GET /api/v1/telemetry/sessions` with a telemetry:subscribe token; the telemetry service
+    is played here on its request queue: what it is asked, and how its answers come back."""
+    spec = Topology().telemetry_requests_queue
+    asked: list[dict[str, Any]] = []
+    connection = await aio_pika.connect(amqp_url)
+    url = "/api/v1/telemetry/sessions"
+    dashboard = {"Authorization": f"Bearer {DASHBOARD}"}
+    try:
+        channel = await connection.channel()
+        requests = await channel.declare_queue(
+            spec.name, durable=False, arguments=spec.arguments, auto_delete=True
+        )
+
+        async def answer(request: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with request.process():
+                query = json.loads(request.body)
+                asked.append(query)
+                if query.get("vin") == SEED_VIN:
+                    reply: Any = {"error": f"vehicle {SEED_VIN} is not registered"}
+                    reply["code"] = "not_found"
+                elif query.get("limit") == 99:
+                    reply = {"error": "telemetry database unavailable", "code": "unavailable"}
+                else:
+                    reply = {"vin": query.get("vin"), "sessions": [SESSION]}
+                assert request.reply_to is not None
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        json.dumps(reply).encode(),
+                        correlation_id=request.correlation_id,
+                        content_type="application/json",
+                    ),
+                    routing_key=request.reply_to,
+                )
+
+        await requests.consume(answer)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+            found = await http.get(url, params={"vin": VIN}, headers=dashboard)
+            assert (found.status_code, found.json()) == (200, {"vin": VIN, "sessions": [SESSION]})
+            spanned = await http.get(
+                url,
+                params={
+                    "vin": VIN,
+                    "limit": 5,
+                    "since": "2025-11-21T12:00:00Z",
+                    "until": "2025-11-21T14:00:00+02:00",
+                },
+                headers=dashboard,
+            )
+            assert spanned.status_code == 200, spanned.text
+            assert asked == [
+                {"query": "offline_sessions", "vin": VIN, "limit": 20},
+                {
+                    "query": "offline_sessions",
+                    "vin": VIN,
+                    "limit": 5,
+                    "since": "2025-11-21T12:00:00+00:00",
+                    "until": "2025-11-21T14:00:00+02:00",
+                },
+            ]
+
+            unknown = await http.get(url, params={"vin": SEED_VIN}, headers=dashboard)
+            assert (unknown.status_code, unknown.json()["code"]) == (404, "not_found")
+            down = await http.get(url, params={"vin": VIN, "limit": 99}, headers=dashboard)
+            assert (down.status_code, down.json()["code"]) == (503, "unavailable")
+            assert "Retry-After" in down.headers
+
+            # Refused at the gateway, with the error object; the service is not asked.
+            asked.clear()
+            bad_vin = await http.get(url, params={"vin": "not-a-vin"}, headers=dashboard)
+            assert (bad_vin.status_code, bad_vin.json()["code"]) == (400, "invalid_vin")
+            for params in (
+                {},
+                {"vin": VIN, "limit": 0},
+                {"vin": VIN, "limit": 101},
+                {"vin": VIN, "limit": "ten"},
+                {"vin": VIN, "since": "yesterday"},
+                {"vin": VIN, "since": "2025-11-21T12:00:00"},  # no offset
+                {"vin": VIN, "since": "2025-11-21T13:00:00Z", "until": "2025-11-21T12:00:00Z"},
+            ):
+                refused = await http.get(url, params=params, headers=dashboard)
+                assert refused.status_code == 422, (params, refused.text)
+                assert refused.json()["type"] == "error"
+                assert refused.json()["code"] == "validation_error"
+            assert asked == []
+            assert (await http.get(url, params={"vin": VIN})).status_code == 401
+            forbidden = await http.get(url, params={"vin": VIN}, headers=LOGGER)
+            assert (forbidden.status_code, forbidden.json()["code"]) == (403, "forbidden")
+    finally:
+        await connection.close()
+    # Nobody answers: 504 once the request times out.
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+        gone = await http.get(url, params={"vin": VIN}, headers=dashboard)
+    assert (gone.status_code, gone.json()["code"]) == (504, "timeout")

@@ -38,6 +38,7 @@ MAX_JPEG = 4096
 MAX_VIDEO_MESSAGE = 8192
 MAX_PHONE_FILE = 100_000
 BROADCAST = "edgeway.broadcast"
+OCTETS = "application/octet-stream"
 JPEG_24X16 = (Path(__file__).parent / "data" / "24x16.jpg").read_bytes()  # see test_jpeg.py
 
 
@@ -563,6 +564,166 @@ async def test_a_late_joiner_gets_the_gop_then_only_newer_live_packets(
             "devices": [],
         }
         assert status_response.status_code == 504
+
+
+async def recv_text(ws: ClientConnection) -> Any:
+    message = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(message, str), message
+    return json.loads(message)
+
+
+async def test_timing_1_puts_each_packets_capture_time_before_it_and_others_get_none(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    # The relay's clock for this device: packet times (µs from the phone's boot) plus this.
+    offset_us = 1_800_000_000_000_000
+    gop = [
+        VideoPacket(PacketType.SPS, 1_000_000, payload("sps", 1)),
+        VideoPacket(PacketType.PPS, 1_000_000, payload("pps", 2)),
+        VideoPacket(PacketType.KEYFRAME, 1_000_000, payload("keyframe", 3), flags=1),
+    ]
+
+    async def answer(request: dict[str, Any]) -> tuple[bytes, str]:
+        if request["query"] == "clock":
+            body = {"device": "cam-t", "offset_us": offset_us}
+            return json.dumps(body).encode(), "application/json"
+        return (3).to_bytes(8, "big") + b"".join(p.encode() for p in gop), OCTETS
+
+    async with amqp(amqp_url) as channel, relay_stand_in(amqp_url, answer) as asked:
+        timed_url = ws_url(gateway, "/ws/video/consume", WATCHER, device="cam-t", timing="1")
+        plain_url = ws_url(gateway, "/ws/video/consume", WATCHER, device="cam-t")
+        async with websockets.connect(timed_url) as timed, websockets.connect(plain_url) as plain:
+            got: list[Any] = []
+            for seq, packet in enumerate(gop, 1):
+                timing = await recv_text(timed)
+                assert timing == {
+                    "type": "timing",
+                    "seq": seq,
+                    "kind": ["sps", "pps", "keyframe"][seq - 1],
+                    "captured_ms": (1_000_000 + offset_us) // 1000,
+                }
+                assert await recv_binary(timed) == packet.payload
+            assert [await recv_binary(plain) for _ in gop] == [p.payload for p in gop]
+            await plain.send("ping")
+            assert await asyncio.wait_for(plain.recv(), 5) == "pong"  # subscribed by now
+            await timed.send("ping")
+            assert await asyncio.wait_for(timed.recv(), 5) == "pong"
+            captured_ms = 1_800_000_001_033
+            await publish_broadcast(
+                channel,
+                "video.stream.cam-t",
+                payload("frame", 4),
+                content_type="video/h264",
+                headers={**packet_headers("frame", 4), "x-captured-ms": captured_ms},
+            )
+            # A packet the relay could not time (no x-captured-ms): null, not a made-up time.
+            await publish_packet(channel, "cam-t", "frame", 5)
+            for seq, (number, expected) in enumerate(((4, captured_ms), (5, None)), 4):
+                assert await recv_text(timed) == {
+                    "type": "timing",
+                    "seq": seq,
+                    "kind": "frame",
+                    "captured_ms": expected,
+                }
+                got.append(await recv_binary(timed))
+                assert got[-1] == payload("frame", number)
+            # Without timing=1 the socket is what it always was: the binary packets alone.
+            assert [await recv_binary(plain) for _ in range(2)] == got
+            await nothing_more(plain)
+            await nothing_more(timed)
+        about = [request for request in asked if request.get("device") == "cam-t"]
+        assert sorted(request["query"] for request in about) == ["clock", "gop", "gop"]
+
+        # A timing value that is neither 0 nor 1 is refused with the reason.
+        bad = ws_url(gateway, "/ws/video/consume", WATCHER, device="cam-t", timing="yes")
+        async with websockets.connect(bad) as refused:
+            error = await recv_json(refused)
+            await asyncio.wait_for(refused.wait_closed(), 5)
+        assert (error["code"], refused.close_code) == ("invalid_shape", 1008)
+        assert "?timing= must be 0 or 1" in error["reason"]
+
+
+def picture_reply(seq: int, captured_ms: int, jpeg: bytes) -> bytes:
+    return seq.to_bytes(8, "big") + captured_ms.to_bytes(8, "big", signed=True) + jpeg
+
+
+async def publish_jpeg(
+    channel: aio_pika.abc.AbstractChannel, device: str, seq: int, jpeg: bytes
+) -> None:
+    await publish_broadcast(
+        channel,
+        f"video.frames.{device}",
+        jpeg,
+        content_type="image/jpeg",
+        headers={"x-packet-type": "jpeg", "x-packet-seq": seq, "x-captured-ms": 1_000 + seq},
+    )
+
+
+async def test_a_frames_viewer_gets_the_latest_jpeg_at_once_then_newer_live_ones(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    latest = JPEG_24X16 + b"latest"
+
+    async def answer(request: dict[str, Any]) -> tuple[bytes, str]:
+        return picture_reply(7, 1_007, latest), OCTETS
+
+    async with amqp(amqp_url) as channel, relay_stand_in(amqp_url, answer) as asked:
+        url = ws_url(gateway, "/ws/video/frames", WATCHER, device="cam-j", timing="1")
+        async with websockets.connect(url) as viewer:
+            # At once, though nothing was published live: the relay's last JPEG.
+            assert await recv_text(viewer) == {
+                "type": "timing",
+                "seq": 1,
+                "kind": "jpeg",
+                "captured_ms": 1_007,
+            }
+            assert await recv_binary(viewer) == latest
+            # A live copy of a JPEG it already has is dropped; newer ones come, in order.
+            for seq in (7, 8, 9):
+                await publish_jpeg(channel, "cam-j", seq, JPEG_24X16 + bytes([seq]))
+            for number, seq in ((2, 8), (3, 9)):
+                timing = await recv_text(viewer)
+                assert (timing["seq"], timing["captured_ms"]) == (number, 1_000 + seq)
+                assert await recv_binary(viewer) == JPEG_24X16 + bytes([seq])
+            await viewer.send("ping")
+            assert await asyncio.wait_for(viewer.recv(), 5) == "pong"
+            await nothing_more(viewer)
+        assert [r for r in asked if "device" in r] == [{"query": "latest_jpeg", "device": "cam-j"}]
+
+
+async def test_a_frames_viewer_hears_of_no_stream_and_a_bad_device_is_refused(
+    gateway: ServiceProcess, amqp_url: str
+) -> None:
+    """No relay answers: the viewer is told, then gets live JPEGs as they come."""
+    url = ws_url(gateway, "/ws/video/frames", WATCHER, device="cam-k")
+    async with amqp(amqp_url) as channel, websockets.connect(url) as viewer:
+        status = await recv_json(viewer)
+        assert (status["type"], status["code"], status["device"]) == (
+            "status",
+            "no_stream",
+            "cam-k",
+        )
+        await viewer.send("ping")
+        assert await asyncio.wait_for(viewer.recv(), 5) == "pong"
+        await publish_jpeg(channel, "cam-k", 1, JPEG_24X16)
+        assert await recv_binary(viewer) == JPEG_24X16  # no timing asked: the JPEG alone
+        await publish_jpeg(channel, "cam-other", 1, JPEG_24X16)
+        await nothing_more(viewer)
+    for query in ({"device": "a.#"}, {"device": "cam-k", "timing": "2"}):
+        bad = ws_url(gateway, "/ws/video/frames", WATCHER, **query)
+        async with websockets.connect(bad) as refused:
+            error = await recv_json(refused)
+            await asyncio.wait_for(refused.wait_closed(), 5)
+        assert (error["type"], error["code"], refused.close_code) == (
+            "error",
+            "invalid_shape",
+            1008,
+        )
+    # The scope is checked before the upgrade, as for every video socket.
+    with pytest.raises(websockets.InvalidStatus) as refused_upgrade:
+        async with websockets.connect(ws_url(gateway, "/ws/video/frames", OPERATOR)):
+            pass
+    assert refused_upgrade.value.response.status_code == 403
 
 
 # --- identities: a phone's token speaks for its devices only ----------------------------------

@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +25,13 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from edgeway.common.batching import (
+    BATCH_CORRELATION_IDS,
+    BATCH_LENGTHS,
+    batch_size,
+    pack_work,
+    split_lines,
+)
 from edgeway.common.broker import publish
 from edgeway.common.db import make_engine
 from edgeway.common.envelope import Envelope, new_message_id
@@ -52,6 +60,45 @@ def frame(camera: str = "Flint_1", **overrides: Any) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class Broadcast:
+    """One client message the service published: a message of its own, or one line of a batch
+    (`batch` > 1: how many its AMQP message carried)."""
+
+    routing_key: str | None
+    body: bytes
+    type: str | None
+    correlation_id: str | None
+    delivery_mode: DeliveryMode | int | None
+    batch: int = 1
+
+
+def broadcasts(message: AbstractIncomingMessage) -> list[Broadcast]:
+    """A delivery of the broadcast exchange as the gateway hands it on: each message apart."""
+    count = batch_size(message.headers)
+    bodies = [message.body] if count == 1 else join_split(message.body, count)
+    correlation_ids = (
+        [message.correlation_id]
+        if count == 1
+        else str(message.headers[BATCH_CORRELATION_IDS]).split(",")
+    )
+    return [
+        Broadcast(
+            message.routing_key,
+            body,
+            message.type,
+            correlation_id,
+            message.delivery_mode,
+            count,
+        )
+        for body, correlation_id in zip(bodies, correlation_ids, strict=True)
+    ]
+
+
+def join_split(body: bytes, count: int) -> list[bytes]:
+    return [line.encode() for line in split_lines(body.decode(), count)]
+
+
 class Edge:
     """The producer and gateway side of the service, on one broker connection."""
 
@@ -59,15 +106,19 @@ class Edge:
         self.broker = broker
         self.listener = listener
         self.reply_channel = reply_channel
-        self.received: list[AbstractIncomingMessage] = []
+        self.received: list[Broadcast] = []
 
-    async def send(self, body: dict[str, Any] | bytes, *, message_id: str | None = None) -> str:
-        envelope = Envelope(
+    def envelope(self, message_id: str | None = None, **headers: str) -> Envelope:
+        return Envelope(
             type=OBSERVATION_TYPE,
             producer="camera-model",
             message_id=message_id or new_message_id(),
             reply_channel=self.reply_channel,
+            headers=headers,
         )
+
+    async def send(self, body: dict[str, Any] | bytes, *, message_id: str | None = None) -> str:
+        envelope = self.envelope(message_id)
         await publish(
             self.broker,
             body if isinstance(body, bytes) else orjson.dumps(body),
@@ -77,13 +128,31 @@ class Edge:
         )
         return envelope.message_id
 
-    async def result_of(self, message_id: str) -> AbstractIncomingMessage:
+    async def send_batch(
+        self, bodies: list[bytes], *, message_ids: list[str] | None = None
+    ) -> list[str]:
+        """Several frames in one message, as the gateway sends a connection's burst."""
+        items = [
+            (body, self.envelope(message_id))
+            for body, message_id in zip(bodies, message_ids or [None] * len(bodies), strict=True)
+        ]
+        body, headers = pack_work(items)
+        await publish(
+            self.broker,
+            body,
+            envelope=self.envelope(**headers),
+            exchange=TOPOLOGY.occupancy_observations,
+            durable=True,
+        )
+        return [envelope.message_id for _, envelope in items]
+
+    async def result_of(self, message_id: str) -> Broadcast:
         """The next broadcast caused by `message_id` (its correlation id)."""
         return await self.wait_for(lambda message: message.correlation_id == message_id)
 
     async def wait_for(
-        self, matches: Callable[[AbstractIncomingMessage], bool], within: float = WAIT
-    ) -> AbstractIncomingMessage:
+        self, matches: Callable[[Broadcast], bool], within: float = WAIT
+    ) -> Broadcast:
         deadline = time.monotonic() + within
         while True:
             for index, message in enumerate(self.received):
@@ -91,7 +160,7 @@ class Edge:
                     return self.received.pop(index)
             incoming = await self.listener.get(no_ack=True, fail=False)
             if incoming is not None:
-                self.received.append(incoming)
+                self.received.extend(broadcasts(incoming))
                 continue
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no matching broadcast in {within}s; got {self.received}")
@@ -192,6 +261,65 @@ async def test_an_observation_is_stored_and_broadcast_in_omegas_shape(
     assert again.body == update.body
     assert await query(db, "SELECT count(*) FROM observations") == [(1,)]
     assert (metric(service, "stored"), metric(service, "duplicate")) == (1.0, 1.0)
+
+
+async def test_a_batch_of_frames_is_stored_once_each_and_broadcast_per_location_in_order(
+    edge: Edge, db: AsyncEngine, service: ServiceProcess
+) -> None:
+    """A connection's burst in one message: each frame is its own observation (message id,
+    capture time, answer), a location's updates of the group share one broadcast in the
+    frames' order, and a redelivered batch stores nothing twice."""
+    bodies = [
+        orjson.dumps(frame(summary=summary(people=1))),
+        orjson.dumps(frame("SU_2")),
+        b'{"camera": "Nowhere_9", "timestamp": 1763321200.5,\n "summary": '
+        b'{"total_people": 1, "free": ["a"], "occupied": []}}',  # as the producer wrote it
+        orjson.dumps(frame(summary=summary(people=3))),
+        orjson.dumps(frame(summary=summary(people=2))),
+    ]
+    ids = await edge.send_batch(bodies)
+    flint = [await edge.result_of(ids[index]) for index in (0, 3, 4)]
+    assert [orjson.loads(update.body)["people_detected"] for update in flint] == [1, 3, 2]
+    assert [update.batch for update in flint] == [3, 3, 3]  # one AMQP message
+    assert flint[0].routing_key == Channels.occupancy_location(await location_id(db, "Flint Loop"))
+    assert flint[0].type == UPDATE_TYPE
+    union = await edge.result_of(ids[1])
+    assert (orjson.loads(union.body)["location_name"], union.batch) == ("Student Union 2", 1)
+    error = await edge.result_of(ids[2])
+    assert error.routing_key == edge.reply_channel
+    assert orjson.loads(error.body)["code"] == "unknown_camera"
+    stored = await query(db, "SELECT message_id, total_people FROM observations")
+    assert sorted((str(row[0]), row[1]) for row in stored) == sorted(
+        [(ids[0], 1), (ids[1], 5), (ids[3], 3), (ids[4], 2)]
+    )
+    rejected = await query(db, "SELECT message_id, payload FROM rejections")
+    assert [(str(row[0]), row[1].encode()) for row in rejected] == [(ids[2], bodies[2])]
+
+    await edge.send_batch(bodies, message_ids=ids)  # redelivered: nothing stored twice
+    again = [(await edge.result_of(message_id)).body for message_id in ids]
+    assert again == [flint[0].body, union.body, error.body, flint[1].body, flint[2].body]
+    assert await query(db, "SELECT count(*) FROM observations") == [(4,)]
+    assert await query(db, "SELECT count(*) FROM rejections") == [(1,)]
+    assert (metric(service, "stored"), metric(service, "duplicate")) == (4.0, 5.0)
+
+
+async def test_a_batch_whose_body_and_headers_disagree_is_dead_lettered_at_once(
+    edge: Edge,
+) -> None:
+    body, headers = pack_work([(orjson.dumps(frame()), edge.envelope())] * 2)
+    envelope = edge.envelope(**{**headers, BATCH_LENGTHS: "3,3"})
+    await publish(
+        edge.broker,
+        body,
+        envelope=envelope,
+        exchange=TOPOLOGY.occupancy_observations,
+        durable=True,
+    )
+    dead = await dead_letter(edge, envelope.message_id)
+    (death,) = cast(list[dict[str, Any]], dead.headers["x-death"])
+    assert death["reason"] == "rejected"
+    fine = await edge.send(frame())  # the service goes on
+    assert orjson.loads((await edge.result_of(fine)).body)["location_name"] == "Flint Loop"
 
 
 async def test_rejections_reach_the_producer_are_kept_and_do_not_stop_the_flow(

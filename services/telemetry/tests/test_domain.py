@@ -210,16 +210,18 @@ def test_stats_count_fields_and_report_the_seeds_ratio() -> None:
 # --- offline sessions -----------------------------------------------------------------------------
 
 
-def late(offset_ms: int, *, gap: int = 0, stored: bool = True) -> SessionRecord:
-    return SessionRecord(T0 + offset_ms, late=True, gap=gap, stored=stored)
+def at(offset_ms: int) -> datetime:
+    return datetime.fromtimestamp((T0 + offset_ms) / 1000, UTC)
+
+
+def late(
+    offset_ms: int, *, gap: int = 0, stored: bool = True, arrived: int = 60_000
+) -> SessionRecord:
+    return SessionRecord(T0 + offset_ms, late=True, gap=gap, stored=stored, received_at=at(arrived))
 
 
 def live(offset_ms: int) -> SessionRecord:
-    return SessionRecord(T0 + offset_ms, late=False, gap=0, stored=True)
-
-
-def at(offset_ms: int) -> datetime:
-    return datetime.fromtimestamp((T0 + offset_ms) / 1000, UTC)
+    return SessionRecord(T0 + offset_ms, late=False, gap=0, stored=True, received_at=at(offset_ms))
 
 
 def test_a_record_is_late_when_it_reaches_the_gateway_after_offline_after_s() -> None:
@@ -235,23 +237,36 @@ def test_live_records_touch_no_session() -> None:
 
 
 def test_a_run_of_late_records_opens_one_session_and_a_live_record_ends_it() -> None:
-    records = [live(0), late(300), late(600, gap=2), late(900, stored=False), live(1200)]
+    records = [
+        live(0),
+        late(300, arrived=9_000),
+        late(600, gap=2, arrived=9_100),
+        late(900, stored=False, arrived=9_200),
+        live(1200),
+    ]
     plan = domain.plan_sessions(vehicle_id=7, open_session=None, records=records)
     assert plan.update is None
-    assert plan.new == [domain.NewSession(7, at(300), at(1200), buffered=5, uploaded=2)]
+    # It arrived with its first late record.
+    assert plan.new == [
+        domain.NewSession(7, at(300), at(1200), buffered=5, uploaded=2, arrived_at=at(9_000))
+    ]
     assert (plan.keeps_open, plan.opens_new) == (False, False)
 
 
 def test_a_session_can_stay_open_across_groups() -> None:
     opened = domain.plan_sessions(vehicle_id=7, open_session=None, records=[late(0), late(300)])
-    assert opened.new == [domain.NewSession(7, at(0), None, buffered=2, uploaded=2)]
+    assert opened.new == [
+        domain.NewSession(7, at(0), None, buffered=2, uploaded=2, arrived_at=at(60_000))
+    ]
     assert opened.opens_new
     more = domain.plan_sessions(vehicle_id=7, open_session=42, records=[late(600), late(900)])
     assert more.update == domain.SessionUpdate(42, buffered=2, uploaded=2, ended_at=None)
     assert (more.new, more.keeps_open) == ([], True)
     ended = domain.plan_sessions(vehicle_id=7, open_session=42, records=[live(1200), late(1500)])
     assert ended.update == domain.SessionUpdate(42, buffered=0, uploaded=0, ended_at=at(1200))
-    assert ended.new == [domain.NewSession(7, at(1500), None, buffered=1, uploaded=1)]
+    assert ended.new == [
+        domain.NewSession(7, at(1500), None, buffered=1, uploaded=1, arrived_at=at(60_000))
+    ]
     assert (ended.keeps_open, ended.opens_new) == (False, True)
 
 

@@ -553,9 +553,8 @@ async def test_a_store_and_forward_replay_is_one_offline_session(
     for index in range(10):
         await gateway.send([packets[index]], received_at=at(index))
     replay = [packet for index, packet in enumerate(packets[10:30], 10) if index != 17]
-    await gateway.upload(
-        wire.encode_batch(replay), batch=True, received_at=packets[29].timestamp_ms / 1000 + 6
-    )
+    replayed_at = packets[29].timestamp_ms / 1000 + 6
+    await gateway.upload(wire.encode_batch(replay), batch=True, received_at=replayed_at)
     for index in range(30, 90):
         await gateway.send([packets[index]], received_at=at(index))
     sent = bodies(await gateway.broadcasts(89))
@@ -575,6 +574,33 @@ async def test_a_store_and_forward_replay_is_one_offline_session(
         )
     ]
     assert await query(db, "SELECT offline_session_id FROM vehicle_state") == [(None,)]
+
+    # What the gateway is told when it asks for the vehicle's sessions (the console's table).
+    def iso(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds")
+
+    answer = await gateway.ask({"query": "offline_sessions", "vin": SEED_VIN, "limit": 5})
+    assert answer == {
+        "vin": SEED_VIN,
+        "sessions": [
+            {
+                "id": answer["sessions"][0]["id"],
+                "vin": SEED_VIN,
+                "started_at": iso(packets[10].timestamp_ms / 1000),
+                "ended_at": iso(packets[30].timestamp_ms / 1000),
+                "arrived_at": iso(replayed_at),
+                "records_buffered": 20,
+                "records_uploaded": 19,
+                "status": "synced",
+            }
+        ],
+    }
+    assert await gateway.ask({"query": "offline_sessions", "vin": DEMO_VINS[0]}) == {
+        "vin": DEMO_VINS[0],
+        "sessions": [],
+    }
+    refused = await gateway.ask({"query": "offline_sessions", "vin": SEED_VIN, "limit": 0})
+    assert refused["code"] == "invalid_request"
 
     # What a decoder makes of the packets that came; after the loss, records are uncertain until
     # the next resync (30 s of record time after the first), which makes the decoder exact again.

@@ -6,6 +6,8 @@ Routing, acks, redeliveries and broadcasts on a real broker are `test_flow.py`'s
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,52 @@ async def test_queries_are_answered_and_refused_with_a_code(
     }
     assert (await ask({"query": "retire_vehicle", "vin": UNKNOWN_VIN}))["code"] == "not_found"
     assert await ask({"query": "history"}) == []
+
+
+async def test_offline_sessions_are_asked_for_one_vehicle_and_bad_arguments_refused(
+    deps: Deps, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    async def ask(**query: object) -> Any:
+        body = orjson.dumps({"query": "offline_sessions", **query})
+        return orjson.loads(await answer_query(body, sessions=sessions, vehicles=deps.vehicles))
+
+    encoder = Encoder()
+    now = int(time.time() * 1000)
+    # Three records of 2025 arriving now: a logger replaying its buffer; then a live one.
+    replay = [Sample(T0 + i * 300, 40.0 + i, 80.0, 12.5, 1e4, 90.0) for i in range(3)]
+    for sample in [*replay, Sample(now, 50.0, 79.0, 12.5, 1e4 + 1, 90.0)]:
+        await upload(deps, wire.encode_packet(encoder.encode(sample)), vin=SEED_VIN)
+
+    answer = await ask(vin=SEED_VIN)
+    assert answer["vin"] == SEED_VIN
+    [found] = answer["sessions"]
+    arrived = datetime.fromisoformat(found.pop("arrived_at"))
+    assert abs(arrived.timestamp() * 1000 - now) < 60_000
+    assert found == {
+        "id": found["id"],
+        "vin": SEED_VIN,
+        "started_at": "2025-11-21T12:00:00.000000+00:00",
+        "ended_at": datetime.fromtimestamp(now / 1000, UTC).isoformat(timespec="microseconds"),
+        "records_buffered": 3,
+        "records_uploaded": 3,
+        "status": "synced",
+    }
+    assert (await ask(vin=SEED_VIN, until="2025-11-21T12:00:00Z"))["sessions"] == []
+    assert len((await ask(vin=SEED_VIN, since="2025-11-21T12:00:00+00:00"))["sessions"]) == 1
+    assert await ask(vin=UNKNOWN_VIN) == {
+        "error": f"vehicle {UNKNOWN_VIN} is not registered",
+        "code": "not_found",
+    }
+    assert (await ask(vin="short"))["code"] == "invalid_vin"
+    assert (await ask())["code"] == "invalid_vin"
+    for refused in (
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "5"},
+        {"limit": True},
+        {"since": "yesterday"},
+        {"since": "2025-11-21T12:00:00"},  # no offset: whose noon?
+        {"since": 1763726400},
+        {"since": "2025-11-21T13:00Z", "until": "2025-11-21T12:00Z"},
+    ):
+        assert (await ask(vin=SEED_VIN, **refused))["code"] == "invalid_request", refused

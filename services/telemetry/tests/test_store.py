@@ -80,7 +80,7 @@ async def test_migrations_reach_head_in_their_own_version_table(
     database_url: str, engine: AsyncEngine
 ) -> None:
     assert await tables.MIGRATIONS.at_head(database_url)
-    assert tables.MIGRATIONS.current(database_url) == tables.MIGRATIONS.head() == "0003"
+    assert tables.MIGRATIONS.current(database_url) == tables.MIGRATIONS.head() == "0004"
 
     # The models and the migration describe the same schema, recorded in the service's own table.
     differences = await schema_differences(
@@ -91,7 +91,7 @@ async def test_migrations_reach_head_in_their_own_version_table(
 
 async def test_migrating_twice_changes_nothing(database_url: str) -> None:
     tables.MIGRATIONS.upgrade(database_url)
-    assert tables.MIGRATIONS.current(database_url) == "0003"
+    assert tables.MIGRATIONS.current(database_url) == "0004"
 
 
 # --- vehicles -------------------------------------------------------------------------------------
@@ -214,13 +214,60 @@ async def test_vehicles_from_before_retirement_existed_stay_active_and_0003_goes
                 text("INSERT INTO vehicles (vin) VALUES (:vin)"), {"vin": SEED_VIN}
             )
         await tables.MIGRATIONS.upgrade_async(url)
-        assert tables.MIGRATIONS.current(url) == "0003"
+        assert tables.MIGRATIONS.current(url) == "0004"
         async with make_sessionmaker(engine)() as session:
             assert list(await store.load_vehicles(session=session)) == [SEED_VIN]
     finally:
         await engine.dispose()
     await asyncio.to_thread(command.downgrade, tables.MIGRATIONS.config(url), "0002")
     assert tables.MIGRATIONS.current(url) == "0002"
+
+
+@pytest.fixture(params=DIALECTS)
+def database_at_0003(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A telemetry database as the previous release left it: migrated to 0003."""
+    configured = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = async_database_url(configured, service="telemetry", data_dir=tmp_path)
+    command.upgrade(tables.MIGRATIONS.config(url), "0003")
+    return url
+
+
+async def test_0004_finds_when_each_stored_session_arrived_and_goes_down(
+    database_at_0003: str,
+) -> None:
+    """A session from before 0004 gets the arrival of its first record; one whose first record
+    is not stored stays without."""
+    url = database_at_0003
+    engine = make_engine(url)
+    started = datetime.fromtimestamp((T0 + 300) / 1000, UTC)
+    try:
+        async with engine.begin() as connection:  # rows written by the 0003 schema
+            await connection.execute(insert(tables.VEHICLES).values(vin=SEED_VIN))
+            await connection.execute(
+                insert(tables.TELEMETRY).values(row(1, 300)._asdict() | {"received_at": RECEIVED})
+            )
+            for at in (started, started + timedelta(hours=1)):
+                await connection.execute(
+                    insert(tables.SESSIONS).values(
+                        vehicle_id=1,
+                        started_at=at,
+                        records_buffered=1,
+                        records_uploaded=1,
+                        status=tables.SESSION_SYNCING,
+                    )
+                )
+        await tables.MIGRATIONS.upgrade_async(url)
+        assert tables.MIGRATIONS.current(url) == "0004"
+        async with make_sessionmaker(engine)() as session:
+            found = await store.offline_sessions(session=session, vehicle_id=1, limit=10)
+        assert [(s.started_at, s.arrived_at) for s in found] == [
+            (started + timedelta(hours=1), None),
+            (started, RECEIVED),
+        ]
+    finally:
+        await engine.dispose()
+    await asyncio.to_thread(command.downgrade, tables.MIGRATIONS.config(url), "0003")
+    assert tables.MIGRATIONS.current(url) == "0003"
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -467,6 +514,46 @@ async def test_an_offline_session_grows_and_is_closed(
         opened = await session.get(tables.OfflineSession, open_id)
         assert opened is not None
         assert (opened.records_buffered, opened.ended_at, opened.status) == (7, RECEIVED, "synced")
+
+
+async def test_a_vehicles_sessions_come_newest_first_bounded_by_limit_and_time(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    car, other = vehicles[SEED_VIN], vehicles[DEMO_VINS[0]]
+    hour = timedelta(hours=1)
+    starts = [RECEIVED - 3 * hour, RECEIVED - 2 * hour, RECEIVED - hour]
+    async with sessions.begin() as session:
+        ids = [
+            await store.add_session(
+                session=session,
+                new=domain.NewSession(car, at, at + timedelta(minutes=10), 5, 4, at + 2 * hour),
+            )
+            for at in starts
+        ]
+        still_open = await store.add_session(
+            session=session, new=domain.NewSession(car, RECEIVED, None, 2, 2, RECEIVED)
+        )
+        await store.add_session(session=session, new=domain.NewSession(other, RECEIVED, None))
+        await store.retire_vehicle(session=session, vin=SEED_VIN, at=RECEIVED)
+
+    async with sessions() as session:
+        assert await store.vehicle_id_of(session=session, vin=SEED_VIN) == car  # retired too
+        assert await store.vehicle_id_of(session=session, vin="1HGCM82633A004352") is None
+
+        async def found(limit: int = 10, **span: datetime) -> list[int]:
+            stored = await store.offline_sessions(
+                session=session, vehicle_id=car, limit=limit, **span
+            )
+            return [s.id for s in stored]
+
+        assert await found() == [still_open, *ids[::-1]]
+        assert await found(limit=2) == [still_open, ids[2]]
+        # Overlapping the span: the one that ended within it, and the open one.
+        assert await found(since=starts[2] + timedelta(minutes=5)) == [still_open, ids[2]]
+        assert await found(until=starts[1]) == [ids[0]]
+        assert await found(since=starts[1], until=starts[2]) == [ids[1]]
+        first = (await store.offline_sessions(session=session, vehicle_id=car, limit=1))[0]
+    assert first == store.StoredSession(still_open, RECEIVED, None, RECEIVED, 2, 2, "syncing")
 
 
 # --- rejections -----------------------------------------------------------------------------------

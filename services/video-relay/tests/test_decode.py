@@ -25,7 +25,7 @@ def packets(seconds: float = 2.0) -> tuple[VideoPacket, ...]:
 
 
 def relayed(stream: tuple[VideoPacket, ...]) -> list[Relayed]:
-    return [Relayed(seq, packet, 1_000 + seq) for seq, packet in enumerate(stream, start=1)]
+    return [Relayed(seq, packet, 1_000 + seq, 0) for seq, packet in enumerate(stream, start=1)]
 
 
 def number_of(frame_index_us: int) -> int:
@@ -97,7 +97,7 @@ def test_garbage_payloads_are_counted_and_decoding_recovers() -> None:
         PacketType.FRAME, items[5].packet.timestamp_us, b"\x00\x00\x01\x41" + b"\xff" * 64
     )
     decoder = FrameDecoder(fps=30, qscale=5)
-    jpegs = decoder.decode([*items[:5], Relayed(99, broken, 0), *items[6:]])
+    jpegs = decoder.decode([*items[:5], Relayed(99, broken, 0, 0), *items[6:]])
     # Frames 0 to 2 decode; the decoder refuses the broken frame and, rather than decode the
     # rest of that GOP without it, waits for the keyframe at frame 30.
     assert [picture(jpeg) for jpeg in jpegs] == [0, 1, 2, *range(30, 60)]

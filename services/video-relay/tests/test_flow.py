@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -229,6 +230,10 @@ def of_device(device: str) -> Callable[[AbstractIncomingMessage], bool]:
     return lambda message: (message.headers or {}).get("x-device") == device
 
 
+def is_jpeg(message: AbstractIncomingMessage) -> bool:
+    return (message.headers or {}).get("x-packet-type") == "jpeg"
+
+
 # --- the tests --------------------------------------------------------------------------------
 
 
@@ -328,6 +333,52 @@ async def test_jpegs_reach_the_tracker_with_the_seed_headers(gateway: Gateway) -
     assert numbers == expected
     await tracker.settle()
     assert len([m for m in tracker.received if of_device(device)(m)]) == len(expected)
+
+
+async def test_jpegs_reach_viewers_numbered_with_capture_times_and_the_last_is_kept(
+    gateway: Gateway,
+) -> None:
+    device = device_id()
+    viewers = await gateway.listen(
+        TOPOLOGY.broadcast, Channels.video_frames(device), Channels.video_stream(device)
+    )
+    before_ms = time.time_ns() // 1_000_000
+    packets = phone_stream()
+    chunks = cut(b"".join(p.encode() for p in packets), random.Random(6))
+    await send_stream(gateway, chunks, device=device, seconds=2.0)
+    expected = list(range(0, 60, 30 // DECODE_FPS))
+    frames = await viewers.wait_for(len(expected), is_jpeg, within=WAIT)
+    after_ms = time.time_ns() // 1_000_000
+    stream = [m for m in viewers.received if not is_jpeg(m)]
+
+    assert [header(m, "x-packet-seq") for m in frames] == list(range(1, len(expected) + 1))
+    assert {(m.content_type, m.delivery_mode) for m in frames} == {
+        ("image/jpeg", DeliveryMode.NOT_PERSISTENT)
+    }
+    numbers = []
+    for message in frames:
+        codec = av.CodecContext.create("mjpeg", "r")
+        (picture,) = codec.decode(av.Packet(message.body))
+        assert isinstance(picture, VideoFrame)
+        numbers.append(frame_number(picture.to_ndarray(format="gray")))
+    assert numbers == expected
+    # The phone's times (from 0 here, as a boot clock) mapped to the wall clock: each capture
+    # time is after the first packet left and no later than its own packet's arrival.
+    captured = [header(m, "x-captured-ms") for m in frames]
+    assert all(before_ms <= captured_ms <= after_ms for captured_ms in captured)
+    clock = orjson.loads((await gateway.ask({"query": "clock", "device": device})).body)
+    by_time = {header(m, "x-timestamp-us"): header(m, "x-captured-ms") for m in stream}
+    for timestamp_us, captured_ms in by_time.items():
+        assert before_ms <= captured_ms <= after_ms
+        # Anchored again as faster packets came: never later than the final anchor says.
+        assert captured_ms >= (timestamp_us + clock["offset_us"]) // 1000
+
+    # A viewer that joins now gets the last of them at once.
+    latest = (await gateway.ask({"query": "latest_jpeg", "device": device})).body
+    seq, captured_ms = struct.unpack(">Qq", latest[:16])
+    assert (seq, captured_ms) == (len(expected), captured[-1])
+    assert latest[16:] == frames[-1].body
+    assert (await gateway.ask({"query": "latest_jpeg", "device": device_id()})).body == bytes(16)
 
 
 async def test_imu_comes_out_in_order_once_per_timestamp(

@@ -17,7 +17,7 @@ ENVELOPE = Envelope(type="video.chunk.v1", producer="gateway")
 
 
 def item(seq: int, kind: PacketType = PacketType.FRAME) -> Relayed:
-    return Relayed(seq, VideoPacket(kind, seq, b"\x00\x00\x00\x01" + bytes([seq % 256])), 0)
+    return Relayed(seq, VideoPacket(kind, seq, b"\x00\x00\x00\x01" + bytes([seq % 256])), 0, 0)
 
 
 class Broker:

@@ -5,11 +5,13 @@ here, so the device publishers wait (see `DevicePublisher.run`)."""
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import RabbitBroker, RabbitResponse
 from prometheus_client import CollectorRegistry
 
 from edgeway.common.amqp import AmqpLink
@@ -23,6 +25,7 @@ from edgeway.video_relay.metrics import Metrics
 from edgeway.video_relay.publishing import Publisher
 from edgeway.video_relay.relay import VideoRelay, device_of
 from edgeway.video_relay.settings import VideoRelaySettings
+from edgeway.video_relay.stream import Picture
 
 START = b"\x00\x00\x00\x01"
 CHUNK = Envelope(type="video.chunk.v1", producer="gateway")
@@ -125,6 +128,26 @@ async def test_the_gop_reply_is_binary_and_a_bad_query_is_a_json_error(
         answer = answer_query(bad, relay=relay)
         assert answer.message_options["content_type"] == "application/json"
         assert "error" in orjson.loads(answer.body)
+
+
+async def test_the_latest_jpeg_and_the_clock_are_answered_per_device(relay: VideoRelay) -> None:
+    def ask(query: str, device: str) -> RabbitResponse:
+        return answer_query(orjson.dumps({"query": query, "device": device}), relay=relay)
+
+    # Nothing held yet: no JPEG (16 zero bytes) and no clock.
+    nothing = ask("latest_jpeg", "a")
+    assert nothing.message_options["content_type"] == "application/octet-stream"
+    assert nothing.body == bytes(16)
+    assert orjson.loads(ask("clock", "a").body) == {"device": "a", "offset_us": None}
+    chunk(relay, "a")
+    offset = orjson.loads(ask("clock", "a").body)["offset_us"]
+    # This stream's times count from 0: anchored at the relay's clock, about now.
+    assert abs(offset / 1e6 - time.time()) < 60
+    relay.devices["a"].picture = Picture(7, 1_800_000_000_123, b"\xff\xd8jpeg")
+    latest = ask("latest_jpeg", "a").body
+    assert latest == struct.pack(">Qq", 7, 1_800_000_000_123) + b"\xff\xd8jpeg"
+    for query in ("latest_jpeg", "clock"):
+        assert "error" in orjson.loads(ask(query, "a.#").body)
 
 
 def test_device_ids_are_the_gateways() -> None:

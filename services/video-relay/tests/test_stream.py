@@ -7,7 +7,14 @@ import struct
 import pytest
 
 from edgeway.common.video.packets import PacketParser, PacketType, VideoPacket
-from edgeway.video_relay.stream import Bandwidth, DeviceStream, Gop, Relayed
+from edgeway.video_relay.stream import (
+    WALL_CLOCK_SLACK_US,
+    Bandwidth,
+    DeviceStream,
+    Gop,
+    PhoneClock,
+    Relayed,
+)
 
 START = b"\x00\x00\x00\x01"
 SPS = VideoPacket(PacketType.SPS, 1_000, START + b"\x67\x42\xc0\x1e\xda")
@@ -177,6 +184,58 @@ def test_a_new_connection_is_a_new_byte_stream() -> None:
     # A connection whose first chunks were dropped from the queue counts them.
     send(stream, wire(frame(5_033)), connection="third", chunk_seq=4)
     assert stream.chunks_lost == 3
+
+
+# A phone booted an hour before it streams: its packet times count µs from boot (Android's).
+UNIX_US = 1_800_000_000_000_000
+BOOT_US = 3_600_000_000
+
+
+def test_a_boot_clock_is_anchored_at_the_packet_that_travelled_fastest() -> None:
+    clock = PhoneClock()
+    assert clock.offset_us is None
+    # Arrivals 40 ms, 25 ms and 60 ms after capture (the phone's clock is 1.8e15 µs behind).
+    for capture_us, transit_us in ((0, 40_000), (33_333, 25_000), (66_666, 60_000)):
+        clock.observe(BOOT_US + capture_us, (UNIX_US + capture_us + transit_us) * 1000)
+    assert clock.offset_us == UNIX_US - BOOT_US + 25_000
+    # Each capture time is late by that fastest transit, never by a slower one.
+    assert clock.captured_ms(BOOT_US + 100_000) == (UNIX_US + 100_000 + 25_000) // 1000
+
+
+def test_a_phone_that_stamps_unix_time_is_taken_at_its_word() -> None:
+    clock = PhoneClock()
+    clock.observe(UNIX_US, (UNIX_US + 30_000) * 1000)  # arrived 30 ms after its capture time
+    assert clock.offset_us == 0
+    assert clock.captured_ms(UNIX_US + 1_000) == (UNIX_US + 1_000) // 1000
+    # One whose clock runs ahead of the relay's (a time after its arrival) is anchored instead.
+    ahead = PhoneClock()
+    ahead.observe(UNIX_US + 500_000, UNIX_US * 1000)
+    assert ahead.offset_us == -500_000
+    # And one too far behind to be wall time (past the slack) is too.
+    behind = PhoneClock()
+    behind.observe(UNIX_US, (UNIX_US + WALL_CLOCK_SLACK_US + 1) * 1000)
+    assert behind.offset_us == WALL_CLOCK_SLACK_US + 1
+
+
+def test_packets_carry_their_capture_time_and_a_new_connection_starts_a_new_clock() -> None:
+    stream = new_stream()
+    received = stream.receive(
+        wire(SPS, PPS, keyframe(BOOT_US)),
+        connection="c1",
+        chunk_seq=1,
+        received_ns=(UNIX_US + 20_000) * 1000,
+        now=1.0,
+    )
+    assert {item.captured_ms for item in received.packets} == {(UNIX_US + 20_000) // 1000}
+    # A rebooted phone on a new connection: its clock is anchored afresh, not at the old one.
+    later = stream.receive(
+        wire(keyframe(5_000)),
+        connection="c2",
+        chunk_seq=1,
+        received_ns=(UNIX_US + 9_000_000) * 1000,
+        now=2.0,
+    )
+    assert later.packets[0].captured_ms == (UNIX_US + 9_000_000) // 1000
 
 
 def test_corrupt_packets_are_counted_over_parser_resets() -> None:

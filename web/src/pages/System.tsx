@@ -1,17 +1,27 @@
 import { useEffect, useState } from "preact/hooks";
-import { ApiError, type Claims, getJson, getText } from "../api";
-import { ErrorLine } from "../components/Needs";
+import { type Claims, getJson, getText } from "../api";
+import { ErrorLine, Needs } from "../components/Needs";
 
-// Each service is asked, through the gateway, the cheapest question its scope allows: an
-// answer means the service is reachable over the broker; 504 means it did not answer in time.
-// A 404 for a request id nobody made is an answer too (the ingestion service looked).
-const PROBES = [
-  { service: "occupancy", scope: "occupancy:subscribe", path: "/api/v1/occupancy/history?seconds=60&bucket_s=60" },
-  { service: "telemetry", scope: "telemetry:subscribe", path: "/status" },
-  { service: "video relay", scope: "video:subscribe", path: "/video/status" },
-  { service: "ingestion", scope: "ingest:read", path: "/api/v1/ingest/status/console-readiness-probe", answers: [404] },
-  { service: "tracker", scope: "tracking:read", path: "/api/v1/environments" },
-];
+// Each service instance's readiness comes from the gateway, which keeps the latest report each
+// instance publishes (what its own /readyz says, every few seconds): the console cannot reach
+// the instances, and the gateway does not know their addresses.
+const SERVICES_PATH = "/api/v1/system/services";
+const SCOPE = "system:read";
+
+interface Instance {
+  instance: string;
+  status: "ready" | "not ready" | "not reporting";
+  failures: Record<string, string>;
+  age_s: number;
+  checked_at: number;
+  interval_s: number;
+  version: string | null;
+}
+
+interface SystemReadiness {
+  gateway: { gateway_id: string; instance: string; status: string; failures: Record<string, string> };
+  services: { service: string; instances: Instance[] }[];
+}
 
 // Metrics read from the gateway's /metrics (Prometheus text; on the public port in development).
 const METRICS: { name: string; label: string }[] = [
@@ -22,12 +32,6 @@ const METRICS: { name: string; label: string }[] = [
   { name: "edgeway_gateway_rejected_total", label: "producer messages rejected at the edge" },
   { name: "edgeway_gateway_auth_refused_total", label: "connections refused by auth" },
 ];
-
-interface Probe {
-  service: string;
-  state: "ready" | "not answering" | "not checked" | "checking";
-  detail: string;
-}
 
 /** The sum of every sample of `name` in Prometheus text (all its label sets together). */
 export function metricTotal(text: string, name: string): number | null {
@@ -42,34 +46,87 @@ export function metricTotal(text: string, name: string): number | null {
   return total;
 }
 
-async function probe(claims: Claims, item: (typeof PROBES)[number]): Promise<Probe> {
-  if (!claims.scopes.includes(item.scope)) {
-    return { service: item.service, state: "not checked", detail: `needs the scope ${item.scope}` };
-  }
-  const started = performance.now();
-  try {
-    await getJson(item.path);
-  } catch (problem) {
-    const error = problem as ApiError;
-    if (!(error instanceof ApiError) || !(item.answers ?? []).includes(error.status)) {
-      return { service: item.service, state: "not answering", detail: `${error.status ?? ""} ${error.message}` };
-    }
-  }
-  return { service: item.service, state: "ready", detail: `answered in ${Math.round(performance.now() - started)} ms` };
+/** "database: OSError: ...; migrations: ..." */
+function failureText(failures: Record<string, string>): string {
+  return Object.entries(failures)
+    .map(([check, reason]) => `${check}: ${reason}`)
+    .join("; ");
+}
+
+function ago(seconds: number): string {
+  return seconds < 60 ? `${seconds.toFixed(1)} s ago` : `${Math.round(seconds / 60)} min ago`;
+}
+
+function InstanceRow(props: { service: string; item: Instance }) {
+  const { item } = props;
+  const failing = failureText(item.failures);
+  const detail =
+    item.status === "not reporting"
+      ? `last report ${ago(item.age_s)} (every ${item.interval_s} s)${failing ? `; it said ${failing}` : ""}`
+      : `${failing ? `${failing}; ` : ""}reported ${ago(item.age_s)}${item.version ? `, version ${item.version}` : ""}`;
+  return (
+    <tr data-service={props.service} data-instance={item.instance} data-state={item.status}>
+      <td>{props.service}</td>
+      <td class="small">{item.instance}</td>
+      <td class={item.status === "ready" ? "ok" : "bad"}>{item.status}</td>
+      <td class="small">{detail}</td>
+    </tr>
+  );
+}
+
+function Readiness(props: { readiness: SystemReadiness }) {
+  const { gateway, services } = props.readiness;
+  return (
+    <table data-testid="readiness">
+      <thead>
+        <tr>
+          <th>service</th>
+          <th>instance</th>
+          <th>state</th>
+          <th>detail</th>
+        </tr>
+      </thead>
+      <tbody>
+        <tr data-service="gateway" data-instance={gateway.instance} data-state={gateway.status}>
+          <td>gateway (this replica)</td>
+          <td class="small">{gateway.instance}</td>
+          <td class={gateway.status === "ready" ? "ok" : "bad"}>{gateway.status}</td>
+          <td class="small">{failureText(gateway.failures) || `/readyz, id ${gateway.gateway_id}`}</td>
+        </tr>
+        {services.map(({ service, instances }) =>
+          instances.length === 0 ? (
+            <tr data-service={service} data-state="no instance">
+              <td>{service}</td>
+              <td class="small muted">–</td>
+              <td class="bad">no instance</td>
+              <td class="small">no instance has reported in the last few minutes</td>
+            </tr>
+          ) : (
+            instances.map((item) => <InstanceRow service={service} item={item} />)
+          ),
+        )}
+      </tbody>
+    </table>
+  );
 }
 
 export function SystemPage(props: { claims: Claims }) {
-  const [gateway, setGateway] = useState<string>("checking");
-  const [probes, setProbes] = useState<Probe[]>([]);
+  const allowed = props.claims.scopes.includes(SCOPE);
+  const [readiness, setReadiness] = useState<SystemReadiness | null>(null);
+  const [readinessError, setReadinessError] = useState<string | null>(null);
   const [metrics, setMetrics] = useState<string | null>(null);
   const [error, setError] = useState<string | null>(null);
 
   useEffect(() => {
     const check = () => {
-      getJson<{ status: string }>("/readyz")
-        .then((answer) => setGateway(answer.status))
-        .catch((problem: Error) => setGateway(`not ready: ${problem.message}`));
-      Promise.all(PROBES.map((item) => probe(props.claims, item))).then(setProbes);
+      if (allowed) {
+        getJson<SystemReadiness>(SERVICES_PATH)
+          .then((answer) => {
+            setReadiness(answer);
+            setReadinessError(null);
+          })
+          .catch((problem: Error) => setReadinessError(`${SERVICES_PATH}: ${problem.message}`));
+      }
       getText("/metrics")
         .then((text) => {
           setMetrics(text);
@@ -82,34 +139,15 @@ export function SystemPage(props: { claims: Claims }) {
     check();
     const timer = window.setInterval(check, 5000);
     return () => window.clearInterval(timer);
-  }, [props.claims]);
+  }, [allowed]);
 
   return (
     <section>
       <h2>System</h2>
-      <table data-testid="readiness">
-        <thead>
-          <tr>
-            <th>part</th>
-            <th>state</th>
-            <th>detail</th>
-          </tr>
-        </thead>
-        <tbody>
-          <tr data-service="gateway">
-            <td>gateway (and its broker link)</td>
-            <td class={gateway === "ready" ? "ok" : "bad"}>{gateway}</td>
-            <td>/readyz</td>
-          </tr>
-          {probes.map((item) => (
-            <tr data-service={item.service} data-state={item.state}>
-              <td>{item.service}</td>
-              <td class={item.state === "ready" ? "ok" : item.state === "not checked" ? "muted" : "bad"}>{item.state}</td>
-              <td>{item.detail}</td>
-            </tr>
-          ))}
-        </tbody>
-      </table>
+      <Needs claims={props.claims} scopes={[SCOPE]} what="each service's readiness">
+        <ErrorLine error={readinessError} />
+        {readiness ? <Readiness readiness={readiness} /> : !readinessError && <p class="muted">checking…</p>}
+      </Needs>
       <h3>Gateway metrics</h3>
       <ErrorLine error={error} />
       {metrics && (

@@ -42,14 +42,20 @@ type Field = (typeof FIELDS)[number];
 const UNITS: Record<Field, string> = { speed: "km/h", battery: "%", power: "kW", heading: "°" };
 // Points kept per chart: 2 minutes of a logger's 300 ms records.
 const KEEP = 400;
-// A record that reached the server this long after its own time was buffered: the vehicle was
-// in a dead zone (the logger's outbox replays it when it is back).
-const LATE_MS = 3000;
+// A vehicle's offline sessions are asked for this often, so a replay shows up within it.
+const SESSIONS_POLL_MS = 5000;
+const SESSIONS_SHOWN = 10;
 
+// `GET /api/v1/telemetry/sessions`: a run of records the logger buffered in a dead zone and
+// replayed when it was back, as the telemetry service stored it.
 interface OfflineSession {
-  from: number;
-  to: number;
-  records: number;
+  id: number;
+  started_at: string; // the records' own times
+  ended_at: string | null; // null while the replay goes on
+  arrived_at: string | null; // when the replay reached the gateway
+  records_buffered: number;
+  records_uploaded: number;
+  status: "syncing" | "synced";
 }
 
 interface Vehicle {
@@ -59,12 +65,11 @@ interface Vehicle {
   rebuilt: Record<Field, (number | null)[]>;
   stats: Stats | null;
   records: number;
-  offline: OfflineSession[];
 }
 
 function emptyVehicle(vin: string): Vehicle {
   const series = () => ({ speed: [], battery: [], power: [], heading: [] }) as Record<Field, (number | null)[]>;
-  return { vin, times: [], sent: series(), rebuilt: series(), stats: null, records: 0, offline: [] };
+  return { vin, times: [], sent: series(), rebuilt: series(), stats: null, records: 0 };
 }
 
 /** `vehicle` with `record` added: each field goes to the sent series or, when the server
@@ -86,17 +91,70 @@ function addRecord(vehicle: Vehicle, record: LiveRecord): void {
   }
   vehicle.stats = record.compression_stats;
   vehicle.records += 1;
-  const delay = Date.parse(record.data.received_at) - record.data.timestamp;
-  if (delay > LATE_MS) {
-    const last = vehicle.offline[vehicle.offline.length - 1];
-    // Late records within a minute of each other belong to one dead zone.
-    if (last && record.data.timestamp - last.to < 60000) {
-      last.to = Math.max(last.to, record.data.timestamp);
-      last.records += 1;
-    } else {
-      vehicle.offline.push({ from: record.data.timestamp, to: record.data.timestamp, records: 1 });
-    }
-  }
+}
+
+function time(iso: string | null): string {
+  return iso === null ? "–" : new Date(iso).toLocaleTimeString();
+}
+
+/** The vehicle's last offline sessions, from the telemetry service, asked again every
+ * SESSIONS_POLL_MS: a replay that starts, grows or ends shows up within that. */
+function OfflineSessions(props: { vin: string }) {
+  const [sessions, setSessions] = useState<OfflineSession[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  useEffect(() => {
+    let stopped = false;
+    const read = () =>
+      getJson<{ sessions: OfflineSession[] }>(
+        `/api/v1/telemetry/sessions?vin=${encodeURIComponent(props.vin)}&limit=${SESSIONS_SHOWN}`,
+      )
+        .then((answer) => {
+          if (stopped) return;
+          setSessions(answer.sessions);
+          setError(null);
+        })
+        .catch((problem: Error) => !stopped && setError(`offline sessions: ${problem.message}`));
+    read();
+    const polling = window.setInterval(read, SESSIONS_POLL_MS);
+    return () => {
+      stopped = true;
+      window.clearInterval(polling);
+    };
+  }, [props.vin]);
+  return (
+    <div data-testid="offline-sessions" data-vin={props.vin}>
+      <h4>Offline sessions</h4>
+      <ErrorLine error={error} />
+      {sessions === null ? null : sessions.length === 0 ? (
+        <p class="muted small">none: every record of this vehicle arrived as it was recorded</p>
+      ) : (
+        <table class="small">
+          <thead>
+            <tr>
+              <th>recorded from</th>
+              <th>to</th>
+              <th>replay arrived</th>
+              <th>records stored / buffered</th>
+              <th>status</th>
+            </tr>
+          </thead>
+          <tbody>
+            {sessions.map((session) => (
+              <tr data-testid="offline-session" data-status={session.status}>
+                <td>{time(session.started_at)}</td>
+                <td>{time(session.ended_at)}</td>
+                <td>{time(session.arrived_at)}</td>
+                <td>
+                  {session.records_uploaded} / {session.records_buffered}
+                </td>
+                <td>{session.status}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </div>
+  );
 }
 
 function Controls(props: { vins: string[] }) {
@@ -232,7 +290,8 @@ function Telemetry(props: { operator: boolean }) {
       )}
       <p class="hint">
         Lines are values the vehicle sent; <span class="rebuilt">dots</span> are values it skipped and the server
-        reconstructed from its prediction.
+        reconstructed from its prediction. Offline sessions are records a logger buffered in a dead zone and sent
+        when it was back: <em>syncing</em> while they still arrive late, <em>synced</em> once a live record followed.
       </p>
       {list.length === 0 && <p class="muted">Waiting for the first record…</p>}
       {list.map((vehicle) => (
@@ -261,21 +320,7 @@ function Telemetry(props: { operator: boolean }) {
               />
             ))}
           </div>
-          <div data-testid="offline-sessions">
-            <h4>Offline sessions seen here</h4>
-            {vehicle.offline.length === 0 ? (
-              <p class="muted small">none: every record arrived within {LATE_MS / 1000} s</p>
-            ) : (
-              <ul>
-                {vehicle.offline.map((session) => (
-                  <li>
-                    {new Date(session.from).toLocaleTimeString()} – {new Date(session.to).toLocaleTimeString()}:{" "}
-                    {session.records} records buffered and sent late
-                  </li>
-                ))}
-              </ul>
-            )}
-          </div>
+          <OfflineSessions vin={vehicle.vin} />
         </div>
       ))}
     </section>

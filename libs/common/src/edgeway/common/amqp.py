@@ -37,6 +37,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pamqp import commands as spec
@@ -356,16 +357,34 @@ class ConfirmPublisher:
         durable: bool,
         headers: Mapping[str, Any] | None = None,
         prepared: spec.Basic.Properties | None = None,
+        context: Context | None = None,
     ) -> asyncio.Task[None]:
         """Start one publish now (taking a place in the window even if it is full); its task
         ends once the broker confirmed it. Publishes submitted in order go out in order.
 
         `prepared`: the message's AMQP properties as the caller built them (for instance
         marshalled once for many messages; they must carry what `envelope` would), used as they
-        are where nothing is traced."""
-        if self.link.tracer is not None:
-            headers = _traced(headers)
+        are where nothing is traced. `context`: where traced, the publish gets a PRODUCER span
+        of its own under this context (that of the delivery it reports, say, when it is started
+        elsewhere); without it, the current context goes into the headers."""
+        tracer = self.link.tracer
+        if tracer is not None:
             prepared = None  # the span's context goes into the headers
+            if context is not None:
+                self._take()
+                return asyncio.create_task(
+                    self._send_traced(
+                        tracer,
+                        context,
+                        body,
+                        envelope=envelope,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        durable=durable,
+                        headers=headers,
+                    )
+                )
+            headers = _traced(headers)
         self._take()
         return asyncio.create_task(
             self._send(
@@ -377,6 +396,34 @@ class ConfirmPublisher:
                 started=time.perf_counter(),
             )
         )
+
+    async def _send_traced(
+        self,
+        tracer: trace.Tracer,
+        context: Context,
+        body: bytes,
+        *,
+        envelope: Envelope,
+        exchange: str,
+        routing_key: str,
+        durable: bool,
+        headers: Mapping[str, Any] | None,
+    ) -> None:
+        started = time.perf_counter()
+        with tracer.start_as_current_span(
+            f"{exchange or 'default'} publish",
+            context=context,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.message.id": envelope.message_id},
+        ):
+            await self._send(
+                body,
+                properties(envelope, durable=durable, headers=_traced(headers)),
+                exchange=exchange,
+                routing_key=routing_key,
+                mandatory=durable,
+                started=started,
+            )
 
     async def _send(
         self,

@@ -10,13 +10,37 @@ acks only what is durable. Items are flushed in the order they were submitted.
 At a steady, moderate rate each flush finds only the item or two that came during the last one,
 and every commit costs its fixed statements again. `linger` makes the flusher wait that long
 before it takes a group that is not full yet: fewer, larger commits for that much more latency.
+
+The same reasoning holds for AMQP messages: a publish, its confirm, a delivery and its ack cost
+about the same whatever they carry. So messages that fall due together (one commit group's
+broadcasts, a camera's frames that arrive while its earlier ones await their confirms) may share
+one AMQP message; one alone goes as it always did. Such a message says how many it carries in
+its `x-batch` header (`BATCH_HEADER`), keeps their `type`, and takes one of two forms:
+
+- a broadcast (`join_lines`, `split_lines`): the messages' JSON joined by "\n" (orjson writes no
+  raw newline), for clients that get each as a message of its own; `x-batch-correlation-ids`
+  names what each one answers, comma-separated;
+- durable work (`pack_work`, `unpack_work`): a JSON array of the producers' bodies as they came,
+  byte for byte, with each one's envelope in `x-batch-*` headers (comma-separated lists: message
+  id, body length, capture and receive times); producer, reply channel and trace are the
+  message's own. Consumers stay idempotent per item, on its message id.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from edgeway.common.envelope import Envelope
+
+# How many messages an AMQP message carries, where more than one (a decimal string).
+BATCH_HEADER = "x-batch"
+BATCH_CORRELATION_IDS = "x-batch-correlation-ids"
+BATCH_MESSAGE_IDS = "x-batch-message-ids"
+BATCH_LENGTHS = "x-batch-lengths"
+BATCH_CAPTURED_AT = "x-batch-captured-at"
+BATCH_RECEIVED_AT = "x-batch-received-at"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -98,3 +122,107 @@ def _settle(
         future.set_exception(exc)
     else:
         future.set_result(result)  # type: ignore[arg-type]
+
+
+def batch_size(headers: Mapping[str, Any] | None) -> int:
+    """How many messages a delivery carries (1 for one without `BATCH_HEADER`); ValueError for
+    a count that is not a positive number."""
+    value = headers.get(BATCH_HEADER) if headers else None
+    if value is None:
+        return 1
+    try:
+        count = int(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{BATCH_HEADER} is not a count: {value!r}") from None
+    if count < 1:
+        raise ValueError(f"{BATCH_HEADER} is not a positive count: {count}")
+    return count
+
+
+def join_lines(bodies: Sequence[bytes]) -> bytes:
+    """The body of a broadcast batch: one JSON message a line. ValueError for a body with a raw
+    newline (not compact JSON: the lines would not split back)."""
+    for body in bodies:
+        if b"\n" in body:
+            raise ValueError("a message of a batch holds a raw newline")
+    return b"\n".join(bodies)
+
+
+def split_lines(text: str, count: int) -> list[str]:
+    """The `count` messages of a broadcast batch's (decoded) body, in order."""
+    lines = text.split("\n")
+    if len(lines) != count:
+        raise ValueError(f"the batch says {count} messages and holds {len(lines)}")
+    return lines
+
+
+def pack_work(items: Sequence[tuple[bytes, Envelope]]) -> tuple[bytes, dict[str, str]]:
+    """Several producers' bodies (valid JSON each) as one work message: its body and the
+    headers that carry each one's envelope (see the module). The caller's envelope for the whole
+    message carries what they share (producer, reply channel)."""
+    bodies = [body for body, _ in items]
+    envelopes = [envelope for _, envelope in items]
+    headers = {
+        BATCH_HEADER: str(len(items)),
+        BATCH_MESSAGE_IDS: ",".join(envelope.message_id for envelope in envelopes),
+        BATCH_LENGTHS: ",".join(str(len(body)) for body in bodies),
+        BATCH_CAPTURED_AT: ",".join(
+            "" if envelope.captured_at is None else f"{envelope.captured_at:.6f}"
+            for envelope in envelopes
+        ),
+        BATCH_RECEIVED_AT: ",".join(f"{envelope.received_at:.6f}" for envelope in envelopes),
+    }
+    return b"[" + b",".join(bodies) + b"]", headers
+
+
+def unpack_work(
+    body: bytes, headers: Mapping[str, Any], shared: Envelope
+) -> list[tuple[bytes, Envelope]]:
+    """The items of a `pack_work` message, each with its own envelope (`shared`'s producer,
+    reply channel and trace); ValueError when body and headers do not agree."""
+    count = batch_size(headers)
+    columns = [
+        _header_list(headers, name, count)
+        for name in (BATCH_MESSAGE_IDS, BATCH_LENGTHS, BATCH_CAPTURED_AT, BATCH_RECEIVED_AT)
+    ]
+    items: list[tuple[bytes, Envelope]] = []
+    position = 1
+    try:
+        for message_id, length, captured, received in zip(*columns, strict=True):
+            end = position + int(length)
+            if body[position - 1 : position] != (b"," if items else b"[") or end <= position:
+                raise ValueError("the body is not the array its lengths describe")
+            if not message_id:
+                raise ValueError("an item has no message id")
+            items.append(
+                (
+                    body[position:end],
+                    Envelope(
+                        type=shared.type,
+                        producer=shared.producer,
+                        message_id=message_id,
+                        captured_at=float(captured) if captured else None,
+                        received_at=float(received),
+                        reply_channel=shared.reply_channel,
+                        content_type=shared.content_type,
+                        traceparent=shared.traceparent,
+                    ),
+                )
+            )
+            position = end + 1
+    except ValueError as exc:
+        raise ValueError(f"malformed work batch: {exc}") from None
+    if body[position - 1 :] != b"]":
+        raise ValueError("malformed work batch: the body is not the array its lengths describe")
+    return items
+
+
+def _header_list(headers: Mapping[str, Any], name: str, count: int) -> list[str]:
+    value = headers.get(name)
+    text = value.decode() if isinstance(value, bytes) else value
+    if not isinstance(text, str):
+        raise ValueError(f"malformed work batch: no {name} header")
+    values = text.split(",")
+    if len(values) != count:
+        raise ValueError(f"malformed work batch: {name} has {len(values)} values, not {count}")
+    return values

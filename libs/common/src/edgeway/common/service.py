@@ -3,6 +3,8 @@
 `/healthz` is liveness: the process answers, nothing else is checked (a broker outage must not
 make Kubernetes restart every replica). `/readyz` is readiness: the broker is connected and every
 check the service registered (database reachable, migrations applied, models loaded) passes.
+The same checks go to the gateways every few seconds (`edgeway.common.readiness`), which show
+each instance's readiness on the web console.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from edgeway.common.db import Migrations, make_engine, make_sessionmaker, ping
 from edgeway.common.errors import ErrorObject
 from edgeway.common.http_limits import serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging, get_logger
+from edgeway.common.readiness import ReadinessCheck, Reporter, failures
 from edgeway.common.settings import CommonSettings, async_database_url
+from edgeway.common.topology import Topology
 from edgeway.common.tracing import configure_tracing
 
-# A readiness check raises (any exception) when its dependency is not ready.
-ReadinessCheck = Callable[[], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
@@ -97,6 +99,8 @@ class InternalApp(AsgiFastStream):
 def service_app(
     broker: RabbitBroker,
     *,
+    service: str,
+    settings: CommonSettings,
     checks: Mapping[str, ReadinessCheck],
     on_startup: Sequence[Hook] = (),
     after_startup: Sequence[Hook] = (),
@@ -104,7 +108,21 @@ def service_app(
     registry: CollectorRegistry = REGISTRY,
     broker_timeout: float = 2.0,
 ) -> AsgiFastStream:
-    """The service as one ASGI app: the broker's consumers plus the operations endpoints."""
+    """The service as one ASGI app: the broker's consumers plus the operations endpoints.
+
+    Once started, it also reports its readiness (the same checks as `/readyz`) to the gateways
+    every `settings.readiness_interval_s` (`edgeway.common.readiness.Reporter`)."""
+
+    async def failing() -> dict[str, str]:
+        return await failures(broker, checks, broker_timeout=broker_timeout)
+
+    reporter = Reporter(
+        broker,
+        service=service,
+        exchange=Topology(settings.exchanges).broadcast,
+        interval_s=settings.readiness_interval_s,
+        check=failing,
+    )
 
     @get(include_in_schema=False)
     async def healthz(scope: Scope) -> AsgiResponse:
@@ -112,16 +130,9 @@ def service_app(
 
     @get(include_in_schema=False)
     async def readyz(scope: Scope) -> AsgiResponse:
-        failures: dict[str, str] = {}
-        if not await broker.ping(broker_timeout):
-            failures["broker"] = "not connected"
-        for name, check in checks.items():
-            try:
-                await check()
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its reason
-                failures[name] = f"{type(exc).__name__}: {exc}"
-        if failures:
-            return _json(503, {"status": "not ready", "failures": failures})
+        failed = await failing()
+        if failed:
+            return _json(503, {"status": "not ready", "failures": failed})
         return _json(200, {"status": "ready"})
 
     return InternalApp(
@@ -132,14 +143,17 @@ def service_app(
             ("/metrics", make_asgi_app(registry)),
         ],
         on_startup=on_startup,
-        after_startup=after_startup,
-        on_shutdown=on_shutdown,
+        # First: while the rest of the start-up runs, the report says what is not ready yet.
+        after_startup=[reporter.start, *after_startup],
+        on_shutdown=[reporter.stop, *on_shutdown],
     )
 
 
 def database_service_app(
     broker: RabbitBroker,
     *,
+    service: str,
+    settings: CommonSettings,
     engine: AsyncEngine,
     url: str,
     migrations: Migrations,
@@ -185,6 +199,8 @@ def database_service_app(
 
     app = service_app(
         broker,
+        service=service,
+        settings=settings,
         checks={
             "database": database_reachable,
             "migrations": migrations_at_head,
@@ -277,6 +293,8 @@ class BrokerService(_Parts):
         """`service_app` on this broker and registry."""
         return service_app(
             self.broker,
+            service=self.service,
+            settings=self.settings,
             checks=checks,
             on_startup=on_startup,
             after_startup=after_startup,
@@ -307,6 +325,8 @@ class DatabaseService(_Parts):
         """`database_service_app` on this broker, database and registry."""
         return database_service_app(
             self.broker,
+            service=self.service,
+            settings=self.settings,
             engine=self.engine,
             url=self.url,
             migrations=migrations,

@@ -100,6 +100,9 @@ class CommonSettings(BaseSettings):
     # Seconds from a request's head to the last byte of its body (408 after that). Sized for the
     # largest body accepted, the gateway's 128 MiB ingest upload, at about 10 Mbit/s.
     http_body_timeout: float = Field(default=120.0, gt=0)
+    # Seconds between two readiness reports of a service instance to the gateways
+    # (`edgeway.common.readiness`); an instance silent for three is shown as not reporting.
+    readiness_interval_s: float = Field(default=5.0, gt=0, le=300)
     # Seconds a stopping process gives in-flight work before it exits.
     graceful_timeout: float = 10.0
     # Allocations between two young-generation garbage collections (CPython's default is 700;

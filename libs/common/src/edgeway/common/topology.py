@@ -27,6 +27,8 @@ DETECTIONS_QUEUE_MAX_LENGTH = 10_000
 # Relayed phone frames waiting for one live tracking task: the task keeps only the newest of
 # each camera, so a short queue (half a second of a 30 fps phone) only absorbs bursts.
 RELAY_FRAMES_QUEUE_MAX_LENGTH = 16
+# Readiness reports waiting for one gateway replica: a few minutes of a hundred instances'.
+SYSTEM_QUEUE_MAX_LENGTH = 10_000
 
 
 class Channels:
@@ -65,6 +67,11 @@ class Channels:
         return f"video.stream.{device}"
 
     @staticmethod
+    def video_frames(device: str) -> str:
+        """The relay's decoded JPEGs of one phone's stream, for viewers without H.264."""
+        return f"video.frames.{device}"
+
+    @staticmethod
     def video_imu(device: str) -> str:
         """One phone's IMU samples, in order, for viewers."""
         return f"video.imu.{device}"
@@ -87,6 +94,13 @@ class Channels:
     def tracking_task(task_id: str) -> str:
         """One tracking task's tracking_update, status_update and batch_processing_complete."""
         return f"tracking.task.{task_id}"
+
+    SYSTEM_READINESS = "system.readiness.*"
+
+    @staticmethod
+    def system_readiness(service: str) -> str:
+        """Each instance of one service says whether it is ready (`edgeway.common.readiness`)."""
+        return f"system.readiness.{service}"
 
     @staticmethod
     def producer(gateway_id: str, connection_id: str) -> str:
@@ -163,6 +177,18 @@ class Topology:
             auto_delete=True,
             durable=False,
             arguments={"x-max-length": GATEWAY_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
+        )
+
+    def gateway_system_queue(self, gateway_id: str) -> RabbitQueue:
+        """One gateway replica's copy of the services' readiness reports (`system.readiness.*`),
+        apart from the clients' fan-out; a backlog is stale, so the oldest go."""
+        return RabbitQueue(
+            f"edgeway.gateway.{gateway_id}.system",
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            routing_key=Channels.SYSTEM_READINESS,
+            arguments={"x-max-length": SYSTEM_QUEUE_MAX_LENGTH, "x-overflow": "drop-head"},
         )
 
     # --- occupancy ----------------------------------------------------------------------------

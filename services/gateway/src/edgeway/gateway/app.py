@@ -33,11 +33,13 @@ from edgeway.gateway.link import NotConnectedError, ServiceUnavailableError
 from edgeway.gateway.occupancy import cameras, clients
 from edgeway.gateway.settings import GatewaySettings
 from edgeway.gateway.state import Gateway, GatewayDep
+from edgeway.gateway.system import api as system_api
+from edgeway.gateway.system.state import gateway_failures
 from edgeway.gateway.telemetry import dashboards, loggers, uploads, vehicles
 from edgeway.gateway.tracking import api as tracking_api
 from edgeway.gateway.tracking import detections, live
 from edgeway.gateway.video import api as video_api
-from edgeway.gateway.video import consumers, phones, streams, viewers
+from edgeway.gateway.video import consumers, frames, phones, streams, viewers
 
 log = get_logger("edgeway.gateway")
 access_log = get_logger("edgeway.gateway.access")
@@ -50,14 +52,16 @@ TAGS = [
     {"name": "video", "description": "Phone and drone video, IMU, viewers and their commands."},
     {"name": "ingestion", "description": "Image uploads and RTSP captures (TrackShift's API)."},
     {"name": "tracking", "description": "Multi-camera tracking environments and tasks (SpotOn)."},
+    {"name": "system", "description": "Each service instance's readiness, and the gateway's."},
 ]
 # Each tag's route modules, in the order the API documents list them.
 ROUTES: dict[str, tuple[ModuleType, ...]] = {
     "occupancy": (cameras, clients),
     "telemetry": (uploads, dashboards, loggers, vehicles),
-    "video": (phones, streams, consumers, viewers, video_api),
+    "video": (phones, streams, consumers, frames, viewers, video_api),
     "ingestion": (ingest_api,),
     "tracking": (tracking_api, live, detections),
+    "system": (system_api,),
 }
 
 
@@ -211,12 +215,10 @@ def create_app(
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(gw: GatewayDep) -> JSONResponse:
-        if await gw.link.ready():
+        failures = await gateway_failures(gw.link)
+        if not failures:
             return JSONResponse({"status": "ready"})
-        reason = "not connected" if gw.link.connected.is_set() else "not reached yet"
-        return JSONResponse(
-            {"status": "not ready", "failures": {"broker": reason}}, status_code=503
-        )
+        return JSONResponse({"status": "not ready", "failures": failures}, status_code=503)
 
     if metrics_port is None:
 

@@ -44,6 +44,8 @@ class Scope(StrEnum):
     TRACKING_READ = "tracking:read"  # environments, task status, stored tracks
     TRACKING_SUBSCRIBE = "tracking:subscribe"  # /ws/tracking/{task_id}
     TRACKING_PUBLISH = "tracking:publish"  # edge devices: /ws/detections
+    # Operators: each service instance's readiness (its failures name hosts and databases).
+    SYSTEM_READ = "system:read"
 
 
 class Identity(StrEnum):

@@ -109,7 +109,14 @@ WEBSOCKET_ROUTES = (
     WebSocketRoute(
         "/ws/video/consume",
         Scope.VIDEO_SUBSCRIBE,
-        "H.264 packets of a stream, from its last keyframe; text `ping` is answered `pong`",
+        "H.264 packets of a stream, from its last keyframe; text `ping` is answered `pong`; "
+        "`?timing=1`: each packet's capture time before it",
+    ),
+    WebSocketRoute(
+        "/ws/video/frames",
+        Scope.VIDEO_SUBSCRIBE,
+        "a stream's decoded JPEGs, the latest at once, for viewers without H.264; "
+        "`?timing=1` as for `/ws/video/consume`",
     ),
     WebSocketRoute(
         "/ws/viewer",

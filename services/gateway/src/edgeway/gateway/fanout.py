@@ -2,11 +2,13 @@
 
 Each message is encoded once, upstream, and the same object goes to every client. Under the
 gateway's own server (`edgeway.gateway.server`) its WebSocket frame is serialized once too, and
-written straight to each client whose socket takes it at once. Otherwise each client has a
-bounded send queue drained by its own writer task, so a slow or dead client never delays
-the others or the broker consumer. A client that falls a whole queue behind loses its oldest
-messages (lossy channels), is closed with a clear code (reliable ones), or, for H.264, skips to
-the next keyframe so what it gets stays decodable; every drop is counted.
+written straight to each client whose socket takes it at once. Several messages of a channel
+that arrive in one broadcast (a `Batch`) go to such a client as one write of their frames.
+Otherwise each client has a bounded send queue drained by its own writer task, so a slow or
+dead client never delays the others or the broker consumer. A client that falls a whole queue
+behind loses its oldest messages (lossy channels), is closed with a clear code (reliable ones),
+or, for H.264, skips to the next keyframe so what it gets stays decodable; every drop is
+counted.
 """
 
 from __future__ import annotations
@@ -32,21 +34,37 @@ from edgeway.gateway.server import PREPARED_FRAMES, WriteFrame
 
 @dataclass(frozen=True, slots=True)
 class Packet:
-    """One H.264 packet off a `video.stream.<device>` channel; the socket gets `payload`.
+    """One H.264 packet off a `video.stream.<device>` channel, or one JPEG off
+    `video.frames.<device>`; the socket gets `payload`.
 
-    `kind` is the `x-packet-type` header ("sps", "pps", "keyframe", "frame"); `seq` is the
-    relay's `x-packet-seq` for that device (0 when unknown: a packet of a GOP reply).
+    `kind` is the `x-packet-type` header ("sps", "pps", "keyframe", "frame", "jpeg"); `seq` is
+    the relay's `x-packet-seq` for that device (0 when unknown: a packet of a GOP reply);
+    `captured_ms` its `x-captured-ms`, when the phone captured it (Unix ms, 0 when unknown).
     """
 
     payload: bytes
     kind: str
     seq: int = 0
+    captured_ms: int = 0
 
 
 Message = str | bytes | Packet
+
+
+class Batch:
+    """Messages of one channel delivered together (`Hub.deliver_many`), in order. A client that
+    keeps up gets them in one write; any other queues them one by one."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self, messages: Sequence[Message]) -> None:
+        self.messages = tuple(messages)
+
+
 Send = Callable[[Message], Awaitable[None]]
-# Write a message to the socket now, without waiting; False when the socket would not take it so.
-Write = Callable[[Message], bool]
+# Write a message (or a batch, whole) to the socket now, without waiting; False when the socket
+# would not take it so.
+Write = Callable[[Message | Batch], bool]
 Binder = Callable[[str], Awaitable[None]]
 
 log = get_logger("edgeway.gateway.fanout")
@@ -140,6 +158,21 @@ class ClientQueue:
             self._queue.popleft()
             self.metrics.dropped.labels(self.endpoint, "slow_client").inc()
         self._put(message)
+
+    def offer_many(self, batch: Batch) -> None:
+        """`offer` each message of `batch` in order, but in one write when the writer is idle
+        with nothing queued and the socket takes them at once (no snapshot filter pending)."""
+        if (
+            self._idle
+            and not self._queue
+            and self._write is not None
+            and self.admit is None
+            and not self.closed
+            and self._write(batch)
+        ):
+            return
+        for message in batch.messages:
+            self.offer(message)
 
     def _put(self, message: Message) -> None:
         if self._idle and not self._queue and self._write is not None and self._write(message):
@@ -258,6 +291,11 @@ class VideoQueue(ClientQueue):
             queue.extend(p for p in (self._sps, self._pps) if p is not None)
         self._put(message)
 
+    def offer_many(self, batch: Batch) -> None:
+        """One by one: each packet moves the skip policy."""
+        for message in batch.messages:
+            self.offer(message)
+
     def start(self, gop: Iterable[Packet], last_seq: int) -> None:
         """A late joiner's start: the GOP first, then only live packets newer than its last.
 
@@ -323,7 +361,7 @@ def prepared_writer(websocket: WebSocket, *, binary: bool) -> Write | None:
         return None
     write_frame: WriteFrame = extension["write"]
 
-    def write(message: Message) -> bool:
+    def write(message: Message | Batch) -> bool:
         frame = _frames.frame(message, binary=binary)
         return frame is not None and write_frame(frame)
 
@@ -334,21 +372,30 @@ class PreparedFrames:
     """The serialized frames of the message being delivered, made once for all its clients.
 
     `Hub.deliver` offers one message object to every watcher in turn, so remembering the last
-    message (by identity) is enough. At most a text and a binary frame per message.
+    message (by identity) is enough. At most a text and a binary frame per message. A `Batch`
+    is the concatenation of its messages' frames, made once per kind of socket.
     """
 
-    __slots__ = ("_frames", "_message")
+    __slots__ = ("_batch_frames", "_frames", "_message")
 
     def __init__(self) -> None:
-        self._message: Message | None = None
+        self._message: Message | Batch | None = None
         self._frames: dict[Opcode, bytes] = {}
+        self._batch_frames: dict[bool, bytes | None] = {}  # by `binary`
 
-    def frame(self, message: Message, *, binary: bool) -> bytes | None:
+    def frame(self, message: Message | Batch, *, binary: bool) -> bytes | None:
         """None for what the socket does not take (a packet for a text socket): the queue's
         `Send` raises on it, in the client's writer, not in the middle of a delivery."""
         if message is not self._message:
             self._message = message
             self._frames = {}
+            self._batch_frames = {}
+        if isinstance(message, Batch):
+            if binary not in self._batch_frames:
+                frames = [_serialized(item, binary=binary) for item in message.messages]
+                whole = [frame for frame in frames if frame is not None]
+                self._batch_frames[binary] = b"".join(whole) if len(whole) == len(frames) else None
+            return self._batch_frames[binary]
         opcode = _opcode(message, binary=binary)
         if opcode is None:
             return None
@@ -359,6 +406,11 @@ class PreparedFrames:
 
 
 _frames = PreparedFrames()
+
+
+def _serialized(message: Message, *, binary: bool) -> bytes | None:
+    opcode = _opcode(message, binary=binary)
+    return None if opcode is None else Frame(opcode, _payload(message)).serialize(mask=False)
 
 
 def _opcode(message: Message, *, binary: bool) -> Opcode | None:
@@ -479,6 +531,22 @@ class Hub:
                 await self._unbind(pattern)
             except Exception:
                 log.warning("unbind failed", pattern=pattern, exc_info=True)
+
+    def deliver_many(self, channel: str, messages: Sequence[Message], *, kind: str) -> int:
+        """`deliver` several messages of `channel` in order, as one `Batch` (one write to each
+        client that keeps up); returns to how many clients. Counted per message."""
+        if len(messages) == 1:
+            return self.deliver(channel, messages[0], kind=kind)
+        batch = Batch(messages)
+        count = 0
+        for pattern, watchers in self._watchers.items():
+            if pattern == channel or self._regex[pattern].match(channel):
+                for client in watchers:
+                    client.offer_many(batch)
+                count += len(watchers)
+        if count:
+            self._metrics.delivered.labels(kind).inc(count * len(messages))
+        return count
 
     def deliver(self, channel: str, message: Message, *, kind: str) -> int:
         """Queue `message` for every client watching `channel`; returns how many."""

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from edgeway.common.amqp import AmqpLink, ConfirmPublisher
+from edgeway.common.batching import batch_size, split_lines
 from edgeway.common.broker import declare_shared, declare_work, make_broker
 from edgeway.common.envelope import JSON, Envelope
 from edgeway.common.errors import ErrorObject
@@ -43,6 +44,7 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 # Headers of an H.264 packet on `video.stream.<device>` (set by the video relay).
 HEADER_PACKET_TYPE = "x-packet-type"
 HEADER_PACKET_SEQ = "x-packet-seq"
+HEADER_CAPTURED_MS = "x-captured-ms"
 
 
 class ServiceUnavailableError(Exception):
@@ -126,25 +128,44 @@ class BrokerLink:
         """One delivery of the broadcast queue: decoded once, handed to every watcher.
 
         Live results are lossy by design: consumed without acks, never redelivered stale.
+        A batch (`edgeway.common.batching`: JSON lines) is split and delivered in order, each
+        message counted as if it had come alone.
         """
         raw = message.body
         body: Message = raw
         headers = message.headers
+        count = batch_size(headers)
+        if count > 1:
+            self._on_batch(message.routing_key or "", split_lines(raw.decode(), count))
+            return
         if (message.content_type or JSON) == JSON:
             body = raw.decode()  # once per message, shared by every client
         elif headers and HEADER_PACKET_TYPE in headers:
-            # An H.264 packet: its kind and sequence drive the consumers' skip policy.
+            # An H.264 packet (or a JPEG): its kind and sequence drive the consumers' skip
+            # policy, its capture time their opt-in timing messages.
             body = Packet(
                 raw,
                 kind=_header_text(headers[HEADER_PACKET_TYPE]),
                 seq=_header_int(headers.get(HEADER_PACKET_SEQ, 0)),
+                captured_ms=_header_int(headers.get(HEADER_CAPTURED_MS, 0)),
             )
         routing_key = message.routing_key or ""
         kind = routing_key.split(".", 1)[0]
         self._received.labels(kind).inc()
         if kind == "gateway":  # a service refused what a producer of ours sent
-            self.metrics.rejected.labels("service", orjson.loads(raw).get("code", "unknown")).inc()
+            self._count_refusal(raw)
         self.hub.deliver(routing_key, body, kind=kind)
+
+    def _on_batch(self, routing_key: str, messages: list[str]) -> None:
+        kind = routing_key.split(".", 1)[0]
+        self._received.labels(kind).inc(len(messages))
+        if kind == "gateway":
+            for text in messages:
+                self._count_refusal(text)
+        self.hub.deliver_many(routing_key, messages, kind=kind)
+
+    def _count_refusal(self, frame: bytes | str) -> None:
+        self.metrics.rejected.labels("service", orjson.loads(frame).get("code", "unknown")).inc()
 
     async def _consume_broadcast(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
@@ -292,11 +313,12 @@ class BrokerLink:
         )
 
     async def publish_stream(
-        self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange
+        self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange, routing_key: str = ""
     ) -> None:
-        """A live message (video, IMU, commands) on a fanout exchange: transient, confirmed."""
+        """A live message (video, IMU, commands, edge detections) on its exchange: transient,
+        confirmed."""
         await self._up(self.live).publish(
-            body, envelope=envelope, exchange=exchange.name, durable=False
+            body, envelope=envelope, exchange=exchange.name, routing_key=routing_key, durable=False
         )
 
     async def request(self, *, service: str, queue: RabbitQueue, body: dict[str, Any]) -> Any:

@@ -28,6 +28,7 @@ from edgeway.gateway.limits import TokenBucket
 from edgeway.gateway.link import BrokerLink, NotConnectedError
 from edgeway.gateway.metrics import Metrics
 from edgeway.gateway.settings import GatewaySettings
+from edgeway.gateway.system.state import SystemState
 from edgeway.gateway.telemetry.state import TelemetryState
 from edgeway.gateway.tracking.state import TrackingState
 from edgeway.gateway.video.state import VideoState
@@ -60,6 +61,7 @@ class Gateway:
         self.telemetry = TelemetryState(self.link)
         self.video = VideoState()
         self.tracking = TrackingState(settings)
+        self.system = SystemState(self.link)
         # Refused WebSocket upgrades logged: a client retrying with a bad token in a loop
         # (or an attacker) must not flood the log; metrics.auth_refused counts them all.
         self.refusals_logged = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST)

@@ -6,6 +6,7 @@ shared confirm publisher); FastStream declares the topology and answers queries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -15,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from edgeway.common.amqp import AmqpLink, ConfirmPublisher
+from edgeway.common.amqp import AmqpLink
 from edgeway.common.batching import GroupCommit
 from edgeway.common.broker import declare_shared, declare_work
 from edgeway.common.db import is_outage, with_db_retry
@@ -23,7 +24,7 @@ from edgeway.common.logging import get_logger
 from edgeway.common.service import database_service, link_ready, service_link
 from edgeway.common.topology import Topology
 from edgeway.occupancy import store
-from edgeway.occupancy.flows import SERVICE, Delivery, Outcome, store_observations
+from edgeway.occupancy.flows import SERVICE, Delivery, Result, broadcast, store_observations
 from edgeway.occupancy.handlers import on_observation, register
 from edgeway.occupancy.metrics import Metrics
 from edgeway.occupancy.settings import OccupancySettings
@@ -41,12 +42,12 @@ class Deps:
     sessions: async_sessionmaker[AsyncSession]
     cameras: store.CameraDirectory
     metrics: Metrics
-    # Deliveries handled concurrently share one transaction (see edgeway.common.batching).
-    group_commit: GroupCommit[Delivery, Outcome]
+    # Deliveries handled concurrently share one transaction (see edgeway.common.batching) and
+    # their broadcasts (flows.broadcast).
+    group_commit: GroupCommit[Delivery, Result]
     writer: store.Writer
-    # The per-message path's own connection and the publisher of its results.
+    # The per-message path's own connection (its publisher is the group commit's).
     link: AmqpLink
-    publisher: ConfirmPublisher
 
 
 def build_deps(
@@ -60,21 +61,29 @@ def build_deps(
 ) -> Deps:
     cameras = store.camera_directory()
     writer = store.make_writer(url, sessions)
-    group_commit: GroupCommit[Delivery, Outcome] = GroupCommit(
-        lambda deliveries: with_db_retry(
+    topology = Topology(settings.exchanges)
+    link = service_link(
+        settings, service=SERVICE, registry=registry, tracer_provider=tracer_provider
+    )
+    publisher = link.publisher()
+
+    async def commit(deliveries: Sequence[Delivery]) -> list[Result]:
+        outcomes = await with_db_retry(
             lambda: store_observations(
                 deliveries, writer=writer, cameras=cameras, sessions=sessions
             ),
             delays=settings.db_retry_delays,
             forever=True,
-        ),
+        )
+        return broadcast(
+            deliveries, outcomes, publisher=publisher, exchange=topology.names.broadcast
+        )
+
+    group_commit: GroupCommit[Delivery, Result] = GroupCommit(
+        commit,
         max_size=settings.commit_group_size,
         # A database outage fails every item alike; anything else may be one bad observation.
         isolate=lambda exc: not is_outage(exc),
-    )
-    topology = Topology(settings.exchanges)
-    link = service_link(
-        settings, service=SERVICE, registry=registry, tracer_provider=tracer_provider
     )
     return Deps(
         settings=settings,
@@ -86,7 +95,6 @@ def build_deps(
         group_commit=group_commit,
         writer=writer,
         link=link,
-        publisher=link.publisher(),
     )
 
 

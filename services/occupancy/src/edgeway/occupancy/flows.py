@@ -5,15 +5,24 @@ what to publish about it once committed. Each body is parsed once, by the handle
 One observation is one short transaction at low load; its results are published after the
 commit and the delivery is acked after that, so a crash anywhere means a redelivery, which the
 store ignores (idempotent on `message_id`) and which publishes its result again.
+
+A group's results go out as one broadcast per routing key (`broadcast`): a location's updates,
+or a producer connection's error frames, committed together share one AMQP message (the batch
+form of `edgeway.common.batching`); one alone goes as the plain message it always was.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from opentelemetry.context import Context
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.amqp import ConfirmPublisher
+from edgeway.common.batching import BATCH_CORRELATION_IDS, BATCH_HEADER, join_lines
 from edgeway.common.broker import encode
 from edgeway.common.envelope import Envelope
 from edgeway.common.schemas.occupancy import UPDATE_TYPE
@@ -38,11 +47,64 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One observation as it came off the queue, decoded."""
+    """One observation as it came off the queue, decoded; `trace`: its handler's context where
+    spans are exported (its broadcast's span goes under it)."""
 
     envelope: Envelope
     body: bytes
     reading: domain.Reading | domain.Rejection
+    trace: Context | None = None
+
+
+class Result(NamedTuple):
+    """An observation's outcome once committed, and the publish that carries its message (None:
+    nothing to tell); it is acked once that publish is confirmed."""
+
+    outcome: Outcome
+    published: asyncio.Task[None] | None
+
+
+def broadcast(
+    deliveries: Sequence[Delivery],
+    outcomes: Sequence[Outcome],
+    *,
+    publisher: ConfirmPublisher,
+    exchange: str,
+) -> list[Result]:
+    """Start publishing a committed group's messages: one per routing key, in the group's order
+    (several of a key as one batch); each delivery's publish comes back with its outcome."""
+    keys: dict[str, list[int]] = {}
+    for index, outcome in enumerate(outcomes):
+        if outcome.routing_key:
+            keys.setdefault(outcome.routing_key, []).append(index)
+    published: list[asyncio.Task[None] | None] = [None] * len(outcomes)
+    for routing_key, indices in keys.items():
+        first = outcomes[indices[0]]
+        envelope = deliveries[indices[0]].envelope.derive(type=first.type, producer=SERVICE)
+        if len(indices) == 1:
+            body, headers = first.body, None
+        else:
+            body = join_lines([outcomes[index].body for index in indices])
+            headers = {
+                BATCH_HEADER: str(len(indices)),
+                BATCH_CORRELATION_IDS: ",".join(
+                    deliveries[index].envelope.correlation_id
+                    or deliveries[index].envelope.message_id
+                    for index in indices
+                ),
+            }
+        task = publisher.submit(
+            body,
+            envelope=envelope,
+            exchange=exchange,
+            routing_key=routing_key,
+            durable=False,
+            headers=headers,
+            context=deliveries[indices[0]].trace,
+        )
+        for index in indices:
+            published[index] = task
+    return [Result(outcome, task) for outcome, task in zip(outcomes, published, strict=True)]
 
 
 async def store_observations(

@@ -1,9 +1,11 @@
 """Handlers of the occupancy service: decode, apply the rules, store, publish.
 
-- `on_observation`: a camera model's frame, the per-message path (aio-pika directly, see
-  `edgeway.common.amqp`): read once (`domain`), stored with the others of its commit group
+- `on_observation`: a camera model's frame, or several of one connection in one message (the
+  work batch of `edgeway.common.batching`), the per-message path (aio-pika directly, see
+  `edgeway.common.amqp`): each read once (`domain`), stored with the others of its commit group
   (`flows`), its update or error frame published after the commit through the shared confirm
-  publisher, then acked by the consumer;
+  publisher (one message per routing key and group), then acked by the consumer once every
+  frame it carried is committed and its broadcast confirmed;
 - `answer_query` (FastStream, a cold path): the gateway's `{"query": "latest"}` (every
   location's latest update) and `{"query": "history"}` (each location's recent observations,
   averaged per time window).
@@ -18,21 +20,25 @@ between tries are `settings.db_retry_delays`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import RabbitBroker
+from opentelemetry import context as otel_context
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.amqp import RejectDeliveryError
+from edgeway.common.batching import batch_size, unpack_work
 from edgeway.common.broker import answer_requests, encode
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE
 from edgeway.occupancy import domain, store
-from edgeway.occupancy.flows import SERVICE, Delivery
+from edgeway.occupancy.flows import Delivery
 
 if TYPE_CHECKING:
     from edgeway.occupancy.app import Deps
@@ -41,30 +47,43 @@ log = get_logger("edgeway.occupancy.handlers")
 
 
 async def on_observation(message: AbstractIncomingMessage, deps: Deps) -> None:
-    """One observation; returns once its effect is committed and its result confirmed by the
-    broker (the consumer acks then). Raises on what is not an outage: requeued."""
-    body = message.body
+    """One message of observations; returns once each is committed and its result confirmed by
+    the broker (the consumer acks then). Raises on what is not an outage: requeued; a batch
+    whose body and headers disagree is dead-lettered at once."""
     envelope = Envelope.from_message(message, type=OBSERVATION_TYPE)
-    reading = domain.read_observation(body)
-    outcome = await deps.group_commit.submit(Delivery(envelope, body, reading))
-    deps.metrics.observations.labels(outcome.label).inc()
-    if outcome.rejection is not None:
-        log.warning(
-            "observation rejected",
-            code=outcome.rejection.code.value,
-            reason=outcome.rejection.reason,
-            message_id=envelope.message_id,
-            producer=envelope.producer,
-            duplicate=outcome.label == "duplicate",
+    try:
+        batched = batch_size(message.headers) > 1
+        items = (
+            unpack_work(message.body, message.headers, envelope)
+            if batched
+            else [(message.body, envelope)]
         )
-    if outcome.routing_key:
-        await deps.publisher.publish(
-            outcome.body,
-            envelope=envelope.derive(type=outcome.type, producer=SERVICE),
-            exchange=deps.topology.names.broadcast,
-            routing_key=outcome.routing_key,
-            durable=False,
-        )
+    except ValueError as exc:
+        raise RejectDeliveryError(str(exc)) from exc
+    context = otel_context.get_current() if deps.link.tracer is not None else None
+    deliveries = [
+        Delivery(item, body, domain.read_observation(body), context) for body, item in items
+    ]
+    if batched:
+        results = await deps.group_commit.submit_all(deliveries)
+    else:
+        results = [await deps.group_commit.submit(deliveries[0])]
+    published: dict[int, asyncio.Task[None]] = {}
+    for delivery, (outcome, task) in zip(deliveries, results, strict=True):
+        deps.metrics.observations.labels(outcome.label).inc()
+        if outcome.rejection is not None:
+            log.warning(
+                "observation rejected",
+                code=outcome.rejection.code.value,
+                reason=outcome.rejection.reason,
+                message_id=delivery.envelope.message_id,
+                producer=delivery.envelope.producer,
+                duplicate=outcome.label == "duplicate",
+            )
+        if task is not None:
+            published[id(task)] = task
+    for task in published.values():
+        await task
 
 
 QUERIES = '{"query": "latest"} or {"query": "history", "seconds": 3600, "bucket_s": 60}'

@@ -284,6 +284,7 @@ class SessionRecord(NamedTuple):
     late: bool
     gap: int  # packets missing just before it (sequence numbers)
     stored: bool
+    received_at: datetime  # at the gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +304,7 @@ class NewSession:
     ended_at: datetime | None = None  # None: still open
     buffered: int = 0
     uploaded: int = 0
+    arrived_at: datetime | None = None  # when its first record reached the gateway
 
 
 @dataclass(slots=True)
@@ -327,8 +329,9 @@ def plan_sessions(
 
     A run of late records is one session (a logger replaying what it buffered while offline):
     it starts at the first late record's time and ends at the time of the first live record
-    after it. `records_buffered` counts what the logger numbered in the session (stored records
-    plus those missing per sequence gaps), `records_uploaded` what was stored.
+    after it; it arrived when that first late record reached the gateway. `records_buffered`
+    counts what the logger numbered in the session (stored records plus those missing per
+    sequence gaps), `records_uploaded` what was stored.
     """
     plan = SessionPlan()
     buffered = uploaded = 0
@@ -342,7 +345,9 @@ def plan_sessions(
                 uploaded += record.stored
                 continue
             if current is None:
-                current = NewSession(vehicle_id, _at(record.timestamp_ms))
+                current = NewSession(
+                    vehicle_id, _at(record.timestamp_ms), arrived_at=record.received_at
+                )
                 plan.new.append(current)
             current.buffered += 1 + record.gap
             current.uploaded += record.stored

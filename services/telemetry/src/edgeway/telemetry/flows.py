@@ -391,7 +391,11 @@ class UploadFlow:
             open_session=open_session,
             records=[
                 domain.SessionRecord(
-                    records[i].row.timestamp_ms, records[i].late, records[i].decoded.gap, fresh[i]
+                    records[i].row.timestamp_ms,
+                    records[i].late,
+                    records[i].decoded.gap,
+                    fresh[i],
+                    records[i].row.received_at,
                 )
                 for i in mine
             ],

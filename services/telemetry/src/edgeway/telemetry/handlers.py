@@ -4,8 +4,9 @@
   commit (`flows`), and the message is acked once all of them are committed. It runs once per
   message, so it is consumed apart from FastStream (`edgeway.common.amqp.Consumer`, wired in
   `app`);
-- `answer_query`: the gateway's `history`, `status` and `vehicles` queries and vehicle
-  registration and retirement, over request/reply (a FastStream subscriber, `register`).
+- `answer_query`: the gateway's `history`, `status`, `vehicles` and `offline_sessions` queries
+  and vehicle registration and retirement, over request/reply (a FastStream subscriber,
+  `register`).
 
 Uploads come off a quorum queue with a single active consumer, so one replica at a time sees
 every vehicle's packets in the order the gateway published them. A message is one upload, or
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 # The seed's history and status sizes (`WS /ws` sends the last 100; `/status` the last 10).
 HISTORY_LIMIT = 100
 STATUS_LATEST = 10
+# Offline sessions one `offline_sessions` query gives back: by default, and at most.
+SESSIONS_LIMIT = 20
+SESSIONS_MAX = 100
 
 log = get_logger("edgeway.telemetry")
 
@@ -108,7 +112,14 @@ ANSWER_INVALID = "invalid_request"  # not a query this service answers, or a bad
 ANSWER_INVALID_VIN = "invalid_vin"
 ANSWER_NOT_FOUND = "not_found"  # no active vehicle by that VIN
 ANSWER_UNAVAILABLE = "unavailable"  # the database did not answer: ask again later
-QUERIES = ("history", "status", "vehicles", "register_vehicle", "retire_vehicle")
+QUERIES = (
+    "history",
+    "status",
+    "vehicles",
+    "offline_sessions",
+    "register_vehicle",
+    "retire_vehicle",
+)
 
 
 def _refusal(code: str, reason: str) -> bytes:
@@ -121,8 +132,8 @@ async def answer_query(
     sessions: async_sessionmaker[AsyncSession],
     vehicles: store.VehicleIdCache | None = None,
 ) -> bytes:
-    """`history`, `status` and `vehicles` queries, and vehicle registration and retirement
-    (JSON in, JSON out).
+    """`history`, `status`, `vehicles` and `offline_sessions` queries, and vehicle registration
+    and retirement (JSON in, JSON out).
 
     Any replica answers: `vehicles` is this replica's directory, told at once of a retirement
     it makes; the consuming replica's learns within its cache time
@@ -138,11 +149,21 @@ async def answer_query(
     if query not in QUERIES:
         return _refusal(ANSWER_INVALID, f"unknown query; supported: {', '.join(QUERIES)}")
     assert isinstance(request, dict)
-    limit = request.get("limit", HISTORY_LIMIT)
-    if query == "history" and (isinstance(limit, bool) or not isinstance(limit, int)):
+    limit = request.get("limit", SESSIONS_LIMIT if query == "offline_sessions" else HISTORY_LIMIT)
+    if query in ("history", "offline_sessions") and (
+        isinstance(limit, bool) or not isinstance(limit, int)
+    ):
         return _refusal(ANSWER_INVALID, "limit must be an integer")
+    span: tuple[datetime | None, datetime | None] = (None, None)
+    if query == "offline_sessions":
+        if not 1 <= limit <= SESSIONS_MAX:
+            return _refusal(ANSWER_INVALID, f"limit must be from 1 to {SESSIONS_MAX}")
+        try:
+            span = _span(request.get("since"), request.get("until"))
+        except ValueError as exc:
+            return _refusal(ANSWER_INVALID, str(exc))
     vin = ""
-    if query in ("register_vehicle", "retire_vehicle"):
+    if query in ("register_vehicle", "retire_vehicle", "offline_sessions"):
         raw_vin = request.get("vin")
         if not isinstance(raw_vin, str):
             return _refusal(ANSWER_INVALID_VIN, "vin must be a string")
@@ -166,6 +187,12 @@ async def answer_query(
                 return _refusal(ANSWER_NOT_FOUND, f"vehicle {vin} is not registered")
             log.info("vehicle retired", vin=vin)
             answer = {"vin": vin, "retired": True}
+        elif query == "offline_sessions":
+            async with sessions() as session:
+                found = await _offline_sessions(session, vin, limit, *span)
+            if found is None:
+                return _refusal(ANSWER_NOT_FOUND, f"vehicle {vin} is not registered")
+            answer = {"vin": vin, "sessions": found}
         else:
             async with sessions() as session:
                 if query == "history":
@@ -184,6 +211,59 @@ async def answer_query(
         log.warning("telemetry query failed", query=query, error=str(exc))
         return _refusal(ANSWER_UNAVAILABLE, "telemetry database unavailable")
     return encode(answer)
+
+
+def _instant(value: Any, name: str) -> datetime | None:
+    """`since` or `until`: ISO 8601 with its offset (or `Z`), or absent."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise ValueError(f"{name} must be an ISO 8601 time with its offset, e.g. 2025-11-21T12:00Z")
+    return at
+
+
+def _span(since: Any, until: Any) -> tuple[datetime | None, datetime | None]:
+    start, end = _instant(since, "since"), _instant(until, "until")
+    if start is not None and end is not None and start > end:
+        raise ValueError("since is after until")
+    return start, end
+
+
+async def _offline_sessions(
+    session: AsyncSession,
+    vin: str,
+    limit: int,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[dict[str, Any]] | None:
+    """The vehicle's last `limit` offline sessions, newest first; None if no vehicle, active or
+    retired, has that VIN. Times are ISO 8601 in UTC: `started_at` and `ended_at` the records'
+    own (the vehicle's clock), `arrived_at` when the replay reached the gateway."""
+    vehicle_id = await store.vehicle_id_of(session=session, vin=vin)
+    if vehicle_id is None:
+        return None
+    stored = await store.offline_sessions(
+        session=session, vehicle_id=vehicle_id, limit=limit, since=since, until=until
+    )
+    return [
+        {
+            "id": found.id,
+            "vin": vin,
+            "started_at": domain.received_text(found.started_at),
+            "ended_at": None if found.ended_at is None else domain.received_text(found.ended_at),
+            "arrived_at": (
+                None if found.arrived_at is None else domain.received_text(found.arrived_at)
+            ),
+            "records_buffered": found.records_buffered,
+            "records_uploaded": found.records_uploaded,
+            "status": found.status,
+        }
+        for found in stored
+    ]
 
 
 async def _history(

@@ -15,7 +15,7 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from edgeway.common.db import dialect_insert
@@ -251,12 +251,62 @@ async def add_session(*, session: AsyncSession, new: NewSession) -> int:
             ended_at=new.ended_at,
             records_buffered=new.buffered,
             records_uploaded=new.uploaded,
+            arrived_at=new.arrived_at,
             status=SESSION_SYNCING if new.ended_at is None else SESSION_SYNCED,
         )
         .returning(SESSIONS.c.id)
     )
     assert session_id is not None
     return int(session_id)
+
+
+async def vehicle_id_of(*, session: AsyncSession, vin: str) -> int | None:
+    """The id of the vehicle registered as `vin`, active or retired (its sessions stay)."""
+    found: int | None = await session.scalar(select(Vehicle.id).where(Vehicle.vin == vin))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """An offline session as the `offline_sessions` query gives it back."""
+
+    id: int
+    started_at: datetime  # record time of its first late record
+    ended_at: datetime | None  # record time of the live record that ended it; None while open
+    arrived_at: datetime | None  # when its first late record reached the gateway
+    records_buffered: int
+    records_uploaded: int
+    status: str  # SESSION_SYNCING or SESSION_SYNCED
+
+
+async def offline_sessions(
+    *,
+    session: AsyncSession,
+    vehicle_id: int,
+    limit: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[StoredSession]:
+    """A vehicle's last `limit` offline sessions, newest (by start) first; with `since` or
+    `until`, only those that overlap that span of record time: started before `until`, and
+    still open or ended at or after `since`. Read along `ix_offline_sessions_vehicle_started`."""
+    query = select(
+        SESSIONS.c.id,
+        SESSIONS.c.started_at,
+        SESSIONS.c.ended_at,
+        SESSIONS.c.arrived_at,
+        SESSIONS.c.records_buffered,
+        SESSIONS.c.records_uploaded,
+        SESSIONS.c.status,
+    ).where(SESSIONS.c.vehicle_id == vehicle_id)
+    if until is not None:
+        query = query.where(SESSIONS.c.started_at < until)
+    if since is not None:
+        query = query.where(or_(SESSIONS.c.ended_at.is_(None), SESSIONS.c.ended_at >= since))
+    rows = await session.execute(
+        query.order_by(SESSIONS.c.started_at.desc(), SESSIONS.c.id.desc()).limit(limit)
+    )
+    return [StoredSession(*row) for row in rows]
 
 
 # --- rejections -----------------------------------------------------------------------------------

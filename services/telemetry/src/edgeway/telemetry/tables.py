@@ -173,6 +173,9 @@ class OfflineSession(Base):
     vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id"))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)  # record time of the first late one
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # record time of the live one
+    # When the first late record reached the gateway: the logger was back and replaying. Null
+    # only for a session from before migration 0004 whose first record could not be found.
+    arrived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # What the logger numbered in the session (stored + missing per sequence gaps).
     records_buffered: Mapped[int] = mapped_column(BigInteger)
     records_uploaded: Mapped[int] = mapped_column(BigInteger)  # stored

@@ -56,15 +56,20 @@ def bridge_body(kind: str, body: bytes) -> bytes | None:
     return orjson.dumps({"type": "trajectory_update", "pose": pose})
 
 
+# Queries about one device: `{"query": q, "device": d}`.
+DEVICE_QUERIES = ("gop", "latest_jpeg", "clock")
+
+
 def answer_query(body: bytes, *, relay: VideoRelay) -> RabbitResponse:
-    """`gop` (binary) and `status` (JSON); anything else is a JSON error."""
+    """`gop` and `latest_jpeg` (binary), `clock` and `status` (JSON); anything else is a JSON
+    error."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
         request = None
     query = request.get("query") if isinstance(request, dict) else None
     # Not mandatory: an asker whose reply queue is gone must not make the handler fail.
-    if query == "gop" and isinstance(request, dict):
+    if query in DEVICE_QUERIES and isinstance(request, dict):
         device = device_of({"x-device": request.get("device")})
         if device is None:
             return RabbitResponse(
@@ -72,11 +77,19 @@ def answer_query(body: bytes, *, relay: VideoRelay) -> RabbitResponse:
                 content_type=JSON,
                 mandatory=False,
             )
-        return RabbitResponse(relay.gop(device), content_type=OCTET_STREAM, mandatory=False)
+        if query == "gop":
+            return RabbitResponse(relay.gop(device), content_type=OCTET_STREAM, mandatory=False)
+        if query == "latest_jpeg":
+            reply = relay.latest_jpeg(device)
+            return RabbitResponse(reply, content_type=OCTET_STREAM, mandatory=False)
+        return RabbitResponse(
+            encode(relay.clock_offset(device)), content_type=JSON, mandatory=False
+        )
     if query == "status":
         return RabbitResponse(encode(relay.status()), content_type=JSON, mandatory=False)
+    supported = ", ".join(f'{{"query": "{name}", "device": d}}' for name in DEVICE_QUERIES)
     return RabbitResponse(
-        encode({"error": 'unknown query; supported: {"query": "gop", "device": d}, "status"'}),
+        encode({"error": f'unknown query; supported: {supported}, {{"query": "status"}}'}),
         content_type=JSON,
         mandatory=False,
     )

@@ -1,4 +1,5 @@
-"""Publishing what the relay makes: packets in order per device, JPEGs, IMU, viewer messages.
+"""Publishing what the relay makes: packets in order per device, JPEGs (for the tracker and for
+viewers), IMU, viewer messages.
 
 Everything goes through the process's shared confirm publisher (`edgeway.common.amqp`: aio-pika
 directly, many confirms in flight up to its window). A device's packets go out from one task
@@ -25,12 +26,13 @@ from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels, Topology
 from edgeway.common.video.packets import PacketType
 from edgeway.video_relay.decode import Jpeg
-from edgeway.video_relay.stream import Relayed
+from edgeway.video_relay.stream import Picture, Relayed
 
 SERVICE = "video-relay"
 H264 = "video/h264"
 # JPEGs go out as the seed's (and the gateway's `/ws/phone` frames) did.
 OCTET_STREAM = "application/octet-stream"
+JPEG = "image/jpeg"
 # Message `type`s (envelope): what the relay takes and what it publishes.
 CHUNK_TYPE = "video.chunk.v1"
 PACKET_TYPE = "video.packet.v1"
@@ -104,6 +106,7 @@ class Publisher:
                 "x-packet-type": item.name,
                 "x-packet-seq": item.seq,
                 "x-timestamp-us": item.packet.timestamp_us,
+                "x-captured-ms": item.captured_ms,
             },
         )
 
@@ -127,6 +130,24 @@ class Publisher:
             },
         )
         await self._publish(jpeg.data, envelope=envelope, exchange=self.frames)
+
+    async def picture(self, device: str, picture: Picture) -> None:
+        """The same frame for viewers without an H.264 decoder, on `video.frames.<device>`:
+        `x-packet-type` `jpeg` (the gateway hands it on as it does packets), its number and its
+        capture time (Unix ms) as AMQP integers."""
+        envelope = Envelope(
+            type=FRAME_TYPE,
+            producer=SERVICE,
+            content_type=JPEG,
+            headers={"x-device": device, "x-packet-type": "jpeg"},
+        )
+        await self._publish(
+            picture.data,
+            envelope=envelope,
+            exchange=self.topology.broadcast,
+            routing_key=Channels.video_frames(device),
+            extra={"x-packet-seq": picture.seq, "x-captured-ms": picture.captured_ms},
+        )
 
     async def imu(self, device: str, sample: Mapping[str, Any]) -> None:
         """One ordered sample to `imu_data_exchange`: the seed's shape plus `device`."""

@@ -3,7 +3,8 @@
 Per device the relay holds a `DeviceStream` (parser, numbering, GOP), an `DevicePublisher` that
 publishes its packets in order, and a `DecodeWorker` for the tracker's JPEGs. The chunk handler
 is synchronous: it parses, numbers and queues before anything is awaited, so deliveries, whose
-tasks FastStream starts in delivery order, are taken in that order.
+tasks FastStream starts in delivery order, are taken in that order. Each JPEG goes to the
+tracker and to viewers; the last one per device is kept for a viewer that joins.
 
 Memory is bounded: streams by `max_streams` (the one idle longest is forgotten) and
 `stream_idle_s`, each stream's GOP by its caps, device publishers by `publish_backlog`,
@@ -32,7 +33,7 @@ from edgeway.video_relay.decode import DecodeWorker, FrameDecoder, Jpeg, h264_av
 from edgeway.video_relay.metrics import Metrics
 from edgeway.video_relay.publishing import DevicePublisher, Publisher
 from edgeway.video_relay.settings import VideoRelaySettings
-from edgeway.video_relay.stream import BANDWIDTH_WINDOW_S, DeviceStream
+from edgeway.video_relay.stream import BANDWIDTH_WINDOW_S, DeviceStream, Picture
 
 # The gateway's device ids (`?device=`); anything else would be a routing-key pattern.
 DEVICE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -71,9 +72,10 @@ class Device:
 
     stream: DeviceStream
     publisher: DevicePublisher
-    decoder: DecodeWorker | None
+    decoder: DecodeWorker | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     low_bandwidth: bool = False
+    picture: Picture | None = None  # the last JPEG published to viewers
 
     def stop(self) -> None:
         for task in self.tasks:
@@ -165,30 +167,39 @@ class VideoRelay:
             ready=self.ready,
             on_drop=self._dropped,
         )
-        decoder: DecodeWorker | None = None
+        state = Device(stream, publisher)
+        state.tasks.append(spawn(publisher.run(), name=f"publisher-{device}"))
         if settings.decode_fps > 0 and self.h264:
 
             async def publish_jpeg(jpeg: Jpeg) -> None:
-                try:
-                    await self.publisher.jpeg(device, jpeg, ntp_offset=self.clock.offset_s)
-                except Exception as exc:  # noqa: BLE001 - a lost frame for the tracker, counted
-                    self._dropped("publish_failed", 1)
-                    log.warning("publishing a frame failed", device=device, error=repr(exc))
-                    return
-                self.metrics.jpegs.inc()
+                await self._publish_jpeg(device, state, jpeg)
 
-            decoder = DecodeWorker(
+            state.decoder = DecodeWorker(
                 FrameDecoder(fps=settings.decode_fps, qscale=settings.jpeg_qscale),
                 backlog=settings.decode_backlog,
                 on_jpeg=publish_jpeg,
                 on_skip=lambda count: self._dropped("decode_behind", count),
                 on_errors=self.metrics.decode_errors.inc,
             )
-        state = Device(stream, publisher, decoder)
-        state.tasks.append(spawn(publisher.run(), name=f"publisher-{device}"))
-        if decoder is not None:
-            state.tasks.append(spawn(decoder.run(), name=f"decoder-{device}"))
+            state.tasks.append(spawn(state.decoder.run(), name=f"decoder-{device}"))
         return state
+
+    async def _publish_jpeg(self, device: str, state: Device, jpeg: Jpeg) -> None:
+        """One decoded frame, to the tracker (the seed's headers) and to viewers (numbered, with
+        its capture time), both at once. A publish that fails loses that frame, counted."""
+        seq = state.picture.seq + 1 if state.picture is not None else 1
+        state.picture = Picture(seq, state.stream.clock.captured_ms(jpeg.timestamp_us), jpeg.data)
+        tracker, viewers = await asyncio.gather(
+            self.publisher.jpeg(device, jpeg, ntp_offset=self.clock.offset_s),
+            self.publisher.picture(device, state.picture),
+            return_exceptions=True,
+        )
+        for error in (tracker, viewers):
+            if isinstance(error, BaseException):
+                self._dropped("publish_failed", 1)
+                log.warning("publishing a frame failed", device=device, error=repr(error))
+        if not isinstance(tracker, BaseException):
+            self.metrics.jpegs.inc()
 
     def _dropped(self, reason: str, count: int) -> None:
         if count:
@@ -209,6 +220,19 @@ class VideoRelay:
         if state is None:
             return bytes(8)
         return state.stream.gop.reply()
+
+    def latest_jpeg(self, device: str) -> bytes:
+        """The contract's binary reply: the last JPEG viewers got (16 zero bytes: none yet)."""
+        state = self.devices.get(device)
+        if state is None or state.picture is None:
+            return Picture(0, 0, b"").reply()
+        return state.picture.reply()
+
+    def clock_offset(self, device: str) -> dict[str, Any]:
+        """What maps the device's packet times to Unix µs: `offset_us` (None: no stream)."""
+        state = self.devices.get(device)
+        offset = None if state is None else state.stream.clock.offset_us
+        return {"device": device, "offset_us": offset}
 
     def status(self) -> dict[str, Any]:
         streams: dict[str, Any] = {}

@@ -3,7 +3,8 @@
 A `DeviceStream` takes the raw WebSocket chunks of one device in the order the gateway
 published them, parses them into Android packets (a fresh `PacketParser` per phone connection,
 and after chunks were lost), numbers every packet it relays, and keeps the group of pictures a
-late joiner needs (`Gop`). Everything it holds is bounded: the parser's buffer by the largest
+late joiner needs (`Gop`), and maps the phone's packet times to the wall clock (`PhoneClock`).
+Everything it holds is bounded: the parser's buffer by the largest
 packet, the GOP by its frame and byte caps, the bandwidth history by its length.
 """
 
@@ -29,6 +30,10 @@ PACKET_NAMES = {
     PacketType.FRAME: "frame",
 }
 _LAST_SEQ = struct.Struct(">Q")
+_PICTURE = struct.Struct(">Qq")
+# A phone whose packet times are this close before their arrival stamps Unix time (Edgeway's
+# simulated phone does): its times are taken as they are.
+WALL_CLOCK_SLACK_US = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,7 @@ class Relayed:
     seq: int  # x-packet-seq: per device, from 1, over the relay's life
     packet: VideoPacket
     received_ns: int  # wall clock (NTP-corrected) when the relay parsed it
+    captured_ms: int  # when the phone captured it, Unix ms (`PhoneClock`)
 
     @property
     def type(self) -> PacketType:
@@ -121,6 +127,60 @@ class Gop:
 
 
 @dataclass(frozen=True, slots=True)
+class Picture:
+    """A decoded frame as viewers get it: its number per device (from 1, over the relay's life),
+    its capture time (Unix ms) and the JPEG."""
+
+    seq: int
+    captured_ms: int
+    data: bytes
+
+    def reply(self) -> bytes:
+        """The contract's binary reply to `latest_jpeg`: 8-byte big-endian `seq` and
+        `captured_ms`, then the JPEG."""
+        return _PICTURE.pack(self.seq, self.captured_ms) + self.data
+
+
+class PhoneClock:
+    """The phone's packet times (µs) on the wall clock, for a capture-to-screen delay.
+
+    Android stamps SPS and PPS with `System.nanoTime() / 1000` and pictures with MediaCodec's
+    `presentationTimeUs`, both counted from the phone's boot, not from 1970. The relay anchors
+    that clock to its own NTP-corrected one: the offset is the smallest gap (arrival minus packet
+    time) the connection has shown, the packet that travelled fastest, so a capture time is its
+    packet time plus that offset and can only be late by that packet's transit. A phone whose
+    times come at most `WALL_CLOCK_SLACK_US` before their arrival stamps Unix time already, and
+    is taken at its word (its transit then counts in the delay too).
+    """
+
+    __slots__ = ("_gap_us",)
+
+    def __init__(self) -> None:
+        self._gap_us: int | None = None
+
+    def observe(self, timestamp_us: int, received_ns: int) -> None:
+        gap = received_ns // 1000 - timestamp_us
+        if self._gap_us is None or gap < self._gap_us:
+            self._gap_us = gap
+
+    @property
+    def offset_us(self) -> int | None:
+        """What to add to a packet time for Unix µs; None before the first packet."""
+        gap = self._gap_us
+        if gap is None:
+            return None
+        return 0 if 0 <= gap <= WALL_CLOCK_SLACK_US else gap
+
+    def captured_ms(self, timestamp_us: int) -> int:
+        """Unix ms of a packet time (after at least one `observe`)."""
+        return (timestamp_us + (self.offset_us or 0)) // 1000
+
+    def reset(self) -> None:
+        """A new phone connection: its clock may be another (a rebooted phone)."""
+        self._gap_us = None
+
+
+@dataclass(frozen=True, slots=True)
 class Received:
     """What one chunk produced."""
 
@@ -162,6 +222,7 @@ class DeviceStream:
     def __init__(self, device: str, *, gop_max_frames: int, gop_max_bytes: int, now: float) -> None:
         self.device = device
         self.gop = Gop(max_frames=gop_max_frames, max_bytes=gop_max_bytes)
+        self.clock = PhoneClock()
         self.bandwidth = Bandwidth(started=now)
         self.seq = 0  # the last x-packet-seq given out
         self.packets = 0  # packets relayed (CONFIG is parsed, not relayed)
@@ -202,6 +263,7 @@ class DeviceStream:
             if chunk_seq is not None and chunk_seq > 1:
                 self.chunks_lost += chunk_seq - 1  # its first chunks went (queue drop-head)
             self._connection = connection
+            self.clock.reset()
         elif (
             chunk_seq is not None
             and self._chunk_seq is not None
@@ -219,7 +281,9 @@ class DeviceStream:
             if packet.type is PacketType.CONFIG:
                 continue  # defined by the client, carries nothing a decoder needs
             self.seq += 1
-            item = Relayed(self.seq, packet, received_ns)
+            self.clock.observe(packet.timestamp_us, received_ns)
+            captured_ms = self.clock.captured_ms(packet.timestamp_us)
+            item = Relayed(self.seq, packet, received_ns, captured_ms)
             self.gop.add(item)
             relayed.append(item)
         if relayed:

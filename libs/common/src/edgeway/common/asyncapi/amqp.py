@@ -18,6 +18,14 @@ from urllib.parse import quote, unquote
 
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 
+from edgeway.common.batching import (
+    BATCH_CAPTURED_AT,
+    BATCH_CORRELATION_IDS,
+    BATCH_HEADER,
+    BATCH_LENGTHS,
+    BATCH_MESSAGE_IDS,
+    BATCH_RECEIVED_AT,
+)
 from edgeway.common.envelope import (
     HEADER_CAPTURED_AT,
     HEADER_PRODUCER,
@@ -28,6 +36,7 @@ from edgeway.common.envelope import (
 from edgeway.common.schemas.errors import ErrorFrame
 from edgeway.common.schemas.ingest import IngestCommand, IngestReply
 from edgeway.common.schemas.occupancy import ClientUpdate, FrameResult
+from edgeway.common.schemas.system import ReadinessReport
 from edgeway.common.schemas.tracking import EdgeFrame, TrackingReply, TrackingRequest
 from edgeway.common.topology import Channels, Topology
 
@@ -154,6 +163,34 @@ ENVELOPE_HEADERS: dict[str, Any] = {
             "description": "broadcast routing key where a rejection of this message goes",
         },
         HEADER_TRACEPARENT: {"type": "string", "description": "W3C Trace Context"},
+        BATCH_HEADER: {
+            "type": "string",
+            "description": (
+                "a batch: how many messages of its `type` the body carries (decimal text, more "
+                "than one); a broadcast's are JSON lines, durable work's a JSON array of the "
+                "producers' bodies as they came (`edgeway.common.batching`)"
+            ),
+        },
+        BATCH_CORRELATION_IDS: {
+            "type": "string",
+            "description": "a broadcast batch: what each message answers, comma-separated",
+        },
+        BATCH_MESSAGE_IDS: {
+            "type": "string",
+            "description": "a work batch: each item's message id, comma-separated",
+        },
+        BATCH_LENGTHS: {
+            "type": "string",
+            "description": "a work batch: each item's body length in bytes, comma-separated",
+        },
+        BATCH_CAPTURED_AT: {
+            "type": "string",
+            "description": "a work batch: each item's capture time (empty: none), comma-separated",
+        },
+        BATCH_RECEIVED_AT: {
+            "type": "string",
+            "description": "a work batch: each item's receive time, comma-separated",
+        },
     },
     "required": [HEADER_PRODUCER, HEADER_RECEIVED_AT],
 }
@@ -208,7 +245,8 @@ def flows(topology: Topology) -> list[Flow]:
         GATEWAY,
         t.occupancy_observations,
         FrameResult,
-        "Camera models' frame results (`/model/ws/connect`), checked at the edge.",
+        "Camera models' frame results (`/model/ws/connect`), checked at the edge; those a "
+        "connection sends while its earlier ones await their confirms go together (`x-batch`).",
         persistent=True,
     )
     consume(
@@ -217,7 +255,8 @@ def flows(topology: Topology) -> list[Flow]:
         t.occupancy_observations_queue,
         t.occupancy_observations,
         FrameResult,
-        "Applies the rules, stores, then publishes each location's update.",
+        "Applies the rules, stores, then publishes each location's update; a batch is taken "
+        "frame by frame (idempotent on each one's message id) and acked once all are.",
     )
     publish(
         "gateway.telemetry.raw",
@@ -317,7 +356,8 @@ def flows(topology: Topology) -> list[Flow]:
         OCCUPANCY,
         broadcast,
         ClientUpdate,
-        "A location's occupancy, after each committed observation.",
+        "A location's occupancy, after each committed observation; the updates of one commit "
+        "group go together (`x-batch`, one JSON message a line).",
         # Its id is a number, so the pattern stands for it here.
         routing_key=Channels.OCCUPANCY_LOCATIONS.replace("*", "{location_id}"),
     )
@@ -358,9 +398,20 @@ def flows(topology: Topology) -> list[Flow]:
         VIDEO_RELAY,
         broadcast,
         Binary,
-        "One phone's parsed H.264 packets, in order (transient).",
+        "One phone's parsed H.264 packets, in order (transient; headers `x-packet-type`, "
+        "`x-packet-seq`, `x-timestamp-us`, `x-captured-ms`).",
         routing_key=Channels.video_stream("{device}"),
         content_type="video/h264",
+    )
+    publish(
+        "video-relay.broadcast.frames",
+        VIDEO_RELAY,
+        broadcast,
+        Binary,
+        "One phone's decoded JPEGs for viewers without H.264 (transient; headers "
+        "`x-packet-type` `jpeg`, `x-packet-seq`, `x-captured-ms`).",
+        routing_key=Channels.video_frames("{device}"),
+        content_type="image/jpeg",
     )
     publish(
         "video-relay.broadcast.imu",
@@ -412,6 +463,26 @@ def flows(topology: Topology) -> list[Flow]:
         "One gateway replica's view of the broadcast exchange: it binds the channels its "
         "clients watch (and `gateway.<gateway_id>.*`), and fans each message out.",
         routing_key=Channels.producers_of("{gateway_id}"),
+    )
+    for service in (OCCUPANCY, TELEMETRY, VIDEO_RELAY, INGESTION, TRACKER):
+        publish(
+            f"{service}.broadcast.readiness",
+            service,
+            broadcast,
+            ReadinessReport,
+            "What each instance's `/readyz` says, every `EDGEWAY_READINESS_INTERVAL_S` "
+            "seconds (transient; `edgeway.common.readiness`).",
+            routing_key=Channels.system_readiness("{service}"),
+        )
+    consume(
+        "gateway.system",
+        GATEWAY,
+        t.gateway_system_queue("{gateway_id}"),
+        broadcast,
+        ReadinessReport,
+        "One gateway replica's copy of every instance's readiness reports: it keeps the "
+        "latest of each for `GET /api/v1/system/services`.",
+        routing_key=Channels.SYSTEM_READINESS,
     )
 
     # --- request/reply: the default exchange, routing key = queue name -------------------------

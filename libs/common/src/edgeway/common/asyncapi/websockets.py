@@ -61,6 +61,37 @@ ERROR = Message(
     ErrorFrame,
 )
 DEVICE = {"type": "string", "default": "phone", "description": "the phone's (or drone's) id"}
+TIMING = {
+    "type": "string",
+    "enum": ["0", "1"],
+    "default": "0",
+    "description": "1: a `timing` message before each binary one",
+}
+TIMING_MESSAGE = Message(
+    "timing",
+    "With `?timing=1`, right before each binary message: its number on this socket (from 1), "
+    "its kind and when the phone captured it (Unix ms, null when the relay cannot say).",
+    json_object(
+        "",
+        type={"const": "timing"},
+        seq={"type": "integer"},
+        kind={"enum": ["sps", "pps", "keyframe", "frame", "jpeg"]},
+        captured_ms={"type": ["integer", "null"]},
+    ),
+)
+NO_STREAM = Message(
+    "status",
+    "The device has no stream yet.",
+    json_object(
+        "",
+        type={"const": "status"},
+        code={"const": "no_stream"},
+        reason={"type": "string"},
+        device={"type": "string"},
+    ),
+)
+PING = Message("ping", "Text `ping`: the seed's keepalive.", {"const": "ping"}, TEXT)
+PONG = Message("pong", "Text `pong`.", {"const": "pong"}, TEXT)
 
 ROUTES = (
     Route(
@@ -200,23 +231,30 @@ ROUTES = (
         "/ws/video/consume",
         "video:subscribe",
         "A stream's H.264 packets from its last keyframe (the GOP), then live ones.",
-        receives=(Message("ping", "Text `ping`: the seed's keepalive.", {"const": "ping"}, TEXT),),
+        receives=(PING,),
         sends=(
             Message("packet", "Binary: one packet, the seed's framing.", BINARY, "video/h264"),
-            Message("pong", "Text `pong`.", {"const": "pong"}, TEXT),
-            Message(
-                "status",
-                "The device has no stream yet.",
-                json_object(
-                    "",
-                    type={"const": "status"},
-                    code={"const": "no_stream"},
-                    reason={"type": "string"},
-                    device={"type": "string"},
-                ),
-            ),
+            TIMING_MESSAGE,
+            PONG,
+            NO_STREAM,
+            ERROR,
         ),
-        query={"device": DEVICE},
+        query={"device": DEVICE, "timing": TIMING},
+    ),
+    Route(
+        "/ws/video/frames",
+        "video:subscribe",
+        "A stream's decoded JPEGs (the relay's, a few a second) for viewers without H.264: "
+        "the latest at once, then live ones; a slow viewer loses its oldest.",
+        receives=(PING,),
+        sends=(
+            Message("jpeg", "Binary: one decoded frame.", BINARY, "image/jpeg"),
+            TIMING_MESSAGE,
+            PONG,
+            NO_STREAM,
+            ERROR,
+        ),
+        query={"device": DEVICE, "timing": TIMING},
     ),
     Route(
         "/ws/viewer",

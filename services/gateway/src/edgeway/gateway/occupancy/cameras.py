@@ -10,11 +10,20 @@ and the timestamp, so a frame sent again after a reconnect is stored once. Up to
 `publish_window` frames of a connection are in flight at once; its answers (acks and error
 frames alike) go out in the order of the messages they answer.
 
+A frame that finds none of its connection's publishes awaiting a confirm goes at once, alone, as
+the plain message it always was. Frames that arrive meanwhile wait together and go as one
+message (the work batch of `edgeway.common.batching`, each frame with its own message id and
+capture time) as soon as a publish settles, or once `MAX_BATCH_FRAMES` or `MAX_BATCH_BYTES`
+wait: under load one confirm, one quorum-log entry, one delivery and one ack serve many frames,
+and at low rates nothing waits. A failed publish fails every frame it carried, each answered
+with its own error frame. Traced connections publish each frame alone (a span each).
+
 `GET /model/count`: the camera models connected to this replica."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import deque
 from typing import Annotated
@@ -25,6 +34,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from pydantic import ValidationError
 
+from edgeway.common.batching import pack_work
 from edgeway.common.envelope import Envelope, new_message_id
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
@@ -37,6 +47,11 @@ from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 MODEL_ENDPOINT = "/model/ws/connect"
 # Message ids of acknowledged producers: the same frame from the same subject, the same id.
 ACKED_FRAME_IDS = uuid.UUID("5f0c9a43-2b1e-4c44-9d8e-0e6b1d2f7a10")
+# A frame goes alone while fewer than this many of its connection's publishes await a confirm.
+ALONE_BELOW = 1
+# Most frames, and bytes of frames, that wait to go together in one message.
+MAX_BATCH_FRAMES = 64
+MAX_BATCH_BYTES = 1024 * 1024
 
 router = APIRouter()
 log = get_logger("edgeway.gateway.occupancy")
@@ -45,7 +60,8 @@ tracer = trace.get_tracer("edgeway.gateway")
 
 class Answer:
     """What a message of the connection gets back, once it and every one before it settled:
-    a publish's outcome (`task`), or an error frame decided at the edge (`text`)."""
+    the outcome of the publish that carries it (`task`), or an error frame decided at the edge
+    (`text`)."""
 
     __slots__ = ("envelope", "seq", "task", "text")
 
@@ -53,7 +69,7 @@ class Answer:
         self,
         seq: int,
         *,
-        task: asyncio.Task[None] | None = None,
+        task: asyncio.Future[None] | None = None,
         envelope: Envelope | None = None,
         text: str = "",
     ) -> None:
@@ -64,6 +80,25 @@ class Answer:
 
     def settled(self) -> bool:
         return self.task is None or self.task.done()
+
+
+class Pending:
+    """Frames that wait for the connection's publishes in flight, to go together in the next
+    one; `sent` settles with that publish."""
+
+    __slots__ = ("frames", "sent", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[bytes, Envelope]] = []
+        self.size = 0
+        self.sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, raw: bytes, envelope: Envelope) -> None:
+        self.frames.append((raw, envelope))
+        self.size += len(raw)
+
+    def full(self) -> bool:
+        return len(self.frames) >= MAX_BATCH_FRAMES or self.size >= MAX_BATCH_BYTES
 
 
 class ModelSession:
@@ -88,6 +123,9 @@ class ModelSession:
         self.max_bytes = settings.max_message_bytes
         # Messages not answered yet, oldest first: answered from the front as they settle.
         self.unanswered: deque[Answer] = deque()
+        self.in_flight = 0  # publishes of this connection awaiting their confirms
+        self.pending: Pending | None = None  # frames waiting to go together
+        self.producer = f"omega-model/{self.principal.subject}"
         self._published = gateway.metrics.published.labels(MODEL_ENDPOINT)
         # Each frame is its own trace, linked to the connection's (a socket lives for days);
         # spans only where they are exported (each costs its publish a task of its own).
@@ -176,7 +214,7 @@ class ModelSession:
         envelope = Envelope(
             message_id=self.message_id(frame),
             type=OBSERVATION_TYPE,
-            producer=f"omega-model/{self.principal.subject}",
+            producer=self.producer,
             captured_at=frame.captured_at().timestamp(),
             reply_channel=self.reply_channel,
         )
@@ -185,18 +223,72 @@ class ModelSession:
             head = unanswered[0].task
             assert head is not None
             await asyncio.wait((head,))
-        await self.link.work_room()
-        # Nothing is awaited from here to the submit: publishes go out in the messages' order.
-        if self.traced:
-            task = asyncio.create_task(self.publish_traced(raw, envelope))
+        if self.pending is None and (self.traced or self.in_flight < ALONE_BELOW):
+            await self.link.work_room()
+            # Nothing is awaited from here to the submit: publishes go out in the messages' order.
+            task: asyncio.Future[None]
+            if self.traced:
+                task = asyncio.create_task(self.publish_traced(raw, envelope))
+                task.add_done_callback(self.settle)
+            else:
+                try:
+                    task = self.start([(raw, envelope)])
+                except BrokerDownError as exc:
+                    self.reject(unavailable(envelope, exc), seq)
+                    return
+            unanswered.append(Answer(seq, task=task, envelope=envelope))
+            return
+        # Behind a publish in flight (or frames already waiting): goes with the next one.
+        pending = self.pending = self.pending or Pending()
+        pending.add(raw, envelope)
+        unanswered.append(Answer(seq, task=pending.sent, envelope=envelope))
+        if pending.full():
+            self.send_pending()
+
+    def start(
+        self, frames: list[tuple[bytes, Envelope]], sent: asyncio.Future[None] | None = None
+    ) -> asyncio.Task[None]:
+        """Publish one frame as it came, or several as one batch; `sent` (the frames' shared
+        answer) settles with it. Raises `BrokerDownError` at once while the link is down."""
+        if len(frames) == 1:
+            body, envelope = frames[0]
         else:
-            try:
-                task = self.link.submit_work(raw, envelope=envelope, exchange=self.exchange)
-            except BrokerDownError as exc:
-                self.reject(unavailable(envelope, exc), seq)
-                return
-        unanswered.append(Answer(seq, task=task, envelope=envelope))
-        task.add_done_callback(self.settle)
+            body, headers = pack_work(frames)
+            envelope = Envelope(
+                type=OBSERVATION_TYPE,
+                producer=self.producer,
+                reply_channel=self.reply_channel,
+                headers=headers,
+            )
+        task = self.link.submit_work(body, envelope=envelope, exchange=self.exchange)
+        self.in_flight += 1
+        task.add_done_callback(functools.partial(self.published, sent))
+        return task
+
+    def send_pending(self) -> None:
+        """The waiting frames go now, together."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        try:
+            self.start(pending.frames, pending.sent)
+        except BrokerDownError as exc:
+            pending.sent.set_exception(exc)
+            self.settle()
+
+    def published(self, sent: asyncio.Future[None] | None, task: asyncio.Task[None]) -> None:
+        """A publish of this connection settled: the frames it carried settle with it, the
+        frames that wait go, and what can be answered is."""
+        self.in_flight -= 1
+        if sent is not None and not sent.done():
+            if task.cancelled():
+                sent.cancel()
+            elif (failure := task.exception()) is not None:
+                sent.set_exception(failure)
+            else:
+                sent.set_result(None)
+        if self.pending is not None and self.in_flight < ALONE_BELOW:
+            self.send_pending()
+        self.settle()
 
     async def publish_traced(self, raw: bytes, envelope: Envelope) -> None:
         with tracer.start_as_current_span(
@@ -208,7 +300,7 @@ class ModelSession:
         ):
             await self.link.publish_work(raw, envelope=envelope, exchange=self.exchange)
 
-    def settle(self, _: asyncio.Task[None]) -> None:
+    def settle(self, _: object = None) -> None:
         """Answer, in order, every message at the front whose publish settled."""
         unanswered = self.unanswered
         while unanswered and unanswered[0].settled():

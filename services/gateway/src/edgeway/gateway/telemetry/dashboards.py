@@ -1,15 +1,18 @@
 """`WS /ws`: the seed dashboard protocol (a `log`, the `history` of the last records, a `log`, then
 every `telemetry` record and the loggers' `log` lines); `GET /status`, the seed's fields, with
-records and statistics from the telemetry service."""
+records and statistics from the telemetry service; `GET /api/v1/telemetry/sessions`, a vehicle's
+offline (store-and-forward) sessions, from the telemetry service."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Query, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
 
-from edgeway.common.errors import error_responses
+from edgeway.common.errors import ErrorObject, error_responses
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels
 from edgeway.gateway.auth import Scope
@@ -20,6 +23,7 @@ from edgeway.gateway.fanout import (
 )
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
+from edgeway.gateway.telemetry.vehicles import ask_registry, checked_vin
 
 DASHBOARD_ENDPOINT = "/ws"
 HISTORY_LIMIT = 100  # records a dashboard gets on connect (the seed's)
@@ -114,3 +118,58 @@ async def status(gateway: GatewayDep) -> dict[str, Any]:
         "script_running": any(session.running for session in state.loggers),
         "compression_stats": answer["compression_stats"],
     }
+
+
+SESSIONS_ENDPOINT = "/api/v1/telemetry/sessions"
+SESSIONS_LIMIT = 20  # the telemetry service's default
+SESSIONS_MAX = 100  # and its most
+
+
+@router.get(
+    SESSIONS_ENDPOINT,
+    summary="A vehicle's offline (store-and-forward) sessions",
+    responses=error_responses(400, 404, 422, 503, 504),
+    dependencies=[require(Scope.TELEMETRY_SUBSCRIBE, SESSIONS_ENDPOINT)],
+)
+async def offline_sessions(
+    gateway: GatewayDep,
+    vin: Annotated[str, Query(description="the vehicle's 17-character VIN")],
+    limit: Annotated[
+        int, Query(ge=1, le=SESSIONS_MAX, description="most sessions, newest first")
+    ] = SESSIONS_LIMIT,
+    since: Annotated[
+        AwareDatetime | None,
+        Query(description="only sessions still open or ended at or after this time (ISO 8601)"),
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None, Query(description="only sessions started before this time")
+    ] = None,
+) -> JSONResponse:
+    """`{"vin", "sessions": [{"id", "vin", "started_at", "ended_at", "arrived_at",
+    "records_buffered", "records_uploaded", "status"}]}`, newest first.
+
+    A session is a run of records the vehicle's logger buffered while it could not send and
+    replayed later (they reached the gateway more than the service's `offline_after_s` after
+    their own time). `started_at` and `ended_at` are the records' own times (the live record
+    that ended it; null while it is `syncing`, then `synced`), `arrived_at` when the replay
+    reached the gateway; `records_buffered` counts what the logger numbered in it, lost
+    packets included, `records_uploaded` what was stored. A retired vehicle's sessions are
+    still given; 404 for a VIN never registered.
+    """
+    checked = checked_vin(gateway, vin, endpoint=SESSIONS_ENDPOINT)
+    if isinstance(checked, JSONResponse):
+        return checked
+    if since is not None and until is not None and since > until:
+        gateway.metrics.rejected.labels(SESSIONS_ENDPOINT, "validation_error").inc()
+        refusal = ErrorObject(code="validation_error", reason="since is after until")
+        return JSONResponse(refusal.body(), 422)
+    query: dict[str, Any] = {"query": "offline_sessions", "vin": checked, "limit": limit}
+    for name, at in (("since", since), ("until", until)):
+        if at is not None:
+            query[name] = at.isoformat()
+    answer = await ask_registry(gateway, query, endpoint=SESSIONS_ENDPOINT)
+    if isinstance(answer, JSONResponse):
+        return answer
+    if not isinstance(answer.get("sessions"), list):
+        raise ServiceUnavailableError(f"telemetry answered {answer!r}")
+    return JSONResponse(answer)

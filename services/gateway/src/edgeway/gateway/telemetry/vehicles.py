@@ -35,9 +35,15 @@ VEHICLE_REFUSALS = {
 
 
 def _admin_error(
-    gateway: Gateway, status: int, code: ErrorCode, reason: str, *, retry_after: int | None = None
+    gateway: Gateway,
+    status: int,
+    code: ErrorCode,
+    reason: str,
+    *,
+    retry_after: int | None = None,
+    endpoint: str = VEHICLES_ENDPOINT,
 ) -> JSONResponse:
-    gateway.metrics.rejected.labels(VEHICLES_ENDPOINT, code.value).inc()
+    gateway.metrics.rejected.labels(endpoint, code.value).inc()
     response = JSONResponse(
         ErrorFrame(code=code, reason=reason).model_dump(exclude_none=True), status
     )
@@ -46,15 +52,21 @@ def _admin_error(
     return response
 
 
-def _checked_vin(gateway: Gateway, vin: str) -> str | JSONResponse:
+def checked_vin(
+    gateway: Gateway, vin: str, *, endpoint: str = VEHICLES_ENDPOINT
+) -> str | JSONResponse:
+    """The VIN, or its 400 (`invalid_vin`) counted against `endpoint`."""
     try:
         return wire.check_vin(vin)
     except wire.WireError as error:
-        return _admin_error(gateway, 400, ErrorCode.INVALID_VIN, error.reason)
+        return _admin_error(gateway, 400, ErrorCode.INVALID_VIN, error.reason, endpoint=endpoint)
 
 
-async def ask_registry(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any] | JSONResponse:
-    """The telemetry service's answer, or the refusal it makes for the caller.
+async def ask_registry(
+    gateway: Gateway, body: dict[str, Any], *, endpoint: str = VEHICLES_ENDPOINT
+) -> dict[str, Any] | JSONResponse:
+    """The telemetry service's answer, or the refusal it makes for the caller (counted against
+    `endpoint`).
 
     Raises ServiceUnavailableError (504) when the service does not answer in time, or answers
     what this gateway cannot read (a service of another version).
@@ -75,10 +87,11 @@ async def ask_registry(gateway: Gateway, body: dict[str, Any]) -> dict[str, Any]
             ErrorCode.UNAVAILABLE,
             reason,
             retry_after=gateway.settings.upload_retry_after,
+            endpoint=endpoint,
         )
     if code in VEHICLE_REFUSALS:
         status, error_code = VEHICLE_REFUSALS[code]
-        return _admin_error(gateway, status, error_code, reason)
+        return _admin_error(gateway, status, error_code, reason, endpoint=endpoint)
     raise ServiceUnavailableError(f"telemetry answered {answer!r}")
 
 
@@ -130,7 +143,7 @@ async def register_vehicle(request: Request, gateway: GatewayDep) -> JSONRespons
             ErrorCode.INVALID_SHAPE,
             'expected {"vin": "<VIN>"} with the VIN as a string',
         )
-    checked = _checked_vin(gateway, vin)
+    checked = checked_vin(gateway, vin)
     if isinstance(checked, JSONResponse):
         return checked
     answer = await ask_registry(gateway, {"query": "register_vehicle", "vin": checked})
@@ -170,7 +183,7 @@ async def retire_vehicle(vin: str, gateway: GatewayDep) -> Response:
     once, on every replica and at the telemetry service within their cache times), and what
     was accepted for it stays stored. Registering the VIN again reactivates it. 404 when no
     registered vehicle has that VIN."""
-    checked = _checked_vin(gateway, vin)
+    checked = checked_vin(gateway, vin)
     if isinstance(checked, JSONResponse):
         return checked
     answer = await ask_registry(gateway, {"query": "retire_vehicle", "vin": checked})

@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
-from edgeway.common.broker import publish
 from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
@@ -108,13 +107,11 @@ class DetectionsSession:
         )
         topology = self.link.topology
         try:
-            await publish(
-                self.link.broker,
+            await self.link.publish_stream(
                 raw,
                 envelope=envelope,
                 exchange=topology.tracking_detections,
                 routing_key=topology.tracking_detections_key(frame.environment_id, frame.camera_id),
-                durable=False,
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure: tell the producer
             log.warning("publish failed", error=repr(exc))

@@ -1,7 +1,10 @@
 """`WS /ws/video/consume`: the relay's GOP for a late joiner, then live packets, as the seed's
-binary frames; a consumer that falls behind skips to the next keyframe."""
+binary frames; a consumer that falls behind skips to the next keyframe. With `?timing=1`, each
+packet follows a text message with its capture time (`edgeway.gateway.video.timing`)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -20,6 +23,7 @@ from edgeway.gateway.fanout import (
 from edgeway.gateway.link import ServiceUnavailableError
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket
 from edgeway.gateway.video.sockets import DEFAULT_DEVICE, admit_device, read_message
+from edgeway.gateway.video.timing import admit_timing, timed
 
 CONSUME_ENDPOINT = "/ws/video/consume"
 RELAY = "video-relay"
@@ -35,14 +39,19 @@ router = APIRouter()
 log = get_logger("edgeway.gateway.video")
 
 
-def parse_gop(body: bytes) -> tuple[list[Packet], int]:
-    """The relay's GOP reply: its packets, as the socket sends them, and its last_seq."""
+def parse_gop(body: bytes, *, offset_us: int | None = None) -> tuple[list[Packet], int]:
+    """The relay's GOP reply: its packets, as the socket sends them, and its last_seq. With
+    the relay's `offset_us` (its `clock` answer) each packet gets its capture time too."""
     if len(body) < GOP_SEQ_BYTES:
         raise ValueError(f"a GOP reply of {len(body)} bytes has no last_seq")
     last_seq = int.from_bytes(body[:GOP_SEQ_BYTES], "big")
     parser = PacketParser()
     packets = [
-        Packet(packet.payload, kind=PACKET_KINDS[packet.type])
+        Packet(
+            packet.payload,
+            kind=PACKET_KINDS[packet.type],
+            captured_ms=0 if offset_us is None else (packet.timestamp_us + offset_us) // 1000,
+        )
         for packet in parser.feed(body[GOP_SEQ_BYTES:])
         if packet.type in PACKET_KINDS
     ]
@@ -51,16 +60,36 @@ def parse_gop(body: bytes) -> tuple[list[Packet], int]:
     return packets, last_seq
 
 
-async def _gop(gateway: Gateway, device: str) -> tuple[list[Packet], int]:
-    """The relay's GOP for `device`; empty when it cannot give one (logged)."""
+async def _clock_offset(gateway: Gateway, device: str) -> int | None:
+    """What the relay adds to `device`'s packet times for Unix µs (None: it cannot say)."""
     link = gateway.link
     try:
-        reply = await link.request_raw(
+        answer = await link.request(
+            service=RELAY,
+            queue=link.topology.video_requests_queue,
+            body={"query": "clock", "device": device},
+        )
+    except (ServiceUnavailableError, ValueError) as exc:
+        log.warning("no clock offset: the GOP goes without capture times", reason=str(exc))
+        return None
+    offset = answer.get("offset_us") if isinstance(answer, dict) else None
+    return offset if isinstance(offset, int) and not isinstance(offset, bool) else None
+
+
+async def _gop(gateway: Gateway, device: str, *, timing: bool) -> tuple[list[Packet], int]:
+    """The relay's GOP for `device` (with capture times for a `timing` consumer); empty when
+    it cannot give one (logged)."""
+    link = gateway.link
+    try:
+        asked = link.request_raw(
             service=RELAY,
             queue=link.topology.video_requests_queue,
             body={"query": "gop", "device": device},
         )
-        return parse_gop(reply)
+        if not timing:
+            return parse_gop(await asked)
+        reply, offset_us = await asyncio.gather(asked, _clock_offset(gateway, device))
+        return parse_gop(reply, offset_us=offset_us)
     except (ServiceUnavailableError, ValueError) as exc:
         log.warning(
             "no GOP for a new consumer: it starts at the next keyframe",
@@ -71,17 +100,23 @@ async def _gop(gateway: Gateway, device: str) -> tuple[list[Packet], int]:
 
 
 @router.websocket(CONSUME_ENDPOINT)
-async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT_DEVICE) -> None:
+async def consume(
+    websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT_DEVICE, timing: str = "0"
+) -> None:
     if not await admit_websocket(
         websocket, gateway, scope=Scope.VIDEO_SUBSCRIBE, endpoint=CONSUME_ENDPOINT
     ):
         return
     if not await admit_device(websocket, device):
         return
+    timed_socket = await admit_timing(websocket, timing)
+    if timed_socket is None:
+        return
     hub, state = gateway.link.hub, gateway.video
+    # A timing consumer's messages all go through its writer, which adds the timing text.
     client = VideoQueue(
-        send_frames(websocket),
-        write=prepared_writer(websocket, binary=True),
+        timed(send_frames(websocket)) if timed_socket else send_frames(websocket),
+        write=None if timed_socket else prepared_writer(websocket, binary=True),
         size=gateway.settings.video_queue_size,
         endpoint=CONSUME_ENDPOINT,
         metrics=gateway.metrics,
@@ -91,7 +126,7 @@ async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAU
 
     async def gop_first() -> None:
         # What the GOP already holds is dropped from the live packets by sequence number.
-        gop, last_seq = await _gop(gateway, device)
+        gop, last_seq = await _gop(gateway, device, timing=timed_socket)
         if not gop:
             # Not silence: the consumer hears why nothing comes (a device id with a typo, or
             # a phone not connected yet); packets follow on their own once a stream starts.
@@ -103,7 +138,7 @@ async def consume(websocket: WebSocket, gateway: GatewayDep, device: str = DEFAU
             client,
             (Channels.video_stream(device),),
             catch_up=gop_first,
-            read=lambda: _answer_pings(websocket, client),
+            read=lambda: answer_pings(websocket, client),
         )
     finally:
         state.consumer_left(device)
@@ -122,7 +157,7 @@ def no_stream_yet(device: str) -> str:
     ).decode()
 
 
-async def _answer_pings(websocket: WebSocket, client: ClientQueue) -> None:
+async def answer_pings(websocket: WebSocket, client: ClientQueue) -> None:
     """The seed's keepalive: text "ping" gets "pong" (through the queue, in order)."""
     while (data := await read_message(websocket)) is not None:
         if data == "ping":
