@@ -10,7 +10,7 @@ processes, and then sit idle; one camera model sends Omega frame results at `--r
 
 Measured:
 - memory per connection: the gateway's RSS (`/proc/<pid>/status`, VmRSS) with every client
-  connected and its snapshot sent, minus its RSS before the first client, over the connections;
+  connected and its snapshot received, minus its RSS before the first client, over the connections;
 - connect time: from starting the client processes until every connection is open, and until
   every client has received its snapshot (each location gets a state before the clients come, so
   a snapshot is one message per location);
@@ -137,7 +137,7 @@ def render(results: dict[str, Any]) -> str:
         ["connect errors", str(report.get("connected", {}).get("errors") or "none"), "none"],
         ["connect time, all open", f"{report.get('connect_s', float('nan')):.1f} s", ""],
         [
-            "connect time, all snapshots sent",
+            "connect time, every snapshot received",
             f"{report.get('snapshots_s', float('nan')):.1f} s",
             "",
         ],
