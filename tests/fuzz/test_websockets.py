@@ -7,8 +7,9 @@ messages, text or binary, then proves the socket still works:
   back), read after every reply to the fuzzed messages;
 - where the gateway ignores what clients send (the seed protocols), with a WebSocket ping, or
   the video consumers' own "ping" text (answered "pong").
-Every frame read on the way must be JSON text (binary only from /ws/video/consume), and an error
-frame must be `{"type": "error", "code", "reason"}`. A close by the gateway fails the example.
+Every frame read on the way must be JSON text (binary only from the two video viewer sockets),
+and an error frame must be `{"type": "error", "code", "reason"}`. A close by the gateway fails
+the example.
 
 After each endpoint's run, the gateway must settle back: its open connections for the endpoint,
 its event-loop tasks and its open descriptors no higher than before (`GatewayWatch`), and no
@@ -393,7 +394,13 @@ ENDPOINTS = [
         "/ws/video/consume",
         f"/ws/video/consume?device={CONSUMER_DEVICE}",
         messages(st.just("ping"), encoded(JSON)),
-        text_ping,  # the only endpoint whose replies may be binary (its video packets)
+        text_ping,  # replies may be binary here (its video packets) ...
+    ),
+    Endpoint(
+        "/ws/video/frames",
+        f"/ws/video/frames?device={CONSUMER_DEVICE}&timing=1",
+        messages(st.just("ping"), encoded(JSON)),
+        text_ping,  # ... and here (the relay's JPEGs)
     ),
     Endpoint(
         "/ws/viewer",
@@ -462,6 +469,7 @@ PARAMETERS = {
     "/ws/phone": "device",
     "/ws/video": "device",
     "/ws/video/consume": "device",
+    "/ws/video/frames": "device",
     "/telemetry/control/ws": "vin",
 }
 SCOPES = {
@@ -472,6 +480,7 @@ SCOPES = {
     "/ws/phone": "video:publish",
     "/ws/video": "video:publish",
     "/ws/video/consume": "video:subscribe",
+    "/ws/video/frames": "video:subscribe",
     "/ws/viewer": "video:subscribe",
     "/ws/ingest/{request_id}": "ingest:read",
 }
