@@ -5,6 +5,7 @@ console's sparklines), from the occupancy service."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 from weakref import WeakKeyDictionary
 
@@ -42,14 +43,31 @@ async def _latest_updates(gateway: Gateway) -> list[dict[str, Any]]:
     return [update for update in updates if isinstance(update, dict)]
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every location's latest state, as each new client gets it: encoded once for all the
+    clients that share the request (10,000 reconnecting clients must not each hold a copy)."""
+
+    messages: tuple[str, ...]  # Omega's update of each location, JSON text
+    keys: tuple[bytes, ...]  # their `canonical` forms, for `SnapshotEcho`
+
+
+async def _snapshot(gateway: Gateway) -> Snapshot:
+    latest = await _latest_updates(gateway)
+    return Snapshot(
+        tuple(orjson.dumps(update).decode() for update in latest),
+        tuple(canonical(update) for update in latest),
+    )
+
+
 # Per gateway: new clients that ask at the same time share one request (`Coalesced`).
-_latest: WeakKeyDictionary[Gateway, Coalesced[list[dict[str, Any]]]] = WeakKeyDictionary()
+_snapshots: WeakKeyDictionary[Gateway, Coalesced[Snapshot]] = WeakKeyDictionary()
 
 
-def latest_updates(gateway: Gateway) -> Coalesced[list[dict[str, Any]]]:
-    shared = _latest.get(gateway)
+def latest_snapshot(gateway: Gateway) -> Coalesced[Snapshot]:
+    shared = _snapshots.get(gateway)
     if shared is None:
-        shared = _latest[gateway] = Coalesced(lambda: _latest_updates(gateway))
+        shared = _snapshots[gateway] = Coalesced(lambda: _snapshot(gateway))
     return shared
 
 
@@ -68,14 +86,14 @@ async def client_connect(websocket: WebSocket, gateway: GatewayDep) -> None:
 
     async def latest_first() -> None:
         try:
-            latest = await latest_updates(gateway)()
+            snapshot = await latest_snapshot(gateway)()
         except ServiceUnavailableError as exc:
             log.warning("no latest state for a new client", reason=str(exc))
             return
         # Per location, the live update equal to the snapshot's is dropped, once: a newer one
         # of the same group, or an older one still on its way, goes through.
-        SnapshotEcho(client, map(canonical, latest), _update_key).install()
-        client.push_front([orjson.dumps(update).decode() for update in latest])
+        SnapshotEcho(client, snapshot.keys, _update_key).install()
+        client.push_front(list(snapshot.messages))
 
     await gateway.serve_client(
         websocket, client, (Channels.OCCUPANCY_LOCATIONS,), catch_up=latest_first
