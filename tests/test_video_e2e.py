@@ -97,12 +97,12 @@ async def watch(
     viewer.flush()
 
 
-def consume_url(stack: Stack) -> str:
-    return stack.ws("/ws/video/consume", "video:subscribe") + f"&device={DEVICE}"
+def consume_url(stack: Stack, device: str = DEVICE) -> str:
+    return stack.ws("/ws/video/consume", "video:subscribe") + f"&device={device}"
 
 
-def phone_url(stack: Stack) -> str:
-    return stack.ws("/ws/video", "video:publish", device=DEVICE)
+def phone_url(stack: Stack, device: str = DEVICE) -> str:
+    return stack.ws("/ws/video", "video:publish", device=device)
 
 
 async def wait_for_consumers(stack: Stack, count: int) -> None:
@@ -230,15 +230,18 @@ async def test_viewers_get_jpegs_and_capture_times_and_a_late_joiner_a_picture_a
     stack: Stack,
 ) -> None:
     seconds = 2
-    frames_url = stack.ws("/ws/video/frames", "video:subscribe") + f"&device={DEVICE}"
+    # A device of its own: the relay still holds the other tests' last picture of theirs, which
+    # a viewer would get first instead of the `no_stream` line.
+    device = "phone-jpeg"
+    frames_url = stack.ws("/ws/video/frames", "video:subscribe") + f"&device={device}"
     started_ms = time.time_ns() // 1_000_000
     async with (
         websockets.connect(frames_url + "&timing=1") as frames,
-        websockets.connect(consume_url(stack) + "&timing=1", compression=None) as consumer,
+        websockets.connect(consume_url(stack, device) + "&timing=1", compression=None) as consumer,
     ):
         reading = asyncio.gather(read_timed(frames), read_timed(consumer))
         await stream_to(
-            phone_url(stack),
+            phone_url(stack, device),
             synthetic_stream(WIDTH, HEIGHT, FPS, seconds, gop_s=1.0, bitrate=500_000),
             fps=FPS,
         )

@@ -167,7 +167,8 @@ async def test_the_route_shows_a_service_ready_failing_then_not_reporting(
         finally:
             await app.stop()
         silent = await until(http, "not reporting")
-        assert silent["age_s"] > 3 * INTERVAL_S
+        # Over three intervals (the route rounds the age to the millisecond).
+        assert silent["age_s"] >= 3 * INTERVAL_S
         assert silent["failures"] == {"models": "RuntimeError: weights not loaded"}
 
 

@@ -100,7 +100,9 @@ def broadcast(
             routing_key=routing_key,
             durable=False,
             headers=headers,
-            context=deliveries[indices[0]].trace,
+            # A batch's publish continues the trace of its newest observation: the update
+            # its clients end on.
+            context=deliveries[indices[-1]].trace,
         )
         for index in indices:
             published[index] = task
