@@ -409,3 +409,124 @@ async def test_a_batch_passes_a_new_clients_snapshot_filter_message_by_message()
     assert socket.writes == [text_frames('{"n":1}'), text_frames('{"n":3}'), text_frames('{"n":2}')]
     assert recorder.sent == []
     client.close()
+
+
+class Reader:
+    """A client's `read` for `Hub.serve`: returns when `leave` is set (the client left)."""
+
+    def __init__(self) -> None:
+        self.leave = asyncio.Event()
+
+    async def __call__(self) -> None:
+        await self.leave.wait()
+
+
+async def test_a_served_client_has_a_writer_task_only_while_something_is_queued() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+    gate = asyncio.Event()
+    recorder, reader = Recorder(block=gate), Reader()
+    client = ClientQueue(
+        recorder, size=10, policy=Policy.DROP_OLDEST, endpoint="t-serve", metrics=METRICS
+    )
+
+    async def snapshot_first() -> None:
+        hub.deliver("occ.1", "live", kind="t-serve")  # while the snapshot is fetched
+        client.push_front(["snapshot"])
+
+    tasks = len(asyncio.all_tasks())
+    serving = asyncio.create_task(
+        hub.serve(client, ("occ.*",), catch_up=snapshot_first, read=reader)
+    )
+    await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) == tasks + 2  # the serving task and a writer, held at the gate
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["snapshot", "live"]
+    assert len(asyncio.all_tasks()) == tasks + 1  # drained: the writer is gone, the reader stays
+    hub.deliver("occ.1", "next", kind="t-serve")
+    await asyncio.sleep(0.01)
+    assert recorder.sent == ["snapshot", "live", "next"]
+    assert len(asyncio.all_tasks()) == tasks + 1
+    reader.leave.set()
+    await asyncio.wait_for(serving, 1)
+    assert hub.watchers("occ.*") == 0
+    assert client.closed
+
+
+async def test_a_served_client_that_leaves_stops_its_blocked_writer() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+    reader = Reader()
+    client = ClientQueue(
+        Recorder(block=asyncio.Event()),  # a socket that never takes the message
+        size=10,
+        policy=Policy.DROP_OLDEST,
+        endpoint="t-serve",
+        metrics=METRICS,
+    )
+    tasks = len(asyncio.all_tasks())
+    serving = asyncio.create_task(
+        hub.serve(client, ("occ.*",), catch_up=noop_catch_up, read=reader)
+    )
+    await asyncio.sleep(0.01)
+    hub.deliver("occ.1", "stuck", kind="t-serve")
+    await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) == tasks + 2
+    reader.leave.set()
+    await asyncio.wait_for(serving, 1)
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == tasks
+
+
+async def test_a_served_client_that_overflows_a_reliable_channel_is_let_go() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+    gate = asyncio.Event()
+    client = ClientQueue(
+        Recorder(block=gate), size=2, policy=Policy.CLOSE, endpoint="t-serve", metrics=METRICS
+    )
+    serving = asyncio.create_task(
+        hub.serve(client, ("occ.*",), catch_up=noop_catch_up, read=Reader())
+    )
+    await asyncio.sleep(0.01)
+    for i in range(4):
+        hub.deliver("occ.1", str(i), kind="t-serve")
+    gate.set()
+    await asyncio.wait_for(serving, 1)  # returns, though its reader never saw the client leave
+    assert client.overflowed
+    assert not serving.cancelled()
+
+
+async def test_a_served_client_whose_socket_fails_is_let_go() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+
+    async def broken(_: Message) -> None:
+        raise RuntimeError("the socket is gone")
+
+    client = ClientQueue(
+        broken, size=10, policy=Policy.DROP_OLDEST, endpoint="t-serve", metrics=METRICS
+    )
+    serving = asyncio.create_task(
+        hub.serve(client, ("occ.*",), catch_up=noop_catch_up, read=Reader())
+    )
+    await asyncio.sleep(0.01)
+    hub.deliver("occ.1", "a", kind="t-serve")
+    await asyncio.wait_for(serving, 1)
+    assert client.closed
+
+
+async def test_cancelling_a_served_client_from_outside_still_cancels_it() -> None:
+    hub = Hub(bind=noop, unbind=noop, metrics=METRICS)
+    client = ClientQueue(
+        Recorder(), size=10, policy=Policy.DROP_OLDEST, endpoint="t-serve", metrics=METRICS
+    )
+    serving = asyncio.create_task(
+        hub.serve(client, ("occ.*",), catch_up=noop_catch_up, read=Reader())
+    )
+    await asyncio.sleep(0.01)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert hub.watchers("occ.*") == 0
+
+
+async def noop_catch_up() -> None:
+    return None

@@ -7,7 +7,7 @@ from prometheus_client import REGISTRY
 from edgeway.common.http_limits import LimitedConfig, UploadSlots, serve_http, uvicorn_config
 from edgeway.common.logging import configure_logging
 from edgeway.common.service import tune_gc
-from edgeway.gateway.app import create_app
+from edgeway.gateway.app import DirectSockets, create_app
 from edgeway.gateway.ingest import api as ingest_api
 from edgeway.gateway.server import PreparedFramesProtocol
 from edgeway.gateway.settings import GatewaySettings
@@ -38,9 +38,10 @@ def upload_slots(settings: GatewaySettings) -> tuple[UploadSlots, ...]:
 
 def server_config(settings: GatewaySettings) -> LimitedConfig:
     """The gateway app under the HTTP limits every Edgeway server has, plus its upload slots and
-    its WebSocket protocol (`edgeway.gateway.server`)."""
+    its WebSocket protocol (`edgeway.gateway.server`), with the fan-out sockets served directly
+    (`DirectSockets`)."""
     return uvicorn_config(
-        create_app(settings, registry=REGISTRY),
+        DirectSockets(create_app(settings, registry=REGISTRY)),
         settings,
         upload_slots=upload_slots(settings),
         ws=PreparedFramesProtocol,

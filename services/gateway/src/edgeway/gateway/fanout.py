@@ -5,10 +5,11 @@ gateway's own server (`edgeway.gateway.server`) its WebSocket frame is serialize
 written straight to each client whose socket takes it at once. Several messages of a channel
 that arrive in one broadcast (a `Batch`) go to such a client as one write of their frames.
 Otherwise each client has a bounded send queue drained by its own writer task, so a slow or
-dead client never delays the others or the broker consumer. A client that falls a whole queue
-behind loses its oldest messages (lossy channels), is closed with a clear code (reliable ones),
-or, for H.264, skips to the next keyframe so what it gets stays decodable; every drop is
-counted.
+dead client never delays the others or the broker consumer (under `Hub.serve`, that task runs
+only while something is queued: an idle client costs no task but its own). A client that falls
+a whole queue behind loses its oldest messages (lossy channels), is closed with a clear code
+(reliable ones), or, for H.264, skips to the next keyframe so what it gets stays decodable;
+every drop is counted.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import asyncio
 import contextlib
 import re
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -29,7 +30,7 @@ from websockets.frames import Frame, Opcode
 
 from edgeway.common.logging import get_logger
 from edgeway.gateway.metrics import Metrics
-from edgeway.gateway.server import PREPARED_FRAMES, WriteFrame
+from edgeway.gateway.server import PREPARED_FRAMES, Flag, WriteFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ Send = Callable[[Message], Awaitable[None]]
 # would not take it so.
 Write = Callable[[Message | Batch], bool]
 Binder = Callable[[str], Awaitable[None]]
+Read = Callable[[], Awaitable[None]]
 
 log = get_logger("edgeway.gateway.fanout")
 
@@ -84,7 +86,8 @@ BEHIND_TO_KEYFRAME = "behind_to_keyframe"
 
 
 class ClientQueue:
-    """One client's bounded send queue and the task that drains it into the socket.
+    """One client's bounded send queue and the task that drains it into the socket: `run`, for as
+    long as the connection lasts, or, under `serve`, one started only while something is queued.
 
     With `write` (`prepared_writer`), a message offered while the writer is idle with nothing
     queued is written at once, in the caller, instead of waking the writer task: the common case
@@ -97,8 +100,11 @@ class ClientQueue:
         "_event",
         "_idle",
         "_queue",
+        "_reader",
         "_send",
+        "_stopping",
         "_write",
+        "_writer",
         "admit",
         "closed",
         "endpoint",
@@ -121,8 +127,14 @@ class ClientQueue:
         self._send = send
         self._write = write
         self._idle = False  # the writer is waiting with nothing queued
-        self._queue: deque[Message] = deque()
-        self._event = asyncio.Event()
+        # A list: an empty deque holds a block of 64 slots (~600 bytes) for each idle client. The
+        # queue is long only for a client that is behind, where moving it costs less than a send.
+        self._queue: list[Message] = []
+        self._event = Flag()  # wakes `run`
+        # Under `serve`: the task that reads the client, and the writer while one runs.
+        self._reader: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._stopping = False  # the writer gave up: `serve` ends
         self.size = size
         self.policy = policy
         self.endpoint = endpoint
@@ -153,9 +165,9 @@ class ClientQueue:
         if len(self._queue) >= self.size:
             if self.policy is Policy.CLOSE:
                 self.overflowed = True
-                self._event.set()
+                self._wake()
                 return
-            self._queue.popleft()
+            del self._queue[0]
             self.metrics.dropped.labels(self.endpoint, "slow_client").inc()
         self._put(message)
 
@@ -178,12 +190,20 @@ class ClientQueue:
         if self._idle and not self._queue and self._write is not None and self._write(message):
             return
         self._queue.append(message)
-        self._event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """The writer has work: `run` is woken; under `serve`, a writer task starts if none runs."""
+        if self._reader is None:
+            self._event.set()
+        elif self._writer is None and not self.closed:
+            self._idle = False
+            self._writer = asyncio.create_task(self._drain())
 
     def push_front(self, messages: list[Message]) -> None:
         """Put messages ahead of everything queued (a snapshot sent before live updates)."""
-        self._queue.extendleft(reversed(messages))
-        self._event.set()
+        self._queue[:0] = messages
+        self._wake()
 
     def discard_queued(self, unwanted: Callable[[Message], bool]) -> int:
         """Remove the queued messages `unwanted` picks (live ones a snapshot already holds);
@@ -192,8 +212,7 @@ class ClientQueue:
         kept = [message for message in queue if not unwanted(message)]
         removed = len(queue) - len(kept)
         if removed:
-            queue.clear()  # in place: the writer holds this deque
-            queue.extend(kept)
+            queue[:] = kept  # in place: the writer holds this list
         return removed
 
     def __len__(self) -> int:
@@ -210,7 +229,45 @@ class ClientQueue:
             if self.overflowed:
                 return
             while queue:
-                await send(queue.popleft())
+                await send(queue.pop(0))
+
+    async def serve(self, read: Read) -> None:
+        """Serve the client until `read` returns (it left) or the queue gives up: it overflowed
+        (CLOSE) or a send failed. `read` runs in the caller's task; the queue is drained by a
+        writer task that runs only while something is queued and ends once it is sent."""
+        reader = asyncio.current_task()
+        assert reader is not None, "serve runs in a task"
+        self._reader = reader
+        self._idle = True
+        if self._queue or self.overflowed:
+            self._wake()
+        try:
+            await read()
+        except asyncio.CancelledError:
+            # The writer cancels the reader to stop it; any other cancellation goes on.
+            if not self._stopping or reader.uncancel():
+                raise
+        finally:
+            self._reader = None  # from here on, no writer starts and none cancels this task
+            await stop_tasks(self._writer)
+
+    async def _drain(self) -> None:
+        queue, send = self._queue, self._send
+        try:
+            while queue and not self.overflowed and not self.closed:
+                await send(queue.pop(0))
+        except Exception:  # noqa: BLE001 - the socket is gone or refused it: the client is done
+            self._stop_reader()
+        finally:
+            self._writer = None
+            self._idle = not queue
+        if self.overflowed:
+            self._stop_reader()
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None and not self._stopping:
+            self._stopping = True
+            self._reader.cancel()
 
     def close(self) -> None:
         self.closed = True
@@ -317,7 +374,7 @@ class VideoQueue(ClientQueue):
             self._skipping = True
         for message in live:
             self.offer(message)
-        self._event.set()
+        self._wake()
 
 
 def send_text(websocket: WebSocket) -> Send:
@@ -569,25 +626,23 @@ class Hub:
         channels: Sequence[str],
         *,
         catch_up: Callable[[], Awaitable[None]],
-        read: Callable[[], Coroutine[Any, Any, None]],
+        read: Read,
     ) -> None:
-        """Serve one client until it leaves (`read` returns) or its queue gives up.
+        """Serve one client until it leaves (`read` returns) or its queue gives up
+        (`ClientQueue.serve`: an idle client has no task but the caller's).
 
         Watch `channels` first, then `catch_up()` (queue what the client missed: a snapshot, a
         history, a GOP): nothing published while that is fetched is lost.
         """
-        tasks: list[asyncio.Task[None]] = []
         try:
             for channel in channels:
                 await self.subscribe(channel, client)
             await catch_up()
-            tasks = [asyncio.create_task(client.run()), asyncio.create_task(read())]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await client.serve(read)
         finally:
             for channel in channels:
                 await self.unsubscribe(channel, client)
             client.close()
-            await stop_tasks(*tasks)
 
 
 async def stop_tasks(*tasks: asyncio.Task[None] | None) -> None:
