@@ -29,15 +29,6 @@ CLIENT_KEYS = {"location_name", "timestamp", "people_detected", "occupancy_perce
 
 
 @pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
-    from edgeway.common.testing import create_postgres_database, drop_postgres_database
-
-    url = create_postgres_database()
-    yield url
-    drop_postgres_database(url)
-
-
-@pytest.fixture(scope="module")
 def stack(
     amqp_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:

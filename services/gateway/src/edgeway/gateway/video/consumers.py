@@ -12,7 +12,6 @@ from fastapi import APIRouter, WebSocket
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels
 from edgeway.common.video.packets import PacketParser, PacketType
-from edgeway.gateway.auth import Scope
 from edgeway.gateway.fanout import (
     ClientQueue,
     Packet,
@@ -21,9 +20,9 @@ from edgeway.gateway.fanout import (
     send_frames,
 )
 from edgeway.gateway.link import ServiceUnavailableError
-from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket
-from edgeway.gateway.video.sockets import DEFAULT_DEVICE, admit_device, read_message
-from edgeway.gateway.video.timing import admit_timing, timed
+from edgeway.gateway.state import Gateway, GatewayDep
+from edgeway.gateway.video.sockets import DEFAULT_DEVICE, read_message
+from edgeway.gateway.video.timing import admit_viewer, timed
 
 CONSUME_ENDPOINT = "/ws/video/consume"
 RELAY = "video-relay"
@@ -103,13 +102,9 @@ async def _gop(gateway: Gateway, device: str, *, timing: bool) -> tuple[list[Pac
 async def consume(
     websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT_DEVICE, timing: str = "0"
 ) -> None:
-    if not await admit_websocket(
-        websocket, gateway, scope=Scope.VIDEO_SUBSCRIBE, endpoint=CONSUME_ENDPOINT
-    ):
-        return
-    if not await admit_device(websocket, device):
-        return
-    timed_socket = await admit_timing(websocket, timing)
+    timed_socket = await admit_viewer(
+        websocket, gateway, endpoint=CONSUME_ENDPOINT, device=device, timing=timing
+    )
     if timed_socket is None:
         return
     hub, state = gateway.link.hub, gateway.video

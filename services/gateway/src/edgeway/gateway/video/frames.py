@@ -19,7 +19,6 @@ from fastapi import APIRouter, WebSocket
 
 from edgeway.common.logging import get_logger
 from edgeway.common.topology import Channels
-from edgeway.gateway.auth import Scope
 from edgeway.gateway.fanout import (
     ClientQueue,
     Message,
@@ -29,10 +28,10 @@ from edgeway.gateway.fanout import (
     send_frames,
 )
 from edgeway.gateway.link import ServiceUnavailableError
-from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket
+from edgeway.gateway.state import Gateway, GatewayDep
 from edgeway.gateway.video.consumers import RELAY, answer_pings, no_stream_yet
-from edgeway.gateway.video.sockets import DEFAULT_DEVICE, admit_device
-from edgeway.gateway.video.timing import admit_timing, timed
+from edgeway.gateway.video.sockets import DEFAULT_DEVICE
+from edgeway.gateway.video.timing import admit_viewer, timed
 
 FRAMES_ENDPOINT = "/ws/video/frames"
 # JPEGs a viewer may be behind before its oldest is dropped: 2 s at the relay's 5 a second.
@@ -94,13 +93,9 @@ def newer_than(client: ClientQueue, seq: int) -> Callable[[Message], bool]:
 async def frames(
     websocket: WebSocket, gateway: GatewayDep, device: str = DEFAULT_DEVICE, timing: str = "0"
 ) -> None:
-    if not await admit_websocket(
-        websocket, gateway, scope=Scope.VIDEO_SUBSCRIBE, endpoint=FRAMES_ENDPOINT
-    ):
-        return
-    if not await admit_device(websocket, device):
-        return
-    timed_socket = await admit_timing(websocket, timing)
+    timed_socket = await admit_viewer(
+        websocket, gateway, endpoint=FRAMES_ENDPOINT, device=device, timing=timing
+    )
     if timed_socket is None:
         return
     client = ClientQueue(

@@ -13,8 +13,10 @@ import orjson
 from fastapi import WebSocket
 
 from edgeway.common.schemas.errors import ErrorCode
+from edgeway.gateway.auth import Scope
 from edgeway.gateway.fanout import Message, Packet, Send
-from edgeway.gateway.video.sockets import error_frame
+from edgeway.gateway.state import Gateway, admit_websocket
+from edgeway.gateway.video.sockets import admit_device, error_frame
 
 # `?timing=`: off (the default, what old consumers get) or on.
 TIMING_VALUES = {"0": False, "1": True}
@@ -29,6 +31,20 @@ async def admit_timing(websocket: WebSocket, timing: str) -> bool | None:
         await websocket.send_text(error_frame(ErrorCode.INVALID_SHAPE.value, reason))
         await websocket.close(1008, "?timing= must be 0 or 1")
     return wanted
+
+
+async def admit_viewer(
+    websocket: WebSocket, gateway: Gateway, *, endpoint: str, device: str, timing: str
+) -> bool | None:
+    """A video viewer's admission (its token's `video:subscribe`, the device, `?timing=`):
+    whether it wants timing messages; None once it was refused (answered and closed)."""
+    if not await admit_websocket(
+        websocket, gateway, scope=Scope.VIDEO_SUBSCRIBE, endpoint=endpoint
+    ):
+        return None
+    if not await admit_device(websocket, device):
+        return None
+    return await admit_timing(websocket, timing)
 
 
 def timing_message(seq: int, packet: Packet) -> str:
