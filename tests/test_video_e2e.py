@@ -142,19 +142,24 @@ async def test_every_frame_reaches_every_viewer_however_the_phone_cuts_its_messa
 
 async def test_a_late_joiner_decodes_its_first_frame_at_once(stack: Stack) -> None:
     gop_s, seconds = 2.0, 4
+    # A device of its own: the relay may still hold another test's GOP of its device, which a
+    # joiner would get if this stream had not started yet on a loaded machine.
+    device = "phone-late"
     first = Viewer()
-    watching = asyncio.create_task(watch(consume_url(stack), first, until=FPS * seconds - 1))
+    watching = asyncio.create_task(
+        watch(consume_url(stack, device), first, until=FPS * seconds - 1)
+    )
     await wait_for_consumers(stack, 1)
     phone = asyncio.create_task(
         stream_to(
-            phone_url(stack),
+            phone_url(stack, device),
             synthetic_stream(WIDTH, HEIGHT, FPS, seconds, gop_s=gop_s, bitrate=500_000),
             fps=FPS,
         )
     )
     await asyncio.sleep(1.3)  # mid-GOP: the next keyframe is 0.7 s away
     late = Viewer()
-    async with websockets.connect(consume_url(stack), compression=None) as ws:
+    async with websockets.connect(consume_url(stack, device), compression=None) as ws:
         # What arrives at once, before any new keyframe could: the GOP so far.
         while not late.frames:
             message = await asyncio.wait_for(ws.recv(), 2)
