@@ -16,6 +16,9 @@ aio-pika, and an occupancy frame takes four hops.
 - `Consumer`: a queue's deliveries handed to a coroutine, each acked once it returns (the
   handler has committed its effect) and requeued if it raises, so the queue's delivery limit
   dead-letters a message that can never succeed (at once if it raises `RejectDeliveryError`).
+  It consumes on aiormq's channel under aio-pika's robust one: a handler gets a `Delivery`
+  (the message's properties read once, in one small object), in the one task aiormq starts per
+  delivery. aio-pika's own consumer builds an `IncomingMessage` and a second task per delivery.
 
 Traced like FastStream's middleware does it, and only where a trace exporter is configured
 (a `tracer_provider` given to the link): a CONSUMER span per delivery, continuing the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,7 +39,7 @@ from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
@@ -485,7 +489,42 @@ def _traced(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**(headers or {}), **carrier}
 
 
-Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+class Delivery:
+    """One delivery as a `Consumer`'s handler reads it: aiormq's message, with the properties
+    the handlers use under the names aio-pika's `IncomingMessage` gives them."""
+
+    __slots__ = (
+        "body",
+        "channel",
+        "content_type",
+        "correlation_id",
+        "delivery_tag",
+        "headers",
+        "message_id",
+        "redelivered",
+        "routing_key",
+        "type",
+    )
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+        deliver = message.delivery
+        # Consumed with acks, never fetched or returned: a Basic.Deliver with its tag.
+        assert isinstance(deliver, spec.Basic.Deliver)
+        assert deliver.delivery_tag is not None
+        props = message.header.properties
+        self.body: bytes = message.body
+        self.channel: aiormq.abc.AbstractChannel = message.channel
+        self.delivery_tag: int = deliver.delivery_tag
+        self.redelivered: bool = bool(deliver.redelivered)
+        self.routing_key: str = deliver.routing_key or ""
+        self.headers: dict[str, Any] = props.headers or {}
+        self.message_id: str | None = props.message_id
+        self.correlation_id: str | None = props.correlation_id
+        self.content_type: str | None = props.content_type
+        self.type: str | None = props.message_type
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
 
 
 class _Acks:
@@ -614,25 +653,63 @@ class Consumer:
         self.in_process = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
-        self._tag: str | None = None
+        self._channel: AbstractRobustChannel | None = None
+        # One tag for the consumer's life, on every channel it consumes on.
+        self._tag = f"edgeway.{queue}.{uuid.uuid4().hex[:12]}"
+        self._consuming = False
+        self._stopping = False
+        self._resume: asyncio.Task[None] | None = None
         self._acks = _Acks(self._acked.inc)
 
     async def start(self) -> None:
         channel = await self.link.channel(prefetch=self.prefetch)
         # A passive declare: the queue is its owner's (declared with its arguments already);
-        # aio-pika declares it again so after a reconnection, then consumes again.
-        queue = await channel.get_queue(self.queue_name, ensure=True)
-        self._queue = queue  # type: ignore[assignment]
-        self._tag = await queue.consume(self._on_message)
+        # aio-pika declares it again after a reconnection, with the channel's prefetch, and
+        # then the channel's reopen callback consumes again.
+        await channel.get_queue(self.queue_name, ensure=True)
+        self._channel = channel
+        channel.reopen_callbacks.add(self._consume_again)
+        await self._consume()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _consume(self) -> None:
+        assert self._channel is not None
+        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        await underlay.basic_consume(self.queue_name, self._on_delivered, consumer_tag=self._tag)
+        self._consuming = True
+
+    async def _consume_again(self, _channel: object) -> None:
+        """The robust channel reopened after a reconnection: consume on its new channel."""
+        if not self._stopping:
+            await self._consume()
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        """The broker cancelled this consumer (its queue deleted, say): try again until the queue
+        is back or the consumer stops."""
+        if frame.consumer_tag != self._tag or self._stopping:
+            return
+        self._consuming = False
+        log.warning("consumer cancelled by the broker; consuming again", queue=self.queue_name)
+        if self._resume is None or self._resume.done():
+            self._resume = asyncio.create_task(self._consume_until_stopped())
+
+    async def _consume_until_stopped(self) -> None:
+        while not self._stopping and not self._consuming:
+            await asyncio.sleep(self.link.reconnect_interval)
+            try:
+                await self._consume()
+            except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("queue not consumable yet", queue=self.queue_name, error=repr(exc))
+
+    async def _on_delivered(self, message: aiormq.abc.DeliveredMessage) -> None:
+        await self._on_message(Delivery(message))
+
+    async def _on_message(self, message: Delivery) -> None:
         started = time.perf_counter()
         self.in_process += 1
         self._in_process_gauge.inc()
         self._idle.clear()
         channel, tag = message.channel, message.delivery_tag
-        assert tag is not None  # consumed with acks
         self._acks.received(channel, tag)
         try:
             try:
@@ -640,9 +717,7 @@ class Consumer:
                 if tracer is None:
                     await self.handler(message)
                 else:
-                    carrier = {
-                        k: v for k, v in (message.headers or {}).items() if isinstance(v, str)
-                    }
+                    carrier = {k: v for k, v in message.headers.items() if isinstance(v, str)}
                     with tracer.start_as_current_span(
                         f"{self.queue_name} process",
                         context=_PROPAGATOR.extract(carrier),
@@ -681,14 +756,19 @@ class Consumer:
                 self._idle.set()
 
     async def stop(self) -> None:
-        if self._queue is not None and self._tag is not None:
+        self._stopping = True
+        if self._resume is not None:
+            self._resume.cancel()
+        if self._channel is not None:
+            self._channel.reopen_callbacks.discard(self._consume_again)
             try:
                 if not self.link.ready:  # the broker took the consumer with the connection
                     raise RuntimeError("the link is down")
-                await asyncio.wait_for(self._queue.cancel(self._tag), STOP_STEP_TIMEOUT)
+                underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                await asyncio.wait_for(underlay.basic_cancel(self._tag), STOP_STEP_TIMEOUT)
             except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
                 log.info("consumer already gone", queue=self.queue_name, error=repr(exc))
-            self._tag = None
+            self._channel = None
         try:
             await asyncio.wait_for(self._idle.wait(), self.grace)
         except TimeoutError:
@@ -709,6 +789,7 @@ __all__ = [
     "AmqpMetrics",
     "ConfirmPublisher",
     "Consumer",
+    "Delivery",
     "PublishRefusedError",
     "RejectDeliveryError",
     "properties",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractIncomingMessage
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,6 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.amqp import AmqpLink
+from edgeway.common.amqp import Delivery as AmqpDelivery
 from edgeway.common.batching import GroupCommit
 from edgeway.common.broker import declare_shared, declare_work
 from edgeway.common.db import is_outage, with_db_retry
@@ -122,7 +122,7 @@ def build_app(
     )
     register(base.broker, deps)
 
-    async def observation(message: AbstractIncomingMessage) -> None:
+    async def observation(message: AmqpDelivery) -> None:
         await on_observation(message, deps)
 
     # Observations: consumed apart from FastStream (see edgeway.occupancy.handlers.register).

@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import RabbitBroker
 from opentelemetry import context as otel_context
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.amqp import Delivery as AmqpDelivery
 from edgeway.common.amqp import RejectDeliveryError
 from edgeway.common.batching import batch_size, unpack_work
 from edgeway.common.broker import answer_requests, encode
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = get_logger("edgeway.occupancy.handlers")
 
 
-async def on_observation(message: AbstractIncomingMessage, deps: Deps) -> None:
+async def on_observation(message: AmqpDelivery, deps: Deps) -> None:
     """One message of observations; returns once each is committed and its result confirmed by
     the broker (the consumer acks then). Raises on what is not an outage: requeued; a batch
     whose body and headers disagree is dead-lettered at once."""

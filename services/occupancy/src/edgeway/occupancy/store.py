@@ -376,22 +376,21 @@ class SessionWriter:
         return None
 
 
-# One statement stores a group: its rows arrive as one array per column (`unnest`), the INSERT
-# returns the ids it did not have yet, and the newest of those per location (latest capture
-# time, then latest arrival) advances that location's state, forward in capture time only.
-# A data-modifying statement is atomic on its own: no BEGIN/COMMIT round trips.
+# One statement stores a group: its rows arrive as one JSON array (`json_to_recordset`), the
+# INSERT returns the ids it did not have yet, and the newest of those per location (latest
+# capture time, then latest arrival) advances that location's state, forward in capture time
+# only. A data-modifying statement is atomic on its own: no BEGIN/COMMIT round trips.
+#
+# One JSON text parameter, built by orjson, costs the service a fraction of one array per column:
+# psycopg dumps each list element by element in Python (73 vs 160 µs of CPU for a group of one,
+# measured side by side), and PostgreSQL parses the JSON in less time than the arrays.
 _STORE_GROUP = """
 WITH batch AS (
-    SELECT * FROM unnest(
-        %(message_id)s::text[], %(camera_id)s::text[], %(location_id)s::int[],
-        %(captured_at)s::timestamptz[], %(received_at)s::timestamptz[],
-        %(total_people)s::int[], %(free_zones)s::int[], %(occupied_zones)s::int[],
-        %(occupancy_percent)s::float8[], %(timestamp_raw)s::text[], %(zones)s::text[],
-        %(segments)s::text[], %(client_update)s::text[]
-    ) WITH ORDINALITY AS b(
-        message_id, camera_id, location_id, captured_at, received_at, total_people,
-        free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones, segments,
-        client_update, arrival
+    SELECT * FROM json_to_recordset(%s::json) AS b(
+        message_id text, camera_id text, location_id int, captured_at timestamptz,
+        received_at timestamptz, total_people int, free_zones int, occupied_zones int,
+        occupancy_percent float8, timestamp_raw text, zones jsonb, segments jsonb,
+        client_update text, arrival int
     )
 ),
 stored AS (
@@ -400,8 +399,7 @@ stored AS (
         free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones, segments
     )
     SELECT message_id, camera_id, location_id, captured_at, received_at, total_people,
-        free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones::jsonb,
-        segments::jsonb
+        free_zones, occupied_zones, occupancy_percent, timestamp_raw, zones, segments
     FROM batch ORDER BY arrival
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
@@ -436,46 +434,33 @@ SELECT message_id FROM stored
 """
 
 
-def _columns(records: Sequence[ObservationRecord]) -> dict[str, list[Any]]:
-    """The group as one list per column of `_STORE_GROUP`."""
-    columns: dict[str, list[Any]] = {
-        name: []
-        for name in (
-            "message_id",
-            "camera_id",
-            "location_id",
-            "captured_at",
-            "received_at",
-            "total_people",
-            "free_zones",
-            "occupied_zones",
-            "occupancy_percent",
-            "timestamp_raw",
-            "zones",
-            "segments",
-            "client_update",
-        )
-    }
-    for record in records:
-        frame = record.reading.frame
+def _rows(records: Sequence[ObservationRecord]) -> str:
+    """The group as the JSON array of `_STORE_GROUP`'s rows (datetimes in RFC 3339, with their
+    offset)."""
+    rows = []
+    for arrival, record in enumerate(records):
+        reading = record.reading
+        frame = reading.frame
         summary = frame.summary
-        columns["message_id"].append(record.message_id)
-        columns["camera_id"].append(frame.camera)
-        columns["location_id"].append(record.location.location_id)
-        columns["captured_at"].append(record.reading.captured_at)
-        columns["received_at"].append(record.received_at)
-        columns["total_people"].append(summary.total_people)
-        columns["free_zones"].append(len(summary.free))
-        columns["occupied_zones"].append(len(summary.occupied))
-        columns["occupancy_percent"].append(record.reading.occupancy_percent)
-        columns["timestamp_raw"].append(record.timestamp_raw)
-        columns["zones"].append(
-            orjson.dumps({"free": summary.free, "occupied": summary.occupied}).decode()
+        rows.append(
+            {
+                "message_id": record.message_id,
+                "camera_id": frame.camera,
+                "location_id": record.location.location_id,
+                "captured_at": reading.captured_at,
+                "received_at": record.received_at,
+                "total_people": summary.total_people,
+                "free_zones": len(summary.free),
+                "occupied_zones": len(summary.occupied),
+                "occupancy_percent": reading.occupancy_percent,
+                "timestamp_raw": record.timestamp_raw,
+                "zones": {"free": summary.free, "occupied": summary.occupied},
+                "segments": frame.segments,
+                "client_update": record.client_update,
+                "arrival": arrival,
+            }
         )
-        segments = frame.segments
-        columns["segments"].append(None if segments is None else orjson.dumps(segments).decode())
-        columns["client_update"].append(record.client_update)
-    return columns
+    return orjson.dumps(rows).decode()
 
 
 def psycopg_conninfo(url: str) -> str:
@@ -524,7 +509,7 @@ class PostgresWriter:
     ) -> list[bool]:
         if not records:
             return []
-        cursor = await connection.execute(_STORE_GROUP, _columns(records))
+        cursor = await connection.execute(_STORE_GROUP, (_rows(records),))
         inserted = {row[0] for row in await cursor.fetchall()}
         fresh = []
         for record in records:

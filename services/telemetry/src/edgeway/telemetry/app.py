@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractIncomingMessage
 from faststream.asgi import AsgiFastStream
 from faststream.rabbit import RabbitBroker
 from opentelemetry.sdk.trace import TracerProvider
@@ -21,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from edgeway.common.amqp import AmqpLink
+from edgeway.common.amqp import Delivery as AmqpDelivery
 from edgeway.common.batching import GroupCommit
 from edgeway.common.broker import declare_shared, declare_work
 from edgeway.common.db import is_outage, with_db_retry
@@ -142,7 +142,7 @@ def build_app(
     )
     register(base.broker, deps)
 
-    async def upload(message: AbstractIncomingMessage) -> None:
+    async def upload(message: AmqpDelivery) -> None:
         await on_upload(message, deps)
 
     # A single active consumer (Topology.telemetry_raw_queue): one replica at a time decodes, so

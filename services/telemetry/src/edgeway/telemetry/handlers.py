@@ -39,6 +39,7 @@ from faststream.rabbit import RabbitBroker
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from edgeway.common.amqp import Delivery as AmqpDelivery
 from edgeway.common.amqp import RejectDeliveryError
 from edgeway.common.broker import answer_requests, encode
 from edgeway.common.envelope import Envelope
@@ -62,10 +63,11 @@ SESSIONS_MAX = 100
 log = get_logger("edgeway.telemetry")
 
 
-async def on_upload(message: AbstractMessage, deps: Deps) -> None:
+async def on_upload(message: AmqpDelivery | AbstractMessage, deps: Deps) -> None:
     """One upload, or a batch of them (`telemetry.uploads.v1`), stored in their order.
 
-    `message` is a delivery (aio-pika's incoming message) or anything with its properties."""
+    `message` is a delivery (`edgeway.common.amqp.Delivery`) or an aio-pika message with the
+    same properties."""
     # Nothing is awaited before the group commit takes the uploads: they reach it in delivery
     # order, and the uploads of a batched message in their order in it.
     body = message.body
