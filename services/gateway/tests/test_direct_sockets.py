@@ -1,5 +1,6 @@
-"""`DirectSockets`: the fan-out sockets' upgrades go to their endpoints without FastAPI's
-per-request stack, with the same refusals; everything else goes to the app.
+"""`DirectSockets`: the fan-out sockets' upgrades and the loggers' upload POSTs go to their
+endpoints without FastAPI's per-request stack, with the same refusals; everything else goes to
+the app (`test_telemetry_uploads.py` compares the upload's answers on both paths).
 
 Driven at the ASGI level, without the lifespan (the broker is never reached). The process
 tests (`test_occupancy.py`, `tests/test_occupancy_e2e.py`) serve real clients through it.
@@ -7,6 +8,7 @@ tests (`test_occupancy.py`, `tests/test_occupancy_e2e.py`) serve real clients th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +17,7 @@ from fastapi.routing import APIWebSocketRoute, iter_route_contexts
 
 from edgeway.common.settings import Environment
 from edgeway.common.testing import TEST_SECRET, make_token
-from edgeway.gateway.app import DIRECT_SOCKETS, DirectSockets, create_app
+from edgeway.gateway.app import DIRECT_POSTS, DIRECT_SOCKETS, DirectSockets, create_app
 from edgeway.gateway.settings import GatewaySettings
 
 SUBSCRIBE = make_token("occupancy:subscribe", "telemetry:subscribe")
@@ -122,3 +124,60 @@ def test_each_direct_socket_is_the_apps_route_of_its_path() -> None:
     }
     for path, endpoint in DIRECT_SOCKETS.items():
         assert routes[path] is endpoint
+
+
+def http_scope(path: str, method: str = "POST") -> Any:
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"gateway"), (b"content-type", b"application/x-protobuf")],
+        "scheme": "http",
+        "server": ("gateway", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+
+
+async def request_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def answer(exchange: Exchange) -> tuple[int, dict[str, Any]]:
+    start, body = exchange.sent
+    assert start["type"] == "http.response.start"
+    return start["status"], orjson.loads(body["body"])
+
+
+@pytest.mark.parametrize("path", sorted(DIRECT_POSTS))
+async def test_an_upload_is_answered_without_the_app(path: str) -> None:
+    exchange = Exchange()
+    await direct(exchange)(http_scope(path), request_body, exchange.send)
+    status, body = answer(exchange)
+    assert (status, body["code"]) == (401, "unauthorized")
+    assert exchange.app_called == []
+
+
+async def test_other_methods_and_exported_traces_go_to_the_app(tmp_path: Path) -> None:
+    exchange = Exchange()
+    await direct(exchange)(http_scope("/telemetry", "GET"), request_body, exchange.send)
+    traced = direct(exchange, otel_exporter="jsonl", otel_file=tmp_path / "spans.jsonl")
+    await traced(http_scope("/telemetry"), request_body, exchange.send)
+    assert exchange.app_called == ["/telemetry", "/telemetry"]
+
+
+async def test_an_unexpected_failure_is_the_apps_500() -> None:
+    exchange = Exchange()
+    app = direct(exchange)
+
+    async def broken(*_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    app.posts = {"/telemetry": broken}
+    with pytest.raises(RuntimeError):  # for the server to log, as FastAPI's stack does
+        await app(http_scope("/telemetry"), request_body, exchange.send)
+    status, body = answer(exchange)
+    assert (status, body["code"]) == (500, "internal_error")

@@ -20,6 +20,7 @@ from prometheus_client import (
     generate_latest,
     make_asgi_app,
 )
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeway.common.errors import error_responses, install_error_handlers
@@ -71,22 +72,37 @@ DIRECT_SOCKETS: dict[str, SocketEndpoint] = {
     clients.CLIENT_ENDPOINT: clients.client_connect,
     dashboards.DASHBOARD_ENDPOINT: dashboards.dashboard,
 }
+# The loggers' uploads, one record per request: FastAPI's routing, dependency solving and
+# middlewares cost the gateway more than the upload itself, so they skip it too.
+HttpEndpoint = Callable[[Request, Gateway], Awaitable[Response]]
+DIRECT_POSTS: dict[str, HttpEndpoint] = dict.fromkeys(uploads.UPLOAD_PATHS, uploads.direct_upload)
 
 
 class DirectSockets:
-    """The gateway app as its server runs it: WebSocket upgrades of `DIRECT_SOCKETS` go straight
-    to their endpoint function, with the app's gateway; everything else goes to the app.
+    """The gateway app as its server runs it: WebSocket upgrades of `DIRECT_SOCKETS` and upload
+    POSTs of `DIRECT_POSTS` go straight to their endpoint function, with the app's gateway;
+    everything else goes to the app.
 
     FastAPI keeps, for the whole life of a connection, the frames of its middlewares, routing,
     dependency solving and half a dozen `AsyncExitStack`s: about 8 KiB per idle client. These
     endpoints take nothing from FastAPI but the `WebSocket` and the gateway, and answer refusals
     and errors themselves (`admit_websocket`), so they behave the same either way. They stay in
-    the app's routes, for the API documents and for tests that drive the app alone.
+    the app's routes, for the API documents and for tests that drive the app alone. The upload
+    POSTs get what the app wraps around a route and they need: its access log and its 500
+    answer (`direct_upload` admits and refuses as the route does); they halve the gateway's CPU
+    per single-record upload (302 -> 158 µs).
     """
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.gateway: Gateway = app.state.gateway
+        # Where traces are exported, the uploads keep FastAPI's HTTP spans: they go through it.
+        self.posts = DIRECT_POSTS if self.gateway.settings.otel_exporter == "none" else {}
+        # What FastAPI wraps a route in that the direct ones need: the access log, and the
+        # app's 500 answer to an exception the endpoint did not expect.
+        self.direct_http = ServerErrorMiddleware(
+            AccessLog(self._post), handler=app.exception_handlers.get(Exception)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -94,7 +110,14 @@ class DirectSockets:
             if endpoint is not None:
                 await endpoint(WebSocket(scope, receive, send), self.gateway)
                 return
+        elif scope["type"] == "http" and scope["path"] in self.posts and scope["method"] == "POST":
+            await self.direct_http(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.posts[scope["path"]](Request(scope, receive, send), self.gateway)
+        await response(scope, receive, send)
 
 
 class AccessLog:
