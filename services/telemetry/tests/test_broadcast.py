@@ -7,6 +7,7 @@ import asyncio
 import math
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -16,7 +17,6 @@ from prometheus_client import CollectorRegistry
 
 from edgeway.common.amqp import AmqpLink, properties
 from edgeway.common.envelope import HEADER_PRODUCER, Envelope, new_message_id
-from edgeway.common.telemetry.predictor import Decoded, Sample
 from edgeway.common.topology import Channels, Topology
 from edgeway.telemetry import domain
 from edgeway.telemetry.broadcast import (
@@ -27,28 +27,42 @@ from edgeway.telemetry.broadcast import (
     PropertiesTemplate,
     RecordOrigin,
 )
-from edgeway.telemetry.flows import BroadcastRecord, Outcome
+from edgeway.telemetry.flows import BroadcastRecord, Broadcasts, Outcome
 from edgeway.telemetry.settings import DEMO_VINS, SEED_VIN
+from edgeway.telemetry.tables import RecordRow
 
 T0 = 1_763_726_400_000
+RECEIVED = datetime(2025, 11, 21, 12, 0, 1, tzinfo=UTC)
 
 
 def record(timestamp_ms: int, *, late: bool = False) -> BroadcastRecord:
-    sample = Sample(timestamp_ms, 40.0, 80.0, 12.5, 12_000.0, 90.0)
-    return BroadcastRecord(
-        Decoded(sample, frozenset(), False, None), domain.StatsCounts(1, 4, 0), late
+    row = RecordRow(
+        1, timestamp_ms, 40.0, 80.0, 12.5, 12_000.0, 90.0, 0, False, None, None, True, RECEIVED
+    )
+    return BroadcastRecord(row, domain.StatsCounts(1, 4, 0), late)
+
+
+def broadcasts(records: Sequence[BroadcastRecord]) -> Broadcasts:
+    """An upload's stored records as the flow hands them over."""
+    return Broadcasts(
+        [record.row for record in records],
+        [record.late for record in records],
+        [
+            (record.stats.packets, record.stats.transmitted, record.stats.skipped)
+            for record in records
+        ],
     )
 
 
 def outcome(vin: str, timestamps: Sequence[int], *, late: bool = False) -> Outcome:
     result = Outcome(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), vin=vin)
-    result.broadcasts.extend(record(t, late=late) for t in timestamps)
+    result.broadcasts = broadcasts([record(t, late=late) for t in timestamps])
     result.stored = len(timestamps)
     return result
 
 
 def times(entries: Sequence[tuple[RecordOrigin, BroadcastRecord]]) -> list[int]:
-    return [entry[1].decoded.sample.timestamp_ms for entry in entries]
+    return [entry[1].row.timestamp_ms for entry in entries]
 
 
 # --- the queue ------------------------------------------------------------------------------------
@@ -57,15 +71,15 @@ def times(entries: Sequence[tuple[RecordOrigin, BroadcastRecord]]) -> list[int]:
 def drained(queue: BroadcastQueue) -> list[int]:
     taken = []
     while (entry := queue.pop()) is not None:
-        taken.append(entry[2].decoded.sample.timestamp_ms)
+        taken.append(entry[2].row.timestamp_ms)
     return taken
 
 
 def test_the_queue_gives_records_back_in_the_order_they_were_put() -> None:
     queue = BroadcastQueue(100)
     origin = RecordOrigin(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
-    assert queue.put(origin, [record(1), record(2, late=True), record(3)]) == 0
-    assert queue.put(origin, [record(4, late=True), record(5)]) == 0
+    assert queue.put(origin, broadcasts([record(1), record(2, late=True), record(3)])) == 0
+    assert queue.put(origin, broadcasts([record(4, late=True), record(5)])) == 0
     assert len(queue) == 5
     assert drained(queue) == [1, 2, 3, 4, 5]
 
@@ -73,15 +87,15 @@ def test_the_queue_gives_records_back_in_the_order_they_were_put() -> None:
 def test_a_full_queue_drops_the_oldest_replayed_records_first_then_the_oldest_live_ones() -> None:
     queue = BroadcastQueue(4)
     origin = RecordOrigin(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
-    assert queue.put(origin, [record(1), record(2)]) == 0  # live
+    assert queue.put(origin, broadcasts([record(1), record(2)])) == 0  # live
     # A replay of six: two of it would fit; the four oldest of it go, the live records stay.
-    assert queue.put(origin, [record(10 + i, late=True) for i in range(6)]) == 4
+    assert queue.put(origin, broadcasts([record(10 + i, late=True) for i in range(6)])) == 4
     assert len(queue) == 4
     # Then live records: the rest of the replay goes first, then the oldest live record.
-    assert queue.put(origin, [record(20), record(21), record(22)]) == 3
+    assert queue.put(origin, broadcasts([record(20), record(21), record(22)])) == 3
     assert drained(queue) == [2, 20, 21, 22]
     # One put larger than the bound keeps its newest.
-    assert queue.put(origin, [record(30 + i) for i in range(10)]) == 6
+    assert queue.put(origin, broadcasts([record(30 + i) for i in range(10)])) == 6
     assert drained(queue) == [36, 37, 38, 39]
     assert queue.clear() == 0
 
@@ -92,15 +106,19 @@ def test_replayed_records_are_let_in_at_the_replay_rate_newest_first() -> None:
     origin = RecordOrigin(Envelope(type=domain.UPLOAD_TYPE, producer="gateway"), SEED_VIN)
     # A second's worth of replay at once; the rest of the put, the oldest of it, is dropped.
     # Live records are never held back.
-    assert queue.put(origin, [*(record(i, late=True) for i in range(5)), record(100)]) == 2
-    assert queue.put(origin, [record(10, late=True), record(101)]) == 1  # the bucket is empty
+    assert (
+        queue.put(origin, broadcasts([*(record(i, late=True) for i in range(5)), record(100)])) == 2
+    )
+    assert (
+        queue.put(origin, broadcasts([record(10, late=True), record(101)])) == 1
+    )  # the bucket is empty
     now[0] = 0.5  # half a second: one and a half records' worth
-    assert queue.put(origin, [record(20 + i, late=True) for i in range(4)]) == 3
+    assert queue.put(origin, broadcasts([record(20 + i, late=True) for i in range(4)])) == 3
     now[0] = 10.0  # a long pause fills the bucket up to one second's worth, no more
-    assert queue.put(origin, [record(30 + i, late=True) for i in range(5)]) == 2
+    assert queue.put(origin, broadcasts([record(30 + i, late=True) for i in range(5)])) == 2
     assert drained(queue) == [2, 3, 4, 100, 101, 23, 32, 33, 34]
     unlimited = BroadcastQueue(1000, replay_rate=math.inf)
-    assert unlimited.put(origin, [record(i, late=True) for i in range(50)]) == 0
+    assert unlimited.put(origin, broadcasts([record(i, late=True) for i in range(50)])) == 0
     with pytest.raises(ValueError, match="replay_rate"):
         BroadcastQueue(10, replay_rate=-1)
 
@@ -346,7 +364,7 @@ async def test_a_record_that_cannot_be_sent_is_counted_and_the_rest_go_on() -> N
     send = sender.send
 
     def refusing(origin: RecordOrigin, record: BroadcastRecord) -> Coroutine[Any, Any, object]:
-        if record.decoded.sample.timestamp_ms == 2:
+        if record.row.timestamp_ms == 2:
             raise ValueError("cannot encode")
         return send(origin, record)
 

@@ -3,6 +3,7 @@ seed's dashboard message."""
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -13,9 +14,11 @@ from edgeway.common.telemetry import wire
 from edgeway.common.telemetry.predictor import (
     PREDICTOR_VERSION,
     Decoded,
+    DecodedRow,
     Decoder,
     Encoder,
     Packet,
+    PacketRow,
     Sample,
 )
 from edgeway.telemetry import domain
@@ -33,6 +36,11 @@ def packets(count: int, *, step_ms: int = 300) -> list[Packet]:
     return [encoder.encode(sample(i * step_ms, speed=65.0 + (i % 3) * 0.5)) for i in range(count)]
 
 
+def rows(sent: list[Packet]) -> list[PacketRow]:
+    """Packets as the service reads them: plain tuples of their fields."""
+    return [astuple(packet) for packet in sent]
+
+
 def headers(**values: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "x-vehicle-vin": "5YJ3E1EA1KF000001",
@@ -48,7 +56,7 @@ def headers(**values: Any) -> dict[str, Any]:
 def test_an_upload_is_read_with_the_contract_headers() -> None:
     sent = packets(3)
     upload = domain.read_upload(wire.encode_batch(sent), headers(x_batch="true"))
-    assert upload == domain.Upload(vin="5YJ3E1EA1KF000001", packets=sent, compressed=True)
+    assert upload == domain.Upload(vin="5YJ3E1EA1KF000001", packets=rows(sent), compressed=True)
 
 
 def test_without_headers_an_upload_is_one_plain_reading_of_the_seeds_car() -> None:
@@ -57,7 +65,7 @@ def test_without_headers_an_upload_is_one_plain_reading_of_the_seeds_car() -> No
     upload = domain.read_upload(body, {})
     assert isinstance(upload, domain.Upload)
     assert (upload.vin, upload.compressed) == ("5YJ3E1EA1KF000001", False)
-    [packet] = upload.packets
+    [packet] = [Packet(*row) for row in upload.packets]
     assert (packet.speed, packet.is_resync, packet.sequence) == (70.5, True, None)
 
 
@@ -122,40 +130,56 @@ def test_an_unknown_vehicle_keeps_its_record_count() -> None:
 # --- decoding -------------------------------------------------------------------------------------
 
 
+def as_row(decoded: Decoded) -> DecodedRow:
+    """`Decoder.decode`'s answer as `Decoder.decode_row` gives it."""
+    s = decoded.sample
+    mask = domain.reconstructed_mask(decoded.reconstructed)
+    return (
+        s.speed,
+        s.battery,
+        s.power,
+        s.odometer,
+        s.heading,
+        mask,
+        decoded.uncertain,
+        decoded.gap,
+    )
+
+
 def test_packets_at_or_before_the_last_record_are_duplicates_not_decoded_again() -> None:
-    sent = packets(10)
+    sent = rows(packets(10))
     decoder = Decoder()
     first = domain.decode_upload(decoder, sent[:6])
-    assert (len(first.records), first.behind) == (6, [])
+    assert (first.packets, first.behind) == (sent[:6], [])
     state = decoder.state
     # A redelivery of the first upload, then a re-upload overlapping it.
     again = domain.decode_upload(decoder, sent[:6])
-    assert (again.records, again.behind, decoder.state) == ([], sent[:6], state)
+    assert (again.packets, again.decoded, again.behind, decoder.state) == ([], [], sent[:6], state)
     overlap = domain.decode_upload(decoder, sent[4:])
     assert overlap.behind == sent[4:6]
-    assert [r.packet for r in overlap.records] == sent[6:]
+    assert overlap.packets == sent[6:]
     # The same as decoding everything once.
     fresh = Decoder()
-    assert [r.decoded for r in first.records + overlap.records] == [fresh.decode(p) for p in sent]
+    assert first.decoded + overlap.decoded == [as_row(fresh.decode(p)) for p in packets(10)]
     assert decoder.state == fresh.state
 
 
 def test_an_undecodable_upload_leaves_the_decoder_as_it_was() -> None:
     sent = packets(5)
     decoder = Decoder()
-    domain.decode_upload(decoder, sent[:2])
+    domain.decode_upload(decoder, rows(sent[:2]))
     before = decoder.state
     future = Packet(**{**_fields(sent[3]), "predictor_version": PREDICTOR_VERSION + 1})
     with pytest.raises(domain.UndecodableError, match="predictor version"):
-        domain.decode_upload(decoder, [sent[2], future, sent[4]])
+        domain.decode_upload(decoder, rows([sent[2], future, sent[4]]))
     assert decoder.state == before
-    assert len(domain.decode_upload(decoder, sent[2:]).records) == 3
+    assert len(domain.decode_upload(decoder, rows(sent[2:])).decoded) == 3
 
 
 def test_packets_behind_the_state_that_were_never_stored_are_out_of_order() -> None:
     sent = packets(8)
-    upload = domain.Upload("5YJ3E1EA1KF000001", sent, compressed=True)
-    rejection = domain.out_of_order(upload, sent[:7])
+    upload = domain.Upload("5YJ3E1EA1KF000001", rows(sent), compressed=True)
+    rejection = domain.out_of_order(upload, rows(sent[:7]))
     assert (rejection.code, rejection.vin, rejection.records) == (
         RejectCode.OUT_OF_ORDER,
         "5YJ3E1EA1KF000001",

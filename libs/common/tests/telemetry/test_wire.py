@@ -10,17 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeway.common.telemetry import telemetry_pb2
-from edgeway.common.telemetry.predictor import PREDICTOR_VERSION, Encoder, Packet, Sample
+from edgeway.common.telemetry.predictor import (
+    PREDICTOR_VERSION,
+    Encoder,
+    Packet,
+    PacketRow,
+    Sample,
+)
 from edgeway.common.telemetry.wire import (
     MAX_BATCH_RECORDS,
     VIN_PATTERN,
     WireError,
-    _checked_compressed_packet,
-    _compressed_packet,
+    _checked_compressed_row,
+    _compressed_row,
     check_vin,
     encode_batch,
     encode_packet,
     encode_sample,
+    parse_rows,
     parse_upload,
 )
 
@@ -73,6 +80,8 @@ def test_compressed_packets_round_trip() -> None:
     body = encode_batch(sent, device_id="logger-7")
     assert parse_upload(body, compressed=True, batch=True) == sent
     assert telemetry_pb2.CompressedBatch.FromString(body).device_id == "logger-7"
+    # The server's reading: the same packets, each as a plain tuple of its fields.
+    assert parse_rows(body, compressed=True, batch=True) == [dataclasses.astuple(p) for p in sent]
 
 
 def test_a_skipped_field_is_absent_on_the_wire_not_zero() -> None:
@@ -99,6 +108,8 @@ def test_an_uncompressed_reading_is_a_resync_packet() -> None:
     assert parse_upload(encode_sample(SAMPLE), compressed=False, batch=False) == [expected]
     numbered = parse_upload(encode_sample(SAMPLE, sequence=42), compressed=False, batch=False)
     assert numbered == [dataclasses.replace(expected, sequence=42)]
+    [row] = parse_rows(encode_sample(SAMPLE), compressed=False, batch=False)
+    assert row == dataclasses.astuple(expected)
 
 
 def test_a_reading_is_carried_as_float32_and_whole_degrees() -> None:
@@ -292,7 +303,7 @@ def test_the_fast_path_accepts_exactly_what_the_named_checks_accept(
     sequence: int | None,
     version: int | None,
 ) -> None:
-    """`_compressed_packet` skips the per-field checks when one expression says every value is
+    """`_compressed_row` skips the per-field checks when one expression says every value is
     in range; whatever it returns or refuses, the checks that name each problem agree."""
     record = telemetry_pb2.CompressedVehicleData(
         timestamp=timestamp,
@@ -306,11 +317,11 @@ def test_the_fast_path_accepts_exactly_what_the_named_checks_accept(
         predictor_version=version,
     )
     try:
-        checked: Packet | str = _checked_compressed_packet(record, "")
+        checked: PacketRow | str = _checked_compressed_row(record, "")
     except WireError as exc:
         checked = exc.reason
     try:
-        fast: Packet | str = _compressed_packet(record, False, 0)
+        fast: PacketRow | str = _compressed_row(record, False, 0)
     except WireError as exc:
         fast = exc.reason
     assert fast == checked

@@ -37,7 +37,7 @@ from edgeway.common.logging import get_logger
 from edgeway.common.tasks import spawn
 from edgeway.common.topology import Channels
 from edgeway.telemetry import domain
-from edgeway.telemetry.flows import BroadcastRecord, Outcome
+from edgeway.telemetry.flows import BroadcastRecord, Broadcasts, Outcome
 
 # Broadcasts awaiting their confirm at once: enough to hide the round trip to the broker.
 PUBLISH_WINDOW = 256
@@ -96,26 +96,26 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._live) + len(self._replay)
 
-    def put(self, origin: RecordOrigin, records: Sequence[BroadcastRecord]) -> int:
+    def put(self, origin: RecordOrigin, records: Broadcasts) -> int:
         """Queue `records` of `origin`, in order; returns how many records were dropped (of
         these, replayed ones over the replay rate, the oldest first; or waiting ones, over the
-        capacity)."""
+        capacity). A record's `BroadcastRecord` is made only if it is queued."""
         live, replay = self._live, self._replay
         place = self._next
-        late = sum(1 for record in records if record.late)
+        late = records.late.count(True)
         admitted = late
         if self._replay_rate is not None:
             admitted = min(late, math.floor(self._refill()))
             self._tokens -= admitted
         refused = skip = late - admitted  # the oldest of them: dashboards want the newest
-        for record in records:
-            if not record.late:
-                live.append((place, origin, record))
+        for index, is_late in enumerate(records.late):
+            if not is_late:
+                live.append((place, origin, records.record(index)))
             elif skip:
                 skip -= 1
                 continue
             else:
-                replay.append((place, origin, record))
+                replay.append((place, origin, records.record(index)))
             place += 1
         self._next = place
         excess = len(live) + len(replay) - self.capacity
@@ -434,9 +434,12 @@ class AmqpSender:
         prepared = self._prepared
         if prepared is None or prepared.origin is not origin:
             prepared = self._prepared = self._prepare(origin)
+        row = record.row
         body = orjson.dumps(
             domain.record_message(
-                record.decoded,
+                (row.timestamp_ms, row.speed, row.battery, row.power, row.odometer, row.heading),
+                row.reconstructed,
+                row.uncertain,
                 vin=prepared.origin.vin,
                 vehicle=prepared.vehicle,
                 received=prepared.received,

@@ -20,9 +20,10 @@ from edgeway.common.telemetry.predictor import (
     FIELDS,
     RECONSTRUCTED,
     Decoded,
+    DecodedRow,
     Decoder,
     OutOfOrderError,
-    Packet,
+    PacketRow,
     Sample,
 )
 from edgeway.common.telemetry.uploads import UPLOAD_TYPE as UPLOAD_TYPE
@@ -63,8 +64,13 @@ class Upload:
     """An upload whose body and headers passed the wire's checks."""
 
     vin: str
-    packets: list[Packet]
+    packets: list[PacketRow]  # each a plain tuple of a `Packet`'s fields, in order
     compressed: bool
+
+
+# Where a packet's time and sequence number are in its `PacketRow` (`Packet`'s field order).
+ROW_TIMESTAMP: Final = 0
+ROW_SEQUENCE: Final = 7
 
 
 def _header(headers: Mapping[str, Any], name: str) -> str | None:
@@ -100,15 +106,16 @@ def read_upload(body: bytes, headers: Mapping[str, Any]) -> Upload | Rejection:
     except wire.WireError as exc:
         return Rejection(RejectCode.INVALID_VIN, exc.reason, raw_vin)
     try:
-        packets = wire.parse_upload(body, compressed=compressed, batch=batch)
+        packets = wire.parse_rows(body, compressed=compressed, batch=batch)
     except wire.WireError as exc:
         return Rejection(RejectCode.INVALID_PAYLOAD, exc.reason, raw_vin)
     for index, packet in enumerate(packets):
-        if packet.sequence is not None and packet.sequence > MAX_SEQUENCE:
+        sequence = packet[ROW_SEQUENCE]
+        if sequence is not None and sequence > MAX_SEQUENCE:
             where = f"records[{index}]." if batch else ""
             return Rejection(
                 RejectCode.INVALID_PAYLOAD,
-                f"{where}sequence = {packet.sequence} is above {MAX_SEQUENCE}",
+                f"{where}sequence = {sequence} is above {MAX_SEQUENCE}",
                 raw_vin,
                 len(packets),
             )
@@ -136,20 +143,19 @@ class UndecodableError(ValueError):
     """A packet of an upload that the predictor refuses; the decoder is as before the upload."""
 
 
-class DecodedPacket(NamedTuple):
-    packet: Packet
-    decoded: Decoded
-
-
 @dataclass(frozen=True, slots=True)
 class DecodedUpload:
-    records: list[DecodedPacket]
+    """An upload's packets that were decoded and what they decoded to, side by side (plain
+    tuples: `Decoder.decode_row`), and those behind the decoder."""
+
+    packets: list[PacketRow]
+    decoded: list[DecodedRow]
     # Packets at or before the vehicle's last record: a replay or a redelivery of stored ones,
     # or (if the table does not have them) packets that came after newer ones.
-    behind: list[Packet]
+    behind: list[PacketRow]
 
 
-def decode_upload(decoder: Decoder, packets: Sequence[Packet]) -> DecodedUpload:
+def decode_upload(decoder: Decoder, packets: Sequence[PacketRow]) -> DecodedUpload:
     """Decode one upload's packets in order, setting aside what is behind the decoder.
 
     A packet at or before the vehicle's last record time was decoded (and stored) before, as a
@@ -157,30 +163,34 @@ def decode_upload(decoder: Decoder, packets: Sequence[Packet]) -> DecodedUpload:
     cannot be decoded, the decoder is left as it was before the upload.
     """
     before = decoder.state
-    records: list[DecodedPacket] = []
-    behind: list[Packet] = []
+    sent: list[PacketRow] = []
+    decoded: list[DecodedRow] = []
+    behind: list[PacketRow] = []
+    decode = decoder.decode_row
     for packet in packets:
         last = decoder.last_timestamp_ms
-        if last is not None and packet.timestamp_ms <= last:
+        if last is not None and packet[ROW_TIMESTAMP] <= last:
             behind.append(packet)
             continue
         try:
-            records.append(DecodedPacket(packet, decoder.decode(packet)))
+            decoded.append(decode(packet))
         except OutOfOrderError:
             behind.append(packet)
+            continue
         except ValueError as exc:
             decoder.state = before
             raise UndecodableError(str(exc)) from exc
-    return DecodedUpload(records, behind)
+        sent.append(packet)
+    return DecodedUpload(sent, decoded, behind)
 
 
-def out_of_order(upload: Upload, late: Sequence[Packet]) -> Rejection:
+def out_of_order(upload: Upload, late: Sequence[PacketRow]) -> Rejection:
     """Packets behind their vehicle's state that were never stored: too late to decode.
 
     Their predictions are gone (the decoder has moved on), so they are kept as a rejection with
     the upload's bytes rather than stored with guessed values or dropped as duplicates.
     """
-    times = ", ".join(str(packet.timestamp_ms) for packet in late[:5])
+    times = ", ".join(str(packet[ROW_TIMESTAMP]) for packet in late[:5])
     more = f" and {len(late) - 5} more" if len(late) > 5 else ""
     return Rejection(
         RejectCode.OUT_OF_ORDER,
@@ -193,6 +203,8 @@ def out_of_order(upload: Upload, late: Sequence[Packet]) -> Rejection:
 
 # The bitmask of each set of reconstructed fields `Decoder.decode` returns.
 RECONSTRUCTED_MASKS: Final = {fields: mask for mask, fields in enumerate(RECONSTRUCTED)}
+# How many fields each bitmask names (what a record adds to the skipped fields' count).
+SKIPPED_FIELDS: Final = tuple(len(fields) for fields in RECONSTRUCTED)
 
 
 def reconstructed_mask(fields: Iterable[str]) -> int:
@@ -278,7 +290,8 @@ def is_late(timestamp_ms: int, *, received_at: datetime, offline_after_s: float)
 
 
 class SessionRecord(NamedTuple):
-    """What session tracking needs to know of one decoded record, in decode order."""
+    """What session tracking needs to know of one decoded record, in decode order (a plain tuple
+    of these values will do: `plan_sessions` reads them by position)."""
 
     timestamp_ms: int
     late: bool
@@ -323,7 +336,10 @@ def _at(timestamp_ms: int) -> datetime:
 
 
 def plan_sessions(
-    *, vehicle_id: int, open_session: int | None, records: Sequence[SessionRecord]
+    *,
+    vehicle_id: int,
+    open_session: int | None,
+    records: Sequence[tuple[int, bool, int, bool, datetime]],  # SessionRecord's fields
 ) -> SessionPlan:
     """Offline sessions of one vehicle after `records`.
 
@@ -338,24 +354,22 @@ def plan_sessions(
     ended_at: datetime | None = None
     stored_open = open_session is not None  # the stored session, until a live record ends it
     current: NewSession | None = None
-    for record in records:
-        if record.late:
+    for timestamp_ms, late, gap, stored, received_at in records:
+        if late:
             if stored_open:
-                buffered += 1 + record.gap
-                uploaded += record.stored
+                buffered += 1 + gap
+                uploaded += stored
                 continue
             if current is None:
-                current = NewSession(
-                    vehicle_id, _at(record.timestamp_ms), arrived_at=record.received_at
-                )
+                current = NewSession(vehicle_id, _at(timestamp_ms), arrived_at=received_at)
                 plan.new.append(current)
-            current.buffered += 1 + record.gap
-            current.uploaded += record.stored
+            current.buffered += 1 + gap
+            current.uploaded += stored
         elif stored_open:
             stored_open = False
-            ended_at = _at(record.timestamp_ms)
+            ended_at = _at(timestamp_ms)
         elif current is not None:
-            current.ended_at = _at(record.timestamp_ms)
+            current.ended_at = _at(timestamp_ms)
             current = None
     if open_session is not None and (buffered or uploaded or ended_at is not None):
         plan.update = SessionUpdate(open_session, buffered, uploaded, ended_at)
@@ -399,31 +413,53 @@ def client_message(
     stats: StatsCounts,
 ) -> dict[str, Any]:
     """The seed's per-record dashboard message, plus `reconstructed` and `uncertain`."""
+    sample = decoded.sample
     return record_message(
-        decoded, vin=vin, vehicle=vehicle_tag(vin), received=received_text(received_at), stats=stats
+        (
+            sample.timestamp_ms,
+            sample.speed,
+            sample.battery,
+            sample.power,
+            sample.odometer,
+            sample.heading,
+        ),
+        reconstructed_mask(decoded.reconstructed),
+        decoded.uncertain,
+        vin=vin,
+        vehicle=vehicle_tag(vin),
+        received=received_text(received_at),
+        stats=stats,
     )
 
 
 def record_message(
-    decoded: Decoded, *, vin: str, vehicle: str, received: str, stats: StatsCounts
+    reading: tuple[int, float, float, float, float, float],
+    reconstructed: int,
+    uncertain: bool,
+    *,
+    vin: str,
+    vehicle: str,
+    received: str,
+    stats: StatsCounts,
 ) -> dict[str, Any]:
-    """`client_message` from what every record of an upload shares, worked out once: the
-    vehicle's VIN and tag and the `received_at` text."""
-    sample = decoded.sample
+    """`client_message` of a record as it is stored (its `Sample`'s values in order, and the
+    bitmask of its reconstructed fields), from what every record of an upload shares, worked
+    out once: the vehicle's VIN and tag and the `received_at` text."""
+    timestamp_ms, speed, battery, power, odometer, heading = reading
     return {
         "type": "telemetry",
         "data": {
-            "timestamp": sample.timestamp_ms,
-            "speed": sample.speed,
-            "battery": sample.battery,
-            "power": sample.power,
-            "odometer": sample.odometer,
-            "heading": float(sample.heading),
+            "timestamp": timestamp_ms,
+            "speed": speed,
+            "battery": battery,
+            "power": power,
+            "odometer": odometer,
+            "heading": float(heading),
             "received_at": received,
         },
         "vehicle_vin": vehicle,
         "vin": vin,
         "compression_stats": stats.client_view(),
-        "reconstructed": [name for name in FIELDS if name in decoded.reconstructed],
-        "uncertain": decoded.uncertain,
+        "reconstructed": reconstructed_fields(reconstructed),
+        "uncertain": uncertain,
     }

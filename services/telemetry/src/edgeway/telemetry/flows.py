@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from itertools import compress
 from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -22,9 +22,8 @@ from edgeway.common.envelope import Envelope
 from edgeway.common.logging import get_logger
 from edgeway.common.telemetry.predictor import (
     FIELDS,
-    Decoded,
     Decoder,
-    Packet,
+    PacketRow,
     PredictorConfig,
     PredictorState,
 )
@@ -49,11 +48,31 @@ class Delivery:
 
 
 class BroadcastRecord(NamedTuple):
-    """A record this group stored, with what its broadcast needs (a tuple: one per record)."""
+    """A record this group stored, with what its broadcast needs."""
 
-    decoded: Decoded
+    row: RecordRow
     stats: domain.StatsCounts  # its vehicle's counts of the record's day, after it
     late: bool  # part of a store-and-forward replay (older than offline_after_s on arrival)
+
+
+@dataclass(slots=True)
+class Broadcasts:
+    """An upload's stored records, in order, as their broadcasts need them: one list per value,
+    so that nothing is made per record until the broadcast queue takes it (`record`). The queue
+    drops most of a replay (`edgeway.telemetry.broadcast.BroadcastQueue`)."""
+
+    rows: list[RecordRow] = field(default_factory=list)
+    late: list[bool] = field(default_factory=list)  # per row: BroadcastRecord.late
+    # Per row: its vehicle's (packets, transmitted, skipped) of the record's day, after it.
+    stats: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def record(self, index: int) -> BroadcastRecord:
+        return BroadcastRecord(
+            self.rows[index], domain.StatsCounts(*self.stats[index]), self.late[index]
+        )
 
 
 @dataclass(slots=True)
@@ -66,7 +85,7 @@ class Outcome:
     rejection: domain.Rejection | None = None
     new_rejection: bool = False  # False: this upload was rejected before (a redelivery)
     vin: str = ""  # the upload's vehicle, when it stored records
-    broadcasts: list[BroadcastRecord] = field(default_factory=list)  # in record order
+    broadcasts: Broadcasts = field(default_factory=Broadcasts)
 
 
 @dataclass(slots=True)
@@ -123,14 +142,16 @@ def _predictor_state(vehicle_id: int, row: store.StoredState) -> PredictorState:
         return PredictorState(last_timestamp_ms=row.timestamp_ms, last_sequence=row.sequence)
 
 
-class _Record(NamedTuple):
-    """A decoded record on its way to the database, with what its broadcast needs."""
+class _Decoded(NamedTuple):
+    """A group's decoded records, in order, one list per value (nothing is made per record but
+    its row), and which of them each upload decoded."""
 
-    delivery: int  # its index in the group
-    vin: str
-    decoded: Decoded
-    row: RecordRow
-    late: bool  # reached the gateway more than offline_after_s after its own time
+    rows: list[RecordRow]
+    late: list[bool]  # reached the gateway more than offline_after_s after its own time
+    gaps: list[int]  # packets missing just before it (`Decoded.gap`)
+    # Per upload that decoded something: (its delivery's index in the group, its vehicle,
+    # where its records start and end in the lists above).
+    spans: list[tuple[int, int, int, int]]
 
 
 class UploadFlow:
@@ -186,8 +207,8 @@ class UploadFlow:
             await self.decoders.load(
                 session=session, vehicle_ids={vehicle_id for _, vehicle_id, _ in accepted}
             )
-            records: list[_Record] = []
-            behind: list[tuple[int, int, domain.Upload, list[Packet]]] = []
+            group = _Decoded([], [], [], [])
+            behind: list[tuple[int, int, domain.Upload, list[PacketRow]]] = []
             undecodable: list[tuple[int, domain.Rejection]] = []
             # Each upload's rows go to the database while the next upload is decoded.
             expected = sum(len(upload.packets) for _, _, upload in accepted)
@@ -202,60 +223,76 @@ class UploadFlow:
                         continue
                     if decoded.behind:
                         behind.append((index, vehicle_id, upload, decoded.behind))
-                    mine = self._records(index, vehicle_id, upload, decoded, deliveries[index])
-                    records.extend(mine)
-                    await sink.write([record.row for record in mine])
+                    if decoded.packets:
+                        start = len(group.rows)
+                        self._records(group, vehicle_id, upload, decoded, deliveries[index])
+                        group.spans.append((index, vehicle_id, start, len(group.rows)))
+                        await sink.write(group.rows[start:])
             fresh = sink.fresh
             for index, rejection in undecodable:  # (the sink is closed: statements may run)
                 await self._reject(session, deliveries[index], rejection, outcomes[index])
-            stored = [record for record, new in zip(records, fresh, strict=True) if new]
-            for record, new in zip(records, fresh, strict=True):
-                if new:
-                    outcomes[record.delivery].stored += 1
-                else:  # decoded, but its (vehicle, timestamp) was stored already
-                    outcomes[record.delivery].duplicates += 1
+            for index, _, start, end in group.spans:
+                stored = fresh[start:end].count(True)
+                outcomes[index].stored += stored
+                # decoded, but its (vehicle, timestamp) was stored already
+                outcomes[index].duplicates += end - start - stored
             await self._sort_out(session, deliveries, behind, outcomes)
-            running = await self._count(session, stored)
-            await self._advance_vehicles(session, records, fresh)
+            running = await self._count(session, list(compress(group.rows, fresh)))
+            await self._advance_vehicles(session, group, fresh)
 
-        for record, stats in zip(stored, running, strict=True):
-            outcome = outcomes[record.delivery]
-            outcome.vin = record.vin
-            outcome.broadcasts.append(BroadcastRecord(record.decoded, stats, record.late))
+        # Each upload's stored records, and their counts, for their broadcasts.
+        taken = 0
+        for index, _, start, end in group.spans:
+            new = fresh[start:end]
+            stored = new.count(True)
+            if not stored:
+                continue
+            upload = deliveries[index].upload
+            assert isinstance(upload, domain.Upload)  # it decoded records
+            outcome = outcomes[index]
+            outcome.vin = upload.vin
+            broadcasts = outcome.broadcasts
+            broadcasts.rows.extend(compress(group.rows[start:end], new))
+            broadcasts.late.extend(compress(group.late[start:end], new))
+            broadcasts.stats.extend(running[taken : taken + stored])
+            taken += stored
         return outcomes
 
     def _records(
         self,
-        index: int,  # the delivery's, in the group
+        group: _Decoded,
         vehicle_id: int,
         upload: domain.Upload,
         decoded: domain.DecodedUpload,
         delivery: Delivery,
-    ) -> list[_Record]:
+    ) -> None:
+        """Add an upload's decoded records to the group's."""
         received_at = delivery.envelope.received_datetime()
         late_before = domain.late_before(received_at, offline_after_s=self.offline_after_s)
-        compressed, vin, masks = upload.compressed, upload.vin, domain.RECONSTRUCTED_MASKS
-        records: list[_Record] = []
-        for packet, decoded_record in decoded.records:
-            sample = decoded_record.sample
-            row = RecordRow(
-                vehicle_id,
-                sample.timestamp_ms,
-                sample.speed,
-                sample.battery,
-                sample.power,
-                sample.odometer,
-                float(sample.heading),
-                masks[decoded_record.reconstructed],
-                decoded_record.uncertain,
-                packet.sequence,
-                packet.predictor_version,
-                compressed,
-                received_at,
+        compressed = upload.compressed
+        rows, late, gaps = group.rows, group.late, group.gaps
+        for packet, values in zip(decoded.packets, decoded.decoded, strict=True):
+            timestamp, _, _, _, _, _, _, sequence, version = packet
+            speed, battery, power, odometer, heading, mask, uncertain, gap = values
+            rows.append(
+                RecordRow(
+                    vehicle_id,
+                    timestamp,
+                    speed,
+                    battery,
+                    power,
+                    odometer,
+                    heading,
+                    mask,
+                    uncertain,
+                    sequence,
+                    version,
+                    compressed,
+                    received_at,
+                )
             )
-            late = sample.timestamp_ms < late_before
-            records.append(_Record(index, vin, decoded_record, row, late))
-        return records
+            late.append(timestamp < late_before)
+            gaps.append(gap)
 
     async def _reject(
         self,
@@ -279,14 +316,14 @@ class UploadFlow:
         self,
         session: AsyncSession,
         deliveries: Sequence[Delivery],
-        behind: Sequence[tuple[int, int, domain.Upload, list[Packet]]],
+        behind: Sequence[tuple[int, int, domain.Upload, list[PacketRow]]],
         outcomes: list[Outcome],
     ) -> None:
         """Duplicates are packets behind their vehicle's state that are stored (this group's
         records included); the others came too late to decode and are kept as a rejection."""
         wanted: dict[int, set[int]] = defaultdict(set)
         for _, vehicle_id, _, packets in behind:
-            wanted[vehicle_id].update(packet.timestamp_ms for packet in packets)
+            wanted[vehicle_id].update(packet[domain.ROW_TIMESTAMP] for packet in packets)
         stored = {
             vehicle_id: await store.stored_timestamps(
                 session=session, vehicle_id=vehicle_id, timestamps=timestamps
@@ -294,7 +331,11 @@ class UploadFlow:
             for vehicle_id, timestamps in wanted.items()
         }
         for index, vehicle_id, upload, packets in behind:
-            late = [packet for packet in packets if packet.timestamp_ms not in stored[vehicle_id]]
+            late = [
+                packet
+                for packet in packets
+                if packet[domain.ROW_TIMESTAMP] not in stored[vehicle_id]
+            ]
             outcomes[index].duplicates += len(packets) - len(late)
             if late:
                 rejection = domain.out_of_order(upload, late)
@@ -302,22 +343,21 @@ class UploadFlow:
                 log.error("packets out of order", vin=upload.vin, reason=rejection.reason)
 
     async def _count(
-        self, session: AsyncSession, stored: Sequence[_Record]
-    ) -> list[domain.StatsCounts]:
-        """Add the stored records to their day's statistics; each record's running totals."""
+        self, session: AsyncSession, stored: Sequence[RecordRow]
+    ) -> list[tuple[int, int, int]]:
+        """Add the stored records to their day's statistics; each record's running totals
+        (packets, transmitted, skipped: `domain.StatsCounts`'s fields)."""
         fields = len(FIELDS)
-        keys: list[bulk.StatsKey] = []
+        skipped_of = domain.SKIPPED_FIELDS
+        # Per record, its (vehicle, UTC day number): a plain tuple, the StatsKey is made once
+        # per key (this loop runs for every stored record).
+        keys: list[tuple[int, int]] = []
         skipped: list[int] = []
-        added: dict[bulk.StatsKey, list[int]] = {}  # [packets, skipped] per (vehicle, day)
-        days: dict[int, date] = {}  # UTC day number -> its date
-        for record in stored:
-            number = record.row.timestamp_ms // domain.MS_PER_DAY
-            day = days.get(number)
-            if day is None:
-                day = days[number] = domain.record_day(record.row.timestamp_ms)
-            key = bulk.StatsKey(record.row.vehicle_id, day)
+        added: dict[tuple[int, int], list[int]] = {}  # [packets, skipped] per (vehicle, day)
+        for row in stored:
+            key = (row.vehicle_id, row.timestamp_ms // domain.MS_PER_DAY)
             keys.append(key)
-            skips = len(record.decoded.reconstructed)
+            skips = skipped_of[row.reconstructed]
             skipped.append(skips)
             counts = added.get(key)
             if counts is None:
@@ -325,43 +365,50 @@ class UploadFlow:
             else:
                 counts[0] += 1
                 counts[1] += skips
+        stats_keys = {
+            key: bulk.StatsKey(key[0], domain.record_day(key[1] * domain.MS_PER_DAY))
+            for key in added
+        }
         totals = await bulk.add_stats(
             session=session,
             increments={
-                key: domain.StatsCounts(packets, packets * fields - skips, skips)
+                stats_keys[key]: domain.StatsCounts(packets, packets * fields - skips, skips)
                 for key, (packets, skips) in added.items()
             },
         )
         # Walk back from the totals after the group to each record's own.
-        running: dict[bulk.StatsKey, list[int]] = {
-            key: [counts.packets, counts.transmitted, counts.skipped]
-            for key, counts in totals.items()
-        }
-        after: list[domain.StatsCounts] = []
+        running: dict[tuple[int, int], list[int]] = {}
+        for key, stats_key in stats_keys.items():
+            total = totals[stats_key]
+            running[key] = [total.packets, total.transmitted, total.skipped]
+        after: list[tuple[int, int, int]] = []
         for key, skips in zip(reversed(keys), reversed(skipped), strict=True):
             counts = running[key]
-            after.append(domain.StatsCounts(*counts))
-            counts[0] -= 1
-            counts[1] -= fields - skips
-            counts[2] -= skips
+            packets, transmitted, skipped_fields = counts
+            after.append((packets, transmitted, skipped_fields))
+            counts[0] = packets - 1
+            counts[1] = transmitted - (fields - skips)
+            counts[2] = skipped_fields - skips
         after.reverse()
         return after
 
     async def _advance_vehicles(
-        self, session: AsyncSession, records: Sequence[_Record], fresh: Sequence[bool]
+        self, session: AsyncSession, group: _Decoded, fresh: Sequence[bool]
     ) -> None:
         """Offline sessions and the decoder state of every vehicle that decoded something."""
-        by_vehicle: dict[int, list[int]] = defaultdict(list)  # indexes into records
-        for index, record in enumerate(records):
-            by_vehicle[record.row.vehicle_id].append(index)
+        by_vehicle: dict[int, list[tuple[int, int]]] = defaultdict(list)  # spans of its records
+        for _, vehicle_id, start, end in group.spans:
+            by_vehicle[vehicle_id].append((start, end))
         writes: list[bulk.StateWrite] = []
-        for vehicle_id, mine in by_vehicle.items():
+        for vehicle_id, spans in by_vehicle.items():
             cached = self.decoders[vehicle_id]
             open_after: int | None = None
             # Live records with no session open (the common case) change no session.
-            if cached.offline_session_id is not None or any(records[i].late for i in mine):
+            if cached.offline_session_id is not None or any(
+                True in group.late[start:end] for start, end in spans
+            ):
                 open_after = await self._plan_sessions(
-                    session, vehicle_id, cached.offline_session_id, records, fresh, mine
+                    session, vehicle_id, cached.offline_session_id, group, fresh, spans
                 )
             writes.append(
                 bulk.StateWrite(
@@ -369,7 +416,7 @@ class UploadFlow:
                     revision=cached.revision,
                     predictor=cached.decoder.state.to_json(),
                     offline_session_id=open_after,
-                    last=records[mine[-1]].row,
+                    last=group.rows[spans[-1][1] - 1],
                 )
             )
             cached.revision += 1
@@ -381,23 +428,22 @@ class UploadFlow:
         session: AsyncSession,
         vehicle_id: int,
         open_session: int | None,
-        records: Sequence[_Record],
+        group: _Decoded,
         fresh: Sequence[bool],
-        mine: Sequence[int],
+        spans: Sequence[tuple[int, int]],
     ) -> int | None:
-        """Write one vehicle's offline sessions after its records `mine`; the one left open."""
+        """Write one vehicle's offline sessions after its records (`spans` of the group's); the
+        one left open."""
+        rows, late, gaps = group.rows, group.late, group.gaps
         plan = domain.plan_sessions(
             vehicle_id=vehicle_id,
             open_session=open_session,
             records=[
-                domain.SessionRecord(
-                    records[i].row.timestamp_ms,
-                    records[i].late,
-                    records[i].decoded.gap,
-                    fresh[i],
-                    records[i].row.received_at,
+                (row.timestamp_ms, is_late, gap, new, row.received_at)  # a SessionRecord
+                for start, end in spans
+                for row, is_late, gap, new in zip(
+                    rows[start:end], late[start:end], gaps[start:end], fresh[start:end], strict=True
                 )
-                for i in mine
             ],
         )
         if plan.update is not None:

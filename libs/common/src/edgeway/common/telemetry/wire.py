@@ -1,5 +1,8 @@
 """Telemetry uploads on the wire: protobuf bodies to `Packet`s and back, with the checks for a 400.
 
+The server reads bodies into plain tuples instead (`parse_rows`, `PacketRow`), with the same checks:
+it reads every record it stores, and a `Packet` per record costs it more than the parsing.
+
 Everything a logger can get wrong is refused here with a `WireError` whose `reason` names the
 field and what it may be, so the gateway can answer 400 with it and nothing downstream sees a
 value that would poison a predictor or a database column.
@@ -18,6 +21,7 @@ from edgeway.common.telemetry import telemetry_pb2
 from edgeway.common.telemetry.predictor import (
     PREDICTOR_VERSION,
     Packet,
+    PacketRow,
     Sample,
     quantize_heading,
 )
@@ -68,16 +72,18 @@ def parse_upload(body: bytes, *, compressed: bool, batch: bool) -> list[Packet]:
     `compressed`: CompressedVehicleData (else VehicleData); `batch`: CompressedBatch or
     TelemetryBatch of those (else a single message). An uncompressed reading becomes a resync
     packet with every field present."""
+    return [Packet(*row) for row in parse_rows(body, compressed=compressed, batch=batch)]
+
+
+def parse_rows(body: bytes, *, compressed: bool, batch: bool) -> list[PacketRow]:
+    """`parse_upload`, each packet as a plain tuple of its fields (`PacketRow`)."""
     if compressed:
         compressed_records = _parse_compressed(body, batch=batch)
         return [
-            _compressed_packet(record, batch, index)
-            for index, record in enumerate(compressed_records)
+            _compressed_row(record, batch, index) for index, record in enumerate(compressed_records)
         ]
     plain_records = _parse_plain(body, batch=batch)
-    return [
-        _plain_packet(record, _where(batch, index)) for index, record in enumerate(plain_records)
-    ]
+    return [_plain_row(record, _where(batch, index)) for index, record in enumerate(plain_records)]
 
 
 def encode_packet(packet: Packet) -> bytes:
@@ -177,17 +183,17 @@ def _compressed_message(packet: Packet) -> telemetry_pb2.CompressedVehicleData:
     )
 
 
-def _plain_packet(record: telemetry_pb2.VehicleData, where: str) -> Packet:
-    return Packet(
-        timestamp_ms=_timestamp(record.timestamp, where),
-        odometer=_value(record.odometer, "odometer", where),
-        speed=_value(record.vehicle_speed, "vehicle_speed", where),
-        battery=_value(record.battery_level, "battery_level", where),
-        power=_value(record.power_kw, "power_kw", where),
-        heading=_heading(record.heading, where),
-        is_resync=True,
-        sequence=_sequence(record.sequence, where) if record.HasField("sequence") else None,
-        predictor_version=None,
+def _plain_row(record: telemetry_pb2.VehicleData, where: str) -> PacketRow:
+    return (
+        _timestamp(record.timestamp, where),
+        _value(record.odometer, "odometer", where),
+        _value(record.vehicle_speed, "vehicle_speed", where),
+        _value(record.battery_level, "battery_level", where),
+        _value(record.power_kw, "power_kw", where),
+        _heading(record.heading, where),
+        True,  # is_resync: a full reading
+        _sequence(record.sequence, where) if record.HasField("sequence") else None,
+        None,  # predictor_version
     )
 
 
@@ -197,11 +203,11 @@ _POWER_LOW, _POWER_HIGH, _ = _RANGES["power_kw"]
 _ODOMETER_LOW, _ODOMETER_HIGH, _ = _RANGES["odometer"]
 
 
-def _compressed_packet(
+def _compressed_row(
     record: telemetry_pb2.CompressedVehicleData, batch: bool, index: int
-) -> Packet:
+) -> PacketRow:
     """The packet of a record whose every value is in range; anything else goes to
-    `_checked_compressed_packet`, which names what is wrong. (Every record of every upload
+    `_checked_compressed_row`, which names what is wrong. (Every record of every upload
     comes through here, so the common case makes as few calls as it can.)"""
     has = record.HasField
     timestamp, odometer, resync = record.timestamp, record.odometer, record.is_resync
@@ -223,8 +229,8 @@ def _compressed_packet(
         and (version is None or version == PREDICTOR_VERSION)
         and not (resync and (speed is None or battery is None or power is None or heading is None))
     ):
-        return _checked_compressed_packet(record, _where(batch, index))
-    return Packet(
+        return _checked_compressed_row(record, _where(batch, index))
+    return (
         timestamp,
         odometer,
         speed,
@@ -237,7 +243,7 @@ def _compressed_packet(
     )
 
 
-def _checked_compressed_packet(record: telemetry_pb2.CompressedVehicleData, where: str) -> Packet:
+def _checked_compressed_row(record: telemetry_pb2.CompressedVehicleData, where: str) -> PacketRow:
     def optional(name: str) -> float | None:
         return _value(getattr(record, name), name, where) if record.HasField(name) else None
 
@@ -258,16 +264,16 @@ def _checked_compressed_packet(record: telemetry_pb2.CompressedVehicleData, wher
             f"{where}predictor_version = {version} is not supported: this server decodes "
             f"version {PREDICTOR_VERSION}"
         )
-    return Packet(
-        timestamp_ms=_timestamp(record.timestamp, where),
-        odometer=_value(record.odometer, "odometer", where),
-        speed=optional("vehicle_speed"),
-        battery=optional("battery_level"),
-        power=optional("power_kw"),
-        heading=_heading(record.heading, where) if record.HasField("heading") else None,
-        is_resync=record.is_resync,
-        sequence=_sequence(record.sequence, where) if record.HasField("sequence") else None,
-        predictor_version=version,
+    return (
+        _timestamp(record.timestamp, where),
+        _value(record.odometer, "odometer", where),
+        optional("vehicle_speed"),
+        optional("battery_level"),
+        optional("power_kw"),
+        _heading(record.heading, where) if record.HasField("heading") else None,
+        record.is_resync,
+        _sequence(record.sequence, where) if record.HasField("sequence") else None,
+        version,
     )
 
 
