@@ -74,6 +74,7 @@ class Config:
     quick: bool = False
     # py-spy records the suite's services during the point step (collapsed stacks here).
     profile: Path | None = None
+    profile_rate: int = 200  # samples per second
 
     @classmethod
     def make(cls, *, quick: bool, clients: int, workers: int, ladder: str | None) -> Config:
@@ -628,7 +629,7 @@ class Session:
             for label, process in self.target.processes.items()
             if process.process is not None
         }
-        return Profiler(pids, self.config.profile / self.target.name)
+        return Profiler(pids, self.config.profile / self.target.name, rate=self.config.profile_rate)
 
     def settle(self, quiet: float = 0.3, limit: float = 60.0) -> float:
         """Wait until no message has arrived for `quiet` s and the target has nothing queued;
@@ -1095,6 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "occupancy_fanout.json")
     parser.add_argument(
+        "--profile-rate", type=int, default=200, help="py-spy samples per second (--profile)"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="py-spy records the suite's services in the point step (bench/results/profiles/)",
@@ -1106,6 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
     config.point_rate = args.point
     if args.profile:
         config.profile = RESULTS / "profiles"
+        config.profile_rate = args.profile_rate
 
     names = {"both": ["relay", "suite"], "all": list(TARGETS)}.get(args.target, [args.target])
     results: dict[str, Any] = {
