@@ -33,7 +33,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -529,6 +529,83 @@ class Delivery:
 Handler = Callable[[Delivery], Awaitable[None]]
 
 
+class Subscription:
+    """A queue consumed on aiormq's channel under an aio-pika robust channel, again after every
+    reconnection (the robust channel restores its queues and bindings, then its reopen callback
+    consumes) and after the broker cancels it (its queue deleted, say: tried again until the
+    queue is back). aio-pika's own consumer builds an `IncomingMessage` and a second task per
+    delivery; here `callback` gets aiormq's message in the one task aiormq starts for it.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        queue: str,
+        callback: Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]],
+        *,
+        no_ack: bool = False,
+        retry_s: float = 2.0,
+    ) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.callback = callback
+        self.no_ack = no_ack
+        self.retry_s = retry_s
+        # One tag for the subscription's life, on every channel it consumes on.
+        self.tag = f"edgeway.{queue}.{uuid.uuid4().hex[:12]}"
+        self._consuming = False
+        self._stopping = False
+        self._resume: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.channel.reopen_callbacks.add(self._consume_again)
+        await self._consume()
+
+    async def _consume(self) -> None:
+        underlay = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        await underlay.basic_consume(
+            self.queue, self.callback, no_ack=self.no_ack, consumer_tag=self.tag
+        )
+        self._consuming = True
+
+    async def _consume_again(self, _channel: object) -> None:
+        """The robust channel reopened after a reconnection: consume on its new channel."""
+        if not self._stopping:
+            await self._consume()
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        if frame.consumer_tag != self.tag or self._stopping:
+            return
+        self._consuming = False
+        log.warning("consumer cancelled by the broker; consuming again", queue=self.queue)
+        if self._resume is None or self._resume.done():
+            self._resume = asyncio.create_task(self._consume_until_stopped())
+
+    async def _consume_until_stopped(self) -> None:
+        while not self._stopping and not self._consuming:
+            await asyncio.sleep(self.retry_s)
+            try:
+                await self._consume()
+            except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("queue not consumable yet", queue=self.queue, error=repr(exc))
+
+    async def stop(self, *, connected: bool) -> None:
+        """Stop consuming (a cancel, when `connected`: the broker took the consumer with a
+        connection that is down)."""
+        self._stopping = True
+        if self._resume is not None:
+            self._resume.cancel()
+        self.channel.reopen_callbacks.discard(self._consume_again)
+        try:
+            if not connected:
+                raise RuntimeError("the link is down")
+            underlay = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+            await asyncio.wait_for(underlay.basic_cancel(self.tag), STOP_STEP_TIMEOUT)
+        except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
+            log.info("consumer already gone", queue=self.queue, error=repr(exc))
+
+
 class _Acks:
     """Acks that fall due within `delay` of each other go out as one.
 
@@ -675,54 +752,19 @@ class Consumer:
         self.in_process = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._channel: AbstractRobustChannel | None = None
-        # One tag for the consumer's life, on every channel it consumes on.
-        self._tag = f"edgeway.{queue}.{uuid.uuid4().hex[:12]}"
-        self._consuming = False
-        self._stopping = False
-        self._resume: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
         # Acks due together go as one; a quarter of the prefetch goes at once.
         self._acks = _Acks(self._acked.inc, batch=max(1, prefetch // 4))
 
     async def start(self) -> None:
         channel = await self.link.channel(prefetch=self.prefetch)
         # A passive declare: the queue is its owner's (declared with its arguments already);
-        # aio-pika declares it again after a reconnection, with the channel's prefetch, and
-        # then the channel's reopen callback consumes again.
+        # aio-pika declares it again after a reconnection, with the channel's prefetch.
         await channel.get_queue(self.queue_name, ensure=True)
-        self._channel = channel
-        channel.reopen_callbacks.add(self._consume_again)
-        await self._consume()
-
-    async def _consume(self) -> None:
-        assert self._channel is not None
-        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        await underlay.basic_consume(self.queue_name, self._on_delivered, consumer_tag=self._tag)
-        self._consuming = True
-
-    async def _consume_again(self, _channel: object) -> None:
-        """The robust channel reopened after a reconnection: consume on its new channel."""
-        if not self._stopping:
-            await self._consume()
-
-    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        """The broker cancelled this consumer (its queue deleted, say): try again until the queue
-        is back or the consumer stops."""
-        if frame.consumer_tag != self._tag or self._stopping:
-            return
-        self._consuming = False
-        log.warning("consumer cancelled by the broker; consuming again", queue=self.queue_name)
-        if self._resume is None or self._resume.done():
-            self._resume = asyncio.create_task(self._consume_until_stopped())
-
-    async def _consume_until_stopped(self) -> None:
-        while not self._stopping and not self._consuming:
-            await asyncio.sleep(self.link.reconnect_interval)
-            try:
-                await self._consume()
-            except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
-                log.warning("queue not consumable yet", queue=self.queue_name, error=repr(exc))
+        self._subscription = Subscription(
+            channel, self.queue_name, self._on_delivered, retry_s=self.link.reconnect_interval
+        )
+        await self._subscription.start()
 
     async def _on_delivered(self, message: aiormq.abc.DeliveredMessage) -> None:
         await self._on_message(Delivery(message))
@@ -779,19 +821,9 @@ class Consumer:
                 self._idle.set()
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._resume is not None:
-            self._resume.cancel()
-        if self._channel is not None:
-            self._channel.reopen_callbacks.discard(self._consume_again)
-            try:
-                if not self.link.ready:  # the broker took the consumer with the connection
-                    raise RuntimeError("the link is down")
-                underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-                await asyncio.wait_for(underlay.basic_cancel(self._tag), STOP_STEP_TIMEOUT)
-            except (aiormq.exceptions.AMQPError, RuntimeError, TimeoutError) as exc:
-                log.info("consumer already gone", queue=self.queue_name, error=repr(exc))
-            self._channel = None
+        if self._subscription is not None:
+            await self._subscription.stop(connected=self.link.ready)
+            self._subscription = None
         try:
             await asyncio.wait_for(self._idle.wait(), self.grace)
         except TimeoutError:
@@ -815,5 +847,6 @@ __all__ = [
     "Delivery",
     "PublishRefusedError",
     "RejectDeliveryError",
+    "Subscription",
     "properties",
 ]

@@ -15,7 +15,8 @@ from typing import Any
 
 import aiormq.exceptions
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustQueue
+from aio_pika.abc import AbstractRobustQueue
+from aiormq.abc import DeliveredMessage
 from faststream.rabbit import RabbitBroker, RabbitExchange, RabbitQueue
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
-from edgeway.common.amqp import AmqpLink, ConfirmPublisher
+from edgeway.common.amqp import AmqpLink, ConfirmPublisher, Delivery, Subscription
 from edgeway.common.batching import batch_size, split_lines
 from edgeway.common.broker import declare_shared, declare_work, make_broker
 from edgeway.common.envelope import JSON, Envelope
@@ -124,7 +125,7 @@ class BrokerLink:
         self._received = metrics.received
         self._fanout_seconds = metrics.fanout_seconds
 
-    def _on_broadcast(self, message: AbstractIncomingMessage) -> None:
+    def _on_broadcast(self, message: Delivery) -> None:
         """One delivery of the broadcast queue: decoded once, handed to every watcher.
 
         Live results are lossy by design: consumed without acks, never redelivered stale.
@@ -167,15 +168,16 @@ class BrokerLink:
     def _count_refusal(self, frame: bytes | str) -> None:
         self.metrics.rejected.labels("service", orjson.loads(frame).get("code", "unknown")).inc()
 
-    async def _consume_broadcast(self, message: AbstractIncomingMessage) -> None:
+    async def _consume_broadcast(self, delivered: DeliveredMessage) -> None:
         started = time.perf_counter()
         try:
+            message = Delivery(delivered)
             tracer = self.amqp.tracer
             if tracer is None:
                 self._on_broadcast(message)
             else:
                 # Traced where spans are exported: the fan-out continues the message's trace.
-                carrier = {k: v for k, v in (message.headers or {}).items() if isinstance(v, str)}
+                carrier = {k: v for k, v in message.headers.items() if isinstance(v, str)}
                 with tracer.start_as_current_span(
                     f"{self._queue.name} process",
                     context=_PROPAGATOR.extract(carrier),
@@ -184,7 +186,7 @@ class BrokerLink:
                 ):
                     self._on_broadcast(message)
         except Exception:  # a message that does not fit: logged, the next one goes on
-            log.exception("broadcast message not delivered", routing_key=message.routing_key)
+            log.exception("broadcast message not delivered", routing_key=delivered.routing_key)
         self._fanout_seconds.observe(time.perf_counter() - started)
 
     async def connect(self) -> None:
@@ -248,7 +250,9 @@ class BrokerLink:
                 auto_delete=queue.auto_delete,
                 arguments=queue.arguments,
             )
-            await broadcast.consume(self._consume_broadcast, no_ack=True)
+            # Consumed on aiormq's channel (`Subscription`): no aio-pika message object and one
+            # task per delivery; restored with the queue after a reconnection.
+            await Subscription(channel, queue.name, self._consume_broadcast, no_ack=True).start()
             self._broadcast = broadcast
 
     async def stop(self) -> None:
