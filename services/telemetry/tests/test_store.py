@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +337,33 @@ async def test_a_record_keeps_every_value_exactly(
     assert (first.uncertain, first.sequence, first.predictor_version) == (True, 2**63 - 1, 1)
     assert (first.compressed, first.received_at) == (True, RECEIVED)
     assert (second.sequence, second.predictor_version, second.compressed) == (None, None, False)
+
+
+async def test_floats_and_times_keep_every_digit_in_records_and_state(
+    vehicles: dict[str, int], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """On PostgreSQL a small group and the state go in as JSON text: a float must read back as
+    the same float, a time as the same instant whatever its offset, a predictor as it was."""
+    car = vehicles[SEED_VIN]
+    india = timezone(timedelta(hours=5, minutes=30))
+    received = datetime(2025, 11, 21, 17, 30, 0, 123456, tzinfo=india)
+    written = row(car, speed=0.1 + 0.2)._replace(
+        battery=1e-7, power=-1234.5678901234567, odometer=2.0**53 + 2, received_at=received
+    )
+    assert await store_rows(sessions, [written]) == [True]
+    predictor = {"predictions": {"speed": 0.1 + 0.2, "heading": None}, "gaps": [1, 2.5]}
+    state = bulk.StateWrite(car, 0, predictor, None, written)
+    async with sessions.begin() as session:
+        await bulk.save_states(session=session, writes=[state])
+    async with sessions() as session:
+        stored = (await session.scalars(select(tables.TelemetryRecord))).one()
+        saved = (await session.scalars(select(tables.VehicleState))).one()
+    assert tables.RecordRow(*(getattr(stored, name) for name in tables.RecordRow._fields)) == (
+        written
+    )
+    assert stored.received_at.utcoffset() == timedelta(0)  # the same instant, read back in UTC
+    assert (saved.speed, saved.battery, saved.odometer) == (0.1 + 0.2, 1e-7, 2.0**53 + 2)
+    assert (saved.received_at, saved.predictor) == (received, predictor)
 
 
 async def test_a_large_group_keeps_its_order_and_a_rollback_stores_nothing(

@@ -2,9 +2,9 @@
 
 Records are idempotent on (vehicle, timestamp): a replayed or redelivered record is never
 stored twice. On PostgreSQL a group's records go in with COPY (`record_sink`), or for small
-groups one `INSERT ... SELECT FROM unnest` with an array per column, as do the state and
-statistics upserts; on SQLite multi-row `INSERT ... ON CONFLICT ... RETURNING`. Each record
-write answers the same question: which of these rows are new.
+groups one `INSERT ... SELECT FROM json_to_recordset` with the rows as one JSON text, as do the
+state and statistics upserts; on SQLite multi-row `INSERT ... ON CONFLICT ... RETURNING`. Each
+record write answers the same question: which of these rows are new.
 
 Every column list and PostgreSQL type here is read from the tables (`edgeway.telemetry.tables`).
 Functions take the session as a keyword and never open or commit a transaction.
@@ -41,9 +41,11 @@ def _names(columns: Iterable[Column[Any]]) -> str:
     return ", ".join(column.name for column in columns)
 
 
-def _arrays(columns: Iterable[Column[Any]]) -> str:
-    """`unnest`'s arguments: one array parameter per column, of the column's type."""
-    return ", ".join(f"%s::{pg_type(column)}[]" for column in columns)
+def _recordset(columns: Iterable[Column[Any]], *more_fields: str) -> str:
+    """The rows of the one JSON parameter (an array of objects) as `incoming`: a field per
+    column, of the column's type, then `more_fields` ("name type")."""
+    fields = [*(f"{column.name} {pg_type(column)}" for column in columns), *more_fields]
+    return f"json_to_recordset(%s::json) AS incoming ({', '.join(fields)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,7 @@ _STATE_COLUMNS = tuple(column for column in STATE.c if column.name != "updated_a
 _STATS_COLUMNS = tuple(column for column in STATS.c if column.name != "id")
 _STATS_TOTALS = ("total_packets", "transmitted_fields", "skipped_fields")
 
-# --- PostgreSQL: COPY and unnest -----------------------------------------------------------------
+# --- PostgreSQL: COPY and json_to_recordset -----------------------------------------------------
 
 RECORD_NAMES = _names(RECORD_COLUMNS)
 # The types of the COPY columns, RecordRow's; the temporary table puts an ordinal before them.
@@ -102,16 +104,24 @@ RETURNING vehicle_id, timestamp_ms
 
 _INSERT_INCOMING = _insert_records_from(_INCOMING)
 
-# The `unnest` statements take one array per column: their text never changes with the group's
-# size, so psycopg converts it once and the server prepares it once. SQLAlchemy's multi-row
-# VALUES is new text for every group size, which psycopg parses anew each time (it caches no
-# query of over 50 parameters): that was a sixth of the service's CPU.
-_PG_RECORDS = _insert_records_from(
-    f"unnest({_arrays(RECORD_COLUMNS)}) WITH ORDINALITY AS incoming ({RECORD_NAMES}, ord)"
-)
+# The `json_to_recordset` statements take the rows as one JSON array of objects: their text never
+# changes with the group's size, so psycopg converts it once and the server prepares it once.
+# SQLAlchemy's multi-row VALUES is new text for every group size, which psycopg parses anew each
+# time (it caches no query of over 50 parameters): that was a sixth of the service's CPU. One JSON
+# text built by orjson costs the service less than the array per column these statements took
+# before, which psycopg dumped element by element in Python (ListDumper, 7.6 % of the service's
+# CPU on single-record uploads): 102 vs 163 µs of CPU for an INSERT of one record, 190 vs 570 µs
+# for 32, 95 vs 178 µs for one state (measured side by side against a local PostgreSQL).
+#
+# JSON null is SQL NULL; datetimes go as RFC 3339 with their offset, floats as the shortest text
+# that reads back as the same float8. JSON has no NaN or infinity (orjson writes null): no value
+# here can be one, as the wire refuses them and the decoder only averages finite values.
+# `WITH ORDINALITY` does not combine with a column definition list, so records carry their
+# place in the group as `ord`.
+_PG_RECORDS = _insert_records_from(_recordset(RECORD_COLUMNS, "ord int4"))
 _PG_STATE = f"""
 INSERT INTO {STATE.name} AS state ({_names(_STATE_COLUMNS)})
-SELECT * FROM unnest({_arrays(_STATE_COLUMNS)})
+SELECT * FROM {_recordset(_STATE_COLUMNS)}
 ON CONFLICT (vehicle_id) DO UPDATE SET
     {", ".join(f"{c.name} = excluded.{c.name}" for c in _STATE_COLUMNS if not c.primary_key)},
     updated_at = now()
@@ -120,7 +130,7 @@ RETURNING vehicle_id
 """  # noqa: S608 - built at import from the table definitions, never from input
 _PG_STATS = f"""
 INSERT INTO {STATS.name} AS stats ({_names(_STATS_COLUMNS)})
-SELECT * FROM unnest({_arrays(_STATS_COLUMNS)})
+SELECT * FROM {_recordset(_STATS_COLUMNS)}
 ON CONFLICT (vehicle_id, day) DO UPDATE SET
     total_packets = stats.total_packets + excluded.total_packets,
     transmitted_fields = stats.transmitted_fields + excluded.transmitted_fields,
@@ -139,28 +149,20 @@ async def _driver(session: AsyncSession) -> Any:
     return raw.driver_connection
 
 
-async def _pg_rows(session: AsyncSession, sql: str, columns: Sequence[list[Any]]) -> list[Any]:
-    """Run one of the `unnest` statements with a list per column; the rows it returned."""
+async def _pg_rows(session: AsyncSession, sql: str, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Run one of the `json_to_recordset` statements on `rows` (a JSON object each, a field per
+    column); the rows it returned."""
     async with (await _driver(session)).cursor() as cursor:
-        await cursor.execute(sql, columns)
+        await cursor.execute(sql, (orjson.dumps(rows).decode(),))
         return list(await cursor.fetchall())
-
-
-def _columns(rows: Iterable[Sequence[Any]], width: int) -> list[list[Any]]:
-    """Rows as one list per column."""
-    columns: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-    return columns
 
 
 # --- SQLite: multi-row INSERT, built once --------------------------------------------------------
 
 
 class _Statements:
-    """The group's statements where there is no `unnest`, built once per dialect and run with
-    parameters."""
+    """The group's statements where there is no `json_to_recordset`, built once per dialect and
+    run with parameters."""
 
     def __init__(self, insert: Callable[[Table], Insert]) -> None:
         self.records = (
@@ -286,12 +288,19 @@ async def insert_records(*, session: AsyncSession, rows: Sequence[RecordRow]) ->
 
 
 async def _insert_rows(session: AsyncSession, rows: Sequence[RecordRow]) -> list[bool]:
-    """One INSERT ... ON CONFLICT DO NOTHING RETURNING: of arrays on PostgreSQL (`_PG_RECORDS`),
+    """One INSERT ... ON CONFLICT DO NOTHING RETURNING: of JSON on PostgreSQL (`_PG_RECORDS`),
     multi-row VALUES elsewhere."""
     if not rows:
         return []
     if dialect_of(session) == "postgresql":
-        returned = await _pg_rows(session, _PG_RECORDS, _columns(rows, len(RECORD_COLUMNS)))
+        returned = await _pg_rows(
+            session,
+            _PG_RECORDS,
+            [
+                dict(zip(RecordRow._fields, row, strict=True), ord=place)
+                for place, row in enumerate(rows)
+            ],
+        )
     else:
         returned = list(
             await session.execute(_statements(session).records, [row._asdict() for row in rows])
@@ -317,13 +326,12 @@ async def save_states(*, session: AsyncSession, writes: Sequence[StateWrite]) ->
     """Move each vehicle's state on by one revision; StaleStateError if one moved meanwhile."""
     if not writes:
         return
-    postgres = dialect_of(session) == "postgresql"
     rows = [
         {
             "vehicle_id": write.vehicle_id,
             "revision": write.revision + 1,
-            # jsonb[] from text on PostgreSQL; SQLAlchemy's JSON type serializes it elsewhere.
-            "predictor": orjson.dumps(write.predictor).decode() if postgres else write.predictor,
+            # jsonb from the nested object on PostgreSQL; SQLAlchemy's JSON type elsewhere.
+            "predictor": write.predictor,
             "offline_session_id": write.offline_session_id,
             "timestamp_ms": write.last.timestamp_ms,
             "speed": write.last.speed,
@@ -336,21 +344,14 @@ async def save_states(*, session: AsyncSession, writes: Sequence[StateWrite]) ->
         }
         for write in writes
     ]
-    if postgres:
-        returned = await _pg_rows(session, _PG_STATE, _by_column(rows, _STATE_COLUMNS))
+    if dialect_of(session) == "postgresql":
+        returned = await _pg_rows(session, _PG_STATE, rows)
     else:
         returned = list(await session.execute(_statements(session).state, rows))
     written = {vehicle_id for (vehicle_id,) in returned}
     stale = sorted({write.vehicle_id for write in writes} - written)
     if stale:
         raise StaleStateError(f"state of vehicles {stale} changed since it was read")
-
-
-def _by_column(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[Column[Any]]
-) -> list[list[Any]]:
-    """Rows of named values as one list per column, in the order of `columns`."""
-    return [[row[column.name] for row in rows] for column in columns]
 
 
 # --- compression statistics -----------------------------------------------------------------------
@@ -374,7 +375,7 @@ async def add_stats(
         for key, counts in increments.items()
     ]
     if dialect_of(session) == "postgresql":
-        returned = await _pg_rows(session, _PG_STATS, _by_column(rows, _STATS_COLUMNS))
+        returned = await _pg_rows(session, _PG_STATS, rows)
     else:
         returned = list(await session.execute(_statements(session).stats, rows))
     return {

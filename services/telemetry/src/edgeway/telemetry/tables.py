@@ -3,7 +3,7 @@ compression statistics, offline sessions and rejections (ORM models, and Core ta
 statements built once).
 
 A record's columns are written out once, in `RecordRow`: the `telemetry` table, the COPY and
-`unnest` statements (`edgeway.telemetry.bulk`) and the benchmarks are built from it.
+`json_to_recordset` statements (`edgeway.telemetry.bulk`) and the benchmarks are built from it.
 """
 
 from __future__ import annotations
