@@ -71,6 +71,18 @@ async def drain(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessag
     return got
 
 
+def proxied_link(amqp_url: str, proxy: FaultProxy) -> AmqpLink:
+    """A link to the broker through `proxy` (which can cut it), quick to reconnect."""
+    parts = urlsplit(amqp_url)
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    return AmqpLink(
+        urlunsplit(parts._replace(netloc=netloc)),
+        name="test",
+        registry=CollectorRegistry(),
+        reconnect_interval=0.2,
+    )
+
+
 def envelope() -> Envelope:
     return Envelope(type="test.v1", producer="test", captured_at=1763321200.25)
 
@@ -153,13 +165,7 @@ async def test_publishing_goes_on_after_the_connection_is_cut(
     queue = await bound_queue(channel, exchange)
     parts = urlsplit(amqp_url)
     with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
-        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
-        link = AmqpLink(
-            urlunsplit(parts._replace(netloc=netloc)),
-            name="test",
-            registry=CollectorRegistry(),
-            reconnect_interval=0.2,
-        )
+        link = proxied_link(amqp_url, proxy)
         await link.start()
         try:
             publisher = link.publisher()
@@ -350,13 +356,7 @@ async def test_the_consumer_consumes_again_after_the_connection_is_cut(
 
     parts = urlsplit(amqp_url)
     with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
-        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
-        link = AmqpLink(
-            urlunsplit(parts._replace(netloc=netloc)),
-            name="test",
-            registry=CollectorRegistry(),
-            reconnect_interval=0.2,
-        )
+        link = proxied_link(amqp_url, proxy)
         await link.start()
         consumer = Consumer(link, queue.name, handler, prefetch=4, grace=5)
         try:
