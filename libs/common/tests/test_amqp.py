@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from prometheus_client import CollectorRegistry
 
 from edgeway.common.amqp import (
+    ACK_DELAY_S,
     AmqpLink,
     ConfirmPublisher,
     Consumer,
@@ -362,9 +363,10 @@ async def test_the_consumer_consumes_again_after_the_connection_is_cut(
         try:
             await consumer.start()
             publish = channel.default_exchange.publish
-            headers = {"x-test": "first"}
             await publish(
-                aio_pika.Message(b"1", headers=headers, message_id="m-1", type="test.v1"),
+                aio_pika.Message(
+                    b"1", headers={"x-test": "first"}, message_id="m-1", type="test.v1"
+                ),
                 routing_key=queue.name,
             )
             await asyncio.wait_for(arrived[b"1"].wait(), WAIT)
@@ -414,3 +416,25 @@ async def test_the_consumer_consumes_again_after_the_broker_cancels_it(
         await consumer.stop()
         await queue.delete(if_unused=False, if_empty=False)
     assert got == [b"after"]
+
+
+async def test_a_lone_delivery_is_acked_after_the_ack_delay_without_a_stop(
+    link: AmqpLink, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    """Acks wait for others to share their frame, but not for ever: one delivery alone, far
+    under the batch, is acked once the delay has passed, while the consumer runs on."""
+    queue = await channel.declare_queue(f"test.{uuid.uuid4().hex[:8]}", auto_delete=True)
+    handled = asyncio.Event()
+
+    async def handler(message: Delivery) -> None:
+        handled.set()
+
+    consumer = Consumer(link, queue.name, handler, prefetch=128, grace=5)
+    await consumer.start()
+    try:
+        await channel.default_exchange.publish(aio_pika.Message(b"alone"), routing_key=queue.name)
+        await asyncio.wait_for(handled.wait(), WAIT)
+        await asyncio.sleep(ACK_DELAY_S * 25)  # the delay, with room for a loaded machine
+        assert link.metrics.consumed.labels(queue.name, "acked")._value.get() == 1
+    finally:
+        await consumer.stop()
