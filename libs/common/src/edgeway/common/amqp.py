@@ -510,7 +510,7 @@ class Delivery:
 
     def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
         deliver = message.delivery
-        # Consumed with acks, never fetched or returned: a Basic.Deliver with its tag.
+        # Consumed, never fetched or returned: a Basic.Deliver, which carries its tag.
         assert isinstance(deliver, spec.Basic.Deliver)
         assert deliver.delivery_tag is not None
         props = message.header.properties
@@ -612,11 +612,11 @@ class _Acks:
     Each delivery's ack is one `basic.ack multiple` up to the highest tag whose deliveries
     below are all settled, sent `delay` after the first of them fell due, or at once when
     `batch` are due (well under the prefetch, so the broker never waits for them). An ack is
-    a frame, a write and a wakeup of the broker: at 200 messages a second, one per message was
-    a quarter of the occupancy service's CPU, and nothing waits for an ack (the effect is
-    committed, the result published); a crash meanwhile only redelivers what consumers are
-    idempotent on. Delivery tags belong to a channel: a channel that closed meanwhile takes
-    its acks with it (the broker redelivers those messages).
+    a frame, a socket write and a wakeup of the broker: at 200 messages a second, one per
+    message was every other write of the occupancy service. Nothing waits for an ack (the
+    effect is committed, the result published); a crash meanwhile only redelivers what
+    consumers are idempotent on. Delivery tags belong to a channel: a channel that closed
+    meanwhile takes its acks with it (the broker redelivers those messages).
     """
 
     def __init__(
