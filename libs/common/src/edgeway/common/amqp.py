@@ -1,4 +1,5 @@
-"""AMQP on the per-message paths: aio-pika directly, one confirm-window publisher, one consumer.
+"""AMQP on the per-message paths: aio-pika and aiormq directly, one confirm-window publisher, one
+consumer.
 
 FastStream declares the topology, serves the cold paths (request/reply, control messages) and
 writes the AsyncAPI document; what runs once per message does not go through it:

@@ -16,7 +16,7 @@ from edgeway.gateway.telemetry import uploads
 # The endpoints that hold a whole upload body in memory while they check it. Each group has its
 # own slots, so a burst of one kind cannot shut out the other.
 INGEST_UPLOAD_PATHS = frozenset({ingest_api.UPLOAD_ENDPOINT})
-TELEMETRY_UPLOAD_PATHS = frozenset({uploads.UPLOAD_ENDPOINT, "/api/telemetry"})
+TELEMETRY_UPLOAD_PATHS = frozenset(uploads.UPLOAD_PATHS)
 
 
 def upload_slots(settings: GatewaySettings) -> tuple[UploadSlots, ...]:

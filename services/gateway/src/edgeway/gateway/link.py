@@ -2,9 +2,9 @@
 and ask services for what they own (request/reply with a timeout).
 
 What runs once per message goes through the gateway's own AMQP link (`edgeway.common.amqp`:
-aio-pika directly): producers' publishes through its confirm publishers, and the broadcast
-queue's deliveries straight to the hub. FastStream (`broker`) declares the topology and asks the
-services (request/reply)."""
+aio-pika and aiormq directly): producers' publishes through its confirm publishers, and the
+broadcast queue's deliveries straight to the hub. FastStream (`broker`) declares the topology
+and asks the services (request/reply)."""
 
 from __future__ import annotations
 

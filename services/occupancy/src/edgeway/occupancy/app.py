@@ -1,8 +1,8 @@
 """The occupancy service's wiring: its dependencies built once (`Deps`), its subscribers
 registered, its start-up work, and the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
 
-Observations go through their own AMQP link (`edgeway.common.amqp`: aio-pika directly, the
-shared confirm publisher); FastStream declares the topology and answers queries."""
+Observations go through their own AMQP link (`edgeway.common.amqp`: aio-pika and aiormq
+directly, the shared confirm publisher); FastStream declares the topology and answers queries."""
 
 from __future__ import annotations
 

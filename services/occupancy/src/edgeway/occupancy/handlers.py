@@ -1,7 +1,7 @@
 """Handlers of the occupancy service: decode, apply the rules, store, publish.
 
 - `on_observation`: a camera model's frame, or several of one connection in one message (the
-  work batch of `edgeway.common.batching`), the per-message path (aio-pika directly, see
+  work batch of `edgeway.common.batching`), the per-message path (aio-pika and aiormq directly, see
   `edgeway.common.amqp`): each read once (`domain`), stored with the others of its commit group
   (`flows`), its update or error frame published after the commit through the shared confirm
   publisher (one message per routing key and group), then acked by the consumer once every

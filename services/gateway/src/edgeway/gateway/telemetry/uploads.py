@@ -23,12 +23,10 @@ from edgeway.gateway.link import NotConnectedError
 from edgeway.gateway.producers import SeatRefused, check_identity
 from edgeway.gateway.state import Gateway, GatewayDep, RequireScope
 from edgeway.gateway.telemetry.publisher import UploadsBackloggedError
-from edgeway.gateway.telemetry.state import (
-    UPLOAD_ENDPOINT as UPLOAD_ENDPOINT,  # re-exported: the server's upload slots name it
-)
-from edgeway.gateway.telemetry.state import VehicleCheck
+from edgeway.gateway.telemetry.state import UPLOAD_ENDPOINT, VehicleCheck
 
-# Both paths of the upload route (`direct_upload` serves them the same way).
+# Both paths of the upload route (`direct_upload` serves them the same way; the server gives
+# them their upload slots).
 UPLOAD_PATHS = (UPLOAD_ENDPOINT, "/api/telemetry")
 ACCEPTED_CONTENT_TYPES = frozenset({PROTOBUF, "application/octet-stream"})
 # The seed logger's default when it sends no X-Vehicle-VIN header.
