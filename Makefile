@@ -91,6 +91,7 @@ bench: setup ## benchmarks: print tables, write JSON under bench/results/
 	$(PY) -m bench.broker_overhead
 	$(PY) -m bench.telemetry_ingest
 	$(PY) -m bench.occupancy_fanout
+	$(PY) -m bench.occupancy_floor
 	$(PY) -m bench.idle_clients
 	$(PY) -m bench.video_fanout
 	$(PY) -m bench.ingest_upload
