@@ -1,12 +1,16 @@
 """Occupancy fan-out: the suite path against an in-process relay, side by side in one run.
 
     .venv/bin/python -m bench.occupancy_fanout [--quick] [--target relay|suite|both]
+        [--before PYTHON]
 
 Targets:
 - relay: `bench.inproc_relay`, Omega's path in one process (no broker, no database).
 - suite: `edgeway.gateway` + `edgeway.occupancy` on a private RabbitMQ virtual host and a fresh
   PostgreSQL database (camera model -> gateway -> RabbitMQ -> occupancy -> PostgreSQL ->
   RabbitMQ -> gateway -> every client).
+- before (with `--before PYTHON`): the suite again, its services run by another checkout's
+  interpreter (an earlier commit, after its `make setup`), so that a change is measured against
+  the code it replaced in the same run, at the same rates.
 
 For each target: 100 WebSocket clients in 2 worker processes and one producer process, a warm-up,
 a correctness probe, the 200 msg/s target point, then a rate ladder until p99 > 100 ms, a loss or
@@ -234,14 +238,18 @@ class Target:
     workers: int | None = None  # client worker processes, when not the configured number
     ladder = True  # after the point: the rate ladder
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, *, python: str | None = None) -> None:
+        """`python`: the interpreter of its services (default: this one)."""
         self.logs = logs
+        self.python = python
         self.processes: dict[str, ServiceProcess] = {}
 
     def service(self, label: str, module: str, env: dict[str, str]) -> ServiceProcess:
         log_path = self.logs / f"{self.name}-{label}.log"
         log_path.unlink(missing_ok=True)
-        process = ServiceProcess(module, env=env, port=free_port(), log_path=log_path)
+        process = ServiceProcess(
+            module, env=env, port=free_port(), log_path=log_path, python=self.python
+        )
         self.processes[label] = process
         return process
 
@@ -310,8 +318,8 @@ class SuiteTarget(Target):
     name = "suite"
     profiled = True
 
-    def __init__(self, logs: Path) -> None:
-        super().__init__(logs)
+    def __init__(self, logs: Path, *, python: str | None = None) -> None:
+        super().__init__(logs, python=python)
         self.vhost: str | None = None
         self.database: str | None = None
 
@@ -389,6 +397,13 @@ class SuiteOneProcessTarget(SuiteTarget):
     name = "suite-1p"
     workers = 1
     ladder = False
+
+
+class BeforeTarget(SuiteTarget):
+    """The suite as an earlier version of it runs (`--before`): its services started by that
+    checkout's interpreter, the load generator and the measures this one's."""
+
+    name = "before"
 
 
 TARGETS: dict[str, type[Target]] = {
@@ -772,7 +787,40 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["ratio_suite_over_relay"] = round(ratio, 3) if ratio is not None else None
         summary["ratio_goal"] = RATIO_GOAL
         summary["ratio_met"] = ratio is not None and ratio >= RATIO_GOAL
+    if "before" in measured and "suite" in measured:
+        summary["suite_vs_before"] = compare_versions(
+            results["targets"]["suite"]["steps"], results["targets"]["before"]["steps"]
+        )
     return summary
+
+
+def compare_versions(suite: list[Step], before: list[Step]) -> dict[str, Any]:
+    """The suite against its earlier version: server CPU per delivered message at each rate
+    both sustained (under overload a service batches more, so its CPU per message is not the
+    same quantity), and the best sustained rates."""
+    sustained = {step.offered: step for step in before if step.sustained}
+    rates = []
+    for step in suite:
+        old = sustained.get(step.offered)
+        now_cost, old_cost = server_cpu(step), server_cpu(old) if old else None
+        if step.sustained and now_cost and old_cost:
+            rates.append(
+                {
+                    "offered": step.offered,
+                    "suite_us_per_delivery": round(now_cost[1], 1),
+                    "before_us_per_delivery": round(old_cost[1], 1),
+                    "ratio": round(now_cost[1] / old_cost[1], 2),
+                }
+            )
+    best_now, best_old = best_sustained(suite), best_sustained(before)
+    return {
+        "same_rates": rates,
+        "best_sustained_ratio": (
+            round(best_now.deliveries_per_s / best_old.deliveries_per_s, 2)
+            if best_now and best_old
+            else None
+        ),
+    }
 
 
 def render(results: dict[str, Any]) -> str:
@@ -785,6 +833,8 @@ def render(results: dict[str, Any]) -> str:
         f"Latency = client receive time - frame timestamp. Sustained: p99 <= {P99_LIMIT_MS:.0f} ms,"
         f" no loss, producer >= {SEND_SHORTFALL:.0%} of the offered rate.",
     ]
+    if before := results.get("before"):
+        out.append(f"before: {before['commit'] or 'no commit found'} (run by {before['python']})")
     rows, cpu_rows, cpu_names = [], [], []
     for name, report in results["targets"].items():
         if report.get("idle_cpu"):
@@ -950,6 +1000,17 @@ def render(results: dict[str, Any]) -> str:
             f"  ratio suite/relay: {ratio if ratio is not None else '-'} "
             f"(goal >= {RATIO_GOAL}): {'met' if summary['ratio_met'] else 'NOT met'}"
         )
+    if "suite_vs_before" in summary:
+        versus = summary["suite_vs_before"]
+        for rate in versus["same_rates"]:
+            lines.append(
+                f"  suite/before at {rate['offered']:.0f} msg/s: server CPU per delivered message "
+                f"{rate['suite_us_per_delivery']} / {rate['before_us_per_delivery']} µs = "
+                f"{rate['ratio']}"
+            )
+        if not versus["same_rates"]:
+            lines.append("  suite/before: no rate sustained by both to compare CPU at")
+        lines.append(f"  suite/before, best sustained: {versus['best_sustained_ratio'] or '-'}")
     out += ["", "Summary", *lines, *profile_lines(results), ""]
     return "\n".join(out)
 
@@ -958,23 +1019,32 @@ def render(results: dict[str, Any]) -> str:
 SERVER_GROUPS = ("relay", "gateway", "occupancy", "rabbitmq", "postgres")
 
 
+def server_cpu(step: Step) -> tuple[dict[str, float], float] | None:
+    """A step's server CPU: ms per frame sent by process, and µs per delivered message in all
+    (None for the idle row or a step that delivered nothing)."""
+    if step.kind == "idle" or not step.send_rate or not step.deliveries_per_s:
+        return None
+    # % of one core -> CPU seconds per second; over frames (or deliveries) per second.
+    per_frame = {k: step.cpu.get(k, 0.0) / 100 / step.send_rate * 1000 for k in SERVER_GROUPS}
+    server = sum(step.cpu.get(k, 0.0) for k in SERVER_GROUPS) / 100
+    return per_frame, server / step.deliveries_per_s * 1e6
+
+
 def cpu_per_frame(cpu_rows: list[tuple[str, Step]]) -> list[str]:
     """The CPU table divided out: ms of CPU per frame sent, per server process, and the
     server's total in µs per delivered message."""
     rows = []
     for name, step in cpu_rows:
-        if step.kind == "idle" or not step.send_rate or not step.deliveries_per_s:
+        if (cost := server_cpu(step)) is None:
             continue
-        # % of one core -> CPU seconds per second; over frames (or deliveries) per second.
-        per_frame = {k: step.cpu.get(k, 0.0) / 100 / step.send_rate * 1000 for k in SERVER_GROUPS}
-        server = sum(step.cpu.get(k, 0.0) for k in SERVER_GROUPS) / 100
+        per_frame, per_delivery = cost
         rows.append(
             [
                 name,
                 f"{step.offered:.0f}",
                 *(f"{per_frame[k]:.2f}" for k in SERVER_GROUPS),
                 f"{sum(per_frame.values()):.2f}",
-                f"{server / step.deliveries_per_s * 1e6:.1f}",
+                f"{per_delivery:.1f}",
             ]
         )
     if not rows:
@@ -1044,16 +1114,24 @@ def machine_facts() -> dict[str, Any]:
     for package in ("websockets", "uvloop", "orjson", "uvicorn", "faststream", "aio-pika"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             facts.setdefault("packages", {})[package] = importlib.metadata.version(package)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        facts["git_commit"] = commit or None
+    facts["git_commit"] = head_commit(Path(__file__).resolve().parent.parent, "%h")
     return facts
+
+
+def head_commit(checkout: Path, form: str) -> str | None:
+    """`git log -1 --format=<form>` in `checkout`; None where it is not a git checkout."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return (
+            subprocess.run(
+                ["git", "-C", str(checkout), "log", "-1", f"--format={form}"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()[:100]
+            or None
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -1094,6 +1172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--point", type=float, default=200.0, help="msg/s of the target point (default 200)"
     )
+    parser.add_argument(
+        "--before",
+        metavar="PYTHON",
+        help="also run the suite's services with this interpreter: an earlier checkout's "
+        ".venv/bin/python, measured beside this one at the same rates (target 'before')",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "occupancy_fanout.json")
     parser.add_argument(
         "--profile-rate", type=int, default=200, help="py-spy samples per second (--profile)"
@@ -1113,6 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
         config.profile_rate = args.profile_rate
 
     names = {"both": ["relay", "suite"], "all": list(TARGETS)}.get(args.target, [args.target])
+    if args.before:
+        names.append(BeforeTarget.name)
     results: dict[str, Any] = {
         "benchmark": "occupancy_fanout",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1120,6 +1206,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(config),
         "targets": {},
     }
+    if args.before:
+        # `python` is a checkout's .venv/bin/python.
+        checkout = Path(args.before).absolute().parents[2]
+        results["before"] = {"python": args.before, "commit": head_commit(checkout, "%h %s")}
     print(
         f"occupancy fan-out: targets {', '.join(names)}; {config.clients} clients, "
         f"{'quick' if config.quick else 'full'} run",
@@ -1136,7 +1226,11 @@ def main(argv: list[str] | None = None) -> int:
                     report["skipped"] = "edgeway.occupancy has no __main__ yet"
                     print(f"  suite: skipped ({report['skipped']})", flush=True)
                     continue
-                target = TARGETS[name](logs)
+                target = (
+                    BeforeTarget(logs, python=args.before)
+                    if name == BeforeTarget.name
+                    else TARGETS[name](logs)
+                )
                 try:
                     run_target(target, config, report)
                 except KeyboardInterrupt:

@@ -17,7 +17,10 @@ takes them from the service's own quorum queue, on a private virtual host and a 
 CPU comes from /proc for the consumer, RabbitMQ and PostgreSQL (the producer is left out),
 over `--seconds` after a 2 s warm-up, as ms per frame sent. After each step of a consumer that
 stores, every frame of the step must be in the `observations` table: each did the real work.
-`service - psycopg` is what Edgeway's own code costs per frame. Prints tables, writes
+`service - psycopg` is what Edgeway's own code costs per frame. The producer also listens on the
+broadcast exchange, as a gateway does: latency is from a frame's timestamp (set as it is
+published) to its client update's arrival, through RabbitMQ twice and the consumer, for every
+frame after the warm-up (the `consume` layer publishes no updates). Prints tables, writes
 bench/results/occupancy_floor.json; never asserts timings. See bench/README.md.
 """
 
@@ -44,6 +47,7 @@ import uvloop
 
 from bench import loadgen
 from bench.cpu import CpuMeter, Profiler, pids_named
+from bench.occupancy_fanout import percentile
 from edgeway.common.amqp import properties
 from edgeway.common.envelope import Envelope
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, UPDATE_TYPE
@@ -76,19 +80,38 @@ BROADCAST_EXCHANGE = TOPOLOGY.names.broadcast
 # The producer and the libraries-only consumer (subprocesses of the benchmark)
 
 
-async def produce(url: str, rate: float, seconds: float) -> None:
-    """Frames at `rate` for `seconds`, as the gateway publishes them; prints how many."""
+async def produce(url: str, rate: float, seconds: float, *, listen: bool) -> None:
+    """Frames at `rate` for `seconds`, as the gateway publishes them; prints how many and, when
+    `listen`, the latency of their client updates (those of frames sent after the warm-up)."""
     connection = await aiormq.connect(url)
     channel = await connection.channel(publisher_confirms=True)
     templates = loadgen.frame_templates()
     reply_channel = Channels.producer("bench", "floor")
-    started, sent = time.perf_counter(), 0
+    measured_from = time.time() + WARM_UP_S
+    latencies: list[float] = []
+    if listen:
+        updates = await connection.channel()
+        await updates.exchange_declare(BROADCAST_EXCHANGE, exchange_type="topic", durable=True)
+        declared = await updates.queue_declare(exclusive=True, auto_delete=True)
+        assert declared.queue is not None
+        await updates.queue_bind(declared.queue, BROADCAST_EXCHANGE, Channels.OCCUPANCY_LOCATIONS)
+
+        async def on_update(message: aiormq.abc.DeliveredMessage) -> None:
+            arrived = time.time()
+            for line in message.body.split(b"\n"):  # a batch: one update a line
+                timestamp = orjson.loads(line)["timestamp"]
+                if timestamp >= measured_from:
+                    latencies.append((arrived - timestamp) * 1000)
+
+        await updates.basic_consume(declared.queue, on_update, no_ack=True)
+    started, sent, measured = time.perf_counter(), 0, 0
     confirms: set[asyncio.Task[Any]] = set()
     while (now := time.perf_counter()) - started < seconds:
         due = started + sent / rate
         if due > now:
             await asyncio.sleep(due - now)
         frame = dict(templates[sent % len(templates)], timestamp=time.time())
+        measured += frame["timestamp"] >= measured_from
         envelope = Envelope(
             type=OBSERVATION_TYPE,
             producer="bench-floor",
@@ -108,8 +131,25 @@ async def produce(url: str, rate: float, seconds: float) -> None:
         sent += 1
     if confirms:
         await asyncio.wait(confirms)
+    # The last updates, until every measured frame's is in or none came for a second.
+    heard, quiet_since = len(latencies), time.monotonic()
+    while listen and len(latencies) < measured and time.monotonic() - quiet_since < 1.0:
+        await asyncio.sleep(0.05)
+        if len(latencies) > heard:
+            heard, quiet_since = len(latencies), time.monotonic()
     await connection.close()
-    print(json.dumps({"sent": sent}), flush=True)
+    ordered = sorted(latencies)
+    latency = (
+        {
+            "p50": round(percentile(ordered, 50), 2),
+            "p99": round(percentile(ordered, 99), 2),
+            "max": round(ordered[-1], 2),
+            "updates": len(ordered),
+        }
+        if listen and ordered
+        else None
+    )
+    print(json.dumps({"sent": sent, "latency_ms": latency}), flush=True)
 
 
 class Statement:
@@ -287,7 +327,7 @@ class Bench:
         producer = subprocess.Popen(
             [
                 *(sys.executable, "-m", "bench.occupancy_floor", "produce", self.amqp_url),
-                *(str(rate), str(duration)),
+                *(str(rate), str(duration), "0" if name == "consume" else "1"),
             ],
             stdout=subprocess.PIPE,
         )
@@ -315,7 +355,8 @@ class Bench:
             profiler.stop()
         user, system = (a - b for a, b in zip(_user_sys(consumer.pid), user_sys, strict=True))
         out, _ = producer.communicate(timeout=60)
-        sent = json.loads(out)["sent"]
+        produced = json.loads(out)
+        sent = produced["sent"]
         self.sent += sent
         stores = name not in ("consume", "publish")
         stored = self.wait_stored(self.stored + sent) - self.stored if stores else 0
@@ -335,13 +376,21 @@ class Bench:
             "consumer_sys_ms": round(system * 1000 / frames, 3),
             "sent": sent,
             "stored": stored if stores else None,
+            "latency_ms": produced["latency_ms"],
         }
+        latency = result["latency_ms"]
         print(
             f"  {rate:5g}/s {name:8} consumer {result['ms_per_frame']['consumer']:.3f} ms/frame "
             f"(user {result['consumer_user_ms']:.3f}, sys {result['consumer_sys_ms']:.3f}), "
             f"rabbitmq {result['ms_per_frame']['rabbitmq']:.3f}, "
             f"postgres {result['ms_per_frame']['postgres']:.3f}; "
-            + (f"stored {stored} of {sent}" if stores else f"{sent} sent"),
+            + (f"stored {stored} of {sent}" if stores else f"{sent} sent")
+            + (
+                f"; latency p50 {latency['p50']} ms, p99 {latency['p99']} ms "
+                f"({latency['updates']} updates)"
+                if latency
+                else ""
+            ),
             flush=True,
         )
         return result
@@ -401,6 +450,10 @@ def render(results: list[dict[str, Any]], rate: float) -> str:
         def mean(key: Callable[[dict[str, Any]], float], runs: list[dict[str, Any]] = runs) -> str:
             return f"{sum(key(r) for r in runs) / len(runs):.3f}"
 
+        def latency(which: str, runs: list[dict[str, Any]] = runs) -> str:
+            values = [r["latency_ms"][which] for r in runs if r.get("latency_ms")]
+            return f"{sum(values) / len(values):.1f}" if values else "-"
+
         rows.append(
             [
                 name,
@@ -410,12 +463,18 @@ def render(results: list[dict[str, Any]], rate: float) -> str:
                 mean(lambda r: r["consumer_sys_ms"]),
                 mean(lambda r: r["ms_per_frame"]["rabbitmq"]),
                 mean(lambda r: r["ms_per_frame"]["postgres"]),
+                latency("p50"),
+                latency("p99"),
             ]
         )
-    headers = ["consumer", "per round", "mean", "user", "sys", "rabbitmq", "postgres"]
+    headers = [
+        *("consumer", "per round", "mean", "user", "sys", "rabbitmq", "postgres"),
+        *("p50 ms", "p99 ms"),
+    ]
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
     lines = [
-        f"CPU per frame at {rate:g} frames/s (ms; consumer per round, then means over rounds)",
+        f"CPU per frame at {rate:g} frames/s (ms; consumer per round, then means over rounds) "
+        "and the client updates' latency (means over rounds)",
         "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)),
         "  ".join("-" * w for w in widths),
     ]
@@ -446,8 +505,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "occupancy_floor.json")
     args = parser.parse_args()
     if args.command == "produce":
-        rate, seconds = (float(value) for value in args.produce_args)
-        uvloop.run(produce(args.url, rate, seconds))
+        rate, seconds, listen = (float(value) for value in args.produce_args)
+        uvloop.run(produce(args.url, rate, seconds, listen=bool(listen)))
         return
     if args.command == "consume":
         uvloop.run(consume(args.url, os.environ["FLOOR_DATABASE"], os.environ["FLOOR_LAYER"]))

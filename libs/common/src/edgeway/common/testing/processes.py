@@ -35,7 +35,11 @@ def terminate(process: subprocess.Popen[Any], *, grace: float = 10) -> None:
 
 
 class ServiceProcess:
-    """One `python -m <module>` process with its own environment and log file."""
+    """One `python -m <module>` process with its own environment and log file.
+
+    `python`: the interpreter (default: this one); another checkout's, to run its version of a
+    service beside this one's (`bench.occupancy_fanout --before`).
+    """
 
     def __init__(
         self,
@@ -45,8 +49,10 @@ class ServiceProcess:
         port: int,
         log_path: Path,
         ready_path: str = "/readyz",
+        python: str | None = None,
     ) -> None:
         self.module = module
+        self.python = python or sys.executable
         # Test and benchmark processes run the development profile unless they say otherwise:
         # the default, production, wants real keys and credentials.
         self.env = {
@@ -68,7 +74,7 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [self.python, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         if wait:
