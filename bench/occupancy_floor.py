@@ -47,8 +47,9 @@ import uvloop
 
 from bench import loadgen
 from bench.cpu import CpuMeter, Profiler, pids_named
-from bench.occupancy_fanout import percentile
-from edgeway.common.amqp import properties
+from bench.occupancy_fanout import RESULTS, percentile
+from edgeway.common.amqp import ACK_DELAY_S, properties
+from edgeway.common.broker import DEFAULT_PREFETCH
 from edgeway.common.envelope import Envelope
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, UPDATE_TYPE
 from edgeway.common.settings import ExchangeNames
@@ -64,10 +65,7 @@ from edgeway.common.topology import Channels, Topology
 from edgeway.occupancy.settings import OMEGA_PLACES
 from edgeway.occupancy.store import _STORE_GROUP, psycopg_conninfo
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS = ("consume", "publish", "psycopg", "asyncpg")
-PREFETCH = 128  # edgeway.common.broker.DEFAULT_PREFETCH, as the service consumes
-ACK_DELAY_S = 0.02  # edgeway.common.amqp.ACK_DELAY_S
 WARM_UP_S = 2.0
 
 TOPOLOGY = Topology(ExchangeNames())
@@ -192,7 +190,7 @@ async def consume(url: str, database: str, layer: str) -> None:
     """The libraries alone: each frame read, stored, its update published and acked."""
     connection = await aiormq.connect(url)
     channel = cast(aiormq.Channel, await connection.channel(publisher_confirms=True))
-    await channel.basic_qos(prefetch_count=PREFETCH)
+    await channel.basic_qos(prefetch_count=DEFAULT_PREFETCH)  # as the service consumes
     layers = LAYERS[: LAYERS.index(layer) + 1] if layer != "asyncpg" else LAYERS
     statement = None
     if "psycopg" in layers or "asyncpg" in layers:
