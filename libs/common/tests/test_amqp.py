@@ -23,6 +23,7 @@ from edgeway.common.amqp import (
     ConfirmPublisher,
     Consumer,
     Delivery,
+    LinkDownError,
     PublishRefusedError,
     RejectDeliveryError,
 )
@@ -175,6 +176,48 @@ async def test_publishing_goes_on_after_the_connection_is_cut(
             await asyncio.sleep(0.3)
             proxy.restore()
             # Waits for the connection to come back, then goes out.
+            await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
+        finally:
+            await link.close()
+    assert [m.body for m in await drain(queue, 2)] == [b"1", b"2"]
+
+
+async def test_a_publisher_that_does_not_hold_refuses_at_once_while_the_link_is_down(
+    amqp_url: str, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    """The gateway's publishers (`hold=False`): from the cut's first instant, before the robust
+    connection has noticed it, every publish fails at once instead of waiting out the outage,
+    so its producer is told; once the link is back they go out again."""
+    exchange = f"test.{uuid.uuid4().hex[:8]}"
+    queue = await bound_queue(channel, exchange)
+    parts = urlsplit(amqp_url)
+    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
+        link = proxied_link(amqp_url, proxy)
+        await link.start()
+        try:
+            publisher = link.publisher(hold=False)
+            publisher.timeout = 60.0  # a publish that waited would outlast the cut
+            await publisher.publish(b"1", envelope=envelope(), exchange=exchange, durable=True)
+            proxy.cut()
+            failures: list[type[BaseException]] = []
+            for _ in range(20):
+                with pytest.raises(Exception) as caught:  # noqa: PT011 - checked just below
+                    await asyncio.wait_for(
+                        publisher.publish(
+                            b"-", envelope=envelope(), exchange=exchange, durable=True
+                        ),
+                        5.0,
+                    )
+                assert not isinstance(caught.value, TimeoutError), "the publish waited"
+                failures.append(type(caught.value))
+                await asyncio.sleep(0.05)
+            # Once the reset was read (it is within a second), the link says it is down.
+            assert failures[-1] is LinkDownError, failures
+            assert not link.ready
+            proxy.restore()
+            async with asyncio.timeout(WAIT):
+                await link.publish_channel()  # waits for the reconnection
+            assert link.ready
             await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
         finally:
             await link.close()

@@ -9,7 +9,10 @@ aio-pika, and an occupancy frame takes four hops.
 - `AmqpLink`: one robust aio-pika connection of a process. aio-pika reconnects it and reopens
   its channels (prefetch, consumers) after a broker restart or a cut.
 - `ConfirmPublisher`: persistent-and-mandatory or transient publishes with publisher confirms,
-  many in flight at once up to a window. A publish returns once the broker confirmed it; a lone
+  many in flight at once up to a window. While the link is down a publish either waits for it
+  (a service's: what it publishes comes from a delivery the broker keeps) or fails at once with
+  `LinkDownError` (`hold=False`, the gateway's: its producer is told and sends again, rather
+  than waiting for an outage to end). A publish returns once the broker confirmed it; a lone
   message goes out at once (no batching delay), and under load the confirms of many messages
   overlap (RabbitMQ confirms several at once with `multiple`). Publishes reach the broker in the
   order they were started. It goes below aio-pika's `Message`/`Exchange` objects to aiormq's
@@ -73,6 +76,11 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class PublishRefusedError(RuntimeError):
     """The broker nacked a publish, or returned a mandatory one that no queue takes."""
+
+
+class LinkDownError(ConnectionError):
+    """The link to RabbitMQ is down (a cut, a broker restart) and the publisher does not wait for
+    it: nothing published now could be confirmed."""
 
 
 class RejectDeliveryError(Exception):
@@ -212,8 +220,11 @@ class AmqpLink:
         self._publish_channel = await self.channel()
         self._started.set()
 
-    async def publish_channel(self) -> aiormq.Channel:
-        """The publishers' channel as it is now; waits while the link starts or reconnects."""
+    async def publish_channel(self, *, hold: bool = True) -> aiormq.Channel:
+        """The publishers' channel as it is now. While the link starts or reconnects it waits
+        (`hold`) or raises `LinkDownError`."""
+        if not hold and not self.ready:
+            raise LinkDownError(f"the {self.name} link to RabbitMQ is down")
         await self._started.wait()
         robust = self._publish_channel
         assert robust is not None
@@ -224,6 +235,8 @@ class AmqpLink:
             if not channel.is_closed:
                 return channel
             # Closed under us and not noticed yet by the robust connection: it reopens it.
+            if not hold:
+                raise LinkDownError(f"the {self.name} link's publishing channel is closed")
             await asyncio.sleep(RECONNECT_POLL_S)
 
     @property
@@ -234,11 +247,13 @@ class AmqpLink:
 
     @property
     def ready(self) -> bool:
-        return (
-            self._connection is not None
-            and not self._connection.is_closed
-            and bool(self._connection.connected.is_set())
-        )
+        """Connected now. A connection the broker or the network just dropped is not, even
+        before the robust connection has noticed (its transport's connection is closed)."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        transport = connection.transport
+        return transport is not None and not transport.connection.is_closed
 
     async def channel(self, *, prefetch: int = 0) -> AbstractRobustChannel:
         """A channel of its own (restored after a reconnection, with its prefetch)."""
@@ -248,10 +263,10 @@ class AmqpLink:
         return channel
 
     def publisher(
-        self, *, window: int = DEFAULT_WINDOW, name: str | None = None
+        self, *, window: int = DEFAULT_WINDOW, name: str | None = None, hold: bool = True
     ) -> ConfirmPublisher:
         """A `ConfirmPublisher` on the link's publishing channel, with a window of its own."""
-        return ConfirmPublisher(self, name=name or self.name, window=window)
+        return ConfirmPublisher(self, name=name or self.name, window=window, hold=hold)
 
     async def close(self) -> None:
         self._started.clear()
@@ -268,7 +283,8 @@ class ConfirmPublisher:
 
     `publish` waits for room in the window, then for the confirm. `submit` starts a publish
     now, in order, and returns its task: for a caller that keeps its own queue and waits for room
-    first (`wait_room`), so that what waits stays in its queue.
+    first (`wait_room`), so that what waits stays in its queue. `hold`: while the link is down, a
+    publish waits for it (up to `timeout`); without, it fails at once with `LinkDownError`.
     """
 
     def __init__(
@@ -278,10 +294,12 @@ class ConfirmPublisher:
         name: str,
         window: int = DEFAULT_WINDOW,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        hold: bool = True,
     ) -> None:
         self.link = link
         self.window = window
         self.timeout = timeout
+        self.hold = hold
         metrics = link.metrics
         self._published = {
             outcome: metrics.published.labels(name, outcome)
@@ -445,9 +463,9 @@ class ConfirmPublisher:
         """One publish whose place in the window is taken (`_take`); gives it back."""
         try:
             async with asyncio.timeout(self.timeout):
-                # Waits while the connection is being restored; no suspension when it is up,
-                # so publishes started in order reach the channel's lock in order.
-                channel = await self.link.publish_channel()
+                # Waits while the connection is being restored (if it holds); no suspension
+                # when it is up, so publishes started in order reach the channel's lock in order.
+                channel = await self.link.publish_channel(hold=self.hold)
                 confirmation = await channel.basic_publish(
                     body,
                     exchange=exchange,

@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
-from edgeway.common.amqp import AmqpLink, ConfirmPublisher, Delivery, Subscription
+from edgeway.common.amqp import AmqpLink, ConfirmPublisher, Delivery, LinkDownError, Subscription
 from edgeway.common.batching import batch_size, split_lines
 from edgeway.common.broker import declare_shared, declare_work, make_broker
 from edgeway.common.envelope import JSON, Envelope
@@ -55,11 +55,6 @@ class ServiceUnavailableError(Exception):
         return ErrorObject(
             code="timeout", reason=str(self), fix="try again; the service may be restarting"
         ).response(504)
-
-
-class BrokerDownError(ConnectionError):
-    """The gateway's link to RabbitMQ is down (a cut, a broker restart): nothing published now
-    could be confirmed, so it is refused at once (the producer is told and sends it again)."""
 
 
 class NotConnectedError(Exception):
@@ -116,8 +111,10 @@ class BrokerLink:
         )
         # Durable work (persistent, mandatory) and live messages (transient), each with a
         # window of unconfirmed publishes of its own, so video never holds up a camera's frame.
-        self.work: ConfirmPublisher = self.amqp.publisher(name="gateway-work")
-        self.live: ConfirmPublisher = self.amqp.publisher(name="gateway-live")
+        # Neither holds a publish while the link is down: its producer is told at once
+        # (LinkDownError: an error frame, a 503) and sends it again.
+        self.work: ConfirmPublisher = self.amqp.publisher(name="gateway-work", hold=False)
+        self.live: ConfirmPublisher = self.amqp.publisher(name="gateway-live", hold=False)
         # The broadcast queue as the link declared it (exclusive: only its connection may
         # consume, bind and unbind it); restored with its bindings after a reconnection.
         self._broadcast: AbstractRobustQueue | None = None
@@ -280,9 +277,10 @@ class BrokerLink:
 
     def _up(self, publisher: ConfirmPublisher) -> ConfirmPublisher:
         """`publisher`, if the link is up now; a publish made while it reconnects is refused at
-        once rather than held until it is back (the producer is told, as with an outage)."""
+        once (`LinkDownError`) rather than held until it is back (the producer is told, as with
+        an outage). Checked here too so that `submit_work` raises before it makes a task."""
         if not self.amqp.ready:
-            raise BrokerDownError("the gateway's connection to RabbitMQ is down")
+            raise LinkDownError("the gateway's connection to RabbitMQ is down")
         return publisher
 
     async def publish_work(
@@ -301,7 +299,7 @@ class BrokerLink:
         self, body: bytes, *, envelope: Envelope, exchange: RabbitExchange
     ) -> asyncio.Task[None]:
         """`publish_work` started now, in order with the ones submitted before: its task ends
-        once the broker confirmed it. Raises `BrokerDownError` at once while the link is down."""
+        once the broker confirmed it. Raises `LinkDownError` at once while the link is down."""
         return self._up(self.work).submit(
             body, envelope=envelope, exchange=exchange.name, durable=True
         )

@@ -34,6 +34,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from pydantic import ValidationError
 
+from edgeway.common.amqp import LinkDownError
 from edgeway.common.batching import pack_work
 from edgeway.common.envelope import Envelope, new_message_id
 from edgeway.common.logging import get_logger
@@ -41,7 +42,6 @@ from edgeway.common.schemas.errors import ErrorCode, ErrorFrame
 from edgeway.common.schemas.occupancy import OBSERVATION_TYPE, FrameResult
 from edgeway.gateway.auth import Principal, Scope
 from edgeway.gateway.limits import TokenBucket
-from edgeway.gateway.link import BrokerDownError
 from edgeway.gateway.state import Gateway, GatewayDep, admit_websocket, require
 
 MODEL_ENDPOINT = "/model/ws/connect"
@@ -233,7 +233,7 @@ class ModelSession:
             else:
                 try:
                     task = self.start([(raw, envelope)])
-                except BrokerDownError as exc:
+                except LinkDownError as exc:
                     self.reject(unavailable(envelope, exc), seq)
                     return
             unanswered.append(Answer(seq, task=task, envelope=envelope))
@@ -249,7 +249,7 @@ class ModelSession:
         self, frames: list[tuple[bytes, Envelope]], sent: asyncio.Future[None] | None = None
     ) -> asyncio.Task[None]:
         """Publish one frame as it came, or several as one batch; `sent` (the frames' shared
-        answer) settles with it. Raises `BrokerDownError` at once while the link is down."""
+        answer) settles with it. Raises `LinkDownError` at once while the link is down."""
         if len(frames) == 1:
             body, envelope = frames[0]
         else:
@@ -271,7 +271,7 @@ class ModelSession:
         assert pending is not None
         try:
             self.start(pending.frames, pending.sent)
-        except BrokerDownError as exc:
+        except LinkDownError as exc:
             pending.sent.set_exception(exc)
             self.settle()
 
