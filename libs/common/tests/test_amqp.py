@@ -224,6 +224,46 @@ async def test_a_publisher_that_does_not_hold_refuses_at_once_while_the_link_is_
     assert [m.body for m in await drain(queue, 2)] == [b"1", b"2"]
 
 
+async def test_the_publishing_channel_is_given_only_while_the_link_is_ready(
+    amqp_url: str,
+) -> None:
+    """`publish_channel` returns only while `ready` is true, through cuts: a loop such as the
+    telemetry broadcaster's (`while not ready: await publish_channel()`) would otherwise spin
+    without yielding in the instant between a reset and aiormq closing the channels, and
+    freeze its whole process."""
+    parts = urlsplit(amqp_url)
+    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
+        link = proxied_link(amqp_url, proxy)
+        await link.start()
+        stop = asyncio.Event()
+        waits: list[bool] = []  # after each wait for the channel: was the link ready?
+
+        async def prober() -> None:
+            while not stop.is_set():
+                if link.ready:
+                    await asyncio.sleep(0)  # look again at the next turn of the loop
+                    continue
+                await link.publish_channel()
+                waits.append(link.ready)
+                if not link.ready:  # the fault under test: do not spin on it, report it
+                    await asyncio.sleep(0.05)
+
+        probing = asyncio.create_task(prober())
+        try:
+            for _ in range(5):
+                proxy.cut()
+                await asyncio.sleep(0.3)
+                proxy.restore()
+                async with asyncio.timeout(WAIT):
+                    await link.publish_channel()
+        finally:
+            stop.set()
+            await asyncio.wait_for(probing, WAIT)
+            await link.close()
+    assert len(waits) >= 5, "the prober never saw the link down"
+    assert all(waits), waits
+
+
 async def test_the_consumer_acks_after_its_handler_and_requeues_what_fails(
     link: AmqpLink, channel: aio_pika.abc.AbstractChannel
 ) -> None:

@@ -222,7 +222,11 @@ class AmqpLink:
 
     async def publish_channel(self, *, hold: bool = True) -> aiormq.Channel:
         """The publishers' channel as it is now. While the link starts or reconnects it waits
-        (`hold`) or raises `LinkDownError`."""
+        (`hold`) or raises `LinkDownError`.
+
+        It returns only while `ready` is true, and waits by suspending: a caller that loops on
+        `while not link.ready: await link.publish_channel()` never spins. (Between a reset
+        and aiormq closing the channels, the connection is closed and its channels not yet.)"""
         if not hold and not self.ready:
             raise LinkDownError(f"the {self.name} link to RabbitMQ is down")
         await self._started.wait()
@@ -232,7 +236,7 @@ class AmqpLink:
             await robust.ready()
             # aiormq's own channel: its `basic_publish` can leave the frame to the writer.
             channel = cast(aiormq.Channel, await robust.get_underlay_channel())
-            if not channel.is_closed:
+            if not channel.is_closed and self.ready:
                 return channel
             # Closed under us and not noticed yet by the robust connection: it reopens it.
             if not hold:
