@@ -73,16 +73,24 @@ async def drain(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessag
     return got
 
 
-def proxied_link(amqp_url: str, proxy: FaultProxy) -> AmqpLink:
-    """A link to the broker through `proxy` (which can cut it), quick to reconnect."""
+@contextlib.asynccontextmanager
+async def cuttable_link(amqp_url: str) -> AsyncIterator[tuple[FaultProxy, AmqpLink]]:
+    """A started link to the broker through a fault proxy (which can cut it), quick to
+    reconnect; closed, and the proxy stopped, on the way out."""
     parts = urlsplit(amqp_url)
-    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
-    return AmqpLink(
-        urlunsplit(parts._replace(netloc=netloc)),
-        name="test",
-        registry=CollectorRegistry(),
-        reconnect_interval=0.2,
-    )
+    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
+        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+        link = AmqpLink(
+            urlunsplit(parts._replace(netloc=netloc)),
+            name="test",
+            registry=CollectorRegistry(),
+            reconnect_interval=0.2,
+        )
+        await link.start()
+        try:
+            yield proxy, link
+        finally:
+            await link.close()
 
 
 def envelope() -> Envelope:
@@ -165,20 +173,14 @@ async def test_publishing_goes_on_after_the_connection_is_cut(
 ) -> None:
     exchange = f"test.{uuid.uuid4().hex[:8]}"
     queue = await bound_queue(channel, exchange)
-    parts = urlsplit(amqp_url)
-    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
-        link = proxied_link(amqp_url, proxy)
-        await link.start()
-        try:
-            publisher = link.publisher()
-            await publisher.publish(b"1", envelope=envelope(), exchange=exchange, durable=True)
-            proxy.cut()
-            await asyncio.sleep(0.3)
-            proxy.restore()
-            # Waits for the connection to come back, then goes out.
-            await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
-        finally:
-            await link.close()
+    async with cuttable_link(amqp_url) as (proxy, link):
+        publisher = link.publisher()
+        await publisher.publish(b"1", envelope=envelope(), exchange=exchange, durable=True)
+        proxy.cut()
+        await asyncio.sleep(0.3)
+        proxy.restore()
+        # Waits for the connection to come back, then goes out.
+        await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
     assert [m.body for m in await drain(queue, 2)] == [b"1", b"2"]
 
 
@@ -190,37 +192,29 @@ async def test_a_publisher_that_does_not_hold_refuses_at_once_while_the_link_is_
     so its producer is told; once the link is back they go out again."""
     exchange = f"test.{uuid.uuid4().hex[:8]}"
     queue = await bound_queue(channel, exchange)
-    parts = urlsplit(amqp_url)
-    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
-        link = proxied_link(amqp_url, proxy)
-        await link.start()
-        try:
-            publisher = link.publisher(hold=False)
-            publisher.timeout = 60.0  # a publish that waited would outlast the cut
-            await publisher.publish(b"1", envelope=envelope(), exchange=exchange, durable=True)
-            proxy.cut()
-            failures: list[type[BaseException]] = []
-            for _ in range(20):
-                with pytest.raises(Exception) as caught:  # noqa: PT011 - checked just below
-                    await asyncio.wait_for(
-                        publisher.publish(
-                            b"-", envelope=envelope(), exchange=exchange, durable=True
-                        ),
-                        5.0,
-                    )
-                assert not isinstance(caught.value, TimeoutError), "the publish waited"
-                failures.append(type(caught.value))
-                await asyncio.sleep(0.05)
-            # Once the reset was read (it is within a second), the link says it is down.
-            assert failures[-1] is LinkDownError, failures
-            assert not link.ready
-            proxy.restore()
-            async with asyncio.timeout(WAIT):
-                await link.publish_channel()  # waits for the reconnection
-            assert link.ready
-            await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
-        finally:
-            await link.close()
+    async with cuttable_link(amqp_url) as (proxy, link):
+        publisher = link.publisher(hold=False)
+        publisher.timeout = 60.0  # a publish that waited would outlast the cut
+        await publisher.publish(b"1", envelope=envelope(), exchange=exchange, durable=True)
+        proxy.cut()
+        failures: list[type[BaseException]] = []
+        for _ in range(20):
+            with pytest.raises(Exception) as caught:  # noqa: PT011 - checked just below
+                await asyncio.wait_for(
+                    publisher.publish(b"-", envelope=envelope(), exchange=exchange, durable=True),
+                    5.0,
+                )
+            assert not isinstance(caught.value, TimeoutError), "the publish waited"
+            failures.append(type(caught.value))
+            await asyncio.sleep(0.05)
+        # Once the reset was read (it is within a second), the link says it is down.
+        assert failures[-1] is LinkDownError, failures
+        assert not link.ready
+        proxy.restore()
+        async with asyncio.timeout(WAIT):
+            await link.publish_channel()  # waits for the reconnection
+        assert link.ready
+        await publisher.publish(b"2", envelope=envelope(), exchange=exchange, durable=True)
     assert [m.body for m in await drain(queue, 2)] == [b"1", b"2"]
 
 
@@ -231,10 +225,7 @@ async def test_the_publishing_channel_is_given_only_while_the_link_is_ready(
     telemetry broadcaster's (`while not ready: await publish_channel()`) would otherwise spin
     without yielding in the instant between a reset and aiormq closing the channels, and
     freeze its whole process."""
-    parts = urlsplit(amqp_url)
-    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
-        link = proxied_link(amqp_url, proxy)
-        await link.start()
+    async with cuttable_link(amqp_url) as (proxy, link):
         stop = asyncio.Event()
         waits: list[bool] = []  # after each wait for the channel: was the link ready?
 
@@ -259,7 +250,6 @@ async def test_the_publishing_channel_is_given_only_while_the_link_is_ready(
         finally:
             stop.set()
             await asyncio.wait_for(probing, WAIT)
-            await link.close()
     assert len(waits) >= 5, "the prober never saw the link down"
     assert all(waits), waits
 
@@ -438,10 +428,7 @@ async def test_the_consumer_consumes_again_after_the_connection_is_cut(
         got.append(message)
         arrived[message.body].set()
 
-    parts = urlsplit(amqp_url)
-    with FaultProxy(upstream=(parts.hostname or "127.0.0.1", parts.port or 5672)) as proxy:
-        link = proxied_link(amqp_url, proxy)
-        await link.start()
+    async with cuttable_link(amqp_url) as (proxy, link):
         consumer = Consumer(link, queue.name, handler, prefetch=4, grace=5)
         try:
             await consumer.start()
@@ -460,7 +447,6 @@ async def test_the_consumer_consumes_again_after_the_connection_is_cut(
             await asyncio.wait_for(arrived[b"2"].wait(), WAIT)
         finally:
             await consumer.stop()
-            await link.close()
             await queue.delete(if_unused=False, if_empty=False)
     # "1" may come twice: an ack the cut took is redelivered (at least once, as ever).
     assert [m.body for m in got if not m.redelivered] == [b"1", b"2"]

@@ -238,7 +238,8 @@ class AmqpLink:
             channel = cast(aiormq.Channel, await robust.get_underlay_channel())
             if not channel.is_closed and self.ready:
                 return channel
-            # Closed under us and not noticed yet by the robust connection: it reopens it.
+            # Closed under us, or its connection, and not noticed yet by the robust connection:
+            # it reopens them.
             if not hold:
                 raise LinkDownError(f"the {self.name} link's publishing channel is closed")
             await asyncio.sleep(RECONNECT_POLL_S)
